@@ -1,0 +1,45 @@
+# The two commands of the README: `make run` and `make test`. Both install what is missing,
+# configure and build; set-up and build output goes to stderr, stdout is the main job's.
+JOBS ?= $(shell nproc)
+BUILD_TYPE ?= RelWithDebInfo
+CMAKE_FLAGS ?=
+
+.PHONY: all setup setup-test build build-asan run test test-unit test-asan bench clean
+
+all: build
+
+setup:
+	@scripts/setup
+
+setup-test:
+	@CFQT_SETUP_TEST=1 scripts/setup
+
+build/build.ninja:
+	@cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) -DCFQT_WERROR=ON $(CMAKE_FLAGS) 1>&2
+
+build: setup build/build.ninja
+	@cmake --build build -j $(JOBS) 1>&2
+
+build-asan/build.ninja:
+	@cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCFQT_SANITIZE=ON -DCFQT_WERROR=ON $(CMAKE_FLAGS) 1>&2
+
+# The sanitizer build only builds and runs the tests labelled "asan" (the quic layer).
+build-asan: setup build-asan/build.ninja
+	@cmake --build build-asan -j $(JOBS) --target asan-tests 1>&2
+
+run: build
+	@scripts/run-demo
+
+test-unit: setup-test build
+	@cd build && ctest --output-on-failure -j $(JOBS) --timeout 600 1>&2
+
+test-asan: setup build-asan
+	@cd build-asan && ctest --output-on-failure -j $(JOBS) -L asan --timeout 900 1>&2
+
+test: test-unit test-asan
+
+bench: build
+	@build/bin/cfqt-bench
+
+clean:
+	rm -rf build build-asan
