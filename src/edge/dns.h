@@ -1,0 +1,76 @@
+#pragma once
+// DnsResolver: c-ares (1.18) driven by the KJ event loop -- one UnixEventPort::FdObserver per
+// c-ares socket (via the socket-state callback), c-ares timeouts on the kj::Timer, no blocking
+// calls after construction. Also the DNS-over-TLS SRV client of PROTOCOL.md §2.2 (query built and
+// parsed by c-ares, framed per RFC 7858 / DNS-over-TCP, carried by kj-tls).
+
+#include "edge/edge-address.h"
+
+#include <kj/async-io.h>
+#include <kj/async-unix.h>
+#include <kj/string.h>
+#include <kj/time.h>
+
+namespace cfqt::edge {
+
+struct SrvRecord {
+  kj::String target;     // without the trailing dot
+  uint16_t port;
+  uint16_t priority;
+  uint16_t weight;
+};
+
+struct DnsResolverOptions {
+  kj::Maybe<kj::String> server;
+  // "ip:port" or "[ipv6]:port" (`--dns-server`); null = the system's /etc/resolv.conf servers.
+
+  kj::Duration queryTimeout = 5 * kj::SECONDS;
+  // c-ares per-try timeout (ARES_OPT_TIMEOUTMS); c-ares grows it on later tries.
+
+  uint tries = 2;
+  // c-ares ARES_OPT_TRIES.
+
+  bool useHostsFile = true;
+  // Whether host lookups also read /etc/hosts first ("fb"), as the system resolver does.
+};
+
+class DnsResolver {
+public:
+  DnsResolver(kj::UnixEventPort& eventPort, kj::Timer& timer, DnsResolverOptions options);
+  // Throws FAILED (bad `server` text or c-ares init failure). Reads /etc/resolv.conf once when no
+  // server is given. `eventPort` and `timer` must outlive the resolver.
+  ~DnsResolver() noexcept(false);
+  KJ_DISALLOW_COPY(DnsResolver);
+
+  kj::Promise<kj::Array<SrvRecord>> querySrv(kj::StringPtr name);
+  // Records in answer order. Rejects (FAILED, description "DNS SRV lookup of <name> failed:
+  // <c-ares reason>") on NXDOMAIN, no answer, SERVFAIL, timeout (OVERLOADED) etc. The resolver must
+  // outlive the promise; dropping the promise does not cancel the c-ares query (it is bounded by
+  // the timeouts) but its result is discarded.
+
+  kj::Promise<kj::Array<EdgeAddress>> resolveHost(kj::StringPtr host, uint16_t port);
+  // A and AAAA of `host`, in c-ares' RFC 6724 order (like Go's), each with `port`. An IP literal
+  // resolves to itself. Rejects "DNS lookup of <host> failed: <reason>" when nothing is found.
+
+private:
+  class Impl;
+  kj::Own<Impl> impl;
+};
+
+struct DotServer {
+  EdgeAddress address;     // ip + port (default 1.1.1.1:853)
+  kj::String tlsName;      // certificate name to verify (default cloudflare-dns.com)
+};
+
+kj::Maybe<DotServer> parseDotServer(kj::StringPtr text);
+// "ip:port[#tls-name]"; without "#name" the TLS name is the IP text. Null when malformed.
+
+kj::Promise<kj::Array<SrvRecord>> querySrvOverTls(
+    kj::Timer& timer, kj::Network& network, const DotServer& server, kj::StringPtr name,
+    kj::Duration timeout);
+// One SRV query over DNS-over-TLS (a fresh kj::TlsContext with the system trust store, so
+// SSL_CERT_FILE applies). Rejects with a description naming the server on connect / TLS /
+// timeout / malformed answer / NXDOMAIN / no records. `timer`, `network`, `server` must outlive the
+// promise; `name` is copied.
+
+}  // namespace cfqt::edge
