@@ -45,7 +45,8 @@ struct Header {
 
 struct HttpRequestHead {
   kj::String dest;                // ConnectRequest.dest, verbatim (absolute URL or path)
-  schema::ConnectionType type;    // raw value; unknown enumerants are kept, the caller refuses them
+  schema::ConnectionType type = schema::ConnectionType::HTTP;
+  // raw value; unknown enumerants are kept, the caller refuses them
   kj::String method;              // last HttpMethod; "GET" if none (Go's NewRequest default)
   kj::String host;                // last HttpHost; "" if none
   kj::Vector<Header> headers;     // canonical names, order and repeats kept, internal ones removed
