@@ -1,0 +1,116 @@
+// The origin layer: serves one data stream (ConnectRequest + stream bytes) against the local
+// origin service and writes the ConnectResponse plus the response bytes back (PROTOCOL.md §6,
+// §9). Knows nothing of QUIC: the stream is any kj::AsyncIoStream positioned right after the
+// ConnectRequest.
+
+#pragma once
+
+#include "wire/quic_metadata_protocol.capnp.h"
+
+#include <kj/async-io.h>
+#include <kj/compat/http.h>
+#include <kj/one-of.h>
+#include <kj/string.h>
+#include <kj/time.h>
+#include <kj/timer.h>
+
+namespace cfqt::origin {
+
+enum class OriginKind {
+  HTTP,         // http://host:port
+  HTTPS,        // https://host:port, certificate verified (system store or caPool)
+  UNIX,         // HTTP/1.1 over a unix socket (`unix:/path`, `--unix-socket`)
+  HELLO_WORLD,  // built-in test origin, served in-process
+  HTTP_STATUS,  // `http_status:NNN`: answers NNN with an empty body
+};
+
+struct OriginConfig {
+  OriginKind kind = OriginKind::HTTP;
+  kj::String host;       // HTTP/HTTPS: host name or IP literal, without [] brackets
+  kj::uint port = 80;        // HTTP/HTTPS
+  kj::String unixPath;   // UNIX
+  kj::uint status = 503;     // HTTP_STATUS
+
+  kj::Maybe<kj::String> httpHostHeader;    // --http-host-header: Host sent to the origin
+  kj::Maybe<kj::String> originServerName;  // --origin-server-name: TLS name (default `host`)
+  kj::Maybe<kj::String> caPool;            // --origin-ca-pool: PEM file of extra trusted roots
+  bool noTlsVerify = false;                // --no-tls-verify: refused by Origin::create()
+
+  kj::Duration connectTimeout = 30 * kj::SECONDS;    // --proxy-connect-timeout
+  kj::Duration tlsTimeout = 10 * kj::SECONDS;        // --proxy-tls-timeout
+  kj::Duration tcpKeepAlive = 30 * kj::SECONDS;      // --proxy-tcp-keepalive (0 = off)
+  kj::uint keepAliveConnections = 100;                   // --proxy-keepalive-connections (idle max)
+  kj::Duration keepAliveTimeout = 90 * kj::SECONDS;  // --proxy-keepalive-timeout (0 = no reuse)
+  kj::Duration helloSseInterval = 1 * kj::SECONDS;   // hello-world /sse event interval
+
+  kj::String toString() const;
+  // "http://localhost:8080", "unix:/run/x.sock", "hello-world", "http_status:404".
+};
+
+kj::OneOf<OriginConfig, kj::String> parseOriginUrl(kj::StringPtr url);
+// Parses `--url` as cloudflared does (§9.1): no scheme → `http://` prepended; http/https
+// accepted (default ports 80/443), path/query ignored; `unix:/path`; `http_status:NNN`;
+// `hello-world`; tcp/ssh/rdp/smb → "... not supported" error. Never throws on bad input:
+// returns the error text.
+
+OriginConfig helloWorldOrigin();
+OriginConfig unixSocketOrigin(kj::StringPtr path);
+OriginConfig httpStatusOrigin(kj::uint status);
+
+struct OriginStats {
+  uint64_t connectionsOpened = 0;  // origin connections dialled (TCP/unix/in-process)
+  uint64_t connectionsReused = 0;  // requests served on a pooled keep-alive connection
+  uint64_t idleConnections = 0;    // currently pooled
+  uint64_t streamsActive = 0;      // serveStream() calls in flight
+  uint64_t bufferedBytes = 0;      // bytes read from one side, not yet written to the other
+  uint64_t maxBufferedBytes = 0;   // high-water mark of bufferedBytes
+};
+
+constexpr size_t PUMP_BUFFER_SIZE = 64 * 1024;
+// Per direction and stream, at most this many bytes are held between a read and its write.
+
+class Origin {
+public:
+  static kj::OneOf<kj::Own<Origin>, kj::String> create(
+      OriginConfig config, kj::Timer& timer, kj::Network& network,
+      const kj::HttpHeaderTable& headerTable);
+  // Checks the config (e.g. --no-tls-verify → "not supported yet", unreadable --origin-ca-pool)
+  // and returns an Origin, or the start-up error text. `timer`, `network` and `headerTable` (the
+  // process's one table, already built) must outlive the Origin. Everything lives on the
+  // calling thread's event loop.
+
+  ~Origin() noexcept(false);
+  KJ_DISALLOW_COPY(Origin);
+
+  kj::Promise<void> serveStream(kj::AsyncIoStream& stream,
+                                wire::schema::ConnectRequest::Reader request);
+  // Serves one data stream. `stream` is positioned right after the ConnectRequest (the caller has
+  // read the signature, version and request); `stream` and `request` must stay valid until the
+  // promise settles. Writes the data-stream signature + version + ConnectResponse, then the
+  // response body (HTTP) or the raw WebSocket bytes, then shutdownWrite() (FIN) and abortRead().
+  //
+  // Resolves when done. A failure before the response head (origin unreachable, malformed or
+  // unsupported request, `tcp` type) is answered with ConnectResponse.error (§6.5) and still
+  // resolves. A failure after the head was written rejects with a DISCONNECTED exception: the
+  // caller must then reset the stream (RESET_STREAM 0). Rejections before the head only come
+  // from the stream itself (edge gone).
+
+  const OriginConfig& getConfig() const { return config; }
+  OriginStats getStats() const;
+  uint64_t bufferedBytes() const;
+  // The back-pressure gauge: bytes currently held in pump buffers, all streams together.
+
+  class Impl;
+  Origin(OriginConfig config, kj::Own<Impl> impl);
+  // Use create().
+
+private:
+  OriginConfig config;
+  kj::Own<Impl> impl;
+};
+
+kj::String originErrorText(kj::StringPtr cause);
+// "Unable to reach the origin service. The service may be down or it may not be responding to
+// traffic from cloudflared: <cause>" (§6.5).
+
+}  // namespace cfqt::origin
