@@ -1,0 +1,1 @@
+#include "address-pool.h"
