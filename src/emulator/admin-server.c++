@@ -1,0 +1,227 @@
+#include "admin-server.h"
+
+#include "api-server.h"
+#include "json.h"
+#include "random.h"
+
+#include <kj/compat/url.h>
+#include <kj/debug.h>
+#include <kj/encoding.h>
+
+namespace cfqt::emulator {
+
+namespace {
+
+kj::Maybe<uint64_t> parseUnsigned(kj::StringPtr text) {
+  if (text.size() == 0 || text.size() > 19) return nullptr;
+  uint64_t value = 0;
+  for (char c: text) {
+    if (c < '0' || c > '9') return nullptr;
+    value = value * 10 + static_cast<uint64_t>(c - '0');
+  }
+  return value;
+}
+
+kj::Maybe<int64_t> parseSigned(kj::StringPtr text) {
+  if (text.startsWith("-")) {
+    KJ_IF_MAYBE(v, parseUnsigned(text.slice(1))) return -static_cast<int64_t>(*v);
+    return nullptr;
+  }
+  KJ_IF_MAYBE(v, parseUnsigned(text)) return static_cast<int64_t>(*v);
+  return nullptr;
+}
+
+kj::Maybe<bool> parseBool(kj::StringPtr text) {
+  if (text == "true" || text == "1" || text == "yes") return true;
+  if (text == "false" || text == "0" || text == "no") return false;
+  return nullptr;
+}
+
+kj::Maybe<kj::StringPtr> queryParam(const kj::Url& url, kj::StringPtr name) {
+  for (auto& param: url.query) {
+    if (param.name == name) return param.value.asPtr();
+  }
+  return nullptr;
+}
+
+kj::String featuresJson(kj::ArrayPtr<const kj::String> features) {
+  kj::Vector<kj::String> items;
+  for (auto& f: features) items.add(jsonString(f));
+  return kj::str('[', kj::strArray(items, ","), ']');
+}
+
+class Reply {
+public:
+  Reply(kj::HttpService::Response& response, const kj::HttpHeaderTable& table)
+      : response(response), table(table) {}
+
+  kj::Promise<void> send(kj::uint status, kj::StringPtr statusText, kj::String body) {
+    kj::HttpHeaders headers(table);
+    headers.set(kj::HttpHeaderId::CONTENT_TYPE, "application/json");
+    auto out = response.send(status, statusText, headers, body.size());
+    auto promise = out->write(body.begin(), body.size());
+    return promise.attach(kj::mv(out), kj::mv(body));
+  }
+  kj::Promise<void> ok(kj::String body) { return send(200, "OK", kj::mv(body)); }
+  kj::Promise<void> error(kj::uint status, kj::StringPtr statusText, kj::StringPtr message) {
+    return send(status, statusText, kj::str("{\"error\":", jsonString(message), "}"));
+  }
+
+private:
+  kj::HttpService::Response& response;
+  const kj::HttpHeaderTable& table;
+};
+
+}  // namespace
+
+kj::String connectionJson(ConnectionRecord& record) {
+  kj::String stats = kj::str("null");
+  KJ_IF_MAYBE(c, record.connection) stats = c->describeStats();
+  kj::String config = kj::str("null");
+  KJ_IF_MAYBE(json, record.configuration) config = jsonString(*json);
+  return kj::str(
+      "{\"id\":", record.id,
+      ",\"tunnelId\":", jsonString(record.tunnel.id),
+      ",\"hostname\":", jsonString(record.tunnel.hostname),
+      ",\"connIndex\":", record.connIndex,
+      ",\"uuid\":", jsonString(formatUuid(record.uuid)),
+      ",\"state\":", jsonString(toString(record.state)),
+      ",\"clientId\":", jsonString(record.clientId),
+      ",\"version\":", jsonString(record.version),
+      ",\"arch\":", jsonString(record.arch),
+      ",\"features\":", featuresJson(record.features),
+      ",\"numPreviousAttempts\":", record.numPreviousAttempts,
+      ",\"remote\":", jsonString(record.remoteAddress),
+      ",\"requests\":", record.requests,
+      ",\"configuration\":", config,
+      ",\"stats\":", stats, '}');
+}
+
+kj::String connectionsJson(Registry& registry) {
+  kj::Vector<kj::String> items;
+  for (auto& record: registry.connections()) items.add(connectionJson(*record));
+  return kj::str("{\"connections\":[", kj::strArray(items, ","), "]}");
+}
+
+kj::String tunnelsJson(Registry& registry) {
+  kj::Vector<kj::String> tunnels;
+  for (auto& tunnel: registry.tunnels()) {
+    kj::Vector<kj::String> connections;
+    for (auto& record: registry.connections()) {
+      if (&record->tunnel == tunnel.get()) connections.add(connectionJson(*record));
+    }
+    tunnels.add(kj::str(
+        "{\"id\":", jsonString(tunnel->id),
+        ",\"name\":", jsonString(tunnel->name),
+        ",\"hostname\":", jsonString(tunnel->hostname),
+        ",\"account_tag\":", jsonString(tunnel->accountTag),
+        ",\"connections\":[", kj::strArray(connections, ","), "]}"));
+  }
+  return kj::str("{\"tunnels\":[", kj::strArray(tunnels, ","), "]}");
+}
+
+kj::Promise<void> AdminService::request(kj::HttpMethod method, kj::StringPtr url,
+                                        const kj::HttpHeaders& headers,
+                                        kj::AsyncInputStream& requestBody, Response& response) {
+  Reply reply(response, table);
+  kj::Url parsed;
+  KJ_IF_MAYBE(u, kj::Url::tryParse(url, kj::Url::HTTP_REQUEST)) {
+    parsed = kj::mv(*u);
+  } else {
+    return reply.error(400, "Bad Request", "unparseable URL");
+  }
+  auto& path = parsed.path;
+
+  if (path.size() == 1 && path[0] == "tunnels") {
+    if (method == kj::HttpMethod::GET) return reply.ok(tunnelsJson(registry));
+    if (method == kj::HttpMethod::POST) return reply.ok(quickTunnelJson(registry.issueTunnel()));
+    return reply.error(405, "Method Not Allowed", "use GET or POST");
+  }
+  if (path.size() == 1 && path[0] == "connections") {
+    if (method != kj::HttpMethod::GET) return reply.error(405, "Method Not Allowed", "use GET");
+    return reply.ok(connectionsJson(registry));
+  }
+  if (path.size() == 2 && path[0] == "registrations" && path[1] == "reject-next") {
+    if (method != kj::HttpMethod::POST) return reply.error(405, "Method Not Allowed", "use POST");
+    RegistrationError error{kj::str("Unauthorized: rejected by the emulator"), 0, false};
+    KJ_IF_MAYBE(cause, queryParam(parsed, "cause")) error.cause = kj::str(*cause);
+    KJ_IF_MAYBE(text, queryParam(parsed, "retryAfter")) {
+      KJ_IF_MAYBE(v, parseSigned(*text)) {
+        error.retryAfterNanos = *v;
+      } else {
+        return reply.error(400, "Bad Request", "retryAfter must be an integer (nanoseconds)");
+      }
+    }
+    KJ_IF_MAYBE(text, queryParam(parsed, "shouldRetry")) {
+      KJ_IF_MAYBE(v, parseBool(*text)) {
+        error.shouldRetry = *v;
+      } else {
+        return reply.error(400, "Bad Request", "shouldRetry must be true or false");
+      }
+    }
+    uint64_t count = 1;
+    KJ_IF_MAYBE(text, queryParam(parsed, "count")) {
+      KJ_IF_MAYBE(v, parseUnsigned(*text)) {
+        count = *v;
+      } else {
+        return reply.error(400, "Bad Request", "count must be a non-negative integer");
+      }
+    }
+    if (count > 1000000) count = 1000000;
+    auto body = kj::str("{\"armed\":", count, ",\"cause\":", jsonString(error.cause),
+                        ",\"retryAfter\":", error.retryAfterNanos,
+                        ",\"shouldRetry\":", error.shouldRetry ? "true" : "false", '}');
+    registry.rejectNextRegistrations(kj::mv(error), static_cast<kj::uint>(count));
+    return reply.ok(kj::mv(body));
+  }
+  if (path.size() == 3 && path[0] == "connections") {
+    if (method != kj::HttpMethod::POST) return reply.error(405, "Method Not Allowed", "use POST");
+    ConnectionRecord* record = nullptr;
+    KJ_IF_MAYBE(id, parseUnsigned(path[1])) {
+      if (*id <= 0xffffffffull) {
+        KJ_IF_MAYBE(r, registry.findConnection(static_cast<kj::uint>(*id))) record = r;
+      }
+    }
+    if (record == nullptr) return reply.error(404, "Not Found", "no such connection");
+    ClientConnection* connection = nullptr;
+    KJ_IF_MAYBE(c, record->connection) connection = c;
+    if (connection == nullptr) return reply.error(409, "Conflict", "connection already closed");
+
+    if (path[2] == "close") {
+      uint64_t code = 0;
+      KJ_IF_MAYBE(text, queryParam(parsed, "code")) {
+        KJ_IF_MAYBE(v, parseUnsigned(*text)) {
+          code = *v;
+        } else {
+          return reply.error(400, "Bad Request", "code must be a non-negative integer");
+        }
+      }
+      kj::String reason = kj::str("closed by the emulator's admin API");
+      KJ_IF_MAYBE(text, queryParam(parsed, "reason")) reason = kj::str(*text);
+      connection->close(code, reason);
+      return reply.ok(kj::str("{\"closed\":", record->id, '}'));
+    }
+    if (path[2] == "silence" || path[2] == "go-silent") {
+      connection->goSilent();
+      return reply.ok(kj::str("{\"silent\":", record->id, '}'));
+    }
+    if (path[2] == "withhold-credit") {
+      kj::Maybe<int64_t> streamId;
+      KJ_IF_MAYBE(text, queryParam(parsed, "stream")) {
+        KJ_IF_MAYBE(v, parseUnsigned(*text)) {
+          streamId = static_cast<int64_t>(*v);
+        } else {
+          return reply.error(400, "Bad Request", "stream must be a stream id");
+        }
+      }
+      if (!connection->withholdCredit(streamId)) {
+        return reply.error(404, "Not Found", "no such stream");
+      }
+      return reply.ok(kj::str("{\"withheld\":", record->id, '}'));
+    }
+    return reply.error(404, "Not Found", "unknown connection action");
+  }
+  return reply.error(404, "Not Found", "unknown admin path");
+}
+
+}  // namespace cfqt::emulator

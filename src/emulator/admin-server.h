@@ -1,0 +1,41 @@
+// The admin HTTP API: what tests need to look inside the emulator and to inject faults.
+//
+//   GET  /tunnels                          {"tunnels":[{..., "connections":[...]}]}
+//   GET  /connections                      {"connections":[{"id":N, ...}]}
+//   POST /tunnels                          issue a quick tunnel (same JSON as the API)
+//   POST /connections/N/close?code=C&reason=R     CONNECTION_CLOSE (application error C, default 0)
+//   POST /connections/N/silence            stop answering (the client hits its idle timeout)
+//   POST /connections/N/withhold-credit[?stream=ID]   stop returning flow-control credit on
+//                                          stream ID, or on every stream opened from now on
+//   POST /registrations/reject-next?cause=C&retryAfter=NANOS&shouldRetry=BOOL&count=K
+//                                          the next K registrations get this ConnectionError
+//                                          (count=0 clears)
+// Every answer is JSON; errors are {"error":"..."} with 400/404/405.
+
+#pragma once
+
+#include "registry.h"
+
+#include <kj/compat/http.h>
+
+namespace cfqt::emulator {
+
+class AdminService final: public kj::HttpService {
+public:
+  AdminService(Registry& registry, const kj::HttpHeaderTable& table)
+      : registry(registry), table(table) {}
+
+  kj::Promise<void> request(kj::HttpMethod method, kj::StringPtr url,
+                            const kj::HttpHeaders& headers, kj::AsyncInputStream& requestBody,
+                            Response& response) override;
+
+private:
+  Registry& registry;
+  const kj::HttpHeaderTable& table;
+};
+
+kj::String connectionJson(ConnectionRecord& record);
+kj::String tunnelsJson(Registry& registry);
+kj::String connectionsJson(Registry& registry);
+
+}  // namespace cfqt::emulator

@@ -1,0 +1,240 @@
+#include "edge-server.h"
+
+#include "random.h"
+
+#include "wire/control.h"
+
+#include <kj/debug.h>
+#include <kj/map.h>
+
+namespace cfqt::emulator {
+
+namespace {
+
+class StreamTable final: public kj::Refcounted {
+  // The streams a connection opened that are still held by someone, for withhold-credit.
+  // Shared by the connection and every stream's attachment, since streams may outlive it.
+public:
+  kj::HashMap<int64_t, quic::Stream*> streams;
+  bool withholdNew = false;
+};
+
+int64_t toMicros(kj::Duration d) { return d / kj::MICROSECONDS; }
+
+}  // namespace
+
+class EdgeServer::EdgeConnection final: public ClientConnection,
+                                        public wire::RegistrationPolicy,
+                                        public wire::ControlObserver {
+public:
+  EdgeConnection(EdgeServer& server, kj::Own<quic::Connection> connectionParam)
+      : server(server), connection(kj::mv(connectionParam)), table(kj::refcounted<StreamTable>()),
+        remote(connection->remoteAddress().toString()), tasks(server.errorHandler) {}
+  KJ_DISALLOW_COPY(EdgeConnection);
+  ~EdgeConnection() noexcept(false) {
+    server.registry.connectionClosed(*this);
+  }
+
+  kj::Promise<void> run() {
+    tasks.add(serveControl());
+    return connection->onClosed().then([this](quic::CloseInfo info) { onClosed(info); });
+  }
+
+  // ClientConnection --------------------------------------------------------------------------
+
+  kj::Promise<kj::Own<kj::AsyncIoStream>> openStream() override {
+    return canceler.wrap(connection->openStream().then([this](kj::Own<quic::Stream> stream) {
+      return track(kj::mv(stream));
+    }));
+  }
+
+  void close(uint64_t code, kj::StringPtr reason) override {
+    KJ_LOG(INFO, "closing client connection", remote, code, reason);
+    tasks.add(connection->close(code, reason));
+  }
+
+  void goSilent() override {
+    KJ_LOG(INFO, "going silent on client connection", remote);
+    connection->goSilent();
+  }
+
+  bool withholdCredit(kj::Maybe<int64_t> streamId) override {
+    KJ_IF_MAYBE(id, streamId) {
+      KJ_IF_MAYBE(stream, table->streams.find(*id)) {
+        (*stream)->setCreditWithheld(true);
+        return true;
+      }
+      return false;
+    }
+    table->withholdNew = true;
+    return true;
+  }
+
+  kj::String remoteAddress() override { return kj::heapString(remote); }
+
+  kj::String describeStats() override {
+    if (connection->closeInfo() != nullptr) return kj::str("null");
+    auto s = connection->stats();
+    return kj::str(
+        "{\"smoothedRttUs\":", toMicros(s.smoothedRtt), ",\"minRttUs\":", toMicros(s.minRtt),
+        ",\"bytesSent\":", s.bytesSent, ",\"bytesReceived\":", s.bytesReceived,
+        ",\"packetsSent\":", s.packetsSent, ",\"packetsReceived\":", s.packetsReceived,
+        ",\"ptoTotal\":", s.ptoTotal, ",\"congestionWindow\":", s.congestionWindow,
+        ",\"bytesInFlight\":", s.bytesInFlight,
+        ",\"streamsOpenedLocal\":", s.streamsOpenedLocal,
+        ",\"streamsOpenedRemote\":", s.streamsOpenedRemote,
+        ",\"openStreams\":", table->streams.size(), '}');
+  }
+
+  // wire::RegistrationPolicy ------------------------------------------------------------------
+
+  kj::Promise<wire::RegistrationResult> decide(const wire::RegistrationParams& params) override {
+    RegistrationRequest request;
+    request.accountTag = kj::heapString(params.accountTag);
+    request.tunnelSecret = kj::heapArray(params.tunnelSecret.asPtr());
+    request.tunnelId = kj::heapArray(params.tunnelId.asPtr());
+    request.connIndex = params.connIndex;
+    request.clientId = kj::heapArray(params.clientId.asPtr());
+    request.features = KJ_MAP(f, params.features) { return kj::heapString(f); };
+    request.version = kj::heapString(params.version);
+    request.arch = kj::heapString(params.arch);
+    request.originLocalIp = kj::heapArray(params.originLocalIp.asPtr());
+    request.replaceExisting = params.replaceExisting;
+    request.numPreviousAttempts = params.numPreviousAttempts;
+
+    auto outcome = server.registry.registerConnection(*this, request);
+    KJ_SWITCH_ONEOF(outcome) {
+      KJ_CASE_ONEOF(record, ConnectionRecord*) {
+        recordIds.add(record->id);
+        KJ_LOG(INFO, "registered tunnel connection", record->id, record->tunnel.id,
+               record->connIndex, remote, record->version);
+        return wire::RegistrationResult(wire::ConnectionDetails{
+            kj::heapArray(record->uuid.asPtr()), kj::heapString(server.registry.locationName()),
+            false});
+      }
+      KJ_CASE_ONEOF(error, RegistrationError) {
+        KJ_LOG(INFO, "registration refused", remote, error.cause);
+        return wire::RegistrationResult(wire::RegistrationError{
+            kj::mv(error.cause), error.retryAfterNanos * kj::NANOSECONDS, error.shouldRetry});
+      }
+    }
+    KJ_UNREACHABLE;
+  }
+
+  // wire::ControlObserver ---------------------------------------------------------------------
+
+  void unregistered() override {
+    for (auto id: recordIds) {
+      KJ_IF_MAYBE(record, server.registry.findConnection(id)) {
+        server.registry.unregisterConnection(*record);
+        KJ_LOG(INFO, "unregistered tunnel connection", id, remote);
+      }
+    }
+  }
+
+  void configurationUpdated(kj::ArrayPtr<const kj::byte> json) override {
+    if (recordIds.empty()) return;
+    KJ_IF_MAYBE(record, server.registry.findConnection(recordIds.back())) {
+      server.registry.setConfiguration(*record,
+          kj::heapString(reinterpret_cast<const char*>(json.begin()), json.size()));
+    }
+  }
+
+private:
+  EdgeServer& server;
+  kj::Own<quic::Connection> connection;
+  kj::Own<StreamTable> table;
+  kj::String remote;
+  kj::Own<quic::Stream> controlStream;
+  kj::Own<wire::ControlServer> control;
+  kj::Vector<kj::uint> recordIds;
+  kj::Canceler canceler;
+  kj::TaskSet tasks;
+
+  kj::Own<kj::AsyncIoStream> track(kj::Own<quic::Stream> stream) {
+    auto id = stream->id();
+    if (table->withholdNew) stream->setCreditWithheld(true);
+    table->streams.upsert(id, stream.get(), [](quic::Stream*& existing, quic::Stream* s) {
+      existing = s;
+    });
+    auto forget = kj::defer([t = kj::addRef(*table), id]() mutable { t->streams.erase(id); });
+    return kj::Own<kj::AsyncIoStream>(kj::mv(stream)).attach(kj::mv(forget));
+  }
+
+  kj::Promise<void> serveControl() {
+    return connection->acceptStream().then([this](kj::Own<quic::Stream> stream) {
+      return startControl(kj::mv(stream));
+    });
+  }
+
+  kj::Promise<void> startControl(kj::Own<quic::Stream> stream) {
+    controlStream = kj::mv(stream);
+    control = kj::heap<wire::ControlServer>(*controlStream, *this, *this);
+    tasks.add(refuseExtraStreams());
+    return control->onDisconnect().then([this]() {
+      KJ_LOG(INFO, "control stream ended", remote);
+    });
+  }
+
+  kj::Promise<void> refuseExtraStreams() {
+    // Clients open further streams only for UDP-session RPCs, which the emulator doesn't offer.
+    return connection->acceptStream().then([this](kj::Own<quic::Stream> stream) {
+      stream->reset(0);
+      stream->stopSending(0);
+      return refuseExtraStreams();
+    });
+  }
+
+  void onClosed(const quic::CloseInfo& info) {
+    KJ_LOG(INFO, "client connection ended", remote, info.kind, info.code, info.reason);
+    server.registry.connectionClosed(*this);
+    canceler.cancel(info.toException());
+  }
+};
+
+void EdgeServer::ErrorHandler::taskFailed(kj::Exception&& exception) {
+  if (exception.getType() == kj::Exception::Type::DISCONNECTED) {
+    KJ_LOG(INFO, "edge task ended", exception);
+  } else {
+    KJ_LOG(ERROR, "edge task failed", exception);
+  }
+}
+
+EdgeServer::EdgeServer(kj::UnixEventPort& eventPort, Registry& registry,
+                       EdgeServerOptions options)
+    : eventPort(eventPort), registry(registry), options(kj::mv(options)), tasks(errorHandler) {}
+
+EdgeServer::~EdgeServer() noexcept(false) {}
+
+quic::SocketAddress EdgeServer::listen(quic::SocketAddress address) {
+  auto endpoint = quic::newEndpoint(eventPort, address);
+  quic::ServerConfig config;
+  config.certFile = kj::heapString(options.certFile);
+  config.keyFile = kj::heapString(options.keyFile);
+  config.alpn.add(kj::str("argotunnel"));
+  KJ_IF_MAYBE(p, options.tlsPriority) config.tlsPriority = kj::heapString(*p);
+  config.transport = options.transport;
+  endpoint->listen(kj::mv(config));
+  auto bound = endpoint->localAddress();
+  tasks.add(acceptLoop(*endpoint));
+  endpoints.add(kj::mv(endpoint));
+  return bound;
+}
+
+size_t EdgeServer::connectionCount() const { return liveConnections; }
+
+kj::Promise<void> EdgeServer::acceptLoop(quic::Endpoint& endpoint) {
+  return endpoint.accept().then([this, &endpoint](kj::Own<quic::Connection> connection) {
+    tasks.add(serveConnection(kj::mv(connection)));
+    return acceptLoop(endpoint);
+  });
+}
+
+kj::Promise<void> EdgeServer::serveConnection(kj::Own<quic::Connection> connection) {
+  auto edgeConnection = kj::heap<EdgeConnection>(*this, kj::mv(connection));
+  liveConnections++;
+  auto promise = edgeConnection->run();
+  return promise.attach(kj::mv(edgeConnection), kj::defer([this]() { liveConnections--; }));
+}
+
+}  // namespace cfqt::emulator

@@ -1,0 +1,193 @@
+#include "emulator.h"
+
+#include "admin-server.h"
+#include "api-server.h"
+#include "json.h"
+
+#if CFQT_EMULATOR_QUIC
+#include "edge-server.h"
+#endif
+
+#include <kj/debug.h>
+
+namespace cfqt::emulator {
+
+namespace {
+
+class LoggingErrorHandler final: public kj::TaskSet::ErrorHandler {
+public:
+  void taskFailed(kj::Exception&& exception) override {
+    if (exception.getType() == kj::Exception::Type::DISCONNECTED) {
+      KJ_LOG(INFO, "emulator task ended", exception);
+    } else {
+      KJ_LOG(ERROR, "emulator task failed", exception);
+    }
+  }
+};
+
+kj::String withPort(kj::StringPtr address, kj::uint port) {
+  KJ_IF_MAYBE(colon, address.findLast(':')) {
+    return kj::str(address.slice(0, *colon), ':', port);
+  }
+  return kj::str(address, ':', port);
+}
+
+struct Listener {
+  kj::Own<kj::ConnectionReceiver> receiver;
+  kj::String bound;
+};
+
+}  // namespace
+
+quic::TransportConfig EmulatorOptions::defaultEdgeTransport() {
+  quic::TransportConfig config;
+  config.keepAlivePeriod = 0 * kj::SECONDS;
+  config.maxIdleTimeout = 5 * kj::SECONDS;
+  return config;
+}
+
+kj::String ReadyInfo::toJson() const {
+  kj::Vector<kj::String> edgeItems;
+  for (auto& e: edges) edgeItems.add(jsonString(e));
+  return kj::str(
+      "{\"api\":", jsonString(api),
+      ",\"edge\":", jsonString(edges.empty() ? kj::StringPtr("") : edges[0].asPtr()),
+      ",\"edges\":[", kj::strArray(edgeItems, ","), "]",
+      ",\"public\":", jsonString(publicAddress),
+      ",\"admin\":", jsonString(admin),
+      ",\"ca\":", jsonString(ca),
+      ",\"zone\":", jsonString(zone), '}');
+}
+
+kj::Maybe<kj::Duration> parseDuration(kj::StringPtr text) {
+  size_t digits = 0;
+  uint64_t value = 0;
+  while (digits < text.size() && text[digits] >= '0' && text[digits] <= '9') {
+    if (digits >= 12) return nullptr;
+    value = value * 10 + static_cast<uint64_t>(text[digits] - '0');
+    digits++;
+  }
+  if (digits == 0) return nullptr;
+  auto unit = text.slice(digits);
+  int64_t v = static_cast<int64_t>(value);
+  if (unit == "ms") return v * kj::MILLISECONDS;
+  if (unit == "s") return v * kj::SECONDS;
+  if (unit == "m") return v * kj::MINUTES;
+  if (unit == "h") return v * kj::HOURS;
+  if (unit == "us") return v * kj::MICROSECONDS;
+  if (unit == "" && value == 0) return 0 * kj::SECONDS;
+  return nullptr;
+}
+
+class Emulator::Impl {
+public:
+  Impl(kj::AsyncIoContext& io, EmulatorOptions optionsParam)
+      : io(io), options(kj::mv(optionsParam)),
+        registry(options.zone, options.location),
+        apiService(registry, headerTable), adminService(registry, headerTable),
+        frontDoor(io.provider->getTimer(), headerTable, registry, options.frontDoor),
+        apiServer(io.provider->getTimer(), headerTable, apiService, httpSettings()),
+        adminServer(io.provider->getTimer(), headerTable, adminService, httpSettings()),
+        tasks(errorHandler) {}
+
+  kj::Promise<ReadyInfo> start() {
+    if (options.certificates.stateDir.size() == 0) {
+      options.certificates.stateDir = kj::str("cfqt-edge-state");
+    }
+    auto certificates = ensureCertificates(options.certificates);
+    ready.ca = kj::heapString(certificates.caCert);
+    ready.zone = kj::heapString(registry.zone());
+    startEdges(certificates);
+    return bind(options.apiListen).then([this](Listener listener) {
+      ready.api = kj::mv(listener.bound);
+      tasks.add(apiServer.listenHttp(*listener.receiver).attach(kj::mv(listener.receiver)));
+      return bind(options.publicListen);
+    }).then([this](Listener listener) {
+      ready.publicAddress = kj::mv(listener.bound);
+      tasks.add(frontDoor.listen(*listener.receiver).attach(kj::mv(listener.receiver)));
+      return bind(options.adminListen);
+    }).then([this](Listener listener) {
+      ready.admin = kj::mv(listener.bound);
+      tasks.add(adminServer.listenHttp(*listener.receiver).attach(kj::mv(listener.receiver)));
+      return copyReady();
+    });
+  }
+
+  bool hasQuicEdge() const { return CFQT_EMULATOR_QUIC != 0; }
+
+  kj::AsyncIoContext& io;
+  EmulatorOptions options;
+  kj::HttpHeaderTable headerTable;
+  Registry registry;
+  ApiService apiService;
+  AdminService adminService;
+  FrontDoor frontDoor;
+  kj::HttpServer apiServer;
+  kj::HttpServer adminServer;
+#if CFQT_EMULATOR_QUIC
+  kj::Own<EdgeServer> edgeServer;
+#endif
+  ReadyInfo ready;
+  LoggingErrorHandler errorHandler;
+  kj::TaskSet tasks;
+
+private:
+  kj::HttpServerSettings httpSettings() {
+    kj::HttpServerSettings settings;
+    settings.headerTimeout = options.apiHeaderTimeout;
+    return settings;
+  }
+
+  void startEdges(const CertificateFiles& certificates) {
+    if (options.edgeListen.empty()) options.edgeListen.add(kj::str("127.0.0.1:0"));
+#if CFQT_EMULATOR_QUIC
+    EdgeServerOptions edgeOptions;
+    edgeOptions.certFile = kj::heapString(certificates.serverCert);
+    edgeOptions.keyFile = kj::heapString(certificates.serverKey);
+    KJ_IF_MAYBE(p, options.tlsPriority) edgeOptions.tlsPriority = kj::heapString(*p);
+    edgeOptions.transport = options.edgeTransport;
+    edgeServer = kj::heap<EdgeServer>(io.unixEventPort, registry, kj::mv(edgeOptions));
+    for (auto& text: options.edgeListen) {
+      KJ_IF_MAYBE(address, quic::SocketAddress::parse(text)) {
+        ready.edges.add(edgeServer->listen(*address).toString());
+      } else {
+        KJ_FAIL_REQUIRE("edge listen address must be numeric ip:port", text);
+      }
+    }
+#else
+    KJ_LOG(WARNING, "built without the QUIC layer: edge addresses are not served");
+#endif
+  }
+
+  kj::Promise<Listener> bind(kj::StringPtr address) {
+    return io.provider->getNetwork().parseAddress(address)
+        .then([](kj::Own<kj::NetworkAddress> parsed) {
+      auto receiver = parsed->listen();
+      auto bound = withPort(parsed->toString(), receiver->getPort());
+      return Listener{kj::mv(receiver), kj::mv(bound)};
+    });
+  }
+
+  ReadyInfo copyReady() {
+    ReadyInfo copy;
+    copy.api = kj::heapString(ready.api);
+    for (auto& e: ready.edges) copy.edges.add(kj::heapString(e));
+    copy.publicAddress = kj::heapString(ready.publicAddress);
+    copy.admin = kj::heapString(ready.admin);
+    copy.ca = kj::heapString(ready.ca);
+    copy.zone = kj::heapString(ready.zone);
+    return copy;
+  }
+};
+
+Emulator::Emulator(kj::AsyncIoContext& io, EmulatorOptions options)
+    : impl(kj::heap<Impl>(io, kj::mv(options))), registryPtr(&impl->registry),
+      frontDoorPtr(&impl->frontDoor) {}
+
+Emulator::~Emulator() noexcept(false) {}
+
+kj::Promise<ReadyInfo> Emulator::start() { return impl->start(); }
+
+bool Emulator::hasQuicEdge() const { return impl->hasQuicEdge(); }
+
+}  // namespace cfqt::emulator

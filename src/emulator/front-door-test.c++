@@ -1,0 +1,1 @@
+#include <kj/test.h>

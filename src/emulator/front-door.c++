@@ -1,0 +1,604 @@
+#include "front-door.h"
+
+#include "json.h"
+#include "random.h"
+
+#include "wire/data-stream.h"
+#include "wire/http-metadata.h"
+
+#include <gnutls/crypto.h>
+#include <gnutls/gnutls.h>
+
+#include <capnp/message.h>
+#include <kj/debug.h>
+#include <kj/encoding.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+namespace cfqt::emulator {
+
+namespace {
+
+constexpr size_t BODY_BUFFER_SIZE = 64 * 1024;
+constexpr kj::StringPtr WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"_kj;
+
+// Request headers never forwarded as HttpHeader: entries (hop-by-hop, framing we redo ourselves,
+// or values the edge sets itself).
+constexpr kj::StringPtr SKIPPED_REQUEST_HEADERS[] = {
+  "Connection"_kj, "Keep-Alive"_kj, "Proxy-Connection"_kj, "Te"_kj, "Trailer"_kj,
+  "Transfer-Encoding"_kj, "Upgrade"_kj, "Expect"_kj, "Host"_kj, "Content-Length"_kj,
+  "Sec-Websocket-Key"_kj, "Sec-Websocket-Extensions"_kj, "Sec-Websocket-Accept"_kj,
+  "Sec-Websocket-Version"_kj, "Cf-Ray"_kj, "Cf-Connecting-Ip"_kj, "Cf-Visitor"_kj,
+  "X-Forwarded-Proto"_kj, "X-Forwarded-For"_kj, "Cf-Cloudflared-Proxy-Connection-Upgrade"_kj,
+};
+
+// Response headers kj::HttpServer writes itself (or that make no sense on the public hop).
+constexpr kj::StringPtr SKIPPED_RESPONSE_HEADERS[] = {
+  "Connection"_kj, "Keep-Alive"_kj, "Proxy-Connection"_kj, "Te"_kj, "Trailer"_kj,
+  "Transfer-Encoding"_kj, "Upgrade"_kj, "Content-Length"_kj, "Sec-Websocket-Accept"_kj,
+  "Sec-Websocket-Extensions"_kj, "Sec-Websocket-Key"_kj, "Sec-Websocket-Version"_kj,
+};
+
+template <size_t N>
+bool nameIn(kj::StringPtr name, const kj::StringPtr (&list)[N]) {
+  for (auto& candidate: list) {
+    if (equalsIgnoreCase(name, candidate)) return true;
+  }
+  return false;
+}
+
+bool containsIgnoreCase(kj::StringPtr haystack, kj::StringPtr needle) {
+  auto lower = toLower(haystack);
+  auto lowerNeedle = toLower(needle);
+  if (lowerNeedle.size() > lower.size()) return false;
+  for (size_t i = 0; i + lowerNeedle.size() <= lower.size(); i++) {
+    if (memcmp(lower.begin() + i, lowerNeedle.begin(), lowerNeedle.size()) == 0) return true;
+  }
+  return false;
+}
+
+kj::String hostWithoutPort(kj::StringPtr host) {
+  if (host.startsWith("[")) {
+    KJ_IF_MAYBE(close, host.findFirst(']')) return toLower(kj::str(host.slice(0, *close + 1)));
+    return toLower(host);
+  }
+  KJ_IF_MAYBE(colon, host.findFirst(':')) return toLower(kj::str(host.slice(0, *colon)));
+  return toLower(host);
+}
+
+struct Target {
+  kj::String host;   // from an absolute-form URL, else empty
+  kj::String path;   // path + query, starting with '/'
+};
+
+Target parseTarget(kj::StringPtr url) {
+  if (url.startsWith("/")) return {kj::str(), kj::str(url)};
+  KJ_IF_MAYBE(scheme, url.findFirst(':')) {
+    auto rest = url.slice(*scheme + 1);
+    if (rest.startsWith("//")) {
+      rest = rest.slice(2);
+      size_t end = rest.size();
+      for (size_t i = 0; i < rest.size(); i++) {
+        if (rest[i] == '/' || rest[i] == '?') { end = i; break; }
+      }
+      auto host = kj::str(rest.slice(0, end));
+      auto path = rest.slice(end);
+      if (path.startsWith("?")) return {kj::mv(host), kj::str('/', path)};
+      if (path.size() == 0) return {kj::mv(host), kj::str("/")};
+      return {kj::mv(host), kj::str(path)};
+    }
+  }
+  return {kj::str(), kj::str("/")};  // "*" (OPTIONS) and anything odd
+}
+
+kj::String peerIp(kj::AsyncIoStream& connection) {
+  struct sockaddr_storage addr;
+  kj::uint length = sizeof(addr);
+  memset(&addr, 0, sizeof(addr));
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+    connection.getpeername(reinterpret_cast<struct sockaddr*>(&addr), &length);
+  })) {
+    return kj::str("127.0.0.1");  // not a socket (tests)
+  }
+  char text[INET6_ADDRSTRLEN] = {0};
+  if (addr.ss_family == AF_INET) {
+    auto in = reinterpret_cast<struct sockaddr_in*>(&addr);
+    inet_ntop(AF_INET, &in->sin_addr, text, sizeof(text));
+  } else if (addr.ss_family == AF_INET6) {
+    auto in6 = reinterpret_cast<struct sockaddr_in6*>(&addr);
+    inet_ntop(AF_INET6, &in6->sin6_addr, text, sizeof(text));
+  } else {
+    return kj::str("127.0.0.1");
+  }
+  return kj::str(text);
+}
+
+kj::Maybe<uint64_t> parseDecimal(kj::StringPtr text) {
+  if (text.size() == 0 || text.size() > 19) return nullptr;
+  uint64_t value = 0;
+  for (char c: text) {
+    if (c < '0' || c > '9') return nullptr;
+    value = value * 10 + static_cast<uint64_t>(c - '0');
+  }
+  return value;
+}
+
+kj::String webSocketAccept(kj::StringPtr key) {
+  auto input = kj::str(key, WEBSOCKET_GUID);
+  kj::byte digest[20];
+  int rc = gnutls_hash_fast(GNUTLS_DIG_SHA1, input.begin(), input.size(), digest);
+  KJ_ASSERT(rc == 0, gnutls_strerror(rc));
+  return kj::encodeBase64(kj::arrayPtr(digest, sizeof(digest)));
+}
+
+kj::String errorPage(kj::uint code, kj::StringPtr title, kj::StringPtr detail, kj::StringPtr ray) {
+  return kj::str(
+      "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>", title,
+      " | error code: ", code, "</title></head>\n<body>\n<h1>Error ", code, "</h1>\n<h2>", title,
+      "</h2>\n<p>", detail, "</p>\n<p>error code: ", code, "</p>\n<p>Ray ID: ", ray,
+      " &bull; cfqt-edge</p>\n</body></html>\n");
+}
+
+kj::String escapeHtml(kj::StringPtr text) {
+  kj::Vector<char> out(text.size());
+  for (char c: text) {
+    switch (c) {
+      case '<': out.addAll(kj::StringPtr("&lt;")); break;
+      case '>': out.addAll(kj::StringPtr("&gt;")); break;
+      case '&': out.addAll(kj::StringPtr("&amp;")); break;
+      case '"': out.addAll(kj::StringPtr("&quot;")); break;
+      default: out.add(c);
+    }
+  }
+  out.add('\0');
+  return kj::String(out.releaseAsArray());
+}
+
+}  // namespace
+
+kj::StringPtr statusText(kj::uint status) {
+  switch (status) {
+    case 100: return "Continue";
+    case 101: return "Switching Protocols";
+    case 200: return "OK";
+    case 201: return "Created";
+    case 202: return "Accepted";
+    case 203: return "Non-Authoritative Information";
+    case 204: return "No Content";
+    case 205: return "Reset Content";
+    case 206: return "Partial Content";
+    case 300: return "Multiple Choices";
+    case 301: return "Moved Permanently";
+    case 302: return "Found";
+    case 303: return "See Other";
+    case 304: return "Not Modified";
+    case 307: return "Temporary Redirect";
+    case 308: return "Permanent Redirect";
+    case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 408: return "Request Timeout";
+    case 409: return "Conflict";
+    case 410: return "Gone";
+    case 411: return "Length Required";
+    case 413: return "Payload Too Large";
+    case 415: return "Unsupported Media Type";
+    case 418: return "I'm a teapot";
+    case 422: return "Unprocessable Entity";
+    case 429: return "Too Many Requests";
+    case 500: return "Internal Server Error";
+    case 501: return "Not Implemented";
+    case 502: return "Bad Gateway";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
+    case 524: return "A Timeout Occurred";
+    case 530: return "Origin DNS Error";
+    default: return "Unknown";
+  }
+}
+
+void RandomEntropySource::generate(kj::ArrayPtr<kj::byte> buffer) {
+  if (buffer.size() == 0) return;
+  int rc = gnutls_rnd(GNUTLS_RND_NONCE, buffer.begin(), buffer.size());
+  KJ_ASSERT(rc == 0, gnutls_strerror(rc));
+}
+
+// =============================================================================================
+
+class FrontDoor::Service final: public kj::HttpService {
+  // One per public connection: knows the raw connection (to answer Expect: 100-continue and to
+  // abort a response mid-body) and the client's address.
+public:
+  Service(FrontDoor& door, kj::AsyncIoStream& connection)
+      : door(door), connection(connection), clientIp(peerIp(connection)) {}
+
+  kj::Promise<void> request(kj::HttpMethod method, kj::StringPtr url,
+                            const kj::HttpHeaders& headers, kj::AsyncInputStream& requestBody,
+                            Response& response) override;
+
+  FrontDoor& door;
+  kj::AsyncIoStream& connection;
+  kj::String clientIp;
+};
+
+class FrontDoor::Exchange {
+  // One public request proxied over one tunnel stream. Owned by the promise returned from
+  // Service::request(), so continuations may capture `this`.
+public:
+  Exchange(Service& service, kj::HttpMethod method, kj::StringPtr url,
+           const kj::HttpHeaders& headers, kj::AsyncInputStream& requestBody,
+           kj::HttpService::Response& response)
+      : door(service.door), service(service), method(method), url(url), headers(headers),
+        requestBody(requestBody), response(response), ray(kj::str(randomHex(8), '-',
+        door.options.rayColo)) {}
+  KJ_DISALLOW_COPY(Exchange);
+
+  kj::Promise<void> run();
+
+private:
+  FrontDoor& door;
+  Service& service;
+  kj::HttpMethod method;
+  kj::StringPtr url;
+  const kj::HttpHeaders& headers;
+  kj::AsyncInputStream& requestBody;
+  kj::HttpService::Response& response;
+  kj::String ray;
+  kj::String host;
+  bool websocket = false;
+  kj::String webSocketKey;
+  kj::Own<kj::AsyncIoStream> stream;
+  kj::Array<kj::byte> upBuffer;
+  kj::Array<kj::byte> downBuffer;
+  kj::Maybe<uint64_t> remaining;             // response bytes still expected (Content-Length)
+  kj::Own<kj::HttpHeaders> responseHeaders;
+  kj::Own<kj::AsyncOutputStream> body;
+  RandomEntropySource entropy;
+  kj::Own<kj::WebSocket> publicSocket;
+  kj::Own<kj::WebSocket> tunnelSocket;
+
+  kj::Promise<void> sendPage(kj::uint status, kj::uint code, kj::StringPtr title, kj::StringPtr detail);
+  kj::Promise<void> proxy(kj::Own<kj::AsyncIoStream> opened);
+  kj::Promise<void> sendRequest();
+  kj::Promise<void> sendBody();
+  kj::Promise<void> pumpRequestBody();
+  kj::Promise<void> onRequestChunk(size_t n);
+  kj::Promise<void> tunnelWriteFailed(kj::Exception&& e);
+  kj::Promise<void> receiveResponse();
+  kj::Promise<void> onResponseHead(kj::Own<capnp::MessageReader> message);
+  kj::Promise<void> responseHeadFailed(kj::Exception&& e);
+  kj::Promise<void> pumpResponseBody();
+  kj::Promise<void> onResponseChunk(size_t n);
+  kj::Promise<void> relayWebSocket(kj::HttpHeaders& headers);
+  void abortWebSockets();
+  kj::Exception abortPublic(kj::Exception&& e);
+  kj::Array<wire::Header> forwardedHeaders();
+  bool expectsContinue();
+};
+
+kj::Promise<void> FrontDoor::Service::request(
+    kj::HttpMethod method, kj::StringPtr url, const kj::HttpHeaders& headers,
+    kj::AsyncInputStream& requestBody, Response& response) {
+  door.requests++;
+  auto exchange = kj::heap<Exchange>(*this, method, url, headers, requestBody, response);
+  auto promise = exchange->run();
+  return promise.attach(kj::mv(exchange));
+}
+
+kj::Promise<void> FrontDoor::Exchange::sendPage(kj::uint status, kj::uint code, kj::StringPtr title,
+                                                kj::StringPtr detail) {
+  auto page = errorPage(code, title, escapeHtml(detail), ray);
+  kj::HttpHeaders pageHeaders(door.headerTable);
+  pageHeaders.set(kj::HttpHeaderId::CONTENT_TYPE, "text/html; charset=UTF-8");
+  pageHeaders.add("Cf-Ray", ray);
+  pageHeaders.add("Server", "cloudflare");
+  auto out = response.send(status, statusText(status), pageHeaders, page.size());
+  auto promise = out->write(page.begin(), page.size());
+  return promise.attach(kj::mv(out), kj::mv(page));
+}
+
+kj::Promise<void> FrontDoor::Exchange::run() {
+  auto target = parseTarget(url);
+  KJ_IF_MAYBE(h, headers.get(kj::HttpHeaderId::HOST)) {
+    host = hostWithoutPort(*h);
+  } else {
+    host = hostWithoutPort(target.host);
+  }
+  if (host.size() == 0) {
+    return sendPage(400, 400, "Bad request", "The request has no Host header.");
+  }
+  IssuedTunnel* tunnel = nullptr;
+  KJ_IF_MAYBE(t, door.registry.findByHostname(host)) {
+    tunnel = t;
+  } else {
+    return sendPage(530, 1033, "Cloudflare Tunnel error",
+        kj::str("There is no tunnel at ", host, ": the hostname does not resolve to a tunnel."));
+  }
+  ConnectionRecord* record = nullptr;
+  KJ_IF_MAYBE(r, door.registry.pick(*tunnel)) {
+    record = r;
+  } else {
+    return sendPage(530, 1033, "Cloudflare Tunnel error",
+        kj::str("The tunnel for ", host, " has no live connection to the edge."));
+  }
+  auto& connection = KJ_ASSERT_NONNULL(record->connection);
+  websocket = headers.isWebSocket();
+  return door.timer.timeoutAfter(door.options.openStreamTimeout, connection.openStream())
+      .then([this](kj::Own<kj::AsyncIoStream> opened) { return proxy(kj::mv(opened)); },
+            [this](kj::Exception&& e) {
+        return sendPage(502, 502, "Bad gateway", kj::str("Could not open a tunnel stream: ",
+                                                          e.getDescription()));
+      });
+}
+
+kj::Promise<void> FrontDoor::Exchange::proxy(kj::Own<kj::AsyncIoStream> opened) {
+  stream = kj::mv(opened);
+  auto sending = sendRequest();
+  return receiveResponse().exclusiveJoin(kj::mv(sending));
+}
+
+bool FrontDoor::Exchange::expectsContinue() {
+  bool result = false;
+  headers.forEach([&](kj::StringPtr name, kj::StringPtr value) {
+    if (equalsIgnoreCase(name, "Expect") && containsIgnoreCase(value, "100-continue")) {
+      result = true;
+    }
+  });
+  return result;
+}
+
+kj::Array<wire::Header> FrontDoor::Exchange::forwardedHeaders() {
+  kj::Vector<wire::Header> out;
+  kj::Maybe<kj::String> forwardedFor;
+  for (auto& header: wire::headersFromHttp(headers)) {
+    if (equalsIgnoreCase(header.name, "X-Forwarded-For")) {
+      forwardedFor = kj::mv(header.value);
+    } else if (!nameIn(header.name, SKIPPED_REQUEST_HEADERS)) {
+      out.add(kj::mv(header));
+    }
+  }
+  if (websocket) {
+    webSocketKey = kj::encodeBase64(randomBytes(16));
+    out.add(wire::Header{kj::str("Connection"), kj::str("Upgrade")});
+    out.add(wire::Header{kj::str("Upgrade"), kj::str("websocket")});
+    out.add(wire::Header{kj::str("Sec-Websocket-Key"), kj::heapString(webSocketKey)});
+    out.add(wire::Header{kj::str("Sec-Websocket-Version"), kj::str("13")});
+  } else {
+    KJ_IF_MAYBE(length, requestBody.tryGetLength()) {
+      if (*length > 0 || headers.get(kj::HttpHeaderId::CONTENT_LENGTH) != nullptr) {
+        out.add(wire::Header{kj::str("Content-Length"), kj::str(*length)});
+      }
+    } else {
+      out.add(wire::Header{kj::str("Transfer-Encoding"), kj::str("chunked")});
+    }
+  }
+  out.add(wire::Header{kj::str("Cf-Ray"), kj::heapString(ray)});
+  out.add(wire::Header{kj::str("Cf-Connecting-Ip"), kj::heapString(service.clientIp)});
+  KJ_IF_MAYBE(previous, forwardedFor) {
+    out.add(wire::Header{kj::str("X-Forwarded-For"), kj::str(*previous, ", ", service.clientIp)});
+  } else {
+    out.add(wire::Header{kj::str("X-Forwarded-For"), kj::heapString(service.clientIp)});
+  }
+  out.add(wire::Header{kj::str("X-Forwarded-Proto"), kj::str(door.options.scheme)});
+  out.add(wire::Header{kj::str("Cf-Visitor"),
+                       kj::str("{\"scheme\":\"", door.options.scheme, "\"}")});
+  return out.releaseAsArray();
+}
+
+kj::Promise<void> FrontDoor::Exchange::sendRequest() {
+  auto target = parseTarget(url);
+  auto dest = kj::str(door.options.scheme, "://", host, target.path);
+  auto forwarded = forwardedHeaders();
+  capnp::MallocMessageBuilder message;
+  auto root = message.initRoot<wire::schema::ConnectRequest>();
+  wire::encodeRequest(root, dest,
+      websocket ? wire::schema::ConnectionType::WEBSOCKET : wire::schema::ConnectionType::HTTP,
+      kj::str(method), host, forwarded);
+  // writeConnectRequest() encodes synchronously; the promise owns the bytes.
+  return wire::writeConnectRequest(*stream, root.asReader())
+      .then([this]() { return sendBody(); },
+            [this](kj::Exception&& e) { return tunnelWriteFailed(kj::mv(e)); });
+}
+
+kj::Promise<void> FrontDoor::Exchange::sendBody() {
+  if (websocket) return kj::NEVER_DONE;  // the stream becomes the frame pipe
+  KJ_IF_MAYBE(length, requestBody.tryGetLength()) {
+    if (*length == 0) {
+      stream->shutdownWrite();
+      return kj::NEVER_DONE;
+    }
+  }
+  upBuffer = kj::heapArray<kj::byte>(BODY_BUFFER_SIZE);
+  if (expectsContinue()) {
+    // kj 0.9.2's HttpServer ignores Expect; answer it on the raw connection before reading the
+    // body (nothing else is being written on it while the response has not started).
+    static constexpr kj::StringPtr CONTINUE = "HTTP/1.1 100 Continue\r\n\r\n"_kj;
+    return service.connection.write(CONTINUE.begin(), CONTINUE.size())
+        .then([this]() { return pumpRequestBody(); });
+  }
+  return pumpRequestBody();
+}
+
+kj::Promise<void> FrontDoor::Exchange::pumpRequestBody() {
+  // Read errors (the public client went away) reject; tunnel write errors only stop the upload,
+  // since the response path decides how the exchange ends.
+  return requestBody.tryRead(upBuffer.begin(), 1, upBuffer.size())
+      .then([this](size_t n) { return onRequestChunk(n); });
+}
+
+kj::Promise<void> FrontDoor::Exchange::onRequestChunk(size_t n) {
+  if (n == 0) {
+    stream->shutdownWrite();
+    return kj::NEVER_DONE;
+  }
+  return stream->write(upBuffer.begin(), n)
+      .then([this]() { return pumpRequestBody(); },
+            [this](kj::Exception&& e) { return tunnelWriteFailed(kj::mv(e)); });
+}
+
+kj::Promise<void> FrontDoor::Exchange::tunnelWriteFailed(kj::Exception&& e) {
+  KJ_LOG(INFO, "tunnel stream stopped accepting the request", ray, e);
+  return kj::NEVER_DONE;
+}
+
+kj::Promise<void> FrontDoor::Exchange::receiveResponse() {
+  return door.timer.timeoutAfter(door.options.responseHeadTimeout,
+                                 wire::readConnectResponse(*stream))
+      .then([this](kj::Own<capnp::MessageReader> message) {
+        return onResponseHead(kj::mv(message));
+      }, [this](kj::Exception&& e) { return responseHeadFailed(kj::mv(e)); });
+}
+
+kj::Promise<void> FrontDoor::Exchange::responseHeadFailed(kj::Exception&& e) {
+  if (e.getType() == kj::Exception::Type::OVERLOADED &&
+      containsIgnoreCase(e.getDescription(), "timed out")) {
+    return sendPage(524, 524, "A timeout occurred",
+                    "The tunnel client did not answer the request in time.");
+  }
+  return sendPage(502, 502, "Bad gateway",
+                  kj::str("The tunnel stream failed before a response: ", e.getDescription()));
+}
+
+kj::Promise<void> FrontDoor::Exchange::onResponseHead(kj::Own<capnp::MessageReader> message) {
+  auto decoded = wire::decodeResponse(message->getRoot<wire::schema::ConnectResponse>());
+  wire::HttpResponseHead head;
+  KJ_SWITCH_ONEOF(decoded) {
+    KJ_CASE_ONEOF(error, wire::WireError) {
+      return sendPage(502, 502, "Bad gateway",
+                      kj::str("Invalid response from the tunnel: ", error.toString()));
+    }
+    KJ_CASE_ONEOF(h, wire::HttpResponseHead) {
+      head = kj::mv(h);
+    }
+  }
+  KJ_IF_MAYBE(error, head.error) {
+    return sendPage(502, 502, "Bad gateway",
+                    kj::str("The origin behind the tunnel failed: ", *error));
+  }
+
+  responseHeaders = kj::heap<kj::HttpHeaders>(door.headerTable);
+  kj::Maybe<uint64_t> contentLength;
+  for (auto& header: head.headers) {
+    if (equalsIgnoreCase(header.name, "Content-Length")) {
+      if (contentLength == nullptr) contentLength = parseDecimal(header.value);
+    } else if (!nameIn(header.name, SKIPPED_RESPONSE_HEADERS)) {
+      responseHeaders->add(kj::mv(header.name), kj::mv(header.value));
+    }
+  }
+
+  if (head.status == 101) {
+    if (!websocket) {
+      return sendPage(502, 502, "Bad gateway", "The tunnel switched protocols unasked.");
+    }
+    for (auto& header: head.headers) {
+      if (equalsIgnoreCase(header.name, "Sec-Websocket-Accept") &&
+          header.value != webSocketAccept(webSocketKey)) {
+        return sendPage(502, 502, "Bad gateway", "Wrong Sec-WebSocket-Accept from the tunnel.");
+      }
+    }
+    return relayWebSocket(*responseHeaders);
+  }
+  if (head.status < 200 || head.status > 599) {
+    return sendPage(502, 502, "Bad gateway",
+                    kj::str("Unusable status from the tunnel: ", head.status));
+  }
+
+  bool noBody = method == kj::HttpMethod::HEAD || head.status == 204 || head.status == 304;
+  kj::Maybe<uint64_t> expected = contentLength;
+  if (head.status == 204 || head.status == 304) expected = uint64_t(0);
+  body = response.send(head.status, statusText(head.status), *responseHeaders, expected);
+  if (noBody) return kj::READY_NOW;
+  remaining = contentLength;
+  downBuffer = kj::heapArray<kj::byte>(BODY_BUFFER_SIZE);
+  return pumpResponseBody();
+}
+
+kj::Promise<void> FrontDoor::Exchange::pumpResponseBody() {
+  size_t limit = downBuffer.size();
+  KJ_IF_MAYBE(r, remaining) {
+    if (*r == 0) {
+      body = nullptr;   // complete: ends the public body
+      return kj::READY_NOW;
+    }
+    if (*r < limit) limit = *r;
+  }
+  return stream->tryRead(downBuffer.begin(), 1, limit)
+      .then([this](size_t n) { return onResponseChunk(n); },
+            [this](kj::Exception&& e) -> kj::Promise<void> {
+        return abortPublic(kj::mv(e));
+      });
+}
+
+kj::Promise<void> FrontDoor::Exchange::onResponseChunk(size_t n) {
+  if (n == 0) {
+    if (remaining != nullptr) {
+      return abortPublic(KJ_EXCEPTION(DISCONNECTED,
+          "tunnel stream ended before the announced Content-Length"));
+    }
+    body = nullptr;   // FIN: the response is complete
+    return kj::READY_NOW;
+  }
+  KJ_IF_MAYBE(r, remaining) *r -= n;
+  return body->write(downBuffer.begin(), n).then([this]() { return pumpResponseBody(); });
+}
+
+kj::Exception FrontDoor::Exchange::abortPublic(kj::Exception&& e) {
+  // The response head is out: the only honest signal left is to cut the public connection
+  // before kj writes a terminating chunk, so the client sees a truncated response, never a
+  // complete one.
+  KJ_LOG(INFO, "tunnel stream failed mid-response; aborting public connection", ray, e);
+  kj::runCatchingExceptions([&]() { service.connection.shutdownWrite(); });
+  kj::runCatchingExceptions([&]() { service.connection.abortRead(); });
+  return KJ_EXCEPTION(DISCONNECTED, "tunnel stream failed mid-response", e.getDescription());
+}
+
+kj::Promise<void> FrontDoor::Exchange::relayWebSocket(kj::HttpHeaders& acceptHeaders) {
+  publicSocket = response.acceptWebSocket(acceptHeaders);
+  tunnelSocket = kj::newWebSocket(kj::mv(stream), entropy);
+  auto up = publicSocket->pumpTo(*tunnelSocket)
+      .catch_([this](kj::Exception&& e) { abortWebSockets(); });
+  auto down = tunnelSocket->pumpTo(*publicSocket)
+      .catch_([this](kj::Exception&& e) { abortWebSockets(); });
+  return kj::joinPromises(kj::arr(kj::mv(up), kj::mv(down)));
+}
+
+void FrontDoor::Exchange::abortWebSockets() {
+  publicSocket->abort();
+  tunnelSocket->abort();
+}
+
+// =============================================================================================
+
+FrontDoor::FrontDoor(kj::Timer& timer, const kj::HttpHeaderTable& headerTable,
+                     Registry& registry, FrontDoorOptions options)
+    : timer(timer), headerTable(headerTable), registry(registry), options(options),
+      server(timer, headerTable,
+             [this](kj::AsyncIoStream& connection) -> kj::Own<kj::HttpService> {
+               return kj::heap<Service>(*this, connection);
+             },
+             [&]() {
+               kj::HttpServerSettings settings;
+               settings.headerTimeout = options.headerTimeout;
+               settings.pipelineTimeout = options.pipelineTimeout;
+               return settings;
+             }()) {}
+
+FrontDoor::~FrontDoor() noexcept(false) {}
+
+kj::Promise<void> FrontDoor::listen(kj::ConnectionReceiver& port) {
+  return server.listenHttp(port);
+}
+
+kj::Promise<void> FrontDoor::serve(kj::Own<kj::AsyncIoStream> connection) {
+  return server.listenHttp(kj::mv(connection));
+}
+
+kj::Promise<void> FrontDoor::drain() {
+  return server.drain();
+}
+
+}  // namespace cfqt::emulator

@@ -1,0 +1,68 @@
+// The public front door (PROTOCOL.md §10.5): an HTTP/1.1 server that routes each request by its
+// Host header to the tunnel owning that hostname, opens a stream on one of the tunnel's live
+// connections (round-robin), writes the ConnectRequest, streams the request body, and streams the
+// ConnectResponse and body back unbuffered. WebSocket upgrades are relayed frame by frame.
+
+#pragma once
+
+#include "registry.h"
+
+#include <kj/compat/http.h>
+#include <kj/timer.h>
+
+namespace cfqt::emulator {
+
+struct FrontDoorOptions {
+  kj::Duration openStreamTimeout = 10 * kj::SECONDS;
+  // Opening a stream on the chosen connection (waits while the client's stream limit is hit).
+  // Expiry: 502 page.
+  kj::Duration responseHeadTimeout = 100 * kj::SECONDS;
+  // From the start of the request until the ConnectResponse arrived (Cloudflare's 524).
+  kj::Duration headerTimeout = 15 * kj::SECONDS;     // kj::HttpServerSettings::headerTimeout
+  kj::Duration pipelineTimeout = 5 * kj::SECONDS;    // keep-alive idle time between requests
+  kj::StringPtr scheme = "https";
+  // Scheme of the ConnectRequest dest URL and of X-Forwarded-Proto / Cf-Visitor, as the real
+  // edge (which only serves HTTPS for trycloudflare) would send it.
+  kj::StringPtr rayColo = "EMU";
+};
+
+class FrontDoor {
+public:
+  FrontDoor(kj::Timer& timer, const kj::HttpHeaderTable& headerTable, Registry& registry,
+            FrontDoorOptions options = {});
+  // Borrows everything; all must outlive this object.
+  KJ_DISALLOW_COPY(FrontDoor);
+  ~FrontDoor() noexcept(false);
+
+  kj::Promise<void> listen(kj::ConnectionReceiver& port);
+  // Accepts public connections until the promise is dropped.
+
+  kj::Promise<void> serve(kj::Own<kj::AsyncIoStream> connection);
+  // Serves one public connection (tests use a pipe end).
+
+  kj::Promise<void> drain();
+
+  uint64_t requestCount() const { return requests; }
+
+private:
+  class Service;
+  class Exchange;
+
+  kj::Timer& timer;
+  const kj::HttpHeaderTable& headerTable;
+  Registry& registry;
+  FrontDoorOptions options;
+  uint64_t requests = 0;
+  kj::HttpServer server;
+};
+
+class RandomEntropySource final: public kj::EntropySource {
+  // WebSocket mask bytes from GnuTLS's RNG.
+public:
+  void generate(kj::ArrayPtr<kj::byte> buffer) override;
+};
+
+kj::StringPtr statusText(kj::uint status);
+// Standard reason phrase, or "Unknown".
+
+}  // namespace cfqt::emulator

@@ -1,0 +1,181 @@
+#include "registry.h"
+
+#include "random.h"
+
+#include <kj/debug.h>
+#include <kj/encoding.h>
+
+namespace cfqt::emulator {
+
+namespace {
+
+bool sameBytes(kj::ArrayPtr<const kj::byte> a, kj::ArrayPtr<const kj::byte> b) {
+  return a.size() == b.size() && (a.size() == 0 || memcmp(a.begin(), b.begin(), a.size()) == 0);
+}
+
+kj::String describeClientId(kj::ArrayPtr<const kj::byte> bytes) {
+  if (bytes.size() == 16) return formatUuid(bytes);
+  return kj::encodeHex(bytes);
+}
+
+}  // namespace
+
+kj::StringPtr toString(ConnectionState state) {
+  switch (state) {
+    case ConnectionState::REGISTERED: return "registered";
+    case ConnectionState::UNREGISTERED: return "unregistered";
+    case ConnectionState::CLOSED: return "closed";
+  }
+  KJ_UNREACHABLE;
+}
+
+Registry::Registry(kj::StringPtr zone, kj::StringPtr locationName)
+    : zoneName(toLower(zone)), location(kj::heapString(locationName)) {}
+
+IssuedTunnel& Registry::issueTunnel() {
+  if (tunnelList.size() >= MAX_TUNNELS) {
+    kj::throwFatalException(KJ_EXCEPTION(OVERLOADED, "too many quick tunnels issued"));
+  }
+  auto tunnel = kj::heap<IssuedTunnel>();
+  tunnel->idBytes = randomUuidBytes();
+  tunnel->id = formatUuid(tunnel->idBytes);
+  tunnel->name = kj::str("qt-", tunnel->id.slice(0, 8));
+  do {
+    tunnel->hostname = randomHostname(zoneName);
+  } while (findByHostname(tunnel->hostname) != nullptr);
+  tunnel->accountTag = randomHex(16);
+  tunnel->secret = randomBytes(32);
+  tunnel->secretBase64 = kj::encodeBase64(tunnel->secret);
+  auto& result = *tunnel;
+  tunnelList.add(kj::mv(tunnel));
+  return result;
+}
+
+kj::Maybe<IssuedTunnel&> Registry::findByHostname(kj::StringPtr host) {
+  for (auto& tunnel: tunnelList) {
+    if (equalsIgnoreCase(tunnel->hostname, host)) return *tunnel;
+  }
+  return nullptr;
+}
+
+kj::Maybe<IssuedTunnel&> Registry::findById(kj::ArrayPtr<const kj::byte> id) {
+  for (auto& tunnel: tunnelList) {
+    if (sameBytes(tunnel->idBytes, id)) return *tunnel;
+  }
+  return nullptr;
+}
+
+kj::OneOf<ConnectionRecord*, RegistrationError> Registry::registerConnection(
+    ClientConnection& connection, const RegistrationRequest& request) {
+  KJ_IF_MAYBE(injected, injectedError) {
+    RegistrationError error{kj::heapString(injected->cause), injected->retryAfterNanos,
+                            injected->shouldRetry};
+    if (--injectedCount == 0) injectedError = nullptr;
+    return kj::mv(error);
+  }
+
+  IssuedTunnel* tunnel = nullptr;
+  KJ_IF_MAYBE(t, findById(request.tunnelId)) {
+    tunnel = t;
+  } else {
+    return RegistrationError{kj::str("Unauthorized: unknown tunnel id"), 0, false};
+  }
+  if (tunnel->accountTag != request.accountTag ||
+      !sameBytes(tunnel->secret, request.tunnelSecret)) {
+    return RegistrationError{kj::str("Unauthorized: tunnel credentials do not match"), 0, false};
+  }
+
+  for (auto& record: records) {
+    if (&record->tunnel == tunnel && record->connIndex == request.connIndex &&
+        record->state == ConnectionState::REGISTERED) {
+      if (!request.replaceExisting) {
+        return RegistrationError{kj::str("EDUPCONN"), 0, true};
+      }
+      KJ_IF_MAYBE(old, record->connection) {
+        old->close(0, "replaced by a newer registration");
+      }
+      record->state = ConnectionState::UNREGISTERED;
+    }
+  }
+
+  auto record = kj::heap<ConnectionRecord>(ConnectionRecord{
+    nextConnectionId++, *tunnel, request.connIndex, randomUuidBytes(),
+    describeClientId(request.clientId), kj::heapString(request.version),
+    kj::heapString(request.arch), KJ_MAP(f, request.features) { return kj::heapString(f); },
+    request.numPreviousAttempts, connection.remoteAddress(), nullptr,
+    ConnectionState::REGISTERED, connection, 0});
+  auto result = record.get();
+  records.add(kj::mv(record));
+  pruneClosed();
+  return result;
+}
+
+void Registry::unregisterConnection(ConnectionRecord& record) {
+  if (record.state == ConnectionState::REGISTERED) record.state = ConnectionState::UNREGISTERED;
+}
+
+void Registry::setConfiguration(ConnectionRecord& record, kj::String json) {
+  record.configuration = kj::mv(json);
+}
+
+void Registry::connectionClosed(ClientConnection& connection) {
+  for (auto& record: records) {
+    KJ_IF_MAYBE(c, record->connection) {
+      if (c == &connection) {
+        record->connection = nullptr;
+        record->state = ConnectionState::CLOSED;
+      }
+    }
+  }
+}
+
+kj::Maybe<ConnectionRecord&> Registry::pick(IssuedTunnel& tunnel) {
+  kj::Vector<ConnectionRecord*> live;
+  for (auto& record: records) {
+    if (&record->tunnel == &tunnel && record->state == ConnectionState::REGISTERED &&
+        record->connection != nullptr) {
+      live.add(record.get());
+    }
+  }
+  if (live.empty()) return nullptr;
+  auto& chosen = *live[tunnel.roundRobin++ % live.size()];
+  chosen.requests++;
+  return chosen;
+}
+
+kj::Maybe<ConnectionRecord&> Registry::findConnection(kj::uint id) {
+  for (auto& record: records) {
+    if (record->id == id) return *record;
+  }
+  return nullptr;
+}
+
+void Registry::rejectNextRegistrations(RegistrationError error, kj::uint count) {
+  if (count == 0) {
+    injectedError = nullptr;
+    injectedCount = 0;
+    return;
+  }
+  injectedError = kj::mv(error);
+  injectedCount = count;
+}
+
+void Registry::pruneClosed() {
+  size_t closed = 0;
+  for (auto& record: records) {
+    if (record->state == ConnectionState::CLOSED) closed++;
+  }
+  if (closed <= MAX_CLOSED_RECORDS) return;
+  kj::Vector<kj::Own<ConnectionRecord>> kept(records.size());
+  size_t toDrop = closed - MAX_CLOSED_RECORDS;
+  for (auto& record: records) {
+    if (toDrop > 0 && record->state == ConnectionState::CLOSED) {
+      toDrop--;
+      continue;
+    }
+    kept.add(kj::mv(record));
+  }
+  records = kj::mv(kept);
+}
+
+}  // namespace cfqt::emulator

@@ -1,0 +1,145 @@
+// The emulator's memory: quick tunnels the API issued, and the client connections registered for
+// them. Registration policy (credentials, EDUPCONN, injected rejections) and the front door's
+// round-robin choice of a connection live here, so both are testable without QUIC.
+
+#pragma once
+
+#include <kj/array.h>
+#include <kj/async-io.h>
+#include <kj/one-of.h>
+#include <kj/string.h>
+#include <kj/vector.h>
+
+namespace cfqt::emulator {
+
+class ClientConnection {
+  // One tunnel client's QUIC connection as the rest of the emulator sees it. Implemented by the
+  // QUIC edge (and by fakes in tests). Owned by whoever accepted the connection; it must call
+  // Registry::connectionClosed() before it dies.
+public:
+  virtual ~ClientConnection() noexcept(false) = default;
+
+  virtual kj::Promise<kj::Own<kj::AsyncIoStream>> openStream() = 0;
+  // Opens a server-initiated bidirectional stream. Dropping the stream before both directions
+  // ended resets it. Rejects DISCONNECTED once the connection is gone.
+
+  virtual void close(uint64_t applicationErrorCode, kj::StringPtr reason) = 0;
+  // Sends CONNECTION_CLOSE with an application error.
+
+  virtual void goSilent() = 0;
+  // Stops sending anything (and ignores what arrives), so the client hits its idle timeout.
+
+  virtual bool withholdCredit(kj::Maybe<int64_t> streamId) = 0;
+  // Stops returning flow-control credit on stream `streamId`, or on every stream opened from now
+  // on when null. False if there is no such stream or the transport can't do it.
+
+  virtual kj::String remoteAddress() = 0;
+  virtual kj::String describeStats() = 0;
+  // A JSON object (text) with transport counters, for the admin API.
+};
+
+struct IssuedTunnel {
+  kj::String id;                    // canonical UUID text
+  kj::Array<kj::byte> idBytes;      // 16 bytes
+  kj::String name;
+  kj::String hostname;              // lower case
+  kj::String accountTag;            // 32 hex digits
+  kj::Array<kj::byte> secret;       // 32 bytes
+  kj::String secretBase64;          // standard alphabet, padded
+  kj::uint roundRobin = 0;
+};
+
+enum class ConnectionState { REGISTERED, UNREGISTERED, CLOSED };
+kj::StringPtr toString(ConnectionState state);
+
+struct RegistrationRequest {
+  kj::String accountTag;
+  kj::Array<kj::byte> tunnelSecret;
+  kj::Array<kj::byte> tunnelId;
+  uint8_t connIndex = 0;
+  kj::Array<kj::byte> clientId;
+  kj::Array<kj::String> features;
+  kj::String version;
+  kj::String arch;
+  kj::Array<kj::byte> originLocalIp;
+  bool replaceExisting = false;
+  uint8_t numPreviousAttempts = 0;
+};
+
+struct RegistrationError {
+  kj::String cause;
+  int64_t retryAfterNanos = 0;
+  bool shouldRetry = false;
+};
+
+struct ConnectionRecord {
+  kj::uint id;                          // admin number, counting from 1
+  IssuedTunnel& tunnel;
+  uint8_t connIndex;
+  kj::Array<kj::byte> uuid;         // 16 bytes, returned in ConnectionDetails
+  kj::String clientId;              // UUID text
+  kj::String version;
+  kj::String arch;
+  kj::Array<kj::String> features;
+  uint8_t numPreviousAttempts;
+  kj::String remoteAddress;
+  kj::Maybe<kj::String> configuration;   // last updateLocalConfiguration payload
+  ConnectionState state = ConnectionState::REGISTERED;
+  kj::Maybe<ClientConnection&> connection;   // null once closed
+  uint64_t requests = 0;
+};
+
+class Registry {
+public:
+  explicit Registry(kj::StringPtr zone, kj::StringPtr locationName = "EMU");
+  KJ_DISALLOW_COPY(Registry);
+
+  IssuedTunnel& issueTunnel();
+  // Creates a tunnel: random UUID, 32-byte secret, 32-hex account tag, unique hostname in the zone.
+
+  kj::Maybe<IssuedTunnel&> findByHostname(kj::StringPtr host);
+  // Case-insensitive; `host` must already be stripped of any port.
+
+  kj::OneOf<ConnectionRecord*, RegistrationError> registerConnection(
+      ClientConnection& connection, const RegistrationRequest& request);
+  // Checks an injected rejection first, then credentials ("Unauthorized: ..."), then duplicates
+  // ("EDUPCONN"). The record lives until pruned long after it was closed.
+
+  void unregisterConnection(ConnectionRecord& record);
+  // No new requests go to the record's connection.
+
+  void setConfiguration(ConnectionRecord& record, kj::String json);
+
+  void connectionClosed(ClientConnection& connection);
+  // Marks every record of `connection` CLOSED and forgets the reference.
+
+  kj::Maybe<ConnectionRecord&> pick(IssuedTunnel& tunnel);
+  // Round-robin among the tunnel's REGISTERED connections; null when none is live.
+
+  kj::Maybe<ConnectionRecord&> findConnection(kj::uint id);
+
+  void rejectNextRegistrations(RegistrationError error, kj::uint count = 1);
+  // The next `count` registerConnection calls get `error` regardless of their credentials.
+
+  kj::ArrayPtr<kj::Own<IssuedTunnel>> tunnels() { return tunnelList; }
+  kj::ArrayPtr<kj::Own<ConnectionRecord>> connections() { return records; }
+  kj::StringPtr zone() const { return zoneName; }
+  kj::StringPtr locationName() const { return location; }
+
+  static constexpr size_t MAX_TUNNELS = 100000;
+  static constexpr size_t MAX_CLOSED_RECORDS = 1000;
+
+private:
+  kj::String zoneName;
+  kj::String location;
+  kj::Vector<kj::Own<IssuedTunnel>> tunnelList;
+  kj::Vector<kj::Own<ConnectionRecord>> records;
+  kj::uint nextConnectionId = 1;
+  kj::Maybe<RegistrationError> injectedError;
+  kj::uint injectedCount = 0;
+
+  kj::Maybe<IssuedTunnel&> findById(kj::ArrayPtr<const kj::byte> id);
+  void pruneClosed();
+};
+
+}  // namespace cfqt::emulator
