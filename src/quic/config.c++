@@ -64,7 +64,7 @@ kj::Maybe<SocketAddress> SocketAddress::parse(kj::StringPtr text) {
 
 SocketAddress SocketAddress::fromSockaddr(const void* addr, uint32_t length) {
   SocketAddress result;
-  auto family = reinterpret_cast<const sockaddr*>(addr)->sa_family;
+  auto family = reinterpret_cast<const ::sockaddr*>(addr)->sa_family;
   KJ_REQUIRE((family == AF_INET && length >= sizeof(sockaddr_in)) ||
              (family == AF_INET6 && length >= sizeof(sockaddr_in6)), "unsupported address", family);
   result.len = family == AF_INET ? sizeof(sockaddr_in) : sizeof(sockaddr_in6);
