@@ -11,6 +11,7 @@
 
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -209,8 +210,13 @@ CertificateFiles ensureCertificates(const CertificateOptions& options) {
   }
 
   makeDirectories(options.stateDir);
-  auto serverCert = joinPath(options.stateDir, "server.pem");
-  auto serverKey = joinPath(options.stateDir, "server-key.pem");
+  // Absolute paths: the ready line tells other processes where the CA is.
+  char* resolved = realpath(options.stateDir.cStr(), nullptr);
+  KJ_REQUIRE(resolved != nullptr, "cannot resolve the state dir", options.stateDir);
+  auto stateDir = kj::str(resolved);
+  free(resolved);
+  auto serverCert = joinPath(stateDir, "server.pem");
+  auto serverKey = joinPath(stateDir, "server-key.pem");
   kj::String caCert;
   kj::String caKey;
   bool freshCa = false;
@@ -222,8 +228,8 @@ CertificateFiles ensureCertificates(const CertificateOptions& options) {
     // A server certificate in the state dir may come from another CA: always sign a new one.
     freshCa = true;
   } else {
-    caCert = joinPath(options.stateDir, "ca.pem");
-    caKey = joinPath(options.stateDir, "ca-key.pem");
+    caCert = joinPath(stateDir, "ca.pem");
+    caKey = joinPath(stateDir, "ca-key.pem");
     if (!fileExists(caCert) || !fileExists(caKey)) {
       generateCa(caCert, caKey);
       freshCa = true;

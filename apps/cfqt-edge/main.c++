@@ -1,0 +1,175 @@
+// cfqt-edge: a local Cloudflare edge for quick tunnels. Parses flags, starts an
+// emulator::Emulator and prints one JSON ready line on stdout once everything listens.
+
+#include "emulator/emulator.h"
+
+#include <kj/async-io.h>
+#include <kj/async-unix.h>
+#include <kj/debug.h>
+#include <kj/io.h>
+#include <kj/main.h>
+
+#include <signal.h>
+#include <unistd.h>
+
+namespace cfqt::emulator {
+namespace {
+
+class EdgeMain {
+public:
+  explicit EdgeMain(kj::ProcessContext& context): context(context) {}
+
+  kj::MainFunc getMain() {
+    return kj::MainBuilder(context, "cfqt-edge 0.1.0",
+        "Plays Cloudflare's side of the quick-tunnel protocol on loopback: the quick-tunnel "
+        "API (POST /tunnel), the QUIC edge (ALPN argotunnel), the public HTTP front door and an "
+        "admin API for fault injection. Prints one JSON line with the bound addresses on stdout "
+        "once everything listens.")
+        .addOptionWithArg({"api-listen"}, KJ_BIND_METHOD(*this, setApi), "<ip:port>",
+            "Quick-tunnel API address (HTTP). Default 127.0.0.1:0.")
+        .addOptionWithArg({"edge-listen"}, KJ_BIND_METHOD(*this, addEdge), "<ip:port>",
+            "QUIC edge UDP address; repeat for several. Default 127.0.0.1:0.")
+        .addOptionWithArg({"public-listen"}, KJ_BIND_METHOD(*this, setPublic), "<ip:port>",
+            "Public front door address (HTTP/1.1). Default 127.0.0.1:0.")
+        .addOptionWithArg({"admin-listen"}, KJ_BIND_METHOD(*this, setAdmin), "<ip:port>",
+            "Admin API address (HTTP). Default 127.0.0.1:0.")
+        .addOptionWithArg({"state-dir"}, KJ_BIND_METHOD(*this, setStateDir), "<dir>",
+            "Where the CA and server certificate are generated/reused. "
+            "Default ./cfqt-edge-state.")
+        .addOptionWithArg({"zone"}, KJ_BIND_METHOD(*this, setZone), "<domain>",
+            "Zone of the issued hostnames. Default trycloudflare.localhost.")
+        .addOptionWithArg({"loglevel"}, KJ_BIND_METHOD(*this, setLogLevel), "<level>",
+            "debug, info, warn or error (stderr). Default info.")
+        .addOptionWithArg({"ca-cert"}, KJ_BIND_METHOD(*this, setCaCert), "<pem>",
+            "Use this CA (with --ca-key) to sign the server certificate.")
+        .addOptionWithArg({"ca-key"}, KJ_BIND_METHOD(*this, setCaKey), "<pem>",
+            "Private key of --ca-cert.")
+        .addOptionWithArg({"server-cert"}, KJ_BIND_METHOD(*this, setServerCert), "<pem>",
+            "Use this server certificate (with --server-key) as is.")
+        .addOptionWithArg({"server-key"}, KJ_BIND_METHOD(*this, setServerKey), "<pem>",
+            "Private key of --server-cert.")
+        .addOptionWithArg({"location"}, KJ_BIND_METHOD(*this, setLocation), "<colo>",
+            "locationName returned to registrations. Default EMU.")
+        .addOptionWithArg({"tls-priority"}, KJ_BIND_METHOD(*this, setTlsPriority), "<string>",
+            "GnuTLS priority string of the QUIC edge.")
+        .addOptionWithArg({"idle-timeout"}, KJ_BIND_METHOD(*this, setIdleTimeout), "<duration>",
+            "QUIC max_idle_timeout of the edge (e.g. 5s, 300ms). Default 5s.")
+        .addOptionWithArg({"handshake-timeout"}, KJ_BIND_METHOD(*this, setHandshakeTimeout),
+            "<duration>", "QUIC handshake timeout. Default 10s.")
+        .addOptionWithArg({"keepalive-period"}, KJ_BIND_METHOD(*this, setKeepAlive),
+            "<duration>", "Edge PING period when idle; 0 disables (default).")
+        .addOptionWithArg({"open-stream-timeout"}, KJ_BIND_METHOD(*this, setOpenStreamTimeout),
+            "<duration>", "Front door: opening a tunnel stream (502 after). Default 10s.")
+        .addOptionWithArg({"response-timeout"}, KJ_BIND_METHOD(*this, setResponseTimeout),
+            "<duration>", "Front door: until the ConnectResponse (524 after). Default 100s.")
+        .addOptionWithArg({"header-timeout"}, KJ_BIND_METHOD(*this, setHeaderTimeout),
+            "<duration>", "HTTP servers: time to receive request headers. Default 15s.")
+        .addOptionWithArg({"keepalive-timeout"}, KJ_BIND_METHOD(*this, setPipelineTimeout),
+            "<duration>", "Front door: idle keep-alive time between requests. Default 5s.")
+        .callAfterParsing(KJ_BIND_METHOD(*this, run))
+        .build();
+  }
+
+private:
+  kj::ProcessContext& context;
+  EmulatorOptions options;
+
+  using Validity = kj::MainBuilder::Validity;
+
+  Validity setApi(kj::StringPtr v) { options.apiListen = kj::str(v); return true; }
+  Validity addEdge(kj::StringPtr v) { options.edgeListen.add(kj::str(v)); return true; }
+  Validity setPublic(kj::StringPtr v) { options.publicListen = kj::str(v); return true; }
+  Validity setAdmin(kj::StringPtr v) { options.adminListen = kj::str(v); return true; }
+  Validity setStateDir(kj::StringPtr v) {
+    options.certificates.stateDir = kj::str(v);
+    return true;
+  }
+  Validity setZone(kj::StringPtr v) {
+    if (v.size() == 0) return "zone must not be empty";
+    options.zone = kj::str(v);
+    return true;
+  }
+  Validity setLocation(kj::StringPtr v) { options.location = kj::str(v); return true; }
+  Validity setCaCert(kj::StringPtr v) { options.certificates.caCertFile = kj::str(v); return true; }
+  Validity setCaKey(kj::StringPtr v) { options.certificates.caKeyFile = kj::str(v); return true; }
+  Validity setServerCert(kj::StringPtr v) {
+    options.certificates.serverCertFile = kj::str(v);
+    return true;
+  }
+  Validity setServerKey(kj::StringPtr v) {
+    options.certificates.serverKeyFile = kj::str(v);
+    return true;
+  }
+  Validity setTlsPriority(kj::StringPtr v) { options.tlsPriority = kj::str(v); return true; }
+
+  Validity setLogLevel(kj::StringPtr v) {
+    if (v == "debug" || v == "info") {
+      kj::_::Debug::setLogLevel(kj::LogSeverity::INFO);
+    } else if (v == "warn" || v == "warning") {
+      kj::_::Debug::setLogLevel(kj::LogSeverity::WARNING);
+    } else if (v == "error" || v == "fatal") {
+      kj::_::Debug::setLogLevel(kj::LogSeverity::ERROR);
+    } else {
+      return "log level must be debug, info, warn or error";
+    }
+    return true;
+  }
+
+  template <typename Setter>
+  Validity duration(kj::StringPtr v, Setter&& set) {
+    KJ_IF_MAYBE(d, parseDuration(v)) {
+      set(*d);
+      return true;
+    }
+    return "expected a duration such as 250ms, 5s or 2m";
+  }
+  Validity setIdleTimeout(kj::StringPtr v) {
+    return duration(v, [&](kj::Duration d) { options.edgeTransport.maxIdleTimeout = d; });
+  }
+  Validity setHandshakeTimeout(kj::StringPtr v) {
+    return duration(v, [&](kj::Duration d) { options.edgeTransport.handshakeTimeout = d; });
+  }
+  Validity setKeepAlive(kj::StringPtr v) {
+    return duration(v, [&](kj::Duration d) { options.edgeTransport.keepAlivePeriod = d; });
+  }
+  Validity setOpenStreamTimeout(kj::StringPtr v) {
+    return duration(v, [&](kj::Duration d) { options.frontDoor.openStreamTimeout = d; });
+  }
+  Validity setResponseTimeout(kj::StringPtr v) {
+    return duration(v, [&](kj::Duration d) { options.frontDoor.responseHeadTimeout = d; });
+  }
+  Validity setHeaderTimeout(kj::StringPtr v) {
+    return duration(v, [&](kj::Duration d) {
+      options.frontDoor.headerTimeout = d;
+      options.apiHeaderTimeout = d;
+    });
+  }
+  Validity setPipelineTimeout(kj::StringPtr v) {
+    return duration(v, [&](kj::Duration d) { options.frontDoor.pipelineTimeout = d; });
+  }
+
+  Validity run() {
+    kj::UnixEventPort::captureSignal(SIGTERM);
+    kj::UnixEventPort::captureSignal(SIGINT);
+    signal(SIGPIPE, SIG_IGN);
+    auto io = kj::setupAsyncIo();
+    Emulator emulator(io, kj::mv(options));
+    ReadyInfo ready;
+    KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+      ready = emulator.start().wait(io.waitScope);
+    })) {
+      context.exitError(kj::str("cfqt-edge: cannot start: ", e->getDescription()));
+    }
+    auto line = kj::str(ready.toJson(), '\n');
+    kj::FdOutputStream(STDOUT_FILENO).write(line.begin(), line.size());
+    io.unixEventPort.onSignal(SIGTERM).exclusiveJoin(io.unixEventPort.onSignal(SIGINT))
+        .wait(io.waitScope);
+    KJ_LOG(INFO, "cfqt-edge stopping");
+    return true;
+  }
+};
+
+}  // namespace
+}  // namespace cfqt::emulator
+
+KJ_MAIN(cfqt::emulator::EdgeMain)
