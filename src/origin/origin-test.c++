@@ -1,0 +1,1081 @@
+// Tests of the origin layer against real origin processes: testdata/test-origin.py (a Python
+// HTTP/1.1 + WebSocket server started per test) and Debian's nginx (keep-alive, large files).
+// The edge side is a kj::newTwoWayPipe(); requests are built with the wire encoders.
+
+#include "origin/origin.h"
+
+#include "wire/data-stream.h"
+#include "wire/http-metadata.h"
+
+#include <capnp/message.h>
+#include <kj/debug.h>
+#include <kj/io.h>
+#include <kj/test.h>
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <initializer_list>
+#include <utility>
+
+extern char** environ;
+
+namespace cfqt::origin {
+namespace {
+
+using kj::uint;
+
+constexpr uint PERIOD = 251;  // body pattern: byte i is (i % 251)
+constexpr kj::StringPtr RFC_KEY = "dGhlIHNhbXBsZSBub25jZQ=="_kj;      // RFC 6455 §1.3
+constexpr kj::StringPtr RFC_ACCEPT = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="_kj;
+
+kj::String sourceDir() {
+  const char* dir = getenv("CFQT_SOURCE_DIR");
+  return kj::str(dir == nullptr ? "/work/main" : dir);
+}
+
+// A child process, killed and reaped when destroyed.
+class Child {
+public:
+  explicit Child(kj::ArrayPtr<const kj::StringPtr> argv) {
+    int fds[2];
+    KJ_SYSCALL(pipe2(fds, O_CLOEXEC));
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_adddup2(&actions, fds[1], 1);
+    kj::Vector<char*> args;
+    for (auto& arg: argv) args.add(const_cast<char*>(arg.cStr()));
+    args.add(nullptr);
+    int rc = posix_spawnp(&pid, args[0], &actions, nullptr, args.begin(), environ);
+    posix_spawn_file_actions_destroy(&actions);
+    close(fds[1]);
+    out = kj::AutoCloseFd(fds[0]);
+    KJ_ASSERT(rc == 0, "spawn failed", argv[0], strerror(rc));
+  }
+  ~Child() noexcept(false) {
+    if (pid > 0) {
+      kill(pid, SIGKILL);
+      int status;
+      waitpid(pid, &status, 0);
+    }
+  }
+  KJ_DISALLOW_COPY(Child);
+
+  kj::String readLine() {
+    // Blocking: only used before the test's event loop runs anything.
+    kj::Vector<char> line;
+    for (;;) {
+      char c;
+      ssize_t n = read(out, &c, 1);
+      KJ_ASSERT(n == 1, "child exited before printing its address");
+      if (c == '\n') break;
+      line.add(c);
+    }
+    line.add('\0');
+    return kj::String(line.releaseAsArray());
+  }
+
+  pid_t pid = 0;
+
+private:
+  kj::AutoCloseFd out;
+};
+
+// The Python test origin on 127.0.0.1 (or ::1, or a unix socket).
+struct PyOrigin {
+  kj::Own<Child> child;
+  uint port = 0;
+  kj::String unixPath;
+
+  explicit PyOrigin(kj::StringPtr mode = nullptr, kj::StringPtr path = nullptr) {
+    auto script = kj::str(sourceDir(), "/src/origin/testdata/test-origin.py");
+    if (mode == nullptr) {
+      kj::StringPtr argv[] = {"python3", script};
+      child = kj::heap<Child>(argv);
+    } else if (path == nullptr) {
+      kj::StringPtr argv[] = {"python3", script, mode};
+      child = kj::heap<Child>(argv);
+    } else {
+      kj::StringPtr argv[] = {"python3", script, mode, path};
+      child = kj::heap<Child>(argv);
+      unixPath = kj::str(path);
+    }
+    auto line = child->readLine();
+    if (line.startsWith("PORT ")) port = line.slice(5).parseAs<uint>();
+  }
+};
+
+uint freePort() {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr;
+  memset(&addr, 0, sizeof(addr));
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  KJ_SYSCALL(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)));
+  socklen_t len = sizeof(addr);
+  KJ_SYSCALL(getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len));
+  close(fd);
+  return ntohs(addr.sin_port);
+}
+
+void waitForPort(uint port) {
+  // Polls until something listens (an external process's readiness has no other signal).
+  for (int i = 0; i < 500; i++) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr;
+    memset(&addr, 0, sizeof(addr));
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = htons(port);
+    int rc = connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+    close(fd);
+    if (rc == 0) return;
+    struct timespec ts = {0, 10 * 1000 * 1000};
+    nanosleep(&ts, nullptr);
+  }
+  KJ_FAIL_ASSERT("nothing listens on port", port);
+}
+
+void writePatternFile(kj::StringPtr path, size_t size) {
+  int fd;
+  KJ_SYSCALL(fd = open(path.cStr(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  kj::FdOutputStream out{kj::AutoCloseFd(fd)};
+  auto block = kj::heapArray<kj::byte>(PERIOD * 1024);
+  for (size_t i = 0; i < block.size(); i++) block[i] = i % PERIOD;
+  size_t written = 0;
+  while (written < size) {
+    size_t n = kj::min(block.size(), size - written);
+    out.write(block.begin(), n);
+    written += n;
+  }
+}
+
+// nginx serving a temp directory on a loopback port, with stub_status at /status.
+struct Nginx {
+  kj::String dir;
+  uint port;
+  kj::Own<Child> child;
+
+  explicit Nginx(size_t bigFileSize) {
+    char tmpl[] = "/tmp/cfqt-origin-nginx-XXXXXX";
+    KJ_ASSERT(mkdtemp(tmpl) != nullptr);
+    dir = kj::str(tmpl);
+    port = freePort();
+    mkdir(kj::str(dir, "/www").cStr(), 0755);
+    writePatternFile(kj::str(dir, "/www/big.bin"), bigFileSize);
+    writePatternFile(kj::str(dir, "/www/small.bin"), 1000);
+    auto conf = kj::str(
+        getuid() == 0 ? "user root;\n" : "",
+        "worker_processes 1;\nerror_log ", dir, "/error.log;\npid ", dir, "/nginx.pid;\n"
+        "events { worker_connections 512; }\n"
+        "http {\n  access_log off;\n"
+        "  client_body_temp_path ", dir, "/body;\n  proxy_temp_path ", dir, "/proxy;\n"
+        "  fastcgi_temp_path ", dir, "/fcgi;\n  uwsgi_temp_path ", dir, "/uwsgi;\n"
+        "  scgi_temp_path ", dir, "/scgi;\n"
+        "  keepalive_timeout 60s;\n  keepalive_requests 100000;\n"
+        "  server {\n    listen 127.0.0.1:", port, ";\n    root ", dir, "/www;\n"
+        "    location = /status { stub_status; }\n  }\n}\n");
+    auto confPath = kj::str(dir, "/nginx.conf");
+    {
+      int fd;
+      KJ_SYSCALL(fd = open(confPath.cStr(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+      kj::FdOutputStream(kj::AutoCloseFd(fd)).write(conf.begin(), conf.size());
+    }
+    kj::StringPtr argv[] = {"nginx", "-c", confPath, "-p", dir, "-g",
+                            "daemon off; master_process off;"};
+    child = kj::heap<Child>(argv);
+    waitForPort(port);
+  }
+  ~Nginx() noexcept(false) {
+    child = nullptr;
+    auto cmd = kj::str("rm -rf '", dir, "'");
+    KJ_ASSERT(system(cmd.cStr()) == 0);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+
+struct Env {
+  kj::AsyncIoContext io = kj::setupAsyncIo();
+  kj::HttpHeaderTable table;
+  kj::Timer& timer = io.provider->getTimer();
+  kj::Network& network = io.provider->getNetwork();
+
+  kj::Own<Origin> origin(OriginConfig config) {
+    auto result = Origin::create(kj::mv(config), timer, network, table);
+    KJ_IF_MAYBE(error, result.tryGet<kj::String>()) {
+      KJ_FAIL_ASSERT("Origin::create failed", *error);
+    }
+    return kj::mv(result.get<kj::Own<Origin>>());
+  }
+
+  kj::Own<Origin> origin(kj::StringPtr url) {
+    auto parsed = parseOriginUrl(url);
+    KJ_IF_MAYBE(error, parsed.tryGet<kj::String>()) {
+      KJ_FAIL_ASSERT("bad url", url, *error);
+    }
+    return origin(kj::mv(parsed.get<OriginConfig>()));
+  }
+};
+
+OriginConfig configFor(kj::StringPtr url) {
+  auto parsed = parseOriginUrl(url);
+  KJ_IF_MAYBE(error, parsed.tryGet<kj::String>()) {
+    KJ_FAIL_ASSERT("bad url", url, *error);
+  }
+  return kj::mv(parsed.get<OriginConfig>());
+}
+
+struct Reply {
+  kj::Maybe<kj::String> error;
+  uint status = 0;
+  kj::Vector<wire::Header> headers;
+
+  kj::Maybe<kj::StringPtr> header(kj::StringPtr name) const {
+    for (auto& h: headers) {
+      if (h.name == name) return h.value.asPtr();
+    }
+    return nullptr;
+  }
+  bool is(kj::StringPtr name, kj::StringPtr value) const {
+    KJ_IF_MAYBE(v, header(name)) {
+      return *v == value;
+    }
+    return false;
+  }
+  kj::StringPtr errorText() const {
+    KJ_IF_MAYBE(e, error) {
+      return *e;
+    }
+    return "(none)";
+  }
+  uint count(kj::StringPtr name) const {
+    uint n = 0;
+    for (auto& h: headers) {
+      if (h.name == name) ++n;
+    }
+    return n;
+  }
+};
+
+// One data stream: the test plays the edge on `edge`.
+struct Call {
+  kj::Own<capnp::MallocMessageBuilder> message;
+  kj::Own<kj::AsyncIoStream> edge;         // test side
+  kj::Own<kj::AsyncIoStream> originSide;   // given to Origin::serveStream()
+  kj::Promise<void> serving = nullptr;     // after originSide: destroyed first
+
+  Call(Origin& origin, kj::StringPtr method, kj::StringPtr dest,
+       kj::ArrayPtr<const wire::Header> headers,
+       wire::schema::ConnectionType type = wire::schema::ConnectionType::HTTP,
+       kj::StringPtr host = "test.trycloudflare.com") {
+    message = kj::heap<capnp::MallocMessageBuilder>();
+    auto request = message->initRoot<wire::schema::ConnectRequest>();
+    wire::encodeRequest(request, dest, type, method, host, headers);
+    auto pipe = kj::newTwoWayPipe();
+    edge = kj::mv(pipe.ends[0]);
+    originSide = kj::mv(pipe.ends[1]);
+    serving = origin.serveStream(*originSide, request.asReader()).eagerlyEvaluate(nullptr);
+  }
+
+  Reply reply(kj::WaitScope& ws) {
+    auto reader = wire::readConnectResponse(*edge).wait(ws);
+    auto decoded = wire::decodeResponse(reader->getRoot<wire::schema::ConnectResponse>());
+    KJ_IF_MAYBE(e, decoded.tryGet<wire::WireError>()) {
+      KJ_FAIL_ASSERT("bad ConnectResponse", e->toString());
+    }
+    auto& head = decoded.get<wire::HttpResponseHead>();
+    Reply r;
+    r.error = kj::mv(head.error);
+    r.status = head.status;
+    r.headers = kj::mv(head.headers);
+    return r;
+  }
+
+  kj::String body(kj::WaitScope& ws) { return edge->readAllText(128 << 20).wait(ws); }
+
+  void writeBody(kj::WaitScope& ws, kj::StringPtr text) {
+    edge->write(text.begin(), text.size()).wait(ws);
+    edge->shutdownWrite();
+  }
+
+  void done(kj::WaitScope& ws) { serving.wait(ws); }
+};
+
+kj::Array<wire::Header> hdrs(std::initializer_list<std::pair<kj::StringPtr, kj::StringPtr>> list) {
+  auto out = kj::heapArrayBuilder<wire::Header>(list.size());
+  for (auto& p: list) out.add(wire::Header{kj::str(p.first), kj::str(p.second)});
+  return out.finish();
+}
+
+// Writes `size` pattern bytes in 64 KiB pieces, then FIN.
+kj::Promise<void> writePattern(kj::AsyncIoStream& out, uint64_t size, uint64_t offset,
+                               kj::Own<kj::Array<kj::byte>> buffer) {
+  if (offset == size) {
+    out.shutdownWrite();
+    return kj::READY_NOW;
+  }
+  size_t n = kj::min(uint64_t(buffer->size()), size - offset);
+  for (size_t i = 0; i < n; i++) (*buffer)[i] = (offset + i) % PERIOD;
+  auto promise = out.write(buffer->begin(), n);
+  return promise.then([&out, size, offset, n, buffer = kj::mv(buffer)]() mutable {
+    return writePattern(out, size, offset + n, kj::mv(buffer));
+  });
+}
+
+kj::Promise<void> writePattern(kj::AsyncIoStream& out, uint64_t size) {
+  return writePattern(out, size, 0, kj::heap(kj::heapArray<kj::byte>(64 * 1024)));
+}
+
+struct PatternResult {
+  uint64_t length = 0;
+  bool ok = true;
+};
+
+// Reads to EOF, checking the pattern as bytes arrive (nothing is accumulated).
+kj::Promise<PatternResult> readPattern(kj::AsyncInputStream& in, PatternResult so,
+                                       kj::Own<kj::Array<kj::byte>> buffer) {
+  auto promise = in.tryRead(buffer->begin(), 1, buffer->size());
+  return promise.then([&in, so, buffer = kj::mv(buffer)](size_t n) mutable
+                          -> kj::Promise<PatternResult> {
+    if (n == 0) return so;
+    for (size_t i = 0; i < n; i++) {
+      if ((*buffer)[i] != (so.length + i) % PERIOD) so.ok = false;
+    }
+    so.length += n;
+    return readPattern(in, so, kj::mv(buffer));
+  });
+}
+
+kj::Promise<PatternResult> readPattern(kj::AsyncInputStream& in) {
+  return readPattern(in, PatternResult(), kj::heap(kj::heapArray<kj::byte>(64 * 1024)));
+}
+
+kj::String directGet(Env& env, uint port, kj::StringPtr path) {
+  // A request straight to the test origin (not through the proxy), e.g. /ack, /stats.
+  auto& ws = env.io.waitScope;
+  auto addr = env.network.parseAddress("127.0.0.1", port).wait(ws);
+  auto conn = addr->connect().wait(ws);
+  auto req = kj::str("GET ", path, " HTTP/1.1\r\nHost: direct\r\nConnection: close\r\n\r\n");
+  conn->write(req.begin(), req.size()).wait(ws);
+  return conn->readAllText(1 << 20).wait(ws);
+}
+
+uint64_t jsonNumber(kj::StringPtr json, kj::StringPtr key) {
+  auto needle = kj::str("\"", key, "\": ");
+  for (size_t i = 0; i + needle.size() <= json.size(); i++) {
+    if (json.slice(i).startsWith(needle)) {
+      uint64_t v = 0;
+      for (size_t j = i + needle.size(); j < json.size() && json[j] >= '0' && json[j] <= '9'; j++) {
+        v = v * 10 + (json[j] - '0');
+      }
+      return v;
+    }
+  }
+  KJ_FAIL_ASSERT("key not in JSON", key, json);
+}
+
+bool contains(kj::StringPtr text, kj::StringPtr part) {
+  if (part.size() > text.size()) return false;
+  for (size_t i = 0; i + part.size() <= text.size(); i++) {
+    if (memcmp(text.begin() + i, part.begin(), part.size()) == 0) return true;
+  }
+  return false;
+}
+
+// =============================================================================================
+
+KJ_TEST("parseOriginUrl normalises --url like cloudflared") {
+  auto ok = [](kj::StringPtr url) -> OriginConfig {
+    auto r = parseOriginUrl(url);
+    KJ_IF_MAYBE(e, r.tryGet<kj::String>()) {
+      KJ_FAIL_ASSERT("unexpected error", url, *e);
+    }
+    return kj::mv(r.get<OriginConfig>());
+  };
+  auto bad = [](kj::StringPtr url) -> kj::String {
+    auto r = parseOriginUrl(url);
+    KJ_IF_MAYBE(e, r.tryGet<kj::String>()) {
+      return kj::mv(*e);
+    }
+    KJ_FAIL_ASSERT("expected an error", url);
+  };
+
+  auto a = ok("localhost:8080");
+  KJ_EXPECT(a.kind == OriginKind::HTTP);
+  KJ_EXPECT(a.host == "localhost");
+  KJ_EXPECT(a.port == 8080);
+  KJ_EXPECT(a.toString() == "http://localhost:8080");
+  KJ_EXPECT(ok("http://example.com/some/path?x=1").toString() == "http://example.com:80");
+  KJ_EXPECT(ok("https://Example.COM").toString() == "https://example.com:443");
+  KJ_EXPECT(ok("127.0.0.1:3000").toString() == "http://127.0.0.1:3000");
+  auto v6 = ok("http://[::1]:9000/");
+  KJ_EXPECT(v6.host == "::1");
+  KJ_EXPECT(v6.port == 9000);
+  KJ_EXPECT(v6.toString() == "http://[::1]:9000");
+  KJ_EXPECT(ok("HTTP://localhost:1").kind == OriginKind::HTTP);
+  auto u = ok("unix:/run/app.sock");
+  KJ_EXPECT(u.kind == OriginKind::UNIX);
+  KJ_EXPECT(u.unixPath == "/run/app.sock");
+  auto s = ok("http_status:404");
+  KJ_EXPECT(s.kind == OriginKind::HTTP_STATUS);
+  KJ_EXPECT(s.status == 404);
+  KJ_EXPECT(ok("hello-world").kind == OriginKind::HELLO_WORLD);
+
+  KJ_EXPECT(contains(bad("tcp://localhost:22"), "not supported"));
+  KJ_EXPECT(contains(bad("ssh://localhost:22"), "not supported"));
+  KJ_EXPECT(contains(bad("rdp://localhost"), "not supported"));
+  KJ_EXPECT(contains(bad("smb://localhost"), "not supported"));
+  KJ_EXPECT(contains(bad("ftp://localhost"), "unsupported scheme"));
+  bad("");
+  bad("http://");
+  bad("http://local host");
+  bad("http://localhost:99999");
+  bad("http://localhost:abc");
+  bad("http://::1:80");
+  bad("http_status:abc");
+  bad("http_status:999");
+  bad("unix:");
+}
+
+KJ_TEST("start-up errors: --no-tls-verify, unreadable --origin-ca-pool") {
+  Env env;
+  auto c1 = configFor("https://localhost:8443");
+  c1.noTlsVerify = true;
+  auto r1 = Origin::create(kj::mv(c1), env.timer, env.network, env.table);
+  KJ_EXPECT(contains(KJ_ASSERT_NONNULL(r1.tryGet<kj::String>()), "not supported yet"));
+
+  auto c2 = configFor("https://localhost:8443");
+  c2.caPool = kj::str("/nonexistent/ca.pem");
+  auto r2 = Origin::create(kj::mv(c2), env.timer, env.network, env.table);
+  KJ_EXPECT(contains(KJ_ASSERT_NONNULL(r2.tryGet<kj::String>()), "/nonexistent/ca.pem"));
+}
+
+KJ_TEST("http_status origin, tcp type and unknown methods answer without an origin") {
+  Env env;
+  auto& ws = env.io.waitScope;
+  auto origin = env.origin("http_status:418");
+  {
+    Call call(*origin, "GET", "https://x/y", nullptr);
+    auto r = call.reply(ws);
+    KJ_EXPECT(r.error == nullptr);
+    KJ_EXPECT(r.status == 418);
+    KJ_EXPECT(call.body(ws) == "");
+    call.done(ws);
+  }
+  auto refused = env.origin("http://127.0.0.1:1");
+  {
+    Call call(*refused, "GET", "10.0.0.1:22", nullptr, wire::schema::ConnectionType::TCP);
+    auto r = call.reply(ws);
+    KJ_EXPECT(contains(KJ_ASSERT_NONNULL(r.error), "not supported"));
+    call.done(ws);
+  }
+  {
+    Call call(*refused, "BREW", "/pot", nullptr);
+    auto r = call.reply(ws);
+    KJ_EXPECT(contains(KJ_ASSERT_NONNULL(r.error), "BREW"));
+    call.done(ws);
+  }
+  {
+    Call call(*refused, "GET", "/bad path", nullptr);
+    auto r = call.reply(ws);
+    KJ_EXPECT(r.error != nullptr);
+    call.done(ws);
+  }
+}
+
+KJ_TEST("methods, Host, header stripping and canonical response headers") {
+  Env env;
+  auto& ws = env.io.waitScope;
+  PyOrigin py;
+  auto origin = env.origin(kj::str("http://127.0.0.1:", py.port));
+  for (auto method: {"GET"_kj, "POST"_kj, "PUT"_kj, "DELETE"_kj, "PATCH"_kj, "OPTIONS"_kj}) {
+    auto headers = hdrs({{"Cf-Cloudflared-Proxy-Connection-Upgrade", "Websocket"},
+                         {"Cf-Trace-Id", "1:2:3:1"},
+                         {"Expect", "100-continue"},
+                         {"Cookie", "a=1"},
+                         {"Cookie", "b=2"},
+                         {"Cf-Connecting-Ip", "192.0.2.1"},
+                         {"Connection", "close"}});
+    Call call(*origin, method, "https://test.trycloudflare.com/upload?q=1#frag", headers);
+    auto r = call.reply(ws);
+    KJ_EXPECT(r.error == nullptr, r.errorText());
+    KJ_EXPECT(r.status == 200);
+    KJ_EXPECT(r.is("Content-Type", kj::StringPtr("application/json")));
+    KJ_EXPECT(r.count("X-Multi") == 2);
+    auto body = call.body(ws);
+    call.done(ws);
+    KJ_EXPECT(contains(body, kj::str("\"method\": \"", method, "\"")), body);
+    KJ_EXPECT(contains(body, "\"path\": \"/upload?q=1\""), body);
+    KJ_EXPECT(contains(body, "\"Host\": \"test.trycloudflare.com\""), body);
+    KJ_EXPECT(contains(body, "[\"Cookie\", \"a=1\"], [\"Cookie\", \"b=2\"]"), body);
+    KJ_EXPECT(contains(body, "\"Cf-Connecting-Ip\": \"192.0.2.1\""), body);
+    KJ_EXPECT(contains(body, "\"Connection\": \"keep-alive\""), body);
+    KJ_EXPECT(!contains(body, "Cf-Cloudflared"), body);
+    KJ_EXPECT(!contains(body, "Cf-Trace-Id"), body);
+    KJ_EXPECT(!contains(body, "Expect"), body);
+    KJ_EXPECT(!contains(body, "X-Forwarded-Host"), body);
+  }
+
+  // --http-host-header: Host replaced, X-Forwarded-Host carries the original.
+  auto config = configFor(kj::str("127.0.0.1:", py.port));
+  config.httpHostHeader = kj::str("internal.example");
+  auto rewriting = env.origin(kj::mv(config));
+  Call call(*rewriting, "get", "/headers", nullptr);
+  auto r = call.reply(ws);
+  KJ_EXPECT(r.status == 200);
+  auto body = call.body(ws);
+  call.done(ws);
+  KJ_EXPECT(contains(body, "\"Host\": \"internal.example\""), body);
+  KJ_EXPECT(contains(body, "\"X-Forwarded-Host\": \"test.trycloudflare.com\""), body);
+}
+
+KJ_TEST("request bodies 0 B .. 64 MiB, Content-Length and chunked, pattern-checked") {
+  Env env;
+  auto& ws = env.io.waitScope;
+  PyOrigin py;
+  auto origin = env.origin(kj::str("http://127.0.0.1:", py.port));
+  struct Case {
+    uint64_t size;
+    bool chunked;
+  };
+  Case cases[] = {{0, false}, {1, false}, {65535, false}, {1 << 20, true}, {0, true},
+                  {64ull << 20, false}, {8ull << 20, true}};
+  for (auto& c: cases) {
+    auto headers = c.chunked ? hdrs({{"Transfer-Encoding", "chunked"}})
+                             : hdrs({{"Content-Length", kj::str(c.size)}});
+    Call call(*origin, "POST", "/upload", headers);
+    auto writing = writePattern(*call.edge, c.size).eagerlyEvaluate(nullptr);
+    auto r = call.reply(ws);
+    KJ_EXPECT(r.status == 200, c.size);
+    auto body = call.body(ws);
+    call.done(ws);
+    writing.wait(ws);
+    KJ_EXPECT(jsonNumber(body, "length") == c.size, c.size, c.chunked, body);
+    KJ_EXPECT(contains(body, "\"pattern_ok\": true"), body);
+    if (c.chunked) {
+      KJ_EXPECT(contains(body, "\"Transfer-Encoding\": \"chunked\""), body);
+    } else if (c.size == 0) {
+      KJ_EXPECT(contains(body, "\"Content-Length\": \"0\""), body);  // POST without body
+    }
+  }
+  KJ_EXPECT(origin->bufferedBytes() == 0);
+}
+
+KJ_TEST("response bodies 0 B .. 64 MiB, Content-Length and chunked; streaming echo both ways") {
+  Env env;
+  auto& ws = env.io.waitScope;
+  PyOrigin py;
+  auto origin = env.origin(kj::str("http://127.0.0.1:", py.port));
+  struct Case {
+    uint64_t size;
+    bool chunked;
+  };
+  Case cases[] = {{0, false}, {1, false}, {100000, true}, {0, true}, {64ull << 20, false},
+                  {16ull << 20, true}};
+  for (auto& c: cases) {
+    Call call(*origin, "GET", kj::str("/bytes?n=", c.size, "&chunked=", c.chunked ? 1 : 0),
+              nullptr);
+    auto r = call.reply(ws);
+    KJ_EXPECT(r.status == 200);
+    if (c.chunked) {
+      KJ_EXPECT(r.header("Content-Length") == nullptr);
+      KJ_EXPECT(r.header("Transfer-Encoding") == nullptr);
+    } else {
+      KJ_EXPECT(r.is("Content-Length", kj::str(c.size)));
+    }
+    auto result = readPattern(*call.edge).wait(ws);
+    call.done(ws);
+    KJ_EXPECT(result.length == c.size, c.size);
+    KJ_EXPECT(result.ok);
+  }
+
+  // Echo: the origin writes each chunk back as it reads it; both directions run at once.
+  uint64_t size = 4 << 20;
+  Call call(*origin, "POST", "/echo", hdrs({{"Transfer-Encoding", "chunked"}}));
+  auto writing = writePattern(*call.edge, size).eagerlyEvaluate(nullptr);
+  auto r = call.reply(ws);
+  KJ_EXPECT(r.status == 200);
+  auto result = readPattern(*call.edge).wait(ws);
+  writing.wait(ws);
+  call.done(ws);
+  KJ_EXPECT(result.length == size);
+  KJ_EXPECT(result.ok);
+  KJ_EXPECT(origin->getStats().maxBufferedBytes <= 2 * PUMP_BUFFER_SIZE);
+}
+
+KJ_TEST("Expect: 100-continue is stripped; an unsolicited 100 is skipped") {
+  Env env;
+  auto& ws = env.io.waitScope;
+  PyOrigin py;
+  auto origin = env.origin(kj::str("http://127.0.0.1:", py.port));
+  {
+    Call call(*origin, "PUT", "/upload",
+              hdrs({{"Expect", "100-continue"}, {"Content-Length", "1000"}}));
+    auto writing = writePattern(*call.edge, 1000).eagerlyEvaluate(nullptr);
+    auto r = call.reply(ws);
+    KJ_EXPECT(r.status == 200);
+    auto body = call.body(ws);
+    writing.wait(ws);
+    call.done(ws);
+    KJ_EXPECT(jsonNumber(body, "length") == 1000);
+    KJ_EXPECT(!contains(body, "Expect"), body);
+  }
+  {
+    Call call(*origin, "GET", "/continue", nullptr);
+    auto r = call.reply(ws);
+    KJ_EXPECT(r.status == 200);
+    KJ_EXPECT(call.body(ws) == "{\"after\": \"continue\"}");
+    call.done(ws);
+  }
+}
+
+KJ_TEST("HEAD, 204 and 304 have no body") {
+  Env env;
+  auto& ws = env.io.waitScope;
+  PyOrigin py;
+  auto origin = env.origin(kj::str("http://127.0.0.1:", py.port));
+  {
+    Call call(*origin, "HEAD", "/anything", nullptr);
+    auto r = call.reply(ws);
+    KJ_EXPECT(r.status == 200);
+    KJ_EXPECT(r.is("Content-Length", kj::StringPtr("12345")));
+    KJ_EXPECT(call.body(ws) == "");
+    call.done(ws);
+  }
+  for (uint code: {204u, 304u}) {
+    Call call(*origin, "GET", kj::str("/status?code=", code), nullptr);
+    auto r = call.reply(ws);
+    KJ_EXPECT(r.status == code);
+    KJ_EXPECT(r.is("X-Status", kj::str(code)));
+    KJ_EXPECT(call.body(ws) == "");
+    call.done(ws);
+  }
+  // All on one connection: the bodies were delimited correctly.
+  KJ_EXPECT(origin->getStats().connectionsOpened == 1, origin->getStats().connectionsOpened);
+}
+
+KJ_TEST("SSE: the origin writes event k+1 only after event k went through the proxy") {
+  Env env;
+  auto& ws = env.io.waitScope;
+  PyOrigin py;
+  auto origin = env.origin(kj::str("http://127.0.0.1:", py.port));
+  Call call(*origin, "GET", "/sse?id=s1&count=5", hdrs({{"Accept", "text/event-stream"}}));
+  auto r = call.reply(ws);
+  KJ_EXPECT(r.status == 200);
+  KJ_EXPECT(r.is("Content-Type", kj::StringPtr("text/event-stream")));
+  kj::byte buffer[256];
+  for (uint k = 0; k < 5; k++) {
+    auto expected = kj::str("data: event ", k, "\n\n");
+    size_t got = 0;
+    while (got < expected.size()) {
+      size_t n = call.edge->tryRead(buffer + got, 1, expected.size() - got).wait(ws);
+      KJ_ASSERT(n > 0, "stream ended early", k);
+      got += n;
+    }
+    KJ_EXPECT(kj::heapString(reinterpret_cast<char*>(buffer), got) == expected);
+    directGet(env, py.port, kj::str("/ack?id=s1&k=", k));
+  }
+  KJ_EXPECT(call.body(ws) == "");
+  call.done(ws);
+}
+
+// ---------------------------------------------------------------------------------------------
+// WebSocket, raw frames on the edge side.
+
+kj::Array<kj::byte> frame(kj::byte first, kj::ArrayPtr<const kj::byte> payload) {
+  // A masked client frame.
+  kj::Vector<kj::byte> out;
+  out.add(first);
+  if (payload.size() < 126) {
+    out.add(0x80 | payload.size());
+  } else {
+    out.add(0x80 | 126);
+    out.add(payload.size() >> 8);
+    out.add(payload.size() & 0xff);
+  }
+  kj::byte mask[4] = {0x12, 0x34, 0x56, 0x78};
+  out.addAll(kj::arrayPtr(mask, 4));
+  for (size_t i = 0; i < payload.size(); i++) out.add(payload[i] ^ mask[i % 4]);
+  return out.releaseAsArray();
+}
+
+struct Frame {
+  kj::byte first;
+  kj::Array<kj::byte> payload;
+};
+
+Frame readFrame(kj::AsyncInputStream& in, kj::WaitScope& ws) {
+  kj::byte head[2];
+  in.read(head, 2).wait(ws);
+  KJ_ASSERT((head[1] & 0x80) == 0, "server frames are not masked");
+  uint64_t len = head[1] & 0x7f;
+  if (len == 126) {
+    kj::byte ext[2];
+    in.read(ext, 2).wait(ws);
+    len = (ext[0] << 8) | ext[1];
+  } else if (len == 127) {
+    kj::byte ext[8];
+    in.read(ext, 8).wait(ws);
+    len = 0;
+    for (auto b: ext) len = (len << 8) | b;
+  }
+  auto payload = kj::heapArray<kj::byte>(len);
+  if (len > 0) in.read(payload.begin(), len).wait(ws);
+  return {head[0], kj::mv(payload)};
+}
+
+void webSocketEcho(kj::AsyncIoStream& edge, kj::WaitScope& ws, uint messages) {
+  for (uint i = 0; i < messages; i++) {
+    auto text = kj::str("message ", i, " ", kj::repeat('x', i % 300));
+    auto bytes = text.asBytes();
+    if (i % 10 == 3) {
+      // Ping: answered by the origin with a pong carrying the same payload.
+      auto ping = kj::str("ping", i);
+      auto f = frame(0x89, ping.asBytes());
+      edge.write(f.begin(), f.size()).wait(ws);
+      auto pong = readFrame(edge, ws);
+      KJ_EXPECT(pong.first == 0x8A, pong.first);
+      KJ_EXPECT(pong.payload == ping.asBytes());
+    }
+    if (i % 7 == 1 && bytes.size() >= 3) {
+      // Fragmented: three frames, FIN only on the last.
+      size_t third = bytes.size() / 3;
+      auto f1 = frame(0x01, bytes.slice(0, third));
+      auto f2 = frame(0x00, bytes.slice(third, 2 * third));
+      auto f3 = frame(0x80, bytes.slice(2 * third, bytes.size()));
+      kj::ArrayPtr<const kj::byte> pieces[] = {f1, f2, f3};
+      edge.write(pieces).wait(ws);
+    } else {
+      auto f = frame(0x81, bytes);
+      edge.write(f.begin(), f.size()).wait(ws);
+    }
+    auto echo = readFrame(edge, ws);
+    KJ_EXPECT(echo.first == 0x81, echo.first, i);
+    KJ_EXPECT(echo.payload == bytes, i);
+  }
+  kj::byte code[2] = {0x03, 0xe8};  // 1000
+  auto close = frame(0x88, kj::arrayPtr(code, 2));
+  edge.write(close.begin(), close.size()).wait(ws);
+  auto reply = readFrame(edge, ws);
+  KJ_EXPECT(reply.first == 0x88);
+}
+
+KJ_TEST("WebSocket pass-through: key forwarded, 1000 messages incl. fragments and pings") {
+  Env env;
+  auto& ws = env.io.waitScope;
+  PyOrigin py;
+  auto origin = env.origin(kj::str("http://127.0.0.1:", py.port));
+  Call call(*origin, "GET", "https://test.trycloudflare.com/ws",
+            hdrs({{"Sec-WebSocket-Key", RFC_KEY},
+                  {"Cf-Cloudflared-Proxy-Connection-Upgrade", "Websocket"},
+                  {"Sec-WebSocket-Protocol", "chat"}}),
+            wire::schema::ConnectionType::WEBSOCKET);
+  auto r = call.reply(ws);
+  KJ_EXPECT(r.error == nullptr, r.errorText());
+  KJ_ASSERT(r.status == 101, r.status);
+  KJ_EXPECT(r.is("Sec-Websocket-Accept", RFC_ACCEPT));
+  KJ_EXPECT(r.is("X-Origin-Saw-Key", RFC_KEY));
+  KJ_EXPECT(r.is("Upgrade", kj::StringPtr("websocket")));
+  webSocketEcho(*call.edge, ws, 1000);
+  KJ_EXPECT(call.body(ws) == "");  // origin closed → FIN
+  call.done(ws);
+
+  // A WebSocket request to a path that refuses the upgrade: an ordinary HTTP response.
+  Call refused(*origin, "GET", "/upload", hdrs({{"Sec-WebSocket-Key", RFC_KEY}}),
+               wire::schema::ConnectionType::WEBSOCKET);
+  auto r2 = refused.reply(ws);
+  KJ_EXPECT(r2.status == 200);
+  KJ_EXPECT(contains(refused.body(ws), "\"Upgrade\": \"websocket\""));
+  refused.done(ws);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+KJ_TEST("origin failures: refused, connect timeout, dies mid-body, closes before the head") {
+  Env env;
+  auto& ws = env.io.waitScope;
+  {
+    auto origin = env.origin(kj::str("http://127.0.0.1:", freePort()));
+    Call call(*origin, "GET", "/", nullptr);
+    auto r = call.reply(ws);
+    auto& error = KJ_ASSERT_NONNULL(r.error);
+    KJ_EXPECT(error.startsWith("Unable to reach the origin service. The service may be down or it "
+                               "may not be responding to traffic from cloudflared: "), error);
+    KJ_EXPECT(contains(error, "connection refused"), error);
+    KJ_EXPECT(call.body(ws) == "");
+    call.done(ws);
+  }
+  {
+    // A listener with a full backlog that never accepts: SYNs are dropped, connect() hangs.
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr;
+    memset(&addr, 0, sizeof(addr));
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    KJ_SYSCALL(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)));
+    KJ_SYSCALL(listen(fd, 0));
+    socklen_t len = sizeof(addr);
+    KJ_SYSCALL(getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len));
+    kj::AutoCloseFd listener(fd);
+    kj::Vector<kj::AutoCloseFd> fillers;
+    for (int i = 0; i < 4; i++) {
+      int c = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+      connect(c, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+      fillers.add(kj::AutoCloseFd(c));
+    }
+    auto config = configFor(kj::str("127.0.0.1:", ntohs(addr.sin_port)));
+    config.connectTimeout = 200 * kj::MILLISECONDS;
+    auto origin = env.origin(kj::mv(config));
+    Call call(*origin, "GET", "/", nullptr);
+    auto r = call.reply(ws);
+    auto& error = KJ_ASSERT_NONNULL(r.error);
+    KJ_EXPECT(contains(error, "i/o timeout"), error);
+    call.done(ws);
+  }
+  {
+    PyOrigin py;
+    auto origin = env.origin(kj::str("http://127.0.0.1:", py.port));
+    Call call(*origin, "GET", "/die?n=100000", nullptr);
+    auto r = call.reply(ws);
+    KJ_EXPECT(r.status == 200);
+    auto reading = readPattern(*call.edge).eagerlyEvaluate(nullptr);
+    // After the head the proxy can only ask for a reset: serveStream() rejects, no FIN.
+    KJ_EXPECT_THROW_MESSAGE("stream must be reset", call.done(ws));
+    call.originSide = nullptr;  // what the caller's reset looks like from here: the stream ends
+    auto result = reading.wait(ws);
+    KJ_EXPECT(result.length == 100000, result.length);
+    KJ_EXPECT(result.ok);
+  }
+}
+
+KJ_TEST("origin stops reading: the buffered-byte gauge stays within one pump buffer") {
+  Env env;
+  auto& ws = env.io.waitScope;
+  PyOrigin py;
+  auto origin = env.origin(kj::str("http://127.0.0.1:", py.port));
+  uint64_t size = 256ull << 20;  // far more than socket buffers
+  Call call(*origin, "POST", "/no-read?id=n1", hdrs({{"Content-Length", kj::str(size)}}));
+  uint64_t accepted = 0;
+  auto buffer = kj::heapArray<kj::byte>(64 * 1024);
+  // Feed the body until the proxy stops taking it for 300 ms (back-pressure reached the edge).
+  for (;;) {
+    auto write = call.edge->write(buffer.begin(), buffer.size());
+    auto stalled = env.timer.afterDelay(300 * kj::MILLISECONDS).then([]() { return false; });
+    bool progressed = write.then([]() { return true; }).exclusiveJoin(kj::mv(stalled)).wait(ws);
+    if (!progressed) break;
+    accepted += buffer.size();
+    KJ_ASSERT(accepted < size, "the proxy swallowed the whole body");
+  }
+  auto stats = origin->getStats();
+  KJ_EXPECT(stats.maxBufferedBytes <= PUMP_BUFFER_SIZE, stats.maxBufferedBytes);
+  KJ_EXPECT(accepted < 64ull << 20, accepted);
+  directGet(env, py.port, "/release?id=n1");
+  auto r = call.reply(ws);
+  KJ_EXPECT(r.status == 200);
+  KJ_EXPECT(contains(call.body(ws), "\"ok\": true"));
+  call.done(ws);
+  KJ_EXPECT(origin->bufferedBytes() == 0);
+}
+
+KJ_TEST("edge stops reading: the gauge stays within one pump buffer") {
+  Env env;
+  auto& ws = env.io.waitScope;
+  PyOrigin py;
+  auto origin = env.origin(kj::str("http://127.0.0.1:", py.port));
+  Call call(*origin, "GET", "/bytes?n=268435456", nullptr);
+  auto r = call.reply(ws);
+  KJ_EXPECT(r.status == 200);
+  // Read nothing for 300 ms: the proxy must hold at most one buffer.
+  env.timer.afterDelay(300 * kj::MILLISECONDS).wait(ws);
+  auto stats = origin->getStats();
+  KJ_EXPECT(stats.bufferedBytes <= PUMP_BUFFER_SIZE, stats.bufferedBytes);
+  KJ_EXPECT(stats.maxBufferedBytes <= PUMP_BUFFER_SIZE, stats.maxBufferedBytes);
+  // Take 1 MiB, then drop the stream (edge reset).
+  call.edge = nullptr;
+  KJ_EXPECT_THROW_MESSAGE("stream must be reset", call.done(ws));
+  KJ_EXPECT(origin->bufferedBytes() == 0);
+}
+
+KJ_TEST("unix socket origin") {
+  Env env;
+  auto& ws = env.io.waitScope;
+  auto path = kj::str("/tmp/cfqt-origin-test-", getpid(), ".sock");
+  PyOrigin py("--unix", path);
+  auto origin = env.origin(kj::str("unix:", path));
+  for (int i = 0; i < 3; i++) {
+    Call call(*origin, "POST", "https://test.trycloudflare.com/upload",
+              hdrs({{"Content-Length", "5"}}));
+    call.writeBody(ws, "\x00\x01\x02\x03\x04"_kj);
+    auto r = call.reply(ws);
+    KJ_EXPECT(r.status == 200);
+    auto body = call.body(ws);
+    call.done(ws);
+    KJ_EXPECT(jsonNumber(body, "length") == 5, body);
+  }
+  KJ_EXPECT(origin->getStats().connectionsOpened == 1);
+  unlink(path.cStr());
+}
+
+KJ_TEST("localhost is tried on ::1 and 127.0.0.1") {
+  Env env;
+  auto& ws = env.io.waitScope;
+  PyOrigin v4;
+  PyOrigin v6("--ipv6");
+  for (uint port: {v4.port, v6.port}) {
+    auto origin = env.origin(kj::str("localhost:", port));
+    Call call(*origin, "GET", "/headers", nullptr);
+    auto r = call.reply(ws);
+    KJ_EXPECT(r.error == nullptr, r.errorText(), port);
+    KJ_EXPECT(r.status == 200);
+    call.body(ws);
+    call.done(ws);
+  }
+}
+
+KJ_TEST("keep-alive: connections reused (visible in the origin's count), idle timeout, cap") {
+  Env env;
+  auto& ws = env.io.waitScope;
+  PyOrigin py;
+  auto config = configFor(kj::str("127.0.0.1:", py.port));
+  config.keepAliveTimeout = 200 * kj::MILLISECONDS;
+  config.keepAliveConnections = 2;
+  auto origin = env.origin(kj::mv(config));
+  for (int i = 0; i < 20; i++) {
+    Call call(*origin, "GET", "/headers", nullptr);
+    KJ_EXPECT(call.reply(ws).status == 200);
+    call.body(ws);
+    call.done(ws);
+  }
+  KJ_EXPECT(origin->getStats().connectionsOpened == 1);
+  KJ_EXPECT(origin->getStats().connectionsReused == 19);
+  // The origin saw our 1 connection plus the direct /stats one.
+  KJ_EXPECT(jsonNumber(directGet(env, py.port, "/stats"), "connections") == 2);
+
+  // Five concurrent streams: no concurrency cap, five connections; only two stay idle.
+  {
+    kj::Vector<kj::Own<Call>> calls;
+    for (int i = 0; i < 5; i++) {
+      calls.add(kj::heap<Call>(*origin, "GET", kj::str("/sse?id=c", i, "&count=1"), nullptr));
+    }
+    for (auto& c: calls) KJ_EXPECT(c->reply(ws).status == 200);
+    for (int i = 0; i < 5; i++) directGet(env, py.port, kj::str("/ack?id=c", i, "&k=0"));
+    for (auto& c: calls) {
+      c->body(ws);
+      c->done(ws);
+    }
+  }
+  KJ_EXPECT(origin->getStats().idleConnections == 2, origin->getStats().idleConnections);
+
+  // Idle timeout: after 200 ms the pool is empty and the next request dials.
+  env.timer.afterDelay(300 * kj::MILLISECONDS).wait(ws);
+  KJ_EXPECT(origin->getStats().idleConnections == 0);
+  auto opened = origin->getStats().connectionsOpened;
+  Call call(*origin, "GET", "/headers", nullptr);
+  KJ_EXPECT(call.reply(ws).status == 200);
+  call.body(ws);
+  call.done(ws);
+  KJ_EXPECT(origin->getStats().connectionsOpened == opened + 1);
+}
+
+KJ_TEST("nginx: 64 MiB file, keep-alive reuse in stub_status, stale connection retried") {
+  Env env;
+  auto& ws = env.io.waitScope;
+  uint64_t size = 64ull << 20;
+  Nginx nginx(size);
+  auto origin = env.origin(kj::str("http://127.0.0.1:", nginx.port));
+  {
+    Call call(*origin, "GET", "/big.bin", nullptr);
+    auto r = call.reply(ws);
+    KJ_EXPECT(r.status == 200);
+    KJ_EXPECT(r.is("Content-Length", kj::str(size)));
+    auto result = readPattern(*call.edge).wait(ws);
+    call.done(ws);
+    KJ_EXPECT(result.length == size);
+    KJ_EXPECT(result.ok);
+  }
+  for (int i = 0; i < 50; i++) {
+    Call call(*origin, "GET", "/small.bin", nullptr);
+    KJ_EXPECT(call.reply(ws).status == 200);
+    auto result = readPattern(*call.edge).wait(ws);
+    call.done(ws);
+    KJ_EXPECT(result.length == 1000);
+  }
+  {
+    Call call(*origin, "GET", "/status", nullptr);
+    KJ_EXPECT(call.reply(ws).status == 200);
+    auto body = call.body(ws);
+    call.done(ws);
+    // "server accepts handled requests\n 2 2 52": our one connection plus waitForPort()'s probe.
+    KJ_EXPECT(contains(body, "\n 2 2 52 \n"), body);
+  }
+  KJ_EXPECT(origin->getStats().connectionsOpened == 1);
+  {
+    Call call(*origin, "GET", "/nope", nullptr);
+    KJ_EXPECT(call.reply(ws).status == 404);
+    call.body(ws);
+    call.done(ws);
+  }
+}
+
+KJ_TEST("hello-world origin: page, /_health, /ws echo, /sse") {
+  Env env;
+  auto& ws = env.io.waitScope;
+  auto config = helloWorldOrigin();
+  config.helloSseInterval = 5 * kj::MILLISECONDS;
+  auto origin = env.origin(kj::mv(config));
+  {
+    Call call(*origin, "GET", "https://test.trycloudflare.com/?a=b",
+              hdrs({{"User-Agent", "cfqt-test"}}));
+    auto r = call.reply(ws);
+    KJ_EXPECT(r.status == 200);
+    KJ_EXPECT(r.header("Content-Type") == kj::StringPtr("text/html; charset=utf-8"));
+    auto body = call.body(ws);
+    call.done(ws);
+    KJ_EXPECT(contains(body, "cfqt-test"), body);
+    KJ_EXPECT(contains(body, "/?a=b"), body);
+  }
+  {
+    Call call(*origin, "GET", "/_health", nullptr);
+    KJ_EXPECT(call.reply(ws).status == 200);
+    KJ_EXPECT(call.body(ws) == "OK");
+    call.done(ws);
+  }
+  {
+    Call call(*origin, "GET", "/ws", hdrs({{"Sec-WebSocket-Key", RFC_KEY}}),
+              wire::schema::ConnectionType::WEBSOCKET);
+    auto r = call.reply(ws);
+    KJ_ASSERT(r.status == 101, r.status);
+    KJ_EXPECT(r.is("Sec-Websocket-Accept", RFC_ACCEPT));
+    webSocketEcho(*call.edge, ws, 50);
+    call.edge->shutdownWrite();
+    call.done(ws);
+  }
+  {
+    Call call(*origin, "GET", "/sse", nullptr);
+    auto r = call.reply(ws);
+    KJ_EXPECT(r.is("Content-Type", kj::StringPtr("text/event-stream")));
+    kj::byte buffer[64];
+    kj::String seen = kj::str("");
+    while (!contains(seen, "data: 2\n\n")) {
+      size_t n = call.edge->tryRead(buffer, 1, sizeof(buffer)).wait(ws);
+      KJ_ASSERT(n > 0);
+      seen = kj::str(seen, kj::heapString(reinterpret_cast<char*>(buffer), n));
+    }
+    call.edge = nullptr;
+    KJ_EXPECT_THROW_MESSAGE("stream must be reset", call.done(ws));
+  }
+}
+
+}  // namespace
+}  // namespace cfqt::origin
