@@ -99,14 +99,16 @@ struct PyOrigin {
 
   explicit PyOrigin(kj::StringPtr mode = nullptr, kj::StringPtr path = nullptr) {
     auto script = kj::str(sourceDir(), "/src/origin/testdata/test-origin.py");
+    // Debian's interpreter directly: a pyenv shim costs ~0.5 s per start.
+    kj::StringPtr python = access("/usr/bin/python3", X_OK) == 0 ? "/usr/bin/python3" : "python3";
     if (mode == nullptr) {
-      kj::StringPtr argv[] = {"python3", script};
+      kj::StringPtr argv[] = {python, script};
       child = kj::heap<Child>(argv);
     } else if (path == nullptr) {
-      kj::StringPtr argv[] = {"python3", script, mode};
+      kj::StringPtr argv[] = {python, script, mode};
       child = kj::heap<Child>(argv);
     } else {
-      kj::StringPtr argv[] = {"python3", script, mode, path};
+      kj::StringPtr argv[] = {python, script, mode, path};
       child = kj::heap<Child>(argv);
       unixPath = kj::str(path);
     }
@@ -166,7 +168,7 @@ struct Nginx {
   uint port;
   kj::Own<Child> child;
 
-  explicit Nginx(size_t bigFileSize) {
+  explicit Nginx(size_t bigFileSize, bool tls = false) {
     char tmpl[] = "/tmp/cfqt-origin-nginx-XXXXXX";
     KJ_ASSERT(mkdtemp(tmpl) != nullptr);
     dir = kj::str(tmpl);
@@ -183,7 +185,11 @@ struct Nginx {
         "  fastcgi_temp_path ", dir, "/fcgi;\n  uwsgi_temp_path ", dir, "/uwsgi;\n"
         "  scgi_temp_path ", dir, "/scgi;\n"
         "  keepalive_timeout 60s;\n  keepalive_requests 100000;\n"
-        "  server {\n    listen 127.0.0.1:", port, ";\n    root ", dir, "/www;\n"
+        "  server {\n    listen 127.0.0.1:", port, tls ? " ssl" : "", ";\n    root ", dir, "/www;\n",
+        tls ? kj::str("    ssl_certificate ", sourceDir(), "/src/origin/testdata/tls-server.pem;\n"
+                      "    ssl_certificate_key ", sourceDir(),
+                      "/src/origin/testdata/tls-server-key.pem;\n")
+            : kj::str(),
         "    location = /status { stub_status; }\n  }\n}\n");
     auto confPath = kj::str(dir, "/nginx.conf");
     {
@@ -806,13 +812,15 @@ KJ_TEST("origin failures: refused, connect timeout, dies mid-body, closes before
   Env env;
   auto& ws = env.io.waitScope;
   {
-    auto origin = env.origin(kj::str("http://127.0.0.1:", freePort()));
+    auto port = freePort();
+    auto origin = env.origin(kj::str("http://127.0.0.1:", port));
     Call call(*origin, "GET", "/", nullptr);
     auto r = call.reply(ws);
     auto& error = KJ_ASSERT_NONNULL(r.error);
     KJ_EXPECT(error.startsWith("Unable to reach the origin service. The service may be down or it "
                                "may not be responding to traffic from cloudflared: "), error);
-    KJ_EXPECT(contains(error, "connection refused"), error);
+    KJ_EXPECT(contains(error, kj::str(": dial tcp 127.0.0.1:", port, ": connect: connection refused")),
+              error);
     KJ_EXPECT(call.body(ws) == "");
     call.done(ws);
   }
@@ -856,6 +864,20 @@ KJ_TEST("origin failures: refused, connect timeout, dies mid-body, closes before
     auto result = reading.wait(ws);
     KJ_EXPECT(result.length == 100000, result.length);
     KJ_EXPECT(result.ok);
+
+    // Closed without any response on a fresh connection: no retry, an error answer.
+    Call closed(*origin, "GET", "/close-now", nullptr);
+    auto r2 = closed.reply(ws);
+    KJ_EXPECT(contains(r2.errorText(), "origin closed the connection without a response"),
+              r2.errorText());
+    closed.done(ws);
+
+    // The edge ends the request body short of its Content-Length.
+    Call shortBody(*origin, "POST", "/upload", hdrs({{"Content-Length", "100"}}));
+    shortBody.writeBody(ws, "only a few bytes");
+    auto r3 = shortBody.reply(ws);
+    KJ_EXPECT(contains(r3.errorText(), "Incoming request ended abruptly"), r3.errorText());
+    shortBody.done(ws);
   }
 }
 
@@ -977,6 +999,23 @@ KJ_TEST("keep-alive: connections reused (visible in the origin's count), idle ti
   }
   KJ_EXPECT(origin->getStats().idleConnections == 2, origin->getStats().idleConnections);
 
+  // A pooled connection the origin closes just as it is reused: retried on a fresh one.
+  {
+    Call first(*origin, "GET", "/close-after-response?delay=0.2", nullptr);
+    KJ_EXPECT(first.reply(ws).status == 200);
+    first.body(ws);
+    first.done(ws);
+    auto before = origin->getStats();
+    Call second(*origin, "GET", "/headers", nullptr);
+    auto r = second.reply(ws);
+    KJ_EXPECT(r.status == 200, r.errorText());
+    second.body(ws);
+    second.done(ws);
+    auto after = origin->getStats();
+    KJ_EXPECT(after.connectionsReused == before.connectionsReused + 1);
+    KJ_EXPECT(after.connectionsOpened == before.connectionsOpened + 1);
+  }
+
   // Idle timeout: after 200 ms the pool is empty and the next request dials.
   env.timer.afterDelay(300 * kj::MILLISECONDS).wait(ws);
   KJ_EXPECT(origin->getStats().idleConnections == 0);
@@ -988,7 +1027,7 @@ KJ_TEST("keep-alive: connections reused (visible in the origin's count), idle ti
   KJ_EXPECT(origin->getStats().connectionsOpened == opened + 1);
 }
 
-KJ_TEST("nginx: 64 MiB file, keep-alive reuse in stub_status, stale connection retried") {
+KJ_TEST("nginx: 64 MiB file, keep-alive reuse visible in stub_status") {
   Env env;
   auto& ws = env.io.waitScope;
   uint64_t size = 64ull << 20;
@@ -1024,6 +1063,46 @@ KJ_TEST("nginx: 64 MiB file, keep-alive reuse in stub_status, stale connection r
     Call call(*origin, "GET", "/nope", nullptr);
     KJ_EXPECT(call.reply(ws).status == 404);
     call.body(ws);
+    call.done(ws);
+  }
+}
+
+KJ_TEST("https origin: verified against --origin-ca-pool, server name checked") {
+  Env env;
+  auto& ws = env.io.waitScope;
+  Nginx nginx(1000, true);
+  auto caPool = kj::str(sourceDir(), "/src/origin/testdata/tls-ca.pem");
+  {
+    auto config = configFor(kj::str("https://localhost:", nginx.port));
+    config.caPool = kj::str(caPool);
+    auto origin = env.origin(kj::mv(config));
+    for (int i = 0; i < 3; i++) {
+      Call call(*origin, "GET", "/small.bin", nullptr);
+      auto r = call.reply(ws);
+      KJ_EXPECT(r.status == 200, r.errorText());
+      auto result = readPattern(*call.edge).wait(ws);
+      call.done(ws);
+      KJ_EXPECT(result.length == 1000);
+      KJ_EXPECT(result.ok);
+    }
+    KJ_EXPECT(origin->getStats().connectionsOpened == 1);
+  }
+  {
+    auto config = configFor(kj::str("https://127.0.0.1:", nginx.port));
+    config.caPool = kj::str(caPool);
+    config.originServerName = kj::str("wrong.example");
+    auto origin = env.origin(kj::mv(config));
+    Call call(*origin, "GET", "/small.bin", nullptr);
+    auto r = call.reply(ws);
+    KJ_EXPECT(contains(r.errorText(), "tls handshake"), r.errorText());
+    call.done(ws);
+  }
+  {
+    // Without the CA: the system store does not know the test CA.
+    auto origin = env.origin(kj::str("https://localhost:", nginx.port));
+    Call call(*origin, "GET", "/small.bin", nullptr);
+    auto r = call.reply(ws);
+    KJ_EXPECT(contains(r.errorText(), "tls handshake"), r.errorText());
     call.done(ws);
   }
 }

@@ -796,7 +796,7 @@ private:
         // completed. Shut the origin's read side so it answers (or fails) promptly.
         requestBroken = true;
         return originException(kj::Exception::Type::DISCONNECTED,
-                               "request body ended before Content-Length bytes");
+                               "Incoming request ended abruptly");
       case RequestBody::CHUNKED:
         return conn->stream->write("0\r\n\r\n", 5).then([this]() {
           requestDone = true;
@@ -1041,7 +1041,17 @@ private:
       return kj::Exception(kj::Exception::Type::DISCONNECTED, __FILE__, __LINE__,
                            kj::str("origin: stream must be reset: ", e.getDescription()));
     }
-    auto cause = describeCause(e);
+    // Our own failures ("dial tcp ...", "tls handshake ...", "origin: ...") are already worded;
+    // anything else (a kj syscall message) is mapped to Go's words where we know them.
+    kj::StringPtr description = e.getDescription();
+    kj::String cause;
+    if (description.startsWith("origin: ")) {
+      cause = kj::str(description.slice(strlen("origin: ")));
+    } else if (description.startsWith("dial ") || description.startsWith("tls handshake ")) {
+      cause = kj::str(description);
+    } else {
+      cause = describeCause(e);
+    }
     KJ_LOG(WARNING, "Request failed", impl.config.toString(), request.getDest(), cause);
     auto text = originErrorText(cause);
     return answerError(text).attach(kj::mv(text));

@@ -227,6 +227,17 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self.connection.shutdown(socket.SHUT_RDWR)
 
+    def do_close_after_response(self, q):
+        # Keep-alive response, then the connection is closed shortly after without reading the
+        # next request: a pooled connection that goes stale under the client's feet.
+        self.send_json({"ok": True})
+        self.wfile.flush()
+        threading.Event().wait(float(q.get("delay", "0.2")))
+        self.close_connection = True
+
+    def do_close_now(self, q):
+        self.close_connection = True
+
     def do_stats(self, q):
         with lock:
             n = connections
