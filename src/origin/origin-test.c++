@@ -8,6 +8,7 @@
 #include "wire/http-metadata.h"
 
 #include <capnp/message.h>
+#include <kj/compat/http.h>
 #include <kj/debug.h>
 #include <kj/io.h>
 #include <kj/test.h>

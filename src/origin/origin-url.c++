@@ -2,6 +2,8 @@
 
 #include "origin/origin.h"
 
+#include <string.h>
+
 namespace cfqt::origin {
 
 using kj::uint;

@@ -12,16 +12,17 @@
 #include "wire/http-metadata.h"
 
 #include <capnp/message.h>
+#include <kj/compat/http.h>
 #include <kj/compat/tls.h>
 #include <kj/debug.h>
 #include <kj/io.h>
 #include <kj/vector.h>
 
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <fcntl.h>
 #include <unistd.h>
 
 namespace cfqt::origin {

@@ -8,11 +8,14 @@
 #include "wire/quic_metadata_protocol.capnp.h"
 
 #include <kj/async-io.h>
-#include <kj/compat/http.h>
 #include <kj/one-of.h>
 #include <kj/string.h>
 #include <kj/time.h>
 #include <kj/timer.h>
+
+namespace kj {
+class HttpHeaderTable;
+}
 
 namespace cfqt::origin {
 
@@ -91,9 +94,13 @@ public:
   //
   // Resolves when done. A failure before the response head (origin unreachable, malformed or
   // unsupported request, `tcp` type) is answered with ConnectResponse.error (§6.5) and still
-  // resolves. A failure after the head was written rejects with a DISCONNECTED exception: the
-  // caller must then reset the stream (RESET_STREAM 0). Rejections before the head only come
-  // from the stream itself (edge gone).
+  // resolves. A failure after the head was written rejects with a DISCONNECTED exception whose
+  // description starts with "origin: stream must be reset": the caller must then reset the
+  // stream (RESET_STREAM 0, STOP_SENDING 0). In short: any rejection means "reset the stream"
+  // (it can also come from the stream itself, e.g. the edge reset it first).
+  //
+  // The Origin must outlive every promise returned here (drain or cancel them first). Streams
+  // run concurrently without limit; origin connections are pooled (keep-alive) per Origin.
 
   const OriginConfig& getConfig() const { return config; }
   OriginStats getStats() const;
