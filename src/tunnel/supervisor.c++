@@ -1,0 +1,237 @@
+#include "tunnel/supervisor.h"
+
+#include <kj/debug.h>
+
+namespace cfqt::tunnel {
+
+kj::StringPtr KJ_STRINGIFY(EndKind kind) {
+  switch (kind) {
+    case EndKind::DIAL_FAILED: return "dial-failed";
+    case EndKind::DUPLICATE: return "duplicate-connection";
+    case EndKind::REJECTED: return "registration-rejected";
+    case EndKind::REGISTRATION_FAILED: return "registration-failed";
+    case EndKind::LOST: return "connection-lost";
+    case EndKind::SHUTDOWN: return "shutdown";
+  }
+  return "unknown";
+}
+
+Supervisor::Supervisor(kj::Timer& timer, SessionFactory& factory, edge::AddressPool& pool,
+                       const observe::Logger& logger, observe::TunnelStatus& status,
+                       SupervisorConfig configParam, JitterSource& jitter)
+    : timer(timer), factory(factory), pool(pool), logger(logger), status(status),
+      config(configParam), drainSignal(nullptr), tasks(*this) {
+  KJ_REQUIRE(config.haConnections >= 1);
+  for (uint i = 0; i < config.haConnections; i++) {
+    slots.add(kj::heap<Slot>(i, config.backoff, jitter));
+  }
+  auto drain = kj::newPromiseAndFulfiller<void>();
+  drainSignal = drain.promise.fork();
+  drainFulfiller = kj::mv(drain.fulfiller);
+  auto stopped = kj::newPromiseAndFulfiller<void>();
+  allStopped = kj::mv(stopped.fulfiller);
+  allStoppedPromise = kj::mv(stopped.promise);
+}
+
+Supervisor::~Supervisor() noexcept(false) {}
+
+kj::Promise<void> Supervisor::run() {
+  startIndex(*slots[0], 0 * kj::SECONDS);
+  KJ_IF_MAYBE(p, allStoppedPromise) {
+    auto result = kj::mv(*p);
+    allStoppedPromise = nullptr;
+    return kj::mv(result);
+  }
+  KJ_FAIL_REQUIRE("Supervisor::run() called twice");
+}
+
+uint Supervisor::readyConnections() const {
+  uint n = 0;
+  for (auto& slot: slots) if (slot->ready) n++;
+  return n;
+}
+
+uint Supervisor::attemptsOf(uint connIndex) const {
+  return connIndex < slots.size() ? slots[connIndex]->attempts : 0;
+}
+
+void Supervisor::startIndex(Slot& slot, kj::Duration delay) {
+  if (slot.started || shuttingDown) return;
+  slot.started = true;
+  startedIndices++;
+  if (delay == 0 * kj::SECONDS) {
+    tasks.add(attempt(slot));
+  } else {
+    tasks.add(timer.afterDelay(delay).exclusiveJoin(drainSignal.addBranch())
+        .then([this, &slot]() { return attempt(slot); }));
+  }
+}
+
+kj::Promise<void> Supervisor::attempt(Slot& slot) {
+  if (shuttingDown) {
+    indexStopped(slot, false);
+    return kj::READY_NOW;
+  }
+  auto now = timer.now();
+  KJ_IF_MAYBE(address, pool.addressFor(slot.index, now)) {
+    slot.attempts++;
+    AttemptInfo info{slot.index, *address,
+                     static_cast<uint8_t>(kj::min(slot.backoff.retries(), 255u))};
+    auto session = factory.newSession(kj::mv(info), *this);
+    auto promise = session->run().catch_([](kj::Exception&& e) {
+      return SessionEnd{EndKind::LOST, kj::str(e.getDescription())};
+    });
+    slot.session = kj::mv(session);
+    return promise.then([this, &slot](SessionEnd end) {
+      return afterSession(slot, kj::mv(end));
+    });
+  } else {
+    logger.error("No free edge address for connection; stopping it",
+                 kj::str("connIndex=", slot.index));
+    indexStopped(slot, true);
+    return kj::READY_NOW;
+  }
+}
+
+kj::Promise<void> Supervisor::afterSession(Slot& slot, SessionEnd end) {
+  notReady(slot.index);
+  slot.session = nullptr;
+  if (end.wasRegistered) slot.backoff.reset();
+
+  if (end.kind == EndKind::SHUTDOWN || shuttingDown) {
+    indexStopped(slot, false);
+    return kj::READY_NOW;
+  }
+
+  auto ip = pool.currentAddress(slot.index)
+      .map([](const edge::EdgeAddress& a) { return a.ipString(); })
+      .orDefault(kj::str("?"));
+  auto fields = kj::str("connIndex=", slot.index, " ip=", ip, " event=", end.kind,
+                        " reason=\"", end.reason, "\"");
+
+  if (end.kind == EndKind::REJECTED && !end.shouldRetry) {
+    logger.error(kj::str("Register tunnel error from server side; the edge said not to retry, "
+                         "so connection ", slot.index, " stops: ", end.reason), fields);
+    pool.release(slot.index);
+    indexStopped(slot, true);
+    return kj::READY_NOW;
+  }
+
+  switch (end.kind) {
+    case EndKind::DIAL_FAILED:
+      logger.error("Failed to dial a quic connection", fields);
+      break;
+    case EndKind::DUPLICATE:
+      logger.warn("Unable to establish connection: already connected to this server, "
+                  "trying another address", fields);
+      break;
+    case EndKind::REJECTED:
+      logger.error("Register tunnel error from server side", fields);
+      break;
+    case EndKind::REGISTRATION_FAILED:
+      logger.error("Failed to register tunnel connection", fields);
+      break;
+    case EndKind::LOST: {
+      bool others = readyConnections() > 0;
+      logger.log(others ? observe::LogLevel::WARN : observe::LogLevel::ERROR,
+                 "Connection terminated", fields);
+      break;
+    }
+    case EndKind::SHUTDOWN:
+      break;
+  }
+
+  if (end.kind == EndKind::DIAL_FAILED || end.kind == EndKind::DUPLICATE) {
+    KJ_IF_MAYBE(rotation, pool.rotate(slot.index, end.kind == EndKind::DIAL_FAILED,
+                                      timer.now())) {
+      if (rotation->changed) {
+        logger.info("Switching to another edge address",
+                    kj::str("connIndex=", slot.index, " ip=", rotation->address.ipString()));
+      }
+    }
+  }
+
+  auto announced = slot.backoff.announced();
+  auto delay = slot.backoff.next();
+  logger.info(kj::str("Retrying connection in up to ", formatDuration(announced)),
+              kj::str("connIndex=", slot.index, " reason=", end.kind, " wait=",
+                      formatDuration(delay)));
+  return timer.afterDelay(delay).exclusiveJoin(drainSignal.addBranch())
+      .then([this, &slot]() { return attempt(slot); });
+}
+
+void Supervisor::indexStopped(Slot& slot, bool failed) {
+  if (slot.stopped) return;
+  slot.stopped = true;
+  stoppedIndices++;
+  if (failed) failedIndices++;
+  // Index 0 gave up before registering: the others never start.
+  if (slot.index == 0 && !othersStarted) othersStarted = true;
+  if (stoppedIndices == startedIndices && othersStarted) {
+    allStopped->fulfill();
+  } else if (stoppedIndices == startedIndices && shuttingDown) {
+    allStopped->fulfill();
+  }
+}
+
+void Supervisor::registered(uint connIndex, RegisteredInfo info) {
+  KJ_REQUIRE(connIndex < slots.size());
+  auto& slot = *slots[connIndex];
+  slot.everRegistered = true;
+  slot.backoff.reset();
+  if (!slot.ready) {
+    slot.ready = true;
+    status.connectionReady();
+  }
+  status.registrationSucceeded();
+  logger.info("Registered tunnel connection",
+              kj::str("connIndex=", connIndex, " connection=", info.connectionId, " event=0 ip=",
+                      info.ip, " location=", info.location, " protocol=quic"));
+  if (connIndex == 0 && !othersStarted) {
+    othersStarted = true;
+    for (uint i = 1; i < slots.size(); i++) {
+      startIndex(*slots[i], config.haStagger * i);
+    }
+  }
+}
+
+void Supervisor::notReady(uint connIndex) {
+  if (connIndex >= slots.size()) return;
+  auto& slot = *slots[connIndex];
+  if (slot.ready) {
+    slot.ready = false;
+    status.connectionNotReady();
+  }
+}
+
+kj::Promise<void> Supervisor::shutdown(kj::Duration grace) {
+  if (!shuttingDown) {
+    shuttingDown = true;
+    drainFulfiller->fulfill();
+    shutdownDone = shutdownAll(grace).fork();
+  }
+  return KJ_ASSERT_NONNULL(shutdownDone).addBranch();
+}
+
+kj::Promise<void> Supervisor::shutdownAll(kj::Duration grace) {
+  kj::Vector<kj::Promise<void>> pending;
+  for (auto& slot: slots) {
+    if (!slot->started) continue;
+    KJ_IF_MAYBE(session, slot->session) {
+      notReady(slot->index);
+      pending.add((*session)->shutdown(grace));
+    }
+  }
+  // Indices that were waiting out a backoff stop when the drain signal fires (attempt() sees
+  // shuttingDown); sessions resolve run() with SHUTDOWN.
+  if (stoppedIndices == startedIndices) allStopped->fulfill();
+  return kj::joinPromises(pending.releaseAsArray());
+}
+
+void Supervisor::taskFailed(kj::Exception&& exception) {
+  // A bug in an index loop: log it; the index is then considered stopped.
+  logger.error("connection supervisor failed",
+               kj::str("error=\"", exception.getDescription(), "\""));
+}
+
+}  // namespace cfqt::tunnel
