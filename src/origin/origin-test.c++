@@ -537,14 +537,17 @@ KJ_TEST("methods, Host, header stripping and canonical response headers") {
   // --http-host-header: Host replaced, X-Forwarded-Host carries the original.
   auto config = configFor(kj::str("127.0.0.1:", py.port));
   config.httpHostHeader = kj::str("internal.example");
+  config.connectorId = kj::str("8c6ee8d0-6a4f-4a37-9d7c-1b1f3a1f4e42");
   auto rewriting = env.origin(kj::mv(config));
-  Call call(*rewriting, "get", "/headers", nullptr);
+  Call call(*rewriting, "get", "/headers", hdrs({{"Cf-Warp-Tag-Id", "spoofed"}}));
   auto r = call.reply(ws);
   KJ_EXPECT(r.status == 200);
   auto body = call.body(ws);
   call.done(ws);
   KJ_EXPECT(contains(body, "\"Host\": \"internal.example\""), body);
   KJ_EXPECT(contains(body, "\"X-Forwarded-Host\": \"test.trycloudflare.com\""), body);
+  KJ_EXPECT(contains(body, "\"Cf-Warp-Tag-Id\": \"8c6ee8d0-6a4f-4a37-9d7c-1b1f3a1f4e42\""), body);
+  KJ_EXPECT(!contains(body, "spoofed"), body);
 }
 
 KJ_TEST("request bodies 0 B .. 64 MiB, Content-Length and chunked, pattern-checked") {
@@ -1106,6 +1109,80 @@ KJ_TEST("https origin: verified against --origin-ca-pool, server name checked") 
     KJ_EXPECT(contains(r.errorText(), "tls handshake"), r.errorText());
     call.done(ws);
   }
+}
+
+// An in-process origin that answers every connection with one canned byte string, then closes.
+class CannedOrigin final: private kj::TaskSet::ErrorHandler {
+public:
+  CannedOrigin(Env& env): tasks(*this) {
+    listener = env.network.parseAddress("127.0.0.1", 0).wait(env.io.waitScope)->listen();
+    port = listener->getPort();
+    tasks.add(acceptLoop());
+  }
+  kj::String response;
+  uint port;
+
+private:
+  kj::Own<kj::ConnectionReceiver> listener;
+  kj::TaskSet tasks;
+
+  kj::Promise<void> acceptLoop() {
+    return listener->accept().then([this](kj::Own<kj::AsyncIoStream> conn) {
+      auto buffer = kj::heapArray<kj::byte>(4096);
+      auto read = conn->tryRead(buffer.begin(), 1, buffer.size());
+      auto& ref = *conn;
+      tasks.add(read.then([this, &ref](size_t) {
+        return ref.write(response.begin(), response.size());
+      }).attach(kj::mv(conn), kj::mv(buffer)));
+      return acceptLoop();
+    });
+  }
+  void taskFailed(kj::Exception&& e) override {}
+};
+
+KJ_TEST("malformed origin responses become errors or resets, never crashes") {
+  Env env;
+  auto& ws = env.io.waitScope;
+  CannedOrigin canned(env);
+  auto origin = env.origin(kj::str("http://127.0.0.1:", canned.port));
+  auto expectError = [&](kj::StringPtr response, kj::StringPtr words) {
+    canned.response = kj::str(response);
+    Call call(*origin, "GET", "/", nullptr);
+    auto r = call.reply(ws);
+    KJ_EXPECT(contains(r.errorText(), words), r.errorText(), response);
+    call.done(ws);
+  };
+  expectError("garbage\r\n\r\n", "malformed response");
+  expectError("HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n", "invalid Content-Length");
+  expectError("HTTP/1.1 2000 OK\r\n\r\n", "");
+  expectError(kj::str("HTTP/1.1 200 OK\r\nX-Big: ", kj::repeat('a', 40000), "\r\n\r\n"),
+              "over-long");
+  expectError("HTTP/1.1 200 OK\r\nContent-Le", "in the middle of a response head");
+  expectError("HTTP/1.1 101 Switching Protocols\r\n\r\n", "switched protocols");
+
+  // Bad chunk framing after the head: the stream is reset.
+  canned.response = kj::str("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                            "5\r\nhello\r\nzz\r\n");
+  {
+    Call call(*origin, "GET", "/", nullptr);
+    KJ_EXPECT(call.reply(ws).status == 200);
+    auto reading = call.edge->readAllText().eagerlyEvaluate(nullptr);
+    KJ_EXPECT_THROW_MESSAGE("stream must be reset", call.done(ws));
+    call.originSide = nullptr;
+    KJ_EXPECT(reading.wait(ws) == "hello");
+  }
+  // HTTP/1.0 without Content-Length: delimited by EOF; extra Transfer-Encoding codings too.
+  for (auto response: {"HTTP/1.0 200 OK\r\nX-A: b\r\n\r\nuntil eof"_kj,
+                       "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nuntil eof"_kj}) {
+    canned.response = kj::str(response);
+    Call call(*origin, "GET", "/", nullptr);
+    auto r = call.reply(ws);
+    KJ_EXPECT(r.status == 200);
+    KJ_EXPECT(r.header("Transfer-Encoding") == nullptr);
+    KJ_EXPECT(call.body(ws) == "until eof");
+    call.done(ws);
+  }
+  KJ_EXPECT(origin->getStats().idleConnections == 0);
 }
 
 KJ_TEST("hello-world origin: page, /_health, /ws echo, /sse") {

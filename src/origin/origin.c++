@@ -606,6 +606,10 @@ private:
     if (impl.config.httpHostHeader != nullptr && h.host.size() > 0) {
       headers.add("X-Forwarded-Host", h.host);
     }
+    KJ_IF_MAYBE(id, impl.config.connectorId) {
+      if (!wire::isValidHeaderValue(*id)) return kj::str("malformed connector id");
+      headers.add("Cf-Warp-Tag-Id", *id);
+    }
 
     for (auto& header: h.headers) {
       auto& name = header.name;
@@ -615,6 +619,9 @@ private:
         continue;
       }
       if (impl.config.httpHostHeader != nullptr && equalsIgnoreCase(name, "X-Forwarded-Host")) {
+        continue;
+      }
+      if (impl.config.connectorId != nullptr && equalsIgnoreCase(name, "Cf-Warp-Tag-Id")) {
         continue;
       }
       // Connection-level headers (Connection, Keep-Alive, TE, Trailer, Upgrade, Content-Length,

@@ -35,6 +35,7 @@ struct OriginConfig {
   kj::uint status = 503;     // HTTP_STATUS
 
   kj::Maybe<kj::String> httpHostHeader;    // --http-host-header: Host sent to the origin
+  kj::Maybe<kj::String> connectorId;       // sent as Cf-Warp-Tag-Id (§9.2), the connector UUID
   kj::Maybe<kj::String> originServerName;  // --origin-server-name: TLS name (default `host`)
   kj::Maybe<kj::String> caPool;            // --origin-ca-pool: PEM file of extra trusted roots
   bool noTlsVerify = false;                // --no-tls-verify: refused by Origin::create()
