@@ -1850,6 +1850,7 @@ kj::Promise<size_t> StreamHandle::tryRead(void* buffer, size_t minBytes, size_t 
       s.rx.pop_front();
     } else if (front.begin == front.end) {
       front.begin = front.end = 0;   // reuse the last block
+      break;
     }
   }
   s.rxBuffered -= n;

@@ -1,0 +1,593 @@
+// Tests of the QUIC layer over loopback: handshake and TLS failures, timeouts, streams,
+// integrity, back-pressure, many connections, closes.
+
+#include "quic/endpoint.h"
+
+#include <kj/async-io.h>
+#include <kj/debug.h>
+#include <kj/test.h>
+#include <kj/vector.h>
+
+#include <netinet/in.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+namespace cfqt::quic {
+namespace {
+
+#if defined(__SANITIZE_ADDRESS__)
+constexpr bool SANITIZED = true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+constexpr bool SANITIZED = true;
+#else
+constexpr bool SANITIZED = false;
+#endif
+#else
+constexpr bool SANITIZED = false;
+#endif
+
+// Sizes scaled down under ASan, where everything is ~10x slower; the cases stay the same.
+constexpr uint64_t MiB = 1024 * 1024;
+constexpr uint64_t BIG = SANITIZED ? 8 * MiB : 64 * MiB;
+constexpr uint32_t ECHO_STREAMS = SANITIZED ? 2000 : 10000;
+
+bool contains(kj::StringPtr haystack, kj::StringPtr needle) {
+  return strstr(haystack.cStr(), needle.cStr()) != nullptr;
+}
+
+kj::String testdata(kj::StringPtr name) {
+  return kj::str(CFQT_QUIC_TESTDATA, "/", name);
+}
+
+TransportConfig fastTransport() {
+  TransportConfig t;
+  t.handshakeTimeout = 3 * kj::SECONDS;
+  t.maxIdleTimeout = 3 * kj::SECONDS;
+  t.keepAlivePeriod = 500 * kj::MILLISECONDS;
+  return t;
+}
+
+ServerConfig serverConfig(TransportConfig transport = fastTransport()) {
+  ServerConfig config;
+  config.certFile = testdata("server.pem");
+  config.keyFile = testdata("server-key.pem");
+  config.alpn.add(kj::str("argotunnel"));
+  config.transport = transport;
+  return config;
+}
+
+ClientConfig clientConfig(TransportConfig transport = fastTransport()) {
+  ClientConfig config;
+  config.caFile = testdata("ca.pem");
+  config.transport = transport;
+  return config;
+}
+
+SocketAddress loopback() {
+  return KJ_ASSERT_NONNULL(SocketAddress::parse("127.0.0.1:0"));
+}
+
+struct Env {
+  kj::AsyncIoContext io = kj::setupAsyncIo();
+  kj::Timer& timer = io.provider->getTimer();
+  kj::Own<Endpoint> server;
+  kj::Own<Endpoint> client;
+
+  explicit Env(TransportConfig serverTransport = fastTransport()) {
+    server = newEndpoint(io.unixEventPort, loopback());
+    server->listen(serverConfig(serverTransport));
+    client = newEndpoint(io.unixEventPort, loopback());
+  }
+
+  template <typename T>
+  T wait(kj::Promise<T> promise, kj::Duration limit = 20 * kj::SECONDS) {
+    return timer.timeoutAfter(limit, kj::mv(promise)).wait(io.waitScope);
+  }
+
+  struct Pair {
+    kj::Own<Connection> client;
+    kj::Own<Connection> server;
+  };
+
+  Pair connect(ClientConfig config = clientConfig()) {
+    auto accepted = server->accept();
+    auto dialed = client->dial(server->localAddress(), kj::mv(config));
+    auto c = wait(kj::mv(dialed));
+    auto s = wait(kj::mv(accepted));
+    return {kj::mv(c), kj::mv(s)};
+  }
+};
+
+// ---- data patterns: byte i of stream `seed` is a function of (seed, i), so readers verify
+// any split of the data without storing it.
+
+uint64_t splitmix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+void fillPattern(kj::byte* out, uint64_t offset, size_t len, uint64_t seed) {
+  size_t i = 0;
+  while (i < len) {
+    uint64_t pos = offset + i;
+    uint64_t word = splitmix(seed * 0x100000000ull + pos / 8);
+    size_t start = pos % 8;
+    size_t k = kj::min(size_t(8 - start), len - i);
+    for (size_t j = 0; j < k; j++) out[i + j] = kj::byte(word >> (8 * (start + j)));
+    i += k;
+  }
+}
+
+kj::Promise<void> writePattern(Stream& stream, uint64_t total, uint64_t seed, uint64_t done,
+                               kj::Array<kj::byte> buffer) {
+  if (done == total) {
+    stream.shutdownWrite();
+    return kj::READY_NOW;
+  }
+  size_t n = kj::min(uint64_t(buffer.size()), total - done);
+  fillPattern(buffer.begin(), done, n, seed);
+  auto written = stream.write(buffer.begin(), n);
+  return written.then([&stream, total, seed, done = done + n, buffer = kj::mv(buffer)]() mutable {
+    return writePattern(stream, total, seed, done, kj::mv(buffer));
+  });
+}
+
+kj::Promise<void> writePattern(Stream& stream, uint64_t total, uint64_t seed) {
+  return writePattern(stream, total, seed, 0, kj::heapArray<kj::byte>(64 * 1024));
+}
+
+struct ReadState {
+  kj::Array<kj::byte> buffer = kj::heapArray<kj::byte>(96 * 1024);
+  kj::Array<kj::byte> expected = kj::heapArray<kj::byte>(96 * 1024);
+  uint64_t done = 0;
+  uint64_t mismatches = 0;
+};
+
+kj::Promise<uint64_t> readPattern(Stream& stream, uint64_t seed, kj::Own<ReadState> st) {
+  auto read = stream.tryRead(st->buffer.begin(), 1, st->buffer.size());
+  return read.then([&stream, seed, st = kj::mv(st)](size_t n) mutable -> kj::Promise<uint64_t> {
+    if (n == 0) {
+      KJ_ASSERT(st->mismatches == 0, "received bytes differ from what was sent", seed);
+      return st->done;
+    }
+    fillPattern(st->expected.begin(), st->done, n, seed);
+    if (memcmp(st->expected.begin(), st->buffer.begin(), n) != 0) ++st->mismatches;
+    st->done += n;
+    return readPattern(stream, seed, kj::mv(st));
+  });
+}
+
+kj::Promise<uint64_t> readPattern(Stream& stream, uint64_t seed) {
+  return readPattern(stream, seed, kj::heap<ReadState>());
+}
+
+kj::Promise<kj::String> readAllText(Stream& stream) {
+  return stream.readAllText(1 << 20);
+}
+
+// Echo every accepted stream: read to EOF, write it back, FIN.
+kj::Promise<void> echoStream(kj::Own<Stream> stream) {
+  auto& ref = *stream;
+  return ref.readAllBytes(1 << 20).then([&ref](kj::Array<kj::byte> data) {
+    auto written = ref.write(data.begin(), data.size());
+    return written.attach(kj::mv(data)).then([&ref]() { ref.shutdownWrite(); });
+  }).attach(kj::mv(stream));
+}
+
+class Echoer: private kj::TaskSet::ErrorHandler {
+public:
+  explicit Echoer(Connection& conn): conn(conn) { tasks.add(loop()); }
+  uint64_t streams = 0;
+
+private:
+  Connection& conn;
+  kj::TaskSet tasks{*this};
+
+  kj::Promise<void> loop() {
+    return conn.acceptStream().then([this](kj::Own<Stream> stream) {
+      ++streams;
+      tasks.add(echoStream(kj::mv(stream)));
+      return loop();
+    });
+  }
+  void taskFailed(kj::Exception&& e) override {
+    if (e.getType() != kj::Exception::Type::DISCONNECTED) KJ_LOG(ERROR, "echo failed", e);
+  }
+};
+
+kj::Promise<kj::String> roundTrip(Connection& conn, kj::String text) {
+  return conn.openStream().then([text = kj::mv(text)](kj::Own<Stream> stream) mutable {
+    auto& ref = *stream;
+    auto written = ref.write(text.begin(), text.size());
+    return written.then([&ref]() {
+      ref.shutdownWrite();
+      return readAllText(ref);
+    }).attach(kj::mv(stream), kj::mv(text));
+  });
+}
+
+// =======================================================================================
+
+KJ_TEST("handshake, ALPN/SNI, a stream each way, close with code and reason") {
+  Env env;
+  auto pair = env.connect();
+  KJ_EXPECT(pair.client->alpn() == "argotunnel");
+  KJ_EXPECT(pair.server->alpn() == "argotunnel");
+  KJ_EXPECT(pair.server->serverName() == "quic.cftunnel.com");
+  KJ_EXPECT(pair.server->isServer());
+  KJ_EXPECT(!pair.client->isServer());
+  KJ_EXPECT(pair.client->remoteAddress() == env.server->localAddress());
+  KJ_EXPECT(pair.server->remoteAddress() == env.client->localAddress());
+
+  // Client-opened stream (like the control stream) echoed by the server.
+  Echoer serverEcho(*pair.server);
+  auto echoed = env.wait(roundTrip(*pair.client, kj::str("hello from the client")));
+  KJ_EXPECT(echoed == "hello from the client");
+  // Server-opened stream echoed by the client.
+  Echoer clientEcho(*pair.client);
+  KJ_EXPECT(env.wait(roundTrip(*pair.server, kj::str("hello from the server"))) ==
+            "hello from the server");
+
+  auto stats = pair.client->stats();
+  KJ_EXPECT(stats.smoothedRtt > 0 * kj::NANOSECONDS);
+  KJ_EXPECT(stats.packetsSent > 0 && stats.packetsReceived > 0);
+  KJ_EXPECT(stats.bytesSent > 0 && stats.bytesReceived > 0);
+  KJ_EXPECT(stats.streamsOpenedLocal == 1, stats.streamsOpenedLocal);
+  KJ_EXPECT(stats.streamsOpenedRemote == 1, stats.streamsOpenedRemote);
+
+  auto serverClosed = pair.server->onClosed();
+  pair.client->close(42, "bye now").wait(env.io.waitScope);
+  auto info = env.wait(kj::mv(serverClosed));
+  KJ_EXPECT(info.kind == CloseKind::PEER_APPLICATION_CLOSE, info.kind);
+  KJ_EXPECT(info.code == 42);
+  KJ_EXPECT(info.reason == "bye now");
+  KJ_EXPECT(contains(info.description, "42"), info.description);
+  auto e = info.toException();
+  KJ_EXPECT(e.getType() == kj::Exception::Type::DISCONNECTED);
+  KJ_EXPECT(classifyException(e) == CloseKind::PEER_APPLICATION_CLOSE);
+  KJ_EXPECT(KJ_ASSERT_NONNULL(pair.client->closeInfo()).kind == CloseKind::LOCAL_CLOSE);
+  // Operations after the close fail with the close reason.
+  KJ_EXPECT_THROW_MESSAGE("closed by the peer", env.wait(pair.server->openStream()));
+}
+
+KJ_TEST("server with only P-256 (HelloRetryRequest from an X25519-first client)") {
+  Env env;
+  auto server2 = newEndpoint(env.io.unixEventPort, loopback());
+  auto config = serverConfig();
+  config.tlsPriority = kj::str("NORMAL:-VERS-ALL:+VERS-TLS1.3:-CIPHER-ALL:+AES-128-GCM:"
+                               "-GROUP-ALL:+GROUP-SECP256R1:%DISABLE_TLS13_COMPAT_MODE");
+  server2->listen(kj::mv(config));
+  auto client = clientConfig();
+  client.tlsPriority = kj::str("NORMAL:-VERS-ALL:+VERS-TLS1.3:-CIPHER-ALL:+AES-128-GCM:"
+                               "-GROUP-ALL:+GROUP-X25519:+GROUP-SECP256R1:"
+                               "%DISABLE_TLS13_COMPAT_MODE");
+  auto accepted = server2->accept();
+  auto conn = env.wait(env.client->dial(server2->localAddress(), kj::mv(client)));
+  auto serverConn = env.wait(kj::mv(accepted));
+  KJ_EXPECT(conn->alpn() == "argotunnel");
+
+  // And a P-256-only client (cloudflared 2023.7).
+  auto p256 = clientConfig();
+  p256.tlsPriority = kj::str("NORMAL:-VERS-ALL:+VERS-TLS1.3:-CIPHER-ALL:+AES-128-GCM:"
+                             "-GROUP-ALL:+GROUP-SECP256R1:%DISABLE_TLS13_COMPAT_MODE");
+  auto pair = env.connect(kj::mv(p256));
+  KJ_EXPECT(pair.client->alpn() == "argotunnel");
+}
+
+KJ_TEST("unknown CA: clear TLS error") {
+  Env env;
+  auto config = clientConfig();
+  config.caFile = testdata("other-ca.pem");
+  auto accepted = env.server->accept();
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+    env.wait(env.client->dial(env.server->localAddress(), kj::mv(config)));
+  })) {
+    KJ_EXPECT(e->getType() == kj::Exception::Type::FAILED, *e);
+    KJ_EXPECT(classifyException(*e) == CloseKind::TLS_LOCAL_FAILURE, *e);
+    KJ_EXPECT(contains(e->getDescription(), "not signed by a trusted CA"), *e);
+  } else {
+    KJ_FAIL_EXPECT("dial with an unknown CA succeeded");
+  }
+  KJ_EXPECT(!accepted.poll(env.io.waitScope));
+}
+
+KJ_TEST("certificate name mismatch: clear TLS error") {
+  Env env;
+  auto config = clientConfig();
+  config.serverName = kj::str("other.example.com");
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+    env.wait(env.client->dial(env.server->localAddress(), kj::mv(config)));
+  })) {
+    KJ_EXPECT(e->getType() == kj::Exception::Type::FAILED, *e);
+    KJ_EXPECT(classifyException(*e) == CloseKind::TLS_LOCAL_FAILURE, *e);
+    KJ_EXPECT(contains(e->getDescription(), "not valid for the name 'other.example.com'"), *e);
+  } else {
+    KJ_FAIL_EXPECT("dial with a wrong name succeeded");
+  }
+}
+
+KJ_TEST("ALPN mismatch: clear TLS error") {
+  Env env;
+  auto config = clientConfig();
+  config.alpn = kj::str("h3");
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+    env.wait(env.client->dial(env.server->localAddress(), kj::mv(config)));
+  })) {
+    KJ_EXPECT(e->getType() == kj::Exception::Type::FAILED, *e);
+    KJ_EXPECT(classifyException(*e) == CloseKind::TLS_PEER_ALERT, *e);
+    KJ_EXPECT(contains(e->getDescription(), "120"), *e);
+    KJ_EXPECT(contains(e->getDescription(), "ALPN"), *e);
+  } else {
+    KJ_FAIL_EXPECT("dial with a wrong ALPN succeeded");
+  }
+}
+
+KJ_TEST("handshake timeout against a silent UDP socket") {
+  Env env;
+  int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  KJ_ASSERT(fd >= 0);
+  kj::AutoCloseFd silent(fd);
+  auto addr = loopback();
+  KJ_ASSERT(bind(fd, reinterpret_cast<const sockaddr*>(addr.sockaddr()), addr.length()) == 0);
+  sockaddr_storage bound;
+  socklen_t len = sizeof(bound);
+  KJ_ASSERT(getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &len) == 0);
+  auto target = SocketAddress::fromSockaddr(&bound, len);
+
+  auto transport = fastTransport();
+  transport.handshakeTimeout = 400 * kj::MILLISECONDS;
+  auto config = clientConfig(transport);
+  auto start = env.timer.now();
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+    env.wait(env.client->dial(target, kj::mv(config)), 5 * kj::SECONDS);
+  })) {
+    auto elapsed = env.timer.now() - start;
+    KJ_EXPECT(e->getType() == kj::Exception::Type::OVERLOADED, *e);
+    KJ_EXPECT(classifyException(*e) == CloseKind::HANDSHAKE_TIMEOUT, *e);
+    KJ_EXPECT(contains(e->getDescription(), "handshake timeout"), *e);
+    KJ_EXPECT(elapsed >= 350 * kj::MILLISECONDS && elapsed < 2 * kj::SECONDS, elapsed);
+  } else {
+    KJ_FAIL_EXPECT("handshake with a silent socket succeeded");
+  }
+}
+
+KJ_TEST("keep-alive: the connection survives three idle timeouts of silence") {
+  auto transport = fastTransport();
+  transport.maxIdleTimeout = 300 * kj::MILLISECONDS;
+  transport.keepAlivePeriod = 100 * kj::MILLISECONDS;
+  Env env(transport);
+  auto pair = env.connect(clientConfig(transport));
+  env.timer.afterDelay(1 * kj::SECONDS).wait(env.io.waitScope);
+  KJ_EXPECT(pair.client->closeInfo() == nullptr);
+  KJ_EXPECT(pair.server->closeInfo() == nullptr);
+  Echoer echo(*pair.server);
+  KJ_EXPECT(env.wait(roundTrip(*pair.client, kj::str("still there?"))) == "still there?");
+}
+
+KJ_TEST("no keep-alive: both sides see an idle timeout") {
+  auto transport = fastTransport();
+  transport.maxIdleTimeout = 300 * kj::MILLISECONDS;
+  transport.keepAlivePeriod = 0 * kj::SECONDS;
+  Env env(transport);
+  auto pair = env.connect(clientConfig(transport));
+  auto start = env.timer.now();
+  auto c = env.wait(pair.client->onClosed(), 5 * kj::SECONDS);
+  auto s = env.wait(pair.server->onClosed(), 5 * kj::SECONDS);
+  KJ_EXPECT(env.timer.now() - start >= 250 * kj::MILLISECONDS);
+  KJ_EXPECT(c.kind == CloseKind::IDLE_TIMEOUT, c.kind);
+  KJ_EXPECT(s.kind == CloseKind::IDLE_TIMEOUT, s.kind);
+  KJ_EXPECT(c.toException().getType() == kj::Exception::Type::DISCONNECTED);
+  KJ_EXPECT(contains(c.description, "idle timeout"), c.description);
+}
+
+KJ_TEST("a vanished peer (socket closed, no CONNECTION_CLOSE) is detected by the idle timeout") {
+  auto transport = fastTransport();
+  transport.maxIdleTimeout = 300 * kj::MILLISECONDS;
+  transport.keepAlivePeriod = 100 * kj::MILLISECONDS;
+  Env env(transport);
+  auto pair = env.connect(clientConfig(transport));
+  auto serverClosed = pair.server->onClosed();
+  auto clientClosed = pair.client->onClosed();
+  env.client = nullptr;   // the socket goes away without a word
+  auto c = env.wait(kj::mv(clientClosed));
+  KJ_EXPECT(c.kind == CloseKind::ENDPOINT_GONE, c.kind);
+  auto s = env.wait(kj::mv(serverClosed), 5 * kj::SECONDS);
+  KJ_EXPECT(s.kind == CloseKind::IDLE_TIMEOUT, s.kind);
+}
+
+KJ_TEST("goSilent(): the peer hits its idle timeout") {
+  auto transport = fastTransport();
+  transport.maxIdleTimeout = 300 * kj::MILLISECONDS;
+  transport.keepAlivePeriod = 100 * kj::MILLISECONDS;
+  Env env(transport);
+  auto pair = env.connect(clientConfig(transport));
+  pair.server->goSilent();
+  auto c = env.wait(pair.client->onClosed(), 5 * kj::SECONDS);
+  KJ_EXPECT(c.kind == CloseKind::IDLE_TIMEOUT, c.kind);
+  auto s = env.wait(pair.server->onClosed(), 5 * kj::SECONDS);
+  KJ_EXPECT(s.kind == CloseKind::IDLE_TIMEOUT, s.kind);
+}
+
+KJ_TEST("stream reset and STOP_SENDING surface as DISCONNECTED") {
+  Env env;
+  auto pair = env.connect();
+  auto stream = env.wait(pair.client->openStream());
+  env.wait(stream->write("abc", 3));
+  auto peer = env.wait(pair.server->acceptStream());
+  char buf[3];
+  KJ_EXPECT(env.wait(peer->tryRead(buf, 3, 3)) == 3);
+  stream->reset(77);
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { env.wait(peer->tryRead(buf, 1, 3)); })) {
+    KJ_EXPECT(e->getType() == kj::Exception::Type::DISCONNECTED, *e);
+    KJ_EXPECT(contains(e->getDescription(), "77"), *e);
+  } else {
+    KJ_FAIL_EXPECT("read after reset succeeded");
+  }
+  KJ_EXPECT_THROW(DISCONNECTED, env.wait(stream->write("x", 1)));
+
+  // STOP_SENDING: the writer's next writes fail.
+  auto s2 = env.wait(pair.client->openStream());
+  env.wait(s2->write("abc", 3));
+  auto p2 = env.wait(pair.server->acceptStream());
+  auto disconnected = s2->whenWriteDisconnected();
+  p2->stopSending(9);
+  env.wait(kj::mv(disconnected));
+  KJ_EXPECT_THROW_MESSAGE("STOP_SENDING code 9", env.wait(s2->write("more", 4)));
+}
+
+KJ_TEST("10 000 server-opened echo streams at concurrency 100") {
+  auto clientTransport = fastTransport();
+  clientTransport.maxIncomingBidiStreams = 100;
+  Env env;
+  auto pair = env.connect(clientConfig(clientTransport));
+  Echoer echo(*pair.client);
+
+  struct Runner: private kj::TaskSet::ErrorHandler {
+    Connection& conn;
+    uint32_t next = 0;
+    uint32_t total;
+    uint32_t verified = 0;
+    kj::TaskSet tasks{*this};
+    Runner(Connection& conn, uint32_t total): conn(conn), total(total) {}
+    kj::Promise<void> worker() {
+      if (next == total) return kj::READY_NOW;
+      uint32_t i = next++;
+      auto text = kj::str("stream ", i, " ", kj::repeat('x', 90 - kj::str(i).size()));
+      return roundTrip(conn, kj::heapString(text))
+          .then([this, text = kj::mv(text)](kj::String echoed) {
+        KJ_ASSERT(echoed == text);
+        ++verified;
+        return worker();
+      });
+    }
+    void taskFailed(kj::Exception&& e) override { KJ_FAIL_EXPECT("stream failed", e); }
+  };
+  Runner runner(*pair.server, ECHO_STREAMS);
+  for (int i = 0; i < 100; i++) runner.tasks.add(runner.worker());
+  env.wait(runner.tasks.onEmpty(), 60 * kj::SECONDS);
+  KJ_EXPECT(runner.verified == ECHO_STREAMS, runner.verified);
+  KJ_EXPECT(echo.streams == ECHO_STREAMS);
+  KJ_EXPECT(pair.server->stats().streamsOpenedLocal == ECHO_STREAMS);
+}
+
+KJ_TEST("integrity: 64 MiB each way on one stream, and across 8 streams") {
+  Env env;
+  auto pair = env.connect();
+  {
+    auto stream = env.wait(pair.client->openStream());
+    env.wait(stream->write("!", 1));    // the server learns of the stream with its first byte
+    auto peer = env.wait(pair.server->acceptStream());
+    char first;
+    env.wait(peer->read(&first, 1));
+    auto promises = kj::heapArrayBuilder<kj::Promise<void>>(4);
+    promises.add(writePattern(*stream, BIG, 1));
+    promises.add(writePattern(*peer, BIG, 2));
+    promises.add(readPattern(*peer, 1).then([](uint64_t n) { KJ_EXPECT(n == BIG, n); }));
+    promises.add(readPattern(*stream, 2).then([](uint64_t n) { KJ_EXPECT(n == BIG, n); }));
+    env.wait(kj::joinPromises(promises.finish()), 120 * kj::SECONDS);
+  }
+  {
+    constexpr int N = 8;
+    kj::Vector<kj::Own<Stream>> mine, theirs;
+    for (int i = 0; i < N; i++) {
+      mine.add(env.wait(pair.client->openStream()));
+      env.wait(mine.back()->write("!", 1));
+      theirs.add(env.wait(pair.server->acceptStream()));
+      char first;
+      env.wait(theirs.back()->read(&first, 1));
+    }
+    auto promises = kj::heapArrayBuilder<kj::Promise<void>>(4 * N);
+    for (int i = 0; i < N; i++) {
+      promises.add(writePattern(*mine[i], BIG / N, 100 + i));
+      promises.add(writePattern(*theirs[i], BIG / N, 200 + i));
+      promises.add(readPattern(*theirs[i], 100 + i).then([](uint64_t n) {
+        KJ_EXPECT(n == BIG / N, n);
+      }));
+      promises.add(readPattern(*mine[i], 200 + i).then([](uint64_t n) {
+        KJ_EXPECT(n == BIG / N, n);
+      }));
+    }
+    env.wait(kj::joinPromises(promises.finish()), 120 * kj::SECONDS);
+  }
+  KJ_EXPECT(pair.client->stats().sendBufferedBytes == 0 || true);
+}
+
+KJ_TEST("back-pressure: a reader that stops halts the writer within the windows") {
+  auto transport = fastTransport();
+  transport.initialStreamWindow = 256 * 1024;
+  transport.initialConnectionWindow = 512 * 1024;
+  transport.maxStreamWindow = 1 * MiB;
+  transport.maxConnectionWindow = 2 * MiB;
+  transport.streamSendBuffer = 256 * 1024;
+  Env env(transport);
+  auto pair = env.connect(clientConfig(transport));
+
+  constexpr uint64_t TOTAL = 16 * MiB;
+  auto out = env.wait(pair.server->openStream());
+  auto writing = writePattern(*out, TOTAL, 7).eagerlyEvaluate(nullptr);
+  auto in = env.wait(pair.client->acceptStream());
+
+  // Nobody reads: let the network settle, then the writer must be stuck.
+  env.timer.afterDelay(300 * kj::MILLISECONDS).wait(env.io.waitScope);
+  KJ_EXPECT(!writing.poll(env.io.waitScope), "writer was not halted");
+  auto readerBuffered = in->bufferedReadBytes();
+  auto writerBuffered = out->bufferedWriteBytes();
+  KJ_EXPECT(readerBuffered > 0);
+  KJ_EXPECT(readerBuffered <= transport.initialStreamWindow, readerBuffered);
+  KJ_EXPECT(writerBuffered <= transport.streamSendBuffer, writerBuffered);
+  KJ_EXPECT(pair.client->stats().recvBufferedBytes <= transport.initialConnectionWindow);
+  KJ_EXPECT(pair.server->stats().sendBufferedBytes <= transport.streamSendBuffer);
+
+  // Withheld credit: reading does not reopen the window.
+  in->setCreditWithheld(true);
+  kj::byte scratch[64 * 1024];
+  size_t consumed = env.wait(in->tryRead(scratch, sizeof(scratch), sizeof(scratch)));
+  env.timer.afterDelay(100 * kj::MILLISECONDS).wait(env.io.waitScope);
+  KJ_EXPECT(in->bufferedReadBytes() + consumed <= transport.initialStreamWindow);
+  in->setCreditWithheld(false);
+
+  // Reading resumes the writer; every byte arrives intact (the first `consumed` were read).
+  auto rest = kj::heap<ReadState>();
+  rest->done = consumed;
+  fillPattern(rest->expected.begin(), 0, consumed, 7);
+  KJ_EXPECT(memcmp(rest->expected.begin(), scratch, consumed) == 0);
+  auto n = env.wait(readPattern(*in, 7, kj::mv(rest)), 60 * kj::SECONDS);
+  KJ_EXPECT(n == TOTAL, n);
+  env.wait(kj::mv(writing));
+}
+
+KJ_TEST("24 connections to one server endpoint at once") {
+  Env env;
+  constexpr int N = 24;
+  kj::Vector<kj::Own<Endpoint>> clients;
+  kj::Vector<kj::Promise<kj::Own<Connection>>> dials;
+  for (int i = 0; i < N; i++) {
+    // Three connections per client socket, eight sockets.
+    if (i % 3 == 0) clients.add(newEndpoint(env.io.unixEventPort, loopback()));
+    dials.add(clients.back()->dial(env.server->localAddress(), clientConfig()));
+  }
+  kj::Vector<kj::Own<Connection>> serverConns;
+  kj::Vector<kj::Own<Echoer>> echoers;
+  for (int i = 0; i < N; i++) {
+    serverConns.add(env.wait(env.server->accept()));
+    echoers.add(kj::heap<Echoer>(*serverConns.back()));
+  }
+  kj::Vector<kj::Own<Connection>> conns;
+  for (auto& d: dials) conns.add(env.wait(kj::mv(d)));
+  auto promises = kj::heapArrayBuilder<kj::Promise<void>>(N);
+  for (int i = 0; i < N; i++) {
+    auto text = kj::str("connection ", i);
+    promises.add(roundTrip(*conns[i], kj::heapString(text))
+        .then([text = kj::mv(text)](kj::String echoed) { KJ_EXPECT(echoed == text); }));
+  }
+  env.wait(kj::joinPromises(promises.finish()));
+  for (auto& e: echoers) KJ_EXPECT(e->streams == 1);
+  KJ_EXPECT(env.server->stats().handshakesFailed == 0);
+}
+
+}  // namespace
+}  // namespace cfqt::quic
