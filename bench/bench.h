@@ -17,5 +17,6 @@ public:
 
 // One function per suite, each defined in bench/<suite>-bench.c++.
 void runWireBench(Reporter& reporter);
+void runOriginBench(Reporter& reporter);
 
 }  // namespace cfqt::bench

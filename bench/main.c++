@@ -19,6 +19,7 @@ struct Suite {
 // Every suite, in the order `cfqt-bench` runs them when no suite is named.
 const Suite SUITES[] = {
     {"wire", runWireBench, "encode+decode of ConnectRequest (20 headers) / ConnectResponse (10)"},
+    {"origin", runOriginBench, "Origin::serveStream to a loopback kj HTTP server: req/s, MB/s"},
 };
 
 class BenchMain {
