@@ -548,6 +548,14 @@ KJ_TEST("methods, Host, header stripping and canonical response headers") {
   KJ_EXPECT(contains(body, "\"X-Forwarded-Host\": \"test.trycloudflare.com\""), body);
   KJ_EXPECT(contains(body, "\"Cf-Warp-Tag-Id\": \"8c6ee8d0-6a4f-4a37-9d7c-1b1f3a1f4e42\""), body);
   KJ_EXPECT(!contains(body, "spoofed"), body);
+
+  // No HttpHost: the host of an absolute dest.
+  Call noHost(*origin, "GET", "http://from-dest.example:8080/headers", nullptr,
+              wire::schema::ConnectionType::HTTP, "");
+  KJ_EXPECT(noHost.reply(ws).status == 200);
+  auto noHostBody = noHost.body(ws);
+  noHost.done(ws);
+  KJ_EXPECT(contains(noHostBody, "\"Host\": \"from-dest.example:8080\""), noHostBody);
 }
 
 KJ_TEST("request bodies 0 B .. 64 MiB, Content-Length and chunked, pattern-checked") {

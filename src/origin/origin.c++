@@ -518,8 +518,8 @@ private:
   kj::HttpMethod method = kj::HttpMethod::GET;
   kj::String target;
   bool websocket = false;
-  kj::HttpHeaders headers;
-  kj::Vector<kj::String> ownedStrings;
+  kj::String hostStorage;  // Host when the request carried no HttpHost
+  kj::HttpHeaders headers;  // points into `head`, `hostStorage` and the config
   RequestBody requestMode = RequestBody::NONE;
   uint64_t requestRemaining = 0;
   bool requestDone = true;
@@ -601,6 +601,17 @@ private:
     KJ_IF_MAYBE(override, impl.config.httpHostHeader) {
       hostValue = *override;
     }
+    if (hostValue.size() == 0) {
+      // No HttpHost: the host of an absolute `dest`, else the origin's own address (Go sends
+      // the URL's host; an HTTP/1.1 request needs one).
+      hostStorage = destHost(h.dest);
+      if (hostStorage.size() == 0 && (impl.config.kind == OriginKind::HTTP ||
+                                      impl.config.kind == OriginKind::HTTPS)) {
+        auto url = impl.config.toString();
+        hostStorage = kj::str(url.slice(url.findFirst('/').orDefault(0) + 2));
+      }
+      hostValue = hostStorage;
+    }
     if (!wire::isValidHeaderValue(hostValue)) return kj::str("malformed Host");
     if (hostValue.size() > 0) headers.set(kj::HttpHeaderId::HOST, hostValue);
     if (impl.config.httpHostHeader != nullptr && h.host.size() > 0) {
@@ -674,6 +685,21 @@ private:
       }
     }
     return nullptr;
+  }
+
+  static kj::String destHost(kj::StringPtr dest) {
+    KJ_IF_MAYBE(pos, dest.findFirst(':')) {
+      if (dest.slice(*pos).startsWith("://")) {
+        auto afterScheme = dest.slice(*pos + 3);
+        size_t i = 0;
+        while (i < afterScheme.size() && afterScheme[i] != '/' && afterScheme[i] != '?' &&
+               afterScheme[i] != '#') {
+          ++i;
+        }
+        return kj::heapString(afterScheme.slice(0, i));
+      }
+    }
+    return kj::str();
   }
 
   static kj::Maybe<kj::String> requestTarget(kj::StringPtr dest) {
