@@ -562,7 +562,6 @@ private:
                            void* sud);
   static int cbStreamReset(ngtcp2_conn*, int64_t id, uint64_t finalSize, uint64_t code,
                            void* ud, void* sud);
-  static int cbStreamStopSending(ngtcp2_conn*, int64_t id, uint64_t code, void* ud, void* sud);
   static int cbAcked(ngtcp2_conn*, int64_t id, uint64_t offset, uint64_t len, void* ud,
                      void* sud);
   static int cbExtendMaxLocalStreamsBidi(ngtcp2_conn*, uint64_t max, void* ud);
@@ -698,7 +697,6 @@ void ConnectionImpl::setup(const ngtcp2_cid& dcid, const ngtcp2_cid& scid, uint3
   cb.stream_open = cbStreamOpen;
   cb.stream_close = cbStreamClose;
   cb.stream_reset = cbStreamReset;
-  cb.stream_stop_sending = cbStreamStopSending;
   cb.acked_stream_data_offset = cbAcked;
   cb.extend_max_local_streams_bidi = cbExtendMaxLocalStreamsBidi;
   cb.extend_max_stream_data = cbExtendMaxStreamData;
@@ -1313,6 +1311,12 @@ ngtcp2_ssize ConnectionImpl::writePacket(kj::byte* out, size_t outLen, uint64_t 
         case NGTCP2_ERR_STREAM_SHUT_WR:
         case NGTCP2_ERR_STREAM_NOT_FOUND:
           KJ_ASSERT(state != nullptr);
+          // ngtcp2 0.12 has no callback for a received STOP_SENDING: it resets the stream and
+          // refuses our data, which is how we learn it.
+          if (state->txError == nullptr) {
+            failWrite(*state, disconnected(kj::str("QUIC stream ", state->id,
+                ": the peer stopped reading (STOP_SENDING) or the stream was reset")));
+          }
           state->inSendQueue = false;
           sendQueue.pop_front();
           continue;
@@ -1727,16 +1731,6 @@ int ConnectionImpl::cbStreamReset(ngtcp2_conn*, int64_t id, uint64_t finalSize, 
       state.rx.clear();
     }
     state.readShut = true;
-  });
-}
-
-int ConnectionImpl::cbStreamStopSending(ngtcp2_conn*, int64_t id, uint64_t code, void* ud,
-                                        void* sud) {
-  auto& self = *static_cast<ConnectionImpl*>(ud);
-  return self.guard([&]() {
-    if (sud == nullptr) return;
-    self.failWrite(*static_cast<StreamState*>(sud), disconnected(kj::str(
-        "QUIC stream ", id, ": the peer stopped reading (STOP_SENDING code ", code, ")")));
   });
 }
 
