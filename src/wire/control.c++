@@ -31,30 +31,31 @@ schema::RegistrationServer::Client bootstrapEdge(
   return rpcSystem.bootstrap(vatId).castAs<schema::RegistrationServer>();
 }
 
-kj::Promise<RegistrationResult> interpretResponse(schema::ConnectionResponse::Reader response) {
+RegistrationResult interpretResponse(schema::ConnectionResponse::Reader response) {
+  // Runs inside a continuation: throwing rejects the registration promise.
   auto result = response.getResult();
   switch (result.which()) {
     case schema::ConnectionResponse::Result::ERROR: {
       auto error = result.getError();
-      return RegistrationResult(RegistrationError{
-          kj::str(error.getCause()), error.getRetryAfter() * kj::NANOSECONDS,
-          error.getShouldRetry()});
+      return RegistrationError{kj::str(error.getCause()), error.getRetryAfter() * kj::NANOSECONDS,
+                               error.getShouldRetry()};
     }
     case schema::ConnectionResponse::Result::CONNECTION_DETAILS: {
       auto details = result.getConnectionDetails();
       if (details.getUuid().size() != 16) {
-        return wireError(WireErrorCode::MALFORMED,
-                         kj::str("connection details with a uuid of ", details.getUuid().size(),
-                                 " bytes"))
-            .toException();
+        kj::throwFatalException(
+            wireError(WireErrorCode::MALFORMED,
+                      kj::str("connection details with a uuid of ", details.getUuid().size(),
+                              " bytes"))
+                .toException());
       }
-      return RegistrationResult(ConnectionDetails{
-          kj::heapArray(details.getUuid()), kj::str(details.getLocationName()),
-          details.getTunnelIsRemotelyManaged()});
+      return ConnectionDetails{kj::heapArray(details.getUuid()), kj::str(details.getLocationName()),
+                               details.getTunnelIsRemotelyManaged()};
     }
   }
-  return wireError(WireErrorCode::MALFORMED, kj::str("unknown ConnectionResponse.result variant"))
-      .toException();
+  kj::throwFatalException(
+      wireError(WireErrorCode::MALFORMED, kj::str("unknown ConnectionResponse.result variant"))
+          .toException());
 }
 
 void fillResponse(schema::ConnectionResponse::Builder response, const RegistrationResult& result) {

@@ -79,7 +79,8 @@ kj::OneOf<size_t, WireError> messageWords(kj::ArrayPtr<const kj::byte> table, si
   return size_t(words);
 }
 
-using Validator = kj::Maybe<WireError> (*)(capnp::MessageReader&);
+using Validator = void (*)(capnp::MessageReader&);
+// Reads every field of the root once; throws a kj::Exception on malformed capnp.
 
 // Opens `words` (a complete message) under the limits, validates it, and hands out a fresh reader
 // over the same words: the validation consumed the first reader's traversal budget, and the
@@ -89,14 +90,12 @@ kj::OneOf<kj::Own<capnp::MessageReader>, WireError> openValidated(
   capnp::ReaderOptions checkOptions;
   checkOptions.traversalLimitInWords = limits.traversalLimitWords;
   checkOptions.nestingLimit = limits.nestingLimit;
-  kj::Maybe<WireError> problem;
   KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
     capnp::FlatArrayMessageReader check(words, checkOptions);
-    problem = validate(check);
+    validate(check);
   })) {
     return wireError(WireErrorCode::MALFORMED, kj::str("bad capnp message: ", e->getDescription()));
   }
-  KJ_IF_MAYBE(p, problem) return kj::mv(*p);
 
   capnp::ReaderOptions openOptions;
   openOptions.traversalLimitInWords = kj::maxValue;
@@ -106,8 +105,27 @@ kj::OneOf<kj::Own<capnp::MessageReader>, WireError> openValidated(
       kj::heap<capnp::FlatArrayMessageReader>(view, openOptions).attach(kj::mv(words)));
 }
 
-kj::Maybe<WireError> validateCatching(kj::FunctionParam<void()> touch) {
-  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { touch(); })) {
+void touchConnectRequest(capnp::MessageReader& message) {
+  auto root = message.getRoot<schema::ConnectRequest>();
+  root.getDest();
+  root.getType();
+  for (auto entry: root.getMetadata()) {
+    entry.getKey();
+    entry.getVal();
+  }
+}
+
+void touchConnectResponse(capnp::MessageReader& message) {
+  auto root = message.getRoot<schema::ConnectResponse>();
+  root.getError();
+  for (auto entry: root.getMetadata()) {
+    entry.getKey();
+    entry.getVal();
+  }
+}
+
+kj::Maybe<WireError> validateCatching(capnp::MessageReader& message, Validator touch) {
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { touch(message); })) {
     return wireError(WireErrorCode::MALFORMED, kj::str("bad capnp message: ", e->getDescription()));
   }
   return nullptr;
@@ -258,26 +276,11 @@ kj::Promise<void> writeAll(kj::AsyncOutputStream& out, kj::Array<kj::byte> bytes
 // ---------------------------------------------------------------------------------------------
 
 kj::Maybe<WireError> validateConnectRequest(capnp::MessageReader& message) {
-  return validateCatching([&]() {
-    auto root = message.getRoot<schema::ConnectRequest>();
-    root.getDest();
-    root.getType();
-    for (auto entry: root.getMetadata()) {
-      entry.getKey();
-      entry.getVal();
-    }
-  });
+  return validateCatching(message, touchConnectRequest);
 }
 
 kj::Maybe<WireError> validateConnectResponse(capnp::MessageReader& message) {
-  return validateCatching([&]() {
-    auto root = message.getRoot<schema::ConnectResponse>();
-    root.getError();
-    for (auto entry: root.getMetadata()) {
-      entry.getKey();
-      entry.getVal();
-    }
-  });
+  return validateCatching(message, touchConnectResponse);
 }
 
 kj::Promise<StreamKind> readStreamSignature(kj::AsyncInputStream& in) {
@@ -292,7 +295,7 @@ kj::Promise<StreamKind> readStreamSignature(kj::AsyncInputStream& in) {
 
 kj::Promise<kj::Own<capnp::MessageReader>> readConnectRequest(kj::AsyncInputStream& in,
                                                               PreambleLimits limits) {
-  return readMessageAfterSignature(in, limits, validateConnectRequest);
+  return readMessageAfterSignature(in, limits, touchConnectRequest);
 }
 
 kj::Promise<kj::Own<capnp::MessageReader>> readConnectResponse(kj::AsyncInputStream& in,
@@ -303,7 +306,7 @@ kj::Promise<kj::Own<capnp::MessageReader>> readConnectResponse(kj::AsyncInputStr
       .then([&in, limits, signature = kj::mv(signature)]()
                 -> kj::Promise<kj::Own<capnp::MessageReader>> {
         KJ_IF_MAYBE(error, checkDataSignature(signature)) return error->toException();
-        return readMessageAfterSignature(in, limits, validateConnectResponse);
+        return readMessageAfterSignature(in, limits, touchConnectResponse);
       });
 }
 
@@ -337,12 +340,12 @@ kj::Promise<void> writeConnectResponseError(kj::AsyncOutputStream& out, kj::Stri
 
 kj::OneOf<DecodedPreamble, WireError> decodeConnectRequest(kj::ArrayPtr<const kj::byte> bytes,
                                                            PreambleLimits limits) {
-  return decodePreamble(bytes, limits, validateConnectRequest);
+  return decodePreamble(bytes, limits, touchConnectRequest);
 }
 
 kj::OneOf<DecodedPreamble, WireError> decodeConnectResponse(kj::ArrayPtr<const kj::byte> bytes,
                                                             PreambleLimits limits) {
-  return decodePreamble(bytes, limits, validateConnectResponse);
+  return decodePreamble(bytes, limits, touchConnectResponse);
 }
 
 }  // namespace cfqt::wire

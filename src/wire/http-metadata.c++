@@ -214,7 +214,8 @@ bool requestHasBody(const HttpRequestHead& head) {
 kj::OneOf<HttpResponseHead, WireError> decodeResponse(schema::ConnectResponse::Reader response) {
   HttpResponseHead head;
   if (response.getError().size() > 0) head.error = kj::str(response.getError());
-  kj::Maybe<kj::StringPtr> status;
+  kj::StringPtr statusText;
+  bool hasStatus = false;
   for (auto entry: response.getMetadata()) {
     kj::StringPtr key = entry.getKey();
     kj::StringPtr value = entry.getVal();
@@ -228,15 +229,18 @@ kj::OneOf<HttpResponseHead, WireError> decodeResponse(schema::ConnectResponse::R
         }
       }
     }
-    if (!isHeader && key == METADATA_HTTP_STATUS) status = value;
+    if (!isHeader && key == METADATA_HTTP_STATUS) {
+      statusText = value;
+      hasStatus = true;
+    }
   }
   if (head.error != nullptr) return kj::mv(head);
-  KJ_IF_MAYBE(text, status) {
-    KJ_IF_MAYBE(code, parseStatus(*text)) {
+  if (hasStatus) {
+    KJ_IF_MAYBE(code, parseStatus(statusText)) {
       head.status = *code;
       return kj::mv(head);
     }
-    return wireError(WireErrorCode::BAD_STATUS, kj::str("invalid HttpStatus '", *text, "'"));
+    return wireError(WireErrorCode::BAD_STATUS, kj::str("invalid HttpStatus '", statusText, "'"));
   }
   return wireError(WireErrorCode::BAD_STATUS, kj::str("ConnectResponse without HttpStatus"));
 }
