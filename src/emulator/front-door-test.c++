@@ -1,1 +1,774 @@
+// The public front door against fake tunnel connections: each stream the front door opens is one
+// end of an in-memory pipe, and the test plays the tunnel client on the other end with raw capnp
+// (the generated schema only, not the wire layer's encoders) and the recorded 2023.7.3 bytes.
+
+#include "front-door.h"
+
+#include "random.h"
+
+#include "wire/quic_metadata_protocol.capnp.h"
+#include "wire/test-vectors.h"
+
+#include <utility>
+
+#include <gnutls/crypto.h>
+#include <gnutls/gnutls.h>
+
+#include <capnp/message.h>
+#include <capnp/serialize-async.h>
+#include <capnp/serialize.h>
+#include <kj/async-io.h>
+#include <kj/debug.h>
+#include <kj/encoding.h>
 #include <kj/test.h>
+
+namespace cfqt::emulator {
+namespace {
+
+namespace schema = wire::schema;
+
+constexpr kj::byte PREAMBLE[8] = {0x0A, 0x36, 0xCD, 0x12, 0xA1, 0x3E, '0', '1'};
+
+// ---------------------------------------------------------------------------------------------
+// Fake tunnel connection
+
+class FaultyStream final: public kj::AsyncIoStream {
+  // A pipe end whose reads can be made to fail, as a RESET_STREAM from the client would.
+public:
+  explicit FaultyStream(kj::Own<kj::AsyncIoStream> inner)
+      : inner(kj::mv(inner)), fault(makeFault()) {}
+
+  void failReads() { faultFulfiller->fulfill(); }
+
+  kj::Promise<size_t> tryRead(void* buffer, size_t minBytes, size_t maxBytes) override {
+    return inner->tryRead(buffer, minBytes, maxBytes).exclusiveJoin(
+        fault.addBranch().then([]() -> size_t {
+          kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED, "stream reset by peer"));
+        }));
+  }
+  kj::Promise<void> write(const void* buffer, size_t size) override {
+    return inner->write(buffer, size);
+  }
+  kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override {
+    return inner->write(pieces);
+  }
+  kj::Promise<void> whenWriteDisconnected() override { return inner->whenWriteDisconnected(); }
+  void shutdownWrite() override { inner->shutdownWrite(); }
+  void abortRead() override { inner->abortRead(); }
+
+private:
+  kj::Own<kj::AsyncIoStream> inner;
+  kj::Own<kj::PromiseFulfiller<void>> faultFulfiller;
+  kj::ForkedPromise<void> fault;
+
+  kj::ForkedPromise<void> makeFault() {
+    auto paf = kj::newPromiseAndFulfiller<void>();
+    faultFulfiller = kj::mv(paf.fulfiller);
+    return paf.promise.fork();
+  }
+};
+
+class PipeConnection final: public ClientConnection {
+public:
+  kj::Promise<kj::Own<kj::AsyncIoStream>> openStream() override {
+    if (failOpen) return KJ_EXCEPTION(DISCONNECTED, "connection lost");
+    auto pipe = kj::newTwoWayPipe();
+    auto faulty = kj::heap<FaultyStream>(kj::mv(pipe.ends[0]));
+    lastFrontDoorSide = faulty.get();
+    opened++;
+    KJ_IF_MAYBE(f, waiter) {
+      (*f)->fulfill(kj::mv(pipe.ends[1]));
+      waiter = nullptr;
+    } else {
+      queue.add(kj::mv(pipe.ends[1]));
+    }
+    return kj::Own<kj::AsyncIoStream>(kj::mv(faulty));
+  }
+  void close(uint64_t code, kj::StringPtr reason) override {}
+  void goSilent() override {}
+  bool withholdCredit(kj::Maybe<int64_t>) override { return false; }
+  kj::String remoteAddress() override { return kj::str("127.0.0.1:7844"); }
+  kj::String describeStats() override { return kj::str("{}"); }
+
+  kj::Promise<kj::Own<kj::AsyncIoStream>> nextStream() {
+    if (next < queue.size()) {
+      return kj::mv(queue[next++]);
+    }
+    auto paf = kj::newPromiseAndFulfiller<kj::Own<kj::AsyncIoStream>>();
+    waiter = kj::mv(paf.fulfiller);
+    return kj::mv(paf.promise);
+  }
+
+  bool failOpen = false;
+  kj::uint opened = 0;
+  FaultyStream* lastFrontDoorSide = nullptr;
+
+private:
+  kj::Vector<kj::Own<kj::AsyncIoStream>> queue;
+  size_t next = 0;
+  kj::Maybe<kj::Own<kj::PromiseFulfiller<kj::Own<kj::AsyncIoStream>>>> waiter;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Tunnel-client side helpers (raw capnp)
+
+struct TunnelRequest {
+  kj::Own<capnp::MessageReader> message;
+  schema::ConnectRequest::Reader root() { return message->getRoot<schema::ConnectRequest>(); }
+
+  kj::Vector<kj::String> values(kj::StringPtr key) {
+    kj::Vector<kj::String> result;
+    for (auto m: root().getMetadata()) {
+      if (m.getKey() == key) result.add(kj::str(m.getVal()));
+    }
+    return result;
+  }
+  kj::Maybe<kj::String> value(kj::StringPtr key) {
+    auto all = values(key);
+    if (all.empty()) return nullptr;
+    return kj::mv(all[0]);
+  }
+  bool hasKeyIgnoreCase(kj::StringPtr key) {
+    for (auto m: root().getMetadata()) {
+      if (equalsIgnoreCase(m.getKey(), key)) return true;
+    }
+    return false;
+  }
+};
+
+kj::Promise<TunnelRequest> readTunnelRequest(kj::AsyncIoStream& stream) {
+  auto preamble = kj::heapArray<kj::byte>(8);
+  auto promise = stream.read(preamble.begin(), 8);
+  return promise.then([&stream, preamble = kj::mv(preamble)]() {
+    KJ_ASSERT(preamble.asPtr() == kj::arrayPtr(PREAMBLE, 8), "bad data-stream preamble");
+    return capnp::readMessage(stream);
+  }).then([](kj::Own<capnp::MessageReader> message) {
+    return TunnelRequest{kj::mv(message)};
+  });
+}
+
+kj::Array<kj::byte> encodeResponse(kj::uint status,
+                                   std::initializer_list<std::pair<kj::StringPtr, kj::StringPtr>>
+                                       headers) {
+  capnp::MallocMessageBuilder message;
+  auto root = message.initRoot<schema::ConnectResponse>();
+  auto metadata = root.initMetadata(headers.size() + 1);
+  metadata[0].setKey("HttpStatus");
+  metadata[0].setVal(kj::str(status));
+  size_t i = 1;
+  for (auto& h: headers) {
+    metadata[i].setKey(kj::str("HttpHeader:", h.first));
+    metadata[i].setVal(h.second);
+    i++;
+  }
+  auto words = capnp::messageToFlatArray(message);
+  auto bytes = words.asBytes();
+  auto out = kj::heapArray<kj::byte>(8 + bytes.size());
+  memcpy(out.begin(), PREAMBLE, 8);
+  memcpy(out.begin() + 8, bytes.begin(), bytes.size());
+  return out;
+}
+
+kj::Promise<void> writeBytes(kj::AsyncOutputStream& out, kj::Array<kj::byte> bytes) {
+  auto promise = out.write(bytes.begin(), bytes.size());
+  return promise.attach(kj::mv(bytes));
+}
+
+kj::Promise<void> writeText(kj::AsyncOutputStream& out, kj::StringPtr text) {
+  return writeBytes(out, kj::heapArray(text.asBytes()));
+}
+
+const wire::testing::VectorFile& vectors() {
+  static const wire::testing::VectorFile file =
+      wire::testing::loadVectorFile(wire::testing::defaultVectorPath());
+  return file;
+}
+
+kj::ArrayPtr<const kj::byte> vector(kj::StringPtr titlePart) {
+  for (auto& v: vectors().dataStreams) {
+    if (strstr(v.title.cStr(), titlePart.cStr()) != nullptr) {
+      return v.bytes;
+    }
+  }
+  KJ_FAIL_ASSERT("no such vector", titlePart);
+}
+
+kj::Array<kj::byte> pattern(size_t size, uint32_t seed) {
+  auto result = kj::heapArray<kj::byte>(size);
+  uint32_t x = seed * 2654435761u + 1;
+  for (size_t i = 0; i < size; i++) {
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^= x << 5;
+    result[i] = static_cast<kj::byte>(x);
+  }
+  return result;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Public side
+
+FrontDoorOptions testOptions() {
+  FrontDoorOptions options;
+  options.responseHeadTimeout = 10 * kj::SECONDS;   // a hung test fails in seconds, not minutes
+  return options;
+}
+
+struct Harness {
+  explicit Harness(FrontDoorOptions options = testOptions())
+      : io(kj::setupAsyncIo()), registry("trycloudflare.localhost"),
+        door(io.provider->getTimer(), table, registry, options) {
+    auto address = io.provider->getNetwork().parseAddress("127.0.0.1:0").wait(io.waitScope);
+    listener = address->listen();
+    port = listener->getPort();
+    serving = door.listen(*listener).eagerlyEvaluate([](kj::Exception&& e) {
+      KJ_LOG(ERROR, e);
+    });
+  }
+  ~Harness() noexcept(false) {
+    for (auto& c: connections) registry.connectionClosed(*c);
+  }
+
+  IssuedTunnel& tunnel(kj::StringPtr hostname = nullptr) {
+    auto& t = registry.issueTunnel();
+    if (hostname != nullptr) t.hostname = kj::str(hostname);
+    return t;
+  }
+
+  PipeConnection& connect(IssuedTunnel& t, uint8_t index = 0) {
+    auto c = kj::heap<PipeConnection>();
+    RegistrationRequest request;
+    request.accountTag = kj::heapString(t.accountTag);
+    request.tunnelSecret = kj::heapArray(t.secret.asPtr());
+    request.tunnelId = kj::heapArray(t.idBytes.asPtr());
+    request.connIndex = index;
+    request.clientId = randomUuidBytes();
+    auto result = registry.registerConnection(*c, request);
+    KJ_ASSERT(result.is<ConnectionRecord*>());
+    auto& ref = *c;
+    connections.add(kj::mv(c));
+    return ref;
+  }
+
+  kj::Own<kj::AsyncIoStream> dial() {
+    auto address = io.provider->getNetwork()
+        .parseAddress(kj::str("127.0.0.1:", port)).wait(io.waitScope);
+    return address->connect().wait(io.waitScope);
+  }
+
+  kj::Own<kj::HttpClient> client() {
+    auto address = io.provider->getNetwork()
+        .parseAddress(kj::str("127.0.0.1:", port)).wait(io.waitScope);
+    auto result = kj::newHttpClient(io.provider->getTimer(), table, *address);
+    return result.attach(kj::mv(address));
+  }
+
+  kj::AsyncIoContext io;
+  kj::HttpHeaderTable table;
+  Registry registry;
+  FrontDoor door;
+  kj::Own<kj::ConnectionReceiver> listener;
+  kj::uint port = 0;
+  kj::Promise<void> serving = nullptr;
+  kj::Vector<kj::Own<PipeConnection>> connections;
+};
+
+struct RawResponse {
+  kj::String head;   // status line + headers
+  kj::String body;   // whatever followed, until EOF (raw, chunk framing included)
+};
+
+kj::String readHead(kj::AsyncIoStream& stream, kj::WaitScope& waitScope) {
+  kj::Vector<char> head;
+  char c;
+  while (true) {
+    size_t n = stream.tryRead(&c, 1, 1).wait(waitScope);
+    KJ_ASSERT(n == 1, "EOF inside the response head", kj::str(head.asPtr()));
+    head.add(c);
+    if (head.size() >= 4 && memcmp(head.end() - 4, "\r\n\r\n", 4) == 0) break;
+  }
+  head.add('\0');
+  return kj::String(head.releaseAsArray());
+}
+
+kj::String readToEof(kj::AsyncIoStream& stream, kj::WaitScope& waitScope) {
+  auto result = stream.readAllText().catch_([](kj::Exception&&) { return kj::str(); });
+  return result.wait(waitScope);
+}
+
+bool contains(kj::StringPtr haystack, kj::StringPtr needle) {
+  return strstr(haystack.cStr(), needle.cStr()) != nullptr;
+}
+
+kj::String webSocketAccept(kj::StringPtr key) {
+  auto input = kj::str(key, "258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+  kj::byte digest[20];
+  KJ_ASSERT(gnutls_hash_fast(GNUTLS_DIG_SHA1, input.begin(), input.size(), digest) == 0);
+  return kj::encodeBase64(kj::arrayPtr(digest, 20));
+}
+
+// =============================================================================================
+
+KJ_TEST("unknown host and a tunnel without live connection get a 1033 error page") {
+  Harness h;
+  auto& t = h.tunnel();
+  {
+    auto connection = h.dial();
+    writeText(*connection, "GET / HTTP/1.1\r\nHost: nobody.trycloudflare.localhost\r\n\r\n")
+        .wait(h.io.waitScope);
+    auto head = readHead(*connection, h.io.waitScope);
+    KJ_EXPECT(head.startsWith("HTTP/1.1 530 "), head);
+  }
+  auto client = h.client();
+  kj::HttpHeaders headers(h.table);
+  headers.set(kj::HttpHeaderId::HOST, t.hostname);
+  auto response = client->request(kj::HttpMethod::GET, "/", headers).response.wait(h.io.waitScope);
+  KJ_EXPECT(response.statusCode == 530);
+  auto body = response.body->readAllText().wait(h.io.waitScope);
+  KJ_EXPECT(contains(body, "1033"), body);
+}
+
+KJ_TEST("routing by Host; the ConnectRequest matches the recorded 2023.7.3 request") {
+  Harness h;
+  auto& a = h.tunnel("example.trycloudflare.com");
+  auto& b = h.tunnel();
+  auto& ca = h.connect(a);
+  auto& cb = h.connect(b);
+
+  // Decode the recorded edge -> cloudflared request.
+  auto recorded = vector("edge -> cloudflared, ConnectRequest");
+  KJ_ASSERT(recorded.slice(0, 8) == kj::arrayPtr(PREAMBLE, 8));
+  auto words = kj::heapArray<capnp::word>((recorded.size() - 8) / sizeof(capnp::word));
+  memcpy(words.begin(), recorded.begin() + 8, words.asBytes().size());
+  capnp::FlatArrayMessageReader recordedMessage(words);
+  auto expected = recordedMessage.getRoot<schema::ConnectRequest>();
+
+  auto connection = h.dial();
+  writeText(*connection, "GET /path?q=1 HTTP/1.1\r\nHost: EXAMPLE.TryCloudflare.com:8443\r\n"
+                         "Accept: */*\r\nX-Forwarded-For: 203.0.113.9\r\n"
+                         "Cookie: a=1\r\nCookie: b=2\r\n\r\n").wait(h.io.waitScope);
+  auto stream = ca.nextStream().wait(h.io.waitScope);
+  KJ_EXPECT(cb.opened == 0);
+  auto request = readTunnelRequest(*stream).wait(h.io.waitScope);
+  auto root = request.root();
+  KJ_EXPECT(root.getDest() == expected.getDest(), root.getDest());
+  KJ_EXPECT(root.getType() == expected.getType());
+  for (auto m: expected.getMetadata()) {
+    auto got = request.values(m.getKey());
+    KJ_EXPECT(got.size() == 1 && got[0] == m.getVal(), m.getKey(), m.getVal());
+  }
+  KJ_EXPECT(KJ_ASSERT_NONNULL(request.value("HttpHeader:Cf-Connecting-Ip")) == "127.0.0.1");
+  KJ_EXPECT(KJ_ASSERT_NONNULL(request.value("HttpHeader:X-Forwarded-For")) ==
+            "203.0.113.9, 127.0.0.1");
+  KJ_EXPECT(KJ_ASSERT_NONNULL(request.value("HttpHeader:X-Forwarded-Proto")) == "https");
+  KJ_EXPECT(KJ_ASSERT_NONNULL(request.value("HttpHeader:Cf-Visitor")) == "{\"scheme\":\"https\"}");
+  auto ray = KJ_ASSERT_NONNULL(request.value("HttpHeader:Cf-Ray"));
+  KJ_EXPECT(ray.size() == 20 && ray.endsWith("-EMU"), ray);
+  KJ_EXPECT(request.values("HttpHeader:Cookie").size() >= 1);
+  KJ_EXPECT(!request.hasKeyIgnoreCase("HttpHeader:Host"));
+  KJ_EXPECT(!request.hasKeyIgnoreCase("HttpHeader:Connection"));
+  KJ_EXPECT(!request.hasKeyIgnoreCase("HttpHeader:Content-Length"));
+  KJ_EXPECT(!request.hasKeyIgnoreCase("HttpHeader:Transfer-Encoding"));
+
+  // GET without body: the front door FINs right after the ConnectRequest.
+  char c;
+  KJ_EXPECT(stream->tryRead(&c, 1, 1).wait(h.io.waitScope) == 0);
+
+  // Answer with the recorded 2023.7.3 success response, then a body and FIN.
+  writeBytes(*stream, kj::heapArray(vector("ConnectResponse success"))).wait(h.io.waitScope);
+  writeText(*stream, "hello from the origin").wait(h.io.waitScope);
+  stream->shutdownWrite();
+  auto head = readHead(*connection, h.io.waitScope);
+  KJ_EXPECT(head.startsWith("HTTP/1.1 200 OK\r\n"), head);
+  KJ_EXPECT(contains(head, "Content-Type: text/plain"), head);
+  KJ_EXPECT(contains(head, "Transfer-Encoding: chunked"), head);  // no Content-Length: FIN-delimited
+
+  // Keep-alive: the same public connection now asks for the other tunnel, lower case + port.
+  auto bHost = kj::str(b.hostname, ":80");
+  writeText(*connection, kj::str("GET / HTTP/1.1\r\nHost: ", bHost, "\r\n\r\n")).wait(h.io.waitScope);
+  auto streamB = cb.nextStream().wait(h.io.waitScope);
+  auto requestB = readTunnelRequest(*streamB).wait(h.io.waitScope);
+  KJ_EXPECT(requestB.root().getDest() == kj::str("https://", b.hostname, "/"));
+  KJ_EXPECT(KJ_ASSERT_NONNULL(requestB.value("HttpHost")) == b.hostname);
+  writeBytes(*streamB, encodeResponse(204, {})).wait(h.io.waitScope);
+  streamB->shutdownWrite();
+  KJ_EXPECT(ca.opened == 1);
+}
+
+KJ_TEST("round-robin over live connections; unregistered connections get no requests") {
+  Harness h;
+  auto& t = h.tunnel();
+  auto& c0 = h.connect(t, 0);
+  auto& c1 = h.connect(t, 1);
+  auto client = h.client();
+  auto serveOne = [&](PipeConnection& c) {
+    auto stream = c.nextStream().wait(h.io.waitScope);
+    readTunnelRequest(*stream).wait(h.io.waitScope);
+    writeBytes(*stream, encodeResponse(200, {{"Content-Length", "2"}})).wait(h.io.waitScope);
+    writeText(*stream, "ok").wait(h.io.waitScope);
+    stream->shutdownWrite();
+  };
+  for (int i = 0; i < 4; i++) {
+    kj::HttpHeaders headers(h.table);
+    headers.set(kj::HttpHeaderId::HOST, t.hostname);
+    auto response = client->request(kj::HttpMethod::GET, "/", headers).response;
+    serveOne(i % 2 == 0 ? c0 : c1);
+    auto r = response.wait(h.io.waitScope);
+    KJ_EXPECT(r.statusCode == 200);
+    KJ_EXPECT(r.body->readAllText().wait(h.io.waitScope) == "ok");
+  }
+  KJ_EXPECT(c0.opened == 2 && c1.opened == 2);
+
+  h.registry.unregisterConnection(*h.registry.connections()[0]);
+  for (int i = 0; i < 2; i++) {
+    kj::HttpHeaders headers(h.table);
+    headers.set(kj::HttpHeaderId::HOST, t.hostname);
+    auto response = client->request(kj::HttpMethod::GET, "/", headers).response;
+    serveOne(c1);
+    KJ_EXPECT(response.wait(h.io.waitScope).statusCode == 200);
+  }
+  KJ_EXPECT(c0.opened == 2 && c1.opened == 4);
+}
+
+KJ_TEST("ConnectResponse.error (recorded bytes) becomes a 502 page") {
+  Harness h;
+  auto& t = h.tunnel();
+  auto& c = h.connect(t);
+  auto client = h.client();
+  kj::HttpHeaders headers(h.table);
+  headers.set(kj::HttpHeaderId::HOST, t.hostname);
+  auto response = client->request(kj::HttpMethod::GET, "/", headers).response;
+  auto stream = c.nextStream().wait(h.io.waitScope);
+  readTunnelRequest(*stream).wait(h.io.waitScope);
+  writeBytes(*stream, kj::heapArray(vector("ConnectResponse error"))).wait(h.io.waitScope);
+  stream->shutdownWrite();
+  auto r = response.wait(h.io.waitScope);
+  KJ_EXPECT(r.statusCode == 502);
+  auto body = r.body->readAllText().wait(h.io.waitScope);
+  KJ_EXPECT(contains(body, "502"), body);
+}
+
+KJ_TEST("garbage instead of a ConnectResponse, or a failed stream open, gives 502") {
+  Harness h;
+  auto& t = h.tunnel();
+  auto& c = h.connect(t);
+  auto client = h.client();
+  {
+    kj::HttpHeaders headers(h.table);
+    headers.set(kj::HttpHeaderId::HOST, t.hostname);
+    auto response = client->request(kj::HttpMethod::GET, "/", headers).response;
+    auto stream = c.nextStream().wait(h.io.waitScope);
+    readTunnelRequest(*stream).wait(h.io.waitScope);
+    // The front door stops reading after the 6 bad signature bytes: don't wait for the write.
+    auto garbage = writeText(*stream, "HTTP/1.1 200 OK\r\n\r\n")
+        .catch_([](kj::Exception&&) {}).eagerlyEvaluate(nullptr);
+    KJ_EXPECT(response.wait(h.io.waitScope).statusCode == 502);
+  }
+  c.failOpen = true;
+  {
+    kj::HttpHeaders headers(h.table);
+    headers.set(kj::HttpHeaderId::HOST, t.hostname);
+    auto response = client->request(kj::HttpMethod::GET, "/", headers).response;
+    KJ_EXPECT(response.wait(h.io.waitScope).statusCode == 502);
+  }
+}
+
+// Echo server on the tunnel side: answers with the request body, with or without Content-Length.
+kj::Promise<void> echo(kj::AsyncIoStream& stream, bool withLength, kj::WaitScope& waitScope) {
+  auto request = readTunnelRequest(stream).wait(waitScope);
+  kj::Maybe<uint64_t> length;
+  KJ_IF_MAYBE(cl, request.value("HttpHeader:Content-Length")) length = cl->parseAs<uint64_t>();
+  bool chunked = request.value("HttpHeader:Transfer-Encoding") != nullptr;
+  KJ_ASSERT(length == nullptr || !chunked);
+  auto body = stream.readAllBytes().wait(waitScope);   // until the front door's FIN
+  KJ_IF_MAYBE(l, length) KJ_ASSERT(*l == body.size(), *l, body.size());
+  if (withLength) {
+    writeBytes(stream, encodeResponse(200, {{"Content-Length", kj::str(body.size())},
+                                            {"Content-Type", "application/octet-stream"}}))
+        .wait(waitScope);
+  } else {
+    writeBytes(stream, encodeResponse(200, {{"Content-Type", "application/octet-stream"}}))
+        .wait(waitScope);
+  }
+  return writeBytes(stream, kj::mv(body));
+}
+
+void bodyRoundTrip(Harness& h, PipeConnection& c, IssuedTunnel& t, size_t size,
+                   bool requestLength, bool responseLength) {
+  KJ_CONTEXT(size, requestLength, responseLength);
+  auto data = pattern(size, static_cast<uint32_t>(size));
+  auto client = h.client();
+  kj::HttpHeaders headers(h.table);
+  headers.set(kj::HttpHeaderId::HOST, t.hostname);
+  auto request = client->request(kj::HttpMethod::POST, "/echo", headers,
+      requestLength ? kj::Maybe<uint64_t>(size) : kj::Maybe<uint64_t>(nullptr));
+  auto writing = request.body->write(data.begin(), data.size())
+      .then([body = kj::mv(request.body)]() mutable { body = nullptr; })
+      .eagerlyEvaluate(nullptr);
+  auto stream = c.nextStream().wait(h.io.waitScope);
+  auto answering = echo(*stream, responseLength, h.io.waitScope)
+      .then([&stream]() { stream->shutdownWrite(); }).eagerlyEvaluate(nullptr);
+  auto response = request.response.wait(h.io.waitScope);
+  KJ_EXPECT(response.statusCode == 200);
+  if (responseLength) {
+    KJ_EXPECT(KJ_ASSERT_NONNULL(response.body->tryGetLength()) == size);
+  }
+  auto got = response.body->readAllBytes().wait(h.io.waitScope);
+  writing.wait(h.io.waitScope);
+  answering.wait(h.io.waitScope);
+  KJ_EXPECT(got.size() == size, got.size());
+  KJ_EXPECT(got.asPtr() == data.asPtr());
+}
+
+KJ_TEST("body integrity both ways: 0 B, 1 B, 1 MiB with and without Content-Length") {
+  Harness h;
+  auto& t = h.tunnel();
+  auto& c = h.connect(t);
+  for (size_t size: {size_t(0), size_t(1), size_t(1) << 20}) {
+    for (bool requestLength: {true, false}) {
+      for (bool responseLength: {true, false}) {
+        bodyRoundTrip(h, c, t, size, requestLength, responseLength);
+      }
+    }
+  }
+}
+
+KJ_TEST("body integrity both ways: 64 MiB, Content-Length one way, chunked the other") {
+  Harness h;
+  auto& t = h.tunnel();
+  auto& c = h.connect(t);
+  bodyRoundTrip(h, c, t, 64 << 20, true, false);
+  bodyRoundTrip(h, c, t, 64 << 20, false, true);
+}
+
+KJ_TEST("chunked request body: Transfer-Encoding: chunked and de-chunked bytes reach the tunnel") {
+  Harness h;
+  auto& t = h.tunnel();
+  auto& c = h.connect(t);
+  auto connection = h.dial();
+  writeText(*connection, kj::str(
+      "POST /upload HTTP/1.1\r\nHost: ", t.hostname, "\r\nTransfer-Encoding: chunked\r\n\r\n"
+      "5\r\nhello\r\n1\r\n \r\n6\r\nworld!\r\n0\r\n\r\n")).wait(h.io.waitScope);
+  auto stream = c.nextStream().wait(h.io.waitScope);
+  auto request = readTunnelRequest(*stream).wait(h.io.waitScope);
+  KJ_EXPECT(KJ_ASSERT_NONNULL(request.value("HttpHeader:Transfer-Encoding")) == "chunked");
+  KJ_EXPECT(request.value("HttpHeader:Content-Length") == nullptr);
+  KJ_EXPECT(stream->readAllText().wait(h.io.waitScope) == "hello world!");
+  writeBytes(*stream, encodeResponse(201, {{"Content-Length", "0"}})).wait(h.io.waitScope);
+  stream->shutdownWrite();
+  auto head = readHead(*connection, h.io.waitScope);
+  KJ_EXPECT(head.startsWith("HTTP/1.1 201 Created"), head);
+}
+
+KJ_TEST("Expect: 100-continue is answered by the front door and never forwarded") {
+  Harness h;
+  auto& t = h.tunnel();
+  auto& c = h.connect(t);
+  auto connection = h.dial();
+  writeText(*connection, kj::str(
+      "PUT /file HTTP/1.1\r\nHost: ", t.hostname, "\r\nContent-Length: 11\r\n"
+      "Expect: 100-continue\r\n\r\n")).wait(h.io.waitScope);
+  auto interim = readHead(*connection, h.io.waitScope);   // before any body byte was sent
+  KJ_EXPECT(interim == "HTTP/1.1 100 Continue\r\n\r\n", interim);
+  auto stream = c.nextStream().wait(h.io.waitScope);
+  auto request = readTunnelRequest(*stream).wait(h.io.waitScope);
+  KJ_EXPECT(request.root().getType() == schema::ConnectionType::HTTP);
+  KJ_EXPECT(!request.hasKeyIgnoreCase("HttpHeader:Expect"));
+  KJ_EXPECT(KJ_ASSERT_NONNULL(request.value("HttpHeader:Content-Length")) == "11");
+  writeText(*connection, "hello world").wait(h.io.waitScope);
+  KJ_EXPECT(stream->readAllText().wait(h.io.waitScope) == "hello world");
+  writeBytes(*stream, encodeResponse(200, {{"Content-Length", "2"}})).wait(h.io.waitScope);
+  writeText(*stream, "ok").wait(h.io.waitScope);
+  stream->shutdownWrite();
+  auto head = readHead(*connection, h.io.waitScope);
+  KJ_EXPECT(head.startsWith("HTTP/1.1 200 OK"), head);
+}
+
+KJ_TEST("a streamed response reaches the public client before it ends (SSE)") {
+  Harness h;
+  auto& t = h.tunnel();
+  auto& c = h.connect(t);
+  auto client = h.client();
+  kj::HttpHeaders headers(h.table);
+  headers.set(kj::HttpHeaderId::HOST, t.hostname);
+  auto response = client->request(kj::HttpMethod::GET, "/events", headers).response;
+  auto stream = c.nextStream().wait(h.io.waitScope);
+  readTunnelRequest(*stream).wait(h.io.waitScope);
+  writeBytes(*stream, encodeResponse(200, {{"Content-Type", "text/event-stream"}}))
+      .wait(h.io.waitScope);
+  auto r = response.wait(h.io.waitScope);
+  KJ_EXPECT(r.statusCode == 200);
+  for (int i = 0; i < 3; i++) {
+    auto event = kj::str("data: event ", i, "\n\n");
+    writeText(*stream, event).wait(h.io.waitScope);
+    auto buffer = kj::heapArray<char>(event.size());
+    r.body->read(buffer.begin(), buffer.size()).wait(h.io.waitScope);   // stream still open
+    KJ_EXPECT(kj::str(buffer) == event);
+  }
+  stream->shutdownWrite();
+  KJ_EXPECT(r.body->readAllText().wait(h.io.waitScope) == "");
+}
+
+KJ_TEST("a stream reset mid-body aborts the public connection (never a complete response)") {
+  for (bool withLength: {false, true}) {
+    KJ_CONTEXT(withLength);
+    Harness h;
+    auto& t = h.tunnel();
+    auto& c = h.connect(t);
+    auto connection = h.dial();
+    writeText(*connection, kj::str("GET /big HTTP/1.1\r\nHost: ", t.hostname, "\r\n\r\n"))
+        .wait(h.io.waitScope);
+    auto stream = c.nextStream().wait(h.io.waitScope);
+    readTunnelRequest(*stream).wait(h.io.waitScope);
+    if (withLength) {
+      writeBytes(*stream, encodeResponse(200, {{"Content-Length", "1000"}})).wait(h.io.waitScope);
+    } else {
+      writeBytes(*stream, encodeResponse(200, {})).wait(h.io.waitScope);
+    }
+    writeText(*stream, "partial").wait(h.io.waitScope);
+    auto head = readHead(*connection, h.io.waitScope);
+    KJ_EXPECT(head.startsWith("HTTP/1.1 200 OK"), head);
+    c.lastFrontDoorSide->failReads();
+    auto rest = readToEof(*connection, h.io.waitScope);
+    if (withLength) {
+      KJ_EXPECT(rest == "partial", rest);
+    } else {
+      KJ_EXPECT(contains(rest, "partial"), rest);
+      KJ_EXPECT(!rest.endsWith("0\r\n\r\n"), rest);    // no terminating chunk
+    }
+  }
+}
+
+KJ_TEST("a FIN before the announced Content-Length also aborts the public connection") {
+  Harness h;
+  auto& t = h.tunnel();
+  auto& c = h.connect(t);
+  auto connection = h.dial();
+  writeText(*connection, kj::str("GET / HTTP/1.1\r\nHost: ", t.hostname, "\r\n\r\n"))
+      .wait(h.io.waitScope);
+  auto stream = c.nextStream().wait(h.io.waitScope);
+  readTunnelRequest(*stream).wait(h.io.waitScope);
+  writeBytes(*stream, encodeResponse(200, {{"Content-Length", "100"}})).wait(h.io.waitScope);
+  writeText(*stream, "short").wait(h.io.waitScope);
+  stream->shutdownWrite();
+  auto head = readHead(*connection, h.io.waitScope);
+  KJ_EXPECT(readToEof(*connection, h.io.waitScope) == "short");
+}
+
+KJ_TEST("WebSocket: own Sec-WebSocket-Key, no extensions, frames relayed both ways") {
+  Harness h;
+  auto& t = h.tunnel();
+  auto& c = h.connect(t);
+  auto connection = h.dial();
+  writeText(*connection, kj::str(
+      "GET /ws?x=1 HTTP/1.1\r\nHost: ", t.hostname, "\r\nConnection: Upgrade\r\n"
+      "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+      "Sec-WebSocket-Extensions: permessage-deflate\r\nOrigin: http://test\r\n\r\n"))
+      .wait(h.io.waitScope);
+  auto stream = c.nextStream().wait(h.io.waitScope);
+  auto request = readTunnelRequest(*stream).wait(h.io.waitScope);
+  KJ_EXPECT(request.root().getType() == schema::ConnectionType::WEBSOCKET);
+  KJ_EXPECT(request.root().getDest() == kj::str("https://", t.hostname, "/ws?x=1"));
+  auto keys = request.values("HttpHeader:Sec-Websocket-Key");
+  KJ_ASSERT(keys.size() == 1);
+  KJ_EXPECT(keys[0] != "dGhlIHNhbXBsZSBub25jZQ==");
+  auto decodedKey = kj::decodeBase64(keys[0]);
+  KJ_EXPECT(!decodedKey.hadErrors && decodedKey.size() == 16);
+  KJ_EXPECT(!request.hasKeyIgnoreCase("HttpHeader:Sec-Websocket-Extensions"));
+  KJ_EXPECT(KJ_ASSERT_NONNULL(request.value("HttpHeader:Origin")) == "http://test");
+
+  writeBytes(*stream, encodeResponse(101, {{"Connection", "Upgrade"}, {"Upgrade", "websocket"},
+      {"Sec-Websocket-Accept", webSocketAccept(keys[0])}, {"X-Origin", "yes"}}))
+      .wait(h.io.waitScope);
+  auto head = readHead(*connection, h.io.waitScope);
+  KJ_EXPECT(head.startsWith("HTTP/1.1 101"), head);
+  KJ_EXPECT(contains(head, webSocketAccept("dGhlIHNhbXBsZSBub25jZQ==")), head);
+  KJ_EXPECT(contains(head, "X-Origin: yes"), head);
+
+  RandomEntropySource entropy;
+  auto publicSocket = kj::newWebSocket(kj::mv(connection), entropy);   // client: masked
+  auto tunnelSocket = kj::newWebSocket(kj::mv(stream), nullptr);       // origin side
+
+  publicSocket->send(kj::StringPtr("hello")).wait(h.io.waitScope);
+  auto message = tunnelSocket->receive().wait(h.io.waitScope);
+  KJ_EXPECT(message.get<kj::String>() == "hello");
+  auto blob = pattern(100000, 7);
+  tunnelSocket->send(blob.asPtr()).wait(h.io.waitScope);
+  auto back = publicSocket->receive().wait(h.io.waitScope);
+  KJ_EXPECT(back.get<kj::Array<kj::byte>>().asPtr() == blob.asPtr());
+
+  publicSocket->close(1000, "bye").wait(h.io.waitScope);
+  auto closing = tunnelSocket->receive().wait(h.io.waitScope);
+  KJ_EXPECT(closing.get<kj::WebSocket::Close>().code == 1000);
+  tunnelSocket->close(1000, "bye").wait(h.io.waitScope);
+  auto closed = publicSocket->receive().wait(h.io.waitScope);
+  KJ_EXPECT(closed.get<kj::WebSocket::Close>().code == 1000);
+}
+
+KJ_TEST("response head timeout gives 524; a dropped connection makes requests fail fast") {
+  FrontDoorOptions options;
+  options.responseHeadTimeout = 100 * kj::MILLISECONDS;
+  Harness h(options);
+  auto& t = h.tunnel();
+  auto& c = h.connect(t);
+  auto client = h.client();
+  {
+    kj::HttpHeaders headers(h.table);
+    headers.set(kj::HttpHeaderId::HOST, t.hostname);
+    auto response = client->request(kj::HttpMethod::GET, "/", headers).response;
+    auto stream = c.nextStream().wait(h.io.waitScope);   // never answered
+    KJ_EXPECT(response.wait(h.io.waitScope).statusCode == 524);
+  }
+  h.registry.connectionClosed(c);
+  {
+    kj::HttpHeaders headers(h.table);
+    headers.set(kj::HttpHeaderId::HOST, t.hostname);
+    auto start = h.io.provider->getTimer().now();
+    auto r = client->request(kj::HttpMethod::GET, "/", headers).response.wait(h.io.waitScope);
+    KJ_EXPECT(r.statusCode == 530);
+    KJ_EXPECT(contains(r.body->readAllText().wait(h.io.waitScope), "1033"));
+    KJ_EXPECT(h.io.provider->getTimer().now() - start < 1 * kj::SECONDS);
+  }
+}
+
+KJ_TEST("many concurrent requests over keep-alive connections") {
+  Harness h;
+  auto& t = h.tunnel();
+  auto& c = h.connect(t);
+  constexpr int CLIENTS = 8;
+  constexpr int PER_CLIENT = 8;
+  kj::Vector<kj::Own<kj::HttpClient>> clients;
+  kj::Vector<kj::Promise<kj::String>> responses;
+  for (int i = 0; i < CLIENTS; i++) clients.add(h.client());
+  for (int round = 0; round < PER_CLIENT; round++) {
+    for (int i = 0; i < CLIENTS; i++) {
+      kj::HttpHeaders headers(h.table);
+      headers.set(kj::HttpHeaderId::HOST, t.hostname);
+      responses.add(clients[i]->request(kj::HttpMethod::GET, kj::str("/n/", i, "/", round),
+                                        headers).response
+          .then([](kj::HttpClient::Response&& r) {
+            return r.body->readAllText().attach(kj::mv(r.body));
+          }));
+    }
+  }
+  // Serve CLIENTS requests concurrently at a time, answering each with its own path.
+  for (int served = 0; served < CLIENTS * PER_CLIENT; served++) {
+    auto stream = c.nextStream().wait(h.io.waitScope);
+    auto request = readTunnelRequest(*stream).wait(h.io.waitScope);
+    auto dest = kj::str(request.root().getDest());
+    writeBytes(*stream, encodeResponse(200, {{"Content-Length", kj::str(dest.size())}}))
+        .wait(h.io.waitScope);
+    writeText(*stream, dest).wait(h.io.waitScope);
+    stream->shutdownWrite();
+  }
+  int i = 0;
+  for (auto& r: responses) {
+    auto body = r.wait(h.io.waitScope);
+    KJ_EXPECT(body == kj::str("https://", t.hostname, "/n/", i % CLIENTS, "/", i / CLIENTS), body);
+    i++;
+  }
+}
+
+}  // namespace
+}  // namespace cfqt::emulator

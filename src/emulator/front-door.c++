@@ -399,9 +399,18 @@ kj::Promise<void> FrontDoor::Exchange::sendRequest() {
       websocket ? wire::schema::ConnectionType::WEBSOCKET : wire::schema::ConnectionType::HTTP,
       kj::str(method), host, forwarded);
   // writeConnectRequest() encodes synchronously; the promise owns the bytes.
-  return wire::writeConnectRequest(*stream, root.asReader())
+  auto writing = wire::writeConnectRequest(*stream, root.asReader())
       .then([this]() { return sendBody(); },
             [this](kj::Exception&& e) { return tunnelWriteFailed(kj::mv(e)); });
+  if (!websocket && requestBody.tryGetLength() != uint64_t(0) && expectsContinue()) {
+    // kj 0.9.2's HttpServer ignores Expect; answer it like the real edge does, at once, on the
+    // raw connection (nothing else is written on it before the response starts, and the
+    // response can't start before the client read the ConnectRequest written after this).
+    static constexpr kj::StringPtr CONTINUE = "HTTP/1.1 100 Continue\r\n\r\n"_kj;
+    return service.connection.write(CONTINUE.begin(), CONTINUE.size())
+        .then([writing = kj::mv(writing)]() mutable { return kj::mv(writing); });
+  }
+  return kj::mv(writing);
 }
 
 kj::Promise<void> FrontDoor::Exchange::sendBody() {
@@ -413,13 +422,6 @@ kj::Promise<void> FrontDoor::Exchange::sendBody() {
     }
   }
   upBuffer = kj::heapArray<kj::byte>(BODY_BUFFER_SIZE);
-  if (expectsContinue()) {
-    // kj 0.9.2's HttpServer ignores Expect; answer it on the raw connection before reading the
-    // body (nothing else is being written on it while the response has not started).
-    static constexpr kj::StringPtr CONTINUE = "HTTP/1.1 100 Continue\r\n\r\n"_kj;
-    return service.connection.write(CONTINUE.begin(), CONTINUE.size())
-        .then([this]() { return pumpRequestBody(); });
-  }
   return pumpRequestBody();
 }
 
@@ -585,12 +587,25 @@ FrontDoor::FrontDoor(kj::Timer& timer, const kj::HttpHeaderTable& headerTable,
                settings.headerTimeout = options.headerTimeout;
                settings.pipelineTimeout = options.pipelineTimeout;
                return settings;
-             }()) {}
+             }()),
+      connections(errorHandler) {}
 
 FrontDoor::~FrontDoor() noexcept(false) {}
 
 kj::Promise<void> FrontDoor::listen(kj::ConnectionReceiver& port) {
-  return server.listenHttp(port);
+  // Our own accept loop rather than HttpServer::listenHttp(port): a public connection that we
+  // abort on purpose (tunnel stream reset mid-body) must not be logged as a server bug.
+  return port.accept().then([this, &port](kj::Own<kj::AsyncIoStream> connection) {
+    connections.add(serve(kj::mv(connection)));
+    return listen(port);
+  });
+}
+
+void FrontDoor::ErrorHandler::taskFailed(kj::Exception&& exception) {
+  // Public connections end with errors for ordinary reasons: the client went away (DISCONNECTED)
+  // or we cut the connection after a tunnel stream failed mid-response (kj then reports
+  // "previous HTTP message body incomplete"). Neither is a bug of this process.
+  KJ_LOG(INFO, "public connection ended with an error", exception);
 }
 
 kj::Promise<void> FrontDoor::serve(kj::Own<kj::AsyncIoStream> connection) {

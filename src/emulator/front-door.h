@@ -47,6 +47,10 @@ public:
 private:
   class Service;
   class Exchange;
+  class ErrorHandler final: public kj::TaskSet::ErrorHandler {
+  public:
+    void taskFailed(kj::Exception&& exception) override;
+  };
 
   kj::Timer& timer;
   const kj::HttpHeaderTable& headerTable;
@@ -54,6 +58,8 @@ private:
   FrontDoorOptions options;
   uint64_t requests = 0;
   kj::HttpServer server;
+  ErrorHandler errorHandler;
+  kj::TaskSet connections;    // public connections accepted by listen()
 };
 
 class RandomEntropySource final: public kj::EntropySource {
