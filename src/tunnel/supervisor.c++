@@ -75,6 +75,7 @@ kj::Promise<void> Supervisor::attempt(Slot& slot) {
   auto now = timer.now();
   KJ_IF_MAYBE(address, pool.addressFor(slot.index, now)) {
     slot.attempts++;
+    slot.retired = nullptr;
     AttemptInfo info{slot.index, *address,
                      static_cast<uint8_t>(kj::min(slot.backoff.retries(), 255u))};
     auto session = factory.newSession(kj::mv(info), *this);
@@ -95,6 +96,8 @@ kj::Promise<void> Supervisor::attempt(Slot& slot) {
 
 kj::Promise<void> Supervisor::afterSession(Slot& slot, SessionEnd end) {
   notReady(slot.index);
+  // Not destroyed here: the session's own promises may still be unwinding in this turn.
+  slot.retired = kj::mv(slot.session);
   slot.session = nullptr;
   if (end.wasRegistered) slot.backoff.reset();
 

@@ -108,6 +108,7 @@ private:
     uint index;
     Backoff backoff;
     kj::Maybe<kj::Own<Session>> session;
+    kj::Maybe<kj::Own<Session>> retired;   // the last ended session, dropped at the next attempt
     bool started = false;
     bool stopped = false;
     bool ready = false;

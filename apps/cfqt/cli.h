@@ -1,0 +1,76 @@
+#pragma once
+// Command line of `cfqt`, a drop-in for cloudflared's quick-tunnel mode:
+//   cfqt [tunnel] [--url] URL [flags]        cfqt --hello-world         cfqt --local --hello-world
+// Flags take `--flag value`, `--flag=value`, and the single-dash forms Go accepts (`-url X`).
+// Written by hand because kj::MainBuilder cannot mix an optional `tunnel` word, a positional URL
+// and `--flag value` options in any order.
+
+#include <kj/one-of.h>
+#include <kj/string.h>
+#include <kj/time.h>
+#include <kj/vector.h>
+
+namespace cfqt::cli {
+
+using kj::uint;
+
+struct CliOptions {
+  kj::Maybe<kj::String> url;             // --url or the positional argument
+  bool helloWorld = false;
+  kj::Maybe<kj::String> unixSocket;
+  kj::Maybe<kj::String> quickService;    // --quick-service (default https://api.trycloudflare.com)
+  kj::Vector<kj::String> edges;          // --edge, repeatable
+  kj::Maybe<kj::String> edgeCa;          // --edge-ca / --cacert
+  kj::Maybe<kj::String> region;
+  kj::String edgeIpVersion = kj::str("auto");
+  kj::Maybe<kj::String> dnsServer;
+  kj::Maybe<kj::String> dotServer;
+  uint haConnections = 2;
+  uint retries = 5;
+  kj::Duration gracePeriod = 30 * kj::SECONDS;
+  kj::Maybe<kj::String> metrics;
+  kj::String logLevel = kj::str("info");
+  kj::Maybe<kj::String> logFile;
+  kj::Maybe<kj::String> httpHostHeader;
+  kj::Maybe<kj::String> originCaPool;
+  kj::Maybe<kj::String> originServerName;
+  bool noTlsVerify = false;
+  kj::Maybe<kj::String> userAgent;
+  kj::String clientVersion = kj::str("2026.8.2");
+  bool local = false;
+  bool noAutoupdate = false;
+  kj::String protocol = kj::str("quic");
+
+  // Timeouts and backoff (hidden flags; tests use milliseconds).
+  kj::Duration backoffBase = 1 * kj::SECONDS;          // --backoff-base
+  kj::Duration haStagger = 1 * kj::SECONDS;            // --ha-stagger
+  kj::Duration quicIdleTimeout = 5 * kj::SECONDS;      // --quic-idle-timeout
+  kj::Duration quicKeepAlive = 1 * kj::SECONDS;        // --quic-keepalive-period
+  kj::Duration handshakeTimeout = 10 * kj::SECONDS;    // --quic-handshake-timeout
+  kj::Duration rpcTimeout = 5 * kj::SECONDS;           // --rpc-timeout
+  kj::Duration apiTimeout = 15 * kj::SECONDS;          // --api-timeout
+  kj::Maybe<kj::Duration> apiRetryDelay;               // --api-retry-delay (each of 3 retries)
+  kj::Duration dnsTimeout = 5 * kj::SECONDS;           // --dns-timeout
+  kj::Duration dotTimeout = 15 * kj::SECONDS;          // --dot-timeout
+  kj::Duration proxyConnectTimeout = 30 * kj::SECONDS; // --proxy-connect-timeout
+  kj::Duration proxyTlsTimeout = 10 * kj::SECONDS;     // --proxy-tls-timeout
+  kj::Duration proxyKeepAliveTimeout = 90 * kj::SECONDS;  // --proxy-keepalive-timeout
+  kj::Duration helloSseInterval = 1 * kj::SECONDS;     // --hello-sse-interval
+
+  kj::Vector<kj::String> explicitlySet;  // canonical names of the flags given on the command line
+};
+
+struct CliExit {
+  int code;          // 0 for --help/--version
+  kj::String text;   // printed on stdout (code 0) or stderr
+};
+
+kj::OneOf<CliOptions, CliExit> parseCommandLine(kj::ArrayPtr<const kj::StringPtr> args);
+// `args` excludes argv[0]. Never throws on bad input.
+
+kj::Maybe<kj::Duration> parseGoDuration(kj::StringPtr text);
+// Go's time.ParseDuration ("300ms", "1m30s", "2h", "1.5s") plus a bare number meaning seconds.
+
+kj::String usage();
+
+}  // namespace cfqt::cli

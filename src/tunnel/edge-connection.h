@@ -1,0 +1,71 @@
+#pragma once
+// EdgeConnection: one QUIC connection to the edge for one HA index (PROTOCOL.md §3, §4, §6): dial
+// (ALPN argotunnel, SNI quic.cftunnel.com, Cloudflare roots + system store, or --edge-ca alone),
+// register through wire::ControlClient, push the local configuration on index 0, then serve
+// every stream the edge opens (data streams → origin, RPC streams → CloudflaredServer, anything
+// else reset) until the connection ends or shutdown() unregisters and drains it.
+
+#include "tunnel/supervisor.h"
+
+#include "observe/log.h"
+#include "observe/status.h"
+#include "origin/origin.h"
+#include "quic/config.h"
+#include "quic/connection.h"
+#include "wire/control.h"
+
+#include <kj/async-unix.h>
+#include <kj/timer.h>
+
+namespace cfqt::tunnel {
+
+struct EdgeIdentity {
+  // What every registration of this process sends (§4.2). The secret is never logged.
+  kj::String accountTag;
+  kj::Array<kj::byte> tunnelSecret;
+  kj::Array<kj::byte> tunnelId;       // 16 bytes
+  kj::Array<kj::byte> connectorId;    // 16 bytes, one per process
+  kj::String version;                 // --client-version, default 2026.8.2
+  kj::String arch;                    // linux_amd64, ...
+  kj::Array<kj::String> features = wire::defaultFeatures();
+};
+
+struct EdgeConnectionConfig {
+  kj::Maybe<kj::String> edgeCaFile;   // --edge-ca/--cacert: trusted alone (no system store)
+  kj::String serverName = kj::str("quic.cftunnel.com");
+  quic::TransportConfig transport;    // --quic-idle-timeout, --quic-keepalive, handshake timeout
+  wire::ControlClientOptions control; // callTimeout = --rpc-timeout
+  kj::Duration rpcStreamTimeout = 5 * kj::SECONDS;  // edge-opened RPC sessions (HEAD)
+  kj::String localConfigJson;         // updateLocalConfiguration payload (§4.4), index 0 only
+};
+
+struct EdgeContext {
+  kj::Timer& timer;
+  kj::UnixEventPort& eventPort;
+  origin::Origin& origin;
+  const observe::Logger& logger;
+  observe::TunnelStatus& status;
+  wire::RemoteConfigState& remoteConfig;
+  const EdgeIdentity& identity;
+  const EdgeConnectionConfig& config;
+};
+
+class EdgeConnectionFactory final: public SessionFactory {
+public:
+  explicit EdgeConnectionFactory(EdgeContext context): context(context) {}
+  // Everything in `context` must outlive the factory and its sessions.
+
+  kj::Own<Session> newSession(AttemptInfo info, SessionEvents& events) override;
+
+private:
+  EdgeContext context;
+};
+
+quic::ClientConfig makeClientConfig(const EdgeConnectionConfig& config);
+// The dial configuration: ALPN argotunnel, the SNI, and the trust roots (embedded Cloudflare
+// roots + system store, or only --edge-ca).
+
+kj::String describeClose(const quic::CloseInfo& info);
+// "edge closed the connection (application error 0x0, reason "...")" etc. for the logs.
+
+}  // namespace cfqt::tunnel

@@ -1,0 +1,294 @@
+#include "tunnel/runner.h"
+
+#include "edge/address-pool.h"
+
+#include <kj/debug.h>
+
+#include <algorithm>
+#include <errno.h>
+#include <sys/random.h>
+
+namespace cfqt::tunnel {
+
+namespace {
+
+constexpr kj::StringPtr DISCLAIMER =
+    "Thank you for trying Cloudflare Tunnel. Doing so, without a Cloudflare account, is a quick "
+    "way to experiment and try it out. However, be aware that these account-less Tunnels have no "
+    "uptime guarantee, are subject to the Cloudflare Online Services Terms of Use "
+    "(https://www.cloudflare.com/website-terms/), and Cloudflare reserves the right to "
+    "investigate your use of Tunnels for violations of such terms. If you intend to use Tunnels "
+    "in production you should use a pre-created named tunnel by following: "
+    "https://developers.cloudflare.com/cloudflare-one/connections/connect-apps"_kj;
+
+kj::String jsonString(kj::StringPtr text) {
+  kj::Vector<char> out(text.size() + 2);
+  out.add('"');
+  for (char c: text) {
+    switch (c) {
+      case '"': out.addAll(kj::StringPtr("\\\"")); break;
+      case '\\': out.addAll(kj::StringPtr("\\\\")); break;
+      case '\n': out.addAll(kj::StringPtr("\\n")); break;
+      case '\r': out.addAll(kj::StringPtr("\\r")); break;
+      case '\t': out.addAll(kj::StringPtr("\\t")); break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20) {
+          auto esc = kj::str("\\u00", kj::hex(static_cast<kj::byte>(c)).size() == 1 ? "0" : "",
+                             kj::hex(static_cast<kj::byte>(c)));
+          out.addAll(esc);
+        } else {
+          out.add(c);
+        }
+    }
+  }
+  out.add('"');
+  out.add('\0');
+  return kj::String(out.releaseAsArray());
+}
+
+}  // namespace
+
+kj::String localConfigurationJson(kj::StringPtr service, kj::ArrayPtr<const ConfigFlag> flags) {
+  // Keys sorted, as Go's encoding/json writes maps.
+  kj::Vector<const ConfigFlag*> sorted;
+  for (auto& f: flags) sorted.add(&f);
+  std::sort(sorted.begin(), sorted.end(),
+            [](const ConfigFlag* a, const ConfigFlag* b) { return a->name < b->name; });
+  kj::Vector<kj::String> entries;
+  for (auto f: sorted) entries.add(kj::str(jsonString(f->name), ':', jsonString(f->value)));
+  return kj::str("{\"__configuration_flags\":{", kj::strArray(entries, ","), "},"
+                 "\"ingress\":[{\"service\":", jsonString(service), ",\"originRequest\":{}}],"
+                 "\"warp-routing\":{}}");
+}
+
+kj::String connectorArch() {
+#if defined(__x86_64__)
+  return kj::str("linux_amd64");
+#elif defined(__aarch64__)
+  return kj::str("linux_arm64");
+#elif defined(__i386__)
+  return kj::str("linux_386");
+#elif defined(__arm__)
+  return kj::str("linux_arm");
+#else
+  return kj::str("linux_unknown");
+#endif
+}
+
+kj::Array<kj::byte> newConnectorId() {
+  auto id = kj::heapArray<kj::byte>(16);
+  size_t got = 0;
+  while (got < id.size()) {
+    ssize_t n = getrandom(id.begin() + got, id.size() - got, 0);
+    if (n <= 0) {
+      if (n < 0 && errno == EINTR) continue;
+      KJ_FAIL_SYSCALL("getrandom", errno);
+    }
+    got += n;
+  }
+  id[6] = (id[6] & 0x0f) | 0x40;   // version 4
+  id[8] = (id[8] & 0x3f) | 0x80;   // RFC 4122 variant
+  return id;
+}
+
+kj::String bannerText(kj::StringPtr url) {
+  kj::StringPtr lines[2] = {
+      "Your quick Tunnel has been created! Visit it at (it may take some time to be reachable):"_kj,
+      url};
+  size_t width = kj::max(lines[0].size(), lines[1].size()) + 4;
+  auto border = kj::str("+", kj::repeat('-', width), "+");
+  kj::Vector<kj::String> out;
+  out.add(kj::str(border));
+  for (auto& line: lines) {
+    out.add(kj::str("|  ", line, kj::repeat(' ', width - 2 - line.size()), "|"));
+  }
+  out.add(kj::mv(border));
+  return kj::strArray(out, "\n");
+}
+
+Runner::Runner(kj::AsyncIoContext& io, const observe::Logger& logger, RunnerOptions optionsParam,
+               RunnerCallbacks& callbacks)
+    : io(io), logger(logger), options(kj::mv(optionsParam)), callbacks(callbacks),
+      jitter(randomJitter()), stopSignal(nullptr) {
+  auto paf = kj::newPromiseAndFulfiller<void>();
+  stopFulfiller = kj::mv(paf.fulfiller);
+  stopSignal = paf.promise.fork();
+}
+
+Runner::~Runner() noexcept(false) {}
+
+kj::Promise<int> Runner::run() {
+  return start().exclusiveJoin(stopSignal.addBranch().then([this]() {
+    logger.info("Tunnel start-up cancelled");
+    return 0;
+  }));
+}
+
+void Runner::shutdown() {
+  if (stopping) return;
+  stopping = true;
+  KJ_IF_MAYBE(s, supervisor) {
+    shutdownTask = (*s)->shutdown(options.gracePeriod).eagerlyEvaluate([this](kj::Exception&& e) {
+      logger.error("shutdown failed", kj::str("error=\"", e.getDescription(), "\""));
+    });
+  } else {
+    stopFulfiller->fulfill();
+  }
+}
+
+int Runner::startFailed(kj::StringPtr what, kj::Exception&& e) {
+  logger.error(kj::str("Couldn't start tunnel: ", what),
+               kj::str("error=\"", e.getDescription(), "\""));
+  return 1;
+}
+
+kj::Promise<int> Runner::start() {
+  auto& timer = io.provider->getTimer();
+  auto created = origin::Origin::create(kj::mv(options.origin), timer,
+                                        io.provider->getNetwork(), headerTable);
+  KJ_SWITCH_ONEOF(created) {
+    KJ_CASE_ONEOF(error, kj::String) {
+      logger.error(kj::str("Couldn't start tunnel: invalid origin: ", error));
+      return 1;
+    }
+    KJ_CASE_ONEOF(service, kj::Own<origin::Origin>) {
+      originService = kj::mv(service);
+    }
+  }
+  logger.info(DISCLAIMER);
+  logger.info("Requesting new quick Tunnel on trycloudflare.com...");
+  return edge::requestQuickTunnel(timer, io.provider->getNetwork(), kj::mv(options.api))
+      .then([this](edge::QuickTunnel t) { return tunnelIssued(kj::mv(t)); },
+            [this](kj::Exception&& e) -> kj::Promise<int> {
+              return startFailed("failed to request quick Tunnel", kj::mv(e));
+            });
+}
+
+kj::Promise<int> Runner::tunnelIssued(edge::QuickTunnel tunnel) {
+  tunnelStatus.setHostname(tunnel.hostname);
+  KJ_IF_MAYBE(f, options.publicUrl) {
+    publicUrlText = (*f)(tunnel.hostname);
+  } else if (tunnel.hostname.startsWith("https://")) {
+    publicUrlText = kj::str(tunnel.hostname);
+  } else {
+    publicUrlText = kj::str("https://", tunnel.hostname);
+  }
+  auto banner = bannerText(publicUrlText);
+  size_t start = 0;
+  for (size_t i = 0; i <= banner.size(); i++) {
+    if (i == banner.size() || banner[i] == '\n') {
+      logger.info(kj::heapString(banner.begin() + start, i - start));
+      start = i + 1;
+    }
+  }
+  callbacks.tunnelCreated(publicUrlText, tunnel.hostname);
+
+  auto connectorId = newConnectorId();
+  auto connectorText = edge::formatUuid(connectorId);
+  tunnelStatus.setConnectorId(connectorText);
+  logger.info(kj::str("Version ", options.clientVersion, " (cfqt ", edge::cfqtVersion(), ")"));
+  logger.info(kj::str("Generated Connector ID: ", connectorText));
+  logger.debug("Quick tunnel issued", kj::str("tunnelID=", tunnel.id, " accountTag=",
+                                              tunnel.accountTag, " hostname=", tunnel.hostname));
+  EdgeIdentity id;
+  id.accountTag = kj::mv(tunnel.accountTag);
+  id.tunnelSecret = kj::mv(tunnel.secret);
+  id.tunnelId = kj::mv(tunnel.tunnelId);
+  id.connectorId = kj::mv(connectorId);
+  id.version = kj::str(options.clientVersion);
+  id.arch = connectorArch();
+  identity = kj::mv(id);
+
+  if (!options.metrics) return metricsBound(nullptr);
+  kj::Maybe<kj::StringPtr> address;
+  KJ_IF_MAYBE(a, options.metricsAddress) address = a->asPtr();
+  return observe::bindMetrics(io.provider->getNetwork(), address)
+      .then([this](kj::Own<kj::ConnectionReceiver> r) { return metricsBound(kj::mv(r)); },
+            [this](kj::Exception&& e) -> kj::Promise<int> {
+              return startFailed("failed to bind the metrics server", kj::mv(e));
+            });
+}
+
+kj::Promise<int> Runner::metricsBound(kj::Maybe<kj::Own<kj::ConnectionReceiver>> receiver) {
+  auto& timer = io.provider->getTimer();
+  KJ_IF_MAYBE(r, receiver) {
+    auto address = observe::receiverAddress(**r, "127.0.0.1");
+    KJ_IF_MAYBE(given, options.metricsAddress) {
+      KJ_IF_MAYBE(colon, given->findLast(':')) {
+        auto host = kj::heapString(given->begin(), *colon);
+        if (host.size() > 0 && host != "localhost") {
+          address = observe::receiverAddress(**r, host);
+        }
+      }
+    }
+    logger.info(kj::str("Starting metrics server on ", address, "/metrics"));
+    callbacks.metricsListening(address);
+    auto server = kj::heap<observe::MetricsServer>(timer, headerTable, tunnelStatus);
+    metricsTask = server->listen(kj::mv(*r)).eagerlyEvaluate([this](kj::Exception&& e) {
+      logger.error("metrics server failed", kj::str("error=\"", e.getDescription(), "\""));
+    });
+    metricsServer = kj::mv(server);
+  }
+  logger.info("Initial protocol quic");
+  return edge::discoverEdges(io.unixEventPort, timer, io.provider->getNetwork(),
+                             kj::mv(options.discovery))
+      .then([this](edge::EdgeAddresses a) { return edgesDiscovered(kj::mv(a)); },
+            [this](kj::Exception&& e) -> kj::Promise<int> {
+              return startFailed("edge discovery failed", kj::mv(e));
+            });
+}
+
+kj::Promise<int> Runner::edgesDiscovered(edge::EdgeAddresses addresses) {
+  for (auto& w: addresses.warnings) logger.warn(w);
+  kj::Vector<kj::String> names;
+  for (auto& region: addresses.regions) {
+    for (auto& a: region.primary) names.add(a.toString());
+  }
+  logger.info(kj::str(addresses.totalPrimary(), " edges discovered",
+                      addresses.fromEdgeFlag ? " (from --edge)" : "",
+                      addresses.usedDotFallback ? " (over DNS-over-TLS)" : ""),
+              kj::str("addresses=", kj::strArray(names, ",")));
+  auto addressPool = kj::heap<edge::AddressPool>(kj::mv(addresses));
+  uint n = addressPool->limitConnections(options.haConnections);
+  if (n == 0) {
+    logger.error("Couldn't start tunnel: no edge address to connect to");
+    return 1;
+  }
+  if (n < options.haConnections) {
+    logger.warn(kj::str("You requested ", options.haConnections,
+                        " HA connections but I can give you at most ", n, "."));
+  }
+  options.edge.localConfigJson = localConfigurationJson(options.service,
+                                                        options.configurationFlags);
+  auto& timer = io.provider->getTimer();
+  auto f = kj::heap<EdgeConnectionFactory>(EdgeContext{
+      timer, io.unixEventPort, *KJ_ASSERT_NONNULL(originService), logger, tunnelStatus,
+      remoteConfig, KJ_ASSERT_NONNULL(identity), options.edge});
+  SupervisorConfig config;
+  config.haConnections = n;
+  config.backoff = options.backoff;
+  config.haStagger = options.haStagger;
+  auto s = kj::heap<Supervisor>(timer, *f, *addressPool, logger, tunnelStatus, config, jitter);
+  auto promise = s->run();
+  pool = kj::mv(addressPool);
+  factory = kj::mv(f);
+  supervisor = kj::mv(s);
+  return promise.then([this]() { return supervisorDone(); });
+}
+
+int Runner::supervisorDone() {
+  auto& s = *KJ_ASSERT_NONNULL(supervisor);
+  if (s.allFailed()) {
+    logger.error("no more connections active and exiting: every connection was refused "
+                 "by the edge");
+    return 1;
+  }
+  logger.info("Tunnel server stopped");
+  if (metricsServer != nullptr) {
+    metricsTask = nullptr;
+    logger.info("Metrics server stopped");
+  }
+  return 0;
+}
+
+}  // namespace cfqt::tunnel

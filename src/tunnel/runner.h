@@ -1,0 +1,116 @@
+#pragma once
+// Runner: the whole quick tunnel on one event loop -- origin, quick-tunnel request, banner,
+// metrics server, edge discovery, the HA supervisor of EdgeConnections, graceful shutdown.
+// apps/cfqt and the public cfqt::Tunnel both drive one.
+
+#include "tunnel/edge-connection.h"
+#include "tunnel/supervisor.h"
+
+#include "edge/discovery.h"
+#include "edge/quick-tunnel-api.h"
+#include "observe/log.h"
+#include "observe/metrics-server.h"
+#include "observe/status.h"
+#include "origin/origin.h"
+
+#include <kj/async-io.h>
+#include <kj/compat/http.h>
+#include <kj/function.h>
+#include <kj/vector.h>
+
+namespace cfqt::tunnel {
+
+constexpr uint MAX_HA_CONNECTIONS = 4;
+
+struct ConfigFlag {
+  kj::String name;     // e.g. "no-autoupdate"
+  kj::String value;    // e.g. "true"
+};
+
+struct RunnerOptions {
+  origin::OriginConfig origin;
+  kj::String service;                    // ingress service text for §4.4 ("http://...", "hello_world")
+  edge::QuickTunnelApiConfig api;
+  edge::DiscoveryConfig discovery;
+  EdgeConnectionConfig edge;
+  kj::String clientVersion = kj::str("2026.8.2");
+  uint haConnections = 2;                // 1..MAX_HA_CONNECTIONS
+  BackoffConfig backoff;
+  kj::Duration haStagger = 1 * kj::SECONDS;
+  kj::Duration gracePeriod = 30 * kj::SECONDS;
+  bool metrics = true;
+  kj::Maybe<kj::String> metricsAddress;  // null: first free of localhost:20241..20245
+  kj::Vector<ConfigFlag> configurationFlags;   // explicitly set flags for __configuration_flags
+  kj::Maybe<kj::Function<kj::String(kj::StringPtr hostname)>> publicUrl;
+  // The URL shown for a hostname; default "https://<hostname>" (--local: the front door).
+};
+
+class RunnerCallbacks {
+public:
+  virtual void tunnelCreated(kj::StringPtr url, kj::StringPtr hostname) {}
+  // Once, after the quick tunnel was issued (before any connection registered).
+  virtual void metricsListening(kj::StringPtr address) {}
+};
+
+class Runner {
+public:
+  Runner(kj::AsyncIoContext& io, const observe::Logger& logger, RunnerOptions options,
+         RunnerCallbacks& callbacks);
+  // Borrows io, logger and callbacks. Everything runs on io's thread.
+  KJ_DISALLOW_COPY(Runner);
+  ~Runner() noexcept(false);
+
+  kj::Promise<int> run();
+  // Resolves with the process exit code: 0 after a graceful shutdown, 1 when start-up failed
+  // (logged) or every connection index stopped for good. Call once.
+
+  void shutdown();
+  // Starts the graceful shutdown (unregister, drain up to the grace period, close). Idempotent;
+  // run() resolves when it is done.
+
+  const observe::TunnelStatus& status() const { return tunnelStatus; }
+  kj::StringPtr url() const { return publicUrlText; }
+
+private:
+  kj::AsyncIoContext& io;
+  const observe::Logger& logger;
+  RunnerOptions options;
+  RunnerCallbacks& callbacks;
+  kj::HttpHeaderTable headerTable;
+  observe::TunnelStatus tunnelStatus;
+  wire::RemoteConfigState remoteConfig;
+  JitterSource jitter;
+  kj::String publicUrlText;
+  kj::Maybe<kj::Own<origin::Origin>> originService;
+  kj::Maybe<EdgeIdentity> identity;
+  kj::Maybe<kj::Own<observe::MetricsServer>> metricsServer;
+  kj::Maybe<kj::Own<edge::AddressPool>> pool;
+  kj::Maybe<kj::Own<EdgeConnectionFactory>> factory;
+  kj::Maybe<kj::Own<Supervisor>> supervisor;
+  bool stopping = false;
+  kj::Own<kj::PromiseFulfiller<void>> stopFulfiller;
+  kj::ForkedPromise<void> stopSignal;
+  kj::Maybe<kj::Promise<void>> metricsTask;
+  kj::Maybe<kj::Promise<void>> shutdownTask;
+
+  kj::Promise<int> start();
+  kj::Promise<int> tunnelIssued(edge::QuickTunnel tunnel);
+  kj::Promise<int> metricsBound(kj::Maybe<kj::Own<kj::ConnectionReceiver>> receiver);
+  kj::Promise<int> edgesDiscovered(edge::EdgeAddresses addresses);
+  int supervisorDone();
+  int startFailed(kj::StringPtr what, kj::Exception&& e);
+};
+
+kj::String localConfigurationJson(kj::StringPtr service, kj::ArrayPtr<const ConfigFlag> flags);
+// {"__configuration_flags":{...},"ingress":[{"service":"...","originRequest":{}}],"warp-routing":{}}
+
+kj::String connectorArch();
+// "linux_amd64", "linux_arm64", ... (GOOS_GOARCH style).
+
+kj::Array<kj::byte> newConnectorId();
+// A random UUIDv4 (16 bytes).
+
+kj::String bannerText(kj::StringPtr url);
+// The cloudflared box (§1.4), lines separated by '\n', no trailing newline.
+
+}  // namespace cfqt::tunnel
