@@ -1,0 +1,418 @@
+// The QUIC edge end to end on loopback: a minimal in-test tunnel client (quic::Endpoint +
+// wire::ControlClient for registration, raw capnp and recorded bytes on data streams) against an
+// in-process Emulator, with public requests through the front door.
+
+#include "emulator.h"
+#include "random.h"
+
+#include "quic/endpoint.h"
+#include "wire/control.h"
+#include "wire/quic_metadata_protocol.capnp.h"
+#include "wire/test-vectors.h"
+
+#include <capnp/message.h>
+#include <capnp/serialize-async.h>
+#include <capnp/serialize.h>
+#include <kj/async-io.h>
+#include <kj/debug.h>
+#include <kj/test.h>
+
+#include <stdlib.h>
+#include <unistd.h>
+
+namespace cfqt::emulator {
+namespace {
+
+namespace schema = wire::schema;
+
+constexpr kj::byte PREAMBLE[8] = {0x0A, 0x36, 0xCD, 0x12, 0xA1, 0x3E, '0', '1'};
+
+kj::String tempStateDir() {
+  char templ[] = "/tmp/cfqt-emulator-edge-XXXXXX";
+  KJ_ASSERT(mkdtemp(templ) != nullptr);
+  return kj::str(templ);
+}
+
+void removeStateDir(kj::StringPtr dir) {
+  for (auto name: {"ca.pem", "ca-key.pem", "server.pem", "server-key.pem"}) {
+    unlink(kj::str(dir, '/', name).cStr());
+  }
+  rmdir(dir.cStr());
+}
+
+const wire::testing::VectorFile& vectors() {
+  static const wire::testing::VectorFile file =
+      wire::testing::loadVectorFile(wire::testing::defaultVectorPath());
+  return file;
+}
+
+kj::ArrayPtr<const kj::byte> vector(kj::StringPtr titlePart) {
+  for (auto& v: vectors().dataStreams) {
+    if (strstr(v.title.cStr(), titlePart.cStr()) != nullptr) return v.bytes;
+  }
+  KJ_FAIL_ASSERT("no such vector", titlePart);
+}
+
+kj::Array<kj::byte> encodeResponse(kj::uint status, kj::Maybe<uint64_t> contentLength) {
+  capnp::MallocMessageBuilder message;
+  auto root = message.initRoot<schema::ConnectResponse>();
+  auto metadata = root.initMetadata(contentLength == nullptr ? 1 : 2);
+  metadata[0].setKey("HttpStatus");
+  metadata[0].setVal(kj::str(status));
+  KJ_IF_MAYBE(l, contentLength) {
+    metadata[1].setKey("HttpHeader:Content-Length");
+    metadata[1].setVal(kj::str(*l));
+  }
+  auto words = capnp::messageToFlatArray(message);
+  auto bytes = words.asBytes();
+  auto out = kj::heapArray<kj::byte>(8 + bytes.size());
+  memcpy(out.begin(), PREAMBLE, 8);
+  memcpy(out.begin() + 8, bytes.begin(), bytes.size());
+  return out;
+}
+
+kj::Promise<void> writeBytes(kj::AsyncOutputStream& out, kj::Array<kj::byte> bytes) {
+  auto promise = out.write(bytes.begin(), bytes.size());
+  return promise.attach(kj::mv(bytes));
+}
+
+kj::Promise<kj::Own<capnp::MessageReader>> readRequest(kj::AsyncIoStream& stream) {
+  auto preamble = kj::heapArray<kj::byte>(8);
+  auto promise = stream.read(preamble.begin(), 8);
+  return promise.then([&stream, preamble = kj::mv(preamble)]() {
+    KJ_ASSERT(preamble.asPtr() == kj::arrayPtr(PREAMBLE, 8), "bad data-stream preamble");
+    return capnp::readMessage(stream);
+  });
+}
+
+kj::Array<kj::byte> pattern(size_t size, uint32_t seed) {
+  auto result = kj::heapArray<kj::byte>(size);
+  uint32_t x = seed * 2654435761u + 1;
+  for (size_t i = 0; i < size; i++) {
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^= x << 5;
+    result[i] = static_cast<kj::byte>(x);
+  }
+  return result;
+}
+
+struct Setup {
+  explicit Setup(kj::Duration edgeIdle = 5 * kj::SECONDS)
+      : io(kj::setupAsyncIo()), stateDir(tempStateDir()), emulator(io, options(edgeIdle)) {
+    ready = emulator.start().wait(io.waitScope);
+    KJ_ASSERT(ready.edges.size() == 1);
+    edge = KJ_ASSERT_NONNULL(quic::SocketAddress::parse(ready.edges[0]));
+  }
+  ~Setup() noexcept(false) { removeStateDir(stateDir); }
+
+  EmulatorOptions options(kj::Duration edgeIdle) {
+    EmulatorOptions o;
+    o.certificates.stateDir = kj::heapString(stateDir);
+    o.edgeTransport.maxIdleTimeout = edgeIdle;
+    o.frontDoor.responseHeadTimeout = 10 * kj::SECONDS;
+    return o;
+  }
+
+  quic::ClientConfig clientConfig() {
+    quic::ClientConfig config;
+    config.caFile = kj::heapString(ready.ca);
+    config.transport.keepAlivePeriod = 100 * kj::MILLISECONDS;
+    config.transport.handshakeTimeout = 5 * kj::SECONDS;
+    return config;
+  }
+
+  kj::Own<kj::HttpClient> publicClient() {
+    auto address = io.provider->getNetwork().parseAddress(ready.publicAddress)
+        .wait(io.waitScope);
+    auto client = kj::newHttpClient(io.provider->getTimer(), table, *address);
+    return client.attach(kj::mv(address));
+  }
+
+  kj::AsyncIoContext io;
+  kj::String stateDir;
+  Emulator emulator;
+  ReadyInfo ready;
+  quic::SocketAddress edge;
+  kj::HttpHeaderTable table;
+};
+
+struct TunnelClient {
+  // A minimal tunnel client: one QUIC connection, the control stream, registration.
+  TunnelClient(Setup& setup, quic::ClientConfig config = {})
+      : setup(setup),
+        endpoint(quic::newEndpoint(setup.io.unixEventPort,
+                                   KJ_ASSERT_NONNULL(quic::SocketAddress::parse("127.0.0.1:0")))) {
+    if (config.caFile == nullptr) config = setup.clientConfig();
+    connection = endpoint->dial(setup.edge, kj::mv(config)).wait(setup.io.waitScope);
+    control = connection->openStream().wait(setup.io.waitScope);
+    rpc = kj::heap<wire::ControlClient>(*control, setup.io.provider->getTimer());
+  }
+  ~TunnelClient() noexcept(false) {
+    rpc = nullptr;
+    control = nullptr;
+    connection = nullptr;
+  }
+
+  wire::RegistrationResult registerAs(const IssuedTunnel& tunnel, uint8_t index = 0) {
+    wire::RegistrationParams params;
+    params.accountTag = kj::heapString(tunnel.accountTag);
+    params.tunnelSecret = kj::heapArray(tunnel.secret.asPtr());
+    params.tunnelId = kj::heapArray(tunnel.idBytes.asPtr());
+    params.connIndex = index;
+    params.clientId = randomUuidBytes();
+    params.version = kj::str("2023.7.3");
+    params.arch = kj::str("linux_amd64");
+    params.originLocalIp = kj::heapArray<kj::byte>(16);
+    return rpc->registerConnection(params).wait(setup.io.waitScope);
+  }
+
+  Setup& setup;
+  kj::Own<quic::Endpoint> endpoint;
+  kj::Own<quic::Connection> connection;
+  kj::Own<quic::Stream> control;
+  kj::Own<wire::ControlClient> rpc;
+};
+
+ConnectionRecord& onlyRecord(Emulator& emulator, ConnectionState state) {
+  ConnectionRecord* found = nullptr;
+  for (auto& r: emulator.registry().connections()) {
+    if (r->state == state) {
+      KJ_ASSERT(found == nullptr, "more than one record in that state");
+      found = r.get();
+    }
+  }
+  return *KJ_ASSERT_NONNULL(kj::Maybe<ConnectionRecord*>(found));
+}
+
+// =============================================================================================
+
+KJ_TEST("registration over QUIC: accepted, configuration, unregister, then no new requests") {
+  Setup setup;
+  auto& tunnel = setup.emulator.registry().issueTunnel();
+  TunnelClient client(setup);
+  KJ_EXPECT(client.connection->alpn() == "argotunnel");
+  auto result = client.registerAs(tunnel);
+  KJ_ASSERT(result.is<wire::ConnectionDetails>());
+  auto& details = result.get<wire::ConnectionDetails>();
+  KJ_EXPECT(details.uuid.size() == 16);
+  KJ_EXPECT(details.locationName == "EMU");
+  KJ_EXPECT(!details.tunnelIsRemotelyManaged);
+
+  auto& record = onlyRecord(setup.emulator, ConnectionState::REGISTERED);
+  KJ_EXPECT(record.uuid.asPtr() == details.uuid.asPtr());
+  KJ_EXPECT(record.version == "2023.7.3");
+  KJ_EXPECT(record.arch == "linux_amd64");
+
+  auto json = "{\"ingress\":[{\"service\":\"http://localhost:8080\"}]}"_kj;
+  client.rpc->updateLocalConfiguration(json.asBytes()).wait(setup.io.waitScope);
+  KJ_EXPECT(KJ_ASSERT_NONNULL(record.configuration) == json);
+
+  client.rpc->unregisterConnection().wait(setup.io.waitScope);
+  KJ_EXPECT(record.state == ConnectionState::UNREGISTERED);
+  auto publicClient = setup.publicClient();
+  kj::HttpHeaders headers(setup.table);
+  headers.set(kj::HttpHeaderId::HOST, tunnel.hostname);
+  auto response = publicClient->request(kj::HttpMethod::GET, "/", headers).response
+      .wait(setup.io.waitScope);
+  KJ_EXPECT(response.statusCode == 530);
+}
+
+KJ_TEST("registration over QUIC: EDUPCONN, Unauthorized, injected rejection") {
+  Setup setup;
+  auto& tunnel = setup.emulator.registry().issueTunnel();
+  TunnelClient first(setup);
+  KJ_ASSERT(first.registerAs(tunnel, 0).is<wire::ConnectionDetails>());
+
+  TunnelClient second(setup);
+  auto dup = second.registerAs(tunnel, 0);
+  KJ_ASSERT(dup.is<wire::RegistrationError>());
+  KJ_EXPECT(dup.get<wire::RegistrationError>().isDuplicate());
+
+  IssuedTunnel forged;
+  forged.accountTag = kj::heapString(tunnel.accountTag);
+  forged.secret = randomBytes(32);
+  forged.idBytes = kj::heapArray(tunnel.idBytes.asPtr());
+  auto unauthorized = second.registerAs(forged, 1);
+  KJ_ASSERT(unauthorized.is<wire::RegistrationError>());
+  KJ_EXPECT(strstr(unauthorized.get<wire::RegistrationError>().cause.cStr(), "Unauthorized")
+            != nullptr);
+
+  setup.emulator.registry().rejectNextRegistrations(
+      {kj::str("edge is full"), 3000000000, true});
+  auto rejected = second.registerAs(tunnel, 1);
+  KJ_ASSERT(rejected.is<wire::RegistrationError>());
+  auto& error = rejected.get<wire::RegistrationError>();
+  KJ_EXPECT(error.cause == "edge is full");
+  KJ_EXPECT(error.retryAfter == 3 * kj::SECONDS);
+  KJ_EXPECT(error.shouldRetry);
+  KJ_EXPECT(second.registerAs(tunnel, 1).is<wire::ConnectionDetails>());
+}
+
+kj::Promise<void> serveEcho(quic::Connection& connection, kj::WaitScope& waitScope,
+                            bool withLength) {
+  auto stream = connection.acceptStream().wait(waitScope);
+  auto request = readRequest(*stream).wait(waitScope);
+  auto root = request->getRoot<schema::ConnectRequest>();
+  KJ_EXPECT(root.getType() == schema::ConnectionType::HTTP);
+  auto body = stream->readAllBytes().wait(waitScope);
+  writeBytes(*stream, encodeResponse(200, withLength ? kj::Maybe<uint64_t>(body.size())
+                                                     : kj::Maybe<uint64_t>(nullptr)))
+      .wait(waitScope);
+  auto promise = writeBytes(*stream, kj::mv(body));
+  return promise.then([stream = kj::mv(stream)]() mutable { stream->shutdownWrite(); });
+}
+
+KJ_TEST("proxying over QUIC: recorded response, body integrity 1 MiB both ways") {
+  Setup setup;
+  auto& tunnel = setup.emulator.registry().issueTunnel();
+  TunnelClient client(setup);
+  KJ_ASSERT(client.registerAs(tunnel).is<wire::ConnectionDetails>());
+  auto publicClient = setup.publicClient();
+
+  {
+    kj::HttpHeaders headers(setup.table);
+    headers.set(kj::HttpHeaderId::HOST, tunnel.hostname);
+    auto response = publicClient->request(kj::HttpMethod::GET, "/hello?x=1", headers).response;
+    auto stream = client.connection->acceptStream().wait(setup.io.waitScope);
+    KJ_EXPECT(stream->id() % 4 == 1, stream->id());   // server-initiated bidirectional
+    auto request = readRequest(*stream).wait(setup.io.waitScope);
+    KJ_EXPECT(request->getRoot<schema::ConnectRequest>().getDest() ==
+              kj::str("https://", tunnel.hostname, "/hello?x=1"));
+    writeBytes(*stream, kj::heapArray(vector("ConnectResponse success"))).wait(setup.io.waitScope);
+    writeBytes(*stream, kj::heapArray("hi"_kj.asBytes())).wait(setup.io.waitScope);
+    stream->shutdownWrite();
+    auto r = response.wait(setup.io.waitScope);
+    KJ_EXPECT(r.statusCode == 200);
+    KJ_EXPECT(KJ_ASSERT_NONNULL(r.headers->get(kj::HttpHeaderId::CONTENT_TYPE)) == "text/plain");
+    KJ_EXPECT(r.body->readAllText().wait(setup.io.waitScope) == "hi");
+  }
+
+  for (bool withLength: {true, false}) {
+    auto data = pattern(1 << 20, withLength ? 1 : 2);
+    kj::HttpHeaders headers(setup.table);
+    headers.set(kj::HttpHeaderId::HOST, tunnel.hostname);
+    auto request = publicClient->request(kj::HttpMethod::POST, "/echo", headers,
+        withLength ? kj::Maybe<uint64_t>(data.size()) : kj::Maybe<uint64_t>(nullptr));
+    auto writing = request.body->write(data.begin(), data.size())
+        .then([body = kj::mv(request.body)]() mutable { body = nullptr; })
+        .eagerlyEvaluate(nullptr);
+    auto serving = serveEcho(*client.connection, setup.io.waitScope, withLength)
+        .eagerlyEvaluate(nullptr);
+    auto r = request.response.wait(setup.io.waitScope);
+    KJ_EXPECT(r.statusCode == 200);
+    auto got = r.body->readAllBytes().wait(setup.io.waitScope);
+    writing.wait(setup.io.waitScope);
+    serving.wait(setup.io.waitScope);
+    KJ_EXPECT(got.asPtr() == data.asPtr(), got.size());
+  }
+}
+
+KJ_TEST("handshakes: P-256 only, and a first key share the server declines (HelloRetryRequest)") {
+  Setup setup;
+  auto& tunnel = setup.emulator.registry().issueTunnel();
+  {
+    auto config = setup.clientConfig();
+    config.tlsPriority = kj::str("NORMAL:-VERS-ALL:+VERS-TLS1.3:-GROUP-ALL:+GROUP-SECP256R1");
+    TunnelClient client(setup, kj::mv(config));
+    KJ_EXPECT(client.registerAs(tunnel, 0).is<wire::ConnectionDetails>());
+  }
+  {
+    // secp521r1 first: the client's only key share is for a group the edge does not take, so
+    // the edge must ask for secp256r1 with a HelloRetryRequest.
+    auto config = setup.clientConfig();
+    config.tlsPriority = kj::str(
+        "NORMAL:-VERS-ALL:+VERS-TLS1.3:-GROUP-ALL:+GROUP-SECP521R1:+GROUP-SECP256R1");
+    TunnelClient client(setup, kj::mv(config));
+    KJ_EXPECT(client.registerAs(tunnel, 1).is<wire::ConnectionDetails>());
+  }
+}
+
+KJ_TEST("a wrong ALPN is refused") {
+  Setup setup;
+  auto config = setup.clientConfig();
+  config.alpn = kj::str("h3");
+  auto endpoint = quic::newEndpoint(setup.io.unixEventPort,
+                                    KJ_ASSERT_NONNULL(quic::SocketAddress::parse("127.0.0.1:0")));
+  KJ_EXPECT_THROW(FAILED, endpoint->dial(setup.edge, kj::mv(config)).wait(setup.io.waitScope));
+}
+
+KJ_TEST("admin close sends CONNECTION_CLOSE with the given code") {
+  Setup setup;
+  auto& tunnel = setup.emulator.registry().issueTunnel();
+  TunnelClient client(setup);
+  KJ_ASSERT(client.registerAs(tunnel).is<wire::ConnectionDetails>());
+  auto& record = onlyRecord(setup.emulator, ConnectionState::REGISTERED);
+  KJ_ASSERT_NONNULL(record.connection).close(42, "test close");
+  auto info = client.connection->onClosed().wait(setup.io.waitScope);
+  KJ_EXPECT(info.kind == quic::CloseKind::PEER_APPLICATION_CLOSE, info.description);
+  KJ_EXPECT(info.code == 42);
+}
+
+KJ_TEST("a vanished client is dropped after the idle timeout; requests then fail fast") {
+  Setup setup(300 * kj::MILLISECONDS);
+  auto& tunnel = setup.emulator.registry().issueTunnel();
+  TunnelClient client(setup);
+  KJ_ASSERT(client.registerAs(tunnel).is<wire::ConnectionDetails>());
+  auto& record = onlyRecord(setup.emulator, ConnectionState::REGISTERED);
+  auto publicClient = setup.publicClient();
+
+  // A request in flight when the client vanishes ends with an error page, not a hang.
+  kj::HttpHeaders headers(setup.table);
+  headers.set(kj::HttpHeaderId::HOST, tunnel.hostname);
+  auto inFlight = publicClient->request(kj::HttpMethod::GET, "/slow", headers).response;
+  auto stream = client.connection->acceptStream().wait(setup.io.waitScope);
+  client.connection->goSilent();
+  auto timer = setup.io.provider->getTimer().now();
+  auto r = inFlight.wait(setup.io.waitScope);
+  KJ_EXPECT(r.statusCode == 502, r.statusCode);
+  KJ_EXPECT(setup.io.provider->getTimer().now() - timer < 3 * kj::SECONDS);
+  KJ_EXPECT(record.state == ConnectionState::CLOSED);
+
+  auto start = setup.io.provider->getTimer().now();
+  auto again = publicClient->request(kj::HttpMethod::GET, "/", headers).response
+      .wait(setup.io.waitScope);
+  KJ_EXPECT(again.statusCode == 530);
+  KJ_EXPECT(setup.io.provider->getTimer().now() - start < 500 * kj::MILLISECONDS);
+}
+
+KJ_TEST("edge going silent makes the client hit its idle timeout") {
+  Setup setup;
+  auto& tunnel = setup.emulator.registry().issueTunnel();
+  auto config = setup.clientConfig();
+  config.transport.maxIdleTimeout = 300 * kj::MILLISECONDS;
+  TunnelClient client(setup, kj::mv(config));
+  KJ_ASSERT(client.registerAs(tunnel).is<wire::ConnectionDetails>());
+  auto& record = onlyRecord(setup.emulator, ConnectionState::REGISTERED);
+  KJ_ASSERT_NONNULL(record.connection).goSilent();
+  auto info = client.connection->onClosed().wait(setup.io.waitScope);
+  KJ_EXPECT(info.kind == quic::CloseKind::IDLE_TIMEOUT, info.description);
+}
+
+KJ_TEST("withheld credit stalls the client's response writes") {
+  Setup setup;
+  auto& tunnel = setup.emulator.registry().issueTunnel();
+  TunnelClient client(setup);
+  KJ_ASSERT(client.registerAs(tunnel).is<wire::ConnectionDetails>());
+  auto& record = onlyRecord(setup.emulator, ConnectionState::REGISTERED);
+  KJ_ASSERT(KJ_ASSERT_NONNULL(record.connection).withholdCredit(nullptr));
+
+  auto publicClient = setup.publicClient();
+  kj::HttpHeaders headers(setup.table);
+  headers.set(kj::HttpHeaderId::HOST, tunnel.hostname);
+  auto response = publicClient->request(kj::HttpMethod::GET, "/big", headers).response;
+  auto stream = client.connection->acceptStream().wait(setup.io.waitScope);
+  readRequest(*stream).wait(setup.io.waitScope);
+  writeBytes(*stream, encodeResponse(200, nullptr)).wait(setup.io.waitScope);
+  auto r = response.wait(setup.io.waitScope);
+  // 8 MiB is far more than the stream window plus the send buffer: the write must stall even
+  // though the public client reads everything it gets.
+  auto data = pattern(8 << 20, 3);
+  auto writing = stream->write(data.begin(), data.size());
+  auto reading = r.body->readAllBytes();
+  setup.io.provider->getTimer().afterDelay(300 * kj::MILLISECONDS).wait(setup.io.waitScope);
+  KJ_EXPECT(!writing.poll(setup.io.waitScope), "write completed despite withheld credit");
+}
+
+}  // namespace
+}  // namespace cfqt::emulator
