@@ -181,12 +181,13 @@ private:
     auto targets = kj::heapArrayBuilder<kj::Promise<EdgeRegion>>(2);
     for (uint i = 0; i < 2; i++) {
       auto target = kj::str(records[i].target);
+      auto errorTarget = kj::str(records[i].target);
       auto promise = resolver.resolveHost(target, records[i].port);
       targets.add(promise.then(
-          [this, target = kj::str(target)](kj::Array<EdgeAddress> addresses) mutable
+          [this, target = kj::mv(target)](kj::Array<EdgeAddress> addresses) mutable
               -> kj::Promise<EdgeRegion> {
         return makeRegion(kj::mv(target), kj::mv(addresses), config.ipVersion);
-      }, [target = kj::mv(target)](kj::Exception&& e) -> kj::Promise<EdgeRegion> {
+      }, [target = kj::mv(errorTarget)](kj::Exception&& e) -> kj::Promise<EdgeRegion> {
         return discoveryError(kj::str("edge discovery failed: cannot resolve the edge region ",
                                       target, ": ", e.getDescription()), e.getType());
       }));
@@ -249,7 +250,7 @@ private:
     }
     if (colon == nullptr || port == 0 || entry.startsWith("[")) {
       result.warnings.add(kj::str("skipping --edge ", entry, ": want host:port"));
-      KJ_LOG(ERROR, "skipping --edge entry: want host:port", entry);
+      KJ_LOG(WARNING, "skipping --edge entry: want host:port", entry);
       return kj::Maybe<EdgeAddress>(nullptr);
     }
     auto host = kj::heapString(entry.slice(0, KJ_ASSERT_NONNULL(colon)));
@@ -259,7 +260,7 @@ private:
       return addresses[0];    // like Go's ResolveUDPAddr: one IP per entry
     }, [this, entryCopy = kj::mv(entryCopy)](kj::Exception&& e) -> kj::Maybe<EdgeAddress> {
       result.warnings.add(kj::str("skipping --edge ", entryCopy, ": ", e.getDescription()));
-      KJ_LOG(ERROR, "skipping --edge entry", entryCopy, e.getDescription());
+      KJ_LOG(WARNING, "skipping --edge entry", entryCopy, e.getDescription());
       return nullptr;
     }).attach(kj::mv(host));
   }
