@@ -219,6 +219,7 @@ struct Env {
   kj::Network& network = io.provider->getNetwork();
 
   kj::Own<Origin> origin(OriginConfig config) {
+    io.waitScope.poll();  // refresh the loop's timer after blocking set-up (process starts)
     auto result = Origin::create(kj::mv(config), timer, network, table);
     KJ_IF_MAYBE(error, result.tryGet<kj::String>()) {
       KJ_FAIL_ASSERT("Origin::create failed", *error);
@@ -975,6 +976,40 @@ KJ_TEST("localhost is tried on ::1 and 127.0.0.1") {
     call.body(ws);
     call.done(ws);
   }
+}
+
+KJ_TEST("localhost: a black-holed ::1 falls back to 127.0.0.1 after 300 ms") {
+  Env env;
+  auto& ws = env.io.waitScope;
+  PyOrigin v4;
+  // [::1]:<same port> with a full backlog that never accepts: SYNs are dropped.
+  int fd = socket(AF_INET6, SOCK_STREAM, 0);
+  sockaddr_in6 addr;
+  memset(&addr, 0, sizeof(addr));
+  addr.sin6_family = AF_INET6;
+  addr.sin6_addr = in6addr_loopback;
+  addr.sin6_port = htons(v4.port);
+  KJ_SYSCALL(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)));
+  KJ_SYSCALL(listen(fd, 0));
+  kj::AutoCloseFd listener(fd);
+  kj::Vector<kj::AutoCloseFd> fillers;
+  for (int i = 0; i < 4; i++) {
+    int c = socket(AF_INET6, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    connect(c, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+    fillers.add(kj::AutoCloseFd(c));
+  }
+  auto config = configFor(kj::str("localhost:", v4.port));
+  config.connectTimeout = 10 * kj::SECONDS;
+  auto origin = env.origin(kj::mv(config));
+  ws.poll();  // kj's timer is read once per loop turn: refresh it after the blocking set-up
+  auto start = kj::systemPreciseMonotonicClock().now();
+  Call call(*origin, "GET", "/headers", nullptr);
+  auto r = call.reply(ws);
+  auto elapsed = kj::systemPreciseMonotonicClock().now() - start;
+  KJ_EXPECT(r.status == 200, r.errorText());
+  KJ_EXPECT(elapsed >= 250 * kj::MILLISECONDS && elapsed < 3 * kj::SECONDS, elapsed);
+  call.body(ws);
+  call.done(ws);
 }
 
 KJ_TEST("keep-alive: connections reused (visible in the origin's count), idle timeout, cap") {

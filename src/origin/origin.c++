@@ -34,6 +34,7 @@ namespace {
 
 constexpr size_t CONN_BUFFER_SIZE = 32 * 1024;  // max response head; read-ahead buffer
 constexpr size_t MAX_LINE = 4096;               // chunk-size and trailer lines
+constexpr kj::Duration FALLBACK_DELAY = 300 * kj::MILLISECONDS;  // Go's happy-eyeballs delay
 
 char lower(char c) { return (c >= 'A' && c <= 'Z') ? c + ('a' - 'A') : c; }
 
@@ -265,12 +266,22 @@ private:
       applyKeepAlive(*stream, keepAlive);
       return kj::mv(stream);
     });
-    return attempt.catch_([this, index](kj::Exception&& e)
-                              -> kj::Promise<kj::Own<kj::AsyncIoStream>> {
+    auto settled = attempt.catch_([this, index](kj::Exception&& e)
+                                      -> kj::Promise<kj::Own<kj::AsyncIoStream>> {
       if (index + 1 < candidates.size()) return tryCandidate(index + 1);
       return kj::Exception(e.getType(), __FILE__, __LINE__,
                            kj::str("dial ", display, ": ", describeCause(e)));
     });
+    if (index + 1 == candidates.size()) return settled;
+    // Happy eyeballs, lite: if this candidate has not answered within FALLBACK_DELAY (a
+    // black-holed ::1), race the next one. The fallback never fails the race by itself: when
+    // it fails, the first attempt decides.
+    auto fallback = timer.afterDelay(FALLBACK_DELAY)
+        .then([this, index]() { return tryCandidate(index + 1); })
+        .catch_([](kj::Exception&&) -> kj::Promise<kj::Own<kj::AsyncIoStream>> {
+      return kj::NEVER_DONE;
+    });
+    return settled.exclusiveJoin(kj::mv(fallback));
   }
 };
 
