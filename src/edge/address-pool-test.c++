@@ -38,6 +38,8 @@ KJ_TEST("AddressPool: distinct addresses while any remain, alternating regions")
   KJ_EXPECT(pool.capacity() == 4);
   KJ_EXPECT(pool.limitConnections(4) == 4);
   KJ_EXPECT(pool.limitConnections(6) == 4);   // caller logs "at most 4" and lowers N
+  KJ_EXPECT(haConnectionsLimitMessage(6, 4) ==
+            "You requested 6 HA connections but I can give you at most 4.");
 
   kj::Vector<EdgeAddress> seen;
   for (uint i = 0; i < 4; i++) {

@@ -186,4 +186,9 @@ kj::Maybe<uint> AddressPool::regionOf(uint connIndex) const {
   return regionIndex;
 }
 
+kj::String haConnectionsLimitMessage(uint requested, uint available) {
+  return kj::str("You requested ", requested, " HA connections but I can give you at most ",
+                 available, ".");
+}
+
 }  // namespace cfqt::edge

@@ -75,4 +75,7 @@ private:
                            kj::Maybe<const EdgeAddress&> excluding);
 };
 
+kj::String haConnectionsLimitMessage(uint requested, uint available);
+// cloudflared's log line (§2.5): "You requested 4 HA connections but I can give you at most 2."
+
 }  // namespace cfqt::edge

@@ -5,6 +5,7 @@
 
 #include "edge/json.h"
 
+#include <kj/compat/http.h>
 #include <kj/compat/tls.h>
 #include <kj/debug.h>
 #include <kj/encoding.h>
@@ -459,6 +460,19 @@ KJ_TEST("requestQuickTunnel: persistent 5xx gives up after the configured retrie
   expectKind(e, QuickTunnelErrorKind::SERVER_ERROR);
   expectContains(e, "HTTP 500");
   expectContains(e, "internal error");
+  KJ_EXPECT(server.service.requests == 4, server.service.requests);
+}
+
+KJ_TEST("requestQuickTunnel: a Cloudflare 5xx HTML page is a retried server error") {
+  trustTestCa();
+  auto io = kj::setupAsyncIo();
+  TestServer server(io);
+  server.service.answers.add(Canned{502, "text/html", kj::str(
+      "<html><head><title>502 Bad Gateway</title></head><body><center>cloudflare</center>"
+      "</body></html>")});
+  auto e = expectFailure(io, testConfig(server.url()));
+  expectKind(e, QuickTunnelErrorKind::SERVER_ERROR);
+  expectContains(e, "HTTP 502");
   KJ_EXPECT(server.service.requests == 4, server.service.requests);
 }
 

@@ -2,6 +2,7 @@
 
 #include "edge/json.h"
 
+#include <kj/compat/http.h>
 #include <kj/compat/tls.h>
 #include <kj/debug.h>
 #include <kj/vector.h>
@@ -79,7 +80,8 @@ kj::Maybe<int> base64Value(char c) {
   return nullptr;
 }
 
-bool isRateLimitPage(kj::Maybe<kj::StringPtr> contentType, kj::ArrayPtr<const kj::byte> body) {
+bool isCloudflareHtmlPage(kj::Maybe<kj::StringPtr> contentType,
+                          kj::ArrayPtr<const kj::byte> body) {
   // Cloudflare's error pages (e.g. "Error 1015: You are being rate limited") are HTML mentioning
   // Cloudflare; the API itself always answers JSON.
   bool html = containsIgnoringCase(body, "<html") || containsIgnoringCase(body, "<!doctype html");
@@ -334,7 +336,7 @@ private:
 
   kj::Promise<QuickTunnel> finish(uint status, kj::Maybe<kj::String> contentType,
                                   kj::Array<kj::byte> body) {
-    if (status >= 500 && status <= 599 && !isRateLimitPage(contentType, body)) {
+    if (status >= 500 && status <= 599) {
       return makeQuickTunnelException(error(QuickTunnelErrorKind::SERVER_ERROR,
           kj::str(url.display, " answered HTTP ", status, " (server error): ", excerpt(body),
                   "; the service has a problem, try again later")));
@@ -516,7 +518,8 @@ kj::Maybe<kj::Array<kj::byte>> decodeStdBase64Padded(kj::StringPtr text) {
 
 kj::OneOf<QuickTunnel, QuickTunnelError> decodeQuickTunnelResponse(
     uint status, kj::Maybe<kj::StringPtr> contentType, kj::ArrayPtr<const kj::byte> body) {
-  if (status == 429 || isRateLimitPage(contentType, body)) {
+  // A 5xx Cloudflare page is a server error (the caller retries those before decoding).
+  if (status == 429 || (status < 500 && isCloudflareHtmlPage(contentType, body))) {
     return error(QuickTunnelErrorKind::RATE_LIMITED,
         kj::str("rate limited by trycloudflare.com; wait a few minutes and retry (HTTP ", status,
                 status == 429 ? ")" : ", Cloudflare error page instead of JSON)"));

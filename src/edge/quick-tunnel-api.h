@@ -5,8 +5,6 @@
 // failure turned into a kj::Exception whose description a user can act on.
 
 #include <kj/async-io.h>
-#include <kj/compat/http.h>
-#include <kj/function.h>
 #include <kj/one-of.h>
 #include <kj/string.h>
 #include <kj/time.h>
@@ -100,7 +98,8 @@ kj::Exception makeQuickTunnelException(QuickTunnelError error);
 kj::OneOf<QuickTunnel, QuickTunnelError> decodeQuickTunnelResponse(
     uint status, kj::Maybe<kj::StringPtr> contentType, kj::ArrayPtr<const kj::byte> body);
 // Decodes one complete HTTP response from the API (§1.3). Never throws on bad input. 5xx is not
-// special here (the caller retries it first); 429 and Cloudflare HTML pages give RATE_LIMITED.
+// special here (the caller retries it first); 429 and Cloudflare HTML pages with a status below
+// 500 give RATE_LIMITED.
 
 kj::Maybe<kj::Array<kj::byte>> parseUuid(kj::StringPtr text);
 // Any form Go's uuid.Parse accepts: canonical 36 chars, "urn:uuid:" prefix, braces, 32 hex
