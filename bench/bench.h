@@ -18,5 +18,6 @@ public:
 // One function per suite, each defined in bench/<suite>-bench.c++.
 void runWireBench(Reporter& reporter);
 void runOriginBench(Reporter& reporter);
+void runQuicBench(Reporter& reporter);
 
 }  // namespace cfqt::bench

@@ -20,6 +20,7 @@ struct Suite {
 const Suite SUITES[] = {
     {"wire", runWireBench, "encode+decode of ConnectRequest (20 headers) / ConnectResponse (10)"},
     {"origin", runOriginBench, "Origin::serveStream to a loopback kj HTTP server: req/s, MB/s"},
+    {"quic", runQuicBench, "QUIC loopback: 1 GiB bulk vs TLS/TCP, streams/s, serial RTT"},
 };
 
 class BenchMain {

@@ -1612,7 +1612,7 @@ void ConnectionImpl::onStreamData(StreamState& state, uint32_t flags,
   }
   KJ_IF_MAYBE(r, state.pendingRead) {
     size_t n = kj::min(data.size(), r->maxBytes - r->filled);
-    memcpy(r->buffer + r->filled, data.begin(), n);
+    if (n > 0) memcpy(r->buffer + r->filled, data.begin(), n);
     r->filled += n;
     data = data.slice(n, data.size());
     credit(state, n);
