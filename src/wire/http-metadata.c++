@@ -112,8 +112,29 @@ void setMetadata(schema::Metadata::Builder entry, kj::StringPtr key, kj::StringP
   entry.setVal(value);
 }
 
+// Go's canonicalisation in place: callers checked that every byte is a token character.
+void canonicalizeInPlace(kj::ArrayPtr<char> name) {
+  bool upper = true;
+  for (char& c: name) {
+    if (upper && 'a' <= c && c <= 'z') {
+      c = c - 'a' + 'A';
+    } else if (!upper && 'A' <= c && c <= 'Z') {
+      c = c - 'A' + 'a';
+    }
+    upper = c == '-';
+  }
+}
+
 void setHeaderEntry(schema::Metadata::Builder entry, kj::StringPtr name, kj::StringPtr value) {
-  entry.setKey(kj::str(METADATA_HTTP_HEADER, ':', canonicalHeaderName(name)));
+  // "HttpHeader:" + canonical name, written straight into the message (no temporary strings).
+  auto key = entry.initKey(METADATA_HTTP_HEADER.size() + 1 + name.size());
+  memcpy(key.begin(), METADATA_HTTP_HEADER.begin(), METADATA_HTTP_HEADER.size());
+  key[METADATA_HTTP_HEADER.size()] = ':';
+  auto out = key.asArray().slice(METADATA_HTTP_HEADER.size() + 1, key.size());
+  memcpy(out.begin(), name.begin(), name.size());
+  bool token = true;
+  for (char c: name) token = token && isTokenChar(c);
+  if (token) canonicalizeInPlace(out);
   entry.setVal(value);
 }
 
@@ -140,15 +161,7 @@ kj::String canonicalHeaderName(kj::StringPtr name) {
     if (!isTokenChar(c)) return kj::str(name);
   }
   auto result = kj::heapString(name);
-  bool upper = true;
-  for (char& c: result) {
-    if (upper && 'a' <= c && c <= 'z') {
-      c = c - 'a' + 'A';
-    } else if (!upper && 'A' <= c && c <= 'Z') {
-      c = c - 'A' + 'a';
-    }
-    upper = c == '-';
-  }
+  canonicalizeInPlace(result);
   return result;
 }
 

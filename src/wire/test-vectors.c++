@@ -1,9 +1,16 @@
 #include "wire/test-vectors.h"
 
+#include "wire/data-stream.h"
+#include "wire/http-metadata.h"
+#include "wire/tunnelrpc.capnp.h"
+
+#include <capnp/rpc.capnp.h>
 #include <capnp/serialize-text.h>
+#include <capnp/serialize.h>
 #include <kj/debug.h>
 #include <kj/encoding.h>
 #include <kj/filesystem.h>
+#include <kj/map.h>
 #include <kj/vector.h>
 
 #include <stdlib.h>
@@ -396,6 +403,163 @@ kj::Maybe<kj::String> compareValues(capnp::DynamicStruct::Reader expected,
   kj::Maybe<kj::String> diff;
   compareStruct(expected, actual, "", diff);
   return diff;
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// renderVectorFile()
+
+namespace {
+
+kj::String indent(kj::StringPtr text, kj::StringPtr prefix) {
+  kj::Vector<char> out;
+  out.addAll(prefix);
+  for (char c: text) {
+    out.add(c);
+    if (c == '\n') out.addAll(prefix);
+  }
+  out.add('\0');
+  return kj::String(out.releaseAsArray());
+}
+
+kj::String prettyText(capnp::DynamicStruct::Reader value) {
+  capnp::TextCodec codec;
+  codec.setPrettyPrint(true);
+  return codec.encode(value);
+}
+
+kj::String oneLineText(capnp::DynamicStruct::Reader value) {
+  capnp::TextCodec codec;
+  return codec.encode(value);
+}
+
+kj::String renderHttpView(const DataStreamVector& v, capnp::MessageReader& message) {
+  if (v.isRequest()) {
+    KJ_SWITCH_ONEOF(decodeRequest(message.getRoot<schema::ConnectRequest>())) {
+      KJ_CASE_ONEOF(head, HttpRequestHead) {
+        kj::Vector<kj::String> lines;
+        lines.add(kj::str("  http: ", head.method, ' ', head.dest, "  (Host: ", head.host,
+                          ", body: ", requestHasBody(head) ? "yes" : "no", ")"));
+        for (auto& h: head.headers) lines.add(kj::str("    ", h.name, ": ", h.value));
+        return kj::strArray(lines, "\n");
+      }
+      KJ_CASE_ONEOF(error, WireError) { return kj::str("  http: ", error.toString()); }
+    }
+  } else {
+    KJ_SWITCH_ONEOF(decodeResponse(message.getRoot<schema::ConnectResponse>())) {
+      KJ_CASE_ONEOF(head, HttpResponseHead) {
+        KJ_IF_MAYBE(error, head.error) return kj::str("  http: origin error: ", *error);
+        kj::Vector<kj::String> lines;
+        lines.add(kj::str("  http: status ", head.status));
+        for (auto& h: head.headers) lines.add(kj::str("    ", h.name, ": ", h.value));
+        return kj::strArray(lines, "\n");
+      }
+      KJ_CASE_ONEOF(error, WireError) { return kj::str("  http: ", error.toString()); }
+    }
+  }
+  KJ_UNREACHABLE;
+}
+
+kj::String renderDataStream(const DataStreamVector& v) {
+  auto decoded = v.isRequest() ? decodeConnectRequest(v.bytes) : decodeConnectResponse(v.bytes);
+  auto typeName = v.isRequest() ? "ConnectRequest"_kj : "ConnectResponse"_kj;
+  KJ_SWITCH_ONEOF(decoded) {
+    KJ_CASE_ONEOF(d, DecodedPreamble) {
+      auto schema = v.isRequest() ? capnp::Schema::from<schema::ConnectRequest>()
+                                  : capnp::Schema::from<schema::ConnectResponse>();
+      auto root = d.message->getRoot<capnp::DynamicStruct>(schema);
+      return kj::str("== DATA STREAM: ", v.title, "\n", "  ", v.bytes.size(),
+                     " bytes, signature ", kj::encodeHex(v.bytes.slice(0, 6)), ", version \"",
+                     kj::arrayPtr(reinterpret_cast<const char*>(d.version), 2), "\"\n  ",
+                     typeName, " ", indent(prettyText(root), "  ").slice(2), "\n",
+                     renderHttpView(v, *d.message), "\n");
+    }
+    KJ_CASE_ONEOF(error, WireError) {
+      return kj::str("== DATA STREAM: ", v.title, "\n  cannot decode: ", error.toString(), "\n");
+    }
+  }
+  KJ_UNREACHABLE;
+}
+
+kj::Maybe<capnp::InterfaceSchema> knownInterface(uint64_t id) {
+  capnp::InterfaceSchema all[] = {
+      capnp::Schema::from<schema::RegistrationServer>(),
+      capnp::Schema::from<schema::SessionManager>(),
+      capnp::Schema::from<schema::ConfigurationManager>(),
+      capnp::Schema::from<schema::CloudflaredServer>(),
+      capnp::Schema::from<schema::TunnelServer>(),
+  };
+  for (auto& schema: all) {
+    if (schema.getProto().getId() == id) return schema;
+  }
+  return nullptr;
+}
+
+kj::StringPtr shortName(capnp::InterfaceSchema schema) {
+  auto name = schema.getProto().getDisplayName();
+  return name.slice(schema.getProto().getDisplayNamePrefixLength());
+}
+
+struct PendingMethod {
+  capnp::InterfaceSchema interface;
+  uint16_t methodId;
+};
+
+kj::String renderRpcMessage(const TranscriptMessage& m,
+                            kj::HashMap<uint32_t, PendingMethod>& questions) {
+  auto direction = m.direction == Direction::CLIENT_TO_EDGE ? "C->E"_kj : "E->C"_kj;
+  auto words = kj::heapArray<capnp::word>(m.bytes.size() / sizeof(capnp::word));
+  memcpy(words.begin(), m.bytes.begin(), words.size() * sizeof(capnp::word));
+  kj::String body;
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+    capnp::FlatArrayMessageReader reader(words);
+    auto message = reader.getRoot<capnp::rpc::Message>();
+    body = kj::str("  rpc: ", oneLineText(capnp::toDynamic(message)));
+    if (message.isCall()) {
+      auto call = message.getCall();
+      KJ_IF_MAYBE(interface, knownInterface(call.getInterfaceId())) {
+        auto methods = interface->getMethods();
+        if (call.getMethodId() < methods.size()) {
+          auto method = methods[call.getMethodId()];
+          questions.upsert(call.getQuestionId(), PendingMethod{*interface, call.getMethodId()},
+                           [](PendingMethod& old, PendingMethod&& v) { old = v; });
+          auto params = call.getParams().getContent().getAs<capnp::DynamicStruct>(
+              method.getParamType());
+          body = kj::str(body, "\n  ", shortName(*interface), '.',
+                         method.getProto().getName(), " params ",
+                         indent(prettyText(params), "  ").slice(2));
+        }
+      }
+    } else if (message.isReturn() && message.getReturn().isResults()) {
+      auto ret = message.getReturn();
+      KJ_IF_MAYBE(pending, questions.find(ret.getAnswerId())) {
+        auto method = pending->interface.getMethods()[pending->methodId];
+        auto results = ret.getResults().getContent().getAs<capnp::DynamicStruct>(
+            method.getResultType());
+        body = kj::str(body, "\n  ", shortName(pending->interface), '.',
+                       method.getProto().getName(), " results ",
+                       indent(prettyText(results), "  ").slice(2));
+      } else if (ret.getResults().getCapTable().size() > 0) {
+        body = kj::str(body, "\n  (bootstrap capability)");
+      }
+    }
+  })) {
+    body = kj::str("  cannot decode: ", e->getDescription());
+  }
+  return kj::str("-- ", direction, " ", m.bytes.size(), " bytes: ", m.kind(), "\n", body, "\n");
+}
+
+}  // namespace
+
+kj::String renderVectorFile(const VectorFile& file) {
+  kj::Vector<kj::String> parts;
+  for (auto& v: file.dataStreams) parts.add(renderDataStream(v));
+  for (auto& t: file.transcripts) {
+    parts.add(kj::str("== CONTROL STREAM transcript, ", t.title, "\n"));
+    kj::HashMap<uint32_t, PendingMethod> questions;
+    for (auto& m: t.messages) parts.add(renderRpcMessage(m, questions));
+  }
+  return kj::strArray(parts, "");
 }
 
 }  // namespace cfqt::wire::testing

@@ -1,7 +1,8 @@
 #pragma once
-// Test-only (library cfqt-wire-testing): parser for data/tunnel-wire-vectors-2023.7.3.txt, and
-// helpers to compare capnp values against the Go text form of the file's "Decoded"/"params="/
-// "results=" annotations. Reusable by any layer's tests (and the wire-dump demo).
+// Parser for data/tunnel-wire-vectors-2023.7.3.txt, helpers to compare capnp values against the Go
+// text form of the file's "Decoded"/"params="/"results=" annotations, and a renderer used by the
+// hidden `cfqt wire-dump` subcommand. Meant for tests (link `cfqt-wire-testing`) and that debug
+// command; nothing on the data path uses it. Compiled into cfqt-wire so apps need no extra library.
 //
 // File grammar (as produced by the 2023.7.3 Go tools):
 //   "## DATA STREAM: <title>" then "# ..." comment lines ("# total N bytes"), hex lines (lower case,
@@ -81,5 +82,11 @@ kj::Maybe<kj::String> compareValues(capnp::DynamicStruct::Reader expected,
 // nested structs; a null Text/Data equals an empty one). Returns a description of the first
 // difference ("metadata[2].val: \"a\" != \"b\""), or nullptr when equal. Interfaces and
 // AnyPointer fields are not compared.
+
+kj::String renderVectorFile(const VectorFile& file);
+// Human-readable dump, decoding every entry with the wire layer itself: each data-stream vector
+// through decodeConnectRequest()/decodeConnectResponse() (capnp text form plus the HTTP view),
+// each transcript message as an rpc.capnp Message with registerConnection & co. params/results
+// printed with their real types. Undecodable entries are reported inline, never thrown.
 
 }  // namespace cfqt::wire::testing

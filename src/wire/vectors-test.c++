@@ -558,5 +558,21 @@ KJ_TEST("transcripts: E->C bytes replayed into ControlClient; its calls carry th
   }
 }
 
+bool has(kj::StringPtr text, kj::StringPtr needle) {
+  return strstr(text.cStr(), needle.cStr()) != nullptr;
+}
+
+KJ_TEST("vectors: renderVectorFile (cfqt wire-dump) decodes every entry") {
+  auto text = testing::renderVectorFile(load());
+  KJ_EXPECT(testing::parseVectorFile("## DATA STREAM: x\n0a36\n# total 3 bytes\n").is<kj::String>());
+  KJ_EXPECT(!has(text, "cannot decode"), text);
+  KJ_EXPECT(has(text, "ConnectRequest ( dest = \"https://example.trycloudflare.com/path?q=1\""));
+  KJ_EXPECT(has(text, "http: status 200"));
+  KJ_EXPECT(has(text, "origin error: dial tcp 127.0.0.1:8080"));
+  KJ_EXPECT(has(text, "RegistrationServer.registerConnection params"));
+  KJ_EXPECT(has(text, "cause = \"EDUPCONN\", retryAfter = 2000000000, shouldRetry = true"));
+  KJ_EXPECT(has(text, "locationName = \"LHR\""));
+}
+
 }  // namespace
 }  // namespace cfqt::wire
