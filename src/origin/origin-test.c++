@@ -18,6 +18,7 @@
 #include <netinet/in.h>
 #include <signal.h>
 #include <spawn.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -1028,6 +1029,17 @@ KJ_TEST("keep-alive: connections reused (visible in the origin's count), idle ti
   }
   KJ_EXPECT(origin->getStats().connectionsOpened == 1);
   KJ_EXPECT(origin->getStats().connectionsReused == 19);
+  {
+    // SO_KEEPALIVE on the pooled connection: `ss -o` shows its keepalive timer (TCP_KEEPIDLE 30s).
+    auto cmd = kj::str("ss -tnoH state established '( dport = :", py.port, " )' 2>&1");
+    FILE* pipe = popen(cmd.cStr(), "r");
+    KJ_ASSERT(pipe != nullptr);
+    char line[1024];
+    kj::String output = kj::str();
+    while (fgets(line, sizeof(line), pipe) != nullptr) output = kj::str(output, line);
+    pclose(pipe);
+    KJ_EXPECT(contains(output, "timer:(keepalive,"), output);
+  }
   // The origin saw our 1 connection plus the direct /stats one.
   KJ_EXPECT(jsonNumber(directGet(env, py.port, "/stats"), "connections") == 2);
 
