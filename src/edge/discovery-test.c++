@@ -477,6 +477,75 @@ KJ_TEST("discovery: --edge skips discovery, keeps repeats, alternates regions") 
             e.getDescription());
 }
 
+KJ_TEST("DnsResolver: a truncated UDP answer is retried over TCP on the KJ loop") {
+  SKIP_UNLESS_PRIVATE_NETWORK();
+  // 40 SRV records do not fit a 512-byte UDP answer: dnsmasq sets TC and c-ares reconnects over
+  // TCP, which exercises the writable/connect path of the FdObserver integration.
+  kj::Vector<kj::String> args;
+  for (auto a: {"--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+                "--pid-file", "--user=root", "--group=root", "--listen-address=127.0.0.1",
+                "--bind-interfaces", "--log-facility=-", "--local=/argotunnel.com/",
+                "--port=5421"}) {
+    args.add(kj::str(a));
+  }
+  for (uint i = 0; i < 40; i++) {
+    args.add(kj::str("--srv-host=", GLOBAL_SRV, ",edge-region-number-", i,
+                     ".v2.argotunnel.com,", 7000 + i, ",1,1"));
+  }
+  Server dns("dnsmasq", args.releaseAsArray(), "started, version");
+  auto io = kj::setupAsyncIo();
+  DnsResolverOptions options;
+  options.server = kj::str("127.0.0.1:5421");
+  options.queryTimeout = 500 * kj::MILLISECONDS;
+  DnsResolver resolver(io.unixEventPort, io.provider->getTimer(), kj::mv(options));
+  // Also: the loop keeps running other work while the query is in flight.
+  bool timerFired = false;
+  auto tick = io.provider->getTimer().afterDelay(0 * kj::MILLISECONDS)
+      .then([&timerFired]() { timerFired = true; });
+  auto records = resolver.querySrv(GLOBAL_SRV).wait(io.waitScope);
+  tick.wait(io.waitScope);
+  KJ_EXPECT(timerFired);
+  KJ_ASSERT(records.size() == 40, records.size());
+  uint portSum = 0;
+  for (auto& r: records) {
+    KJ_EXPECT(r.target.startsWith("edge-region-number-"), r.target);
+    KJ_EXPECT(!r.target.endsWith("."));
+    portSum += r.port;
+  }
+  KJ_EXPECT(portSum == 40 * 7000 + 39 * 40 / 2);
+}
+
+KJ_TEST("DnsResolver: A and AAAA of one name, IP literals, NXDOMAIN") {
+  SKIP_UNLESS_PRIVATE_NETWORK();
+  auto dns = startDnsmasq(5431, {}, {{"both.test", "192.0.2.1,2001:db8::1"}});
+  auto io = kj::setupAsyncIo();
+  DnsResolverOptions options;
+  options.server = kj::str("127.0.0.1:5431");
+  options.queryTimeout = 300 * kj::MILLISECONDS;
+  options.useHostsFile = false;
+  DnsResolver resolver(io.unixEventPort, io.provider->getTimer(), kj::mv(options));
+  auto both = resolver.resolveHost("both.test", 7844).wait(io.waitScope);
+  KJ_EXPECT(both.size() == 2, texts(both));
+  bool v4 = false, v6 = false;
+  for (auto& a: both) {
+    if (a.toString() == "192.0.2.1:7844") v4 = true;
+    if (a.toString() == "[2001:db8::1]:7844") v6 = true;
+  }
+  KJ_EXPECT(v4 && v6, texts(both));
+  auto literal = resolver.resolveHost("2001:db8::5", 1).wait(io.waitScope);
+  KJ_EXPECT(texts(literal) == "[2001:db8::5]:1");
+  auto missing = resolver.resolveHost("missing.test", 1);
+  KJ_EXPECT_THROW_MESSAGE("DNS lookup of missing.test failed: domain name not found",
+                          missing.wait(io.waitScope));
+  // Several lookups at once share the channel.
+  auto p1 = resolver.resolveHost("both.test", 1);
+  auto p2 = resolver.querySrv("_nothing._tcp.test");
+  auto p3 = resolver.resolveHost("both.test", 2);
+  KJ_EXPECT(p1.wait(io.waitScope).size() == 2);
+  KJ_EXPECT_THROW_MESSAGE("NXDOMAIN", p2.wait(io.waitScope));
+  KJ_EXPECT(p3.wait(io.waitScope)[0].port == 2);
+}
+
 KJ_TEST("discovery: malformed --dns-server / --dot-server are config errors") {
   auto io = kj::setupAsyncIo();
   auto bad = testConfig(53);
