@@ -158,16 +158,21 @@ private:
     KJ_LOG(WARNING, "edge discovery: SRV lookup failed; trying DNS-over-TLS", plainDnsError,
            dot.address.toString());
     return querySrvOverTls(timer, network, dot, srvName, config.dotTimeout).then(
-        [this](kj::Array<SrvRecord> records) {
-      result.usedDotFallback = true;
-      return onSrv(kj::mv(records));
-    }, [this](kj::Exception&& e) -> kj::Promise<EdgeAddresses> {
-      return discoveryError(kj::str(
-          "edge discovery failed: could not look up ", srvName, " SRV. Plain DNS: ",
-          plainDnsError, ". Fallback: ", e.getDescription(),
-          ". Check the DNS configuration (or --dns-server), that outbound UDP/TCP 53 and TCP 853 "
-          "are allowed, or pass --edge host:port to skip discovery."));
-    });
+        [this](kj::Array<SrvRecord> records) { return onDotSrv(kj::mv(records)); },
+        [this](kj::Exception&& e) { return bothFailed(kj::mv(e)); });
+  }
+
+  kj::Promise<EdgeAddresses> onDotSrv(kj::Array<SrvRecord> records) {
+    result.usedDotFallback = true;
+    return onSrv(kj::mv(records));
+  }
+
+  kj::Promise<EdgeAddresses> bothFailed(kj::Exception&& e) {
+    return discoveryError(kj::str(
+        "edge discovery failed: could not look up ", srvName, " SRV. Plain DNS: ",
+        plainDnsError, ". Fallback: ", e.getDescription(),
+        ". Check the DNS configuration (or --dns-server), that outbound UDP/TCP 53 and TCP 853 "
+        "are allowed, or pass --edge host:port to skip discovery."));
   }
 
   kj::Promise<EdgeAddresses> onSrv(kj::Array<SrvRecord> records) {
@@ -217,22 +222,27 @@ private:
       lookups.add(resolveEdgeFlag(entry));
     }
     return kj::joinPromises(lookups.finish())
-        .then([this](kj::Array<kj::Maybe<EdgeAddress>> resolved) -> kj::Promise<EdgeAddresses> {
-      kj::Vector<EdgeAddress> even, odd;
-      uint n = 0;
-      for (auto& maybe: resolved) {
-        KJ_IF_MAYBE(a, maybe) {
-          (n++ % 2 == 0 ? even : odd).add(*a);
-        }
-      }
-      if (n == 0) {
-        return discoveryError(kj::str("none of the --edge addresses could be resolved: ",
-                                      kj::strArray(result.warnings, "; ")));
-      }
-      result.regions = kj::arr(makeRegion(kj::str("--edge"), even.releaseAsArray(), IpVersion::AUTO),
-                               makeRegion(kj::str("--edge"), odd.releaseAsArray(), IpVersion::AUTO));
-      return kj::mv(result);
+        .then([this](kj::Array<kj::Maybe<EdgeAddress>> resolved) {
+      return finishEdgeFlags(kj::mv(resolved));
     });
+  }
+
+  kj::Promise<EdgeAddresses> finishEdgeFlags(kj::Array<kj::Maybe<EdgeAddress>> resolved) {
+    // Resolved entries alternate: even positions region1, odd positions region2.
+    kj::Vector<EdgeAddress> even, odd;
+    uint n = 0;
+    for (auto& maybe: resolved) {
+      KJ_IF_MAYBE(a, maybe) {
+        (n++ % 2 == 0 ? even : odd).add(*a);
+      }
+    }
+    if (n == 0) {
+      return discoveryError(kj::str("none of the --edge addresses could be resolved: ",
+                                    kj::strArray(result.warnings, "; ")));
+    }
+    result.regions = kj::arr(makeRegion(kj::str("--edge"), even.releaseAsArray(), IpVersion::AUTO),
+                             makeRegion(kj::str("--edge"), odd.releaseAsArray(), IpVersion::AUTO));
+    return kj::mv(result);
   }
 
   kj::Promise<kj::Maybe<EdgeAddress>> resolveEdgeFlag(kj::StringPtr entry) {

@@ -436,14 +436,16 @@ private:
     stream = kj::mv(s);
     return stream->write(request.begin(), request.size()).then([this]() {
       return stream->tryRead(lengthPrefix, 2, 2);
-    }).then([this](size_t n) -> kj::Promise<kj::Array<SrvRecord>> {
-      if (n < 2) return fail(kj::str("the server closed the connection without an answer"));
-      size_t len = (size_t(lengthPrefix[0]) << 8) | lengthPrefix[1];
-      if (len < 12) return fail(kj::str("malformed answer (", len, " bytes)"));
-      response = kj::heapArray<kj::byte>(len);
-      return stream->tryRead(response.begin(), len, len).then([this](size_t got) {
-        return parse(got);
-      });
+    }).then([this](size_t n) { return readAnswer(n); });
+  }
+
+  kj::Promise<kj::Array<SrvRecord>> readAnswer(size_t lengthBytes) {
+    if (lengthBytes < 2) return fail(kj::str("the server closed the connection without an answer"));
+    size_t len = (size_t(lengthPrefix[0]) << 8) | lengthPrefix[1];
+    if (len < 12) return fail(kj::str("malformed answer (", len, " bytes)"));
+    response = kj::heapArray<kj::byte>(len);
+    return stream->tryRead(response.begin(), len, len).then([this](size_t got) {
+      return parse(got);
     });
   }
 
