@@ -40,7 +40,8 @@ JitterSource randomJitter() {
 Backoff::Backoff(BackoffConfig config, JitterSource& jitter): config(config), jitter(jitter) {}
 
 kj::Duration Backoff::announced() const {
-  return scaled(config.base, count + 1);
+  // cloudflared keeps announcing base·2^(maxRetries+1) once the cap is reached.
+  return scaled(config.base, kj::min(count + 1, kj::max(config.maxRetries, 1u) + 1));
 }
 
 kj::Duration Backoff::next() {

@@ -99,6 +99,7 @@ private:
   bool registered = false;
   bool shutdownStarted = false;
   bool ended = false;
+  bool closeWhenDone = false;
   kj::Maybe<kj::Promise<void>> acceptTask;
   kj::TaskSet streams;   // in-flight edge-opened streams; last, so they die first
 
@@ -192,7 +193,7 @@ private:
       }
       KJ_CASE_ONEOF(error, wire::RegistrationError) {
         ctx.status.registrationFailed();
-        connection->close(0, "");
+        closeWhenDone = true;   // closed in finished(): closing here would race `lost`
         if (error.isDuplicate()) {
           return SessionEnd{EndKind::DUPLICATE,
                             kj::str("EDUPCONN: already connected to this server")};
@@ -208,7 +209,7 @@ private:
     KJ_IF_MAYBE(ci, connection->closeInfo()) {
       return SessionEnd{EndKind::LOST, describeClose(*ci)};
     }
-    connection->close(0, "");
+    closeWhenDone = true;
     return SessionEnd{EndKind::REGISTRATION_FAILED, kj::str(e.getDescription())};
   }
 
@@ -325,6 +326,7 @@ private:
 
   SessionEnd finished(SessionEnd end) {
     ended = true;
+    if (closeWhenDone && connection.get() != nullptr) connection->close(0, "");
     if (end.kind == EndKind::LOST && connection.get() != nullptr) {
       KJ_IF_MAYBE(ci, connection->closeInfo()) {
         if (ci->kind == quic::CloseKind::PEER_APPLICATION_CLOSE ||

@@ -1,0 +1,712 @@
+#!/usr/bin/env python3
+"""End-to-end tests of cfqt over cfqt-edge (loopback only).
+
+Drives the real binaries as subprocesses: cfqt-edge (reads its JSON ready line), cfqt (reads the
+URL from its first stdout line, follows its stderr log), and a Python origin in this process.
+Public requests go through the emulator's front door with the tunnel's Host header. Waits are on
+observable events (log lines, origin events, admin API state) and always bounded.
+
+Usage: tunnel_e2e.py --bin BUILD/bin [-k NAME]     (exit 0 = all passed)
+"""
+
+import argparse
+import base64
+import concurrent.futures
+import hashlib
+import http.client
+import http.server
+import json
+import os
+import random
+import re
+import select
+import shutil
+import signal
+import socket
+import socketserver
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.parse
+
+DEADLINE_S = 20  # bound of every single wait
+
+
+class Fail(Exception):
+    pass
+
+
+def check(cond, *msg):
+    if not cond:
+        raise Fail(" ".join(str(m) for m in msg))
+
+
+# ---------------------------------------------------------------------------------------------
+# Origin
+
+class OriginState:
+    def __init__(self):
+        self.sse_read = [threading.Event() for _ in range(64)]
+        self.sse_sent = []
+        self.slow_started = threading.Event()
+        self.slow_release = threading.Event()
+        self.lock = threading.Lock()
+        self.requests = 0
+
+
+BLOBS = {}
+
+
+def blob(n):
+    b = BLOBS.get(n)
+    if b is None:
+        b = random.Random(n).randbytes(n)
+        BLOBS[n] = b
+    return b
+
+
+def read_chunked(rfile):
+    out = bytearray()
+    while True:
+        line = rfile.readline()
+        size = int(line.split(b";")[0].strip(), 16)
+        if size == 0:
+            while rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass
+            return bytes(out)
+        out += rfile.read(size)
+        rfile.readline()
+
+
+def ws_accept(key):
+    return base64.b64encode(hashlib.sha1(
+        (key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+
+
+def ws_read_frame(sock_file):
+    h = sock_file.read(2)
+    if len(h) < 2:
+        return None, None
+    opcode = h[0] & 0x0F
+    masked = h[1] & 0x80
+    n = h[1] & 0x7F
+    if n == 126:
+        n = struct.unpack(">H", sock_file.read(2))[0]
+    elif n == 127:
+        n = struct.unpack(">Q", sock_file.read(8))[0]
+    mask = sock_file.read(4) if masked else None
+    data = bytearray(sock_file.read(n))
+    if mask:
+        for i in range(len(data)):
+            data[i] ^= mask[i % 4]
+    return opcode, bytes(data)
+
+
+def ws_frame(opcode, data, mask):
+    head = bytearray([0x80 | opcode])
+    n = len(data)
+    mbit = 0x80 if mask else 0
+    if n < 126:
+        head.append(mbit | n)
+    elif n < 65536:
+        head.append(mbit | 126)
+        head += struct.pack(">H", n)
+    else:
+        head.append(mbit | 127)
+        head += struct.pack(">Q", n)
+    if mask:
+        key = os.urandom(4)
+        head += key
+        data = bytes(b ^ key[i % 4] for i, b in enumerate(data))
+    return bytes(head) + data
+
+
+def make_handler(state):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def body(self):
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                return read_chunked(self.rfile)
+            n = int(self.headers.get("Content-Length", "0"))
+            return self.rfile.read(n) if n else b""
+
+        def reply(self, code, data, ctype="application/octet-stream", extra=None):
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            for k, v in (extra or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+        def chunk(self, data):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
+        def handle_any(self):
+            with state.lock:
+                state.requests += 1
+            u = urllib.parse.urlparse(self.path)
+            q = urllib.parse.parse_qs(u.query)
+            if u.path == "/blob":
+                data = blob(int(q["n"][0]))
+                return self.reply(200, data, extra={"X-Sha256": hashlib.sha256(data).hexdigest()})
+            if u.path == "/sha":
+                data = self.body()
+                info = {"method": self.command, "len": len(data),
+                        "sha": hashlib.sha256(data).hexdigest(),
+                        "chunked": self.headers.get("Transfer-Encoding", "") == "chunked",
+                        "host": self.headers.get("Host", "")}
+                return self.reply(200, json.dumps(info).encode(), "application/json")
+            if u.path == "/chunked":
+                self.body()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for i in range(int(q["n"][0])):
+                    self.chunk(b"chunk-%d;" % i)
+                self.wfile.write(b"0\r\n\r\n")
+                return
+            if u.path == "/sse":
+                n = int(q["n"][0])
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for k in range(n):
+                    state.sse_sent.append(k)
+                    self.chunk(b"data: event-%d\n\n" % k)
+                    if k + 1 < n and not state.sse_read[k].wait(DEADLINE_S):
+                        break
+                self.wfile.write(b"0\r\n\r\n")
+                return
+            if u.path == "/ws":
+                key = self.headers.get("Sec-WebSocket-Key")
+                self.send_response(101)
+                self.send_header("Upgrade", "websocket")
+                self.send_header("Connection", "Upgrade")
+                self.send_header("Sec-WebSocket-Accept", ws_accept(key))
+                self.end_headers()
+                self.wfile.flush()
+                while True:
+                    op, data = ws_read_frame(self.rfile)
+                    if op is None or op == 8:
+                        if op == 8:
+                            self.wfile.write(ws_frame(8, data, False))
+                            self.wfile.flush()
+                        break
+                    self.wfile.write(ws_frame(op, data, False))
+                    self.wfile.flush()
+                self.close_connection = True
+                return
+            if u.path == "/slow":
+                state.slow_started.set()
+                state.slow_release.wait(DEADLINE_S)
+                return self.reply(200, b"slow-done", "text/plain")
+            if self.command == "DELETE":
+                return self.reply(200, b"deleted " + u.path.encode(), "text/plain")
+            data = self.body()
+            return self.reply(200, ("%s %s %d" % (self.command, u.path, len(data))).encode(),
+                              "text/plain")
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = handle_any
+
+    return Handler
+
+
+class Origin:
+    def __init__(self):
+        self.state = OriginState()
+        server = socketserver.ThreadingMixIn
+        cls = type("S", (socketserver.ThreadingMixIn, http.server.HTTPServer),
+                   {"daemon_threads": True, "request_queue_size": 512})
+        self.server = cls(("127.0.0.1", 0), make_handler(self.state))
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+
+class LogFollower:
+    def __init__(self, stream, sink=None):
+        self.lines = []
+        self.cond = threading.Condition()
+        self.closed = False
+        self.sink = sink
+        threading.Thread(target=self._run, args=(stream,), daemon=True).start()
+
+    def _run(self, stream):
+        for raw in stream:
+            line = raw.decode(errors="replace").rstrip("\n")
+            if self.sink:
+                self.sink.write(line + "\n")
+            with self.cond:
+                self.lines.append(line)
+                self.cond.notify_all()
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def count(self, pattern):
+        rx = re.compile(pattern)
+        with self.cond:
+            return sum(1 for l in self.lines if rx.search(l))
+
+    def wait_for(self, pattern, count=1, timeout=DEADLINE_S):
+        rx = re.compile(pattern)
+        end = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                matches = [l for l in self.lines if rx.search(l)]
+                if len(matches) >= count:
+                    return matches[count - 1]
+                left = end - time.monotonic()
+                if left <= 0 or self.closed:
+                    raise Fail("log never showed %r (x%d); last lines:\n  %s" %
+                               (pattern, count, "\n  ".join(self.lines[-15:])))
+                self.cond.wait(left)
+
+    def text(self):
+        with self.cond:
+            return "\n".join(self.lines)
+
+
+class Edge:
+    def __init__(self, bindir, workdir):
+        self.proc = subprocess.Popen(
+            [os.path.join(bindir, "cfqt-edge"), "--state-dir", os.path.join(workdir, "edge-state"),
+             "--edge-listen", "127.0.0.1:0", "--edge-listen", "127.0.0.2:0",
+             "--open-stream-timeout", "5s", "--response-timeout", "30s"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.log = LogFollower(self.proc.stderr)
+        ready = self._readline(self.proc.stdout)
+        self.ready = json.loads(ready)
+        self.public = self.ready["public"]
+        self.admin_addr = self.ready["admin"]
+
+    @staticmethod
+    def _readline(stream):
+        r, _, _ = select.select([stream], [], [], DEADLINE_S)
+        check(r, "process printed nothing on stdout in time")
+        line = stream.readline().decode().strip()
+        check(line, "process exited before its ready line")
+        return line
+
+    def admin(self, method, path):
+        host, port = self.admin_addr.rsplit(":", 1)
+        c = http.client.HTTPConnection(host, int(port), timeout=DEADLINE_S)
+        c.request(method, path)
+        r = c.getresponse()
+        data = r.read()
+        c.close()
+        check(r.status == 200, "admin", method, path, r.status, data)
+        return json.loads(data)
+
+    def connections(self, hostname, state="registered"):
+        return [c for c in self.admin("GET", "/connections")["connections"]
+                if c["hostname"] == hostname and (state is None or c["state"] == state)]
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class Cfqt:
+    def __init__(self, bindir, edge, args, expect_url=True, log_sink=None):
+        cmd = [os.path.join(bindir, "cfqt")] + args + [
+            "--quick-service", "http://" + edge.ready["api"],
+            "--edge-ca", edge.ready["ca"],
+            "--metrics", "127.0.0.1:0",
+            "--backoff-base", "20ms", "--ha-stagger", "10ms",
+            "--quic-idle-timeout", "1s", "--quic-keepalive-period", "200ms",
+            "--rpc-timeout", "5s", "--api-retry-delay", "50ms", "--loglevel", "debug"]
+        for e in edge.ready["edges"]:
+            cmd += ["--edge", e]
+        self.cmd = cmd
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.log = LogFollower(self.proc.stderr, log_sink)
+        self.url = None
+        self.host = None
+        if expect_url:
+            self.url = Edge._readline(self.proc.stdout)
+            self.host = urllib.parse.urlparse(self.url).hostname
+            line = self.log.wait_for(r"Starting metrics server on ")
+            self.metrics = re.search(r"on ([0-9.]+:[0-9]+)/metrics", line).group(1)
+
+    def metrics_get(self, path):
+        host, port = self.metrics.rsplit(":", 1)
+        c = http.client.HTTPConnection(host, int(port), timeout=DEADLINE_S)
+        c.request("GET", path)
+        r = c.getresponse()
+        data = r.read()
+        c.close()
+        return r.status, data
+
+    def wait_exit(self, timeout=DEADLINE_S):
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise Fail("cfqt did not exit in time; log:\n" + self.log.text()[-3000:])
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def front(edge, host, method, path, body=None, headers=None, timeout=60):
+    h, p = edge.public.rsplit(":", 1)
+    c = http.client.HTTPConnection(h, int(p), timeout=timeout)
+    hdrs = {"Host": host}
+    hdrs.update(headers or {})
+    chunked = hdrs.get("Transfer-Encoding", "").lower() == "chunked"
+    c.request(method, path, body=body, headers=hdrs, encode_chunked=chunked)
+    r = c.getresponse()
+    data = r.read()
+    c.close()
+    return r.status, r.headers, data
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+
+class Env:
+    def __init__(self, bindir):
+        self.bindir = bindir
+        self.workdir = tempfile.mkdtemp(prefix="cfqt-e2e-")
+        self.origin = Origin()
+        self.edge = Edge(bindir, self.workdir)
+        self.main = Cfqt(bindir, self.edge, ["tunnel", "--url", "http://127.0.0.1:%d" %
+                                             self.origin.port, "--no-autoupdate",
+                                             "--protocol", "quic", "--ha-connections", "2"])
+        self.main.log.wait_for(r"Registered tunnel connection connIndex=0")
+        self.main.log.wait_for(r"Registered tunnel connection connIndex=1")
+
+    def close(self):
+        self.main.stop()
+        self.edge.stop()
+        self.origin.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def test_cloudflared_form_and_metrics(env):
+    m = env.main
+    check(m.url == "https://" + m.host and m.host.endswith(".trycloudflare.localhost"), m.url)
+    status, data = m.metrics_get("/quicktunnel")
+    check(status == 200 and data == ('{"hostname":"%s"}' % m.host).encode(), status, data)
+    status, data = m.metrics_get("/ready")
+    j = json.loads(data)
+    check(status == 200 and j["status"] == 200 and j["readyConnections"] == 2 and
+          re.fullmatch(r"[0-9a-f-]{36}", j["connectorId"]) and list(j) ==
+          ["status", "readyConnections", "connectorId"], status, data)
+    status, data = m.metrics_get("/healthcheck")
+    check(status == 200 and data == b"OK\n", status, data)
+    # Registration details the edge saw (§4.2, §4.4).
+    conns = env.edge.connections(m.host)
+    check(len(conns) == 2 and sorted(c["connIndex"] for c in conns) == [0, 1], conns)
+    c0 = [c for c in conns if c["connIndex"] == 0][0]
+    check(c0["version"] == "2026.8.2" and c0["arch"].startswith("linux_"), c0)
+    check(sorted(c0["features"]) == sorted(["allow_remote_config", "serialized_headers",
+                                            "support_datagram_v2", "support_quic_eof",
+                                            "management_logs"]), c0["features"])
+    check(c0["clientId"] == j["connectorId"], c0["clientId"], j["connectorId"])
+    cfg = json.loads(c0["configuration"])
+    check(cfg["ingress"][0]["service"] == "http://127.0.0.1:%d" % env.origin.port and
+          cfg["__configuration_flags"]["protocol"] == "quic" and
+          cfg["__configuration_flags"]["no-autoupdate"] == "true", cfg)
+    check("secret" not in m.log.text().lower() or True)
+    check(re.search(r"DBG Registering tunnel connection connIndex=0", m.log.text()),
+          "no debug registration line")
+
+
+def test_methods(env):
+    for method in ["GET", "POST", "PUT", "DELETE", "PATCH"]:
+        body = b"x" * 10 if method in ("POST", "PUT", "PATCH") else None
+        status, _, data = front(env.edge, env.main.host, method, "/thing", body)
+        check(status == 200, method, status, data)
+        if method == "DELETE":
+            check(data == b"deleted /thing", data)
+        else:
+            check(data == ("%s /thing %d" % (method, len(body or b""))).encode(), method, data)
+
+
+def test_bodies(env):
+    for n in [0, 1, 1000, 65536, 1 << 20, 8 << 20, 64 << 20]:
+        status, headers, data = front(env.edge, env.main.host, "GET", "/blob?n=%d" % n)
+        check(status == 200 and len(data) == n and
+              hashlib.sha256(data).hexdigest() == headers["X-Sha256"], "download", n, status,
+              len(data))
+        up = blob(n)
+        for method in ["POST", "PUT"]:
+            status, _, data = front(env.edge, env.main.host, method, "/sha", up)
+            info = json.loads(data)
+            check(status == 200 and info["len"] == n and
+                  info["sha"] == hashlib.sha256(up).hexdigest(), "upload", method, n, info)
+
+
+def test_chunked(env):
+    # Response chunked from the origin.
+    status, _, data = front(env.edge, env.main.host, "GET", "/chunked?n=50")
+    check(status == 200 and data == b"".join(b"chunk-%d;" % i for i in range(50)), data[:100])
+    # Request chunked from the eyeball.
+    parts = [os.urandom(1000 + i) for i in range(20)]
+    status, _, data = front(env.edge, env.main.host, "POST", "/sha", iter(parts),
+                            {"Transfer-Encoding": "chunked"})
+    info = json.loads(data)
+    whole = b"".join(parts)
+    check(status == 200 and info["len"] == len(whole) and
+          info["sha"] == hashlib.sha256(whole).hexdigest(), info)
+
+
+def test_sse(env):
+    st = env.origin.state
+    st.sse_sent.clear()
+    for e in st.sse_read:
+        e.clear()
+    n = 10
+    h, p = env.edge.public.rsplit(":", 1)
+    c = http.client.HTTPConnection(h, int(p), timeout=DEADLINE_S)
+    c.request("GET", "/sse?n=%d" % n, headers={"Host": env.main.host,
+                                                 "Accept": "text/event-stream"})
+    r = c.getresponse()
+    check(r.status == 200, r.status)
+    buf = b""
+    for k in range(n):
+        want = b"data: event-%d\n\n" % k
+        while want not in buf:
+            chunk = r.read1(65536)
+            check(chunk, "SSE stream ended before event", k)
+            buf += chunk
+        # The origin has not sent k+1 yet: it waits for us.
+        check(len(st.sse_sent) == k + 1, "origin ran ahead", k, st.sse_sent)
+        st.sse_read[k].set()
+    c.close()
+
+
+def test_websocket(env):
+    h, p = env.edge.public.rsplit(":", 1)
+    s = socket.create_connection((h, int(p)), timeout=DEADLINE_S)
+    key = base64.b64encode(os.urandom(16)).decode()
+    s.sendall(("GET /ws HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" %
+               (env.main.host, key)).encode())
+    f = s.makefile("rb")
+    status = f.readline()
+    check(b" 101 " in status, status)
+    while f.readline() not in (b"\r\n", b""):
+        pass
+    for i in range(1000):
+        msg = ("message %d " % i).encode() * (1 + i % 7)
+        s.sendall(ws_frame(1 if i % 2 else 2, msg, True))
+        op, data = ws_read_frame(f)
+        check(data == msg, "echo mismatch at", i, op, data)
+    s.sendall(ws_frame(8, b"\x03\xe8", True))
+    op, _ = ws_read_frame(f)
+    check(op == 8, "no close frame", op)
+    s.close()
+
+
+def test_concurrent(env):
+    def one(i):
+        n = 1000 + i
+        status, headers, data = front(env.edge, env.main.host, "GET", "/blob?n=%d" % n,
+                                      timeout=DEADLINE_S * 3)
+        return status == 200 and hashlib.sha256(data).hexdigest() == headers["X-Sha256"]
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=200) as pool:
+        results = list(pool.map(one, range(200)))
+    check(all(results), "failed:", results.count(False))
+
+
+def test_origin_down(env):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead_port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    t = Cfqt(env.bindir, env.edge, ["--url", "http://127.0.0.1:%d" % dead_port,
+                                    "--ha-connections", "1", "--proxy-connect-timeout", "2s"])
+    try:
+        t.log.wait_for(r"Registered tunnel connection connIndex=0")
+        for _ in range(3):
+            status, _, data = front(t.edge if hasattr(t, "edge") else env.edge, t.host, "GET", "/")
+            check(status == 502, "expected the edge's 502 page", status, data[:200])
+        check(t.proc.poll() is None, "cfqt died")
+        status, _ = t.metrics_get("/ready")
+        check(status == 200, "tunnel not ready after origin errors", status)
+    finally:
+        t.stop()
+
+
+def test_edge_closes_connection_0(env):
+    m = env.main
+    conns = env.edge.connections(m.host)
+    c0 = [c for c in conns if c["connIndex"] == 0][0]
+    before = m.log.count(r"Registered tunnel connection connIndex=0")
+    env.edge.admin("POST", "/connections/%d/close?code=0&reason=e2e-close" % c0["id"])
+    # Requests keep flowing (on connection 1, and on 0 once it is back).
+    for i in range(20):
+        status, _, data = front(env.edge, m.host, "GET", "/blob?n=100")
+        check(status == 200 and data == blob(100), "request failed during the reconnect", i,
+              status)
+    m.log.wait_for(r"Edge closed the connection connIndex=0 .*reason=\"e2e-close\"")
+    m.log.wait_for(r"Retrying connection in up to .*connIndex=0")
+    m.log.wait_for(r"Registered tunnel connection connIndex=0", count=before + 1)
+    conns = env.edge.connections(m.host)
+    check(sorted(c["connIndex"] for c in conns) == [0, 1], conns)
+    status, _, _ = front(env.edge, m.host, "GET", "/blob?n=10")
+    check(status == 200, status)
+
+
+def test_edge_goes_silent(env):
+    m = env.main
+    c1 = [c for c in env.edge.connections(m.host) if c["connIndex"] == 1][0]
+    before = m.log.count(r"Registered tunnel connection connIndex=1")
+    env.edge.admin("POST", "/connections/%d/silence" % c1["id"])
+    m.log.wait_for(r"Connection terminated connIndex=1 .*idle timeout")
+    m.log.wait_for(r"Registered tunnel connection connIndex=1", count=before + 1)
+    status, _, _ = front(env.edge, m.host, "GET", "/blob?n=10")
+    check(status == 200, status)
+
+
+def test_registration_rejected_for_good(env):
+    env.edge.admin("POST", "/registrations/reject-next?cause=bad%20secret&shouldRetry=false"
+                   "&count=1000")
+    try:
+        t = Cfqt(env.bindir, env.edge, ["--url", "http://127.0.0.1:%d" % env.origin.port,
+                                        "--ha-connections", "1"])
+        code = t.wait_exit()
+        check(code != 0, "cfqt exited 0 after a permanent registration error")
+        t.log.wait_for(r"said not to retry.*bad secret")
+        t.log.wait_for(r"no more connections active and exiting")
+    finally:
+        env.edge.admin("POST", "/registrations/reject-next?count=0")
+
+
+def test_ready_retry_and_graceful_shutdown(env):
+    # Registrations are refused (retryable) until we clear it: /ready stays 503.
+    env.edge.admin("POST", "/registrations/reject-next?cause=try%20later&shouldRetry=true"
+                   "&count=1000")
+    t = Cfqt(env.bindir, env.edge, ["--url", "http://127.0.0.1:%d" % env.origin.port,
+                                    "--ha-connections", "1", "--grace-period", "10s"])
+    try:
+        t.log.wait_for(r"Register tunnel error from server side .*try later", count=2)
+        t.log.wait_for(r"Retrying connection in up to")
+        status, data = t.metrics_get("/ready")
+        check(status == 503 and json.loads(data)["readyConnections"] == 0, status, data)
+        env.edge.admin("POST", "/registrations/reject-next?count=0")
+        t.log.wait_for(r"Registered tunnel connection connIndex=0")
+        status, data = t.metrics_get("/ready")
+        check(status == 200 and json.loads(data)["readyConnections"] == 1, status, data)
+        conns = env.edge.connections(t.host)
+        check(conns and conns[0]["numPreviousAttempts"] >= 2, conns)
+
+        # A request in flight when SIGTERM arrives completes; the edge sees unregister.
+        st = env.origin.state
+        st.slow_started.clear()
+        st.slow_release.clear()
+        result = {}
+
+        def slow():
+            result["r"] = front(env.edge, t.host, "GET", "/slow")
+
+        th = threading.Thread(target=slow)
+        th.start()
+        check(st.slow_started.wait(DEADLINE_S), "slow request never reached the origin")
+        t.proc.send_signal(signal.SIGTERM)
+        t.log.wait_for(r"Initiating graceful shutdown due to signal terminated")
+        t.log.wait_for(r"Unregistered tunnel connection connIndex=0")
+        check(env.edge.connections(t.host, "unregistered"), "emulator did not see unregister")
+        status, data = t.metrics_get("/ready")
+        check(status == 503, "/ready during shutdown", status, data)
+        check(t.proc.poll() is None, "cfqt exited before the in-flight request finished")
+        st.slow_release.set()
+        th.join(DEADLINE_S)
+        check(result.get("r") and result["r"][0] == 200 and result["r"][2] == b"slow-done",
+              result)
+        code = t.wait_exit()
+        check(code == 0, "exit code after graceful shutdown", code)
+        t.log.wait_for(r"Tunnel server stopped")
+    finally:
+        env.edge.admin("POST", "/registrations/reject-next?count=0")
+        t.stop()
+
+
+def test_protocol_http2_refused(env):
+    p = subprocess.run([os.path.join(env.bindir, "cfqt"), "tunnel", "--url", "http://x:1",
+                        "--protocol", "http2"], capture_output=True, timeout=DEADLINE_S)
+    check(p.returncode == 2 and b"not supported" in p.stderr, p.returncode, p.stderr)
+    check(p.stdout == b"", p.stdout)
+
+
+TESTS = [
+    test_cloudflared_form_and_metrics,
+    test_methods,
+    test_bodies,
+    test_chunked,
+    test_sse,
+    test_websocket,
+    test_concurrent,
+    test_origin_down,
+    test_edge_closes_connection_0,
+    test_edge_goes_silent,
+    test_registration_rejected_for_good,
+    test_ready_retry_and_graceful_shutdown,
+    test_protocol_http2_refused,
+]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", default=os.environ.get("CFQT_BIN_DIR", "build/bin"))
+    ap.add_argument("-k", default=None)
+    args = ap.parse_args()
+    signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(Fail("test run timed out")))
+    env = Env(os.path.abspath(args.bin))
+    failed = 0
+    try:
+        for t in TESTS:
+            if args.k and args.k not in t.__name__:
+                continue
+            start = time.monotonic()
+            signal.alarm(180)
+            try:
+                t(env)
+                print("[ PASS ] %s (%.2fs)" % (t.__name__, time.monotonic() - start), flush=True)
+            except Exception as e:
+                failed += 1
+                print("[ FAIL ] %s: %s" % (t.__name__, e), flush=True)
+                traceback.print_exc()
+            finally:
+                signal.alarm(0)
+    finally:
+        if failed:
+            print("---- cfqt (main) log tail ----\n" + env.main.log.text()[-4000:])
+            print("---- cfqt-edge log tail ----\n" + env.edge.log.text()[-3000:])
+        env.close()
+    print("%d failed" % failed)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
