@@ -106,7 +106,8 @@ KJ_TEST("AddressPool: rotation after a dial failure or EDUPCONN takes a differen
 
 KJ_TEST("AddressPool: with a single address a rotation keeps it (redial the same)") {
   EdgeAddresses single;
-  single.regions = kj::arr(makeRegion(kj::str("--edge"), addrs({"127.0.0.1:7844"}), IpVersion::AUTO),
+  single.regions = kj::arr(
+      makeRegion(kj::str("--edge"), addrs({"127.0.0.1:7844"}), IpVersion::AUTO),
                            makeRegion(kj::str("--edge"), nullptr, IpVersion::AUTO));
   AddressPool pool(kj::mv(single));
   KJ_EXPECT(pool.capacity() == 1);

@@ -124,7 +124,8 @@ public:
             DiscoveryConfig configParam, DotServer dotParam)
       : timer(timer), network(network), config(kj::mv(configParam)), dot(kj::mv(dotParam)),
         resolver(eventPort, timer, resolverOptions(config)),
-        srvName(srvQueryName(config.region.map([](kj::String& r) -> kj::StringPtr { return r; }))) {}
+        srvName(srvQueryName(
+            config.region.map([](kj::String& r) -> kj::StringPtr { return r; }))) {}
 
   kj::Promise<EdgeAddresses> run() {
     if (config.edges.size() > 0) return resolveEdgeFlags();

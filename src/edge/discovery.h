@@ -48,12 +48,12 @@ struct EdgeRegion {
 };
 
 struct EdgeAddresses {
-  kj::Array<EdgeRegion> regions;      // exactly 2 (region1, region2); with --edge, region2 may be empty
+  kj::Array<EdgeRegion> regions;      // exactly 2 (region1, region2); --edge: region2 may be empty
   bool fromEdgeFlag = false;          // --edge override used: no discovery was done
   bool usedDotFallback = false;       // the SRV answer came over DNS-over-TLS
   kj::Vector<kj::String> warnings;    // skipped --edge entries, plain-DNS SRV error before DoT, ...
 
-  uint totalPrimary() const;          // number of distinct addresses in the primary sets
+  uint totalPrimary() const;          // addresses in the primary sets (--edge repeats counted)
 };
 
 kj::Promise<EdgeAddresses> discoverEdges(

@@ -399,7 +399,9 @@ public:
     auto promise = address->connect();
     return promise.attach(kj::mv(address)).then(
         [this](kj::Own<kj::AsyncIoStream> s) { return startTls(kj::mv(s)); },
-        [this](kj::Exception&& e) { return fail(kj::str("cannot connect: ", e.getDescription())); });
+        [this](kj::Exception&& e) {
+      return fail(kj::str("cannot connect: ", e.getDescription()));
+    });
   }
 
   kj::String what() {

@@ -239,8 +239,10 @@ KJ_TEST("JSON reader handles escapes, depth and garbage without throwing") {
 }
 
 KJ_TEST("response decoding follows Go: case-insensitive top-level keys, unknown keys ignored") {
-  auto body = kj::str(R"({"SUCCESS":true,"Result":{"id":"urn:uuid:3F1C0A2E-1B2C-4D3E-8F90-A1B2C3D4E5F6",)",
-                      R"("hostname":"a-b-c.trycloudflare.com","account_tag":"acct","secret":"aGVsbG8=",)",
+  auto body = kj::str(R"({"SUCCESS":true,"Result":{)",
+                      R"("id":"urn:uuid:3F1C0A2E-1B2C-4D3E-8F90-A1B2C3D4E5F6",)",
+                      R"("hostname":"a-b-c.trycloudflare.com","account_tag":"acct",)",
+                      R"("secret":"aGVsbG8=",)",
                       R"("extra":[1,2,{"x":null}]},"Errors":[],"whatever":{"deep":[true]}})");
   auto result = decodeQuickTunnelResponse(200, "application/json"_kj, body.asBytes());
   auto& tunnel = KJ_ASSERT_NONNULL(result.tryGet<QuickTunnel>());
@@ -378,7 +380,8 @@ KJ_TEST("requestQuickTunnel: missing or invalid secret is reported") {
   {
     TestServer server(io);
     server.service.answers.add(Canned{200, "application/json", kj::str(
-        R"({"result":{"id":"3f1c0a2e-1b2c-4d3e-8f90-a1b2c3d4e5f6","hostname":"h","secret":null}})")});
+        R"({"result":{"id":"3f1c0a2e-1b2c-4d3e-8f90-a1b2c3d4e5f6","hostname":"h",)"
+        R"("secret":null}})")});
     auto e = expectFailure(io, testConfig(server.url()));
     expectKind(e, QuickTunnelErrorKind::INVALID_RESPONSE);
     expectContains(e, "result.secret is missing");
@@ -386,7 +389,8 @@ KJ_TEST("requestQuickTunnel: missing or invalid secret is reported") {
   {
     TestServer server(io);
     server.service.answers.add(Canned{200, "application/json", kj::str(
-        R"({"result":{"id":"3f1c0a2e-1b2c-4d3e-8f90-a1b2c3d4e5f6","hostname":"h","secret":"c2VjcmV0_"}})")});
+        R"({"result":{"id":"3f1c0a2e-1b2c-4d3e-8f90-a1b2c3d4e5f6","hostname":"h",)"
+        R"("secret":"c2VjcmV0_"}})")});
     auto e = expectFailure(io, testConfig(server.url()));
     expectKind(e, QuickTunnelErrorKind::INVALID_RESPONSE);
     expectContains(e, "result.secret is not padded standard base64");

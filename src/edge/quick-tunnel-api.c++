@@ -357,7 +357,8 @@ private:
   kj::Promise<QuickTunnel> classifyAttemptFailure(kj::Exception&& e) {
     if (quickTunnelErrorKind(e) != nullptr) return kj::mv(e);
     if (e.getType() == kj::Exception::Type::OVERLOADED &&
-        (e.getDescription() == "operation timed out"_kj || e.getDescription().startsWith("timed out"))) {
+        (e.getDescription() == "operation timed out"_kj ||
+         e.getDescription().startsWith("timed out"))) {
       return makeQuickTunnelException(error(QuickTunnelErrorKind::TIMEOUT,
           kj::str("no answer from ", url.display, " within ", config.timeout / kj::MILLISECONDS,
                   " ms; check the network or try again later")));

@@ -30,7 +30,7 @@ struct QuickTunnel {
   kj::Array<kj::byte> tunnelId;    // the same UUID as 16 raw bytes (registerConnection tunnelId)
   kj::String accountTag;           // TunnelAuth.accountTag
   kj::Array<kj::byte> secret;      // TunnelAuth.tunnelSecret, decoded; NEVER log it
-  kj::String hostname;             // "<words>.trycloudflare.com", local use only (banner, /quicktunnel)
+  kj::String hostname;             // "<words>.trycloudflare.com"; local only (banner, /quicktunnel)
 };
 
 struct QuickTunnelApiConfig {
@@ -44,7 +44,8 @@ struct QuickTunnelApiConfig {
   kj::Duration timeout = 15 * kj::SECONDS;
   // Per attempt: connect + TLS handshake + response headers + body.
 
-  kj::Array<kj::Duration> retryBackoffs = kj::arr(1 * kj::SECONDS, 2 * kj::SECONDS, 4 * kj::SECONDS);
+  kj::Array<kj::Duration> retryBackoffs =
+      kj::arr(1 * kj::SECONDS, 2 * kj::SECONDS, 4 * kj::SECONDS);
   // One retry per entry, after waiting that long. Retried: network errors (refused, reset,
   // unreachable, DNS failure of the service host, timeout) and HTTP 5xx. Never retried: TLS
   // verification failures, 429/rate limiting, 4xx, malformed bodies.
