@@ -50,10 +50,12 @@ bool enterPrivateNetwork() {
   static int state = 0;   // 0 = not tried, 1 = inside, -1 = impossible
   if (state != 0) return state > 0;
   state = -1;
-  if (geteuid() != 0 || unshare(CLONE_NEWNET) != 0) {
+  const char* why = geteuid() != 0 ? "not running as root"
+                  : unshare(CLONE_NEWNET) != 0 ? strerror(errno) : nullptr;
+  if (why != nullptr) {
     fprintf(stderr,
         "\n*** SKIPPED: edge discovery tests need root to create a private network namespace "
-        "(unshare(CLONE_NEWNET): %s). Run the tests as root. ***\n\n", strerror(errno));
+        "(unshare(CLONE_NEWNET): %s). Run the tests as root. ***\n\n", why);
     return false;
   }
   int fd = socket(AF_INET, SOCK_DGRAM, 0);
