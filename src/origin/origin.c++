@@ -536,6 +536,7 @@ private:
   bool requestDone = true;
   bool requestBroken = false;
   kj::String connectionHeaders[kj::HttpHeaders::WEBSOCKET_CONNECTION_HEADERS_COUNT];
+  kj::StringPtr connectionHeaderPtrs[kj::HttpHeaders::WEBSOCKET_CONNECTION_HEADERS_COUNT];
 
   // Origin connection.
   kj::Own<Conn> conn;
@@ -777,7 +778,6 @@ private:
     }).then([this]() { finish(); });
   }
 
-  kj::StringPtr connectionHeaderPtrs[kj::HttpHeaders::WEBSOCKET_CONNECTION_HEADERS_COUNT];
   const kj::StringPtr* connectionHeadersPtrs() {
     for (size_t i = 0; i < kj::size(connectionHeaders); i++) {
       connectionHeaderPtrs[i] = connectionHeaders[i] == nullptr ? kj::StringPtr(nullptr)
