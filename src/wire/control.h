@@ -7,8 +7,8 @@
 //   UNIMPLEMENTED) in case the edge bootstraps us.
 // - ControlServer: the edge's end, for the emulator. Serves RegistrationServer (Side::SERVER) with
 //   a pluggable RegistrationPolicy and reports to a ControlObserver. Never bootstraps the client.
-// - CloudflaredServerImpl / serveCloudflaredRpc(): the client's answer on an edge-opened stream that
-//   began with RPC_STREAM_SIGNATURE (the signature already consumed).
+// - CloudflaredServerImpl / serveCloudflaredRpc(): the client's answer on an edge-opened stream
+//   that began with RPC_STREAM_SIGNATURE (the signature already consumed).
 
 #include "wire/tunnelrpc.capnp.h"
 

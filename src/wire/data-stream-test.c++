@@ -257,14 +257,16 @@ KJ_TEST("preamble: EOF at every byte before the end is TRUNCATED (DISCONNECTED)"
     auto prefix = bytes.slice(0, n);
     if (n < 6) {
       MemoryInputStream in(prefix);
-      KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { readStreamSignature(in).wait(waitScope); })) {
+      auto readSignature = [&]() { readStreamSignature(in).wait(waitScope); };
+      KJ_IF_MAYBE(e, kj::runCatchingExceptions(readSignature)) {
         KJ_EXPECT(wireErrorCode(*e) == WireErrorCode::TRUNCATED, n, *e);
         KJ_EXPECT(e->getType() == kj::Exception::Type::DISCONNECTED, n);
       } else {
         KJ_FAIL_EXPECT("short signature accepted", n);
       }
       MemoryInputStream in2(prefix);
-      KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { readConnectResponse(in2).wait(waitScope); })) {
+      auto readResponse = [&]() { readConnectResponse(in2).wait(waitScope); };
+      KJ_IF_MAYBE(e, kj::runCatchingExceptions(readResponse)) {
         KJ_EXPECT(wireErrorCode(*e) == WireErrorCode::TRUNCATED, n, *e);
       } else {
         KJ_FAIL_EXPECT("short response accepted", n);

@@ -151,7 +151,9 @@ public:
       : in(in), limits(limits), validate(validate) {}
 
   kj::Promise<kj::Own<capnp::MessageReader>> read() {
-    return readExactly(in, kj::arrayPtr(first, WORD_BYTES), "segment table").then([this]() { return readTable(); });
+    return readExactly(in, kj::arrayPtr(first, WORD_BYTES), "segment table").then([this]() {
+      return readTable();
+    });
   }
 
 private:
@@ -246,7 +248,8 @@ kj::OneOf<DecodedPreamble, WireError> decodePreamble(kj::ArrayPtr<const kj::byte
   memcpy(words.begin(), message.begin(), total * WORD_BYTES);
   KJ_SWITCH_ONEOF(openValidated(kj::mv(words), limits, validate)) {
     KJ_CASE_ONEOF(reader, kj::Own<capnp::MessageReader>) {
-      DecodedPreamble result{kj::mv(reader), {bytes[6], bytes[7]}, PREAMBLE_SIZE + total * WORD_BYTES};
+      DecodedPreamble result{kj::mv(reader), {bytes[6], bytes[7]},
+                             PREAMBLE_SIZE + total * WORD_BYTES};
       return kj::mv(result);
     }
     KJ_CASE_ONEOF(error, WireError) { return kj::mv(error); }

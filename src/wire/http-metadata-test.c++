@@ -150,7 +150,8 @@ KJ_TEST("requestHasBody: Content-Length, chunked, WebSocket (PROTOCOL.md 6.3)") 
   KJ_EXPECT(hasBody({{"HttpHeader:Transfer-Encoding", "chunked"}}));
   KJ_EXPECT(hasBody({{"HttpHeader:Transfer-Encoding", "gzip, CHUNKED"}}));
   KJ_EXPECT(!hasBody({{"HttpHeader:Transfer-Encoding", "gzip"}}));
-  KJ_EXPECT(hasBody({{"HttpHeader:Content-Length", "0"}, {"HttpHeader:Transfer-Encoding", "chunked"}}));
+  KJ_EXPECT(hasBody({{"HttpHeader:Content-Length", "0"},
+                     {"HttpHeader:Transfer-Encoding", "chunked"}}));
   KJ_EXPECT(hasBody({}, schema::ConnectionType::WEBSOCKET));
   // Only the first Content-Length counts (Go's Header.Get).
   KJ_EXPECT(hasBody({{"HttpHeader:Content-Length", "3"}, {"HttpHeader:Content-Length", "0"}}));

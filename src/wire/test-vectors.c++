@@ -113,14 +113,17 @@ struct Parser {
   void parseLine(size_t number, kj::StringPtr line) {
     if (line.startsWith(DATA_HEADER)) {
       closeTranscript(number);
-      dataStreams.add(DataStreamVector{kj::str(line.slice(DATA_HEADER.size())), 0, nullptr, nullptr});
+      dataStreams.add(
+          DataStreamVector{kj::str(line.slice(DATA_HEADER.size())), 0, nullptr, nullptr});
       current = DATA;
     } else if (line.startsWith(CONTROL_HEADER)) {
       closeTranscript(number);
       transcripts.add(ControlTranscript{kj::str(line.slice(CONTROL_HEADER.size())), nullptr});
       current = TRANSCRIPT;
     } else if (line.startsWith(C_TO_E) || line.startsWith(E_TO_C)) {
-      if (current != TRANSCRIPT && current != MESSAGE) return fail(number, "entry outside a transcript");
+      if (current != TRANSCRIPT && current != MESSAGE) {
+        return fail(number, "entry outside a transcript");
+      }
       closeEntry(number);
       auto direction = line.startsWith(C_TO_E) ? Direction::CLIENT_TO_EDGE
                                                : Direction::EDGE_TO_CLIENT;
@@ -255,7 +258,8 @@ void compareValue(capnp::DynamicValue::Reader expected, capnp::DynamicValue::Rea
     case DV::UINT: equal = expected.as<uint64_t>() == actual.as<uint64_t>(); break;
     case DV::FLOAT: equal = expected.as<double>() == actual.as<double>(); break;
     case DV::ENUM:
-      equal = expected.as<capnp::DynamicEnum>().getRaw() == actual.as<capnp::DynamicEnum>().getRaw();
+      equal = expected.as<capnp::DynamicEnum>().getRaw() ==
+              actual.as<capnp::DynamicEnum>().getRaw();
       break;
     case DV::TEXT: equal = expected.as<capnp::Text>() == actual.as<capnp::Text>(); break;
     case DV::DATA: equal = expected.as<capnp::Data>() == actual.as<capnp::Data>(); break;

@@ -5,8 +5,8 @@
 // command; nothing on the data path uses it. Compiled into cfqt-wire so apps need no extra library.
 //
 // File grammar (as produced by the 2023.7.3 Go tools):
-//   "## DATA STREAM: <title>" then "# ..." comment lines ("# total N bytes"), hex lines (lower case,
-//   32 bytes a line), and "# Decoded: <go text>".
+//   "## DATA STREAM: <title>" then "# ..." comment lines ("# total N bytes"), hex lines (lower
+//   case, 32 bytes a line), and "# Decoded: <go text>".
 //   "## CONTROL STREAM transcript, <title>" then entries "### C->E (N bytes): <summary>" or
 //   "### E->C (N bytes): <summary>", each followed by "# rpc.capnp view: <text>" and hex lines.
 

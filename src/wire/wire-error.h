@@ -14,7 +14,7 @@ enum class WireErrorCode {
   TRUNCATED,           // EOF (or a short read) before the preamble / message was complete
   TOO_LARGE,           // the capnp message is over PreambleLimits::maxMessageBytes
   MALFORMED,           // bad segment table, bad pointers, traversal/nesting limit exceeded, ...
-  BAD_HEADER,          // metadata key "…HttpHeader…" not of the form HttpHeader:<Name>, or bad name/value
+  BAD_HEADER,          // "…HttpHeader…" key not HttpHeader:<Name>, or a bad header name/value
   BAD_METHOD,          // HttpMethod is not an HTTP token
   BAD_CONTENT_LENGTH,  // Content-Length is not a non-negative decimal integer
   BAD_STATUS,          // ConnectResponse without error has no/invalid HttpStatus
