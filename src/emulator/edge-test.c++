@@ -174,6 +174,12 @@ struct TunnelClient {
   kj::Own<wire::ControlClient> rpc;
 };
 
+kj::Own<quic::Stream> nextStream(quic::Connection& connection, kj::Timer& timer,
+                                 kj::WaitScope& waitScope) {
+  // Bounded: a request that never reaches the client fails the test in 10 s.
+  return timer.timeoutAfter(10 * kj::SECONDS, connection.acceptStream()).wait(waitScope);
+}
+
 ConnectionRecord& onlyRecord(Emulator& emulator, ConnectionState state) {
   ConnectionRecord* found = nullptr;
   for (auto& r: emulator.registry().connections()) {
@@ -249,9 +255,9 @@ KJ_TEST("registration over QUIC: EDUPCONN, Unauthorized, injected rejection") {
   KJ_EXPECT(second.registerAs(tunnel, 1).is<wire::ConnectionDetails>());
 }
 
-kj::Promise<void> serveEcho(quic::Connection& connection, kj::WaitScope& waitScope,
-                            bool withLength) {
-  auto stream = connection.acceptStream().wait(waitScope);
+kj::Promise<void> serveEcho(quic::Connection& connection, kj::Timer& timer,
+                            kj::WaitScope& waitScope, bool withLength) {
+  auto stream = nextStream(connection, timer, waitScope);
   auto request = readRequest(*stream).wait(waitScope);
   auto root = request->getRoot<schema::ConnectRequest>();
   KJ_EXPECT(root.getType() == schema::ConnectionType::HTTP);
@@ -263,7 +269,7 @@ kj::Promise<void> serveEcho(quic::Connection& connection, kj::WaitScope& waitSco
   return promise.then([stream = kj::mv(stream)]() mutable { stream->shutdownWrite(); });
 }
 
-KJ_TEST("proxying over QUIC: recorded response, body integrity 1 MiB both ways") {
+KJ_TEST("proxying over QUIC: recorded response; body integrity 0 B, 1 B, 1 MiB, 64 MiB") {
   Setup setup;
   auto& tunnel = setup.emulator.registry().issueTunnel();
   TunnelClient client(setup);
@@ -274,7 +280,7 @@ KJ_TEST("proxying over QUIC: recorded response, body integrity 1 MiB both ways")
     kj::HttpHeaders headers(setup.table);
     headers.set(kj::HttpHeaderId::HOST, tunnel.hostname);
     auto response = publicClient->request(kj::HttpMethod::GET, "/hello?x=1", headers).response;
-    auto stream = client.connection->acceptStream().wait(setup.io.waitScope);
+    auto stream = nextStream(*client.connection, setup.io.provider->getTimer(), setup.io.waitScope);
     KJ_EXPECT(stream->id() % 4 == 1, stream->id());   // server-initiated bidirectional
     auto request = readRequest(*stream).wait(setup.io.waitScope);
     KJ_EXPECT(request->getRoot<schema::ConnectRequest>().getDest() ==
@@ -288,23 +294,29 @@ KJ_TEST("proxying over QUIC: recorded response, body integrity 1 MiB both ways")
     KJ_EXPECT(r.body->readAllText().wait(setup.io.waitScope) == "hi");
   }
 
-  for (bool withLength: {true, false}) {
-    auto data = pattern(1 << 20, withLength ? 1 : 2);
+  struct Case { size_t size; bool requestLength; bool responseLength; };
+  for (auto c: {Case{0, true, true}, Case{0, false, false}, Case{1, true, false},
+                Case{1, false, true}, Case{1 << 20, true, true}, Case{1 << 20, false, false},
+                Case{64 << 20, true, false}, Case{64 << 20, false, true}}) {
+    KJ_CONTEXT(c.size, c.requestLength, c.responseLength);
+    auto data = pattern(c.size, static_cast<uint32_t>(c.size) + c.requestLength);
     kj::HttpHeaders headers(setup.table);
     headers.set(kj::HttpHeaderId::HOST, tunnel.hostname);
     auto request = publicClient->request(kj::HttpMethod::POST, "/echo", headers,
-        withLength ? kj::Maybe<uint64_t>(data.size()) : kj::Maybe<uint64_t>(nullptr));
+        c.requestLength ? kj::Maybe<uint64_t>(data.size()) : kj::Maybe<uint64_t>(nullptr));
     auto writing = request.body->write(data.begin(), data.size())
         .then([body = kj::mv(request.body)]() mutable { body = nullptr; })
         .eagerlyEvaluate(nullptr);
-    auto serving = serveEcho(*client.connection, setup.io.waitScope, withLength)
+    auto serving = serveEcho(*client.connection, setup.io.provider->getTimer(), setup.io.waitScope,
+                             c.responseLength)
         .eagerlyEvaluate(nullptr);
     auto r = request.response.wait(setup.io.waitScope);
     KJ_EXPECT(r.statusCode == 200);
     auto got = r.body->readAllBytes().wait(setup.io.waitScope);
     writing.wait(setup.io.waitScope);
     serving.wait(setup.io.waitScope);
-    KJ_EXPECT(got.asPtr() == data.asPtr(), got.size());
+    KJ_EXPECT(got.size() == data.size(), got.size());
+    KJ_EXPECT(got.asPtr() == data.asPtr());
   }
 }
 
@@ -361,7 +373,7 @@ KJ_TEST("a vanished client is dropped after the idle timeout; requests then fail
   kj::HttpHeaders headers(setup.table);
   headers.set(kj::HttpHeaderId::HOST, tunnel.hostname);
   auto inFlight = publicClient->request(kj::HttpMethod::GET, "/slow", headers).response;
-  auto stream = client.connection->acceptStream().wait(setup.io.waitScope);
+  auto stream = nextStream(*client.connection, setup.io.provider->getTimer(), setup.io.waitScope);
   client.connection->goSilent();
   auto timer = setup.io.provider->getTimer().now();
   auto r = inFlight.wait(setup.io.waitScope);
@@ -401,7 +413,7 @@ KJ_TEST("withheld credit stalls the client's response writes") {
   kj::HttpHeaders headers(setup.table);
   headers.set(kj::HttpHeaderId::HOST, tunnel.hostname);
   auto response = publicClient->request(kj::HttpMethod::GET, "/big", headers).response;
-  auto stream = client.connection->acceptStream().wait(setup.io.waitScope);
+  auto stream = nextStream(*client.connection, setup.io.provider->getTimer(), setup.io.waitScope);
   readRequest(*stream).wait(setup.io.waitScope);
   writeBytes(*stream, encodeResponse(200, nullptr)).wait(setup.io.waitScope);
   auto r = response.wait(setup.io.waitScope);

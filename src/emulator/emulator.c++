@@ -121,12 +121,12 @@ public:
   Registry registry;
   ApiService apiService;
   AdminService adminService;
+#if CFQT_EMULATOR_QUIC
+  kj::Own<EdgeServer> edgeServer;     // declared first: the front door and its streams die first
+#endif
   FrontDoor frontDoor;
   kj::HttpServer apiServer;
   kj::HttpServer adminServer;
-#if CFQT_EMULATOR_QUIC
-  kj::Own<EdgeServer> edgeServer;
-#endif
   ReadyInfo ready;
   LoggingErrorHandler errorHandler;
   kj::TaskSet tasks;

@@ -70,6 +70,8 @@ private:
 
 class PipeConnection final: public ClientConnection {
 public:
+  explicit PipeConnection(kj::Timer& timer): timer(timer) {}
+
   kj::Promise<kj::Own<kj::AsyncIoStream>> openStream() override {
     if (failOpen) return KJ_EXCEPTION(DISCONNECTED, "connection lost");
     auto pipe = kj::newTwoWayPipe();
@@ -91,12 +93,13 @@ public:
   kj::String describeStats() override { return kj::str("{}"); }
 
   kj::Promise<kj::Own<kj::AsyncIoStream>> nextStream() {
+    // Bounded: a request that never reaches this connection fails the test in 10 s.
     if (next < queue.size()) {
       return kj::mv(queue[next++]);
     }
     auto paf = kj::newPromiseAndFulfiller<kj::Own<kj::AsyncIoStream>>();
     waiter = kj::mv(paf.fulfiller);
-    return kj::mv(paf.promise);
+    return timer.timeoutAfter(10 * kj::SECONDS, kj::mv(paf.promise));
   }
 
   bool failOpen = false;
@@ -104,6 +107,7 @@ public:
   FaultyStream* lastFrontDoorSide = nullptr;
 
 private:
+  kj::Timer& timer;
   kj::Vector<kj::Own<kj::AsyncIoStream>> queue;
   size_t next = 0;
   kj::Maybe<kj::Own<kj::PromiseFulfiller<kj::Own<kj::AsyncIoStream>>>> waiter;
@@ -236,7 +240,7 @@ struct Harness {
   }
 
   PipeConnection& connect(IssuedTunnel& t, uint8_t index = 0) {
-    auto c = kj::heap<PipeConnection>();
+    auto c = kj::heap<PipeConnection>(io.provider->getTimer());
     RegistrationRequest request;
     request.accountTag = kj::heapString(t.accountTag);
     request.tunnelSecret = kj::heapArray(t.secret.asPtr());
@@ -344,7 +348,7 @@ KJ_TEST("routing by Host; the ConnectRequest matches the recorded 2023.7.3 reque
   auto expected = recordedMessage.getRoot<schema::ConnectRequest>();
 
   auto connection = h.dial();
-  writeText(*connection, "GET /path?q=1 HTTP/1.1\r\nHost: EXAMPLE.TryCloudflare.com:8443\r\n"
+  writeText(*connection, "GET /path?q=1 HTTP/1.1\r\nHost: EXAMPLE.TryCloudflare.com.:8443\r\n"
                          "Accept: */*\r\nX-Forwarded-For: 203.0.113.9\r\n"
                          "Cookie: a=1\r\nCookie: b=2\r\n\r\n").wait(h.io.waitScope);
   auto stream = ca.nextStream().wait(h.io.waitScope);
@@ -364,7 +368,7 @@ KJ_TEST("routing by Host; the ConnectRequest matches the recorded 2023.7.3 reque
   KJ_EXPECT(KJ_ASSERT_NONNULL(request.value("HttpHeader:Cf-Visitor")) == "{\"scheme\":\"https\"}");
   auto ray = KJ_ASSERT_NONNULL(request.value("HttpHeader:Cf-Ray"));
   KJ_EXPECT(ray.size() == 20 && ray.endsWith("-EMU"), ray);
-  KJ_EXPECT(request.values("HttpHeader:Cookie").size() >= 1);
+  KJ_EXPECT(request.values("HttpHeader:Cookie").size() == 2);
   KJ_EXPECT(!request.hasKeyIgnoreCase("HttpHeader:Host"));
   KJ_EXPECT(!request.hasKeyIgnoreCase("HttpHeader:Connection"));
   KJ_EXPECT(!request.hasKeyIgnoreCase("HttpHeader:Content-Length"));

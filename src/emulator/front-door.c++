@@ -60,12 +60,19 @@ bool containsIgnoreCase(kj::StringPtr haystack, kj::StringPtr needle) {
 }
 
 kj::String hostWithoutPort(kj::StringPtr host) {
+  // Lower case, without ":port" and without the root's trailing dot ("Example.COM.:443").
+  kj::StringPtr name = host;
+  kj::String stripped;
   if (host.startsWith("[")) {
     KJ_IF_MAYBE(close, host.findFirst(']')) return toLower(kj::str(host.slice(0, *close + 1)));
     return toLower(host);
   }
-  KJ_IF_MAYBE(colon, host.findFirst(':')) return toLower(kj::str(host.slice(0, *colon)));
-  return toLower(host);
+  KJ_IF_MAYBE(colon, host.findFirst(':')) {
+    stripped = kj::str(host.slice(0, *colon));
+    name = stripped;
+  }
+  if (name.endsWith(".")) return toLower(kj::str(name.slice(0, name.size() - 1)));
+  return toLower(name);
 }
 
 struct Target {

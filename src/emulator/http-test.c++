@@ -255,10 +255,13 @@ KJ_TEST("cfqt-edge prints one JSON ready line with every bound address") {
     _exit(127);
   }
   close(out[1]);
+  bool reaped = false;
   KJ_DEFER({
-    kill(pid, SIGTERM);
-    int status;
-    waitpid(pid, &status, 0);
+    if (!reaped) {
+      kill(pid, SIGKILL);
+      int status;
+      waitpid(pid, &status, 0);
+    }
     close(out[0]);
   });
 
@@ -301,6 +304,21 @@ KJ_TEST("cfqt-edge prints one JSON ready line with every bound address") {
   KJ_EXPECT(created.status == 200);
   KJ_EXPECT(field(field(parseJson(created.body)->root, "result"), "hostname").getString()
             .endsWith(".cli.localhost"));
+
+  // SIGTERM ends it cleanly, promptly.
+  KJ_SYSCALL(kill(pid, SIGTERM));
+  int status = 0;
+  for (int i = 0; i < 500; i++) {
+    pid_t done;
+    KJ_SYSCALL(done = waitpid(pid, &status, WNOHANG));
+    if (done == pid) {
+      reaped = true;
+      break;
+    }
+    usleep(10000);   // polling a child process, not synchronising the code under test
+  }
+  KJ_ASSERT(reaped, "cfqt-edge did not exit within 5 s of SIGTERM");
+  KJ_EXPECT(WIFEXITED(status) && WEXITSTATUS(status) == 0, status);
 }
 
 }  // namespace
