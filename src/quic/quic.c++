@@ -204,6 +204,11 @@ class ConnectionImpl;
 // StreamState: the buffers of one stream, shared by the connection (while ngtcp2 knows the
 // stream) and the application's Stream handle.
 
+size_t blockSize(size_t needed, size_t previous, size_t cap) {
+  // At least what is needed (up to `cap`), at least twice the previous block, 256 bytes minimum.
+  return kj::min(cap, kj::max(kj::max(needed, previous * 2), size_t(256)));
+}
+
 struct Block {
   kj::Array<kj::byte> data;
   size_t begin = 0;   // receive blocks: first unread byte
@@ -273,8 +278,11 @@ public:
     size_t done = 0;
     while (done < n) {
       if (tx.empty() || tx.back().end == tx.back().data.size()) {
+        // Blocks grow from the size of the first write up to TX_BLOCK, so that a stream carrying
+        // 100 bytes does not cost a 64 KiB allocation.
+        size_t last = tx.empty() ? 0 : tx.back().data.size();
         Block block;
-        block.data = kj::heapArray<kj::byte>(TX_BLOCK);
+        block.data = kj::heapArray<kj::byte>(blockSize(n - done, last, TX_BLOCK));
         tx.push_back(kj::mv(block));
       }
       auto& back = tx.back();
@@ -301,7 +309,7 @@ public:
         total += vec[count].len;
         if (++count == maxVec) break;
       }
-      blockStart += block.data.size();   // blocks are full except the last
+      blockStart += block.end;   // blocks are full except the last
     }
     return count;
   }
@@ -312,7 +320,7 @@ public:
       auto& front = tx.front();
       bool full = front.end == front.data.size();
       if (!full || txBase + front.end > txAcked) break;
-      txBase += front.data.size();
+      txBase += front.end;
       tx.pop_front();
     }
   }
@@ -922,7 +930,9 @@ void ConnectionImpl::onTimer() {
 void ConnectionImpl::rearm() {
   if (conn == nullptr || closeInfo != nullptr) return;
   uint64_t expiry = ngtcp2_conn_get_expiry(conn);
-  if (expiry == armedExpiry) return;
+  // timerfd_settime costs ~10 us on this kind of VM: re-arm only to fire earlier. A timer armed
+  // too early just fires, finds nothing expired and re-arms.
+  if (expiry >= armedExpiry) return;
   if (endpoint != nullptr && endpoint->txBlocked() && expiry <= nowNs()) return;
   armedExpiry = expiry;
   struct itimerspec its;
@@ -1621,8 +1631,9 @@ void ConnectionImpl::onStreamData(StreamState& state, uint32_t flags,
     size_t done = 0;
     while (done < data.size()) {
       if (state.rx.empty() || state.rx.back().end == state.rx.back().data.size()) {
+        size_t last = state.rx.empty() ? 0 : state.rx.back().data.size();
         Block block;
-        block.data = kj::heapArray<kj::byte>(kj::max(RX_BLOCK, data.size() - done));
+        block.data = kj::heapArray<kj::byte>(blockSize(data.size() - done, last, RX_BLOCK));
         state.rx.push_back(kj::mv(block));
       }
       auto& back = state.rx.back();
