@@ -215,6 +215,39 @@ struct Block {
   size_t end = 0;     // bytes filled
 };
 
+class BlockQueue {
+  // A FIFO of blocks that allocates nothing while empty (std::deque allocates on construction,
+  // which costs several mallocs per stream).
+public:
+  bool empty() const { return head == blocks.size(); }
+  size_t size() const { return blocks.size() - head; }
+  Block& front() { return blocks[head]; }
+  Block& back() { return blocks.back(); }
+  void push_back(Block&& block) {
+    if (head > 0 && head == blocks.size()) clear();
+    if (head >= 16 && head * 2 >= blocks.size()) {
+      for (size_t i = head; i < blocks.size(); i++) blocks[i - head] = kj::mv(blocks[i]);
+      blocks.resize(blocks.size() - head);
+      head = 0;
+    }
+    blocks.add(kj::mv(block));
+  }
+  void pop_front() {
+    blocks[head].data = nullptr;
+    if (++head == blocks.size()) clear();
+  }
+  void clear() {
+    blocks.clear();
+    head = 0;
+  }
+  Block* begin() { return blocks.begin() + head; }
+  Block* end() { return blocks.end(); }
+
+private:
+  kj::Vector<Block> blocks;
+  size_t head = 0;
+};
+
 class StreamState: public kj::Refcounted {
 public:
   StreamState(ConnectionImpl& conn, int64_t id, bool local): conn(&conn), id(id), local(local) {}
@@ -227,7 +260,7 @@ public:
   bool closedByNgtcp2 = false;
 
   // ---- receive side
-  std::deque<Block> rx;
+  BlockQueue rx;
   uint64_t rxBuffered = 0;
   bool rxFin = false;           // FIN received (all data is in `rx`)
   bool readShut = false;        // we sent STOP_SENDING or the handle is gone: discard data
@@ -245,7 +278,7 @@ public:
   kj::Maybe<PendingRead> pendingRead;
 
   // ---- send side
-  std::deque<Block> tx;         // [txBase, txEnd) of the stream; acked bytes freed from the front
+  BlockQueue tx;         // [txBase, txEnd) of the stream; acked bytes freed from the front
   uint64_t txBase = 0;          // stream offset of tx.front().data[0]
   uint64_t txSent = 0;          // next offset to hand to ngtcp2
   uint64_t txEnd = 0;           // bytes written by the application
@@ -948,7 +981,9 @@ void ConnectionImpl::rearm() {
 void ConnectionImpl::scheduleFlush() {
   if (flushScheduled || closeInfo != nullptr) return;
   flushScheduled = true;
-  tasks.add(kj::evalLater([this]() {
+  // evalLast: after every continuation that is ready has run, so that the data, FIN and ACKs
+  // produced in this turn leave in as few packets (and syscalls) as possible.
+  tasks.add(kj::evalLast([this]() {
     flushScheduled = false;
     flush();
   }));
@@ -1889,6 +1924,15 @@ kj::Promise<void> StreamHandle::startWrite(StreamState::PendingWrite pending) {
   if (!conn->isOpen()) return conn->closeException();
   KJ_REQUIRE(!s.finRequested, "write() after shutdownWrite()");
   KJ_REQUIRE(s.pendingWrite == nullptr, "one write at a time");
+  if (pending.pieces.size() == 0) {
+    // Fast path: everything fits in the send buffer.
+    uint64_t before = s.txBuffered();
+    size_t n = s.appendTx(pending.single, conn->transport().streamSendBuffer);
+    conn->sendBuffered += s.txBuffered() - before;
+    conn->queueSend(s);
+    if (n == pending.single.size()) return kj::READY_NOW;
+    pending.single = pending.single.slice(n, pending.single.size());
+  }
   auto paf = kj::newPromiseAndFulfiller<void>();
   pending.fulfiller = kj::mv(paf.fulfiller);
   s.pendingWrite = kj::mv(pending);
@@ -2184,12 +2228,13 @@ void EndpointImpl::receiveBatch(size_t n) {
       onPacket(from, kj::arrayPtr(data + off, k));
     }
   }
-  // Flush every connection that received something (ACKs, window updates, responses).
+  // Flush every connection that received something (ACKs, window updates), once the
+  // application has reacted, so that its responses leave in the same packets.
   for (size_t i = 0; i < touched.size(); i++) {
     auto c = touched[i];
     if (c == nullptr) continue;
     c->touched = false;
-    c->flush();
+    c->scheduleFlush();
   }
   touched.clear();
 }
