@@ -1,0 +1,49 @@
+/* cfqt C API (for FFI): run a Cloudflare quick tunnel inside the process. Thread-safe. */
+#ifndef CFQT_CFQT_H_
+#define CFQT_CFQT_H_
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct cfqt_tunnel cfqt_tunnel;
+
+typedef struct cfqt_options {
+  const char* url;              /* origin URL, or NULL with hello_world = 1 */
+  int hello_world;
+  const char* quick_service;    /* NULL = https://api.trycloudflare.com */
+  const char* const* edges;     /* host:port list (NULL = discovery) */
+  size_t edge_count;
+  const char* edge_ca_file;     /* NULL = embedded Cloudflare roots + system store */
+  int ha_connections;           /* 1..4 */
+  int grace_period_ms;
+  int metrics;                  /* non-zero: serve /ready, /quicktunnel, /healthcheck */
+  const char* metrics_address;  /* NULL = first free of localhost:20241..20245 */
+  const char* log_level;        /* NULL = "info" */
+} cfqt_options;
+
+void cfqt_options_init(cfqt_options* options);
+/* Fills the defaults (2 HA connections, 30 s grace period, info logs, no metrics). */
+
+cfqt_tunnel* cfqt_tunnel_start(const cfqt_options* options, char* error, size_t error_size);
+/* NULL on invalid options (message copied into `error`, NUL-terminated, if given). */
+
+int cfqt_tunnel_wait_url(cfqt_tunnel* tunnel, int timeout_ms, char* url, size_t url_size);
+/* 0 and the public URL in `url` once issued; -1 on timeout or start-up failure; -2 if `url` is
+ * too small. */
+
+int cfqt_tunnel_ready_connections(cfqt_tunnel* tunnel);
+
+int cfqt_tunnel_stop(cfqt_tunnel* tunnel);
+/* Graceful shutdown; returns the exit status (0 = clean). */
+
+void cfqt_tunnel_free(cfqt_tunnel* tunnel);
+/* Stops if needed and frees. */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* CFQT_CFQT_H_ */

@@ -1,0 +1,92 @@
+#pragma once
+// cfqt public C++ API: run a Cloudflare quick tunnel inside your process.
+//
+//   cfqt::TunnelOptions options;
+//   options.url = "http://localhost:8080";
+//   auto tunnel = cfqt::Tunnel::start(options);
+//   std::string url = tunnel->waitForUrl(std::chrono::seconds(30));   // https://<words>.trycloudflare.com
+//   ...
+//   int code = tunnel->stop();                                          // graceful: unregister, drain
+//
+// The tunnel runs on its own thread with its own event loop; every method is thread-safe. No
+// KJ or Cap'n Proto type appears here.
+
+#include <chrono>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace cfqt {
+
+struct TunnelOptions {
+  // Origin (one of): `url` (http://, https://, host:port, unix:/path), `helloWorld`, `unixSocket`.
+  std::string url;
+  bool helloWorld = false;
+  std::string unixSocket;
+  std::string httpHostHeader;
+
+  // Edge access. Empty = production defaults (api.trycloudflare.com, SRV discovery, the
+  // Cloudflare roots embedded in cfqt plus the system store).
+  std::string quickService;
+  std::vector<std::string> edges;     // host:port, skips discovery
+  std::string edgeCaFile;             // trusted alone for the edge certificate
+  std::string clientVersion = "2026.8.2";
+
+  int haConnections = 2;              // 1..4
+  std::chrono::milliseconds gracePeriod{30000};
+  std::chrono::milliseconds backoffBase{1000};
+  int retries = 5;
+  std::chrono::milliseconds quicIdleTimeout{5000};
+  std::chrono::milliseconds quicKeepAlivePeriod{1000};
+
+  bool metrics = false;               // serve /ready, /quicktunnel, /healthcheck
+  std::string metricsAddress;         // "" = first free of localhost:20241..20245
+
+  std::string logLevel = "info";      // debug, info, warn, error, fatal
+  std::string logFile;                // "" = none
+  bool logToStderr = true;
+};
+
+class TunnelError: public std::runtime_error {
+public:
+  using std::runtime_error::runtime_error;
+};
+
+class Tunnel {
+public:
+  static std::unique_ptr<Tunnel> start(const TunnelOptions& options);
+  // Validates the options (throws TunnelError with a readable message) and starts the tunnel's
+  // thread. Returns at once; the quick tunnel is requested in the background.
+
+  ~Tunnel();
+  // Stops the tunnel (as stop()) if still running, and joins its thread.
+
+  std::string waitForUrl(std::chrono::milliseconds timeout);
+  // The public URL once the quick tunnel was issued, or "" if that did not happen in time or the
+  // tunnel failed to start.
+
+  bool waitUntilReady(std::chrono::milliseconds timeout);
+  // True once at least one edge connection is registered.
+
+  std::string publicUrl() const;     // "" until issued
+  std::string hostname() const;      // the bare hostname; "" until issued
+  int readyConnections() const;      // registered connections right now
+  bool running() const;              // false once the tunnel thread finished
+
+  int stop();
+  // Graceful shutdown (unregister every connection, let requests finish up to the grace period,
+  // close) and waits for it. Returns the exit status: 0 clean, non-zero if the tunnel failed.
+  // Idempotent.
+
+  int wait();
+  // Waits until the tunnel ends by itself (every connection refused for good) or is stopped.
+
+  class Impl;
+  explicit Tunnel(std::unique_ptr<Impl> impl);
+
+private:
+  std::unique_ptr<Impl> impl;
+};
+
+}  // namespace cfqt

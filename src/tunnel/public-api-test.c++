@@ -1,0 +1,182 @@
+// The public C++ and C APIs against a real cfqt-edge subprocess (CFQT_BIN_DIR).
+
+#include "cfqt/cfqt.h"
+#include "cfqt/tunnel.h"
+
+#include <kj/debug.h>
+#include <kj/test.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <string>
+
+namespace cfqt::tunnel {
+namespace {
+
+struct EdgeProcess {
+  pid_t pid = -1;
+  std::string ready;
+
+  EdgeProcess() {
+    const char* bin = getenv("CFQT_BIN_DIR");
+    KJ_REQUIRE(bin != nullptr, "CFQT_BIN_DIR must point at the build's bin/");
+    auto path = kj::str(bin, "/cfqt-edge");
+    char stateTemplate[] = "/tmp/cfqt-api-test-XXXXXX";
+    KJ_ASSERT(mkdtemp(stateTemplate) != nullptr);
+    int fds[2];
+    KJ_SYSCALL(pipe(fds));
+    pid = fork();
+    KJ_ASSERT(pid >= 0);
+    if (pid == 0) {
+      dup2(fds[1], 1);
+      close(fds[0]);
+      execl(path.cStr(), path.cStr(), "--state-dir", stateTemplate, "--edge-listen",
+            "127.0.0.1:0", "--edge-listen", "127.0.0.2:0", "--loglevel", "error",
+            static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    close(fds[1]);
+    char c;
+    struct pollfd p = {fds[0], POLLIN, 0};
+    while (true) {
+      KJ_ASSERT(poll(&p, 1, 20000) == 1, "cfqt-edge printed no ready line");
+      if (read(fds[0], &c, 1) != 1 || c == '\n') break;
+      ready.push_back(c);
+    }
+    close(fds[0]);
+    KJ_ASSERT(!ready.empty());
+  }
+
+  ~EdgeProcess() {
+    if (pid > 0) {
+      kill(pid, SIGTERM);
+      int status;
+      waitpid(pid, &status, 0);
+    }
+  }
+
+  std::string field(const std::string& key) {
+    auto at = ready.find("\"" + key + "\":\"");
+    KJ_ASSERT(at != std::string::npos, key);
+    at += key.size() + 4;
+    return ready.substr(at, ready.find('"', at) - at);
+  }
+
+  std::vector<std::string> edges() {
+    std::vector<std::string> out;
+    auto at = ready.find("\"edges\":[");
+    KJ_ASSERT(at != std::string::npos);
+    at += 9;
+    auto list = ready.substr(at, ready.find(']', at) - at);   // "a","b"
+    size_t i = 0;
+    while (true) {
+      auto q = list.find('"', i);
+      if (q == std::string::npos) break;
+      auto q2 = list.find('"', q + 1);
+      out.push_back(list.substr(q + 1, q2 - q - 1));
+      i = q2 + 1;
+    }
+    return out;
+  }
+};
+
+int httpStatus(const std::string& address, const std::string& host, const std::string& path) {
+  auto colon = address.rfind(':');
+  struct sockaddr_in sa = {};
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons(atoi(address.substr(colon + 1).c_str()));
+  inet_pton(AF_INET, address.substr(0, colon).c_str(), &sa.sin_addr);
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  KJ_ASSERT(connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) == 0);
+  std::string request = "GET " + path + " HTTP/1.1\r\nHost: " + host + "\r\nConnection: close\r\n\r\n";
+  KJ_ASSERT(write(fd, request.data(), request.size()) == ssize_t(request.size()));
+  std::string response;
+  char buf[4096];
+  struct pollfd p = {fd, POLLIN, 0};
+  while (poll(&p, 1, 20000) == 1) {
+    ssize_t n = read(fd, buf, sizeof(buf));
+    if (n <= 0) break;
+    response.append(buf, n);
+  }
+  close(fd);
+  if (response.size() < 12) return -1;
+  return atoi(response.substr(9, 3).c_str());
+}
+
+KJ_TEST("public C++ API: start, URL, ready, serve, stop") {
+  EdgeProcess edge;
+  cfqt::TunnelOptions o;
+  o.helloWorld = true;
+  o.quickService = "http://" + edge.field("api");
+  o.edges = edge.edges();
+  o.edgeCaFile = edge.field("ca");
+  o.backoffBase = std::chrono::milliseconds(20);
+  o.gracePeriod = std::chrono::milliseconds(2000);
+  o.logLevel = "error";
+  KJ_ASSERT(o.edges.size() == 2);
+  auto t = cfqt::Tunnel::start(o);
+  auto url = t->waitForUrl(std::chrono::seconds(20));
+  KJ_ASSERT(url.rfind("https://", 0) == 0, url);
+  KJ_EXPECT(t->hostname() == url.substr(8));
+  KJ_ASSERT(t->waitUntilReady(std::chrono::seconds(20)));
+  KJ_EXPECT(httpStatus(edge.field("public"), t->hostname(), "/_health") == 200);
+  KJ_EXPECT(t->running());
+  KJ_EXPECT(t->stop() == 0);
+  KJ_EXPECT(!t->running());
+  KJ_EXPECT(t->readyConnections() == 0);
+  KJ_EXPECT(t->stop() == 0);   // idempotent
+}
+
+KJ_TEST("public C++ API: invalid options throw TunnelError") {
+  cfqt::TunnelOptions o;
+  KJ_EXPECT_THROW_MESSAGE("nothing to expose", {
+    try { cfqt::Tunnel::start(o); } catch (const cfqt::TunnelError& e) {
+      KJ_FAIL_ASSERT(e.what());
+    }
+  });
+  o.url = "ssh://host:22";
+  bool threw = false;
+  try { cfqt::Tunnel::start(o); } catch (const cfqt::TunnelError& e) { threw = true; }
+  KJ_EXPECT(threw);
+}
+
+KJ_TEST("C API: start, wait for URL, stop, free") {
+  EdgeProcess edge;
+  auto api = "http://" + edge.field("api");
+  auto ca = edge.field("ca");
+  auto edges = edge.edges();
+  const char* edgeList[2] = {edges[0].c_str(), edges[1].c_str()};
+  cfqt_options o;
+  cfqt_options_init(&o);
+  o.hello_world = 1;
+  o.quick_service = api.c_str();
+  o.edges = edgeList;
+  o.edge_count = 2;
+  o.edge_ca_file = ca.c_str();
+  o.log_level = "error";
+  o.grace_period_ms = 1000;
+  char error[256] = "";
+  cfqt_tunnel* t = cfqt_tunnel_start(&o, error, sizeof(error));
+  KJ_ASSERT(t != nullptr, error);
+  char url[256];
+  KJ_ASSERT(cfqt_tunnel_wait_url(t, 20000, url, sizeof(url)) == 0);
+  KJ_EXPECT(strncmp(url, "https://", 8) == 0, url);
+  KJ_EXPECT(cfqt_tunnel_stop(t) == 0);
+  cfqt_tunnel_free(t);
+
+  cfqt_options bad;
+  cfqt_options_init(&bad);
+  KJ_EXPECT(cfqt_tunnel_start(&bad, error, sizeof(error)) == nullptr);
+  KJ_EXPECT(strstr(error, "nothing to expose") != nullptr, error);
+}
+
+}  // namespace
+}  // namespace cfqt::tunnel
