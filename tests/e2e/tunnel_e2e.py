@@ -229,7 +229,8 @@ class Origin:
         self.state = OriginState()
         server = socketserver.ThreadingMixIn
         cls = type("S", (socketserver.ThreadingMixIn, http.server.HTTPServer),
-                   {"daemon_threads": True, "request_queue_size": 512})
+                   {"daemon_threads": True, "request_queue_size": 512,
+                    "handle_error": lambda self, request, address: None})
         self.server = cls(("127.0.0.1", 0), make_handler(self.state))
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -652,6 +653,107 @@ def test_ready_retry_and_graceful_shutdown(env):
         t.stop()
 
 
+def test_duplicate_rotates_and_ha_limit(env):
+    env.edge.admin("POST", "/registrations/reject-next?cause=EDUPCONN&shouldRetry=true&count=1")
+    t = Cfqt(env.bindir, env.edge, ["--url", "http://127.0.0.1:%d" % env.origin.port,
+                                    "--ha-connections", "4"])
+    try:
+        t.log.wait_for(r"You requested 4 HA connections but I can give you at most 2\.")
+        first = t.log.wait_for(r"Dialing edge connIndex=0")
+        t.log.wait_for(r"already connected to this server, trying another address")
+        t.log.wait_for(r"Switching to another edge address connIndex=0")
+        reg = t.log.wait_for(r"Registered tunnel connection connIndex=0")
+        ip0 = re.search(r"ip=([0-9.]+)", first).group(1)
+        ip1 = re.search(r"ip=([0-9.]+)", reg).group(1)
+        check(ip0 != ip1, "EDUPCONN did not rotate the address", ip0, ip1)
+        t.log.wait_for(r"Registered tunnel connection connIndex=1")
+        check(t.log.count(r"You requested 4 HA connections") == 1, "said more than once")
+        check(t.log.count(r"connIndex=[23]") == 0, "indices beyond the address count started")
+    finally:
+        env.edge.admin("POST", "/registrations/reject-next?count=0")
+        t.stop()
+
+
+def test_grace_period_expires(env):
+    st = env.origin.state
+    st.slow_started.clear()
+    st.slow_release.clear()
+    t = Cfqt(env.bindir, env.edge, ["--url", "http://127.0.0.1:%d" % env.origin.port,
+                                    "--ha-connections", "1", "--grace-period", "300ms"])
+    try:
+        t.log.wait_for(r"Registered tunnel connection connIndex=0")
+        result = {}
+
+        def slow():
+            try:
+                result["r"] = front(env.edge, t.host, "GET", "/slow", timeout=DEADLINE_S)
+            except Exception as e:
+                result["e"] = e
+
+        th = threading.Thread(target=slow)
+        th.start()
+        check(st.slow_started.wait(DEADLINE_S), "slow request never reached the origin")
+        t.proc.send_signal(signal.SIGTERM)
+        code = t.wait_exit()
+        check(code == 0, "exit code", code)
+        t.log.wait_for(r"Grace period expired")
+        st.slow_release.set()
+        th.join(DEADLINE_S)
+        check("e" in result or result["r"][0] != 200, "request outlived the grace period", result)
+    finally:
+        st.slow_release.set()
+        t.stop()
+
+
+def test_second_signal_exits_at_once(env):
+    st = env.origin.state
+    st.slow_started.clear()
+    st.slow_release.clear()
+    t = Cfqt(env.bindir, env.edge, ["--url", "http://127.0.0.1:%d" % env.origin.port,
+                                    "--ha-connections", "1", "--grace-period", "60s"])
+    try:
+        t.log.wait_for(r"Registered tunnel connection connIndex=0")
+        th = threading.Thread(target=lambda: front(env.edge, t.host, "GET", "/slow",
+                                                   timeout=DEADLINE_S))
+        th.start()
+        check(st.slow_started.wait(DEADLINE_S), "slow request never reached the origin")
+        t.proc.send_signal(signal.SIGINT)
+        t.log.wait_for(r"Initiating graceful shutdown due to signal interrupt")
+        t.log.wait_for(r"Unregistered tunnel connection")
+        check(t.proc.poll() is None, "exited before the second signal")
+        t.proc.send_signal(signal.SIGINT)
+        code = t.wait_exit(timeout=5)
+        check(code != 0, "second signal exit code", code)
+        t.log.wait_for(r"exiting immediately")
+    finally:
+        st.slow_release.set()
+        t.stop()
+
+
+def test_local_mode(env):
+    p = subprocess.Popen([os.path.join(env.bindir, "cfqt"), "--local", "--hello-world",
+                          "--metrics", "127.0.0.1:0", "--grace-period", "1s"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = LogFollower(p.stderr)
+    try:
+        url = Edge._readline(p.stdout)
+        u = urllib.parse.urlparse(url)
+        check(u.scheme == "http" and u.hostname.endswith(".trycloudflare.localhost") and
+              u.path == "/", url)
+        log.wait_for(r"Registered tunnel connection connIndex=0")
+        c = http.client.HTTPConnection("127.0.0.1", u.port, timeout=DEADLINE_S)
+        c.request("GET", "/", headers={"Host": u.hostname})
+        r = c.getresponse()
+        body = r.read()
+        check(r.status == 200 and b"<html" in body.lower(), r.status, body[:200])
+        p.send_signal(signal.SIGTERM)
+        check(p.wait(DEADLINE_S) == 0, "exit code")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def test_protocol_http2_refused(env):
     p = subprocess.run([os.path.join(env.bindir, "cfqt"), "tunnel", "--url", "http://x:1",
                         "--protocol", "http2"], capture_output=True, timeout=DEADLINE_S)
@@ -672,6 +774,10 @@ TESTS = [
     test_edge_goes_silent,
     test_registration_rejected_for_good,
     test_ready_retry_and_graceful_shutdown,
+    test_duplicate_rotates_and_ha_limit,
+    test_grace_period_expires,
+    test_second_signal_exits_at_once,
+    test_local_mode,
     test_protocol_http2_refused,
 ]
 
