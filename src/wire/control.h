@@ -79,8 +79,10 @@ struct ControlClientOptions {
 class ControlClient {
 public:
   ControlClient(kj::AsyncIoStream& stream, kj::Timer& timer, ControlClientOptions options = {});
-  // Borrows `stream` and `timer`; both must outlive this object. Starts the RPC session at once
-  // (Bootstrap is sent with the first call, pipelined like cloudflared does).
+  // Borrows `stream` and `timer`; both must outlive this object. Starts the RPC session at once:
+  // the Bootstrap message is queued by the constructor and calls are pipelined on its answer, as
+  // cloudflared does. Destroying it drops the session (no Release/Abort is guaranteed; the owner
+  // closes the stream).
   KJ_DISALLOW_COPY(ControlClient);
   ~ControlClient() noexcept(false);
 
