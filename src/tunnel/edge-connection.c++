@@ -36,6 +36,13 @@ quic::ClientConfig makeClientConfig(const EdgeConnectionConfig& config) {
   return c;
 }
 
+kj::Maybe<kj::String> AcknowledgingConfigHandler::applyConfiguration(
+    int32_t version, kj::ArrayPtr<const kj::byte> json) {
+  logger.info("Received remote configuration from the edge; acknowledged, the local origin "
+              "keeps serving", kj::str("version=", version, " bytes=", json.size()));
+  return nullptr;
+}
+
 kj::String describeClose(const quic::CloseInfo& info) {
   switch (info.kind) {
     case quic::CloseKind::PEER_APPLICATION_CLOSE:
@@ -326,6 +333,11 @@ private:
 
   SessionEnd finished(SessionEnd end) {
     ended = true;
+    if (shutdownStarted && end.kind == EndKind::LOST) {
+      // Our own close() may win the race against stop()'s fulfiller.
+      end.kind = EndKind::SHUTDOWN;
+      end.wasRegistered = registered;
+    }
     if (closeWhenDone && connection.get() != nullptr) connection->close(0, "");
     if (end.kind == EndKind::LOST && connection.get() != nullptr) {
       KJ_IF_MAYBE(ci, connection->closeInfo()) {

@@ -61,6 +61,18 @@ private:
   EdgeContext context;
 };
 
+class AcknowledgingConfigHandler final: public wire::ConfigurationHandler {
+  // Remote configuration pushed by the edge (ConfigurationManager.updateConfiguration): logged and
+  // acknowledged as applied; a quick tunnel keeps serving its local origin.
+public:
+  explicit AcknowledgingConfigHandler(const observe::Logger& logger): logger(logger) {}
+  kj::Maybe<kj::String> applyConfiguration(int32_t version,
+                                           kj::ArrayPtr<const kj::byte> json) override;
+
+private:
+  const observe::Logger& logger;
+};
+
 quic::ClientConfig makeClientConfig(const EdgeConnectionConfig& config);
 // The dial configuration: ALPN argotunnel, the SNI, and the trust roots (embedded Cloudflare
 // roots + system store, or only --edge-ca).

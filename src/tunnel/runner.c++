@@ -109,7 +109,8 @@ kj::String bannerText(kj::StringPtr url) {
 Runner::Runner(kj::AsyncIoContext& io, const observe::Logger& logger, RunnerOptions optionsParam,
                RunnerCallbacks& callbacks)
     : io(io), logger(logger), options(kj::mv(optionsParam)), callbacks(callbacks),
-      jitter(randomJitter()), stopSignal(nullptr) {
+      configHandler(logger), remoteConfig(configHandler), jitter(randomJitter()),
+      stopSignal(nullptr) {
   auto paf = kj::newPromiseAndFulfiller<void>();
   stopFulfiller = kj::mv(paf.fulfiller);
   stopSignal = paf.promise.fork();

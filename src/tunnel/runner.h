@@ -78,6 +78,7 @@ private:
   RunnerCallbacks& callbacks;
   kj::HttpHeaderTable headerTable;
   observe::TunnelStatus tunnelStatus;
+  AcknowledgingConfigHandler configHandler;
   wire::RemoteConfigState remoteConfig;
   JitterSource jitter;
   kj::String publicUrlText;

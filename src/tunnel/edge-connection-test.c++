@@ -1,0 +1,323 @@
+// EdgeConnection against a fake edge built from the quic and wire layers on loopback: what it
+// registers, what it pushes, how it answers every kind of edge-opened stream, how it ends.
+
+#include "tunnel/edge-connection.h"
+
+#include "quic/endpoint.h"
+#include "wire/data-stream.h"
+#include "wire/http-metadata.h"
+
+#include <capnp/message.h>
+#include <capnp/rpc-twoparty.h>
+#include <kj/async-io.h>
+#include <kj/compat/http.h>
+#include <kj/debug.h>
+#include <kj/test.h>
+
+namespace cfqt::tunnel {
+namespace {
+
+kj::String testdata(kj::StringPtr name) {
+  return kj::str(CFQT_QUIC_TESTDATA, "/", name);
+}
+
+kj::Array<kj::byte> bytes16(kj::byte seed) {
+  auto a = kj::heapArray<kj::byte>(16);
+  for (auto i: kj::indices(a)) a[i] = seed + i;
+  return a;
+}
+
+struct Events final: public SessionEvents {
+  uint registeredCount = 0;
+  uint notReadyCount = 0;
+  kj::String location;
+  kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> onRegistered;
+  void registered(uint connIndex, RegisteredInfo info) override {
+    registeredCount++;
+    location = kj::str(info.location);
+    KJ_IF_MAYBE(f, onRegistered) (*f)->fulfill();
+  }
+  void notReady(uint connIndex) override { notReadyCount++; }
+  kj::Promise<void> waitRegistered() {
+    if (registeredCount > 0) return kj::READY_NOW;
+    auto paf = kj::newPromiseAndFulfiller<void>();
+    onRegistered = kj::mv(paf.fulfiller);
+    return kj::mv(paf.promise);
+  }
+};
+
+struct Observer final: public wire::ControlObserver {
+  kj::Vector<wire::RegistrationParams> registrations;
+  kj::Vector<kj::String> configs;
+  uint unregistrations = 0;
+  void registered(const wire::RegistrationParams& params,
+                  const wire::RegistrationResult& result) override {
+    auto copy = wire::RegistrationParams();
+    copy.accountTag = kj::str(params.accountTag);
+    copy.tunnelSecret = kj::heapArray<kj::byte>(params.tunnelSecret);
+    copy.tunnelId = kj::heapArray<kj::byte>(params.tunnelId);
+    copy.connIndex = params.connIndex;
+    copy.clientId = kj::heapArray<kj::byte>(params.clientId);
+    copy.features = KJ_MAP(f, params.features) { return kj::str(f); };
+    copy.version = kj::str(params.version);
+    copy.arch = kj::str(params.arch);
+    copy.originLocalIp = kj::heapArray<kj::byte>(params.originLocalIp);
+    copy.numPreviousAttempts = params.numPreviousAttempts;
+    registrations.add(kj::mv(copy));
+  }
+  void unregistered() override { unregistrations++; }
+  void configurationUpdated(kj::ArrayPtr<const kj::byte> json) override {
+    configs.add(kj::heapString(json.asChars()));
+  }
+};
+
+wire::RegistrationResult okResult() {
+  return wire::ConnectionDetails{bytes16(0xA0), kj::str("TST"), false};
+}
+
+struct Harness {
+  kj::AsyncIoContext io = kj::setupAsyncIo();
+  kj::Timer& timer = io.provider->getTimer();
+  observe::Logger logger{observe::LogConfig{observe::LogLevel::FATAL, nullptr, false}};
+  observe::TunnelStatus status;
+  AcknowledgingConfigHandler configHandler{logger};
+  wire::RemoteConfigState remoteConfig{configHandler};
+  kj::HttpHeaderTable headerTable;
+  kj::Own<origin::Origin> origin;
+  EdgeIdentity identity;
+  EdgeConnectionConfig config;
+  kj::Own<quic::Endpoint> edgeEndpoint;
+  edge::EdgeAddress edgeAddress;
+  Events events;
+
+  Harness() {
+    auto created = origin::Origin::create(origin::helloWorldOrigin(), timer,
+                                          io.provider->getNetwork(), headerTable);
+    KJ_SWITCH_ONEOF(created) {
+      KJ_CASE_ONEOF(error, kj::String) KJ_FAIL_ASSERT(error);
+      KJ_CASE_ONEOF(o, kj::Own<origin::Origin>) origin = kj::mv(o);
+    }
+    identity.accountTag = kj::str("acct-tag");
+    identity.tunnelSecret = kj::heapArray<kj::byte>({1, 2, 3, 4});
+    identity.tunnelId = bytes16(0x10);
+    identity.connectorId = bytes16(0x40);
+    identity.version = kj::str("2026.8.2");
+    identity.arch = kj::str("linux_amd64");
+    config.edgeCaFile = testdata("ca.pem");
+    config.localConfigJson = kj::str("{\"ingress\":[]}");
+    config.transport.handshakeTimeout = 2 * kj::SECONDS;
+    edgeEndpoint = quic::newEndpoint(io.unixEventPort,
+                                     KJ_ASSERT_NONNULL(quic::SocketAddress::parse("127.0.0.1:0")));
+    quic::ServerConfig sc;
+    sc.certFile = testdata("server.pem");
+    sc.keyFile = testdata("server-key.pem");
+    sc.alpn.add(kj::str("argotunnel"));
+    edgeEndpoint->listen(kj::mv(sc));
+    edgeAddress = KJ_ASSERT_NONNULL(edge::parseIpPort(
+        kj::str("127.0.0.1:", edgeEndpoint->localAddress().port())));
+  }
+
+  EdgeContext context() {
+    return EdgeContext{timer, io.unixEventPort, *origin, logger, status, remoteConfig,
+                       identity, config};
+  }
+};
+
+kj::Array<kj::byte> readAll(kj::AsyncInputStream& in, kj::WaitScope& ws) {
+  return in.readAllBytes(1 << 20).wait(ws);
+}
+
+bool streamRefused(quic::Stream& s, kj::WaitScope& ws) {
+  // The client reset (or finished without a preamble) the stream: no ConnectResponse comes back.
+  kj::byte buf[16];
+  size_t n = 0;
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { n = s.tryRead(buf, 1, sizeof(buf)).wait(ws); })) {
+    return true;
+  }
+  return n == 0;
+}
+
+KJ_TEST("EdgeConnection: registers, pushes config, serves and refuses edge streams, shuts down") {
+  Harness h;
+  EdgeConnectionFactory factory(h.context());
+  auto session = factory.newSession(AttemptInfo{0, h.edgeAddress, 3}, h.events);
+  auto run = session->run().eagerlyEvaluate(nullptr);
+
+  auto conn = h.edgeEndpoint->accept().wait(h.io.waitScope);
+  KJ_EXPECT(conn->alpn() == "argotunnel");
+  KJ_EXPECT(conn->serverName() == "quic.cftunnel.com");
+  auto controlStream = conn->acceptStream().wait(h.io.waitScope);
+  wire::FixedRegistrationPolicy policy(okResult());
+  Observer observer;
+  wire::ControlServer control(*controlStream, policy, observer);
+  h.events.waitRegistered().wait(h.io.waitScope);
+  KJ_EXPECT(h.events.location == "TST");
+
+  KJ_ASSERT(observer.registrations.size() == 1);
+  auto& reg = observer.registrations[0];
+  KJ_EXPECT(reg.accountTag == "acct-tag");
+  kj::byte secret[4] = {1, 2, 3, 4};
+  KJ_EXPECT(reg.tunnelSecret == kj::arrayPtr<const kj::byte>(secret, 4));
+  KJ_EXPECT(reg.tunnelId == bytes16(0x10));
+  KJ_EXPECT(reg.clientId == bytes16(0x40));
+  KJ_EXPECT(reg.connIndex == 0);
+  KJ_EXPECT(reg.numPreviousAttempts == 3);
+  KJ_EXPECT(reg.version == "2026.8.2");
+  KJ_EXPECT(reg.features.size() == 5);
+  kj::byte mapped[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1};
+  KJ_EXPECT(reg.originLocalIp == kj::arrayPtr<const kj::byte>(mapped, 16));
+
+  // An unknown signature: that stream is reset, the connection lives on.
+  {
+    auto s = conn->openStream().wait(h.io.waitScope);
+    s->write("GARBAGE!", 8).wait(h.io.waitScope);
+    KJ_EXPECT(streamRefused(*s, h.io.waitScope));
+  }
+  // The data signature followed by an undecodable message.
+  {
+    auto s = conn->openStream().wait(h.io.waitScope);
+    kj::byte bad[32];
+    memcpy(bad, wire::DATA_STREAM_SIGNATURE, 6);
+    bad[6] = '0';
+    bad[7] = '1';
+    memset(bad + 8, 0xff, sizeof(bad) - 8);   // segment count 2^32: malformed
+    s->write(bad, sizeof(bad)).wait(h.io.waitScope);
+    KJ_EXPECT(streamRefused(*s, h.io.waitScope));
+  }
+  // A tcp ConnectRequest: answered with ConnectResponse.error.
+  {
+    auto s = conn->openStream().wait(h.io.waitScope);
+    capnp::MallocMessageBuilder msg;
+    auto req = msg.initRoot<wire::schema::ConnectRequest>();
+    req.setDest("127.0.0.1:22");
+    req.setType(wire::schema::ConnectionType::TCP);
+    wire::writeConnectRequest(*s, req.asReader()).wait(h.io.waitScope);
+    auto response = wire::readConnectResponse(*s).wait(h.io.waitScope);
+    auto root = response->getRoot<wire::schema::ConnectResponse>();
+    KJ_EXPECT(root.getError().size() > 0);
+  }
+  // An HTTP request to the hello-world origin.
+  {
+    auto s = conn->openStream().wait(h.io.waitScope);
+    capnp::MallocMessageBuilder msg;
+    auto req = msg.initRoot<wire::schema::ConnectRequest>();
+    wire::encodeRequest(req, "https://t.example/_health", wire::schema::ConnectionType::HTTP,
+                        "GET", "t.example", nullptr);
+    wire::writeConnectRequest(*s, req.asReader()).wait(h.io.waitScope);
+    s->shutdownWrite();
+    auto response = wire::readConnectResponse(*s).wait(h.io.waitScope);
+    auto head = wire::decodeResponse(response->getRoot<wire::schema::ConnectResponse>());
+    KJ_ASSERT(head.is<wire::HttpResponseHead>());
+    KJ_EXPECT(head.get<wire::HttpResponseHead>().status == 200);
+    auto body = readAll(*s, h.io.waitScope);
+    KJ_EXPECT(kj::heapString(body.asChars()) == "OK", body.asChars());
+  }
+  // An RPC stream: UDP sessions refused, configuration acknowledged.
+  {
+    auto s = conn->openStream().wait(h.io.waitScope);
+    s->write(wire::RPC_STREAM_SIGNATURE, 6).wait(h.io.waitScope);
+    capnp::TwoPartyClient rpc(*s);
+    auto server = rpc.bootstrap().castAs<wire::schema::CloudflaredServer>();
+    auto udp = server.registerUdpSessionRequest();
+    udp.setSessionId(bytes16(0x77));
+    udp.setDstPort(53);
+    auto udpResult = udp.send().wait(h.io.waitScope);
+    KJ_EXPECT(udpResult.getResult().getErr().size() > 0);
+    auto cfg = server.updateConfigurationRequest();
+    cfg.setVersion(7);
+    cfg.setConfig(kj::StringPtr("{\"ingress\":[]}").asBytes());
+    auto cfgResult = cfg.send().wait(h.io.waitScope);
+    KJ_EXPECT(cfgResult.getResult().getLatestAppliedVersion() == 7);
+    KJ_EXPECT(cfgResult.getResult().getErr() == "");
+  }
+  KJ_EXPECT(observer.configs.size() == 1);
+  KJ_EXPECT(observer.configs[0] == "{\"ingress\":[]}");
+  KJ_EXPECT(!run.poll(h.io.waitScope), "a bad stream ended the connection");
+  KJ_EXPECT(h.status.totalRequests() == 2);   // tcp + http data streams
+
+  // Graceful shutdown: unregister, close with application error 0.
+  session->shutdown(2 * kj::SECONDS).wait(h.io.waitScope);
+  auto end = run.wait(h.io.waitScope);
+  KJ_EXPECT(end.kind == EndKind::SHUTDOWN);
+  KJ_EXPECT(end.wasRegistered);
+  KJ_EXPECT(observer.unregistrations == 1);
+  auto closed = conn->onClosed().wait(h.io.waitScope);
+  KJ_EXPECT(closed.kind == quic::CloseKind::PEER_APPLICATION_CLOSE, closed.kind);
+  KJ_EXPECT(closed.code == 0);
+}
+
+KJ_TEST("EdgeConnection: registration errors and duplicate") {
+  Harness h;
+  EdgeConnectionFactory factory(h.context());
+  struct Case {
+    wire::RegistrationResult result;
+    EndKind kind;
+    bool shouldRetry;
+  };
+  Case cases[] = {
+      {wire::RegistrationError{kj::str("bad secret"), 0 * kj::SECONDS, false},
+       EndKind::REJECTED, false},
+      {wire::RegistrationError{kj::str("later"), 1 * kj::SECONDS, true}, EndKind::REJECTED, true},
+      {wire::duplicateConnection(), EndKind::DUPLICATE, true},
+  };
+  for (auto& c: cases) {
+    auto session = factory.newSession(AttemptInfo{1, h.edgeAddress, 0}, h.events);
+    auto run = session->run().eagerlyEvaluate(nullptr);
+    auto conn = h.edgeEndpoint->accept().wait(h.io.waitScope);
+    auto controlStream = conn->acceptStream().wait(h.io.waitScope);
+    wire::FixedRegistrationPolicy policy(kj::mv(c.result));
+    Observer observer;
+    wire::ControlServer control(*controlStream, policy, observer);
+    auto end = run.wait(h.io.waitScope);
+    KJ_EXPECT(end.kind == c.kind, end.kind, end.reason);
+    KJ_EXPECT(end.shouldRetry == c.shouldRetry);
+    KJ_EXPECT(!end.wasRegistered);
+    KJ_EXPECT(h.events.registeredCount == 0);
+  }
+}
+
+KJ_TEST("EdgeConnection: the edge closing the connection ends it with its reason") {
+  Harness h;
+  EdgeConnectionFactory factory(h.context());
+  auto session = factory.newSession(AttemptInfo{0, h.edgeAddress, 0}, h.events);
+  auto run = session->run().eagerlyEvaluate(nullptr);
+  auto conn = h.edgeEndpoint->accept().wait(h.io.waitScope);
+  auto controlStream = conn->acceptStream().wait(h.io.waitScope);
+  wire::FixedRegistrationPolicy policy(okResult());
+  Observer observer;
+  wire::ControlServer control(*controlStream, policy, observer);
+  h.events.waitRegistered().wait(h.io.waitScope);
+  conn->close(0x17, "maintenance").wait(h.io.waitScope);
+  auto end = run.wait(h.io.waitScope);
+  KJ_EXPECT(end.kind == EndKind::LOST);
+  KJ_EXPECT(end.wasRegistered);
+  KJ_EXPECT(end.reason.endsWith("(application error 0x17, reason \"maintenance\")"), end.reason);
+}
+
+KJ_TEST("EdgeConnection: an untrusted edge certificate is a dial failure") {
+  Harness h;
+  h.config.edgeCaFile = testdata("other-ca.pem");
+  EdgeConnectionFactory factory(h.context());
+  auto session = factory.newSession(AttemptInfo{0, h.edgeAddress, 0}, h.events);
+  auto end = session->run().wait(h.io.waitScope);
+  KJ_EXPECT(end.kind == EndKind::DIAL_FAILED, end.kind, end.reason);
+}
+
+KJ_TEST("client config: embedded Cloudflare roots + system store, or --edge-ca alone") {
+  EdgeConnectionConfig config;
+  auto c = makeClientConfig(config);
+  KJ_EXPECT(c.alpn == "argotunnel");
+  KJ_EXPECT(c.serverName == "quic.cftunnel.com");
+  KJ_EXPECT(c.useSystemTrust);
+  auto pem = KJ_ASSERT_NONNULL(c.caPem).asPtr();
+  KJ_EXPECT(pem.startsWith("# Subject:") || pem.startsWith("-----BEGIN CERTIFICATE-----"));
+  KJ_EXPECT(c.caFile == nullptr);
+  config.edgeCaFile = kj::str("/tmp/x.pem");
+  auto d = makeClientConfig(config);
+  KJ_EXPECT(!d.useSystemTrust);
+  KJ_EXPECT(KJ_ASSERT_NONNULL(d.caFile) == "/tmp/x.pem");
+  KJ_EXPECT(d.caPem == nullptr);
+}
+
+}  // namespace
+}  // namespace cfqt::tunnel
