@@ -66,9 +66,15 @@ kj::String formatDuration(kj::Duration d) {
   int64_t hours = totalMs / 3600000;
   int64_t minutes = (totalMs / 60000) % 60;
   int64_t secMs = totalMs % 60000;
-  kj::String sec = secMs % 1000 == 0
-      ? kj::str(secMs / 1000, "s")
-      : kj::str(secMs / 1000, ".", kj::str(1000 + secMs % 1000).slice(1), "s");
+  kj::String sec;
+  if (secMs % 1000 == 0) {
+    sec = kj::str(secMs / 1000, "s");
+  } else {
+    auto frac = kj::str(1000 + secMs % 1000);          // "1500" -> "500"
+    size_t len = frac.size();
+    while (len > 1 && frac[len - 1] == '0') len--;     // Go trims trailing zeros: 1.5s
+    sec = kj::str(secMs / 1000, ".", kj::heapString(frac.begin() + 1, len - 1), "s");
+  }
   if (hours > 0) return kj::str(hours, "h", minutes, "m", sec);
   if (minutes > 0) return kj::str(minutes, "m", sec);
   return sec;

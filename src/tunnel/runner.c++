@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <errno.h>
+#include <stdlib.h>
 #include <sys/random.h>
 
 namespace cfqt::tunnel {
@@ -231,6 +232,12 @@ kj::Promise<int> Runner::metricsBound(kj::Maybe<kj::Own<kj::ConnectionReceiver>>
     metricsServer = kj::mv(server);
   }
   logger.info("Initial protocol quic");
+  const char* keyLog = getenv("SSLKEYLOGFILE");
+  if (keyLog != nullptr && keyLog[0] != '\0') {
+    // GnuTLS writes the edge connections' TLS secrets there itself (NSS key log format).
+    logger.warn("SSLKEYLOGFILE is set: TLS secrets of the edge connections are written to it",
+                kj::str("file=", keyLog));
+  }
   return edge::discoverEdges(io.unixEventPort, timer, io.provider->getNetwork(),
                              kj::mv(options.discovery))
       .then([this](edge::EdgeAddresses a) { return edgesDiscovered(kj::mv(a)); },

@@ -116,6 +116,8 @@ KJ_TEST("backoff: bound doubles up to maxRetries, jitter scales, reset") {
   KJ_EXPECT(formatDuration(64 * kj::SECONDS) == "1m4s");
   KJ_EXPECT(formatDuration(2 * kj::SECONDS) == "2s");
   KJ_EXPECT(formatDuration(250 * kj::MILLISECONDS) == "250ms");
+  KJ_EXPECT(formatDuration(1500 * kj::MILLISECONDS) == "1.5s", formatDuration(1500 * kj::MILLISECONDS));
+  KJ_EXPECT(formatDuration(61250 * kj::MILLISECONDS) == "1m1.25s");
 }
 
 KJ_TEST("supervisor: index 0 first, others after it registered, staggered") {

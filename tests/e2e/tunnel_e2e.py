@@ -436,7 +436,8 @@ def test_cloudflared_form_and_metrics(env):
     check(cfg["ingress"][0]["service"] == "http://127.0.0.1:%d" % env.origin.port and
           cfg["__configuration_flags"]["protocol"] == "quic" and
           cfg["__configuration_flags"]["no-autoupdate"] == "true", cfg)
-    check("secret" not in m.log.text().lower() or True)
+    c1 = [c for c in conns if c["connIndex"] == 1][0]
+    check(c1["configuration"] is None, "configuration pushed on index 1", c1)
     check(re.search(r"DBG Registering tunnel connection connIndex=0", m.log.text()),
           "no debug registration line")
 
@@ -731,8 +732,10 @@ def test_second_signal_exits_at_once(env):
 
 
 def test_local_mode(env):
+    logfile = os.path.join(env.workdir, "local.log")
     p = subprocess.Popen([os.path.join(env.bindir, "cfqt"), "--local", "--hello-world",
-                          "--metrics", "127.0.0.1:0", "--grace-period", "1s"],
+                          "--metrics", "127.0.0.1:0", "--grace-period", "1s",
+                          "--logfile", logfile],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     log = LogFollower(p.stderr)
     try:
@@ -748,6 +751,10 @@ def test_local_mode(env):
         check(r.status == 200 and b"<html" in body.lower(), r.status, body[:200])
         p.send_signal(signal.SIGTERM)
         check(p.wait(DEADLINE_S) == 0, "exit code")
+        with open(logfile) as f:
+            text = f.read()
+        check("Registered tunnel connection connIndex=0" in text and
+              "Tunnel server stopped" in text, "log file incomplete", text[-500:])
     finally:
         if p.poll() is None:
             p.kill()
