@@ -434,6 +434,46 @@ KJ_TEST("round-robin over live connections; unregistered connections get no requ
   KJ_EXPECT(c0.opened == 2 && c1.opened == 4);
 }
 
+KJ_TEST("HEAD and 204 responses carry no body and keep the connection alive") {
+  Harness h;
+  auto& t = h.tunnel();
+  auto& c = h.connect(t);
+  auto connection = h.dial();
+  writeText(*connection, kj::str("HEAD /file HTTP/1.1\r\nHost: ", t.hostname, "\r\n\r\n"))
+      .wait(h.io.waitScope);
+  auto stream = c.nextStream().wait(h.io.waitScope);
+  auto request = readTunnelRequest(*stream).wait(h.io.waitScope);
+  KJ_EXPECT(KJ_ASSERT_NONNULL(request.value("HttpMethod")) == "HEAD");
+  writeBytes(*stream, encodeResponse(200, {{"Content-Length", "1000"}})).wait(h.io.waitScope);
+  stream->shutdownWrite();
+  auto head = readHead(*connection, h.io.waitScope);
+  KJ_EXPECT(head.startsWith("HTTP/1.1 200 OK"), head);
+  KJ_EXPECT(contains(head, "Content-Length: 1000"), head);
+  KJ_EXPECT(contains(head, "Cf-Ray: "), head);
+
+  writeText(*connection, kj::str("DELETE /file HTTP/1.1\r\nHost: ", t.hostname, "\r\n\r\n"))
+      .wait(h.io.waitScope);
+  auto second = c.nextStream().wait(h.io.waitScope);
+  readTunnelRequest(*second).wait(h.io.waitScope);
+  writeBytes(*second, encodeResponse(204, {})).wait(h.io.waitScope);
+  second->shutdownWrite();
+  auto head2 = readHead(*connection, h.io.waitScope);
+  KJ_EXPECT(head2.startsWith("HTTP/1.1 204 No Content"), head2);
+
+  // Still the same keep-alive connection, nothing stray in between.
+  writeText(*connection, kj::str("GET /x HTTP/1.1\r\nHost: ", t.hostname, "\r\n\r\n"))
+      .wait(h.io.waitScope);
+  auto third = c.nextStream().wait(h.io.waitScope);
+  readTunnelRequest(*third).wait(h.io.waitScope);
+  writeBytes(*third, encodeResponse(200, {{"Content-Length", "3"}})).wait(h.io.waitScope);
+  writeText(*third, "abc").wait(h.io.waitScope);
+  third->shutdownWrite();
+  KJ_EXPECT(readHead(*connection, h.io.waitScope).startsWith("HTTP/1.1 200 OK"));
+  auto body = kj::heapArray<char>(3);
+  connection->read(body.begin(), 3).wait(h.io.waitScope);
+  KJ_EXPECT(kj::str(body) == "abc");
+}
+
 KJ_TEST("ConnectResponse.error (recorded bytes) becomes a 502 page") {
   Harness h;
   auto& t = h.tunnel();
@@ -708,6 +748,41 @@ KJ_TEST("WebSocket: own Sec-WebSocket-Key, no extensions, frames relayed both wa
   tunnelSocket->close(1000, "bye").wait(h.io.waitScope);
   auto closed = publicSocket->receive().wait(h.io.waitScope);
   KJ_EXPECT(closed.get<kj::WebSocket::Close>().code == 1000);
+}
+
+KJ_TEST("WebSocket: a Close never answered is cut after the grace period") {
+  auto options = testOptions();
+  options.webSocketCloseGrace = 100 * kj::MILLISECONDS;
+  Harness h(options);
+  auto& t = h.tunnel();
+  auto& c = h.connect(t);
+  auto connection = h.dial();
+  writeText(*connection, kj::str(
+      "GET /ws HTTP/1.1\r\nHost: ", t.hostname, "\r\nConnection: Upgrade\r\n"
+      "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")).wait(h.io.waitScope);
+  auto stream = c.nextStream().wait(h.io.waitScope);
+  auto request = readTunnelRequest(*stream).wait(h.io.waitScope);
+  auto key = request.values("HttpHeader:Sec-Websocket-Key");
+  KJ_ASSERT(key.size() == 1);
+  writeBytes(*stream, encodeResponse(101, {{"Connection", "Upgrade"}, {"Upgrade", "websocket"},
+      {"Sec-Websocket-Accept", webSocketAccept(key[0])}})).wait(h.io.waitScope);
+  readHead(*connection, h.io.waitScope);
+  RandomEntropySource entropy;
+  auto publicSocket = kj::newWebSocket(kj::mv(connection), entropy);
+  auto tunnelSocket = kj::newWebSocket(kj::mv(stream), nullptr);
+  // The tunnel side closes and ends its stream (the origin went away); the public client never
+  // answers and keeps its connection open: the front door gives up after the grace period, so
+  // the tunnel side sees its stream end. (kj relays the frames raw between a client-role and a
+  // server-role socket, so the relay itself ends on EOF, not on the Close frame.)
+  tunnelSocket->close(1001, "going away").wait(h.io.waitScope);
+  tunnelSocket->disconnect().wait(h.io.waitScope);
+  auto closing = publicSocket->receive().wait(h.io.waitScope);
+  KJ_EXPECT(closing.get<kj::WebSocket::Close>().code == 1001);
+  auto ended = tunnelSocket->receive().then([](kj::WebSocket::Message&&) { return false; },
+                                            [](kj::Exception&&) { return true; });
+  KJ_EXPECT(h.io.provider->getTimer().timeoutAfter(5 * kj::SECONDS, kj::mv(ended))
+                .wait(h.io.waitScope));
 }
 
 KJ_TEST("response head timeout gives 524; a dropped connection makes requests fail fast") {

@@ -506,7 +506,9 @@ kj::Promise<void> FrontDoor::Exchange::onResponseHead(kj::Own<capnp::MessageRead
     for (auto& header: head.headers) {
       if (equalsIgnoreCase(header.name, "Sec-Websocket-Accept") &&
           header.value != webSocketAccept(webSocketKey)) {
-        return sendPage(502, 502, "Bad gateway", "Wrong Sec-WebSocket-Accept from the tunnel.");
+        // Lenient on purpose: the public side gets its own accept value from kj, and the frames
+        // that follow are what matters.
+        KJ_LOG(INFO, "tunnel answered the upgrade with another Sec-WebSocket-Accept", ray);
       }
     }
     return relayWebSocket(*responseHeaders);
@@ -516,6 +518,7 @@ kj::Promise<void> FrontDoor::Exchange::onResponseHead(kj::Own<capnp::MessageRead
                     kj::str("Unusable status from the tunnel: ", head.status));
   }
 
+  responseHeaders->add("Cf-Ray", kj::heapString(ray));
   bool noBody = method == kj::HttpMethod::HEAD || head.status == 204 || head.status == 304;
   kj::Maybe<uint64_t> expected = contentLength;
   if (head.status == 204 || head.status == 304) expected = uint64_t(0);
@@ -569,10 +572,14 @@ kj::Promise<void> FrontDoor::Exchange::relayWebSocket(kj::HttpHeaders& acceptHea
   publicSocket = response.acceptWebSocket(acceptHeaders);
   tunnelSocket = kj::newWebSocket(kj::mv(stream), entropy);
   auto up = publicSocket->pumpTo(*tunnelSocket)
-      .catch_([this](kj::Exception&& e) { abortWebSockets(); });
+      .catch_([this](kj::Exception&& e) { abortWebSockets(); }).fork();
   auto down = tunnelSocket->pumpTo(*publicSocket)
-      .catch_([this](kj::Exception&& e) { abortWebSockets(); });
-  return kj::joinPromises(kj::arr(kj::mv(up), kj::mv(down)));
+      .catch_([this](kj::Exception&& e) { abortWebSockets(); }).fork();
+  auto both = kj::joinPromises(kj::arr(up.addBranch(), down.addBranch()));
+  auto either = up.addBranch().exclusiveJoin(down.addBranch())
+      .then([this]() { return door.timer.afterDelay(door.options.webSocketCloseGrace); })
+      .then([this]() { abortWebSockets(); });
+  return both.exclusiveJoin(kj::mv(either)).attach(kj::mv(up), kj::mv(down));
 }
 
 void FrontDoor::Exchange::abortWebSockets() {

@@ -18,6 +18,9 @@ struct FrontDoorOptions {
   // Expiry: 502 page.
   kj::Duration responseHeadTimeout = 100 * kj::SECONDS;
   // From the start of the request until the ConnectResponse arrived (Cloudflare's 524).
+  kj::Duration webSocketCloseGrace = 5 * kj::SECONDS;
+  // Once one direction of a relayed WebSocket ended (Close relayed, or EOF), the other direction
+  // gets this long to finish before both are aborted.
   kj::Duration headerTimeout = 15 * kj::SECONDS;     // kj::HttpServerSettings::headerTimeout
   kj::Duration pipelineTimeout = 5 * kj::SECONDS;    // keep-alive idle time between requests
   kj::StringPtr scheme = "https";
