@@ -3,6 +3,7 @@
 // in-process Emulator, with public requests through the front door.
 
 #include "emulator.h"
+#include "front-door.h"
 #include "random.h"
 
 #include "quic/endpoint.h"
@@ -10,11 +11,15 @@
 #include "wire/quic_metadata_protocol.capnp.h"
 #include "wire/test-vectors.h"
 
+#include <gnutls/crypto.h>
+#include <gnutls/gnutls.h>
+
 #include <capnp/message.h>
 #include <capnp/serialize-async.h>
 #include <capnp/serialize.h>
 #include <kj/async-io.h>
 #include <kj/debug.h>
+#include <kj/encoding.h>
 #include <kj/test.h>
 
 #include <stdlib.h>
@@ -125,7 +130,9 @@ struct Setup {
   kj::Own<kj::HttpClient> publicClient() {
     auto address = io.provider->getNetwork().parseAddress(ready.publicAddress)
         .wait(io.waitScope);
-    auto client = kj::newHttpClient(io.provider->getTimer(), table, *address);
+    kj::HttpClientSettings settings;
+    settings.entropySource = entropy;
+    auto client = kj::newHttpClient(io.provider->getTimer(), table, *address, settings);
     return client.attach(kj::mv(address));
   }
 
@@ -135,6 +142,7 @@ struct Setup {
   ReadyInfo ready;
   quic::SocketAddress edge;
   kj::HttpHeaderTable table;
+  RandomEntropySource entropy;
 };
 
 struct TunnelClient {
@@ -317,6 +325,98 @@ KJ_TEST("proxying over QUIC: recorded response; body integrity 0 B, 1 B, 1 MiB, 
     serving.wait(setup.io.waitScope);
     KJ_EXPECT(got.size() == data.size(), got.size());
     KJ_EXPECT(got.asPtr() == data.asPtr());
+  }
+}
+
+kj::Array<kj::byte> encodeUpgrade(kj::StringPtr key) {
+  auto input = kj::str(key, "258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+  kj::byte digest[20];
+  KJ_ASSERT(gnutls_hash_fast(GNUTLS_DIG_SHA1, input.begin(), input.size(), digest) == 0);
+  auto accept = kj::encodeBase64(kj::arrayPtr(digest, 20));
+  capnp::MallocMessageBuilder message;
+  auto metadata = message.initRoot<schema::ConnectResponse>().initMetadata(4);
+  metadata[0].setKey("HttpStatus");
+  metadata[0].setVal("101");
+  metadata[1].setKey("HttpHeader:Connection");
+  metadata[1].setVal("Upgrade");
+  metadata[2].setKey("HttpHeader:Upgrade");
+  metadata[2].setVal("websocket");
+  metadata[3].setKey("HttpHeader:Sec-Websocket-Accept");
+  metadata[3].setVal(accept);
+  auto words = capnp::messageToFlatArray(message);
+  auto out = kj::heapArray<kj::byte>(8 + words.asBytes().size());
+  memcpy(out.begin(), PREAMBLE, 8);
+  memcpy(out.begin() + 8, words.asBytes().begin(), words.asBytes().size());
+  return out;
+}
+
+KJ_TEST("over QUIC: WebSocket pipe, ConnectResponse.error, RESET_STREAM mid-body") {
+  Setup setup;
+  auto& tunnel = setup.emulator.registry().issueTunnel();
+  TunnelClient client(setup);
+  KJ_ASSERT(client.registerAs(tunnel).is<wire::ConnectionDetails>());
+  auto& timer = setup.io.provider->getTimer();
+  auto& ws = setup.io.waitScope;
+
+  // WebSocket: the public client (kj, masked) talks to an "origin" WebSocket on the QUIC stream.
+  {
+    auto publicClient = setup.publicClient();
+    kj::HttpHeaders headers(setup.table);
+    headers.set(kj::HttpHeaderId::HOST, tunnel.hostname);
+    auto upgrade = publicClient->openWebSocket("/chat", headers);
+    auto stream = nextStream(*client.connection, timer, ws);
+    auto request = readRequest(*stream).wait(ws);
+    auto root = request->getRoot<schema::ConnectRequest>();
+    KJ_EXPECT(root.getType() == schema::ConnectionType::WEBSOCKET);
+    kj::String key;
+    for (auto m: root.getMetadata()) {
+      if (m.getKey() == "HttpHeader:Sec-Websocket-Key") key = kj::str(m.getVal());
+    }
+    KJ_ASSERT(key.size() > 0);
+    writeBytes(*stream, encodeUpgrade(key)).wait(ws);
+    auto response = upgrade.wait(ws);
+    KJ_ASSERT(response.statusCode == 101, response.statusCode);
+    auto publicSocket = kj::mv(response.webSocketOrBody.get<kj::Own<kj::WebSocket>>());
+    auto originSocket = kj::newWebSocket(kj::mv(stream), nullptr);
+    publicSocket->send(kj::StringPtr("ping over quic")).wait(ws);
+    KJ_EXPECT(originSocket->receive().wait(ws).get<kj::String>() == "ping over quic");
+    auto blob = pattern(300000, 9);
+    originSocket->send(blob.asPtr()).wait(ws);
+    KJ_EXPECT(publicSocket->receive().wait(ws).get<kj::Array<kj::byte>>().asPtr() == blob.asPtr());
+    publicSocket->close(1000, "done").wait(ws);
+    KJ_EXPECT(originSocket->receive().wait(ws).get<kj::WebSocket::Close>().code == 1000);
+  }
+
+  // ConnectResponse.error, the recorded 2023.7.3 bytes.
+  {
+    auto publicClient = setup.publicClient();
+    kj::HttpHeaders headers(setup.table);
+    headers.set(kj::HttpHeaderId::HOST, tunnel.hostname);
+    auto response = publicClient->request(kj::HttpMethod::GET, "/", headers).response;
+    auto stream = nextStream(*client.connection, timer, ws);
+    readRequest(*stream).wait(ws);
+    writeBytes(*stream, kj::heapArray(vector("ConnectResponse error"))).wait(ws);
+    stream->shutdownWrite();
+    KJ_EXPECT(response.wait(ws).statusCode == 502);
+  }
+
+  // RESET_STREAM after a partial body: the public response is cut, not completed.
+  {
+    auto publicClient = setup.publicClient();
+    kj::HttpHeaders headers(setup.table);
+    headers.set(kj::HttpHeaderId::HOST, tunnel.hostname);
+    auto response = publicClient->request(kj::HttpMethod::GET, "/", headers).response;
+    auto stream = nextStream(*client.connection, timer, ws);
+    readRequest(*stream).wait(ws);
+    writeBytes(*stream, encodeResponse(200, nullptr)).wait(ws);
+    writeBytes(*stream, kj::heapArray("partial"_kj.asBytes())).wait(ws);
+    auto r = response.wait(ws);
+    KJ_EXPECT(r.statusCode == 200);
+    stream->reset(0);
+    auto body = r.body->readAllText().then([](kj::String&&) { return false; },
+                                           [](kj::Exception&&) { return true; });
+    KJ_EXPECT(timer.timeoutAfter(5 * kj::SECONDS, kj::mv(body)).wait(ws),
+              "the public body completed although the tunnel stream was reset");
   }
 }
 
