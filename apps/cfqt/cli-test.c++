@@ -67,9 +67,25 @@ KJ_TEST("cli: errors are clear") {
   KJ_EXPECT(has(err({"--ha-connections", "5", "--url", "x:1"}), "between 1 and 4"));
   KJ_EXPECT(has(err({"a:1", "b:2"}), "only one origin URL"));
   KJ_EXPECT(has(err({"--grace-period", "soon", "--url", "x:1"}), "duration"));
+  KJ_EXPECT(has(err({"tunnel", "run", "mytunnel"}), "only runs quick tunnels"));
+  KJ_EXPECT(parse({"version"}).get<CliExit>().code == 0);
   auto help = parse({"--help"});
   KJ_EXPECT(help.get<CliExit>().code == 0);
   KJ_EXPECT(has(help.get<CliExit>().text, "--ha-connections"));
+}
+
+KJ_TEST("cli: cloudflared environment variables fill flags not given") {
+  auto args = kj::heapArray<kj::StringPtr>({"--metrics", "127.0.0.1:9"});
+  auto r = parseCommandLine(args, EnvLookup([](kj::StringPtr name) -> kj::Maybe<kj::String> {
+    if (name == "TUNNEL_URL") return kj::str("http://127.0.0.1:8080");
+    if (name == "TUNNEL_METRICS") return kj::str("127.0.0.1:1");
+    if (name == "TUNNEL_GRACE_PERIOD") return kj::str("2s");
+    return nullptr;
+  }));
+  auto& o = r.get<CliOptions>();
+  KJ_EXPECT(KJ_ASSERT_NONNULL(o.url) == "http://127.0.0.1:8080");
+  KJ_EXPECT(KJ_ASSERT_NONNULL(o.metrics) == "127.0.0.1:9");   // the flag wins
+  KJ_EXPECT(o.gracePeriod == 2 * kj::SECONDS);
 }
 
 KJ_TEST("cli: Go durations") {

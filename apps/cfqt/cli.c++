@@ -17,6 +17,24 @@ struct Flag {
   kj::StringPtr help;
 };
 
+struct EnvName {
+  kj::StringPtr flag;
+  kj::StringPtr env;
+};
+
+// cloudflared's environment variables for the flags cfqt shares with it.
+const EnvName ENV_NAMES[] = {
+    {"url", "TUNNEL_URL"}, {"hello-world", "TUNNEL_HELLO_WORLD"},
+    {"unix-socket", "TUNNEL_UNIX_SOCKET"}, {"http-host-header", "TUNNEL_HTTP_HOST_HEADER"},
+    {"origin-ca-pool", "TUNNEL_ORIGIN_CA_POOL"},
+    {"origin-server-name", "TUNNEL_ORIGIN_SERVER_NAME"}, {"edge", "TUNNEL_EDGE"},
+    {"edge-ca", "TUNNEL_CACERT"}, {"region", "TUNNEL_REGION"},
+    {"edge-ip-version", "TUNNEL_EDGE_IP_VERSION"}, {"retries", "TUNNEL_RETRIES"},
+    {"grace-period", "TUNNEL_GRACE_PERIOD"}, {"metrics", "TUNNEL_METRICS"},
+    {"loglevel", "TUNNEL_LOGLEVEL"}, {"logfile", "TUNNEL_LOGFILE"},
+    {"protocol", "TUNNEL_TRANSPORT_PROTOCOL"}, {"no-autoupdate", "NO_AUTOUPDATE"},
+};
+
 // Visible flags first; the hidden ones (timeouts) are listed under "test and tuning".
 const Flag FLAGS[] = {
     {"url", "", Kind::STRING, "Origin URL to expose (also the positional argument)."},
@@ -237,7 +255,14 @@ kj::String usage() {
   return kj::str(kj::strArray(lines, "\n"), "\n");
 }
 
-kj::OneOf<CliOptions, CliExit> parseCommandLine(kj::ArrayPtr<const kj::StringPtr> args) {
+kj::Maybe<kj::String> processEnv(kj::StringPtr name) {
+  const char* v = getenv(name.cStr());
+  if (v == nullptr) return nullptr;
+  return kj::str(v);
+}
+
+kj::OneOf<CliOptions, CliExit> parseCommandLine(kj::ArrayPtr<const kj::StringPtr> args,
+                                                kj::Maybe<EnvLookup> env) {
   CliOptions o;
   kj::Vector<kj::String> positional;
   bool sawTunnelWord = false;
@@ -291,6 +316,20 @@ kj::OneOf<CliOptions, CliExit> parseCommandLine(kj::ArrayPtr<const kj::StringPtr
     }
     positional.add(kj::str(arg));
   }
+  if (positional.size() >= 1) {
+    kj::StringPtr first = positional[0];
+    if (first == "version") {
+      return CliExit{0, kj::str("cfqt version 0.1.0 (cloudflared-compatible 2026.8.2)\n")};
+    }
+    kj::StringPtr named[] = {"run", "login", "create", "list", "route", "delete", "info",
+                             "cleanup", "token", "ingress", "update", "service", "access"};
+    for (auto word: named) {
+      if (first == word) {
+        return fail(kj::str("`", first, "` is a cloudflared command for named tunnels or "
+                            "accounts; cfqt only runs quick tunnels (cfqt --url URL)"));
+      }
+    }
+  }
   if (positional.size() > 1) {
     return fail(kj::str("unexpected argument \"", positional[1], "\" (only one origin URL)"));
   }
@@ -299,6 +338,24 @@ kj::OneOf<CliOptions, CliExit> parseCommandLine(kj::ArrayPtr<const kj::StringPtr
       return fail(kj::str("the origin URL was given twice (--url and \"", positional[0], "\")"));
     }
     o.url = kj::mv(positional[0]);
+  }
+  KJ_IF_MAYBE(lookup, env) {
+    for (auto& e: ENV_NAMES) {
+      bool given = false;
+      for (auto& set: o.explicitlySet) if (set == e.flag) given = true;
+      if (given) continue;
+      KJ_IF_MAYBE(value, (*lookup)(e.env)) {
+        if (value->size() == 0) continue;
+        const Flag& flag = *findFlag(e.flag);
+        if (flag.kind == Kind::BOOL && parseBool(*value) == nullptr) {
+          return fail(kj::str(e.env, " expects true or false, got \"", *value, "\""));
+        }
+        KJ_IF_MAYBE(error, apply(o, flag, *value)) {
+          return fail(kj::str(*error, " (from ", e.env, ")"));
+        }
+        o.explicitlySet.add(kj::str(e.flag));
+      }
+    }
   }
   if (o.url == nullptr && !o.helloWorld && o.unixSocket == nullptr) {
     return fail(kj::str("nothing to expose: give an origin URL (cfqt http://localhost:8080), "

@@ -5,6 +5,7 @@
 // Written by hand because kj::MainBuilder cannot mix an optional `tunnel` word, a positional URL
 // and `--flag value` options in any order.
 
+#include <kj/function.h>
 #include <kj/one-of.h>
 #include <kj/string.h>
 #include <kj/time.h>
@@ -65,8 +66,16 @@ struct CliExit {
   kj::String text;   // printed on stdout (code 0) or stderr
 };
 
-kj::OneOf<CliOptions, CliExit> parseCommandLine(kj::ArrayPtr<const kj::StringPtr> args);
-// `args` excludes argv[0]. Never throws on bad input.
+using EnvLookup = kj::Function<kj::Maybe<kj::String>(kj::StringPtr name)>;
+
+kj::OneOf<CliOptions, CliExit> parseCommandLine(kj::ArrayPtr<const kj::StringPtr> args,
+                                                kj::Maybe<EnvLookup> env = nullptr);
+// `args` excludes argv[0]. Never throws on bad input. Flags not given on the command line are
+// taken from cloudflared's environment variables when `env` finds them (TUNNEL_URL,
+// TUNNEL_METRICS, TUNNEL_GRACE_PERIOD, TUNNEL_LOGLEVEL, ...).
+
+kj::Maybe<kj::String> processEnv(kj::StringPtr name);
+// getenv() as an EnvLookup.
 
 kj::Maybe<kj::Duration> parseGoDuration(kj::StringPtr text);
 // Go's time.ParseDuration ("300ms", "1m30s", "2h", "1.5s") plus a bare number meaning seconds.

@@ -193,7 +193,7 @@ int realMain(int argc, char** argv) {
 #endif
   auto args = kj::heapArray<kj::StringPtr>(argc > 0 ? argc - 1 : 0);
   for (int i = 1; i < argc; i++) args[i - 1] = argv[i];
-  auto parsed = cli::parseCommandLine(args);
+  auto parsed = cli::parseCommandLine(args, cli::EnvLookup(cli::processEnv));
   cli::CliOptions options;
   KJ_SWITCH_ONEOF(parsed) {
     KJ_CASE_ONEOF(exit, cli::CliExit) {
