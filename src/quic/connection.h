@@ -64,6 +64,7 @@ struct ConnectionStats {
   uint64_t bytesInFlight = 0;
   uint64_t streamsOpenedLocal = 0;
   uint64_t streamsOpenedRemote = 0;
+  uint64_t streamsActive = 0;      // streams ngtcp2 still tracks (not fully closed and acked)
   uint64_t datagramsDropped = 0;   // received DATAGRAM frames (unsupported: dropped)
   uint64_t recvBufferedBytes = 0;  // bytes held in all streams' receive buffers
   uint64_t sendBufferedBytes = 0;  // bytes held in all streams' send buffers (unacked)

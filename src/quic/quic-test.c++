@@ -477,6 +477,11 @@ KJ_TEST("10 000 server-opened echo streams at concurrency 100") {
   KJ_EXPECT(runner.verified == ECHO_STREAMS, runner.verified);
   KJ_EXPECT(echo.streams == ECHO_STREAMS);
   KJ_EXPECT(pair.server->stats().streamsOpenedLocal == ECHO_STREAMS);
+  env.timer.afterDelay(50 * kj::MILLISECONDS).wait(env.io.waitScope);   // last ACKs
+  KJ_EXPECT(pair.server->stats().streamsActive == 0, pair.server->stats().streamsActive);
+  KJ_EXPECT(pair.client->stats().streamsActive == 0, pair.client->stats().streamsActive);
+  KJ_EXPECT(pair.client->stats().recvBufferedBytes == 0);
+  KJ_EXPECT(pair.server->stats().sendBufferedBytes == 0);
 }
 
 KJ_TEST("integrity: 64 MiB each way on one stream, and across 8 streams") {

@@ -1495,6 +1495,7 @@ ConnectionStats ConnectionImpl::stats() const {
   s.ptoTotal = ptoTotal;
   s.streamsOpenedLocal = streamsLocal;
   s.streamsOpenedRemote = streamsRemote;
+  s.streamsActive = streams.size();
   s.datagramsDropped = datagramsDropped;
   s.recvBufferedBytes = recvBuffered;
   s.sendBufferedBytes = sendBuffered;
