@@ -45,6 +45,7 @@ struct PreambleLimits {
 // ---------------------------------------------------------------------------------------------
 // Asynchronous readers. `in` must stay valid until the returned promise settles. They read
 // exactly the preamble and the message, never more, so the body that follows stays in `in`.
+// Exceptions of `in` itself (a stream reset, ...) pass through unchanged.
 
 kj::Promise<StreamKind> readStreamSignature(kj::AsyncInputStream& in);
 // Reads exactly 6 bytes. Rejects with BAD_SIGNATURE for an unknown signature, TRUNCATED
