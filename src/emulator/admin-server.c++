@@ -12,6 +12,8 @@ namespace cfqt::emulator {
 
 namespace {
 
+constexpr uint64_t MAX_CONFIG_BYTES = 1024 * 1024;
+
 kj::Maybe<uint64_t> parseUnsigned(kj::StringPtr text) {
   if (text.size() == 0 || text.size() > 19) return nullptr;
   uint64_t value = 0;
@@ -120,6 +122,16 @@ kj::String tunnelsJson(Registry& registry) {
   return kj::str("{\"tunnels\":[", kj::strArray(tunnels, ","), "]}");
 }
 
+kj::Promise<kj::String> AdminService::pushConfiguration(kj::uint id, int32_t version,
+                                                        kj::String json) {
+  KJ_IF_MAYBE(record, registry.findConnection(id)) {
+    KJ_IF_MAYBE(connection, record->connection) {
+      return connection->pushConfiguration(version, kj::mv(json));
+    }
+  }
+  return KJ_EXCEPTION(DISCONNECTED, "the connection closed");
+}
+
 kj::Promise<void> AdminService::request(kj::HttpMethod method, kj::StringPtr url,
                                         const kj::HttpHeaders& headers,
                                         kj::AsyncInputStream& requestBody, Response& response) {
@@ -204,6 +216,29 @@ kj::Promise<void> AdminService::request(kj::HttpMethod method, kj::StringPtr url
     if (path[2] == "silence" || path[2] == "go-silent") {
       connection->goSilent();
       return reply.ok(kj::str("{\"silent\":", record->id, '}'));
+    }
+    if (path[2] == "update-configuration") {
+      int64_t version = 0;
+      KJ_IF_MAYBE(text, queryParam(parsed, "version")) {
+        KJ_IF_MAYBE(v, parseSigned(*text)) {
+          version = *v;
+        } else {
+          return reply.error(400, "Bad Request", "version must be an integer");
+        }
+      }
+      if (version < INT32_MIN || version > INT32_MAX) {
+        return reply.error(400, "Bad Request", "version out of range");
+      }
+      // The connection may end while the body is read: look it up again afterwards. Once the
+      // push started, its promise is rejected if the connection dies.
+      return requestBody.readAllText(MAX_CONFIG_BYTES)
+          .then([this, id = record->id, version](kj::String json) {
+        return pushConfiguration(id, static_cast<int32_t>(version), kj::mv(json));
+      }).then([reply](kj::String result) mutable {
+        return reply.ok(kj::mv(result));
+      }, [reply](kj::Exception&& e) mutable {
+        return reply.error(502, "Bad Gateway", e.getDescription());
+      });
     }
     if (path[2] == "withhold-credit") {
       kj::Maybe<int64_t> streamId;

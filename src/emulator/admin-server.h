@@ -7,6 +7,9 @@
 //   POST /connections/N/silence            stop answering (the client hits its idle timeout)
 //   POST /connections/N/withhold-credit[?stream=ID]   stop returning flow-control credit on
 //                                          stream ID, or on every stream opened from now on
+//   POST /connections/N/update-configuration?version=V   body: JSON config; opens an RPC
+//                                          stream and calls the client's updateConfiguration
+//                                          (answers {"latestAppliedVersion":N,"err":"..."})
 //   POST /registrations/reject-next?cause=C&retryAfter=NANOS&shouldRetry=BOOL&count=K
 //                                          the next K registrations get this ConnectionError
 //                                          (count=0 clears)
@@ -32,6 +35,8 @@ public:
 private:
   Registry& registry;
   const kj::HttpHeaderTable& table;
+
+  kj::Promise<kj::String> pushConfiguration(kj::uint id, int32_t version, kj::String json);
 };
 
 kj::String connectionJson(ConnectionRecord& record);

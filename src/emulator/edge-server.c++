@@ -3,6 +3,10 @@
 #include "random.h"
 
 #include "wire/control.h"
+#include "wire/data-stream.h"
+#include "wire/tunnelrpc.capnp.h"
+
+#include "json.h"
 
 #include <kj/debug.h>
 #include <kj/map.h>
@@ -20,6 +24,44 @@ public:
 };
 
 int64_t toMicros(kj::Duration d) { return d / kj::MICROSECONDS; }
+
+class RpcSession {
+  // The edge's end of an edge-opened RPC stream: it bootstraps the client (Side::CLIENT).
+public:
+  explicit RpcSession(kj::Own<quic::Stream> streamParam)
+      : stream(kj::mv(streamParam)), client(*stream) {}
+  kj::Own<quic::Stream> stream;     // first: outlives the RPC reading it
+  capnp::TwoPartyClient client;
+};
+
+kj::String configurationResultJson(
+    capnp::Response<wire::schema::ConfigurationManager::UpdateConfigurationResults>&& response) {
+  auto result = response.getResult();
+  return kj::str("{\"latestAppliedVersion\":", result.getLatestAppliedVersion(),
+                 ",\"err\":", jsonString(result.getErr()), '}');
+}
+
+kj::Promise<kj::String> callUpdateConfiguration(kj::Own<quic::Stream> stream, int32_t version,
+                                                kj::String json) {
+  auto session = kj::heap<RpcSession>(kj::mv(stream));
+  auto manager = session->client.bootstrap().castAs<wire::schema::ConfigurationManager>();
+  auto request = manager.updateConfigurationRequest();
+  request.setVersion(version);
+  request.setConfig(json.asBytes());
+  return request.send().then(
+      [](capnp::Response<wire::schema::ConfigurationManager::UpdateConfigurationResults>&& r) {
+    return configurationResultJson(kj::mv(r));
+  }).attach(kj::mv(session));
+}
+
+kj::Promise<kj::String> pushOnStream(kj::Own<quic::Stream> stream, int32_t version,
+                                     kj::String json) {
+  auto& ref = *stream;
+  auto signature = ref.write(wire::RPC_STREAM_SIGNATURE, sizeof(wire::RPC_STREAM_SIGNATURE));
+  return signature.then([stream = kj::mv(stream), version, json = kj::mv(json)]() mutable {
+    return callUpdateConfiguration(kj::mv(stream), version, kj::mv(json));
+  });
+}
 
 }  // namespace
 
@@ -68,6 +110,13 @@ public:
     }
     table->withholdNew = true;
     return true;
+  }
+
+  kj::Promise<kj::String> pushConfiguration(int32_t version, kj::String json) override {
+    return canceler.wrap(connection->openStream().then(
+        [version, json = kj::mv(json)](kj::Own<quic::Stream> stream) mutable {
+      return pushOnStream(kj::mv(stream), version, kj::mv(json));
+    }));
   }
 
   kj::String remoteAddress() override { return kj::heapString(remote); }

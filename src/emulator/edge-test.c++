@@ -8,6 +8,7 @@
 
 #include "quic/endpoint.h"
 #include "wire/control.h"
+#include "wire/data-stream.h"
 #include "wire/quic_metadata_protocol.capnp.h"
 #include "wire/test-vectors.h"
 
@@ -418,6 +419,50 @@ KJ_TEST("over QUIC: WebSocket pipe, ConnectResponse.error, RESET_STREAM mid-body
     KJ_EXPECT(timer.timeoutAfter(5 * kj::SECONDS, kj::mv(body)).wait(ws),
               "the public body completed although the tunnel stream was reset");
   }
+}
+
+class RecordingHandler final: public wire::ConfigurationHandler {
+public:
+  kj::Maybe<kj::String> applyConfiguration(int32_t version,
+                                            kj::ArrayPtr<const kj::byte> json) override {
+    applied = kj::heapString(json.asChars());
+    return nullptr;
+  }
+  kj::String applied;
+};
+
+KJ_TEST("admin update-configuration drives the client's ConfigurationManager on an RPC stream") {
+  Setup setup;
+  auto& tunnel = setup.emulator.registry().issueTunnel();
+  TunnelClient client(setup);
+  KJ_ASSERT(client.registerAs(tunnel).is<wire::ConnectionDetails>());
+  auto& record = onlyRecord(setup.emulator, ConnectionState::REGISTERED);
+  auto& timer = setup.io.provider->getTimer();
+  auto& ws = setup.io.waitScope;
+
+  auto address = setup.io.provider->getNetwork().parseAddress(setup.ready.admin).wait(ws);
+  auto admin = kj::newHttpClient(timer, setup.table, *address);
+  auto config = "{\"ingress\":[{\"service\":\"http_status:404\"}]}"_kj;
+  kj::HttpHeaders headers(setup.table);
+  auto request = admin->request(kj::HttpMethod::POST,
+      kj::str("/connections/", record.id, "/update-configuration?version=3"), headers,
+      uint64_t(config.size()));
+  auto writing = request.body->write(config.begin(), config.size())
+      .then([body = kj::mv(request.body)]() mutable { body = nullptr; }).eagerlyEvaluate(nullptr);
+
+  RecordingHandler handler;
+  wire::RemoteConfigState state(handler);
+  auto stream = nextStream(*client.connection, timer, ws);
+  KJ_EXPECT(wire::readStreamSignature(*stream).wait(ws) == wire::StreamKind::RPC);
+  auto serving = wire::serveCloudflaredRpc(*stream, state).eagerlyEvaluate(nullptr);
+
+  auto response = timer.timeoutAfter(10 * kj::SECONDS, kj::mv(request.response)).wait(ws);
+  auto body = response.body->readAllText().wait(ws);
+  KJ_EXPECT(response.statusCode == 200, body);
+  KJ_EXPECT(body == "{\"latestAppliedVersion\":3,\"err\":\"\"}", body);
+  KJ_EXPECT(handler.applied == config, handler.applied);
+  KJ_EXPECT(state.currentVersion() == 3);
+  writing.wait(ws);
 }
 
 KJ_TEST("handshakes: P-256 only, and a first key share the server declines (HelloRetryRequest)") {

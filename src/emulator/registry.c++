@@ -20,6 +20,10 @@ kj::String describeClientId(kj::ArrayPtr<const kj::byte> bytes) {
 
 }  // namespace
 
+kj::Promise<kj::String> ClientConnection::pushConfiguration(int32_t version, kj::String json) {
+  return KJ_EXCEPTION(UNIMPLEMENTED, "this connection cannot push configuration");
+}
+
 kj::StringPtr toString(ConnectionState state) {
   switch (state) {
     case ConnectionState::REGISTERED: return "registered";

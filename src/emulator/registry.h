@@ -33,6 +33,11 @@ public:
   // Stops returning flow-control credit on stream `streamId`, or on every stream opened from now
   // on when null. False if there is no such stream or the transport can't do it.
 
+  virtual kj::Promise<kj::String> pushConfiguration(int32_t version, kj::String json);
+  // PROTOCOL.md §10.6: opens an RPC stream (signature 52 BB 82 5C DB 65), bootstraps the client's
+  // CloudflaredServer and calls ConfigurationManager.updateConfiguration(version, json).
+  // Resolves to {"latestAppliedVersion":N,"err":"..."} (JSON text); rejects on RPC failure.
+
   virtual kj::String remoteAddress() = 0;
   virtual kj::String describeStats() = 0;
   // A JSON object (text) with transport counters, for the admin API.
