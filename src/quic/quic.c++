@@ -2197,9 +2197,10 @@ kj::Promise<void> EndpointImpl::receiveLoop() {
     }
     receiveBatch(n);
     if (size_t(n) < RX_MSGS) {
-      // Short batch: the socket is probably drained, but edge-triggering requires EAGAIN
-      // before waiting, so check once more on the next turn.
-      break;
+      // Short batch: the queue was empty when recvmmsg returned, so any later datagram raises a
+      // new edge. No event can be dispatched between here and the registration below (both run
+      // in this turn), so waiting now loses nothing and saves a recvmmsg returning EAGAIN.
+      return observer.whenBecomesReadable().then([this]() { return receiveLoop(); });
     }
   }
   return kj::evalLater([this]() { return receiveLoop(); });
