@@ -17,7 +17,9 @@ namespace {
 
 class EdgeMain {
 public:
-  explicit EdgeMain(kj::ProcessContext& context): context(context) {}
+  explicit EdgeMain(kj::ProcessContext& context): context(context) {
+    kj::_::Debug::setLogLevel(kj::LogSeverity::INFO);   // --loglevel's default
+  }
 
   kj::MainFunc getMain() {
     return kj::MainBuilder(context, "cfqt-edge 0.1.0",
