@@ -29,6 +29,9 @@ public:
         "once everything listens.")
         .addOptionWithArg({"api-listen"}, KJ_BIND_METHOD(*this, setApi), "<ip:port>",
             "Quick-tunnel API address (HTTP). Default 127.0.0.1:0.")
+        .addOptionWithArg({"api-tls-listen"}, KJ_BIND_METHOD(*this, setApiTls), "<ip:port>",
+            "Also serve the API over HTTPS here (server certificate; names localhost, "
+            "api.trycloudflare.com, 127.0.0.1). Off by default; printed as apiTls.")
         .addOptionWithArg({"edge-listen"}, KJ_BIND_METHOD(*this, addEdge), "<ip:port>",
             "QUIC edge UDP address; repeat for several. Default 127.0.0.1:0.")
         .addOptionWithArg({"public-listen"}, KJ_BIND_METHOD(*this, setPublic), "<ip:port>",
@@ -79,6 +82,7 @@ private:
   using Validity = kj::MainBuilder::Validity;
 
   Validity setApi(kj::StringPtr v) { options.apiListen = kj::str(v); return true; }
+  Validity setApiTls(kj::StringPtr v) { options.apiTlsListen = kj::str(v); return true; }
   Validity addEdge(kj::StringPtr v) { options.edgeListen.add(kj::str(v)); return true; }
   Validity setPublic(kj::StringPtr v) { options.publicListen = kj::str(v); return true; }
   Validity setAdmin(kj::StringPtr v) { options.adminListen = kj::str(v); return true; }

@@ -180,6 +180,12 @@ void generateServer(kj::StringPtr caCertPath, kj::StringPtr caKeyPath,
     CFQT_GNUTLS(gnutls_x509_crt_set_subject_alt_name(crt.get(), GNUTLS_SAN_DNSNAME,
         name.begin(), name.size(), GNUTLS_FSAN_APPEND));
   }
+  const kj::byte v4[4] = {127, 0, 0, 1};
+  const kj::byte v6[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1};
+  CFQT_GNUTLS(gnutls_x509_crt_set_subject_alt_name(crt.get(), GNUTLS_SAN_IPADDRESS,
+      v4, sizeof(v4), GNUTLS_FSAN_APPEND));
+  CFQT_GNUTLS(gnutls_x509_crt_set_subject_alt_name(crt.get(), GNUTLS_SAN_IPADDRESS,
+      v6, sizeof(v6), GNUTLS_FSAN_APPEND));
   auto caId = ca.keyId();
   CFQT_GNUTLS(gnutls_x509_crt_set_authority_key_id(crt.get(), caId.begin(), caId.size()));
   CFQT_GNUTLS(gnutls_x509_crt_sign2(crt.get(), ca.get(), caKey.get(), GNUTLS_DIG_SHA256, 0));

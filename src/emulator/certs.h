@@ -24,7 +24,10 @@ struct CertificateFiles {
 };
 
 constexpr kj::StringPtr SERVER_NAMES[] = {
-    "quic.cftunnel.com"_kj, "probe.cftunnel.com"_kj, "h2.cftunnel.com"_kj};
+    "quic.cftunnel.com"_kj, "probe.cftunnel.com"_kj, "h2.cftunnel.com"_kj,
+    "api.trycloudflare.com"_kj, "localhost"_kj};
+// DNS names of the server certificate (also used by the optional HTTPS API listener, which is
+// why it carries the loopback IP addresses 127.0.0.1 and ::1 too).
 
 CertificateFiles ensureCertificates(const CertificateOptions& options);
 // Blocking file I/O: call at start-up only. Throws FAILED with context on unusable files.

@@ -8,7 +8,11 @@
 #include "edge-server.h"
 #endif
 
+#include <kj/compat/tls.h>
 #include <kj/debug.h>
+#include <kj/io.h>
+
+#include <fcntl.h>
 
 namespace cfqt::emulator {
 
@@ -56,7 +60,11 @@ kj::String ReadyInfo::toJson() const {
       ",\"public\":", jsonString(publicAddress),
       ",\"admin\":", jsonString(admin),
       ",\"ca\":", jsonString(ca),
-      ",\"zone\":", jsonString(zone), '}');
+      ",\"zone\":", jsonString(zone),
+      [&]() {
+        KJ_IF_MAYBE(t, apiTls) return kj::str(",\"apiTls\":", jsonString(*t));
+        return kj::str();
+      }(), '}');
 }
 
 kj::Maybe<kj::Duration> parseDuration(kj::StringPtr text) {
@@ -95,6 +103,8 @@ public:
       options.certificates.stateDir = kj::str("cfqt-edge-state");
     }
     auto certificates = ensureCertificates(options.certificates);
+    serverCertFile = kj::heapString(certificates.serverCert);
+    serverKeyFile = kj::heapString(certificates.serverKey);
     ready.ca = kj::heapString(certificates.caCert);
     ready.zone = kj::heapString(registry.zone());
     startEdges(certificates);
@@ -109,8 +119,8 @@ public:
     }).then([this](Listener listener) {
       ready.admin = kj::mv(listener.bound);
       tasks.add(adminServer.listenHttp(*listener.receiver).attach(kj::mv(listener.receiver)));
-      return copyReady();
-    });
+      return startApiTls();
+    }).then([this]() { return copyReady(); });
   }
 
   bool hasQuicEdge() const { return CFQT_EMULATOR_QUIC != 0; }
@@ -128,10 +138,55 @@ public:
   kj::HttpServer apiServer;
   kj::HttpServer adminServer;
   ReadyInfo ready;
+  kj::String serverCertFile;
+  kj::String serverKeyFile;
+  kj::Maybe<kj::Own<kj::TlsKeypair>> tlsKeypair;
+  kj::Maybe<kj::Own<kj::TlsContext>> tls;
   LoggingErrorHandler errorHandler;
   kj::TaskSet tasks;
 
 private:
+  static kj::String readText(kj::StringPtr path) {
+    int fd;
+    KJ_SYSCALL(fd = open(path.cStr(), O_RDONLY | O_CLOEXEC), path);
+    kj::FdInputStream in((kj::AutoCloseFd(fd)));
+    auto bytes = in.readAllBytes();
+    return kj::heapString(bytes.asChars());
+  }
+
+  kj::Promise<void> startApiTls() {
+    KJ_IF_MAYBE(address, options.apiTlsListen) {
+      auto keypair = kj::heap<kj::TlsKeypair>(kj::TlsKeypair{
+          kj::TlsPrivateKey(readText(serverKeyFile)), kj::TlsCertificate(readText(serverCertFile))});
+      kj::TlsContext::Options tlsOptions;
+      tlsOptions.useSystemTrustStore = false;
+      tlsOptions.defaultKeypair = *keypair;
+      tls = kj::heap<kj::TlsContext>(kj::mv(tlsOptions));
+      tlsKeypair = kj::mv(keypair);
+      return bind(*address).then([this](Listener listener) {
+        ready.apiTls = kj::mv(listener.bound);
+        tasks.add(acceptTls(*listener.receiver).attach(kj::mv(listener.receiver)));
+      });
+    }
+    return kj::READY_NOW;
+  }
+
+  kj::Promise<void> acceptTls(kj::ConnectionReceiver& receiver) {
+    // Per-connection TLS handshakes: a failed handshake only ends that connection.
+    return receiver.accept().then([this, &receiver](kj::Own<kj::AsyncIoStream> connection) {
+      tasks.add(serveTls(kj::mv(connection)));
+      return acceptTls(receiver);
+    });
+  }
+
+  kj::Promise<void> serveTls(kj::Own<kj::AsyncIoStream> connection) {
+    auto& context = *KJ_ASSERT_NONNULL(tls);
+    return context.wrapServer(kj::mv(connection))
+        .then([this](kj::Own<kj::AsyncIoStream> secured) {
+      return apiServer.listenHttp(kj::mv(secured));
+    }).catch_([](kj::Exception&& e) { KJ_LOG(INFO, "API TLS connection ended", e); });
+  }
+
   kj::HttpServerSettings httpSettings() {
     kj::HttpServerSettings settings;
     settings.headerTimeout = options.apiHeaderTimeout;
@@ -171,6 +226,7 @@ private:
   ReadyInfo copyReady() {
     ReadyInfo copy;
     copy.api = kj::heapString(ready.api);
+    KJ_IF_MAYBE(t, ready.apiTls) copy.apiTls = kj::heapString(*t);
     for (auto& e: ready.edges) copy.edges.add(kj::heapString(e));
     copy.publicAddress = kj::heapString(ready.publicAddress);
     copy.admin = kj::heapString(ready.admin);

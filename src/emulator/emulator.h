@@ -18,6 +18,7 @@ namespace cfqt::emulator {
 
 struct EmulatorOptions {
   kj::String apiListen = kj::str("127.0.0.1:0");
+  kj::Maybe<kj::String> apiTlsListen;    // optional HTTPS listener of the API (server cert)
   kj::Vector<kj::String> edgeListen;     // empty: one edge on 127.0.0.1:0
   kj::String publicListen = kj::str("127.0.0.1:0");
   kj::String adminListen = kj::str("127.0.0.1:0");
@@ -36,6 +37,7 @@ struct EmulatorOptions {
 
 struct ReadyInfo {
   kj::String api;                        // bound "ip:port" of each listener
+  kj::Maybe<kj::String> apiTls;
   kj::Vector<kj::String> edges;
   kj::String publicAddress;
   kj::String admin;
@@ -44,6 +46,7 @@ struct ReadyInfo {
 
   kj::String toJson() const;
   // {"api":..,"edge":<first edge>,"edges":[..],"public":..,"admin":..,"ca":..,"zone":..}
+  // plus "apiTls":.. when the HTTPS API listener is on.
 };
 
 class Emulator {

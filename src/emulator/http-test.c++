@@ -9,6 +9,7 @@
 #include <capnp/compat/json.h>
 #include <capnp/message.h>
 #include <kj/async-io.h>
+#include <kj/compat/tls.h>
 #include <kj/debug.h>
 #include <kj/encoding.h>
 #include <kj/io.h>
@@ -44,6 +45,10 @@ capnp::JsonValue::Reader field(capnp::JsonValue::Reader object, kj::StringPtr na
     if (f.getName() == name) return f.getValue();
   }
   KJ_FAIL_ASSERT("missing JSON field", name);
+}
+
+bool contains(kj::StringPtr haystack, kj::StringPtr needle) {
+  return strstr(haystack.cStr(), needle.cStr()) != nullptr;
 }
 
 struct HttpResult {
@@ -219,6 +224,41 @@ KJ_TEST("quick-tunnel API round trip, admin listing and fault injection") {
 
   emulator.registry().connectionClosed(fake);
   emulator.registry().connectionClosed(other);
+}
+
+KJ_TEST("the API also answers over HTTPS with the generated certificate") {
+  auto io = kj::setupAsyncIo();
+  auto stateDir = tempStateDir();
+  KJ_DEFER(removeStateDir(stateDir));
+  EmulatorOptions options;
+  options.certificates.stateDir = kj::heapString(stateDir);
+  options.apiTlsListen = kj::str("127.0.0.1:0");
+  Emulator emulator(io, kj::mv(options));
+  auto ready = emulator.start().wait(io.waitScope);
+  auto tlsAddress = kj::heapString(KJ_ASSERT_NONNULL(ready.apiTls));
+  KJ_EXPECT(contains(ready.toJson(), "\"apiTls\":"));
+
+  int fd;
+  KJ_SYSCALL(fd = open(ready.ca.cStr(), O_RDONLY));
+  auto caPem = kj::FdInputStream(kj::AutoCloseFd(fd)).readAllText();
+  kj::TlsCertificate ca(caPem);
+  kj::TlsContext::Options tlsOptions;
+  tlsOptions.useSystemTrustStore = false;
+  tlsOptions.trustedCertificates = kj::arrayPtr(&ca, 1);
+  kj::TlsContext tls(kj::mv(tlsOptions));
+  auto address = io.provider->getNetwork().parseAddress(tlsAddress).wait(io.waitScope);
+  auto stream = tls.wrapClient(address->connect().wait(io.waitScope), "localhost")
+      .wait(io.waitScope);
+  kj::HttpHeaderTable table;
+  auto client = kj::newHttpClient(table, *stream);
+  kj::HttpHeaders headers(table);
+  headers.set(kj::HttpHeaderId::HOST, "localhost");
+  auto response = client->request(kj::HttpMethod::POST, "/tunnel", headers, uint64_t(0))
+      .response.wait(io.waitScope);
+  KJ_EXPECT(response.statusCode == 200);
+  auto body = response.body->readAllText().wait(io.waitScope);
+  auto id = field(field(parseJson(body)->root, "result"), "id").getString();
+  KJ_EXPECT(parseUuid(id) != nullptr, body);
 }
 
 KJ_TEST("parseDuration") {
