@@ -412,6 +412,20 @@ KJ_TEST("goSilent(): the peer hits its idle timeout") {
   KJ_EXPECT(s.kind == CloseKind::IDLE_TIMEOUT, s.kind);
 }
 
+KJ_TEST("a server that lost the connection answers with a stateless reset") {
+  Env env;
+  auto pair = env.connect();
+  pair.server->goSilent();      // no CONNECTION_CLOSE when dropped below
+  pair.server = nullptr;        // the server endpoint forgets the connection IDs
+  auto closed = pair.client->onClosed();
+  auto stream = env.wait(pair.client->openStream());
+  kj::byte payload[200] = {};
+  env.wait(stream->write(payload, sizeof(payload)));   // a packet big enough to be answered
+  auto info = env.wait(kj::mv(closed), 5 * kj::SECONDS);
+  KJ_EXPECT(info.kind == CloseKind::STATELESS_RESET, info.kind, info.description);
+  KJ_EXPECT(env.server->stats().statelessResetsSent >= 1);
+}
+
 KJ_TEST("stream reset and STOP_SENDING surface as DISCONNECTED") {
   Env env;
   auto pair = env.connect();

@@ -2267,6 +2267,23 @@ void EndpointImpl::onPacket(const SocketAddress& from, kj::ArrayPtr<const kj::by
     }
     return;
   }
+  if (server == nullptr) {
+    // A stateless reset carries a random DCID: it can only be recognised by the connection that
+    // holds the peer's token. A client endpoint has few connections: offer it to each (ngtcp2
+    // discards what it cannot decrypt), and never answer with a reset of its own, which would
+    // let two endpoints bounce resets.
+    for (size_t i = 0; i < live.size(); i++) {
+      auto c = live[i];
+      if (!c->remote.operator==(from)) continue;
+      c->onPacket(from, packet, nowNs());
+      if (!c->touched) {
+        c->touched = true;
+        touched.add(c);
+      }
+    }
+    ++statsData.datagramsDropped;
+    return;
+  }
   sendStatelessReset(from, vc.dcid, vc.dcidlen, packet.size());
 }
 
