@@ -242,8 +242,13 @@ class Origin:
 # ---------------------------------------------------------------------------------------------
 # Processes
 
+ALL_LOGS = []
+SANITIZER = re.compile(r"ERROR: (Address|Leak)Sanitizer|runtime error:|SUMMARY: .*Sanitizer")
+
+
 class LogFollower:
     def __init__(self, stream, sink=None):
+        ALL_LOGS.append(self)
         self.lines = []
         self.cond = threading.Condition()
         self.closed = False
@@ -817,6 +822,18 @@ def main():
             print("---- cfqt (main) log tail ----\n" + env.main.log.text()[-4000:])
             print("---- cfqt-edge log tail ----\n" + env.edge.log.text()[-3000:])
         env.close()
+    # Sanitizer builds: any report in any process's stderr fails the run.
+    for log in ALL_LOGS:
+        with log.cond:
+            log.cond.wait_for(lambda: log.closed, timeout=DEADLINE_S)
+        bad = [l for l in log.lines if SANITIZER.search(l)]
+        if bad:
+            failed += 1
+            print("[ FAIL ] sanitizer report:\n  " + "\n  ".join(log.lines[-40:]))
+    code = env.main.proc.returncode
+    if code not in (0, None):
+        failed += 1
+        print("[ FAIL ] main cfqt exited with %s after SIGTERM" % code)
     print("%d failed" % failed)
     sys.exit(1 if failed else 0)
 
