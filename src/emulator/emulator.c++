@@ -110,7 +110,7 @@ public:
     startEdges(certificates);
     return bind(options.apiListen).then([this](Listener listener) {
       ready.api = kj::mv(listener.bound);
-      tasks.add(apiServer.listenHttp(*listener.receiver).attach(kj::mv(listener.receiver)));
+      tasks.add(acceptHttp(apiServer, *listener.receiver).attach(kj::mv(listener.receiver)));
       return bind(options.publicListen);
     }).then([this](Listener listener) {
       ready.publicAddress = kj::mv(listener.bound);
@@ -118,7 +118,7 @@ public:
       return bind(options.adminListen);
     }).then([this](Listener listener) {
       ready.admin = kj::mv(listener.bound);
-      tasks.add(adminServer.listenHttp(*listener.receiver).attach(kj::mv(listener.receiver)));
+      tasks.add(acceptHttp(adminServer, *listener.receiver).attach(kj::mv(listener.receiver)));
       return startApiTls();
     }).then([this]() { return copyReady(); });
   }
@@ -169,6 +169,23 @@ private:
       });
     }
     return kj::READY_NOW;
+  }
+
+  kj::Promise<void> acceptHttp(kj::HttpServer& server, kj::ConnectionReceiver& receiver) {
+    // Our own accept loop rather than HttpServer::listenHttp(port), whose per-connection errors
+    // (any client sending garbage) would be logged as server bugs.
+    return receiver.accept().then(
+        [this, &server, &receiver](kj::Own<kj::AsyncIoStream> connection) {
+      tasks.add(serveHttp(server, kj::mv(connection)));
+      return acceptHttp(server, receiver);
+    });
+  }
+
+  static kj::Promise<void> serveHttp(kj::HttpServer& server,
+                                     kj::Own<kj::AsyncIoStream> connection) {
+    return server.listenHttp(kj::mv(connection)).catch_([](kj::Exception&& e) {
+      KJ_LOG(INFO, "HTTP connection ended with an error", e);
+    });
   }
 
   kj::Promise<void> acceptTls(kj::ConnectionReceiver& receiver) {
