@@ -164,7 +164,8 @@ KJ_TEST("quick-tunnel API round trip, admin listing and fault injection") {
   Client admin(io, ready.admin);
   auto listing = admin.call(kj::HttpMethod::GET, "/tunnels");
   KJ_EXPECT(listing.status == 200);
-  auto tunnels = field(parseJson(listing.body)->root, "tunnels").getArray();
+  auto listingDoc = parseJson(listing.body);
+  auto tunnels = field(listingDoc->root, "tunnels").getArray();
   KJ_EXPECT(tunnels.size() == 2);
 
   // A registered (fake) connection shows up and takes the fault injections.
@@ -257,7 +258,8 @@ KJ_TEST("the API also answers over HTTPS with the generated certificate") {
       .response.wait(io.waitScope);
   KJ_EXPECT(response.statusCode == 200);
   auto body = response.body->readAllText().wait(io.waitScope);
-  auto id = field(field(parseJson(body)->root, "result"), "id").getString();
+  auto doc = parseJson(body);
+  auto id = field(field(doc->root, "result"), "id").getString();
   KJ_EXPECT(parseUuid(id) != nullptr, body);
 }
 
