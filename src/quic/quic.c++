@@ -287,6 +287,7 @@ public:
   bool finSent = false;
   bool inSendQueue = false;
   bool flowBlocked = false;
+  bool writeWatched = false;    // in ConnectionImpl::writeWatch
   kj::Maybe<kj::Exception> txError;
   kj::Maybe<kj::ForkedPromise<void>> writeDisconnected;
   kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> writeDisconnectedFulfiller;
@@ -508,6 +509,7 @@ public:
   void shutdownRead(StreamState& state, uint64_t code);
   void shutdownWrite(StreamState& state, uint64_t code);
   void scheduleFlush();
+  void watchWrites(StreamState& state);
   uint64_t recvBuffered = 0;
   uint64_t sendBuffered = 0;
   const TransportConfig& transport() const { return config; }
@@ -526,6 +528,8 @@ private:
 
   kj::HashMap<int64_t, kj::Own<StreamState>> streams;
   std::deque<kj::Own<StreamState>> sendQueue;
+  kj::Vector<kj::Own<StreamState>> writeWatch;   // streams whose writer waits (see probeWrites)
+  bool receivedSinceProbe = false;
   std::deque<kj::Own<StreamState>> acceptQueue;
   std::deque<kj::Own<kj::PromiseFulfiller<kj::Own<Stream>>>> acceptWaiters;
   std::deque<kj::Own<kj::PromiseFulfiller<kj::Own<Stream>>>> openWaiters;
@@ -615,6 +619,8 @@ private:
   void onStreamClose(StreamState& state, uint32_t flags, uint64_t code);
   void failRead(StreamState& state, kj::Exception e);
   void failWrite(StreamState& state, kj::Exception e);
+  void peerStoppedReading(StreamState& state);
+  void probeWrites(uint64_t ts);
   void pumpPendingWrite(StreamState& state);
 
   friend class StreamHandle;
@@ -702,6 +708,7 @@ ConnectionImpl::~ConnectionImpl() noexcept(false) {
   for (auto& entry: streams) entry.value->conn = nullptr;
   for (auto& state: sendQueue) state->conn = nullptr;
   for (auto& state: acceptQueue) state->conn = nullptr;
+  for (auto& state: writeWatch) state->conn = nullptr;
   if (endpoint != nullptr) {
     for (auto& key: cids) endpoint->removeRoute(key);
     endpoint->forget(*this);
@@ -1012,6 +1019,7 @@ void ConnectionImpl::onPacket(const SocketAddress& from, kj::ArrayPtr<const kj::
   ngtcp2_pkt_info pi;
   memset(&pi, 0, sizeof(pi));
   int rv = ngtcp2_conn_read_pkt(conn, &path, &pi, packet.begin(), packet.size(), ts);
+  receivedSinceProbe = true;
   afterRead(rv);
 }
 
@@ -1244,6 +1252,13 @@ void ConnectionImpl::flush() {
     return;
   }
   uint64_t ts = nowNs();
+  if (receivedSinceProbe) {
+    receivedSinceProbe = false;
+    if (!writeWatch.empty()) {
+      probeWrites(ts);
+      if (closeInfo != nullptr) return;
+    }
+  }
   size_t maxUdp = ngtcp2_conn_get_max_tx_udp_payload_size(conn);
   size_t quantum = ngtcp2_conn_get_send_quantum(conn);
   size_t maxPackets = kj::max(size_t(1), quantum / maxUdp);
@@ -1357,10 +1372,7 @@ ngtcp2_ssize ConnectionImpl::writePacket(kj::byte* out, size_t outLen, uint64_t 
           KJ_ASSERT(state != nullptr);
           // ngtcp2 0.12 has no callback for a received STOP_SENDING: it resets the stream and
           // refuses our data, which is how we learn it.
-          if (state->txError == nullptr) {
-            failWrite(*state, disconnected(kj::str("QUIC stream ", state->id,
-                ": the peer stopped reading (STOP_SENDING) or the stream was reset")));
-          }
+          peerStoppedReading(*state);
           state->inSendQueue = false;
           sendQueue.pop_front();
           continue;
@@ -1564,6 +1576,53 @@ void ConnectionImpl::failWrite(StreamState& state, kj::Exception e) {
     w->fulfiller->reject(kj::mv(e));
     state.pendingWrite = nullptr;
   }
+}
+
+void ConnectionImpl::peerStoppedReading(StreamState& state) {
+  if (state.txError == nullptr) {
+    failWrite(state, disconnected(kj::str("QUIC stream ", state.id,
+        ": the peer stopped reading (STOP_SENDING) or the stream was reset")));
+  }
+}
+
+void ConnectionImpl::watchWrites(StreamState& state) {
+  if (state.writeWatched || state.closedByNgtcp2 || state.txError != nullptr) return;
+  state.writeWatched = true;
+  writeWatch.add(kj::addRef(state));
+}
+
+void ConnectionImpl::probeWrites(uint64_t ts) {
+  // ngtcp2 0.12 has no callback for a received STOP_SENDING: it marks the stream's write side
+  // shut, sends RESET_STREAM and from then on never acknowledges nor credits the stream's data.
+  // A writer waiting for send-buffer space or flow-control credit (or a whenWriteDisconnected()
+  // waiter) would wait forever, so after receiving packets we ask ngtcp2 about the streams that
+  // have one. writev_stream checks the stream's state before anything else and, given a vector
+  // longer than any stream may be, returns INVALID_ARGUMENT without side effects when the write
+  // side is still open (ngtcp2 0.12.1 ngtcp2_conn_writev_stream_versioned).
+  size_t kept = 0;
+  for (size_t i = 0; i < writeWatch.size(); i++) {
+    auto& state = *writeWatch[i];
+    bool waiting = state.pendingWrite != nullptr || state.writeDisconnectedFulfiller != nullptr;
+    if (waiting && !state.closedByNgtcp2 && state.txError == nullptr) {
+      kj::byte dummy = 0;
+      ngtcp2_vec tooLong = {&dummy, NGTCP2_MAX_VARINT + 1};
+      ngtcp2_ssize datalen;
+      ngtcp2_ssize rv = ngtcp2_conn_writev_stream(conn, nullptr, nullptr, &dummy, 0, &datalen,
+          NGTCP2_WRITE_STREAM_FLAG_NONE, state.id, &tooLong, 1, ts);
+      if (rv == NGTCP2_ERR_STREAM_SHUT_WR || rv == NGTCP2_ERR_STREAM_NOT_FOUND) {
+        peerStoppedReading(state);
+      }
+    }
+    if (state.pendingWrite != nullptr || state.writeDisconnectedFulfiller != nullptr) {
+      if (state.txError == nullptr && !state.closedByNgtcp2) {
+        if (kept != i) writeWatch[kept] = kj::mv(writeWatch[i]);
+        ++kept;
+        continue;
+      }
+    }
+    state.writeWatched = false;
+  }
+  writeWatch.resize(kept);
 }
 
 void ConnectionImpl::pumpPendingWrite(StreamState& state) {
@@ -1937,6 +1996,7 @@ kj::Promise<void> StreamHandle::startWrite(StreamState::PendingWrite pending) {
   pending.fulfiller = kj::mv(paf.fulfiller);
   s.pendingWrite = kj::mv(pending);
   conn->pumpPendingWrite(s);
+  if (s.pendingWrite != nullptr) conn->watchWrites(s);
   return kj::mv(paf.promise);
 }
 
@@ -1946,6 +2006,7 @@ kj::Promise<void> StreamHandle::whenWriteDisconnected() {
   KJ_IF_MAYBE(forked, s.writeDisconnected) return forked->addBranch();
   auto paf = kj::newPromiseAndFulfiller<void>();
   s.writeDisconnectedFulfiller = kj::mv(paf.fulfiller);
+  if (s.conn != nullptr) conn->watchWrites(s);
   auto& forked = s.writeDisconnected.emplace(paf.promise.fork());
   return forked.addBranch();
 }
