@@ -5,6 +5,7 @@
 
 #include <kj/async-io.h>
 #include <kj/debug.h>
+#include <kj/filesystem.h>
 #include <kj/test.h>
 #include <kj/vector.h>
 
@@ -234,6 +235,7 @@ KJ_TEST("handshake, ALPN/SNI, a stream each way, close with code and reason") {
 
   auto stats = pair.client->stats();
   KJ_EXPECT(stats.smoothedRtt > 0 * kj::NANOSECONDS);
+  KJ_EXPECT(stats.minRtt > 0 * kj::NANOSECONDS && stats.minRtt <= stats.latestRtt);
   KJ_EXPECT(stats.packetsSent > 0 && stats.packetsReceived > 0);
   KJ_EXPECT(stats.bytesSent > 0 && stats.bytesReceived > 0);
   KJ_EXPECT(stats.streamsOpenedLocal == 1, stats.streamsOpenedLocal);
@@ -252,6 +254,76 @@ KJ_TEST("handshake, ALPN/SNI, a stream each way, close with code and reason") {
   KJ_EXPECT(KJ_ASSERT_NONNULL(pair.client->closeInfo()).kind == CloseKind::LOCAL_CLOSE);
   // Operations after the close fail with the close reason.
   KJ_EXPECT_THROW_MESSAGE("closed by the peer", env.wait(pair.server->openStream()));
+}
+
+KJ_TEST("defaults follow PROTOCOL.md 3.2") {
+  TransportConfig t;
+  KJ_EXPECT(t.handshakeTimeout == 10 * kj::SECONDS);
+  KJ_EXPECT(t.maxIdleTimeout == 5 * kj::SECONDS);
+  KJ_EXPECT(t.keepAlivePeriod == 1 * kj::SECONDS);
+  KJ_EXPECT(t.maxIncomingBidiStreams == 1ull << 60);
+  KJ_EXPECT(t.maxIncomingUniStreams == 1ull << 60);
+  KJ_EXPECT(t.initialStreamWindow == 512 * 1024);
+  KJ_EXPECT(t.initialConnectionWindow == 768 * 1024);
+  KJ_EXPECT(t.maxStreamWindow == 6 * MiB);
+  KJ_EXPECT(t.maxConnectionWindow == 15 * MiB);
+  KJ_EXPECT(t.maxDatagramFrameSize == 1350);
+  KJ_EXPECT(t.maxUdpPayloadSize == 1452);
+  ClientConfig c;
+  KJ_EXPECT(c.alpn == "argotunnel");
+  KJ_EXPECT(c.serverName == "quic.cftunnel.com");
+  KJ_EXPECT(c.verifyCertificate);
+}
+
+KJ_TEST("trust roots: PEM text, file plus system store, none (refused), verification off") {
+  Env env;
+  {
+    auto config = clientConfig();
+    config.caFile = nullptr;
+    auto fs = kj::newDiskFilesystem();
+    config.caPem = fs->getRoot().openFile(fs->getCurrentPath().eval(testdata("ca.pem")))
+        ->readAllText();
+    auto pair = env.connect(kj::mv(config));
+    KJ_EXPECT(pair.client->alpn() == "argotunnel");
+  }
+  {
+    auto config = clientConfig();
+    config.useSystemTrust = true;   // both sources
+    auto pair = env.connect(kj::mv(config));
+    KJ_EXPECT(pair.client->alpn() == "argotunnel");
+  }
+  {
+    auto config = clientConfig();
+    config.caFile = nullptr;
+    KJ_EXPECT_THROW_MESSAGE("no trust roots",
+        env.wait(env.client->dial(env.server->localAddress(), kj::mv(config))));
+  }
+  {
+    auto config = clientConfig();
+    config.caFile = testdata("other-ca.pem");
+    config.verifyCertificate = false;
+    auto pair = env.connect(kj::mv(config));
+    KJ_EXPECT(pair.client->alpn() == "argotunnel");
+  }
+}
+
+KJ_TEST("IPv6 loopback") {
+  auto io = kj::setupAsyncIo();
+  auto v6 = KJ_ASSERT_NONNULL(SocketAddress::parse("[::1]:0"));
+  auto server = newEndpoint(io.unixEventPort, v6);
+  server->listen(serverConfig());
+  auto client = newEndpoint(io.unixEventPort, v6);
+  KJ_EXPECT(server->localAddress().isIpv6());
+  auto accepted = server->accept();
+  auto timeout = [&](auto promise) {
+    return io.provider->getTimer().timeoutAfter(10 * kj::SECONDS, kj::mv(promise))
+        .wait(io.waitScope);
+  };
+  auto conn = timeout(client->dial(server->localAddress(), clientConfig()));
+  auto serverConn = timeout(kj::mv(accepted));
+  KJ_EXPECT(serverConn->remoteAddress() == client->localAddress());
+  Echoer echo(*serverConn);
+  KJ_EXPECT(timeout(roundTrip(*conn, kj::str("over v6"))) == "over v6");
 }
 
 KJ_TEST("server with only P-256 (HelloRetryRequest from an X25519-first client)") {
@@ -392,11 +464,16 @@ KJ_TEST("a vanished peer (socket closed, no CONNECTION_CLOSE) is detected by the
   auto pair = env.connect(clientConfig(transport));
   auto serverClosed = pair.server->onClosed();
   auto clientClosed = pair.client->onClosed();
+  auto start = env.timer.now();
   env.client = nullptr;   // the socket goes away without a word
   auto c = env.wait(kj::mv(clientClosed));
   KJ_EXPECT(c.kind == CloseKind::ENDPOINT_GONE, c.kind);
   auto s = env.wait(kj::mv(serverClosed), 5 * kj::SECONDS);
+  auto elapsed = env.timer.now() - start;
   KJ_EXPECT(s.kind == CloseKind::IDLE_TIMEOUT, s.kind);
+  KJ_EXPECT(elapsed >= 250 * kj::MILLISECONDS && elapsed < 2 * kj::SECONDS, elapsed);
+  KJ_EXPECT(contains(s.description, "idle timeout"), s.description);
+  KJ_EXPECT(s.toException().getType() == kj::Exception::Type::DISCONNECTED);
 }
 
 KJ_TEST("goSilent(): the peer hits its idle timeout") {
