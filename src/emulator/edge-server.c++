@@ -173,12 +173,8 @@ public:
   // wire::ControlObserver ---------------------------------------------------------------------
 
   void unregistered() override {
-    for (auto id: recordIds) {
-      KJ_IF_MAYBE(record, server.registry.findConnection(id)) {
-        server.registry.unregisterConnection(*record);
-        KJ_LOG(INFO, "unregistered tunnel connection", id, remote);
-      }
-    }
+    KJ_LOG(INFO, "client unregistered its connection", remote);
+    stopRouting();
   }
 
   void configurationUpdated(kj::ArrayPtr<const kj::byte> json) override {
@@ -199,6 +195,17 @@ private:
   kj::Vector<kj::uint> recordIds;
   kj::Canceler canceler;
   kj::TaskSet tasks;
+
+  void stopRouting() {
+    for (auto id: recordIds) {
+      KJ_IF_MAYBE(record, server.registry.findConnection(id)) {
+        if (record->state == ConnectionState::REGISTERED) {
+          server.registry.unregisterConnection(*record);
+          KJ_LOG(INFO, "tunnel connection unregistered", id, remote);
+        }
+      }
+    }
+  }
 
   kj::Own<kj::AsyncIoStream> track(kj::Own<quic::Stream> stream) {
     auto id = stream->id();
@@ -221,7 +228,10 @@ private:
     control = kj::heap<wire::ControlServer>(*controlStream, *this, *this);
     tasks.add(refuseExtraStreams());
     return control->onDisconnect().then([this]() {
+      // PROTOCOL.md §10.4 step 6: the control stream closing (or an Abort) means the client is
+      // leaving; streams in flight finish, but no new requests go to this connection.
       KJ_LOG(INFO, "control stream ended", remote);
+      stopRouting();
     });
   }
 
