@@ -11,11 +11,13 @@
 #include "wire/data-stream.h"
 #include "wire/quic_metadata_protocol.capnp.h"
 #include "wire/test-vectors.h"
+#include "wire/tunnelrpc.capnp.h"
 
 #include <gnutls/crypto.h>
 #include <gnutls/gnutls.h>
 
 #include <capnp/message.h>
+#include <capnp/rpc.capnp.h>
 #include <capnp/serialize-async.h>
 #include <capnp/serialize.h>
 #include <kj/async-io.h>
@@ -465,6 +467,187 @@ KJ_TEST("admin update-configuration drives the client's ConfigurationManager on 
   writing.wait(ws);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The control stream driven by the bytes cloudflared 2023.7.3 wrote (data/ transcripts), so that
+// nothing of our own capnp-rpc client is involved on the client side.
+
+const wire::testing::ControlTranscript& transcript(kj::StringPtr titlePart) {
+  for (auto& t: vectors().transcripts) {
+    if (strstr(t.title.cStr(), titlePart.cStr()) != nullptr) return t;
+  }
+  KJ_FAIL_ASSERT("no such transcript", titlePart);
+}
+
+void becomeVectorTunnel(IssuedTunnel& tunnel) {
+  // The synthetic credentials of the recorded registerConnection call.
+  tunnel.accountTag = kj::str("0123456789abcdef0123456789abcdef");
+  tunnel.secret = kj::heapArray<kj::byte>(32);
+  for (kj::uint i = 0; i < 32; i++) tunnel.secret[i] = static_cast<kj::byte>(i);
+  tunnel.idBytes = KJ_ASSERT_NONNULL(parseUuid("01234567-89ab-cdef-0123-456789abcdef"));
+}
+
+struct GoldenControl {
+  // Replays the C->E messages of a transcript on a fresh control stream, one at a time; for each
+  // E->C entry, reads the edge's messages until a Return arrives and keeps it.
+  explicit GoldenControl(Setup& setup)
+      : setup(setup),
+        endpoint(quic::newEndpoint(setup.io.unixEventPort,
+                                   KJ_ASSERT_NONNULL(quic::SocketAddress::parse("127.0.0.1:0")))),
+        connection(endpoint->dial(setup.edge, setup.clientConfig()).wait(setup.io.waitScope)),
+        control(connection->openStream().wait(setup.io.waitScope)) {}
+
+  void send(const wire::testing::TranscriptMessage& m) {
+    KJ_ASSERT(m.direction == wire::testing::Direction::CLIENT_TO_EDGE);
+    timeout(control->write(m.bytes.begin(), m.bytes.size()));
+  }
+
+  kj::Own<capnp::MessageReader> nextReturn() {
+    for (int i = 0; i < 8; i++) {
+      auto message = timeout(capnp::readMessage(*control));
+      if (message->getRoot<capnp::rpc::Message>().isReturn()) return message;
+    }
+    KJ_FAIL_ASSERT("the edge never answered");
+  }
+
+  void replay(const wire::testing::ControlTranscript& t, size_t from, size_t to,
+              kj::Vector<kj::Own<capnp::MessageReader>>& returns) {
+    for (size_t i = from; i < to; i++) {
+      auto& m = t.messages[i];
+      if (m.direction == wire::testing::Direction::CLIENT_TO_EDGE) {
+        send(m);
+      } else {
+        returns.add(nextReturn());
+      }
+    }
+  }
+
+  template <typename T>
+  T timeout(kj::Promise<T> promise) {
+    return setup.io.provider->getTimer().timeoutAfter(10 * kj::SECONDS, kj::mv(promise))
+        .wait(setup.io.waitScope);
+  }
+
+  Setup& setup;
+  kj::Own<quic::Endpoint> endpoint;
+  kj::Own<quic::Connection> connection;
+  kj::Own<quic::Stream> control;
+};
+
+size_t throughRegistration(const wire::testing::ControlTranscript& t) {
+  // Index just past the edge's answer to registerConnection (the second E->C message).
+  size_t answers = 0;
+  for (size_t i = 0; i < t.messages.size(); i++) {
+    if (t.messages[i].direction == wire::testing::Direction::EDGE_TO_CLIENT && ++answers == 2) {
+      return i + 1;
+    }
+  }
+  KJ_FAIL_ASSERT("transcript without a registration answer", t.title);
+}
+
+schema::ConnectionResponse::Reader registrationAnswer(capnp::MessageReader& message) {
+  auto ret = message.getRoot<capnp::rpc::Message>().getReturn();
+  KJ_ASSERT(ret.isResults(), "registerConnection was answered with an exception");
+  return ret.getResults().getContent()
+      .getAs<schema::RegistrationServer::RegisterConnectionResults>().getResult();
+}
+
+KJ_TEST("recorded 2023.7.3 control streams over QUIC: registration, configuration, EDUPCONN, "
+        "unregister") {
+  Setup setup;
+  auto& tunnel = setup.emulator.registry().issueTunnel();
+  becomeVectorTunnel(tunnel);
+  auto& success = transcript("successful registration");
+  auto& duplicate = transcript("EDUPCONN");
+
+  // Up to (excluding) the unregisterConnection call: bootstrap, pipelined registerConnection,
+  // finishes, updateLocalConfiguration.
+  size_t unregisterAt = 0;
+  for (size_t i = 0; i < success.messages.size(); i++) {
+    auto& m = success.messages[i];
+    if (m.kind() == "call" && m.number("method") == uint64_t(1)) unregisterAt = i;
+  }
+  KJ_ASSERT(unregisterAt > 0);
+
+  GoldenControl first(setup);
+  kj::Vector<kj::Own<capnp::MessageReader>> returns;
+  first.replay(success, 0, unregisterAt, returns);
+  KJ_ASSERT(returns.size() == 3, returns.size());   // bootstrap, registration, configuration
+  auto answer = registrationAnswer(*returns[1]);
+  KJ_ASSERT(answer.getResult().isConnectionDetails(), "registration refused",
+            answer.getResult().getError().getCause());
+  auto details = answer.getResult().getConnectionDetails();
+  auto& record = onlyRecord(setup.emulator, ConnectionState::REGISTERED);
+  KJ_EXPECT(details.getUuid() == record.uuid.asPtr());
+  KJ_EXPECT(details.getLocationName() == "EMU");
+  KJ_EXPECT(!details.getTunnelIsRemotelyManaged());
+  KJ_EXPECT(record.version == "2023.7.3");
+  KJ_EXPECT(record.arch == "linux_amd64");
+  KJ_EXPECT(record.features.size() == 5);
+  KJ_EXPECT(record.clientId == "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee", record.clientId);
+  KJ_EXPECT(KJ_ASSERT_NONNULL(record.configuration) ==
+            "{\"ingress\":[{\"service\":\"http://localhost:8080\"}]}");
+
+  // The same recorded registration from a second connection while the first is live.
+  {
+    GoldenControl second(setup);
+    kj::Vector<kj::Own<capnp::MessageReader>> dupReturns;
+    second.replay(duplicate, 0, throughRegistration(duplicate), dupReturns);
+    KJ_ASSERT(dupReturns.size() == 2);
+    auto dup = registrationAnswer(*dupReturns[1]);
+    KJ_ASSERT(dup.getResult().isError());
+    KJ_EXPECT(dup.getResult().getError().getCause() == "EDUPCONN");
+  }
+  KJ_EXPECT(record.state == ConnectionState::REGISTERED);
+
+  // A forged secret in the same bytes gets "Unauthorized".
+  {
+    tunnel.secret[31] ^= 1;
+    GoldenControl third(setup);
+    kj::Vector<kj::Own<capnp::MessageReader>> badReturns;
+    third.replay(duplicate, 0, throughRegistration(duplicate), badReturns);
+    KJ_ASSERT(badReturns.size() == 2);
+    auto bad = registrationAnswer(*badReturns[1]);
+    KJ_ASSERT(bad.getResult().isError());
+    KJ_EXPECT(strstr(bad.getResult().getError().getCause().cStr(), "Unauthorized") != nullptr,
+              bad.getResult().getError().getCause());
+    tunnel.secret[31] ^= 1;
+  }
+
+  // unregisterConnection, then Release + Abort: no new requests go to that connection.
+  first.replay(success, unregisterAt, success.messages.size(), returns);
+  KJ_EXPECT(record.state == ConnectionState::UNREGISTERED);
+  auto publicClient = setup.publicClient();
+  kj::HttpHeaders headers(setup.table);
+  headers.set(kj::HttpHeaderId::HOST, tunnel.hostname);
+  auto response = publicClient->request(kj::HttpMethod::GET, "/", headers).response
+      .wait(setup.io.waitScope);
+  KJ_EXPECT(response.statusCode == 530);
+}
+
+KJ_TEST("a control stream that ends without unregisterConnection stops routing too") {
+  Setup setup;
+  auto& tunnel = setup.emulator.registry().issueTunnel();
+  becomeVectorTunnel(tunnel);
+  auto& success = transcript("successful registration");
+  GoldenControl client(setup);
+  kj::Vector<kj::Own<capnp::MessageReader>> returns;
+  client.replay(success, 0, throughRegistration(success), returns);
+  KJ_ASSERT(registrationAnswer(*returns[1]).getResult().isConnectionDetails());
+  auto& record = onlyRecord(setup.emulator, ConnectionState::REGISTERED);
+
+  // FIN on the control stream; the edge's RPC system answers with its own end of the stream.
+  client.control->shutdownWrite();
+  client.timeout(client.control->readAllBytes());
+  KJ_EXPECT(record.state == ConnectionState::UNREGISTERED);
+  KJ_EXPECT(record.connection != nullptr);   // the QUIC connection itself stays up
+  auto publicClient = setup.publicClient();
+  kj::HttpHeaders headers(setup.table);
+  headers.set(kj::HttpHeaderId::HOST, tunnel.hostname);
+  auto response = publicClient->request(kj::HttpMethod::GET, "/", headers).response
+      .wait(setup.io.waitScope);
+  KJ_EXPECT(response.statusCode == 530);
+}
+
 KJ_TEST("handshakes: P-256 only, and a first key share the server declines (HelloRetryRequest)") {
   Setup setup;
   auto& tunnel = setup.emulator.registry().issueTunnel();
@@ -482,6 +665,15 @@ KJ_TEST("handshakes: P-256 only, and a first key share the server declines (Hell
         "NORMAL:-VERS-ALL:+VERS-TLS1.3:-GROUP-ALL:+GROUP-SECP521R1:+GROUP-SECP256R1");
     TunnelClient client(setup, kj::mv(config));
     KJ_EXPECT(client.registerAs(tunnel, 1).is<wire::ConnectionDetails>());
+  }
+  {
+    // The control that makes the case above a HelloRetryRequest: the edge does not take
+    // secp521r1 at all, so it cannot have used that first key share.
+    auto config = setup.clientConfig();
+    config.tlsPriority = kj::str("NORMAL:-VERS-ALL:+VERS-TLS1.3:-GROUP-ALL:+GROUP-SECP521R1");
+    auto endpoint = quic::newEndpoint(setup.io.unixEventPort,
+        KJ_ASSERT_NONNULL(quic::SocketAddress::parse("127.0.0.1:0")));
+    KJ_EXPECT_THROW(FAILED, endpoint->dial(setup.edge, kj::mv(config)).wait(setup.io.waitScope));
   }
 }
 
