@@ -492,6 +492,38 @@ KJ_TEST("ConnectResponse.error (recorded bytes) becomes a 502 page") {
   KJ_EXPECT(contains(body, "502"), body);
 }
 
+KJ_TEST("a ConnectResponse in pieces (as Go writes it: signature, version, message; or bytewise)") {
+  Harness h;
+  auto& t = h.tunnel();
+  auto& c = h.connect(t);
+  auto client = h.client();
+  auto recorded = vector("ConnectResponse success");
+  for (bool bytewise: {false, true}) {
+    KJ_CONTEXT(bytewise);
+    kj::HttpHeaders headers(h.table);
+    headers.set(kj::HttpHeaderId::HOST, t.hostname);
+    auto response = client->request(kj::HttpMethod::GET, "/", headers).response;
+    auto stream = c.nextStream().wait(h.io.waitScope);
+    readTunnelRequest(*stream).wait(h.io.waitScope);
+    kj::Vector<kj::ArrayPtr<const kj::byte>> pieces;
+    if (bytewise) {
+      for (size_t i = 0; i < recorded.size(); i++) pieces.add(recorded.slice(i, i + 1));
+    } else {
+      pieces.add(recorded.slice(0, 6));
+      pieces.add(recorded.slice(6, 8));
+      pieces.add(recorded.slice(8, 16));                 // the segment table
+      pieces.add(recorded.slice(16, recorded.size()));
+    }
+    for (auto piece: pieces) writeBytes(*stream, kj::heapArray(piece)).wait(h.io.waitScope);
+    writeText(*stream, "body").wait(h.io.waitScope);
+    stream->shutdownWrite();
+    auto r = response.wait(h.io.waitScope);
+    KJ_EXPECT(r.statusCode == 200);
+    KJ_EXPECT(KJ_ASSERT_NONNULL(r.headers->get(kj::HttpHeaderId::CONTENT_TYPE)) == "text/plain");
+    KJ_EXPECT(r.body->readAllText().wait(h.io.waitScope) == "body");
+  }
+}
+
 KJ_TEST("garbage instead of a ConnectResponse, or a failed stream open, gives 502") {
   Harness h;
   auto& t = h.tunnel();
