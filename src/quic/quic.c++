@@ -1282,7 +1282,14 @@ void ConnectionImpl::flush() {
     }
     kj::byte* out = batch.buffer.begin() + batch.bytes;
     ngtcp2_ssize n = writePacket(out, MAX_PACKET, ts, maxUdp);
-    if (n < 0) return;   // connection died
+    if (n < 0) {
+      // The connection died (its CONNECTION_CLOSE went out directly). Drop what it had batched:
+      // the shared batch must be empty for the next connection's flush.
+      batch.count = 0;
+      batch.bytes = 0;
+      batch.owner = nullptr;
+      return;
+    }
     if (n == 0) {
       more = false;
       break;
