@@ -17,6 +17,7 @@
 
 #include <stdlib.h>
 #include <time.h>
+#include <unistd.h>
 
 namespace cfqt::bench {
 namespace {
@@ -173,7 +174,40 @@ double quicBulk() {
   return double(got) / (elapsed / 1e9) / 1e6;
 }
 
+class Aes128OpenSsl {
+  // kj-tls 0.9.2 has no knob for TLS 1.3 cipher suites and OpenSSL prefers AES-256-GCM, while the
+  // QUIC side uses AES-128-GCM. For a fair comparison, point OpenSSL's configuration (read once,
+  // when kj-tls first initialises it) at a file allowing only TLS_AES_128_GCM_SHA256. A user's
+  // own OPENSSL_CONF is left alone.
+public:
+  Aes128OpenSsl() {
+    if (getenv("OPENSSL_CONF") != nullptr) return;
+    char name[] = "/tmp/cfqt-bench-openssl-XXXXXX";
+    int fd = mkstemp(name);
+    if (fd < 0) return;
+    kj::AutoCloseFd owned(fd);
+    kj::StringPtr conf =
+        "openssl_conf = cfqt_conf\n[cfqt_conf]\nssl_conf = cfqt_ssl\n"
+        "[cfqt_ssl]\nsystem_default = cfqt_tls\n"
+        "[cfqt_tls]\nCiphersuites = TLS_AES_128_GCM_SHA256\n";
+    if (write(fd, conf.begin(), conf.size()) != ssize_t(conf.size())) {
+      unlink(name);
+      return;
+    }
+    path = kj::heapString(name);
+    setenv("OPENSSL_CONF", name, 1);
+  }
+  ~Aes128OpenSsl() {
+    if (path != nullptr) unlink(path.cStr());
+  }
+  KJ_DISALLOW_COPY(Aes128OpenSsl);
+
+private:
+  kj::String path;
+};
+
 double tlsTcpBulk() {
+  Aes128OpenSsl aes128;
   ServerThread server([](kj::AsyncIoContext& io, kj::MutexGuarded<uint>& port) {
     kj::TlsKeypair keypair{kj::TlsPrivateKey(KEY_PEM), kj::TlsCertificate(CERT_PEM)};
     kj::TlsContext::Options options;
