@@ -307,6 +307,28 @@ KJ_TEST("trust roots: PEM text, file plus system store, none (refused), verifica
   }
 }
 
+KJ_TEST("listen() refuses a configuration without ALPN or certificate") {
+  auto io = kj::setupAsyncIo();
+  {
+    auto endpoint = newEndpoint(io.unixEventPort, loopback());
+    auto config = serverConfig();
+    config.alpn.clear();
+    KJ_EXPECT_THROW_MESSAGE("ALPN", endpoint->listen(kj::mv(config)));
+  }
+  {
+    auto endpoint = newEndpoint(io.unixEventPort, loopback());
+    auto config = serverConfig();
+    config.keyFile = nullptr;
+    KJ_EXPECT_THROW_MESSAGE("needs keyFile", endpoint->listen(kj::mv(config)));
+  }
+  {
+    auto endpoint = newEndpoint(io.unixEventPort, loopback());
+    auto config = serverConfig();
+    config.certFile = testdata("no-such-file.pem");
+    KJ_EXPECT_THROW_MESSAGE("cannot load certificate", endpoint->listen(kj::mv(config)));
+  }
+}
+
 KJ_TEST("IPv6 loopback") {
   auto io = kj::setupAsyncIo();
   auto v6 = KJ_ASSERT_NONNULL(SocketAddress::parse("[::1]:0"));
@@ -433,7 +455,11 @@ KJ_TEST("keep-alive: the connection survives three idle timeouts of silence") {
   transport.keepAlivePeriod = 100 * kj::MILLISECONDS;
   Env env(transport);
   auto pair = env.connect(clientConfig(transport));
+  auto before = pair.client->stats().packetsSent;
   env.timer.afterDelay(1 * kj::SECONDS).wait(env.io.waitScope);
+  // Only keep-alive PINGs (and their ACKs) went out: several per idle timeout.
+  KJ_EXPECT(pair.client->stats().packetsSent >= before + 3, before,
+            pair.client->stats().packetsSent);
   KJ_EXPECT(pair.client->closeInfo() == nullptr);
   KJ_EXPECT(pair.server->closeInfo() == nullptr);
   Echoer echo(*pair.server);
