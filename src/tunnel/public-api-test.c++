@@ -105,6 +105,14 @@ int httpStatus(const std::string& address, const std::string& host, const std::s
     ssize_t n = read(fd, buf, sizeof(buf));
     if (n <= 0) break;
     response.append(buf, n);
+    // Done once the head and Content-Length bytes of body are in (the front door may keep the
+    // connection open for a while despite `Connection: close`).
+    auto end = response.find("\r\n\r\n");
+    auto length = response.find("Content-Length: ");
+    if (end != std::string::npos && length != std::string::npos && length < end &&
+        response.size() >= end + 4 + size_t(atol(response.c_str() + length + 16))) {
+      break;
+    }
   }
   close(fd);
   if (response.size() < 12) return -1;
@@ -163,18 +171,26 @@ KJ_TEST("C API: start, wait for URL, stop, free") {
   o.edge_ca_file = ca.c_str();
   o.log_level = "error";
   o.grace_period_ms = 1000;
+  o.backoff_base_ms = 20;
   char error[256] = "";
   cfqt_tunnel* t = cfqt_tunnel_start(&o, error, sizeof(error));
   KJ_ASSERT(t != nullptr, error);
   char url[256];
   KJ_ASSERT(cfqt_tunnel_wait_url(t, 20000, url, sizeof(url)) == 0);
   KJ_EXPECT(strncmp(url, "https://", 8) == 0, url);
+  KJ_ASSERT(cfqt_tunnel_wait_ready(t, 20000) == 1);
+  KJ_EXPECT(cfqt_tunnel_ready_connections(t) >= 1);
+  KJ_EXPECT(httpStatus(edge.field("public"), url + 8, "/_health") == 200);
   KJ_EXPECT(cfqt_tunnel_stop(t) == 0);
+  KJ_EXPECT(cfqt_tunnel_wait_ready(t, 10) == 0);
   cfqt_tunnel_free(t);
 
   cfqt_options bad;
   cfqt_options_init(&bad);
   KJ_EXPECT(cfqt_tunnel_start(&bad, error, sizeof(error)) == nullptr);
+  KJ_EXPECT(strstr(error, "nothing to expose") != nullptr, error);
+  error[0] = '\0';
+  KJ_EXPECT(cfqt_tunnel_start(nullptr, error, sizeof(error)) == nullptr);
   KJ_EXPECT(strstr(error, "nothing to expose") != nullptr, error);
 }
 

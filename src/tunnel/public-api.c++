@@ -267,10 +267,16 @@ void cfqt_options_init(cfqt_options* options) {
   memset(options, 0, sizeof(*options));
   options->ha_connections = 2;
   options->grace_period_ms = 30000;
+  options->backoff_base_ms = 1000;
 }
 
 cfqt_tunnel* cfqt_tunnel_start(const cfqt_options* options, char* error, size_t errorSize) {
   try {
+    cfqt_options defaults;
+    if (options == nullptr) {
+      cfqt_options_init(&defaults);
+      options = &defaults;
+    }
     cfqt::TunnelOptions o;
     if (options->url != nullptr) o.url = options->url;
     o.helloWorld = options->hello_world != 0;
@@ -282,6 +288,10 @@ cfqt_tunnel* cfqt_tunnel_start(const cfqt_options* options, char* error, size_t 
     o.metrics = options->metrics != 0;
     if (options->metrics_address != nullptr) o.metricsAddress = options->metrics_address;
     if (options->log_level != nullptr) o.logLevel = options->log_level;
+    if (options->unix_socket != nullptr) o.unixSocket = options->unix_socket;
+    if (options->backoff_base_ms > 0) {
+      o.backoffBase = std::chrono::milliseconds(options->backoff_base_ms);
+    }
     auto handle = std::make_unique<cfqt_tunnel>();
     handle->tunnel = cfqt::Tunnel::start(o);
     return handle.release();
@@ -297,6 +307,10 @@ int cfqt_tunnel_wait_url(cfqt_tunnel* t, int timeoutMs, char* url, size_t urlSiz
   if (url == nullptr || urlSize <= text.size()) return -2;
   copyOut(text, url, urlSize);
   return 0;
+}
+
+int cfqt_tunnel_wait_ready(cfqt_tunnel* t, int timeoutMs) {
+  return t->tunnel->waitUntilReady(std::chrono::milliseconds(timeoutMs)) ? 1 : 0;
 }
 
 int cfqt_tunnel_ready_connections(cfqt_tunnel* t) { return t->tunnel->readyConnections(); }
