@@ -41,10 +41,30 @@ void writeOut(int fd, kj::StringPtr text) {
 }
 
 class Callbacks final: public tunnel::RunnerCallbacks {
+  // The URL alone on the first stdout line. With --local it waits for the first registered
+  // connection, so that `URL=$(cfqt --local ... | head -1); curl $URL` works at once (a real
+  // edge takes a while to route the new hostname anyway, as the banner says).
 public:
+  explicit Callbacks(bool waitForConnection): waitForConnection(waitForConnection) {}
+
   void tunnelCreated(kj::StringPtr url, kj::StringPtr hostname) override {
-    writeOut(STDOUT_FILENO, kj::str(url, '\n'));
+    if (waitForConnection) {
+      pendingUrl = kj::str(url);
+    } else {
+      writeOut(STDOUT_FILENO, kj::str(url, '\n'));
+    }
   }
+
+  void connectionRegistered(uint connIndex) override {
+    KJ_IF_MAYBE(url, pendingUrl) {
+      writeOut(STDOUT_FILENO, kj::str(*url, '\n'));
+      pendingUrl = nullptr;
+    }
+  }
+
+private:
+  bool waitForConnection;
+  kj::Maybe<kj::String> pendingUrl;
 };
 
 kj::Promise<int> waitForSignal(kj::UnixEventPort& port) {
@@ -233,7 +253,7 @@ int realMain(int argc, char** argv) {
     if (rc != 0) return rc;
   }
 
-  Callbacks callbacks;
+  Callbacks callbacks(options.local);
   tunnel::Runner runner(io, logger, kj::mv(runnerOptions), callbacks);
   auto signals = waitForSignal(io.unixEventPort).then([&](int sig) {
     logger.info(kj::str("Initiating graceful shutdown due to signal ", signalName(sig), " ..."));

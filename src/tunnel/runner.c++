@@ -277,6 +277,7 @@ kj::Promise<int> Runner::edgesDiscovered(edge::EdgeAddresses addresses) {
   config.backoff = options.backoff;
   config.haStagger = options.haStagger;
   auto s = kj::heap<Supervisor>(timer, *f, *addressPool, logger, tunnelStatus, config, jitter);
+  s->onRegistered([this](uint connIndex) { callbacks.connectionRegistered(connIndex); });
   auto promise = s->run();
   pool = kj::mv(addressPool);
   factory = kj::mv(f);

@@ -50,6 +50,8 @@ public:
   virtual void tunnelCreated(kj::StringPtr url, kj::StringPtr hostname) {}
   // Once, after the quick tunnel was issued (before any connection registered).
   virtual void metricsListening(kj::StringPtr address) {}
+  virtual void connectionRegistered(uint connIndex) {}
+  // After every successful registration of an edge connection.
 };
 
 class Runner {

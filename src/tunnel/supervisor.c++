@@ -190,6 +190,7 @@ void Supervisor::registered(uint connIndex, RegisteredInfo info) {
   logger.info("Registered tunnel connection",
               kj::str("connIndex=", connIndex, " connection=", info.connectionId, " event=0 ip=",
                       info.ip, " location=", info.location, " protocol=quic"));
+  KJ_IF_MAYBE(callback, registeredCallback) (*callback)(connIndex);
   if (connIndex == 0 && !othersStarted) {
     othersStarted = true;
     for (uint i = 1; i < slots.size(); i++) {

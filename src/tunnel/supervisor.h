@@ -13,6 +13,7 @@
 #include "observe/status.h"
 
 #include <kj/async.h>
+#include <kj/function.h>
 #include <kj/timer.h>
 #include <kj/vector.h>
 
@@ -98,6 +99,11 @@ public:
   // Stops reconnecting, shuts every live session down gracefully (in parallel), and resolves when
   // they all ended. Idempotent.
 
+  void onRegistered(kj::Function<void(uint connIndex)> callback) {
+    registeredCallback = kj::mv(callback);
+  }
+  // Called after every successful registration (after the log line).
+
   bool allFailed() const { return failedIndices > 0 && failedIndices == startedIndices &&
                                   !shuttingDown; }
   uint readyConnections() const;
@@ -135,6 +141,7 @@ private:
   kj::ForkedPromise<void> drainSignal;
   kj::Own<kj::PromiseFulfiller<void>> drainFulfiller;
   kj::Maybe<kj::ForkedPromise<void>> shutdownDone;
+  kj::Maybe<kj::Function<void(uint)>> registeredCallback;
   kj::TaskSet tasks;   // last: index loops die first
 
   void startIndex(Slot& slot, kj::Duration delay);
