@@ -224,6 +224,21 @@ def make_handler(state):
     return Handler
 
 
+class UnixOrigin:
+    """The same handler on a unix socket (for --unix-socket)."""
+
+    def __init__(self, path):
+        self.state = OriginState()
+        cls = type("U", (socketserver.ThreadingMixIn, socketserver.UnixStreamServer),
+                   {"daemon_threads": True, "handle_error": lambda self, r, a: None})
+        self.server = cls(path, make_handler(self.state))
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
 class Origin:
     def __init__(self):
         self.state = OriginState()
@@ -335,7 +350,7 @@ class Edge:
 
 
 class Cfqt:
-    def __init__(self, bindir, edge, args, expect_url=True, log_sink=None):
+    def __init__(self, bindir, edge, args, expect_url=True, log_sink=None, env=None):
         cmd = [os.path.join(bindir, "cfqt")] + args + [
             "--quick-service", "http://" + edge.ready["api"],
             "--edge-ca", edge.ready["ca"],
@@ -346,7 +361,8 @@ class Cfqt:
         for e in edge.ready["edges"]:
             cmd += ["--edge", e]
         self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env=dict(os.environ, **(env or {})))
         self.log = LogFollower(self.proc.stderr, log_sink)
         self.url = None
         self.host = None
@@ -443,6 +459,13 @@ def test_cloudflared_form_and_metrics(env):
           cfg["__configuration_flags"]["no-autoupdate"] == "true", cfg)
     c1 = [c for c in conns if c["connIndex"] == 1][0]
     check(c1["configuration"] is None, "configuration pushed on index 1", c1)
+    check(c1["clientId"] == c0["clientId"], "one connector id per process", c0, c1)
+    # The cloudflared banner with the URL on stderr (tools grep it there).
+    banner = m.log.wait_for(r"Your quick Tunnel has been created!")
+    check("INF" in banner, banner)
+    lines = m.log.lines
+    i = next(k for k, l in enumerate(lines) if "Your quick Tunnel has been created!" in l)
+    check(re.search(r"\|\s+%s\s+\|" % re.escape(m.url), lines[i + 1]), lines[i:i + 2])
     check(re.search(r"DBG Registering tunnel connection connIndex=0", m.log.text()),
           "no debug registration line")
 
@@ -719,8 +742,13 @@ def test_second_signal_exits_at_once(env):
                                     "--ha-connections", "1", "--grace-period", "60s"])
     try:
         t.log.wait_for(r"Registered tunnel connection connIndex=0")
-        th = threading.Thread(target=lambda: front(env.edge, t.host, "GET", "/slow",
-                                                   timeout=DEADLINE_S))
+        def slow():
+            try:
+                front(env.edge, t.host, "GET", "/slow", timeout=DEADLINE_S)
+            except Exception:
+                pass   # cut by the immediate exit
+
+        th = threading.Thread(target=slow)
         th.start()
         check(st.slow_started.wait(DEADLINE_S), "slow request never reached the origin")
         t.proc.send_signal(signal.SIGINT)
@@ -748,7 +776,7 @@ def test_local_mode(env):
         u = urllib.parse.urlparse(url)
         check(u.scheme == "http" and u.hostname.endswith(".trycloudflare.localhost") and
               u.path == "/", url)
-        log.wait_for(r"Registered tunnel connection connIndex=0")
+        # Printed once a connection is registered: reachable right away.
         c = http.client.HTTPConnection("127.0.0.1", u.port, timeout=DEADLINE_S)
         c.request("GET", "/", headers={"Host": u.hostname})
         r = c.getresponse()
@@ -763,6 +791,100 @@ def test_local_mode(env):
     finally:
         if p.poll() is None:
             p.kill()
+            p.wait()
+
+
+def test_unix_socket_keylog_client_flags(env):
+    # --unix-socket origin, --client-version, --edge-ip-version, SSLKEYLOGFILE.
+    sock = os.path.join(env.workdir, "origin.sock")
+    keylog = os.path.join(env.workdir, "keys.log")
+    uo = UnixOrigin(sock)
+    t = Cfqt(env.bindir, env.edge, ["--unix-socket", sock, "--ha-connections", "1",
+                                    "--client-version", "2023.7.3", "--edge-ip-version", "4"],
+             env={"SSLKEYLOGFILE": keylog})
+    try:
+        t.log.wait_for(r"Registered tunnel connection connIndex=0")
+        status, _, data = front(env.edge, t.host, "POST", "/x", b"abc")
+        check(status == 200 and data == b"POST /x 3", status, data)
+        check(uo.state.requests == 1, uo.state.requests)
+        c = env.edge.connections(t.host)[0]
+        check(c["version"] == "2023.7.3", c)
+        cfg = json.loads(c["configuration"])
+        check(cfg["ingress"][0]["service"] == "unix:" + sock and
+              cfg["__configuration_flags"]["edge-ip-version"] == "4", cfg)
+        t.log.wait_for(r"SSLKEYLOGFILE is set")
+        with open(keylog) as f:
+            keys = f.read()
+        check("CLIENT_TRAFFIC_SECRET_0 " in keys and "SERVER_HANDSHAKE_TRAFFIC_SECRET " in keys,
+              keys[:300])
+    finally:
+        t.stop()
+        uo.close()
+
+
+def test_c_api_example(env):
+    # tests/api-example/quick-tunnel.c: a program using only include/cfqt/cfqt.h.
+    cmd = [os.path.join(env.bindir, "cfqt-c-example"), "--quick-service",
+           "http://" + env.edge.ready["api"], "--edge-ca", env.edge.ready["ca"]]
+    for e in env.edge.ready["edges"]:
+        cmd += ["--edge", e]
+    # bufsize=0: Edge._readline selects on the descriptor, so nothing may sit in a buffer.
+    p = subprocess.Popen(cmd + ["http://127.0.0.1:%d" % env.origin.port], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    log = LogFollower(p.stderr)
+    try:
+        url = Edge._readline(p.stdout)
+        check(url.startswith("https://"), url, log.text())
+        ready = Edge._readline(p.stdout)
+        check(ready.startswith("ready "), ready)
+        host = urllib.parse.urlparse(url).hostname
+        status, _, data = front(env.edge, host, "GET", "/blob?n=5000")
+        check(status == 200 and data == blob(5000), status)
+        p.stdin.close()
+        check(Edge._readline(p.stdout) == "stopped 0", "graceful stop")
+        check(p.wait(DEADLINE_S) == 0, "exit code")
+        ids = [c["id"] for c in env.edge.connections(host, None)]
+        check(ids, "emulator lists no connection of the example")
+        for i in ids:
+            env.edge.log.wait_for(r"tunnel connection unregistered; id = %d;" % i)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_make_run_demo(env):
+    # `make run` = build, then scripts/run-demo: URL first, then a curl line that works at once.
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts",
+                          "run-demo")
+    p = subprocess.Popen([script, "--metrics", "127.0.0.1:0", "--grace-period", "1s"],
+                         env=dict(os.environ, CFQT_BIN=os.path.join(env.bindir, "cfqt")),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                         bufsize=0)   # several lines are read with Edge._readline (select)
+    log = LogFollower(p.stderr)
+    try:
+        try:
+            url = Edge._readline(p.stdout)
+        except Fail as e:
+            raise Fail(str(e), "; run-demo log:\n" + log.text()[-3000:])
+        check(re.fullmatch(r"http://[a-z-]+\.trycloudflare\.localhost:[0-9]+/", url), url)
+        curl = Edge._readline(p.stdout)
+        check(curl == "curl -s " + url, curl)
+        if shutil.which("curl"):
+            out = subprocess.run(curl.split(), capture_output=True, timeout=DEADLINE_S)
+            body = out.stdout
+        else:
+            u = urllib.parse.urlparse(url)
+            c = http.client.HTTPConnection("127.0.0.1", u.port, timeout=DEADLINE_S)
+            c.request("GET", "/", headers={"Host": u.netloc})
+            body = c.getresponse().read()
+        check(b"cfqt hello world" in body, body[:300])
+        p.send_signal(signal.SIGTERM)   # the script forwards it; cfqt shuts down gracefully
+        check(p.wait(DEADLINE_S) == 0, "run-demo exit code", log.text()[-2000:])
+        check(re.search(r"Tunnel server stopped", log.text()), "no graceful stop")
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
             p.wait()
 
 
@@ -790,6 +912,9 @@ TESTS = [
     test_grace_period_expires,
     test_second_signal_exits_at_once,
     test_local_mode,
+    test_unix_socket_keylog_client_flags,
+    test_c_api_example,
+    test_make_run_demo,
     test_protocol_http2_refused,
 ]
 
