@@ -55,6 +55,17 @@ KJ_TEST("cli: cloudflared invocation forms") {
   KJ_EXPECT(e.backoffBase == 10 * kj::MILLISECONDS);
   auto f = ok({"--hello-world=false", "--url", "a:1"});
   KJ_EXPECT(!f.helloWorld);
+  auto h = ok({"--unix-socket", "/run/app.sock", "--edge-ip-version", "6", "--client-version",
+               "2023.7.3", "--protocol", "quic", "--logfile", "/tmp/x.log"});
+  KJ_EXPECT(KJ_ASSERT_NONNULL(h.unixSocket) == "/run/app.sock");
+  KJ_EXPECT(h.edgeIpVersion == "6");
+  KJ_EXPECT(h.clientVersion == "2023.7.3");
+  KJ_EXPECT(KJ_ASSERT_NONNULL(h.logFile) == "/tmp/x.log");
+  auto defaults = ok({"--hello-world"});
+  KJ_EXPECT(defaults.haConnections == 2 && defaults.retries == 5);
+  KJ_EXPECT(defaults.clientVersion == "2026.8.2");
+  KJ_EXPECT(defaults.gracePeriod == 30 * kj::SECONDS);
+  KJ_EXPECT(defaults.metrics == nullptr);
   auto g = ok({"tunnel"  , "--loglevel", "debug", "tunnel2:80"});
   KJ_EXPECT(KJ_ASSERT_NONNULL(g.url) == "tunnel2:80");
 }
@@ -62,6 +73,8 @@ KJ_TEST("cli: cloudflared invocation forms") {
 KJ_TEST("cli: errors are clear") {
   KJ_EXPECT(has(err({"--protocol", "http2", "--url", "x:1"}), "not supported"));
   KJ_EXPECT(has(err({"--bogus", "--url", "x:1"}), "unknown flag --bogus"));
+  KJ_EXPECT(has(err({"--edge-ip-version", "5", "--url", "x:1"}), "auto, 4 or 6"));
+  KJ_EXPECT(has(err({"--loglevel", "loud", "--url", "x:1"}), "--loglevel"));
   KJ_EXPECT(has(err({}), "nothing to expose"));
   KJ_EXPECT(has(err({"--url"}), "needs a value"));
   KJ_EXPECT(has(err({"--ha-connections", "5", "--url", "x:1"}), "between 1 and 4"));
