@@ -40,18 +40,23 @@ JitterSource randomJitter() {
 Backoff::Backoff(BackoffConfig config, JitterSource& jitter): config(config), jitter(jitter) {}
 
 kj::Duration Backoff::announced() const {
+  if (afterReset) return config.base;
   // cloudflared keeps announcing base·2^(maxRetries+1) once the cap is reached.
   return scaled(config.base, kj::min(count + 1, kj::max(config.maxRetries, 1u) + 1));
 }
 
 kj::Duration Backoff::next() {
-  uint k = kj::min(count + 1, kj::max(config.maxRetries, 1u));
+  uint k = afterReset ? 0 : kj::min(count + 1, kj::max(config.maxRetries, 1u));
   kj::Duration bound = scaled(config.base, k);
   double j = jitter();
   if (!(j >= 0.0)) j = 0.0;
   if (j >= 1.0) j = 0.999999;
   int64_t ns = static_cast<int64_t>(static_cast<double>(bound / kj::NANOSECONDS) * j);
-  if (count < 1000000) count++;
+  if (afterReset) {
+    afterReset = false;
+  } else if (count < 1000000) {
+    count++;
+  }
   return ns * kj::NANOSECONDS;
 }
 

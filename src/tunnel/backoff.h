@@ -2,7 +2,9 @@
 // Reconnect backoff with jitter (PROTOCOL.md §8.2): the wait before retry n (n = retries already
 // consumed) is uniformly random in [0, base·2^k) with k = min(n+1, maxRetries); the log line
 // announces base·2^(n+1) ("Retrying connection in up to 2s"). Retrying never stops: maxRetries
-// only caps the growth. A successful registration resets the counter.
+// only caps the growth. A successful registration resets the counter, and the first retry after
+// it waits in [0, base) and is announced as base ("up to 1s"), without counting, as cloudflared's
+// ResetNow() does.
 
 #include <kj/function.h>
 #include <kj/string.h>
@@ -35,12 +37,16 @@ public:
   // base·2^(n+1) for the log line, before next() is called.
 
   uint retries() const { return count; }
-  void reset() { count = 0; }
+  void reset() {
+    count = 0;
+    afterReset = true;
+  }
 
 private:
   BackoffConfig config;
   JitterSource& jitter;
   uint count = 0;
+  bool afterReset = false;   // the next retry is the first after a registration
 };
 
 kj::String formatDuration(kj::Duration d);

@@ -109,8 +109,13 @@ KJ_TEST("backoff: bound doubles up to maxRetries, jitter scales, reset") {
   KJ_EXPECT(b.announced() == 16 * kj::SECONDS);
   KJ_EXPECT(b.next() == 4 * kj::SECONDS);      // still capped, never stops
   KJ_EXPECT(b.retries() == 4);
-  b.reset();
+  b.reset();                                   // after a registration: [0, base), not counted
+  KJ_EXPECT(b.announced() == 1 * kj::SECONDS);
+  KJ_EXPECT(b.next() == 500 * kj::MILLISECONDS);
+  KJ_EXPECT(b.retries() == 0);
+  KJ_EXPECT(b.announced() == 2 * kj::SECONDS);
   KJ_EXPECT(b.next() == 1 * kj::SECONDS);
+  KJ_EXPECT(b.retries() == 1);
   Backoff c(BackoffConfig{1 * kj::SECONDS, 5}, full);
   KJ_EXPECT(c.next() < 2 * kj::SECONDS);
   KJ_EXPECT(formatDuration(64 * kj::SECONDS) == "1m4s");
@@ -170,14 +175,17 @@ KJ_TEST("supervisor: lost connection waits out the jittered backoff, then redial
   f.advance(1 * kj::MILLISECONDS);
   KJ_ASSERT(f.factory.attempts.size() == 3);
   KJ_EXPECT(f.factory.attempts[2].numPreviousAttempts == 2);
-  // registration resets the counter; the next loss waits base (100ms bound 200ms → 100ms)
+  // registration resets the counter; the next loss waits within [0, base) (bound 100ms → 50ms)
+  // and does not count as a previous attempt
   f.factory.last().registerOk();
   f.factory.last().end(EndKind::LOST);
   f.waitScope.poll();
   KJ_EXPECT(f.status.readyConnections() == 0);
-  f.advance(100 * kj::MILLISECONDS);
+  f.advance(49 * kj::MILLISECONDS);
+  KJ_EXPECT(f.factory.attempts.size() == 3, "redialed before the backoff expired");
+  f.advance(1 * kj::MILLISECONDS);
   KJ_ASSERT(f.factory.attempts.size() == 4);
-  KJ_EXPECT(f.factory.attempts[3].numPreviousAttempts == 1);  // reset, then one retry
+  KJ_EXPECT(f.factory.attempts[3].numPreviousAttempts == 0);
   sup.shutdown(1 * kj::SECONDS).wait(f.waitScope);
   done.wait(f.waitScope);
 }
