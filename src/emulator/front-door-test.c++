@@ -474,6 +474,36 @@ KJ_TEST("HEAD and 204 responses carry no body and keep the connection alive") {
   KJ_EXPECT(kj::str(body) == "abc");
 }
 
+KJ_TEST("Connection: close from the public client closes the connection after the response") {
+  Harness h;
+  auto& t = h.tunnel();
+  auto& c = h.connect(t);
+  {
+    auto connection = h.dial();
+    writeText(*connection, kj::str("GET /a HTTP/1.1\r\nHost: ", t.hostname,
+                                   "\r\nConnection: close\r\n\r\n")).wait(h.io.waitScope);
+    auto stream = c.nextStream().wait(h.io.waitScope);
+    readTunnelRequest(*stream).wait(h.io.waitScope);
+    writeBytes(*stream, encodeResponse(200, {{"Content-Length", "2"}})).wait(h.io.waitScope);
+    writeText(*stream, "ok").wait(h.io.waitScope);
+    stream->shutdownWrite();
+    auto head = readHead(*connection, h.io.waitScope);
+    KJ_EXPECT(head.startsWith("HTTP/1.1 200 OK"), head);
+    KJ_EXPECT(contains(head, "Connection: close"), head);
+    KJ_EXPECT(readToEof(*connection, h.io.waitScope) == "ok");   // EOF: the server closed
+  }
+  {
+    // The same on an error page (unknown host).
+    auto connection = h.dial();
+    writeText(*connection, "GET / HTTP/1.1\r\nHost: nobody.example\r\nConnection: Close\r\n\r\n")
+        .wait(h.io.waitScope);
+    auto head = readHead(*connection, h.io.waitScope);
+    KJ_EXPECT(head.startsWith("HTTP/1.1 530 "), head);
+    KJ_EXPECT(contains(head, "Connection: close"), head);
+    KJ_EXPECT(contains(readToEof(*connection, h.io.waitScope), "1033"));
+  }
+}
+
 KJ_TEST("ConnectResponse.error (recorded bytes) becomes a 502 page") {
   Harness h;
   auto& t = h.tunnel();

@@ -285,6 +285,9 @@ private:
   kj::Exception abortPublic(kj::Exception&& e);
   kj::Array<wire::Header> forwardedHeaders();
   bool expectsContinue();
+
+public:
+  bool clientWantsClose() const;
 };
 
 kj::Promise<void> FrontDoor::Service::request(
@@ -292,8 +295,21 @@ kj::Promise<void> FrontDoor::Service::request(
     kj::AsyncInputStream& requestBody, Response& response) {
   door.requests++;
   auto exchange = kj::heap<Exchange>(*this, method, url, headers, requestBody, response);
-  auto promise = exchange->run();
-  return promise.attach(kj::mv(exchange));
+  bool close = exchange->clientWantsClose();
+  auto promise = exchange->run().attach(kj::mv(exchange));
+  if (!close) return promise;
+  // kj::HttpServer 0.9.2 sends `Connection: close` (see CloseRequested) but then waits for another
+  // request anyway. Shutting down our read side makes that wait see EOF once the response is
+  // flushed, so the server ends the connection.
+  return promise.then([this]() { connection.abortRead(); });
+}
+
+bool FrontDoor::Exchange::clientWantsClose() const {
+  // `Connection: close` (in a token list, any case).
+  KJ_IF_MAYBE(value, headers.get(kj::HttpHeaderId::CONNECTION)) {
+    return containsIgnoreCase(*value, "close");
+  }
+  return false;
 }
 
 kj::Promise<void> FrontDoor::Exchange::sendPage(kj::uint status, kj::uint code, kj::StringPtr title,
@@ -303,6 +319,7 @@ kj::Promise<void> FrontDoor::Exchange::sendPage(kj::uint status, kj::uint code, 
   pageHeaders.set(kj::HttpHeaderId::CONTENT_TYPE, "text/html; charset=UTF-8");
   pageHeaders.add("Cf-Ray", ray);
   pageHeaders.add("Server", "cloudflare");
+  door.closeRequested.closeNext = clientWantsClose();
   auto out = response.send(status, statusText(status), pageHeaders, page.size());
   auto promise = out->write(page.begin(), page.size());
   return promise.attach(kj::mv(out), kj::mv(page));
@@ -522,6 +539,7 @@ kj::Promise<void> FrontDoor::Exchange::onResponseHead(kj::Own<capnp::MessageRead
   bool noBody = method == kj::HttpMethod::HEAD || head.status == 204 || head.status == 304;
   kj::Maybe<uint64_t> expected = contentLength;
   if (head.status == 204 || head.status == 304) expected = uint64_t(0);
+  door.closeRequested.closeNext = clientWantsClose();
   body = response.send(head.status, statusText(head.status), *responseHeaders, expected);
   if (noBody) return kj::READY_NOW;
   remaining = contentLength;
@@ -600,6 +618,7 @@ FrontDoor::FrontDoor(kj::Timer& timer, const kj::HttpHeaderTable& headerTable,
                kj::HttpServerSettings settings;
                settings.headerTimeout = options.headerTimeout;
                settings.pipelineTimeout = options.pipelineTimeout;
+               settings.callbacks = closeRequested;
                return settings;
              }()),
       connections(errorHandler) {}

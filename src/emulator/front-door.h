@@ -55,11 +55,24 @@ private:
     void taskFailed(kj::Exception&& exception) override;
   };
 
+  class CloseRequested final: public kj::HttpServerCallbacks {
+    // kj::HttpServer 0.9.2 ignores a client's `Connection: close`; it asks shouldClose()
+    // synchronously inside Response::send(), so the front door arms this just before each send.
+  public:
+    bool closeNext = false;
+    bool shouldClose() override {
+      bool result = closeNext;
+      closeNext = false;
+      return result;
+    }
+  };
+
   kj::Timer& timer;
   const kj::HttpHeaderTable& headerTable;
   Registry& registry;
   FrontDoorOptions options;
   uint64_t requests = 0;
+  CloseRequested closeRequested;
   kj::HttpServer server;
   ErrorHandler errorHandler;
   kj::TaskSet connections;    // public connections accepted by listen()
