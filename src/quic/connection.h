@@ -66,6 +66,9 @@ struct ConnectionStats {
   uint64_t streamsOpenedRemote = 0;
   uint64_t streamsActive = 0;      // streams ngtcp2 still tracks (not fully closed and acked)
   uint64_t datagramsDropped = 0;   // received DATAGRAM frames (unsupported: dropped)
+  uint64_t datagramsSent = 0;      // DATAGRAM frames put into packets (sendDatagram())
+  uint64_t datagramsSendDropped = 0; // sendDatagram() payloads dropped locally (queue full, or
+                                     // no longer fitting a packet after a path change)
   uint64_t recvBufferedBytes = 0;  // bytes held in all streams' receive buffers
   uint64_t sendBufferedBytes = 0;  // bytes held in all streams' send buffers (unacked)
 };
@@ -106,6 +109,19 @@ public:
   virtual kj::StringPtr serverName() const = 0;  // SNI sent (client) or received (server; may be "")
   virtual SocketAddress remoteAddress() const = 0;
   virtual ConnectionStats stats() const = 0;
+
+  virtual bool sendDatagram(kj::ArrayPtr<const kj::byte> payload) = 0;
+  // Best effort, unreliable: queues one DATAGRAM frame (RFC 9221) carrying `payload` for the next
+  // packet; it is never retransmitted and the peer may drop it (this layer's own receive side
+  // drops and counts them). Returns false if it was dropped at once because 256 datagrams
+  // already wait to be sent (they leave as congestion control allows). Throws FAILED if the peer did not advertise datagram support
+  // (max_datagram_frame_size 0) or if `payload` is larger than maxDatagramPayload(); throws the
+  // close exception (DISCONNECTED...) if the connection has ended.
+
+  virtual size_t maxDatagramPayload() const = 0;
+  // The largest payload sendDatagram() takes now: what fits both the peer's
+  // max_datagram_frame_size and one packet on the current path (it can grow once path MTU
+  // discovery raises the packet size). 0 if the peer does not take datagrams or if closed.
 
   virtual void goSilent() = 0;
   // Fault injection (emulator): from now on send nothing and drop every incoming packet, as if

@@ -744,5 +744,88 @@ KJ_TEST("24 connections to one server endpoint at once") {
   KJ_EXPECT(env.server->stats().handshakesFailed == 0);
 }
 
+// ---- datagrams: this layer advertises them but drops (and counts) what it receives.
+
+kj::Exception sendDatagramFails(Connection& conn, kj::ArrayPtr<const kj::byte> payload) {
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { conn.sendDatagram(payload); })) {
+    return kj::mv(*e);
+  }
+  KJ_FAIL_ASSERT("sendDatagram() did not throw", payload.size());
+}
+
+KJ_TEST("datagrams: received ones are dropped and counted, the connection stays healthy") {
+  Env env;
+  auto pair = env.connect();
+  Echoer serverEcho(*pair.server);
+  size_t limit = pair.client->maxDatagramPayload();
+  // Peer max_datagram_frame_size 1350 (default) minus framing, within one packet of the path.
+  KJ_EXPECT(limit >= 1100 && limit <= 1347, limit);
+  KJ_EXPECT(pair.server->maxDatagramPayload() > 0);
+  auto payload = kj::heapArray<kj::byte>(limit + 1);
+  for (size_t i = 0; i < payload.size(); i++) payload[i] = kj::byte(i);
+
+  // Too large: a FAILED exception, nothing queued, nothing broken.
+  auto tooLarge = sendDatagramFails(*pair.client, payload);
+  KJ_EXPECT(tooLarge.getType() == kj::Exception::Type::FAILED);
+  KJ_EXPECT(contains(tooLarge.getDescription(), "larger than"), tooLarge.getDescription());
+
+  // 300 in one turn: the first 256 are queued (empty, small, and largest payloads), the rest
+  // are refused at once (the queue is bounded), and only the queued ones leave.
+  constexpr uint32_t SENT = 300, QUEUED = 256;
+  uint32_t accepted = 0;
+  for (uint32_t i = 0; i < SENT; i++) {
+    size_t len = i % 16 == 0 ? limit : (i * 37) % 200;
+    if (pair.client->sendDatagram(payload.slice(0, len))) ++accepted;
+  }
+  KJ_EXPECT(accepted == QUEUED, accepted);
+  KJ_EXPECT(pair.client->stats().datagramsSendDropped == SENT - QUEUED);
+
+  // Queued datagrams go out before stream data, and loopback keeps packet order: once the echo
+  // is back, the server has processed every datagram.
+  KJ_EXPECT(env.wait(roundTrip(*pair.client, kj::str("after the datagrams"))) ==
+            "after the datagrams");
+  auto clientStats = pair.client->stats();
+  KJ_EXPECT(clientStats.datagramsSent == QUEUED, clientStats.datagramsSent);
+  auto serverStats = pair.server->stats();
+  KJ_EXPECT(serverStats.datagramsDropped == QUEUED, serverStats.datagramsDropped);
+  KJ_EXPECT(serverStats.datagramsSent == 0);
+  // Nothing delivered or buffered: no stream but the echoed one, no bytes held.
+  KJ_EXPECT(serverEcho.streams == 1, serverEcho.streams);
+  KJ_EXPECT(serverStats.streamsOpenedRemote == 1, serverStats.streamsOpenedRemote);
+  KJ_EXPECT(serverStats.recvBufferedBytes == 0, serverStats.recvBufferedBytes);
+  KJ_EXPECT(pair.client->closeInfo() == nullptr && pair.server->closeInfo() == nullptr);
+
+  // The server can send too (the client advertises datagrams as well); still healthy after.
+  KJ_EXPECT(pair.server->sendDatagram(payload.slice(0, 100)));
+  KJ_EXPECT(env.wait(roundTrip(*pair.client, kj::str("once more"))) == "once more");
+  KJ_EXPECT(pair.client->stats().datagramsDropped == 1);
+  KJ_EXPECT(serverEcho.streams == 2, serverEcho.streams);
+
+  // After the close: the close exception.
+  pair.client->close(0, "").wait(env.io.waitScope);
+  KJ_EXPECT(pair.client->maxDatagramPayload() == 0);
+  auto closed = sendDatagramFails(*pair.client, payload.slice(0, 1));
+  KJ_EXPECT(classifyException(closed) == CloseKind::LOCAL_CLOSE, closed);
+}
+
+KJ_TEST("sendDatagram to a peer that advertised max_datagram_frame_size 0: clear error") {
+  Env env;
+  auto transport = fastTransport();
+  transport.maxDatagramFrameSize = 0;
+  auto pair = env.connect(clientConfig(transport));
+  KJ_EXPECT(pair.server->maxDatagramPayload() == 0);
+  kj::byte data[10] = {};
+  auto e = sendDatagramFails(*pair.server, data);
+  KJ_EXPECT(e.getType() == kj::Exception::Type::FAILED);
+  KJ_EXPECT(contains(e.getDescription(), "did not advertise DATAGRAM support"),
+            e.getDescription());
+  KJ_EXPECT(classifyException(e) == nullptr);
+  // The connection is unaffected.
+  Echoer clientEcho(*pair.client);
+  KJ_EXPECT(env.wait(roundTrip(*pair.server, kj::str("still open"))) == "still open");
+  KJ_EXPECT(pair.server->stats().datagramsSent == 0);
+  KJ_EXPECT(pair.client->stats().datagramsDropped == 0);
+}
+
 }  // namespace
 }  // namespace cfqt::quic

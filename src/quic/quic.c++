@@ -156,6 +156,12 @@ constexpr size_t RX_BATCHES_PER_TURN = 8;
 constexpr size_t RX_BLOCK = 64 * 1024;          // receive buffer block
 constexpr size_t TX_BLOCK = 64 * 1024;          // send buffer block
 constexpr size_t MAX_IOV = 16;
+constexpr size_t MAX_QUEUED_DATAGRAMS = 256;    // sendDatagram() payloads waiting for a packet
+// Bytes of a short-header packet that are not frames: first byte, destination CID (<= 20),
+// packet number (<= 4), AEAD tag (16). And of a DATAGRAM frame around its payload: type +
+// length varint (2 bytes for any payload that fits a packet).
+constexpr size_t SHORT_PACKET_OVERHEAD = 1 + NGTCP2_MAX_CIDLEN + 4 + 16;
+constexpr size_t DATAGRAM_FRAME_OVERHEAD = 1 + 2;
 
 uint64_t nowNs() {
   struct timespec ts;
@@ -491,6 +497,8 @@ public:
   kj::Maybe<const CloseInfo&> getCloseInfo() const;
   ConnectionStats stats() const;
   void goSilent() { silent = true; }
+  bool sendDatagram(kj::ArrayPtr<const kj::byte> payload);
+  size_t maxDatagramPayload() const;
   bool isOpen() const { return closeInfo == nullptr; }
   kj::Exception closeException() const {
     KJ_IF_MAYBE(info, closeInfo) return info->toException();
@@ -556,6 +564,9 @@ private:
   uint64_t bytesSent = 0, bytesReceived = 0, packetsSent = 0, packetsReceived = 0;
   uint64_t ptoTotal = 0, lastPto = 0;
   uint64_t streamsLocal = 0, streamsRemote = 0, datagramsDropped = 0;
+  uint64_t datagramsSent = 0, datagramsSendDropped = 0;
+
+  std::deque<kj::Array<kj::byte>> datagramQueue;   // sendDatagram() payloads, oldest first
 
   kj::TaskSet tasks;
 
@@ -577,6 +588,7 @@ private:
   void openWaiting();
   kj::Own<Stream> makeHandle(kj::Own<StreamState> state);
   ngtcp2_ssize writePacket(kj::byte* out, size_t outLen, uint64_t ts, size_t maxUdp);
+  ngtcp2_ssize writeDatagrams(ngtcp2_pkt_info& pi, kj::byte* out, uint64_t ts, size_t maxUdp);
   CloseInfo peerClose();
   CloseInfo tlsFailure();
 
@@ -649,6 +661,10 @@ public:
   kj::StringPtr serverName() const override { return impl->serverName; }
   SocketAddress remoteAddress() const override { return impl->remote; }
   ConnectionStats stats() const override { return impl->stats(); }
+  bool sendDatagram(kj::ArrayPtr<const kj::byte> payload) override {
+    return impl->sendDatagram(payload);
+  }
+  size_t maxDatagramPayload() const override { return impl->maxDatagramPayload(); }
   void goSilent() override { impl->goSilent(); }
 
 private:
@@ -1199,6 +1215,7 @@ void ConnectionImpl::die(CloseInfo info) {
   if (closeInfo != nullptr) return;
   auto exception = info.toException();
   closeInfo = kj::mv(info);
+  datagramQueue.clear();
   // Disarm the timer.
   struct itimerspec its;
   memset(&its, 0, sizeof(its));
@@ -1320,6 +1337,12 @@ void ConnectionImpl::flush() {
 ngtcp2_ssize ConnectionImpl::writePacket(kj::byte* out, size_t outLen, uint64_t ts,
                                          size_t maxUdp) {
   ngtcp2_pkt_info pi;
+  if (KJ_UNLIKELY(!datagramQueue.empty())) {
+    // Datagrams first (they are the latency-sensitive, unreliable traffic); the packet they
+    // leave unfinished (ERR_WRITE_MORE) is completed by the stream loop below.
+    ngtcp2_ssize n = writeDatagrams(pi, out, ts, maxUdp);
+    if (n != NGTCP2_ERR_WRITE_MORE) return n;
+  }
   for (;;) {
     StreamState* state = nullptr;
     while (!sendQueue.empty()) {
@@ -1402,7 +1425,91 @@ ngtcp2_ssize ConnectionImpl::writePacket(kj::byte* out, size_t outLen, uint64_t 
   }
 }
 
+ngtcp2_ssize ConnectionImpl::writeDatagrams(ngtcp2_pkt_info& pi, kj::byte* out, uint64_t ts,
+                                            size_t maxUdp) {
+  // Puts queued datagrams into the packet being built at `out`. Returns NGTCP2_ERR_WRITE_MORE if
+  // the queue is empty and the packet has room left (the caller finishes it), else what
+  // writePacket() returns: a packet's size, 0 (nothing may be sent now) or -1 (the connection
+  // died).
+  size_t limit = maxDatagramPayload();
+  while (!datagramQueue.empty()) {
+    auto& payload = datagramQueue.front();
+    if (payload.size() > limit) {
+      // Queued under a larger path MTU that has shrunk since: it would never fit a packet.
+      datagramQueue.pop_front();
+      ++datagramsSendDropped;
+      continue;
+    }
+    ngtcp2_vec vec;
+    vec.base = payload.begin();
+    vec.len = payload.size();
+    int accepted = 0;
+    // An empty payload must be passed as no vector: ngtcp2 asserts that none is empty.
+    ngtcp2_ssize n = ngtcp2_conn_writev_datagram(conn, &pathStorage.path, &pi, out, maxUdp,
+        &accepted, NGTCP2_WRITE_DATAGRAM_FLAG_MORE, 0, &vec, vec.len == 0 ? 0 : 1, ts);
+    if (accepted != 0) {
+      // Copied into the packet: ngtcp2 keeps no reference (no ack/lost callbacks are set).
+      datagramQueue.pop_front();
+      ++datagramsSent;
+    }
+    if (n == NGTCP2_ERR_WRITE_MORE) continue;
+    if (n == NGTCP2_ERR_INVALID_STATE || n == NGTCP2_ERR_INVALID_ARGUMENT) {
+      // Refused before any packet was started (checked by sendDatagram(), so not expected).
+      if (accepted == 0) {
+        datagramQueue.pop_front();
+        ++datagramsSendDropped;
+      }
+      continue;
+    }
+    if (n < 0) {
+      failWithLibError(n);
+      return -1;
+    }
+    // A complete packet (the datagram, if not accepted, waits for the next one), or 0: blocked
+    // by congestion control or pacing; the timer calls flush() again.
+    return n;
+  }
+  return NGTCP2_ERR_WRITE_MORE;
+}
+
 // ---- application calls
+
+bool ConnectionImpl::sendDatagram(kj::ArrayPtr<const kj::byte> payload) {
+  if (closeInfo != nullptr || conn == nullptr) kj::throwFatalException(closeException());
+  auto params = ngtcp2_conn_get_remote_transport_params(conn);
+  if (params == nullptr || params->max_datagram_frame_size == 0) {
+    kj::throwFatalException(failed(kj::str(
+        "QUIC sendDatagram: the peer ", remote, " did not advertise DATAGRAM support "
+        "(max_datagram_frame_size 0); datagrams cannot be sent on this connection")));
+  }
+  size_t limit = maxDatagramPayload();
+  if (payload.size() > limit) {
+    kj::throwFatalException(failed(kj::str(
+        "QUIC sendDatagram: payload of ", payload.size(), " bytes is larger than the ", limit,
+        " bytes a DATAGRAM to ", remote, " can carry (peer max_datagram_frame_size ",
+        params->max_datagram_frame_size, ", path packet size ",
+        ngtcp2_conn_get_path_max_tx_udp_payload_size(conn), ")")));
+  }
+  if (datagramQueue.size() >= MAX_QUEUED_DATAGRAMS) {
+    ++datagramsSendDropped;
+    return false;
+  }
+  datagramQueue.push_back(kj::heapArray(payload));
+  scheduleFlush();
+  return true;
+}
+
+size_t ConnectionImpl::maxDatagramPayload() const {
+  if (closeInfo != nullptr || conn == nullptr) return 0;
+  auto params = ngtcp2_conn_get_remote_transport_params(conn);
+  if (params == nullptr || params->max_datagram_frame_size <= DATAGRAM_FRAME_OVERHEAD) return 0;
+  uint64_t byFrame = params->max_datagram_frame_size - DATAGRAM_FRAME_OVERHEAD;
+  size_t packet = kj::min(ngtcp2_conn_get_path_max_tx_udp_payload_size(conn),
+                          ngtcp2_conn_get_max_tx_udp_payload_size(conn));
+  if (packet <= SHORT_PACKET_OVERHEAD + DATAGRAM_FRAME_OVERHEAD) return 0;
+  return kj::min(byFrame, uint64_t(packet - SHORT_PACKET_OVERHEAD - DATAGRAM_FRAME_OVERHEAD));
+}
+
 
 kj::Promise<void> ConnectionImpl::whenHandshaken() {
   auto paf = kj::newPromiseAndFulfiller<void>();
@@ -1515,6 +1622,8 @@ ConnectionStats ConnectionImpl::stats() const {
   s.streamsOpenedRemote = streamsRemote;
   s.streamsActive = streams.size();
   s.datagramsDropped = datagramsDropped;
+  s.datagramsSent = datagramsSent;
+  s.datagramsSendDropped = datagramsSendDropped;
   s.recvBufferedBytes = recvBuffered;
   s.sendBufferedBytes = sendBuffered;
   return s;
