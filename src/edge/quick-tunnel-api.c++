@@ -101,6 +101,17 @@ kj::Maybe<kj::StringPtr> stringField(const JsonValue& object, kj::StringPtr key)
   return ""_kj;
 }
 
+kj::String formatErrorCode(double number) {
+  // Integral codes print as integers; anything else (1.5, 1e400 = inf, NaN, beyond int64) as the
+  // double it is -- casting those to an integer would be undefined behaviour.
+  constexpr double LIMIT = 9223372036854775808.0;  // 2^63
+  if (number >= -LIMIT && number < LIMIT && number == static_cast<double>(
+          static_cast<long long>(number))) {
+    return kj::str(static_cast<long long>(number));
+  }
+  return kj::str(number);
+}
+
 kj::String describeApiErrors(const JsonValue& top) {
   kj::Vector<kj::String> parts;
   KJ_IF_MAYBE(errors, top.getIgnoringCase("errors")) {
@@ -110,7 +121,7 @@ kj::String describeApiErrors(const JsonValue& top) {
         kj::String code = kj::str("?");
         KJ_IF_MAYBE(c, item.getIgnoringCase("code")) {
           if (c->kind == JsonValue::Kind::NUMBER) {
-            code = kj::str(static_cast<long long>(c->number));
+            code = formatErrorCode(c->number);
           } else if (c->kind == JsonValue::Kind::STRING) {
             code = kj::str(c->string);
           }
