@@ -49,6 +49,12 @@ kj::Maybe<kj::Array<SrvRecord>> parseSrvAnswer(const unsigned char* buf, int len
       records.add(SrvRecord{kj::heapString(host), r->port, r->priority, r->weight});
     }
   }
+  if (records.size() == 0) {
+    // c-ares can succeed without a single SRV record (answers of other types only); to callers
+    // that is "no records", as documented for querySrv()/querySrvOverTls().
+    *statusOut = ARES_ENODATA;
+    return nullptr;
+  }
   return records.releaseAsArray();
 }
 
@@ -453,22 +459,31 @@ private:
 
   kj::Promise<kj::Array<SrvRecord>> parse(size_t got) {
     if (got < response.size()) return fail(kj::str("truncated answer"));
-    uint16_t id = (uint16_t(response[0]) << 8) | response[1];
-    if (id != queryId) return fail(kj::str("answer for another query id"));
-    if ((response[2] & 0x80) == 0) return fail(kj::str("malformed answer (not a response)"));
-    uint rcode = response[3] & 0x0f;
-    if (rcode == 3) return fail(kj::str("domain name not found (NXDOMAIN)"));
-    if (rcode != 0) return fail(kj::str("the DNS server answered rcode ", rcode));
-    int status;
-    KJ_IF_MAYBE(records, parseSrvAnswer(response.begin(), response.size(), &status)) {
-      return kj::mv(*records);
-    }
-    if (status == ARES_ENODATA) return fail(kj::str("no records of that type (NODATA)"));
-    return fail(kj::str("malformed answer: ", ares_strerror(status)));
+    auto answer = decodeSrvResponse(response, queryId);
+    if (answer.error.size() > 0) return fail(kj::mv(answer.error));
+    return kj::mv(answer.records);
   }
 };
 
 }  // namespace
+
+SrvAnswer decodeSrvResponse(kj::ArrayPtr<const kj::byte> message, uint16_t queryId) {
+  auto failed = [](kj::String reason) { return SrvAnswer{nullptr, kj::mv(reason)}; };
+  if (message.size() < 12) return failed(kj::str("malformed answer (", message.size(), " bytes)"));
+  uint16_t id = (uint16_t(message[0]) << 8) | message[1];
+  if (id != queryId) return failed(kj::str("answer for another query id"));
+  if ((message[2] & 0x80) == 0) return failed(kj::str("malformed answer (not a response)"));
+  uint rcode = message[3] & 0x0f;
+  if (rcode == 3) return failed(kj::str("domain name not found (NXDOMAIN)"));
+  if (rcode != 0) return failed(kj::str("the DNS server answered rcode ", rcode));
+  if (message.size() > MAX_DNS_MESSAGE) return failed(kj::str("malformed answer (too long)"));
+  int status;
+  KJ_IF_MAYBE(records, parseSrvAnswer(message.begin(), int(message.size()), &status)) {
+    return SrvAnswer{kj::mv(*records), kj::str()};
+  }
+  if (status == ARES_ENODATA) return failed(kj::str("no records of that type (NODATA)"));
+  return failed(kj::str("malformed answer: ", ares_strerror(status)));
+}
 
 kj::Promise<kj::Array<SrvRecord>> querySrvOverTls(
     kj::Timer& timer, kj::Network& network, const DotServer& server, kj::StringPtr name,

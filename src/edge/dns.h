@@ -73,4 +73,15 @@ kj::Promise<kj::Array<SrvRecord>> querySrvOverTls(
 // timeout / malformed answer / NXDOMAIN / no records. `timer`, `network`, `server` must outlive the
 // promise; `name` is copied.
 
+struct SrvAnswer {
+  kj::Array<SrvRecord> records;  // in answer order; empty on error
+  kj::String error;              // "" on success, else why the answer is unusable
+};
+
+SrvAnswer decodeSrvResponse(kj::ArrayPtr<const kj::byte> message, uint16_t queryId);
+// One DNS response message (without the 2-byte TCP length prefix) to the SRV query `queryId`:
+// checks id, QR bit and rcode, then parses the answers with c-ares. Untrusted input: never
+// throws; `error` says why ("malformed answer: ...", "no records of that type (NODATA)", ...).
+// Used by querySrvOverTls(); exposed for tests.
+
 }  // namespace cfqt::edge
