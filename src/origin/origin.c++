@@ -876,6 +876,22 @@ private:
                              kj::str("malformed response from origin: ", error->description));
     }
     status = result.get<kj::HttpHeaders::Response>().statusCode;
+    // kj's parser is lenient: header names with non-token bytes and values with control bytes
+    // get through. Go's reader (textproto) refuses such a response, and the edge would refuse
+    // the metadata we made of it (wire::decodeResponse: BAD_HEADER): fail before the head.
+    kj::Maybe<kj::String> badHeader;
+    parsed->forEach([&](kj::StringPtr name, kj::StringPtr value) {
+      if (badHeader != nullptr) return;
+      if (!wire::isHttpToken(name)) {
+        badHeader = kj::str("malformed response from origin: invalid header name");
+      } else if (!wire::isValidHeaderValue(value)) {
+        badHeader = kj::str("malformed response from origin: invalid value of header ",
+                            wire::canonicalHeaderName(name));
+      }
+    });
+    KJ_IF_MAYBE(error, badHeader) {
+      return originException(kj::Exception::Type::FAILED, *error);
+    }
     if (status >= 100 && status < 200 && !(status == 101 && websocket)) {
       // Interim response (100 Continue, 102, 103): skip it. A 101 to a plain request would
       // switch protocols we did not ask for: fail.
