@@ -6,7 +6,8 @@
 // Covered: the data-stream preamble (sync decoders, async readers incl. the RPC signature, with
 // tight limits too), the HTTP <-> metadata mapping (decoded vectors and random metadata), the
 // control stream (ControlClient fed mutated E->C transcript messages, ControlServer fed mutated
-// C->E ones, both also fed random garbage).
+// C->E ones, both also fed random garbage), the edge-opened RPC stream (serveCloudflaredRpc fed
+// mutated updateConfiguration/registerUdpSession calls) and the remote-configuration JSON.
 
 #include "wire/control.h"
 #include "wire/data-stream.h"
@@ -722,6 +723,149 @@ KJ_TEST("fuzz: ControlServer fed random garbage") {
     pipe.ends[1] = nullptr;
     settle(timer, io.waitScope, kj::mv(reading), "client read loop");
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Edge-opened RPC streams (after RPC_STREAM_SIGNATURE): serveCloudflaredRpc() fed mutated calls.
+
+kj::Array<kj::byte> flat(capnp::MessageBuilder& builder) {
+  auto words = capnp::messageToFlatArray(builder);
+  return kj::heapArray<kj::byte>(words.asBytes());
+}
+
+constexpr kj::StringPtr CONFIG_JSON =
+    R"({"ingress":[{"hostname":"a.test","service":"http://localhost:8080"},)"
+    R"({"service":"http_status:404"}],"warp-routing":{"enabled":false},"n":[1.5e3,-2,null,true]})"_kj;
+
+// What an edge sends on such a stream: Bootstrap, then updateConfiguration, registerUdpSession
+// and unregisterUdpSession calls pipelined on the bootstrap answer, each followed by its Finish.
+kj::Array<kj::Array<kj::byte>> edgeRpcSeeds() {
+  kj::Vector<kj::Array<kj::byte>> out;
+  {
+    capnp::MallocMessageBuilder b;
+    b.initRoot<capnp::rpc::Message>().initBootstrap().setQuestionId(0);
+    out.add(flat(b));
+  }
+  auto callHeader = [](capnp::rpc::Message::Builder root, uint32_t question, uint64_t iface,
+                       uint16_t method) {
+    auto call = root.initCall();
+    call.setQuestionId(question);
+    call.initTarget().initPromisedAnswer().setQuestionId(0);
+    call.setInterfaceId(iface);
+    call.setMethodId(method);
+    return call.initParams().getContent();
+  };
+  auto finish = [&](uint32_t question) {
+    capnp::MallocMessageBuilder b;
+    b.initRoot<capnp::rpc::Message>().initFinish().setQuestionId(question);
+    out.add(flat(b));
+  };
+  {
+    capnp::MallocMessageBuilder b;
+    auto params = callHeader(b.initRoot<capnp::rpc::Message>(), 1,
+                             capnp::typeId<schema::ConfigurationManager>(), 0)
+        .initAs<schema::ConfigurationManager::UpdateConfigurationParams>();
+    params.setVersion(3);
+    params.setConfig(CONFIG_JSON.asBytes());
+    out.add(flat(b));
+  }
+  finish(1);
+  {
+    capnp::MallocMessageBuilder b;
+    auto params = callHeader(b.initRoot<capnp::rpc::Message>(), 2,
+                             capnp::typeId<schema::SessionManager>(), 0)
+        .initAs<schema::SessionManager::RegisterUdpSessionParams>();
+    params.setSessionId(kj::heapArray<kj::byte>(16));
+    params.setDstIp(kj::heapArray<kj::byte>({127, 0, 0, 1}));
+    params.setDstPort(53);
+    params.setCloseAfterIdleHint(1000);
+    out.add(flat(b));
+  }
+  finish(2);
+  {
+    capnp::MallocMessageBuilder b;
+    auto params = callHeader(b.initRoot<capnp::rpc::Message>(), 3,
+                             capnp::typeId<schema::SessionManager>(), 1)
+        .initAs<schema::SessionManager::UnregisterUdpSessionParams>();
+    params.setSessionId(kj::heapArray<kj::byte>(16));
+    params.setMessage("bye");
+    out.add(flat(b));
+  }
+  finish(3);
+  return out.releaseAsArray();
+}
+
+class CountingHandler final: public ConfigurationHandler {
+public:
+  kj::Maybe<kj::String> applyConfiguration(int32_t version,
+                                           kj::ArrayPtr<const kj::byte> json) override {
+    applied++;
+    return nullptr;
+  }
+  size_t applied = 0;
+};
+
+KJ_TEST("fuzz: serveCloudflaredRpc fed mutated edge calls") {
+  auto io = kj::setupAsyncIo();
+  auto& timer = io.provider->getTimer();
+  auto seeds = edgeRpcSeeds();
+  Rng rng(0xC0FFEE09);
+  CountingHandler handler;
+  size_t answers = 0;
+  for (size_t i = 0; i < 600; i++) {
+    KJ_CONTEXT(i);
+    RemoteConfigState config(handler);
+    auto pipe = kj::newTwoWayPipe();
+    ServeRpcOptions options;
+    options.timer = timer;
+    options.maxDuration = GUARD;  // ends the session: reaching it fails the case below
+    if (rng.chance(4)) options.traversalLimitWords = 1 + rng.below(128);
+    bool served = false;
+    auto serving = serveCloudflaredRpc(*pipe.ends[1], config, options)
+        .then([&served]() { served = true; }, [&served](kj::Exception&&) { served = true; })
+        .eagerlyEvaluate(nullptr);
+    EdgeEnd edge{*pipe.ends[0]};  // reads the client's answers
+    auto reading = edge.readLoop().catch_([](kj::Exception&&) {}).eagerlyEvaluate(nullptr);
+    size_t victim = rng.below(seeds.size() + 1);
+    for (size_t m = 0; m < seeds.size(); m++) {
+      auto bytes = m == victim ? fuzz::mutate(rng, seeds[m], 0) : kj::heapArray(seeds[m].asPtr());
+      auto write = edge.stream.write(bytes.begin(), bytes.size()).catch_([](kj::Exception&&) {});
+      if (!write.poll(io.waitScope)) break;  // the session stopped reading: it is over
+      write.wait(io.waitScope);
+      io.waitScope.poll();
+    }
+    edge.stream.shutdownWrite();
+    auto start = timer.now();
+    settle(timer, io.waitScope, kj::mv(serving), "serveCloudflaredRpc");
+    KJ_ASSERT(served);
+    KJ_ASSERT(timer.now() - start < GUARD, "the session outlived the edge's EOF");
+    pipe.ends[1] = nullptr;
+    settle(timer, io.waitScope, kj::mv(reading), "edge read loop");
+    answers += edge.messages;
+  }
+  KJ_EXPECT(handler.applied > 100, handler.applied);
+  KJ_EXPECT(answers > 1000, answers);
+}
+
+KJ_TEST("fuzz: RemoteConfigState with mutated configuration JSON") {
+  Rng rng(0xC0FFEE0A);
+  CountingHandler handler;
+  size_t accepted = 0;
+  for (size_t i = 0; i < 3000; i++) {
+    KJ_CONTEXT(i);
+    RemoteConfigState config(handler);
+    auto json = fuzz::mutate(rng, CONFIG_JSON.asBytes(), CONFIG_JSON.size());
+    auto result = config.update(int32_t(rng.below(3)), json);
+    if (result.err.size() == 0 && result.latestAppliedVersion >= 0) accepted++;
+    KJ_EXPECT(result.latestAppliedVersion == config.currentVersion());
+  }
+  // Deep nesting is refused, not recursed into.
+  kj::Vector<kj::byte> deep;
+  for (size_t i = 0; i < 100000; i++) deep.add('[');
+  RemoteConfigState config(handler);
+  auto result = config.update(1, deep);
+  KJ_EXPECT(result.err.size() > 0 && result.latestAppliedVersion == -1);
+  KJ_EXPECT(accepted > 100, accepted);
 }
 
 }  // namespace
