@@ -1,0 +1,268 @@
+// Robustness of the edge layer's decoders of untrusted bytes (the quick-tunnel API body, its JSON,
+// UUID and base64 fields, the DNS-over-TLS answer parser): deterministic mutation tests. Every case
+// must give a valid decode or a typed error -- never an assertion, a crash or a sanitizer report.
+
+#include "edge/dns.h"
+#include "edge/json.h"
+#include "edge/quick-tunnel-api.h"
+#include "wire/fuzz-mutator.h"
+
+#include <kj/encoding.h>
+#include <kj/test.h>
+
+namespace cfqt::edge {
+namespace {
+
+using fuzz::Rng;
+
+kj::ArrayPtr<const kj::byte> bytesOf(kj::StringPtr text) { return text.asBytes(); }
+
+// Seeds: what the API answers (and what it might answer).
+constexpr kj::StringPtr JSON_SEEDS[] = {
+    R"({"success":true,"result":{"id":"3f1c0a2e-1b2c-4d3e-8f90-a1b2c3d4e5f6","name":"qt",)"
+    R"("hostname":"happy-words-here.trycloudflare.com","account_tag":)"
+    R"("0123456789abcdef0123456789abcdef","secret":"aGVsbG8gd29ybGQ="},"errors":[],)"
+    R"("messages":[]})"_kj,
+    R"({"success":false,"result":null,"errors":[{"code":1001,"message":"tunnel quota exceeded"},)"
+    R"({"code":7003,"message":"could not route"}],"messages":[]})"_kj,
+    R"({"SUCCESS":true,"Result":{"id":"urn:uuid:3F1C0A2E-1B2C-4D3E-8F90-A1B2C3D4E5F6",)"
+    R"("hostname":"a-b-c.trycloudflare.com","account_tag":"acct","secret":"aGVsbG8=",)"
+    R"("extra":[1,-2.5e3,{"x":null}]},"Errors":[],"whatever":{"deep":[true,false]}})"_kj,
+    R"( {"a":"x\u00e9\ud83d\ude00\n\"\\\/\b\f\r\t","b":[1,-2.5e3,true,false,null],"A":{}} )"_kj,
+    R"({"result":{"id":"{3f1c0a2e-1b2c-4d3e-8f90-a1b2c3d4e5f6}","hostname":"h",)"
+    R"("secret":"c2VjcmV0LXRleHQ="}})"_kj,
+};
+
+void checkDecode(uint status, kj::Maybe<kj::StringPtr> contentType,
+                 kj::ArrayPtr<const kj::byte> body) {
+  KJ_SWITCH_ONEOF(decodeQuickTunnelResponse(status, contentType, body)) {
+    KJ_CASE_ONEOF(tunnel, QuickTunnel) {
+      KJ_EXPECT(tunnel.tunnelId.size() == 16);
+      KJ_EXPECT(tunnel.id.size() == 36);
+      KJ_EXPECT(tunnel.secret.size() > 0);
+      KJ_EXPECT(tunnel.hostname.size() > 0);
+    }
+    KJ_CASE_ONEOF(error, QuickTunnelError) {
+      // The message a user sees: bounded (the excerpt is cut), and classifiable again.
+      KJ_EXPECT(error.message.size() < 2048, error.message.size());
+      auto e = makeQuickTunnelException(kj::mv(error));
+      KJ_EXPECT(quickTunnelErrorKind(e) != nullptr, e.getDescription());
+    }
+  }
+}
+
+KJ_TEST("fuzz: parseJson and decodeQuickTunnelResponse on mutated API bodies") {
+  Rng rng(0xED6E0001);
+  size_t decoded = 0, parsed = 0;
+  static constexpr uint STATUSES[] = {200, 200, 200, 201, 400, 404, 429, 500, 503};
+  static constexpr kj::StringPtr TYPES[] = {"application/json"_kj, "text/html"_kj,
+                                            "text/html; charset=utf-8"_kj, ""_kj};
+  for (auto seed: JSON_SEEDS) {
+    KJ_CONTEXT(seed);
+    KJ_EXPECT(parseJson(bytesOf(seed)) != nullptr);
+    // Every truncation: never a valid document except the whole one (and never a crash).
+    for (size_t len = 0; len < seed.size(); len++) {
+      auto prefix = bytesOf(seed).slice(0, len);
+      parseJson(prefix);
+      checkDecode(200, "application/json"_kj, prefix);
+    }
+    for (size_t i = 0; i < 3000; i++) {
+      KJ_CONTEXT(i);
+      auto body = fuzz::mutate(rng, bytesOf(seed), bytesOf(seed).size());
+      if (parseJson(body, 1 + rng.below(40)) != nullptr) parsed++;
+      kj::Maybe<kj::StringPtr> type;
+      if (!rng.chance(4)) type = TYPES[rng.below(4)];
+      uint status = STATUSES[rng.below(sizeof(STATUSES) / sizeof(STATUSES[0]))];
+      auto result = decodeQuickTunnelResponse(status, type, body);
+      if (result.is<QuickTunnel>()) decoded++;
+      checkDecode(status, type, body);
+    }
+  }
+  KJ_EXPECT(parsed > 1000, parsed);
+  KJ_EXPECT(decoded > 100, decoded);
+}
+
+KJ_TEST("fuzz: parseJson on random and adversarial text") {
+  Rng rng(0xED6E0002);
+  static constexpr kj::StringPtr TOKENS[] = {
+      "{"_kj, "}"_kj, "["_kj, "]"_kj, ","_kj, ":"_kj, "\""_kj, "\\"_kj, "\\u"_kj, "\\ud800"_kj,
+      "\\udc00"_kj, "\\u0000"_kj, "d83d"_kj, "0"_kj, "-"_kj, "1e999"_kj, "-1e-999"_kj,
+      "."_kj, "e"_kj, "true"_kj, "fals"_kj, "null"_kj, " "_kj, "\n"_kj, "\x01"_kj, "\xff"_kj};
+  for (size_t i = 0; i < 6000; i++) {
+    KJ_CONTEXT(i);
+    kj::Vector<kj::byte> text;
+    size_t count = rng.below(24);
+    for (size_t j = 0; j < count; j++) {
+      if (rng.chance(5)) {
+        text.add(rng.byte());
+      } else {
+        text.addAll(TOKENS[rng.below(sizeof(TOKENS) / sizeof(TOKENS[0]))].asBytes());
+      }
+    }
+    parseJson(text, uint(rng.below(8)));
+    checkDecode(200, nullptr, text);
+  }
+  // Nesting far beyond the limit is refused without deep recursion.
+  for (auto open: {"["_kj, "{\"a\":"_kj}) {
+    kj::Vector<kj::byte> deep;
+    for (size_t i = 0; i < 100000; i++) deep.addAll(open.asBytes());
+    KJ_EXPECT(parseJson(deep) == nullptr);
+    checkDecode(200, nullptr, deep);
+  }
+  kj::Vector<kj::byte> ok;
+  for (size_t i = 0; i < 32; i++) ok.add('[');
+  for (size_t i = 0; i < 32; i++) ok.add(']');
+  KJ_EXPECT(parseJson(ok) != nullptr);
+}
+
+KJ_TEST("fuzz: API error codes that are not integers are reported sanely") {
+  // errors[].code is an int in Go: huge, fractional and infinite numbers must not be cast
+  // (undefined behaviour) into garbage such as -9223372036854775808.
+  for (auto code: {"1e400"_kj, "-1e400"_kj, "1e19"_kj, "-9.3e18"_kj, "1.5"_kj, "1e-400"_kj}) {
+    KJ_CONTEXT(code);
+    auto body = kj::str(R"({"success":false,"errors":[{"code":)", code,
+                        R"(,"message":"m"}]})");
+    auto result = decodeQuickTunnelResponse(400, "application/json"_kj, body.asBytes());
+    KJ_ASSERT(result.is<QuickTunnelError>());
+    auto& error = result.get<QuickTunnelError>();
+    KJ_EXPECT(error.kind == QuickTunnelErrorKind::API_ERROR);
+    KJ_EXPECT(strstr(error.message.cStr(), "9223372036854775808") == nullptr, error.message);
+    KJ_EXPECT(strstr(error.message.cStr(), "9223372036854775807") == nullptr, error.message);
+  }
+  auto body = R"({"success":false,"errors":[{"code":1001,"message":"m"}]})"_kj;
+  auto result = decodeQuickTunnelResponse(400, "application/json"_kj, body.asBytes());
+  KJ_ASSERT(result.is<QuickTunnelError>());
+  KJ_EXPECT(strstr(result.get<QuickTunnelError>().message.cStr(), "error 1001: m") != nullptr,
+            result.get<QuickTunnelError>().message);
+}
+
+KJ_TEST("fuzz: parseUuid and decodeStdBase64Padded on mutated text") {
+  Rng rng(0xED6E0003);
+  constexpr kj::StringPtr UUIDS[] = {"3f1c0a2e-1b2c-4d3e-8f90-a1b2c3d4e5f6"_kj,
+                                     "urn:uuid:3f1c0a2e-1b2c-4d3e-8f90-a1b2c3d4e5f6"_kj,
+                                     "{3f1c0a2e-1b2c-4d3e-8f90-a1b2c3d4e5f6}"_kj,
+                                     "3f1c0a2e1b2c4d3e8f90a1b2c3d4e5f6"_kj};
+  for (size_t i = 0; i < 4000; i++) {
+    KJ_CONTEXT(i);
+    auto text = fuzz::mutate(rng, UUIDS[rng.below(4)].asBytes(), 1000);
+    auto copy = kj::heapString(text.asChars());
+    KJ_IF_MAYBE(bytes, parseUuid(copy)) {
+      KJ_ASSERT(bytes->size() == 16);
+      // The canonical form parses back to the same bytes.
+      auto canonical = formatUuid(*bytes);
+      KJ_EXPECT(KJ_ASSERT_NONNULL(parseUuid(canonical)) == *bytes);
+    }
+  }
+  for (size_t i = 0; i < 4000; i++) {
+    KJ_CONTEXT(i);
+    auto raw = fuzz::randomBytes(rng, 24);
+    auto encoded = kj::encodeBase64(raw);
+    auto text = rng.chance(4) ? kj::heapArray(encoded.asBytes())
+                              : fuzz::mutate(rng, encoded.asBytes(), 1000);
+    auto copy = kj::heapString(text.asChars());
+    KJ_IF_MAYBE(bytes, decodeStdBase64Padded(copy)) {
+      // Whatever decodes has the length its padded text implies.
+      size_t clean = 0, pad = 0;
+      for (char c: copy) {
+        if (c != '\r' && c != '\n') clean++;
+        if (c == '=') pad++;
+      }
+      KJ_EXPECT(bytes->size() == clean / 4 * 3 - pad, copy);
+    } else {
+      KJ_EXPECT(copy != encoded, copy);  // a valid encoding always decodes
+    }
+    if (copy == encoded) {
+      KJ_EXPECT(KJ_ASSERT_NONNULL(decodeStdBase64Padded(copy)) == raw);
+    }
+  }
+}
+
+KJ_TEST("fuzz: parseDotServer on mutated text") {
+  Rng rng(0xED6E0004);
+  constexpr kj::StringPtr SEEDS[] = {"1.1.1.1:853#cloudflare-dns.com"_kj, "[2606:4700::1111]:853"_kj,
+                                     "127.0.0.1:8853"_kj};
+  for (size_t i = 0; i < 3000; i++) {
+    KJ_CONTEXT(i);
+    auto text = fuzz::mutate(rng, SEEDS[rng.below(3)].asBytes(), 1000);
+    auto copy = kj::heapString(text.asChars());
+    KJ_IF_MAYBE(server, parseDotServer(copy)) {
+      KJ_EXPECT(server->tlsName.size() > 0);
+    }
+  }
+}
+
+// A DNS response to the SRV query 0x1234 for _v2-origintunneld._tcp.argotunnel.com: two answers,
+// the second target compressed against the first.
+kj::Array<kj::byte> srvResponse() {
+  kj::Vector<kj::byte> m;
+  auto u16 = [&](uint v) { m.add(kj::byte(v >> 8)); m.add(kj::byte(v)); };
+  auto name = [&](kj::ArrayPtr<const kj::StringPtr> labels) {
+    for (auto label: labels) {
+      m.add(kj::byte(label.size()));
+      m.addAll(label.asBytes());
+    }
+    m.add(0);
+  };
+  u16(0x1234); u16(0x8180); u16(1); u16(2); u16(0); u16(0);
+  kj::StringPtr question[] = {"_v2-origintunneld"_kj, "_tcp"_kj, "argotunnel"_kj, "com"_kj};
+  name(question);
+  u16(33); u16(1);
+  // answer 1: name -> question (offset 12), target region1.v2.argotunnel.com
+  u16(0xc00c); u16(33); u16(1); u16(0); u16(300);
+  size_t rdlengthAt = m.size();
+  u16(0);
+  size_t rdataStart = m.size();
+  u16(1); u16(1); u16(7844);
+  size_t targetAt = m.size();
+  kj::StringPtr target[] = {"region1"_kj, "v2"_kj, "argotunnel"_kj, "com"_kj};
+  name(target);
+  size_t rdlength = m.size() - rdataStart;
+  m[rdlengthAt] = kj::byte(rdlength >> 8);
+  m[rdlengthAt + 1] = kj::byte(rdlength);
+  // answer 2: target region2 + pointer to "v2.argotunnel.com"
+  u16(0xc00c); u16(33); u16(1); u16(0); u16(300);
+  u16(6 + 1 + 7 + 2);
+  u16(2); u16(1); u16(7844);
+  m.add(7);
+  m.addAll("region2"_kj.asBytes());
+  u16(0xc000 | (targetAt + 8));
+  return m.releaseAsArray();
+}
+
+KJ_TEST("fuzz: decodeSrvResponse (DNS-over-TLS answers) on mutated responses") {
+  auto seed = srvResponse();
+  auto first = decodeSrvResponse(seed, 0x1234);
+  KJ_ASSERT(first.error == "", first.error);
+  auto& records = first.records;
+  KJ_ASSERT(records.size() == 2);
+  KJ_EXPECT(records[0].target == "region1.v2.argotunnel.com", records[0].target);
+  KJ_EXPECT(records[1].target == "region2.v2.argotunnel.com", records[1].target);
+  KJ_EXPECT(records[0].port == 7844 && records[1].priority == 2);
+  KJ_EXPECT(decodeSrvResponse(seed, 0x1235).error == "answer for another query id");
+  for (size_t len = 0; len < seed.size(); len++) {
+    auto answer = decodeSrvResponse(seed.slice(0, len), 0x1234);
+    KJ_EXPECT(answer.error.size() > 0 && answer.records.size() == 0, len);
+  }
+  Rng rng(0xED6E0005);
+  size_t decoded = 0;
+  for (size_t i = 0; i < 6000; i++) {
+    KJ_CONTEXT(i);
+    auto input = fuzz::mutate(rng, seed, 12);
+    // Keep the header valid most of the time so the answers get parsed.
+    if (input.size() >= 4 && !rng.chance(4)) {
+      input[0] = 0x12; input[1] = 0x34; input[2] |= 0x80; input[3] &= 0xf0;
+    }
+    auto answer = decodeSrvResponse(input, 0x1234);
+    if (answer.error.size() == 0) {
+      decoded++;
+      KJ_EXPECT(answer.records.size() > 0);
+      for (auto& r: answer.records) KJ_EXPECT(!r.target.endsWith("."), r.target);
+    } else {
+      KJ_EXPECT(answer.records.size() == 0);
+    }
+  }
+  KJ_EXPECT(decoded > 100, decoded);
+}
+
+}  // namespace
+}  // namespace cfqt::edge
