@@ -3,6 +3,7 @@
 // chunked with extensions and trailers, until-EOF, interim 1xx, 101 to a plain request). Every
 // case must end with serveStream() settled (resolved or rejected), never an assertion, crash,
 // sanitizer report or hang; and whatever reached the edge must be a well-formed ConnectResponse.
+// Also: mutated 101 answers to WebSocket requests, and random request metadata from the edge.
 
 #include "origin/origin.h"
 
@@ -288,6 +289,25 @@ KJ_TEST("fuzz: origin response parsing, mutated responses") {
   KJ_EXPECT(harness.decodedHeads > 200, harness.decodedHeads);
   KJ_EXPECT(harness.errorAnswers > 200, harness.errorAnswers);
   KJ_EXPECT(harness.scripted.connections == sizeof(SEEDS) / sizeof(SEEDS[0]) * 250);
+
+  // WebSocket requests: the origin's 101 (mutated) switches to raw pass-through, or fails.
+  auto upgrade = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                 "Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
+                 "\r\n\x81\x05hello"_kj;
+  size_t headsBefore = harness.decodedHeads;
+  for (size_t i = 0; i < 300; i++) {
+    KJ_CONTEXT(i);
+    capnp::MallocMessageBuilder message;
+    auto request = message.initRoot<wire::schema::ConnectRequest>();
+    wire::Header headers[] = {{kj::str("Sec-WebSocket-Key"), kj::str("dGhlIHNhbXBsZSBub25jZQ==")},
+                              {kj::str("Sec-WebSocket-Version"), kj::str("13")}};
+    wire::encodeRequest(request, "http://origin.fuzz/ws", wire::schema::ConnectionType::WEBSOCKET,
+                        "GET", "origin.fuzz", headers);
+    auto response = i == 0 ? kj::heapArray(upgrade.asBytes())
+                           : fuzz::mutate(rng, upgrade.asBytes(), upgrade.size());
+    harness.run(response, request.asReader());
+  }
+  KJ_EXPECT(harness.decodedHeads - headsBefore > 50, harness.decodedHeads - headsBefore);
 }
 
 KJ_TEST("fuzz: origin response parsing, adversarial sizes and framing") {
