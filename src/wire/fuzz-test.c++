@@ -620,6 +620,73 @@ KJ_TEST("fuzz: ControlClient fed random garbage") {
   }
 }
 
+KJ_TEST("fuzz: ControlClient, every truncation of the E->C stream") {
+  auto io = kj::setupAsyncIo();
+  auto& timer = io.provider->getTimer();
+  auto file = load();
+  auto replies = messagesOf(file.transcripts[0], Direction::EDGE_TO_CLIENT);
+  kj::Vector<kj::byte> all;
+  for (auto m: replies) all.addAll(m->bytes);
+  size_t registered = 0;
+  for (size_t len = 0; len <= all.size(); len++) {
+    KJ_CONTEXT(len);
+    auto pipe = kj::newTwoWayPipe();
+    ControlClientOptions options;
+    options.callTimeout = 50 * kj::MILLISECONDS;
+    ControlClient client(*pipe.ends[0], timer, options);
+    EdgeEnd edge{*pipe.ends[1]};
+    auto reading = edge.readLoop().catch_([](kj::Exception&&) {}).eagerlyEvaluate(nullptr);
+    auto registration = client.registerConnection(sampleParams())
+        .then([&registered](RegistrationResult&&) { registered++; },
+              [](kj::Exception&&) {});
+    auto bytes = all.asPtr().slice(0, len);
+    auto writing = edge.stream.write(bytes.begin(), bytes.size()).then([&edge]() {
+      edge.stream.shutdownWrite();
+    }).eagerlyEvaluate([](kj::Exception&&) {});
+    settle(timer, io.waitScope, kj::mv(registration), "registerConnection");
+    settle(timer, io.waitScope, client.onDisconnect(), "onDisconnect");
+  }
+  // Registration completes exactly once the first two messages arrived whole.
+  KJ_EXPECT(registered == all.size() + 1 - replies[0]->bytes.size() - replies[1]->bytes.size(),
+            registered);
+}
+
+KJ_TEST("fuzz: ControlServer, every truncation of the C->E stream") {
+  auto io = kj::setupAsyncIo();
+  auto& timer = io.provider->getTimer();
+  auto file = load();
+  auto calls = messagesOf(file.transcripts[0], Direction::CLIENT_TO_EDGE);
+  kj::Vector<kj::byte> all;
+  for (auto m: calls) all.addAll(m->bytes);
+  auto uuid = kj::heapArray<kj::byte>(16);
+  FixedRegistrationPolicy policy(ConnectionDetails{kj::mv(uuid), kj::str("FUZ"), false});
+  size_t registrations = 0;
+  for (size_t len = 0; len <= all.size(); len++) {
+    KJ_CONTEXT(len);
+    struct Observer final: public ControlObserver {
+      size_t& count;
+      explicit Observer(size_t& count): count(count) {}
+      void registered(const RegistrationParams&, const RegistrationResult&) override { count++; }
+    } observer(registrations);
+    auto pipe = kj::newTwoWayPipe();
+    auto server = kj::heap<ControlServer>(*pipe.ends[1], policy, observer);
+    EdgeEnd client{*pipe.ends[0]};
+    auto reading = client.readLoop().catch_([](kj::Exception&&) {}).eagerlyEvaluate(nullptr);
+    {
+      auto write = client.stream.write(all.begin(), len).catch_([](kj::Exception&&) {});
+      if (write.poll(io.waitScope)) write.wait(io.waitScope);
+    }
+    client.stream.shutdownWrite();
+    settle(timer, io.waitScope, server->onDisconnect(), "onDisconnect");
+    server = nullptr;
+    pipe.ends[1] = nullptr;
+    settle(timer, io.waitScope, kj::mv(reading), "client read loop");
+  }
+  // The registration call is the 2nd message: whole from then on.
+  KJ_EXPECT(registrations == all.size() + 1 - calls[0]->bytes.size() - calls[1]->bytes.size(),
+            registrations);
+}
+
 struct CountingObserver final: public ControlObserver {
   void registered(const RegistrationParams& params, const RegistrationResult& result) override {
     registrations++;
