@@ -5,6 +5,8 @@
 
 #include <kj/debug.h>
 #include <kj/test.h>
+#include <kj/thread.h>
+#include <kj/vector.h>
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -16,6 +18,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <string>
 
 namespace cfqt::tunnel {
@@ -38,6 +41,9 @@ struct EdgeProcess {
     if (pid == 0) {
       dup2(fds[1], 1);
       close(fds[0]);
+      // Unwind and exit() on SIGTERM instead of _exit(): destructors and (in sanitizer builds)
+      // the leak check run, and their findings show in the exit status.
+      setenv("KJ_CLEAN_SHUTDOWN", "1", 1);
       execl(path.cStr(), path.cStr(), "--state-dir", stateTemplate, "--edge-listen",
             "127.0.0.1:0", "--edge-listen", "127.0.0.2:0", "--loglevel", "error",
             static_cast<char*>(nullptr));
@@ -58,8 +64,10 @@ struct EdgeProcess {
   ~EdgeProcess() {
     if (pid > 0) {
       kill(pid, SIGTERM);
-      int status;
-      waitpid(pid, &status, 0);
+      int status = 0;
+      KJ_EXPECT(waitpid(pid, &status, 0) == pid);
+      KJ_EXPECT(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+                "cfqt-edge did not exit cleanly after SIGTERM", status);
     }
   }
 
@@ -192,6 +200,85 @@ KJ_TEST("C API: start, wait for URL, stop, free") {
   error[0] = '\0';
   KJ_EXPECT(cfqt_tunnel_start(nullptr, error, sizeof(error)) == nullptr);
   KJ_EXPECT(strstr(error, "nothing to expose") != nullptr, error);
+}
+
+KJ_TEST("public C++ API: stop or destroy at awkward moments, calls from several threads") {
+  EdgeProcess edge;
+  auto options = [&]() {
+    cfqt::TunnelOptions o;
+    o.helloWorld = true;
+    o.quickService = "http://" + edge.field("api");
+    o.edges = edge.edges();
+    o.edgeCaFile = edge.field("ca");
+    o.backoffBase = std::chrono::milliseconds(20);
+    o.gracePeriod = std::chrono::milliseconds(500);
+    o.logLevel = "fatal";
+    return o;
+  };
+
+  // Stopped right after start: before (or while) the quick tunnel is requested.
+  for (int i = 0; i < 5; i++) {
+    auto t = cfqt::Tunnel::start(options());
+    KJ_EXPECT(t->stop() == 0);
+    KJ_EXPECT(!t->running());
+    KJ_EXPECT(t->readyConnections() == 0);
+  }
+
+  // Destroyed without stop(), once before registration and once while connected.
+  { auto t = cfqt::Tunnel::start(options()); }
+  {
+    auto t = cfqt::Tunnel::start(options());
+    KJ_ASSERT(t->waitUntilReady(std::chrono::seconds(20)));
+  }
+
+  // Status calls from several threads while another thread stops the tunnel.
+  auto t = cfqt::Tunnel::start(options());
+  KJ_ASSERT(t->waitUntilReady(std::chrono::seconds(20)));
+  std::atomic<bool> done{false};
+  std::atomic<int> calls{0};
+  std::atomic<int> stopCode{-1};
+  {
+    kj::Vector<kj::Own<kj::Thread>> threads;
+    for (int i = 0; i < 4; i++) {
+      threads.add(kj::heap<kj::Thread>([&]() {
+        while (!done.load()) {
+          t->readyConnections();
+          t->publicUrl();
+          t->hostname();
+          t->running();
+          calls++;
+        }
+      }));
+    }
+    threads.add(kj::heap<kj::Thread>([&]() {
+      stopCode = t->stop();
+      done = true;
+    }));
+  }
+  KJ_EXPECT(stopCode.load() == 0);
+  KJ_EXPECT(calls.load() > 0);
+  KJ_EXPECT(!t->running());
+  KJ_EXPECT(t->stop() == 0);
+}
+
+KJ_TEST("public C++ API: a quick-tunnel service that refuses connections, stopped while retrying") {
+  // A port with nothing listening: the request fails and is retried until stop().
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in sa = {};
+  sa.sin_family = AF_INET;
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  KJ_SYSCALL(bind(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)));
+  socklen_t len = sizeof(sa);
+  KJ_SYSCALL(getsockname(fd, reinterpret_cast<sockaddr*>(&sa), &len));
+  close(fd);
+  cfqt::TunnelOptions o;
+  o.helloWorld = true;
+  o.quickService = "http://127.0.0.1:" + std::to_string(ntohs(sa.sin_port));
+  o.logLevel = "fatal";
+  auto t = cfqt::Tunnel::start(o);
+  KJ_EXPECT(t->waitForUrl(std::chrono::milliseconds(50)) == "");
+  KJ_EXPECT(t->stop() == 0);
+  KJ_EXPECT(!t->running());
 }
 
 }  // namespace
