@@ -258,7 +258,12 @@ class Origin:
 # Processes
 
 ALL_LOGS = []
+PROCS = []   # the long-running processes, killed if the set-up fails
 SANITIZER = re.compile(r"ERROR: (Address|Leak)Sanitizer|runtime error:|SUMMARY: .*Sanitizer")
+
+
+def check_no_sanitizer_report(text):
+    check(not SANITIZER.search(text), "sanitizer report:\n" + text[-6000:])
 
 
 class LogFollower:
@@ -313,6 +318,7 @@ class Edge:
              "--edge-listen", "127.0.0.1:0", "--edge-listen", "127.0.0.2:0",
              "--open-stream-timeout", "5s", "--response-timeout", "30s"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        PROCS.append(self.proc)
         self.log = LogFollower(self.proc.stderr)
         ready = self._readline(self.proc.stdout)
         self.ready = json.loads(ready)
@@ -347,6 +353,7 @@ class Edge:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
 
 
 class Cfqt:
@@ -363,6 +370,7 @@ class Cfqt:
         self.cmd = cmd
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env=dict(os.environ, **(env or {})))
+        PROCS.append(self.proc)
         self.log = LogFollower(self.proc.stderr, log_sink)
         self.url = None
         self.host = None
@@ -891,6 +899,7 @@ def test_make_run_demo(env):
 def test_protocol_http2_refused(env):
     p = subprocess.run([os.path.join(env.bindir, "cfqt"), "tunnel", "--url", "http://x:1",
                         "--protocol", "http2"], capture_output=True, timeout=DEADLINE_S)
+    check_no_sanitizer_report(p.stderr.decode(errors="replace"))
     check(p.returncode == 2 and b"not supported" in p.stderr, p.returncode, p.stderr)
     check(p.stdout == b"", p.stdout)
 
@@ -925,7 +934,21 @@ def main():
     ap.add_argument("-k", default=None)
     args = ap.parse_args()
     signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(Fail("test run timed out")))
-    env = Env(os.path.abspath(args.bin))
+    # KJ_MAIN programs (cfqt-edge) otherwise end with _exit() and skip their destructors and
+    # the leak check of sanitizer builds; with it they unwind and exit() normally.
+    os.environ["KJ_CLEAN_SHUTDOWN"] = "1"
+    try:
+        env = Env(os.path.abspath(args.bin))
+    except Exception:
+        traceback.print_exc()
+        for p in PROCS:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in ALL_LOGS:
+            print("---- process log tail ----\n" + log.text()[-4000:])
+        print("[ FAIL ] set-up")
+        sys.exit(1)
     failed = 0
     try:
         for t in TESTS:
@@ -959,6 +982,10 @@ def main():
     if code not in (0, None):
         failed += 1
         print("[ FAIL ] main cfqt exited with %s after SIGTERM" % code)
+    code = env.edge.proc.returncode
+    if code != 0:
+        failed += 1
+        print("[ FAIL ] cfqt-edge exited with %s after SIGTERM" % code)
     print("%d failed" % failed)
     sys.exit(1 if failed else 0)
 
