@@ -23,7 +23,8 @@ build: setup build/build.ninja
 build-asan/build.ninja:
 	@cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCFQT_SANITIZE=ON -DCFQT_WERROR=ON $(CMAKE_FLAGS) 1>&2
 
-# The sanitizer build only builds and runs the tests labelled "asan" (the quic layer).
+# The sanitizer build only builds and runs the tests labelled "asan" (cfqt_test(... ASAN) and the
+# end-to-end test with the cfqt, cfqt-edge and C example binaries it drives).
 build-asan: setup build-asan/build.ninja
 	@cmake --build build-asan -j $(JOBS) --target asan-tests 1>&2
 
