@@ -1,6 +1,7 @@
 #pragma once
 // The local metrics / readiness HTTP server (PROTOCOL.md §1.5): `/ready`, `/quicktunnel` and
-// `/healthcheck` with cloudflared's exact bodies. `/metrics` (Prometheus) is a later step.
+// `/healthcheck` with cloudflared's exact bodies, and `/metrics` in the Prometheus text
+// exposition format 0.0.4 under cloudflared's series names.
 
 #include "observe/status.h"
 
@@ -16,6 +17,15 @@ kj::String readyBody(const TunnelStatus& status);
 // {"status":200|503,"readyConnections":N,"connectorId":"<uuid>"}
 kj::String quickTunnelBody(const TunnelStatus& status);
 // {"hostname":"<host>"} (no trailing newline)
+
+constexpr kj::StringPtr METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"_kj;
+
+kj::String metricsBody(const TunnelStatus& status);
+// The /metrics page: families sorted by name, labels by name, vectors without a child omitted
+// (as Go's registry writes them).
+
+kj::String escapeLabelValue(kj::StringPtr value);
+// Prometheus text format: backslash, double quote and newline become \\, \" and \n.
 
 class MetricsServer {
 public:
