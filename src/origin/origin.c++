@@ -449,6 +449,7 @@ public:
   kj::Timer& timer;
   const kj::HttpHeaderTable& table;
   OriginStats stats;
+  kj::Maybe<OriginObserver&> observer;
 
 private:
   struct IdleEntry {
@@ -968,6 +969,7 @@ private:
     auto response = message->initRoot<schema::ConnectResponse>();
     wire::encodeResponse(response, status, out.asPtr());
     headSent = true;
+    KJ_IF_MAYBE(o, impl.observer) o->responseHead(status);
     auto reader = response.asReader();
     return wire::writeConnectResponse(edge, reader).attach(kj::mv(message));
   }
@@ -1081,6 +1083,7 @@ private:
     auto response = message->initRoot<schema::ConnectResponse>();
     wire::encodeResponse(response, impl.config.status, kj::ArrayPtr<const wire::Header>());
     headSent = true;
+    KJ_IF_MAYBE(o, impl.observer) o->responseHead(impl.config.status);
     auto reader = response.asReader();
     return wire::writeConnectResponse(edge, reader).attach(kj::mv(message)).then([this]() {
       edge.shutdownWrite();
@@ -1097,6 +1100,7 @@ private:
   }
 
   kj::Promise<void> onFailure(kj::Exception&& e) {
+    KJ_IF_MAYBE(o, impl.observer) o->requestFailed();
     if (headSent) {
       // The head (or an error answer) is out: the only way to signal failure is a reset.
       return kj::Exception(kj::Exception::Type::DISCONNECTED, __FILE__, __LINE__,
@@ -1207,6 +1211,8 @@ kj::Promise<void> Origin::serveStream(kj::AsyncIoStream& stream,
 }
 
 OriginStats Origin::getStats() const { return impl->getStats(); }
+
+void Origin::setObserver(OriginObserver& observer) { impl->observer = observer; }
 
 uint64_t Origin::bufferedBytes() const { return impl->stats.bufferedBytes; }
 

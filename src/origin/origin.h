@@ -70,6 +70,18 @@ struct OriginStats {
   uint64_t maxBufferedBytes = 0;   // high-water mark of bufferedBytes
 };
 
+class OriginObserver {
+  // Per-request outcomes, for the tunnel's metrics (cloudflared's response_by_code and
+  // request_errors). Called on the Origin's thread.
+public:
+  virtual void responseHead(kj::uint statusCode) = 0;
+  // A final response head (never an interim 1xx) went to the edge: the origin's, or the fixed
+  // one of an `http_status:` origin.
+  virtual void requestFailed() = 0;
+  // A request failed: answered with a ConnectResponse error, or the stream must be reset after
+  // its head. Once per failed serveStream().
+};
+
 constexpr size_t PUMP_BUFFER_SIZE = 64 * 1024;
 // Per direction and stream, at most this many bytes are held between a read and its write.
 
@@ -102,6 +114,9 @@ public:
   //
   // The Origin must outlive every promise returned here (drain or cancel them first). Streams
   // run concurrently without limit; origin connections are pooled (keep-alive) per Origin.
+
+  void setObserver(OriginObserver& observer);
+  // Borrowed; must outlive the Origin's streams. Without one, outcomes are not reported.
 
   const OriginConfig& getConfig() const { return config; }
   OriginStats getStats() const;

@@ -62,13 +62,14 @@ kj::String describeClose(const quic::CloseInfo& info) {
 
 namespace {
 
-class EdgeConnection final: public Session, private kj::TaskSet::ErrorHandler {
+class EdgeConnection final: public Session, private kj::TaskSet::ErrorHandler,
+                            private observe::TunnelStatus::QuicSampler {
 public:
   EdgeConnection(EdgeContext& context, AttemptInfo info, SessionEvents& events)
       : ctx(context), info(kj::mv(info)), events(events), ip(this->info.address.ipString()),
         streams(*this) {}
 
-  ~EdgeConnection() noexcept(false) {}
+  ~EdgeConnection() noexcept(false) { quicEnded(); }
 
   kj::Promise<SessionEnd> run() override {
     auto paf = kj::newPromiseAndFulfiller<SessionEnd>();
@@ -107,6 +108,7 @@ private:
   bool shutdownStarted = false;
   bool ended = false;
   bool closeWhenDone = false;
+  bool quicSampled = false;
   kj::Maybe<kj::Promise<void>> acceptTask;
   kj::TaskSet streams;   // in-flight edge-opened streams; last, so they die first
 
@@ -116,6 +118,30 @@ private:
   }
 
   kj::String fields() { return kj::str("connIndex=", info.connIndex, " ip=", ip); }
+
+  // The /metrics quic_client_* series read the live connection's statistics on demand.
+  observe::TunnelStatus::QuicSample sample() const override {
+    observe::TunnelStatus::QuicSample out;
+    if (connection.get() == nullptr) return out;
+    auto s = connection->stats();
+    out.smoothedRtt = s.smoothedRtt;
+    out.minRtt = s.minRtt;
+    out.latestRtt = s.latestRtt;
+    out.congestionWindow = s.congestionWindow;
+    out.bytesSent = s.bytesSent;
+    out.bytesReceived = s.bytesReceived;
+    out.packetsSent = s.packetsSent;
+    out.packetsReceived = s.packetsReceived;
+    out.ptoTotal = s.ptoTotal;
+    out.streamsActive = s.streamsActive;
+    return out;
+  }
+
+  void quicEnded() {
+    if (!quicSampled) return;
+    quicSampled = false;
+    ctx.status.quicConnectionEnded(info.connIndex);
+  }
 
   // ---------------------------------------------------------------------------------------
   // Dial and register
@@ -142,6 +168,8 @@ private:
 
   kj::Promise<SessionEnd> connected(kj::Own<quic::Connection> c) {
     connection = kj::mv(c);
+    ctx.status.quicConnectionStarted(info.connIndex, *this);
+    quicSampled = true;
     closed = connection->onClosed().then([this](quic::CloseInfo info) {
       closeInfo = kj::mv(info);
     }).fork();
@@ -199,7 +227,7 @@ private:
         return registeredOk(kj::mv(details));
       }
       KJ_CASE_ONEOF(error, wire::RegistrationError) {
-        ctx.status.registrationFailed();
+        ctx.status.registrationFailed(error.isDuplicate());
         closeWhenDone = true;   // closed in finished(): closing here would race `lost`
         if (error.isDuplicate()) {
           return SessionEnd{EndKind::DUPLICATE,
@@ -212,7 +240,7 @@ private:
   }
 
   kj::Promise<SessionEnd> registrationFailed(kj::Exception&& e) {
-    ctx.status.registrationFailed();
+    ctx.status.registrationFailed(false);
     KJ_IF_MAYBE(ci, connection->closeInfo()) {
       return SessionEnd{EndKind::LOST, describeClose(*ci)};
     }
@@ -239,7 +267,8 @@ private:
     auto& json = ctx.config.localConfigJson;
     ctx.logger.debug("Sending local configuration", kj::str(fields(), " config=", json));
     return KJ_ASSERT_NONNULL(control)->updateLocalConfiguration(json.asBytes())
-        .catch_([this](kj::Exception&& e) {
+        .then([this]() { ctx.status.localConfigPushed(true); }, [this](kj::Exception&& e) {
+          ctx.status.localConfigPushed(false);
           ctx.logger.error("unable to send local configuration",
                            kj::str(fields(), " error=\"", e.getDescription(), "\""));
         });
@@ -278,11 +307,13 @@ private:
 
   kj::Promise<void> serveData(quic::Stream& s, kj::Own<capnp::MessageReader> message) {
     auto request = message->getRoot<wire::schema::ConnectRequest>();
+    // total/concurrent requests are counted here, per data stream; the origin counts the
+    // response codes and the failed requests (request_errors).
     ctx.status.requestStarted();
     return ctx.origin.serveStream(s, request)
-        .then([this]() { ctx.status.requestFinished(false); },
+        .then([this]() { ctx.status.requestFinished(); },
               [this, &s](kj::Exception&& e) {
-                ctx.status.requestFinished(true);
+                ctx.status.requestFinished();
                 s.reset(0);
                 ctx.logger.debug("request failed after the response head",
                                  kj::str(fields(), " stream=", s.id(), " error=\"",
@@ -333,6 +364,7 @@ private:
 
   SessionEnd finished(SessionEnd end) {
     ended = true;
+    quicEnded();
     if (shutdownStarted && end.kind == EndKind::LOST) {
       // Our own close() may win the race against stop()'s fulfiller.
       end.kind = EndKind::SHUTDOWN;

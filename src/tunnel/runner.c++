@@ -154,6 +154,7 @@ kj::Promise<int> Runner::start() {
       return 1;
     }
     KJ_CASE_ONEOF(service, kj::Own<origin::Origin>) {
+      service->setObserver(originObserver);
       originService = kj::mv(service);
     }
   }
@@ -184,10 +185,17 @@ kj::Promise<int> Runner::tunnelIssued(edge::QuickTunnel tunnel) {
     }
   }
   callbacks.tunnelCreated(publicUrlText, tunnel.hostname);
+  // cloudflared's SendURL: the label is the hostname with https:// (never the --local URL).
+  tunnelStatus.userHostname(tunnel.hostname.startsWith("https://")
+                            ? kj::str(tunnel.hostname) : kj::str("https://", tunnel.hostname));
 
   auto connectorId = newConnectorId();
   auto connectorText = edge::formatUuid(connectorId);
   tunnelStatus.setConnectorId(connectorText);
+  // build_info as cloudflared sets it (RegisterBuildInfo(BuildType, BuildTime, Version)), with
+  // the mirrored cloudflared version; there is no Go runtime, so goversion names cfqt instead.
+  tunnelStatus.setBuildInfo({kj::str("cfqt/", edge::cfqtVersion()), kj::str(""),
+                             kj::str("unknown"), kj::str(options.clientVersion)});
   logger.info(kj::str("Version ", options.clientVersion, " (cfqt ", edge::cfqtVersion(), ")"));
   logger.info(kj::str("Generated Connector ID: ", connectorText));
   logger.debug("Quick tunnel issued", kj::str("tunnelID=", tunnel.id, " accountTag=",

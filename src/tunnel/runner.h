@@ -80,6 +80,15 @@ private:
   RunnerCallbacks& callbacks;
   kj::HttpHeaderTable headerTable;
   observe::TunnelStatus tunnelStatus;
+  class StatusOriginObserver final: public origin::OriginObserver {
+  public:
+    explicit StatusOriginObserver(observe::TunnelStatus& status): status(status) {}
+    void responseHead(kj::uint statusCode) override { status.responseSent(statusCode); }
+    void requestFailed() override { status.requestFailed(); }
+  private:
+    observe::TunnelStatus& status;
+  };
+  StatusOriginObserver originObserver{tunnelStatus};
   AcknowledgingConfigHandler configHandler;
   wire::RemoteConfigState remoteConfig;
   JitterSource jitter;

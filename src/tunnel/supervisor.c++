@@ -187,6 +187,7 @@ void Supervisor::registered(uint connIndex, RegisteredInfo info) {
     status.connectionReady();
   }
   status.registrationSucceeded();
+  status.serverLocation(connIndex, info.location);
   logger.info("Registered tunnel connection",
               kj::str("connIndex=", connIndex, " connection=", info.connectionId, " event=0 ip=",
                       info.ip, " location=", info.location, " protocol=quic"));

@@ -209,6 +209,8 @@ def make_handler(state):
                     self.wfile.flush()
                 self.close_connection = True
                 return
+            if u.path == "/status":
+                return self.reply(int(q["code"][0]), b"status", "text/plain")
             if u.path == "/slow":
                 state.slow_started.set()
                 state.slow_release.wait(DEADLINE_S)
@@ -405,6 +407,24 @@ class Cfqt:
                 self.proc.wait()
 
 
+def parse_metrics(text):
+    """Prometheus text format -> {(name, ((label, value), ...)): float}, plus {name: type}."""
+    samples, types = {}, {}
+    for line in text.splitlines():
+        m = re.fullmatch(r"# TYPE (\S+) (\S+)", line)
+        if m:
+            types[m.group(1)] = m.group(2)
+            continue
+        if line.startswith("#") or not line:
+            continue
+        m = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)", line)
+        check(m, "bad metrics line", line)
+        labels = tuple((k, re.sub(r"\\(.)", lambda e: {"n": "\n"}.get(e.group(1), e.group(1)), v))
+                       for k, v in re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+        samples[(m.group(1), labels)] = float(m.group(3))
+    return samples, types
+
+
 def front(edge, host, method, path, body=None, headers=None, timeout=60):
     h, p = edge.public.rsplit(":", 1)
     c = http.client.HTTPConnection(h, int(p), timeout=timeout)
@@ -452,6 +472,7 @@ def test_cloudflared_form_and_metrics(env):
           ["status", "readyConnections", "connectorId"], status, data)
     status, data = m.metrics_get("/healthcheck")
     check(status == 200 and data == b"OK\n", status, data)
+    check_metrics(env, j["readyConnections"])
     # Registration details the edge saw (§4.2, §4.4).
     conns = env.edge.connections(m.host)
     check(len(conns) == 2 and sorted(c["connIndex"] for c in conns) == [0, 1], conns)
@@ -476,6 +497,74 @@ def test_cloudflared_form_and_metrics(env):
     check(re.search(r"\|\s+%s\s+\|" % re.escape(m.url), lines[i + 1]), lines[i:i + 2])
     check(re.search(r"DBG Registering tunnel connection connIndex=0", m.log.text()),
           "no debug registration line")
+
+
+def check_metrics(env, ready):
+    m = env.main
+    host, port = m.metrics.rsplit(":", 1)
+
+    def scrape():
+        c = http.client.HTTPConnection(host, int(port), timeout=DEADLINE_S)
+        c.request("GET", "/metrics")
+        r = c.getresponse()
+        data = r.read()
+        c.close()
+        check(r.status == 200 and r.getheader("Content-Type") ==
+              "text/plain; version=0.0.4; charset=utf-8", r.status, r.getheaders())
+        return parse_metrics(data.decode())
+
+    before, types = scrape()
+
+    def val(samples, name, **labels):
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    for name, kind in [("cloudflared_tunnel_ha_connections", "gauge"),
+                       ("cloudflared_tunnel_total_requests", "counter"),
+                       ("cloudflared_tunnel_concurrent_requests_per_tunnel", "gauge"),
+                       ("cloudflared_tunnel_request_errors", "counter"),
+                       ("cloudflared_tunnel_server_locations", "gauge"),
+                       ("cloudflared_tunnel_tunnel_register_success", "counter"),
+                       ("cloudflared_tunnel_user_hostnames_counts", "counter"),
+                       ("build_info", "gauge"), ("quic_client_smoothed_rtt", "gauge"),
+                       ("quic_client_sent_bytes", "counter")]:
+        check(types.get(name) == kind, name, types.get(name))
+    # Through the front door: 3 answered 200 and 2 answered 404 by the origin.
+    for path, want in [("/a", 200), ("/status?code=404", 404), ("/b", 200),
+                       ("/status?code=404", 404), ("/c", 200)]:
+        status, _, _ = front(env.edge, m.host, "GET", path)
+        check(status == want, path, status)
+    deadline = time.time() + DEADLINE_S
+    while True:
+        after, _ = scrape()
+        if val(after, "cloudflared_tunnel_concurrent_requests_per_tunnel") == 0:
+            break
+        check(time.time() < deadline, "concurrent requests never went back to 0")
+        time.sleep(0.02)
+    delta = lambda name, **l: val(after, name, **l) - val(before, name, **l)
+    check(delta("cloudflared_tunnel_total_requests") == 5, before, after)
+    check(delta("cloudflared_tunnel_response_by_code", status_code="200") == 3, after)
+    check(delta("cloudflared_tunnel_response_by_code", status_code="404") == 2, after)
+    check(delta("cloudflared_tunnel_request_errors") == 0, after)
+    check(val(after, "cloudflared_tunnel_ha_connections") == ready == 2, after)
+    check(val(after, "cloudflared_tunnel_tunnel_register_success",
+              rpcName="registerConnection") >= 2, after)
+    check(val(after, "cloudflared_tunnel_user_hostnames_counts",
+              userHostname="https://" + m.host) == 1, after)
+    builds = [k for k in after if k[0] == "build_info"]
+    check(len(builds) == 1 and dict(builds[0][1])["version"] == "2026.8.2" and
+          after[builds[0]] == 1, builds)
+    for idx in ("0", "1"):
+        locs = [k for k, v in after.items() if k[0] == "cloudflared_tunnel_server_locations" and
+                dict(k[1])["connection_id"] == idx and v == 1]
+        check(len(locs) == 1 and dict(locs[0][1])["edge_location"], idx, locs)
+        for name in ("quic_client_smoothed_rtt", "quic_client_min_rtt",
+                     "quic_client_latest_rtt"):
+            check((name, (("conn_index", idx),)) in after, name, idx, after)
+        check(val(after, "quic_client_smoothed_rtt", conn_index=idx) > 0, after)
+        check(val(after, "quic_client_sent_bytes", conn_index=idx) > 0, after)
+        check(val(after, "quic_client_receive_bytes", conn_index=idx) > 0, after)
+    check(not any(k[0].startswith("quic_client_smoothed_rtt") and dict(k[1])["conn_index"]
+                  not in ("0", "1") for k in after), after)
 
 
 def test_methods(env):
