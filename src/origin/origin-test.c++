@@ -470,10 +470,19 @@ KJ_TEST("start-up errors: --no-tls-verify, unreadable --origin-ca-pool") {
   KJ_EXPECT(contains(KJ_ASSERT_NONNULL(r2.tryGet<kj::String>()), "/nonexistent/ca.pem"));
 }
 
+struct CountingObserver final: public OriginObserver {
+  kj::Vector<uint> heads;
+  uint failures = 0;
+  void responseHead(uint statusCode) override { heads.add(statusCode); }
+  void requestFailed() override { ++failures; }
+};
+
 KJ_TEST("http_status origin, tcp type and unknown methods answer without an origin") {
   Env env;
   auto& ws = env.io.waitScope;
   auto origin = env.origin("http_status:418");
+  CountingObserver observer;
+  origin->setObserver(observer);
   {
     Call call(*origin, "GET", "https://x/y", nullptr);
     auto r = call.reply(ws);
@@ -482,7 +491,11 @@ KJ_TEST("http_status origin, tcp type and unknown methods answer without an orig
     KJ_EXPECT(call.body(ws) == "");
     call.done(ws);
   }
+  KJ_EXPECT(observer.heads.size() == 1 && observer.heads[0] == 418);
+  KJ_EXPECT(observer.failures == 0);
   auto refused = env.origin("http://127.0.0.1:1");
+  CountingObserver refusedObserver;
+  refused->setObserver(refusedObserver);
   {
     Call call(*refused, "GET", "10.0.0.1:22", nullptr, wire::schema::ConnectionType::TCP);
     auto r = call.reply(ws);
@@ -501,6 +514,9 @@ KJ_TEST("http_status origin, tcp type and unknown methods answer without an orig
     KJ_EXPECT(r.error != nullptr);
     call.done(ws);
   }
+  // Each answered error is one failed request (request_errors), none is a response head.
+  KJ_EXPECT(refusedObserver.failures == 3, refusedObserver.failures);
+  KJ_EXPECT(refusedObserver.heads.size() == 0);
 }
 
 KJ_TEST("methods, Host, header stripping and canonical response headers") {

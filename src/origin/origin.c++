@@ -546,6 +546,7 @@ private:
 
   // Response.
   bool headSent = false;
+  bool failureCounted = false;
   uint status = 0;
   kj::Own<kj::HttpHeaders> responseHeaders;
   kj::Array<char> responseHeadText;
@@ -1091,7 +1092,15 @@ private:
     });
   }
 
+  void countFailure() {
+    // Once per exchange, also when the error answer itself fails to go out.
+    if (failureCounted) return;
+    failureCounted = true;
+    KJ_IF_MAYBE(o, impl.observer) o->requestFailed();
+  }
+
   kj::Promise<void> answerError(kj::StringPtr text) {
+    countFailure();
     headSent = true;  // a failure from here on is the edge's
     return wire::writeConnectResponseError(edge, text).then([this]() {
       edge.shutdownWrite();
@@ -1100,7 +1109,7 @@ private:
   }
 
   kj::Promise<void> onFailure(kj::Exception&& e) {
-    KJ_IF_MAYBE(o, impl.observer) o->requestFailed();
+    countFailure();
     if (headSent) {
       // The head (or an error answer) is out: the only way to signal failure is a reset.
       return kj::Exception(kj::Exception::Type::DISCONNECTED, __FILE__, __LINE__,

@@ -681,6 +681,18 @@ def test_origin_down(env):
         check(t.proc.poll() is None, "cfqt died")
         status, _ = t.metrics_get("/ready")
         check(status == 200, "tunnel not ready after origin errors", status)
+        # Each unreachable-origin answer is one request error, none is a response code.
+        deadline = time.time() + DEADLINE_S
+        while True:
+            _, data = t.metrics_get("/metrics")
+            samples, _ = parse_metrics(data.decode())
+            if samples.get(("cloudflared_tunnel_concurrent_requests_per_tunnel", ())) == 0:
+                break
+            check(time.time() < deadline, "concurrent requests never went back to 0")
+            time.sleep(0.02)
+        check(samples.get(("cloudflared_tunnel_request_errors", ())) == 3 and
+              samples.get(("cloudflared_tunnel_total_requests", ())) == 3 and
+              not any(k[0] == "cloudflared_tunnel_response_by_code" for k in samples), samples)
     finally:
         t.stop()
 
