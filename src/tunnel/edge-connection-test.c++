@@ -234,11 +234,27 @@ KJ_TEST("EdgeConnection: registers, pushes config, serves and refuses edge strea
   KJ_EXPECT(observer.configs[0] == "{\"ingress\":[]}");
   KJ_EXPECT(!run.poll(h.io.waitScope), "a bad stream ended the connection");
   KJ_EXPECT(h.status.totalRequests() == 2);   // tcp + http data streams
+  KJ_EXPECT(h.status.concurrentRequests() == 0);
+  {
+    // The live connection's QUIC statistics feed /metrics under its index.
+    auto quic = h.status.quicIndices();
+    KJ_ASSERT(quic.size() == 1);
+    KJ_EXPECT(quic[0].connIndex == 0 && quic[0].live);
+    KJ_EXPECT(quic[0].sample.bytesSent > 0 && quic[0].sample.bytesReceived > 0);
+    KJ_EXPECT(quic[0].sample.smoothedRtt > 0 * kj::NANOSECONDS);
+    KJ_EXPECT(h.status.quicConnectionsStarted() == 1 && h.status.quicConnectionsClosed() == 0);
+  }
 
   // Graceful shutdown: unregister, close with application error 0.
   session->shutdown(2 * kj::SECONDS).wait(h.io.waitScope);
   auto end = run.wait(h.io.waitScope);
   KJ_EXPECT(end.kind == EndKind::SHUTDOWN);
+  {
+    auto quic = h.status.quicIndices();
+    KJ_ASSERT(quic.size() == 1);
+    KJ_EXPECT(!quic[0].live && quic[0].sample.bytesSent > 0);   // totals kept
+    KJ_EXPECT(h.status.quicConnectionsClosed() == 1);
+  }
   KJ_EXPECT(end.wasRegistered);
   KJ_EXPECT(observer.unregistrations == 1);
   auto closed = conn->onClosed().wait(h.io.waitScope);
@@ -274,6 +290,10 @@ KJ_TEST("EdgeConnection: registration errors and duplicate") {
     KJ_EXPECT(!end.wasRegistered);
     KJ_EXPECT(h.events.registeredCount == 0);
   }
+  // tunnel_register_fail: two server_error, one dup_edge_conn.
+  KJ_EXPECT(h.status.registrationFailures() == 3 && h.status.duplicateRegistrations() == 1);
+  KJ_EXPECT(h.status.registrations() == 0);
+  KJ_EXPECT(h.status.quicConnectionsStarted() == 3 && h.status.quicConnectionsClosed() == 3);
 }
 
 KJ_TEST("EdgeConnection: the edge closing the connection ends it with its reason") {
