@@ -30,7 +30,7 @@ struct EdgeProcess {
 
   EdgeProcess() {
     const char* bin = getenv("CFQT_BIN_DIR");
-    KJ_REQUIRE(bin != nullptr, "CFQT_BIN_DIR must point at the build's bin/");
+    if (bin == nullptr) KJ_FAIL_REQUIRE("CFQT_BIN_DIR must point at the build's bin/");
     auto path = kj::str(bin, "/cfqt-edge");
     char stateTemplate[] = "/tmp/cfqt-api-test-XXXXXX";
     KJ_ASSERT(mkdtemp(stateTemplate) != nullptr);
