@@ -16,6 +16,7 @@
 #include <kj/mutex.h>
 #include <kj/thread.h>
 
+#include <sched.h>
 #include <string.h>
 
 namespace cfqt {
@@ -33,6 +34,7 @@ struct SharedState {
   int exitCode = 0;
   bool stopRequested = false;
   kj::Maybe<kj::Own<const kj::Executor>> executor;
+  int callers = 0;                    // threads inside onLoop() with the executor
   tunnel::Runner* runner = nullptr;   // only dereferenced on the loop thread
 };
 
@@ -70,44 +72,26 @@ public:
   std::string hostname() const { return toStd(state.lockShared()->hostname); }
 
   int readyConnections() const {
-    kj::Maybe<kj::Own<const kj::Executor>> executor;
-    {
-      auto lock = state.lockShared();
-      if (lock->finished) return 0;
-      KJ_IF_MAYBE(e, lock->executor) executor = (*e)->addRef();
-    }
     int n = 0;
-    KJ_IF_MAYBE(e, executor) {
-      KJ_IF_MAYBE(error, kj::runCatchingExceptions([&]() {
-        n = (*e)->executeSync([this]() -> int {
-          auto runner = state.lockShared()->runner;
-          return runner == nullptr ? 0 : static_cast<int>(runner->status().readyConnections());
-        });
-      })) {
-        return 0;   // the loop ended meanwhile
-      }
-    }
+    onLoop([&]() {
+      auto runner = state.lockShared()->runner;
+      n = runner == nullptr ? 0 : static_cast<int>(runner->status().readyConnections());
+    });
     return n;
   }
 
   bool running() const { return !state.lockShared()->finished; }
 
   int stop() {
-    kj::Maybe<kj::Own<const kj::Executor>> executor;
     {
       auto lock = state.lockExclusive();
       if (lock->finished) return lock->exitCode;
       lock->stopRequested = true;
-      KJ_IF_MAYBE(e, lock->executor) executor = (*e)->addRef();
     }
-    KJ_IF_MAYBE(e, executor) {
-      kj::runCatchingExceptions([&]() {
-        (*e)->executeSync([this]() {
-          auto runner = state.lockShared()->runner;
-          if (runner != nullptr) runner->shutdown();
-        });
-      });
-    }
+    onLoop([this]() {
+      auto runner = state.lockShared()->runner;
+      if (runner != nullptr) runner->shutdown();
+    });
     return wait();
   }
 
@@ -129,6 +113,25 @@ public:
   }
 
 private:
+  template <typename Func>
+  void onLoop(Func&& func) const {
+    // Runs `func` on the loop thread and waits for it; does nothing once the loop has ended.
+    // runLoop() keeps its loop alive until every caller that took the executor is done: kj 0.9.2's
+    // executeSync() waits forever if the target loop is destroyed before the event is queued.
+    kj::Own<const kj::Executor> executor;
+    {
+      auto lock = state.lockExclusive();
+      KJ_IF_MAYBE(e, lock->executor) {
+        executor = (*e)->addRef();
+        lock->callers++;
+      } else {
+        return;
+      }
+    }
+    KJ_DEFER(state.lockExclusive()->callers--);
+    kj::runCatchingExceptions([&]() { executor->executeSync(kj::fwd<Func>(func)); });
+  }
+
   tunnel::RunnerOptions options;
   observe::LogConfig logConfig;
   kj::MutexGuarded<SharedState> state;
@@ -166,9 +169,18 @@ private:
       stopNow = lock->stopRequested;
     }
     KJ_DEFER({
-      auto lock = state.lockExclusive();
-      lock->runner = nullptr;
-      lock->executor = nullptr;
+      {
+        auto lock = state.lockExclusive();
+        lock->runner = nullptr;
+        lock->executor = nullptr;
+      }
+      // No new caller can take the executor now; serve those that already did (their events
+      // find runner == nullptr) before the loop is destroyed. The window is a few instructions
+      // of another thread, so this loop ends almost at once.
+      while (state.lockShared()->callers > 0) {
+        io.waitScope.poll();
+        sched_yield();
+      }
     });
     auto done = runner.run();
     if (stopNow) runner.shutdown();
