@@ -95,7 +95,7 @@ bool hasLine(kj::StringPtr body, kj::StringPtr line) {
   size_t start = 0;
   for (size_t i = 0; i < body.size(); i++) {
     if (body[i] != '\n') continue;
-    if (kj::StringPtr(body.begin() + start, i - start) == line) return true;
+    if (kj::arrayPtr(body.begin() + start, i - start) == line.asArray()) return true;
     start = i + 1;
   }
   return false;
@@ -195,7 +195,7 @@ KJ_TEST("metrics: /metrics text exposition with cloudflared's names") {
   size_t start = 0;
   for (size_t i = 0; i < body.size(); i++) {
     if (body[i] != '\n') continue;
-    kj::StringPtr line(body.begin() + start, i - start);
+    auto line = kj::heapString(body.begin() + start, i - start);
     start = i + 1;
     if (line.startsWith("# TYPE ")) families.add(kj::str(line.slice(7)));
   }
