@@ -4,7 +4,7 @@ JOBS ?= $(shell nproc)
 BUILD_TYPE ?= RelWithDebInfo
 CMAKE_FLAGS ?=
 
-.PHONY: all setup setup-test build build-asan run test test-unit test-asan bench clean
+.PHONY: all setup setup-test build build-asan run test test-unit test-asan bench install clean
 
 all: build
 
@@ -41,6 +41,11 @@ test: test-unit test-asan
 
 bench: build
 	@build/bin/cfqt-bench
+
+# Not one of the README's two commands: installs what `make build` built (stripped) under PREFIX.
+PREFIX ?= /usr/local
+install: build
+	@cmake --install build --prefix $(PREFIX) --strip 1>&2
 
 clean:
 	rm -rf build build-asan

@@ -933,7 +933,7 @@ def test_unix_socket_keylog_client_flags(env):
 
 def test_c_api_example(env):
     # tests/api-example/quick-tunnel.c: a program using only include/cfqt/cfqt.h.
-    cmd = [os.path.join(env.bindir, "cfqt-c-example"), "--quick-service",
+    cmd = [env.c_example, "--quick-service",
            "http://" + env.edge.ready["api"], "--edge-ca", env.edge.ready["ca"]]
     for e in env.edge.ready["edges"]:
         cmd += ["--edge", e]
@@ -1033,6 +1033,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default=os.environ.get("CFQT_BIN_DIR", "build/bin"))
     ap.add_argument("-k", default=None)
+    ap.add_argument("--c-example", default=None,
+                    help="the C API example to run (default: BIN/cfqt-c-example)")
     args = ap.parse_args()
     signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(Fail("test run timed out")))
     # KJ_MAIN programs (cfqt-edge) otherwise end with _exit() and skip their destructors and
@@ -1040,6 +1042,7 @@ def main():
     os.environ["KJ_CLEAN_SHUTDOWN"] = "1"
     try:
         env = Env(os.path.abspath(args.bin))
+        env.c_example = args.c_example or os.path.join(env.bindir, "cfqt-c-example")
     except Exception:
         traceback.print_exc()
         for p in PROCS:
