@@ -74,6 +74,11 @@ struct TransportConfig {
   // A write() resolves once all its bytes fit in this buffer, so a writer is halted by a peer
   // that stops reading after `streamSendBuffer` bytes (+ what the peer's window admitted).
 
+  uint64_t streamSendQuantum = 16 * 1024;
+  // Streams with data to send take turns (round robin); a stream keeps its turn for up to this
+  // many bytes of packets in a row. Larger turns let the peer read (and forward) a stream's data
+  // in bigger pieces; smaller ones interleave concurrent streams more finely. 0 = one packet.
+
   uint64_t maxDatagramFrameSize = 1350;
   // Advertised max_datagram_frame_size (cloudflared 2023.7: 1350). Received DATAGRAM frames are
   // dropped and counted (ConnectionStats::datagramsDropped). 0 = not advertised.

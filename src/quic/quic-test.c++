@@ -583,6 +583,85 @@ KJ_TEST("STOP_SENDING fails a writer stalled on flow control or unacknowledged d
   KJ_EXPECT(env.wait(roundTrip(*pair.client, kj::str("after"))) == "after");
 }
 
+KJ_TEST("a pending read returns everything its receive batch brought, not the first packet") {
+  Env env;
+  auto pair = env.connect();
+  auto stream = env.wait(pair.client->openStream());
+  env.wait(stream->write("x", 1));
+  auto peer = env.wait(pair.server->acceptStream());
+  char one;
+  KJ_ASSERT(env.wait(peer->tryRead(&one, 1, 1)) == 1);
+
+  // 8 packets' worth, within the initial congestion window: they leave in one flush, while the
+  // server's read is pending, and reach its socket before the loop polls it again.
+  constexpr size_t SIZE = 8 * 1200;
+  auto data = kj::heapArray<kj::byte>(SIZE);
+  fillPattern(data.begin(), 0, SIZE, 5);
+  auto buffer = kj::heapArray<kj::byte>(64 * 1024);
+  auto read = peer->tryRead(buffer.begin(), 1, buffer.size());
+  env.wait(stream->write(data.begin(), SIZE));
+  size_t n = env.wait(kj::mv(read));
+  KJ_EXPECT(n == SIZE, n, "the read completed before the batch's later packets were in");
+  KJ_EXPECT(memcmp(buffer.begin(), data.begin(), n) == 0);
+}
+
+// Reads `stream` to EOF, noting when (in `clock` ticks, one per completed read on any stream)
+// its first and last bytes arrived.
+struct ArrivalOrder {
+  uint64_t clock = 0;
+  struct Span {
+    uint64_t first = 0;
+    uint64_t last = 0;
+    uint64_t bytes = 0;
+  };
+  kj::Promise<void> read(Stream& stream, Span& span, kj::Array<kj::byte> buffer) {
+    auto n = stream.tryRead(buffer.begin(), 1, buffer.size());
+    return n.then([this, &stream, &span, buffer = kj::mv(buffer)](size_t n) mutable
+                  -> kj::Promise<void> {
+      if (n == 0) return kj::READY_NOW;
+      ++clock;
+      if (span.bytes == 0) span.first = clock;
+      span.last = clock;
+      span.bytes += n;
+      return read(stream, span, kj::mv(buffer));
+    });
+  }
+};
+
+KJ_TEST("streamSendQuantum: streams take turns of that many bytes") {
+  // Two client streams with 200 KiB each, queued in the same turn. With a quantum larger than
+  // both, the first is sent whole before the second starts; with a quantum of one packet they
+  // interleave.
+  for (uint64_t quantum: {uint64_t(1) << 20, uint64_t(0)}) {
+    auto transport = fastTransport();
+    transport.streamSendQuantum = quantum;
+    Env env;
+    auto pair = env.connect(clientConfig(transport));
+    constexpr size_t SIZE = 200 * 1024;
+    auto data = kj::heapArray<kj::byte>(SIZE);
+    fillPattern(data.begin(), 0, SIZE, 6);
+    auto s1 = env.wait(pair.client->openStream());
+    auto s2 = env.wait(pair.client->openStream());
+    auto w1 = s1->write(data.begin(), SIZE).then([&]() { s1->shutdownWrite(); })
+        .eagerlyEvaluate(nullptr);
+    auto w2 = s2->write(data.begin(), SIZE).then([&]() { s2->shutdownWrite(); })
+        .eagerlyEvaluate(nullptr);
+    ArrivalOrder order;
+    ArrivalOrder::Span first, second;
+    auto p1 = env.wait(pair.server->acceptStream());
+    auto r1 = order.read(*p1, first, kj::heapArray<kj::byte>(64 * 1024)).eagerlyEvaluate(nullptr);
+    auto p2 = env.wait(pair.server->acceptStream());
+    auto r2 = order.read(*p2, second, kj::heapArray<kj::byte>(64 * 1024));
+    env.wait(kj::joinPromises(kj::arr(kj::mv(w1), kj::mv(w2), kj::mv(r1), kj::mv(r2))));
+    KJ_EXPECT(first.bytes == SIZE && second.bytes == SIZE, first.bytes, second.bytes);
+    if (quantum > SIZE) {
+      KJ_EXPECT(first.last < second.first, quantum, first.last, second.first);
+    } else {
+      KJ_EXPECT(second.first < first.last, quantum, first.last, second.first);
+    }
+  }
+}
+
 KJ_TEST("10 000 server-opened echo streams at concurrency 100") {
   auto clientTransport = fastTransport();
   clientTransport.maxIncomingBidiStreams = 100;

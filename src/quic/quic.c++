@@ -282,6 +282,7 @@ public:
     kj::Own<kj::PromiseFulfiller<size_t>> fulfiller;
   };
   kj::Maybe<PendingRead> pendingRead;
+  bool readReady = false;       // pendingRead may complete: in ConnectionImpl::readyReads
 
   // ---- send side
   BlockQueue tx;         // [txBase, txEnd) of the stream; acked bytes freed from the front
@@ -292,6 +293,7 @@ public:
   bool finRequested = false;
   bool finSent = false;
   bool inSendQueue = false;
+  uint64_t turnBytes = 0;       // sent in this turn of the send queue's round robin
   bool flowBlocked = false;
   bool writeWatched = false;    // in ConnectionImpl::writeWatch
   kj::Maybe<kj::Exception> txError;
@@ -517,6 +519,7 @@ public:
   void shutdownRead(StreamState& state, uint64_t code);
   void shutdownWrite(StreamState& state, uint64_t code);
   void scheduleFlush();
+  void deliverReads();   // completes the reads that onStreamData() filled during a batch
   void watchWrites(StreamState& state);
   uint64_t recvBuffered = 0;
   uint64_t sendBuffered = 0;
@@ -536,6 +539,7 @@ private:
 
   kj::HashMap<int64_t, kj::Own<StreamState>> streams;
   std::deque<kj::Own<StreamState>> sendQueue;
+  kj::Vector<kj::Own<StreamState>> readyReads;
   kj::Vector<kj::Own<StreamState>> writeWatch;   // streams whose writer waits (see probeWrites)
   bool receivedSinceProbe = false;
   std::deque<kj::Own<StreamState>> acceptQueue;
@@ -1007,6 +1011,7 @@ void ConnectionImpl::scheduleFlush() {
   // produced in this turn leave in as few packets (and syscalls) as possible.
   tasks.add(kj::evalLast([this]() {
     flushScheduled = false;
+    deliverReads();
     flush();
   }));
 }
@@ -1257,6 +1262,7 @@ void ConnectionImpl::endpointGone() {
 void ConnectionImpl::queueSend(StreamState& state) {
   if (state.inSendQueue || state.flowBlocked || !state.hasUnsent()) return;
   state.inSendQueue = true;
+  state.turnBytes = 0;
   sendQueue.push_back(kj::addRef(state));
   scheduleFlush();
 }
@@ -1412,13 +1418,17 @@ ngtcp2_ssize ConnectionImpl::writePacket(kj::byte* out, size_t outLen, uint64_t 
       }
     }
     if (n > 0 && state != nullptr && !sendQueue.empty() && sendQueue.front().get() == state) {
-      // Round robin: the stream goes to the back after each full packet.
-      auto own = kj::mv(sendQueue.front());
-      sendQueue.pop_front();
-      if (own->hasUnsent()) {
-        sendQueue.push_back(kj::mv(own));
-      } else {
-        own->inSendQueue = false;
+      // Round robin: the stream goes to the back once it has sent its quantum in this turn.
+      if (datalen > 0) state->turnBytes += datalen;
+      if (!state->hasUnsent() || state->turnBytes >= config.streamSendQuantum) {
+        state->turnBytes = 0;
+        auto own = kj::mv(sendQueue.front());
+        sendQueue.pop_front();
+        if (own->hasUnsent()) {
+          sendQueue.push_back(kj::mv(own));
+        } else {
+          own->inSendQueue = false;
+        }
       }
     }
     return n;
@@ -1677,7 +1687,13 @@ void ConnectionImpl::shutdownWrite(StreamState& state, uint64_t code) {
 void ConnectionImpl::failRead(StreamState& state, kj::Exception e) {
   if (state.rxError == nullptr) state.rxError = kj::cp(e);
   KJ_IF_MAYBE(r, state.pendingRead) {
-    r->fulfiller->reject(kj::mv(e));
+    if (state.readReady) {
+      // The read was completed earlier in this receive batch (data or FIN before the reset or
+      // close): it returns those bytes, and the next read reports the failure.
+      r->fulfiller->fulfill(kj::cp(r->filled));
+    } else {
+      r->fulfiller->reject(kj::mv(e));
+    }
     state.pendingRead = nullptr;
   }
 }
@@ -1856,11 +1872,26 @@ void ConnectionImpl::onStreamData(StreamState& state, uint32_t flags,
     recvBuffered += data.size();
   }
   KJ_IF_MAYBE(r, state.pendingRead) {
-    if (r->filled >= r->minBytes || state.rxFin) {
-      r->fulfiller->fulfill(kj::cp(r->filled));
-      state.pendingRead = nullptr;
+    if ((r->filled >= r->minBytes || state.rxFin) && !state.readReady) {
+      // Completed by deliverReads() once the whole receive batch is in, so that the data of the
+      // batch's later packets for this stream lands in the same read.
+      state.readReady = true;
+      readyReads.add(kj::addRef(state));
     }
   }
+}
+
+void ConnectionImpl::deliverReads() {
+  for (auto& state: readyReads) {
+    state->readReady = false;
+    KJ_IF_MAYBE(r, state->pendingRead) {
+      auto fulfiller = kj::mv(r->fulfiller);
+      size_t filled = r->filled;
+      state->pendingRead = nullptr;
+      fulfiller->fulfill(kj::mv(filled));
+    }
+  }
+  readyReads.clear();
 }
 
 int ConnectionImpl::cbStreamOpen(ngtcp2_conn*, int64_t id, void* ud) {
@@ -2412,6 +2443,7 @@ void EndpointImpl::receiveBatch(size_t n) {
     auto c = touched[i];
     if (c == nullptr) continue;
     c->touched = false;
+    c->deliverReads();
     c->scheduleFlush();
   }
   touched.clear();
