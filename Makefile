@@ -42,10 +42,12 @@ test: test-unit test-asan
 bench: build
 	@build/bin/cfqt-bench
 
-# Not one of the README's two commands: installs what `make build` built (stripped) under PREFIX.
+# Not one of the README's two commands: installs what `make build` built (stripped) under PREFIX,
+# then refreshes the dynamic loader's cache (as root) so that programs find libcfqt.so.
 PREFIX ?= /usr/local
 install: build
 	@cmake --install build --prefix $(PREFIX) --strip 1>&2
+	@if [ "$$(id -u)" = 0 ] && command -v ldconfig >/dev/null; then ldconfig; fi
 
 clean:
 	rm -rf build build-asan

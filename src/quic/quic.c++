@@ -1387,6 +1387,7 @@ ngtcp2_ssize ConnectionImpl::writePacket(kj::byte* out, size_t outLen, uint64_t 
                                                &datalen, flags, streamId, vec, nvec, ts);
     if (state != nullptr && datalen >= 0) {
       state->txSent += datalen;
+      state->turnBytes += datalen;
       if (offerFin && uint64_t(datalen) == total) state->finSent = true;
     }
     if (n < 0) {
@@ -1419,7 +1420,6 @@ ngtcp2_ssize ConnectionImpl::writePacket(kj::byte* out, size_t outLen, uint64_t 
     }
     if (n > 0 && state != nullptr && !sendQueue.empty() && sendQueue.front().get() == state) {
       // Round robin: the stream goes to the back once it has sent its quantum in this turn.
-      if (datalen > 0) state->turnBytes += datalen;
       if (!state->hasUnsent() || state->turnBytes >= config.streamSendQuantum) {
         state->turnBytes = 0;
         auto own = kj::mv(sendQueue.front());
