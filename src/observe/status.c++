@@ -4,6 +4,24 @@
 
 namespace cfqt::observe {
 
+namespace {
+
+void addSample(TunnelStatus::QuicSample& into, const TunnelStatus::QuicSample& now) {
+  // A connection's sample on top of its index's totals: gauges are replaced, counters summed.
+  into.smoothedRtt = now.smoothedRtt;
+  into.minRtt = now.minRtt;
+  into.latestRtt = now.latestRtt;
+  into.congestionWindow = now.congestionWindow;
+  into.streamsActive = now.streamsActive;
+  into.bytesSent += now.bytesSent;
+  into.bytesReceived += now.bytesReceived;
+  into.packetsSent += now.packetsSent;
+  into.packetsReceived += now.packetsReceived;
+  into.ptoTotal += now.ptoTotal;
+}
+
+}  // namespace
+
 void TunnelStatus::serverLocation(kj::uint connIndex, kj::StringPtr location) {
   // cloudflared: the index's previous location drops to 0, the new one goes to 1; registering
   // again at the same location changes nothing.
@@ -49,40 +67,17 @@ void TunnelStatus::quicConnectionStarted(kj::uint connIndex, const QuicSampler& 
 void TunnelStatus::quicConnectionEnded(kj::uint connIndex) {
   auto& slot = quicSlot(connIndex);
   if (slot.live == nullptr) return;
-  auto last = slot.live->sample();
+  addSample(slot.base, slot.live->sample());
+  slot.base.streamsActive = 0;
   slot.live = nullptr;
   ++quicClosed;
-  auto& b = slot.base;
-  b.smoothedRtt = last.smoothedRtt;
-  b.minRtt = last.minRtt;
-  b.latestRtt = last.latestRtt;
-  b.congestionWindow = last.congestionWindow;
-  b.streamsActive = 0;
-  b.bytesSent += last.bytesSent;
-  b.bytesReceived += last.bytesReceived;
-  b.packetsSent += last.packetsSent;
-  b.packetsReceived += last.packetsReceived;
-  b.ptoTotal += last.ptoTotal;
 }
 
 kj::Array<TunnelStatus::QuicIndex> TunnelStatus::quicIndices() const {
   auto out = kj::heapArrayBuilder<QuicIndex>(quicSlots.size());
   for (auto& slot: quicSlots) {
     QuicIndex index{slot.connIndex, slot.base, slot.live != nullptr};
-    if (slot.live != nullptr) {
-      auto now = slot.live->sample();
-      auto& s = index.sample;
-      s.smoothedRtt = now.smoothedRtt;
-      s.minRtt = now.minRtt;
-      s.latestRtt = now.latestRtt;
-      s.congestionWindow = now.congestionWindow;
-      s.streamsActive = now.streamsActive;
-      s.bytesSent += now.bytesSent;
-      s.bytesReceived += now.bytesReceived;
-      s.packetsSent += now.packetsSent;
-      s.packetsReceived += now.packetsReceived;
-      s.ptoTotal += now.ptoTotal;
-    }
+    if (slot.live != nullptr) addSample(index.sample, slot.live->sample());
     out.add(index);
   }
   auto result = out.finish();
