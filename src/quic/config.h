@@ -66,13 +66,31 @@ struct TransportConfig {
   uint64_t initialConnectionWindow = 768 * 1024;  // initial_max_data
   uint64_t maxStreamWindow = 6 * 1024 * 1024;     // auto-tuning cap of a stream window
   uint64_t maxConnectionWindow = 15 * 1024 * 1024; // auto-tuning cap of the connection window
-  // Flow-control credit is returned only as the application consumes bytes (Stream::tryRead), so
-  // the bytes buffered for a stream never exceed its window (at most `maxStreamWindow`).
+  // Stream-level credit is returned only as the application consumes bytes (Stream::tryRead), so
+  // the bytes buffered for a stream never exceed its window (at most `maxStreamWindow`);
+  // connection-level credit, see `recvCreditBudget`.
 
-  uint64_t streamSendBuffer = 1024 * 1024;
-  // Bytes written to a stream but not yet acknowledged that the layer keeps (copied) per stream.
-  // A write() resolves once all its bytes fit in this buffer, so a writer is halted by a peer
-  // that stops reading after `streamSendBuffer` bytes (+ what the peer's window admitted).
+  uint64_t streamSendBuffer = 256 * 1024;
+  // Most bytes written to one stream but not yet acknowledged that the layer keeps (copied).
+  // A write() resolves once all its bytes are in the buffer, so a writer is halted by a peer
+  // that stops reading (or withholds credit) after this many bytes.
+
+  uint64_t streamSendReserve = 16 * 1024;
+  uint64_t connectionSendHigh = 4 * 1024 * 1024;
+  uint64_t connectionSendLow = 2 * 1024 * 1024;
+  // The send budget of the whole connection (back-pressure): once the bytes buffered for sending
+  // over all streams reach `connectionSendHigh`, writes wait until acknowledgements bring the
+  // total down to `connectionSendLow` (waiting writers then resume in arrival order). A stream
+  // holding less than `streamSendReserve` bytes may always buffer up to that much, so a fresh
+  // stream (a small response) never waits behind streams whose readers stalled. Memory for
+  // sending is thus at most connectionSendHigh + streams x streamSendReserve.
+
+  uint64_t recvCreditBudget = 8 * 1024 * 1024;
+  // Connection-level flow-control credit for received stream bytes is returned as soon as they
+  // are buffered (not when the application reads them) while the bytes buffered over all
+  // streams stay under this budget; above it, only as they are read. Each stream is still bound
+  // by its own window, so a stream whose reader stalls holds back that stream only, never the
+  // others' share of the connection window. 0 = connection credit only as bytes are read.
 
   uint64_t streamSendQuantum = 16 * 1024;
   // Streams with data to send take turns (round robin); a stream keeps its turn for up to this

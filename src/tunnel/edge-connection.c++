@@ -33,6 +33,7 @@ quic::ClientConfig makeClientConfig(const EdgeConnectionConfig& config) {
     c.useSystemTrust = true;
   }
   c.transport = copyTransport(config.transport);
+  c.transport.maxIncomingBidiStreams = kj::max(config.maxConcurrentStreams, uint64_t(1));
   return c;
 }
 

@@ -37,6 +37,15 @@ struct EdgeConnectionConfig {
   wire::ControlClientOptions control; // callTimeout = --rpc-timeout
   kj::Duration rpcStreamTimeout = 5 * kj::SECONDS;  // edge-opened RPC sessions (HEAD)
   kj::String localConfigJson;         // updateLocalConfiguration payload (§4.4), index 0 only
+  uint64_t maxConcurrentStreams = 1024;
+  // --max-concurrent-streams: streams the edge may have open at once on this connection (the
+  // QUIC stream limit we advertise, extended as streams end); more wait at the edge.
+  kj::Duration stallTimeout = 10 * kj::SECONDS;
+  // --edge-stall-timeout: a connection that has data to send but got neither acknowledgement nor
+  // connection-level credit for this long is closed and replaced (the edge withholds credit).
+  kj::Duration streamPreambleTimeout = 10 * kj::SECONDS;
+  // --stream-preamble-timeout: an edge-opened stream must deliver its signature and
+  // ConnectRequest within this long, or it is reset.
 };
 
 struct EdgeContext {
