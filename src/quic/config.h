@@ -70,10 +70,11 @@ struct TransportConfig {
   // the bytes buffered for a stream never exceed its window (at most `maxStreamWindow`);
   // connection-level credit, see `recvCreditBudget`.
 
-  uint64_t streamSendBuffer = 256 * 1024;
-  // Most bytes written to one stream but not yet acknowledged that the layer keeps (copied).
+  uint64_t streamSendBuffer = 64 * 1024;
+  // Most bytes written to one stream and not yet sent that the layer keeps (copied; sent bytes
+  // are kept too until acknowledged, bounded by the congestion window and the peer's credit).
   // A write() resolves once all its bytes are in the buffer, so a writer is halted by a peer
-  // that stops reading (or withholds credit) after this many bytes.
+  // that stops reading (or withholds credit) after this many bytes beyond what it admitted.
 
   uint64_t streamSendReserve = 16 * 1024;
   uint64_t connectionSendHigh = 4 * 1024 * 1024;

@@ -71,6 +71,10 @@ struct ConnectionStats {
                                      // no longer fitting a packet after a path change)
   uint64_t recvBufferedBytes = 0;  // bytes held in all streams' receive buffers
   uint64_t sendBufferedBytes = 0;  // bytes held in all streams' send buffers (unacked)
+  bool sendOverBudget = false;     // sendBufferedBytes reached connectionSendHigh (writers wait)
+  kj::Duration connectionBlockedFor = 0 * kj::NANOSECONDS;
+  // How long stream data has been waiting for connection-level credit from the peer (0 when
+  // not blocked). A peer that withholds it stalls every stream of the connection.
 };
 
 class Connection {

@@ -889,5 +889,206 @@ KJ_TEST("sendDatagram to a peer that advertised max_datagram_frame_size 0: clear
   KJ_EXPECT(pair.client->stats().datagramsDropped == 0);
 }
 
+// ---- isolation: stalled streams never hold back the others
+
+template <typename Func>
+bool eventually(Env& env, Func&& condition, kj::Duration limit = 3 * kj::SECONDS) {
+  // Polls `condition` every 5 ms until it holds or `limit` passed.
+  auto deadline = env.timer.now() + limit;
+  while (!condition()) {
+    if (env.timer.now() >= deadline) return false;
+    env.timer.afterDelay(5 * kj::MILLISECONDS).wait(env.io.waitScope);
+  }
+  return true;
+}
+
+kj::Promise<kj::Own<Stream>> acceptId(Connection& conn, int64_t id,
+                                      kj::Vector<kj::Own<Stream>>& others) {
+  // Accepts streams until the one with `id`; the others are kept (unread) in `others`.
+  return conn.acceptStream().then([&conn, id, &others](kj::Own<Stream> s)
+                                  -> kj::Promise<kj::Own<Stream>> {
+    if (s->id() == id) return kj::mv(s);
+    others.add(kj::mv(s));
+    return acceptId(conn, id, others);
+  });
+}
+
+// Eight streams whose reader never reads, each filling its 64 KiB window: 512 KiB buffered at
+// the receiver, four times its 128 KiB connection window. Returns whether a ninth, small stream
+// then arrives in time.
+bool smallStreamPassesStalledOnes(uint64_t recvCreditBudget) {
+  auto transport = fastTransport();
+  transport.initialStreamWindow = 64 * 1024;
+  transport.maxStreamWindow = 64 * 1024;
+  transport.initialConnectionWindow = 128 * 1024;
+  transport.maxConnectionWindow = 128 * 1024;
+  auto clientTransport = transport;
+  clientTransport.recvCreditBudget = recvCreditBudget;
+  Env env(transport);
+  auto pair = env.connect(clientConfig(clientTransport));
+
+  kj::Vector<kj::Own<Stream>> stalled;
+  kj::Vector<kj::Promise<void>> writers;
+  for (int i = 0; i < 8; i++) {
+    stalled.add(env.wait(pair.server->openStream()));
+    writers.add(writePattern(*stalled.back(), 1 * MiB, 100 + i).eagerlyEvaluate(nullptr));
+  }
+  // Let the stalled streams take the windows first (until the receiver holds what it admits).
+  kj::Vector<kj::Own<Stream>> accepted;
+  eventually(env, [&]() {
+    return pair.client->stats().recvBufferedBytes >= 128 * 1024;
+  });
+  auto small = env.wait(pair.server->openStream());
+  auto smallId = small->id();
+  auto written = small->write("small response", 14).then([&]() { small->shutdownWrite(); })
+      .eagerlyEvaluate(nullptr);
+  auto received = acceptId(*pair.client, smallId, accepted)
+      .then([](kj::Own<Stream> s) {
+    auto& ref = *s;
+    return ref.readAllText(1024).attach(kj::mv(s));
+  });
+  bool passed = false;
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+    KJ_EXPECT(env.wait(kj::mv(received), 1 * kj::SECONDS) == "small response");
+    env.wait(kj::mv(written));
+    passed = true;
+  })) {
+    KJ_EXPECT(e->getType() == kj::Exception::Type::OVERLOADED, *e);   // the timeout
+  }
+  if (passed) {
+    // The stalled streams are bounded by their windows, not by the connection window.
+    KJ_EXPECT(pair.client->stats().recvBufferedBytes <= 8 * 64 * 1024,
+              pair.client->stats().recvBufferedBytes);
+  }
+  return passed;
+}
+
+KJ_TEST("receive: streams whose reader stalls do not hold the connection window") {
+  KJ_EXPECT(smallStreamPassesStalledOnes(8 * MiB));
+  // Control: with connection credit only on read, the stalled streams block the small one.
+  KJ_EXPECT(!smallStreamPassesStalledOnes(0));
+}
+
+KJ_TEST("send budget: stalled streams are bounded and never delay a fresh stream") {
+  constexpr int STALLED = 16;
+  constexpr uint64_t EACH = SANITIZED ? 1 * MiB : 4 * MiB;
+  auto clientTransport = fastTransport();
+  clientTransport.initialStreamWindow = 64 * 1024;
+  clientTransport.maxStreamWindow = 64 * 1024;
+  auto serverTransport = fastTransport();
+  serverTransport.streamSendBuffer = 64 * 1024;
+  serverTransport.streamSendReserve = 16 * 1024;
+  serverTransport.connectionSendHigh = 256 * 1024;
+  serverTransport.connectionSendLow = 128 * 1024;
+  Env env(serverTransport);
+  auto pair = env.connect(clientConfig(clientTransport));
+
+  kj::Vector<kj::Own<Stream>> outs;
+  kj::Vector<kj::Promise<void>> writers;
+  for (int i = 0; i < STALLED; i++) {
+    outs.add(env.wait(pair.server->openStream()));
+    writers.add(writePattern(*outs.back(), EACH, 200 + i).eagerlyEvaluate(nullptr));
+  }
+  // Nobody reads: the writers fill what the budget admits, then wait.
+  KJ_EXPECT(eventually(env, [&]() { return pair.server->stats().sendOverBudget; }));
+  uint64_t bound = serverTransport.connectionSendHigh + serverTransport.streamSendBuffer +
+                   STALLED * serverTransport.streamSendReserve;
+  uint64_t peak = 0;
+  for (int i = 0; i < 20; i++) {
+    peak = kj::max(peak, pair.server->stats().sendBufferedBytes);
+    env.timer.afterDelay(5 * kj::MILLISECONDS).wait(env.io.waitScope);
+  }
+  KJ_EXPECT(peak <= bound, peak, bound);
+  for (auto& w: writers) KJ_EXPECT(!w.poll(env.io.waitScope), "a stalled writer finished");
+
+  // A fresh stream's small response is written at once (its reserve) and arrives.
+  auto fresh = env.wait(pair.server->openStream());
+  auto freshWrite = fresh->write("fresh", 5);
+  KJ_EXPECT(freshWrite.poll(env.io.waitScope), "a fresh stream waited behind stalled ones");
+  freshWrite.wait(env.io.waitScope);
+  fresh->shutdownWrite();
+  kj::Vector<kj::Own<Stream>> ins;
+  auto got = env.wait(acceptId(*pair.client, fresh->id(), ins), 2 * kj::SECONDS);
+  KJ_EXPECT(env.wait(got->readAllText(64), 2 * kj::SECONDS) == "fresh");
+
+  // Reading resumes every writer (below the low watermark); every byte arrives intact.
+  while (ins.size() < STALLED) ins.add(env.wait(pair.client->acceptStream()));
+  kj::Vector<kj::Promise<uint64_t>> readers;
+  for (auto& in: ins) {
+    int64_t index = (in->id() - outs[0]->id()) / 4;
+    readers.add(readPattern(*in, 200 + index));
+  }
+  auto totals = env.wait(kj::joinPromises(readers.releaseAsArray()), 60 * kj::SECONDS);
+  for (auto n: totals) KJ_EXPECT(n == EACH, n);
+  env.wait(kj::joinPromises(writers.releaseAsArray()));
+  KJ_EXPECT(eventually(env, [&]() { return pair.server->stats().sendBufferedBytes == 0; }));
+  KJ_EXPECT(!pair.server->stats().sendOverBudget);
+}
+
+KJ_TEST("whenAborted: the peer dropping a stream is seen without writing; completion is not") {
+  Env env;
+  auto pair = env.connect();
+
+  // A request fully received (FIN), the response not started: the requester goes away. Only
+  // STOP_SENDING reaches us (its write side was complete); our stack resets and the stream ends.
+  {
+    auto request = env.wait(pair.client->openStream());
+    env.wait(request->write("GET", 3));
+    request->shutdownWrite();
+    auto served = env.wait(pair.server->acceptStream());
+    KJ_EXPECT(env.wait(served->readAllText(64)) == "GET");
+    auto aborted = served->whenAborted();
+    KJ_EXPECT(!aborted.poll(env.io.waitScope));
+    request = nullptr;
+    env.wait(kj::mv(aborted), 2 * kj::SECONDS);
+    KJ_EXPECT_THROW_MESSAGE("closed before its end", env.wait(served->write("late", 4)));
+  }
+  // An upload in progress: the requester resets it.
+  {
+    auto request = env.wait(pair.client->openStream());
+    env.wait(request->write("PUT part", 8));
+    auto served = env.wait(pair.server->acceptStream());
+    auto aborted = served->whenAborted();
+    request->reset(7);
+    env.wait(kj::mv(aborted), 2 * kj::SECONDS);
+  }
+  // Completed normally both ways: never aborted.
+  {
+    auto request = env.wait(pair.client->openStream());
+    env.wait(request->write("GET", 3));
+    request->shutdownWrite();
+    auto served = env.wait(pair.server->acceptStream());
+    auto aborted = served->whenAborted();
+    KJ_EXPECT(env.wait(served->readAllText(64)) == "GET");
+    env.wait(served->write("200", 3));
+    served->shutdownWrite();
+    KJ_EXPECT(env.wait(request->readAllText(64)) == "200");
+    request = nullptr;
+    KJ_EXPECT(eventually(env, [&]() { return pair.server->stats().streamsActive == 0; }));
+    KJ_EXPECT(!aborted.poll(env.io.waitScope), "a completed stream was reported aborted");
+  }
+}
+
+KJ_TEST("connectionBlockedFor: a peer withholding connection credit is visible") {
+  auto clientTransport = fastTransport();
+  clientTransport.initialConnectionWindow = 128 * 1024;
+  clientTransport.maxConnectionWindow = 128 * 1024;
+  Env env;
+  auto pair = env.connect(clientConfig(clientTransport));
+  auto out = env.wait(pair.server->openStream());
+  auto writing = writePattern(*out, 4 * MiB, 9).eagerlyEvaluate(nullptr);
+  auto in = env.wait(pair.client->acceptStream());
+  in->setCreditWithheld(true);
+  auto drain = readPattern(*in, 9).eagerlyEvaluate(nullptr);
+  KJ_EXPECT(eventually(env, [&]() {
+    return pair.server->stats().connectionBlockedFor >= 100 * kj::MILLISECONDS;
+  }));
+  KJ_EXPECT(!writing.poll(env.io.waitScope));
+  in->setCreditWithheld(false);
+  KJ_EXPECT(env.wait(kj::mv(drain), 30 * kj::SECONDS) == 4 * MiB);
+  env.wait(kj::mv(writing));
+  KJ_EXPECT(pair.server->stats().connectionBlockedFor == 0 * kj::SECONDS);
+}
+
 }  // namespace
 }  // namespace cfqt::quic

@@ -271,8 +271,10 @@ public:
   bool rxFin = false;           // FIN received (all data is in `rx`)
   bool readShut = false;        // we sent STOP_SENDING or the handle is gone: discard data
   kj::Maybe<kj::Exception> rxError;
+  uint64_t rxPrepaid = 0;        // of rxBuffered: connection credit already returned at receipt
   bool creditWithheld = false;
-  uint64_t creditOwed = 0;
+  uint64_t creditOwed = 0;      // consumed while withheld: stream credit owed to the peer
+  uint64_t connCreditOwed = 0;  // ... and connection credit owed
 
   struct PendingRead {
     kj::byte* buffer;
@@ -296,9 +298,22 @@ public:
   uint64_t turnBytes = 0;       // sent in this turn of the send queue's round robin
   bool flowBlocked = false;
   bool writeWatched = false;    // in ConnectionImpl::writeWatch
+  bool budgetWaiting = false;   // in ConnectionImpl::budgetWaiters
   kj::Maybe<kj::Exception> txError;
   kj::Maybe<kj::ForkedPromise<void>> writeDisconnected;
   kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> writeDisconnectedFulfiller;
+  bool aborted = false;         // see Stream::whenAborted()
+  kj::Maybe<kj::ForkedPromise<void>> abortedPromise;
+  kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> abortedFulfiller;
+
+  void signalAborted() {
+    if (aborted) return;
+    aborted = true;
+    KJ_IF_MAYBE(f, abortedFulfiller) {
+      (*f)->fulfill();
+      abortedFulfiller = nullptr;
+    }
+  }
 
   struct PendingWrite {
     kj::ArrayPtr<const kj::byte> single;
@@ -310,13 +325,13 @@ public:
   kj::Maybe<PendingWrite> pendingWrite;
 
   uint64_t txBuffered() const { return txEnd - txAcked; }
+  uint64_t txUnsent() const { return txEnd - txSent; }
   bool hasUnsent() const { return txSent < txEnd || (finRequested && !finSent && !hasPendingWrite()); }
   bool hasPendingWrite() const { return pendingWrite != nullptr; }
 
-  // Copies bytes into the send buffer, at most `limit` buffered in total. Returns bytes taken.
-  size_t appendTx(kj::ArrayPtr<const kj::byte> bytes, uint64_t limit) {
-    uint64_t space = limit > txBuffered() ? limit - txBuffered() : 0;
-    size_t n = kj::min(bytes.size(), space);
+  // Copies at most `space` bytes into the send buffer. Returns the bytes taken.
+  size_t appendTx(kj::ArrayPtr<const kj::byte> bytes, uint64_t space) {
+    size_t n = kj::min(uint64_t(bytes.size()), space);
     size_t done = 0;
     while (done < n) {
       if (tx.empty() || tx.back().end == tx.back().data.size()) {
@@ -514,8 +529,13 @@ public:
 
   // ---- stream side (called by StreamHandle)
   void queueSend(StreamState& state);
-  void credit(StreamState& state, uint64_t n);
+  void credit(StreamState& state, uint64_t streamBytes, uint64_t connBytes);
+  void consumed(StreamState& state, uint64_t n);
   void releaseCredit(StreamState& state);
+  uint64_t discardUnread(StreamState& state);
+  uint64_t sendSpace(const StreamState& state) const;
+  void addSendBuffered(uint64_t n);
+  void subSendBuffered(uint64_t n);
   void shutdownRead(StreamState& state, uint64_t code);
   void shutdownWrite(StreamState& state, uint64_t code);
   void scheduleFlush();
@@ -541,6 +561,9 @@ private:
   std::deque<kj::Own<StreamState>> sendQueue;
   kj::Vector<kj::Own<StreamState>> readyReads;
   kj::Vector<kj::Own<StreamState>> writeWatch;   // streams whose writer waits (see probeWrites)
+  std::deque<kj::Own<StreamState>> budgetWaiters;  // writers waiting for the send budget
+  bool sendOverBudget = false;  // sendBuffered reached connectionSendHigh, not yet back to Low
+  uint64_t connBlockedSince = 0;  // ns: stream data waits for connection-level credit since
   bool receivedSinceProbe = false;
   std::deque<kj::Own<StreamState>> acceptQueue;
   std::deque<kj::Own<kj::PromiseFulfiller<kj::Own<Stream>>>> acceptWaiters;
@@ -687,6 +710,7 @@ public:
   void reset(uint64_t code) override;
   void stopSending(uint64_t code) override;
   void setCreditWithheld(bool withheld) override;
+  kj::Promise<void> whenAborted() override;
   uint64_t bufferedReadBytes() const override { return state->rxBuffered; }
   uint64_t bufferedWriteBytes() const override { return state->txBuffered(); }
 
@@ -729,6 +753,7 @@ ConnectionImpl::~ConnectionImpl() noexcept(false) {
   for (auto& state: sendQueue) state->conn = nullptr;
   for (auto& state: acceptQueue) state->conn = nullptr;
   for (auto& state: writeWatch) state->conn = nullptr;
+  for (auto& state: budgetWaiters) state->conn = nullptr;
   if (endpoint != nullptr) {
     for (auto& key: cids) endpoint->removeRoute(key);
     endpoint->forget(*this);
@@ -1275,6 +1300,7 @@ void ConnectionImpl::flush() {
     return;
   }
   uint64_t ts = nowNs();
+  if (sendQueue.empty()) connBlockedSince = 0;
   if (receivedSinceProbe) {
     receivedSinceProbe = false;
     if (!writeWatch.empty()) {
@@ -1374,6 +1400,7 @@ ngtcp2_ssize ConnectionImpl::writePacket(kj::byte* out, size_t outLen, uint64_t 
       offerFin = state->finRequested && !state->finSent && allOffered &&
                  state->pendingWrite == nullptr;
       if (total > 0 && ngtcp2_conn_get_max_data_left(conn) == 0 && !offerFin) {
+        if (connBlockedSince == 0) connBlockedSince = ts;
         state = nullptr;   // connection-level blocked: only control frames
         nvec = 0;
         total = 0;
@@ -1389,6 +1416,12 @@ ngtcp2_ssize ConnectionImpl::writePacket(kj::byte* out, size_t outLen, uint64_t 
       state->txSent += datalen;
       state->turnBytes += datalen;
       if (offerFin && uint64_t(datalen) == total) state->finSent = true;
+      if (datalen > 0) {
+        connBlockedSince = 0;
+        // Its bytes left the unsent part of the buffer: a waiting writer may add more (appending
+        // never moves the bytes ngtcp2 points at).
+        if (state->pendingWrite != nullptr && !sendOverBudget) pumpPendingWrite(*state);
+      }
     }
     if (n < 0) {
       switch (n) {
@@ -1636,38 +1669,65 @@ ConnectionStats ConnectionImpl::stats() const {
   s.datagramsSendDropped = datagramsSendDropped;
   s.recvBufferedBytes = recvBuffered;
   s.sendBufferedBytes = sendBuffered;
+  s.sendOverBudget = sendOverBudget;
+  if (connBlockedSince != 0 && closeInfo == nullptr) {
+    uint64_t now = nowNs();
+    if (now > connBlockedSince) s.connectionBlockedFor = (now - connBlockedSince) * kj::NANOSECONDS;
+  }
   return s;
 }
 
 // ---- stream helpers
 
-void ConnectionImpl::credit(StreamState& state, uint64_t n) {
-  if (n == 0) return;
+void ConnectionImpl::credit(StreamState& state, uint64_t streamBytes, uint64_t connBytes) {
+  if (streamBytes == 0 && connBytes == 0) return;
   if (state.creditWithheld) {
-    state.creditOwed += n;
+    state.creditOwed += streamBytes;
+    state.connCreditOwed += connBytes;
     return;
   }
   if (conn == nullptr || closeInfo != nullptr) return;
-  if (!state.closedByNgtcp2) ngtcp2_conn_extend_max_stream_offset(conn, state.id, n);
-  ngtcp2_conn_extend_max_offset(conn, n);
+  if (!state.closedByNgtcp2 && streamBytes > 0) {
+    ngtcp2_conn_extend_max_stream_offset(conn, state.id, streamBytes);
+  }
+  if (connBytes > 0) ngtcp2_conn_extend_max_offset(conn, connBytes);
+}
+
+void ConnectionImpl::consumed(StreamState& state, uint64_t n) {
+  // `n` buffered bytes were read by the application: stream credit for all of them, connection
+  // credit for those not prepaid at receipt.
+  uint64_t prepaid = kj::min(n, state.rxPrepaid);
+  state.rxPrepaid -= prepaid;
+  credit(state, n, n - prepaid);
 }
 
 void ConnectionImpl::releaseCredit(StreamState& state) {
   uint64_t owed = state.creditOwed;
+  uint64_t connOwed = state.connCreditOwed;
   state.creditOwed = 0;
-  credit(state, owed);
+  state.connCreditOwed = 0;
+  credit(state, owed, connOwed);
   scheduleFlush();
+}
+
+uint64_t ConnectionImpl::discardUnread(StreamState& state) {
+  // Drops the stream's buffered bytes (nobody will read them). Returns the connection credit
+  // they still hold (what was not prepaid at receipt, plus what was withheld).
+  uint64_t unpaid = state.rxBuffered - state.rxPrepaid + state.connCreditOwed;
+  recvBuffered -= state.rxBuffered;
+  state.rxBuffered = 0;
+  state.rxPrepaid = 0;
+  state.creditOwed = 0;
+  state.connCreditOwed = 0;
+  state.rx.clear();
+  return unpaid;
 }
 
 void ConnectionImpl::shutdownRead(StreamState& state, uint64_t code) {
   if (state.readShut) return;
   state.readShut = true;
   // Unread bytes count against the connection window: give them back.
-  uint64_t unread = state.rxBuffered + state.creditOwed;
-  recvBuffered -= state.rxBuffered;
-  state.rxBuffered = 0;
-  state.creditOwed = 0;
-  state.rx.clear();
+  uint64_t unread = discardUnread(state);
   if (conn != nullptr && closeInfo == nullptr) {
     if (unread > 0) ngtcp2_conn_extend_max_offset(conn, unread);
     if (!state.closedByNgtcp2 && !state.rxFin) {
@@ -1699,6 +1759,7 @@ void ConnectionImpl::failRead(StreamState& state, kj::Exception e) {
 }
 
 void ConnectionImpl::failWrite(StreamState& state, kj::Exception e) {
+  state.signalAborted();
   if (state.txError == nullptr) state.txError = kj::cp(e);
   KJ_IF_MAYBE(f, state.writeDisconnectedFulfiller) {
     (*f)->fulfill();
@@ -1757,22 +1818,60 @@ void ConnectionImpl::probeWrites(uint64_t ts) {
   writeWatch.resize(kept);
 }
 
+uint64_t ConnectionImpl::sendSpace(const StreamState& state) const {
+  // What the stream may add to its send buffer now. Normally: up to streamSendBuffer bytes not
+  // yet sent (bytes in flight are bounded by the congestion window and the peer's credit, so a
+  // fast stream is not slowed by this buffer, and a stalled one holds at most this much). Over
+  // the connection's budget: only up to streamSendReserve bytes unacknowledged.
+  if (sendOverBudget) {
+    uint64_t reserve = kj::min(config.streamSendReserve, config.streamSendBuffer);
+    return reserve > state.txBuffered() ? reserve - state.txBuffered() : 0;
+  }
+  uint64_t unsent = state.txUnsent();
+  return config.streamSendBuffer > unsent ? config.streamSendBuffer - unsent : 0;
+}
+
+void ConnectionImpl::addSendBuffered(uint64_t n) {
+  sendBuffered += n;
+  if (!sendOverBudget && sendBuffered >= kj::max(config.connectionSendHigh, uint64_t(1))) {
+    sendOverBudget = true;
+  }
+}
+
+void ConnectionImpl::subSendBuffered(uint64_t n) {
+  sendBuffered -= n;
+  if (sendOverBudget && sendBuffered <= config.connectionSendLow) {
+    sendOverBudget = false;
+    // Waiting writers resume in the order they started waiting; one that fills the budget again
+    // waits at the back.
+    auto waiting = kj::mv(budgetWaiters);
+    budgetWaiters.clear();
+    for (auto& state: waiting) {
+      state->budgetWaiting = false;
+      if (state->conn != nullptr) pumpPendingWrite(*state);
+    }
+  }
+}
+
 void ConnectionImpl::pumpPendingWrite(StreamState& state) {
   KJ_IF_MAYBE(w, state.pendingWrite) {
     auto pieces = w->pieces.size() == 0 ? kj::arrayPtr(&w->single, 1) : w->pieces;
     uint64_t before = state.txBuffered();
     while (w->piece < pieces.size()) {
       auto piece = pieces[w->piece];
-      size_t n = state.appendTx(piece.slice(w->offset, piece.size()), config.streamSendBuffer);
+      size_t n = state.appendTx(piece.slice(w->offset, piece.size()), sendSpace(state));
       w->offset += n;
       if (w->offset < piece.size()) break;
       ++w->piece;
       w->offset = 0;
     }
-    sendBuffered += state.txBuffered() - before;
+    addSendBuffered(state.txBuffered() - before);
     if (w->piece == pieces.size()) {
       w->fulfiller->fulfill();
       state.pendingWrite = nullptr;
+    } else if (sendOverBudget && !state.budgetWaiting) {
+      state.budgetWaiting = true;
+      budgetWaiters.push_back(kj::addRef(state));
     }
     queueSend(state);
   }
@@ -1851,7 +1950,7 @@ void ConnectionImpl::onStreamData(StreamState& state, uint32_t flags,
     if (n > 0) memcpy(r->buffer + r->filled, data.begin(), n);
     r->filled += n;
     data = data.slice(n, data.size());
-    credit(state, n);
+    credit(state, n, n);
   }
   if (data.size() > 0) {
     size_t done = 0;
@@ -1870,6 +1969,13 @@ void ConnectionImpl::onStreamData(StreamState& state, uint32_t flags,
     }
     state.rxBuffered += data.size();
     recvBuffered += data.size();
+    if (!state.creditWithheld && recvBuffered <= config.recvCreditBudget) {
+      // Within the budget the connection window is not tied to this stream's reader: a reader
+      // that stalls then holds back its own stream (bounded by the stream window) and nothing
+      // else.
+      ngtcp2_conn_extend_max_offset(conn, data.size());
+      state.rxPrepaid += data.size();
+    }
   }
   KJ_IF_MAYBE(r, state.pendingRead) {
     if ((r->filled >= r->minBytes || state.rxFin) && !state.readReady) {
@@ -1942,12 +2048,16 @@ void ConnectionImpl::onStreamClose(StreamState& state, uint32_t flags, uint64_t 
                                                               : kj::str())));
   }
   if (!state.finSent || state.txAcked < state.txEnd) {
-    if (state.txError == nullptr && (state.hasUnsent() || state.pendingWrite != nullptr)) {
-      failWrite(state, disconnected(kj::str("QUIC stream ", state.id, " closed while writing")));
+    // Closed before our FIN was acknowledged: the stream was reset (by the peer, or by ngtcp2
+    // answering the peer's STOP_SENDING). Writes from now on fail.
+    if (state.txError == nullptr) {
+      failWrite(state, disconnected(kj::str("QUIC stream ", state.id,
+          " closed before its end: the peer reset it or stopped reading (STOP_SENDING)")));
     }
   }
-  sendBuffered -= state.txBuffered();
+  uint64_t released = state.txBuffered();
   state.releaseTx();
+  subSendBuffered(released);
   KJ_IF_MAYBE(w, state.pendingWrite) {
     w->fulfiller->reject(disconnected(kj::str("QUIC stream ", state.id, " closed")));
     state.pendingWrite = nullptr;
@@ -1958,12 +2068,8 @@ void ConnectionImpl::onStreamClose(StreamState& state, uint32_t flags, uint64_t 
   streams.erase(state.id);
   if (keep.get() != nullptr && !state.handleAlive) {
     // Nobody will read what is buffered: return the connection credit.
-    if (state.rxBuffered > 0) {
-      ngtcp2_conn_extend_max_offset(conn, state.rxBuffered);
-      recvBuffered -= state.rxBuffered;
-      state.rxBuffered = 0;
-      state.rx.clear();
-    }
+    uint64_t unpaid = discardUnread(state);
+    if (unpaid > 0) ngtcp2_conn_extend_max_offset(conn, unpaid);
   }
 }
 
@@ -1973,15 +2079,12 @@ int ConnectionImpl::cbStreamReset(ngtcp2_conn*, int64_t id, uint64_t finalSize, 
   return self.guard([&]() {
     if (sud == nullptr) return;
     auto& state = *static_cast<StreamState*>(sud);
+    state.signalAborted();
     self.failRead(state, disconnected(kj::str(
         "QUIC stream ", id, " reset by the peer with code ", code)));
     // Buffered bytes will not be read: return them to the connection window.
-    if (state.rxBuffered > 0) {
-      ngtcp2_conn_extend_max_offset(self.conn, state.rxBuffered);
-      self.recvBuffered -= state.rxBuffered;
-      state.rxBuffered = 0;
-      state.rx.clear();
-    }
+    uint64_t unpaid = self.discardUnread(state);
+    if (unpaid > 0) ngtcp2_conn_extend_max_offset(self.conn, unpaid);
     state.readShut = true;
   });
 }
@@ -1994,7 +2097,7 @@ int ConnectionImpl::cbAcked(ngtcp2_conn*, int64_t id, uint64_t offset, uint64_t 
     auto& state = *static_cast<StreamState*>(sud);
     uint64_t before = state.txBuffered();
     state.onAcked(offset, len);
-    self.sendBuffered -= before - state.txBuffered();
+    self.subSendBuffered(before - state.txBuffered());
     if (state.pendingWrite != nullptr) self.pumpPendingWrite(state);
   });
 }
@@ -2050,7 +2153,7 @@ StreamHandle::~StreamHandle() noexcept(false) {
   } else if (s.finRequested && !s.finSent) {
     conn->queueSend(s);   // the FIN still goes out (e.g. after a pending write was rejected)
   }
-  if (s.creditOwed > 0) {
+  if (s.creditOwed > 0 || s.connCreditOwed > 0) {
     s.creditWithheld = false;
   }
   if (!(s.rxFin && s.rxBuffered == 0)) {
@@ -2102,7 +2205,7 @@ kj::Promise<size_t> StreamHandle::tryRead(void* buffer, size_t minBytes, size_t 
   s.rxBuffered -= n;
   conn->recvBuffered -= n;
   if (n > 0) {
-    conn->credit(s, n);
+    conn->consumed(s, n);
     conn->scheduleFlush();
   }
   if (n >= minBytes || (s.rxFin && s.rxBuffered == 0)) return n;
@@ -2133,8 +2236,8 @@ kj::Promise<void> StreamHandle::startWrite(StreamState::PendingWrite pending) {
   if (pending.pieces.size() == 0) {
     // Fast path: everything fits in the send buffer.
     uint64_t before = s.txBuffered();
-    size_t n = s.appendTx(pending.single, conn->transport().streamSendBuffer);
-    conn->sendBuffered += s.txBuffered() - before;
+    size_t n = s.appendTx(pending.single, conn->sendSpace(s));
+    conn->addSendBuffered(s.txBuffered() - before);
     conn->queueSend(s);
     if (n == pending.single.size()) return kj::READY_NOW;
     pending.single = pending.single.slice(n, pending.single.size());
@@ -2155,6 +2258,16 @@ kj::Promise<void> StreamHandle::whenWriteDisconnected() {
   s.writeDisconnectedFulfiller = kj::mv(paf.fulfiller);
   if (s.conn != nullptr) conn->watchWrites(s);
   auto& forked = s.writeDisconnected.emplace(paf.promise.fork());
+  return forked.addBranch();
+}
+
+kj::Promise<void> StreamHandle::whenAborted() {
+  auto& s = *state;
+  if (s.aborted) return kj::READY_NOW;
+  KJ_IF_MAYBE(forked, s.abortedPromise) return forked->addBranch();
+  auto paf = kj::newPromiseAndFulfiller<void>();
+  s.abortedFulfiller = kj::mv(paf.fulfiller);
+  auto& forked = s.abortedPromise.emplace(paf.promise.fork());
   return forked.addBranch();
 }
 

@@ -16,10 +16,12 @@ class Stream: public kj::AsyncIoStream {
   // as bytes are consumed here, so a reader that stops reading halts the peer's writer after the
   // stream window. 0 = the peer's FIN. A peer RESET_STREAM makes reads throw DISCONNECTED.
   //
-  // Writing: write() copies the bytes into the stream's send buffer (TransportConfig::
-  // streamSendBuffer), which keeps them until the peer acknowledges them; the promise resolves
-  // once all bytes are in the buffer (so it waits while the peer withholds credit). One write and
-  // one read may be in flight at a time. A peer STOP_SENDING makes writes throw DISCONNECTED.
+  // Writing: write() copies the bytes into the stream's send buffer, which keeps them until the
+  // peer acknowledges them; the promise resolves once all bytes are in the buffer. The buffer
+  // holds at most TransportConfig::streamSendBuffer bytes not yet sent (so a write waits while
+  // the peer withholds credit) and the connection's send budget bounds all streams together
+  // (connectionSendHigh/Low, streamSendReserve). One write and one read may be in flight at a
+  // time. A peer STOP_SENDING makes writes throw DISCONNECTED.
   //
   // Dropping the Stream: a write side without FIN is reset (RESET_STREAM, code 0); an unfinished
   // read side gets STOP_SENDING (code 0) and its buffered bytes are credited back. Data already
@@ -45,7 +47,15 @@ public:
   // stream's receive window.
 
   virtual uint64_t bufferedWriteBytes() const = 0;
-  // Written bytes held for this stream until acknowledged. Never exceeds streamSendBuffer.
+  // Written bytes held for this stream until acknowledged: at most streamSendBuffer not yet
+  // sent, plus those in flight.
+
+  virtual kj::Promise<void> whenAborted() = 0;
+  // Resolves (never rejects) once the stream was abandoned before it completed: the peer reset
+  // its sending side (RESET_STREAM), the stream ended before our FIN was acknowledged (the
+  // peer's STOP_SENDING, or our own reset), a write failed, or the connection ended. This is how
+  // a proxy learns that the requester went away while it waits on someone else. Cheap: nothing
+  // is polled. Many waiters ok.
 
   // kj::AsyncIoStream
   //   shutdownWrite(): FIN after the buffered bytes.
