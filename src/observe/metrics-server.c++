@@ -123,6 +123,10 @@ kj::String metricsBody(const TunnelStatus& status) {
            "QUIC packets sent on the connections of the index",
            [](const Sample& s) { return s.packetsSent; });
 
+  e.single("cfqt_tunnel_requests_cancelled", "counter",
+           "Requests the edge abandoned before their response completed (visitor gone)",
+           status.cancelledRequests());
+
   e.single("cloudflared_config_local_config_pushes", "counter",
            "Number of local configuration pushes to the edge", status.localConfigPushes());
   e.single("cloudflared_config_local_config_pushes_errors", "counter",

@@ -39,6 +39,10 @@ public:
   // One edge-opened data stream served (cloudflared's total_requests and
   // concurrent_requests_per_tunnel).
   void requestFailed() { add(errors, 1); }
+  uint64_t cancelledRequests() const { return load(cancelled); }
+  void requestCancelled() { add(cancelled, 1); }
+  // The edge abandoned a request before its response completed (the visitor went away): the
+  // origin exchange was aborted and its origin connection closed.
   // Proxying one request failed (origin unreachable, or the exchange broke after the head);
   // counted by the origin layer, once per failed request (cloudflared's request_errors).
 
@@ -160,6 +164,7 @@ private:
   uint64_t requests = 0;
   uint64_t concurrent = 0;
   uint64_t errors = 0;
+  uint64_t cancelled = 0;
   uint64_t registered = 0;
   uint64_t registerFailed = 0;
 

@@ -1090,5 +1090,27 @@ KJ_TEST("connectionBlockedFor: a peer withholding connection credit is visible")
   KJ_EXPECT(pair.server->stats().connectionBlockedFor == 0 * kj::SECONDS);
 }
 
+KJ_TEST("a stream whose FIN waits for connection credit is sent once the credit comes") {
+  auto clientTransport = fastTransport();
+  clientTransport.initialConnectionWindow = 16 * 1024;
+  clientTransport.maxConnectionWindow = 16 * 1024;
+  clientTransport.recvCreditBudget = 0;
+  Env env;
+  auto pair = env.connect(clientConfig(clientTransport));
+  auto out = env.wait(pair.server->openStream());
+  auto data = kj::heapArray<kj::byte>(40 * 1024);
+  fillPattern(data.begin(), 0, data.size(), 11);
+  env.wait(out->write(data.begin(), data.size()));   // fits the send buffer: completes at once
+  out->shutdownWrite();                              // the FIN waits behind the blocked bytes
+  auto in = env.wait(pair.client->acceptStream());
+  in->setCreditWithheld(true);
+  auto reading = readPattern(*in, 11).eagerlyEvaluate(nullptr);
+  KJ_EXPECT(eventually(env, [&]() {
+    return pair.server->stats().connectionBlockedFor >= 50 * kj::MILLISECONDS;
+  }));
+  in->setCreditWithheld(false);
+  KJ_EXPECT(env.wait(kj::mv(reading), 2 * kj::SECONDS) == data.size());
+}
+
 }  // namespace
 }  // namespace cfqt::quic

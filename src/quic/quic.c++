@@ -1399,9 +1399,12 @@ ngtcp2_ssize ConnectionImpl::writePacket(kj::byte* out, size_t outLen, uint64_t 
       bool allOffered = state->txSent + total == state->txEnd;
       offerFin = state->finRequested && !state->finSent && allOffered &&
                  state->pendingWrite == nullptr;
-      if (total > 0 && ngtcp2_conn_get_max_data_left(conn) == 0 && !offerFin) {
+      if (total > 0 && ngtcp2_conn_get_max_data_left(conn) == 0) {
+        // Connection-level blocked: only control frames. The stream keeps its place (ngtcp2
+        // would answer STREAM_DATA_BLOCKED, which parks a stream until *stream* credit comes:
+        // a stream with its FIN waiting here would then wait for ever).
         if (connBlockedSince == 0) connBlockedSince = ts;
-        state = nullptr;   // connection-level blocked: only control frames
+        state = nullptr;
         nvec = 0;
         total = 0;
       } else {

@@ -173,7 +173,8 @@ KJ_TEST("EdgeConnection: registers, pushes config, serves and refuses edge strea
     s->write("GARBAGE!", 8).wait(h.io.waitScope);
     KJ_EXPECT(streamRefused(*s, h.io.waitScope));
   }
-  // The data signature followed by an undecodable message.
+  // The data signature followed by an undecodable message: answered with an error (the edge
+  // then shows the visitor a 502), the connection lives on.
   {
     auto s = conn->openStream().wait(h.io.waitScope);
     kj::byte bad[32];
@@ -182,7 +183,10 @@ KJ_TEST("EdgeConnection: registers, pushes config, serves and refuses edge strea
     bad[7] = '1';
     memset(bad + 8, 0xff, sizeof(bad) - 8);   // segment count 2^32: malformed
     s->write(bad, sizeof(bad)).wait(h.io.waitScope);
-    KJ_EXPECT(streamRefused(*s, h.io.waitScope));
+    s->shutdownWrite();
+    auto response = wire::readConnectResponse(*s).wait(h.io.waitScope);
+    auto error = response->getRoot<wire::schema::ConnectResponse>().getError();
+    KJ_EXPECT(kj::StringPtr(error).startsWith("malformed request: "), error);
   }
   // A tcp ConnectRequest: answered with ConnectResponse.error.
   {
@@ -233,7 +237,7 @@ KJ_TEST("EdgeConnection: registers, pushes config, serves and refuses edge strea
   KJ_EXPECT(observer.configs.size() == 1);
   KJ_EXPECT(observer.configs[0] == "{\"ingress\":[]}");
   KJ_EXPECT(!run.poll(h.io.waitScope), "a bad stream ended the connection");
-  KJ_EXPECT(h.status.totalRequests() == 2);   // tcp + http data streams
+  KJ_EXPECT(h.status.totalRequests() == 3);   // malformed + tcp + http data streams
   KJ_EXPECT(h.status.concurrentRequests() == 0);
   {
     // The live connection's QUIC statistics feed /metrics under its index.
@@ -337,6 +341,175 @@ KJ_TEST("client config: embedded Cloudflare roots + system store, or --edge-ca a
   KJ_EXPECT(!d.useSystemTrust);
   KJ_EXPECT(KJ_ASSERT_NONNULL(d.caFile) == "/tmp/x.pem");
   KJ_EXPECT(d.caPem == nullptr);
+}
+
+// ---- supervision: every way a registered connection can stop serving ends it
+
+struct Registered {
+  kj::Own<quic::Connection> conn;
+  kj::Own<quic::Stream> controlStream;
+  kj::Own<wire::FixedRegistrationPolicy> policy;
+  kj::Own<Observer> observer;
+  kj::Own<wire::ControlServer> control;
+};
+
+Registered acceptRegistration(Harness& h) {
+  Registered r;
+  r.conn = h.edgeEndpoint->accept().wait(h.io.waitScope);
+  r.controlStream = r.conn->acceptStream().wait(h.io.waitScope);
+  r.policy = kj::heap<wire::FixedRegistrationPolicy>(okResult());
+  r.observer = kj::heap<Observer>();
+  r.control = kj::heap<wire::ControlServer>(*r.controlStream, *r.policy, *r.observer);
+  h.events.waitRegistered().wait(h.io.waitScope);
+  return r;
+}
+
+kj::Own<quic::Stream> sendRequest(Harness& h, quic::Connection& conn, kj::StringPtr path,
+                                  kj::ArrayPtr<const wire::Header> headers = nullptr) {
+  auto s = conn.openStream().wait(h.io.waitScope);
+  capnp::MallocMessageBuilder msg;
+  auto req = msg.initRoot<wire::schema::ConnectRequest>();
+  wire::encodeRequest(req, kj::str("https://t.example", path), wire::schema::ConnectionType::HTTP,
+                      "GET", "t.example", headers);
+  wire::writeConnectRequest(*s, req.asReader()).wait(h.io.waitScope);
+  s->shutdownWrite();
+  return s;
+}
+
+template <typename Func>
+bool eventually(Harness& h, Func&& condition, kj::Duration limit = 3 * kj::SECONDS) {
+  auto deadline = h.timer.now() + limit;
+  while (!condition()) {
+    if (h.timer.now() >= deadline) return false;
+    h.timer.afterDelay(5 * kj::MILLISECONDS).wait(h.io.waitScope);
+  }
+  return true;
+}
+
+KJ_TEST("EdgeConnection: the control stream ending tears the connection down") {
+  Harness h;
+  EdgeConnectionFactory factory(h.context());
+  auto session = factory.newSession(AttemptInfo{0, h.edgeAddress, 0}, h.events);
+  auto run = session->run().eagerlyEvaluate(nullptr);
+  auto r = acceptRegistration(h);
+  // The edge drops its side of the control stream (RESET_STREAM + STOP_SENDING); QUIC stays up.
+  r.control = nullptr;
+  r.controlStream = nullptr;
+  auto end = h.timer.timeoutAfter(3 * kj::SECONDS, kj::mv(run)).wait(h.io.waitScope);
+  KJ_EXPECT(end.kind == EndKind::LOST, end.kind);
+  KJ_EXPECT(end.wasRegistered);
+  KJ_EXPECT(end.reason == "the control stream to the edge ended", end.reason);
+  KJ_EXPECT(h.events.notReadyCount >= 1);
+  auto closed = r.conn->onClosed().wait(h.io.waitScope);
+  KJ_EXPECT(closed.kind == quic::CloseKind::PEER_APPLICATION_CLOSE, closed.kind);
+}
+
+KJ_TEST("EdgeConnection: an edge that withholds flow-control credit gets the connection replaced") {
+  Harness h;
+  h.config.stallTimeout = 200 * kj::MILLISECONDS;
+  // The fake edge gives a tiny connection window and returns no credit for what it reads.
+  h.edgeEndpoint = quic::newEndpoint(h.io.unixEventPort,
+                                     KJ_ASSERT_NONNULL(quic::SocketAddress::parse("127.0.0.1:0")));
+  quic::ServerConfig sc;
+  sc.certFile = testdata("server.pem");
+  sc.keyFile = testdata("server-key.pem");
+  sc.alpn.add(kj::str("argotunnel"));
+  sc.transport.initialConnectionWindow = 16 * 1024;
+  sc.transport.maxConnectionWindow = 16 * 1024;
+  h.edgeEndpoint->listen(kj::mv(sc));
+  h.edgeAddress = KJ_ASSERT_NONNULL(edge::parseIpPort(
+      kj::str("127.0.0.1:", h.edgeEndpoint->localAddress().port())));
+  EdgeConnectionFactory factory(h.context());
+  auto session = factory.newSession(AttemptInfo{0, h.edgeAddress, 0}, h.events);
+  auto run = session->run().eagerlyEvaluate(nullptr);
+  auto r = acceptRegistration(h);
+
+  // hello-world's page echoes the request headers: 40 KB of them make a response larger than
+  // the window the edge will ever grant.
+  kj::Vector<wire::Header> headers;
+  for (int i = 0; i < 40; i++) {
+    headers.add(wire::Header{kj::str("X-Fill-", i), kj::str(kj::repeat('x', 1000))});
+  }
+  auto s = sendRequest(h, *r.conn, "/", headers);
+  s->setCreditWithheld(true);
+  auto drained = s->readAllBytes(1 << 20).then([](kj::Array<kj::byte>) {},
+                                              [](kj::Exception&&) {}).eagerlyEvaluate(nullptr);
+  auto started = h.timer.now();
+  auto end = h.timer.timeoutAfter(3 * kj::SECONDS, kj::mv(run)).wait(h.io.waitScope);
+  auto took = h.timer.now() - started;
+  KJ_EXPECT(end.kind == EndKind::LOST, end.kind);
+  KJ_EXPECT(end.wasRegistered);
+  KJ_EXPECT(end.reason.startsWith("no flow-control credit from the edge for "), end.reason);
+  KJ_EXPECT(took >= 200 * kj::MILLISECONDS && took < 2 * kj::SECONDS, took);
+  h.timer.timeoutAfter(3 * kj::SECONDS, kj::mv(drained)).wait(h.io.waitScope);
+}
+
+KJ_TEST("EdgeConnection: an edge stream without its preamble in time is reset") {
+  Harness h;
+  h.config.streamPreambleTimeout = 100 * kj::MILLISECONDS;
+  EdgeConnectionFactory factory(h.context());
+  auto session = factory.newSession(AttemptInfo{0, h.edgeAddress, 0}, h.events);
+  auto run = session->run().eagerlyEvaluate(nullptr);
+  auto r = acceptRegistration(h);
+  {
+    auto s = r.conn->openStream().wait(h.io.waitScope);
+    s->write(wire::DATA_STREAM_SIGNATURE, 3).wait(h.io.waitScope);   // half a signature
+    auto started = h.timer.now();
+    KJ_EXPECT(h.timer.timeoutAfter(2 * kj::SECONDS, kj::evalNow([&]() {
+      return streamRefused(*s, h.io.waitScope);
+    })).wait(h.io.waitScope));
+    KJ_EXPECT(h.timer.now() - started >= 100 * kj::MILLISECONDS);
+  }
+  {
+    auto s = r.conn->openStream().wait(h.io.waitScope);   // signature and version, no request
+    s->write(wire::DATA_STREAM_SIGNATURE, 6).wait(h.io.waitScope);
+    s->write("01", 2).wait(h.io.waitScope);
+    KJ_EXPECT(streamRefused(*s, h.io.waitScope));
+  }
+  // The connection itself serves on.
+  auto ok = sendRequest(h, *r.conn, "/_health");
+  auto response = wire::readConnectResponse(*ok).wait(h.io.waitScope);
+  KJ_EXPECT(readAll(*ok, h.io.waitScope).asChars() == "OK"_kj.asArray());
+  KJ_EXPECT(!run.poll(h.io.waitScope));
+}
+
+KJ_TEST("EdgeConnection: the edge abandoning a request cancels its origin exchange") {
+  Harness h;
+  EdgeConnectionFactory factory(h.context());
+  auto session = factory.newSession(AttemptInfo{0, h.edgeAddress, 0}, h.events);
+  auto run = session->run().eagerlyEvaluate(nullptr);
+  auto r = acceptRegistration(h);
+  // hello-world's /sse sends an event per second (the default interval): between events the
+  // exchange only waits on the origin, and must still end when the edge gives up the stream.
+  auto s = sendRequest(h, *r.conn, "/sse");
+  auto response = wire::readConnectResponse(*s).wait(h.io.waitScope);
+  KJ_EXPECT(h.origin->getStats().streamsActive == 1);
+  KJ_EXPECT(h.status.concurrentRequests() == 1);
+  s = nullptr;   // RESET_STREAM + STOP_SENDING, as the edge does when the visitor leaves
+  KJ_EXPECT(eventually(h, [&]() { return h.origin->getStats().streamsActive == 0; },
+                       500 * kj::MILLISECONDS), "the origin exchange outlived its request");
+  KJ_EXPECT(h.status.cancelledRequests() == 1);
+  KJ_EXPECT(h.status.concurrentRequests() == 0);
+  KJ_EXPECT(!run.poll(h.io.waitScope));
+}
+
+KJ_TEST("EdgeConnection: request metadata over the limits is answered with an error, not a reset") {
+  Harness h;
+  EdgeConnectionFactory factory(h.context());
+  auto session = factory.newSession(AttemptInfo{0, h.edgeAddress, 0}, h.events);
+  auto run = session->run().eagerlyEvaluate(nullptr);
+  auto r = acceptRegistration(h);
+  kj::Vector<wire::Header> headers;
+  for (int i = 0; i < 100; i++) {
+    headers.add(wire::Header{kj::str("X-Big-", i), kj::str(kj::repeat('y', 1000))});
+  }
+  auto s = sendRequest(h, *r.conn, "/", headers);   // ~100 KB of metadata: over 64 KiB
+  auto response = wire::readConnectResponse(*s).wait(h.io.waitScope);
+  auto error = response->getRoot<wire::schema::ConnectResponse>().getError();
+  KJ_EXPECT(kj::StringPtr(error).startsWith("malformed request: "), error);
+  KJ_EXPECT(h.status.requestErrors() == 1);
+  KJ_EXPECT(h.status.concurrentRequests() == 0);
+  KJ_EXPECT(!run.poll(h.io.waitScope));
 }
 
 }  // namespace

@@ -110,10 +110,14 @@ private:
   bool ended = false;
   bool closeWhenDone = false;
   bool quicSampled = false;
+  kj::Maybe<kj::String> faultReason;   // why we closed a registered connection ourselves
   kj::Maybe<kj::Promise<void>> acceptTask;
+  kj::Maybe<kj::Promise<void>> controlWatch;
+  kj::Maybe<kj::Promise<void>> stallWatch;
   kj::TaskSet streams;   // in-flight edge-opened streams; last, so they die first
 
   kj::String closeReason() {
+    KJ_IF_MAYBE(reason, faultReason) return kj::str(*reason);
     KJ_IF_MAYBE(ci, closeInfo) return describeClose(*ci);
     return kj::str("connection closed");
   }
@@ -253,14 +257,52 @@ private:
     registered = true;
     auto uuid = edge::formatUuid(details.uuid);
     events.registered(info.connIndex, {uuid, details.locationName, ip});
-    acceptTask = acceptLoop().eagerlyEvaluate([](kj::Exception&&) {
-      // The connection ended; `closed` reports why.
+    acceptTask = acceptLoop().eagerlyEvaluate([this](kj::Exception&& e) {
+      // Normally the connection ended (`closed` reports why); anything else leaves a registered
+      // connection that serves nothing, so it ends too.
+      if (connection->closeInfo() == nullptr) {
+        fault(kj::str("accepting streams from the edge failed: ", e.getDescription()));
+      }
     });
+    controlWatch = KJ_ASSERT_NONNULL(control)->onDisconnect().then([this]() {
+      // cloudflared tears the connection down when its control stream's RPC session ends: the
+      // edge would route requests to a connection it no longer has a session for.
+      if (!shutdownStarted) fault(kj::str("the control stream to the edge ended"));
+    }).eagerlyEvaluate(nullptr);
+    if (ctx.config.stallTimeout > 0 * kj::SECONDS) stallWatch = watchProgress();
     if (info.connIndex == 0 && !details.tunnelIsRemotelyManaged) {
       streams.add(sendLocalConfiguration());
     }
     return KJ_ASSERT_NONNULL(closed).addBranch().then([this]() {
       return SessionEnd{EndKind::LOST, closeReason(), true, true};
+    });
+  }
+
+  void fault(kj::String reason) {
+    // Ends a registered connection that cannot serve any more: logged, closed (the supervisor
+    // sees LOST with this reason and reconnects).
+    if (faultReason != nullptr || connection->closeInfo() != nullptr) return;
+    ctx.logger.warn(kj::str("Closing the edge connection: ", reason),
+                    kj::str(fields(), " reason=\"", reason, "\""));
+    faultReason = kj::mv(reason);
+    events.notReady(info.connIndex);
+    connection->close(0, "cfqt: connection fault");
+  }
+
+  kj::Promise<void> watchProgress() {
+    // Checks a few times per bound whether stream data waits for connection-level credit that
+    // never comes: the edge withholds it (or is broken), and every request on this connection
+    // would hang. Replacing the connection is the only cure.
+    auto bound = ctx.config.stallTimeout;
+    auto interval = kj::max(bound / 4, 1 * kj::MILLISECONDS);
+    return ctx.timer.afterDelay(interval).then([this, bound]() -> kj::Promise<void> {
+      auto blocked = connection->stats().connectionBlockedFor;
+      if (blocked >= bound) {
+        fault(kj::str("no flow-control credit from the edge for ", formatDuration(blocked),
+                      " (--edge-stall-timeout ", formatDuration(bound), ")"));
+        return kj::READY_NOW;
+      }
+      return watchProgress();
     });
   }
 
@@ -285,15 +327,39 @@ private:
     });
   }
 
+  template <typename T>
+  kj::Promise<T> beforeDeadline(kj::TimePoint deadline, kj::Promise<T> promise) {
+    // The edge must send a stream's preamble promptly: a stream that stays silent would hold its
+    // slot (and our memory) for ever.
+    auto timeout = ctx.timer.atTime(deadline).then([this]() -> kj::Promise<T> {
+      return KJ_EXCEPTION(OVERLOADED, kj::str(
+          "edge stream sent no complete request within --stream-preamble-timeout ",
+          formatDuration(ctx.config.streamPreambleTimeout)));
+    });
+    return promise.exclusiveJoin(kj::mv(timeout));
+  }
+
+  static kj::Promise<void> discardInput(kj::AsyncInputStream& in, uint64_t limit,
+                                       kj::Array<kj::byte> buffer) {
+    // Reads and drops up to `limit` bytes, until EOF.
+    if (limit == 0) return kj::READY_NOW;
+    auto read = in.tryRead(buffer.begin(), 1, kj::min(uint64_t(buffer.size()), limit));
+    return read.then([&in, limit, buffer = kj::mv(buffer)](size_t n) mutable -> kj::Promise<void> {
+      if (n == 0) return kj::READY_NOW;
+      return discardInput(in, limit - n, kj::mv(buffer));
+    });
+  }
+
   kj::Promise<void> serveStream(kj::Own<quic::Stream> stream) {
     auto& s = *stream;
-    return wire::readStreamSignature(s)
-        .then([this, &s](wire::StreamKind kind) { return serveKind(s, kind); })
+    auto deadline = ctx.timer.now() + ctx.config.streamPreambleTimeout;
+    return beforeDeadline(deadline, wire::readStreamSignature(s))
+        .then([this, &s, deadline](wire::StreamKind kind) { return serveKind(s, kind, deadline); })
         .catch_([this, &s](kj::Exception&& e) { streamFailed(s, kj::mv(e)); })
         .attach(kj::mv(stream));
   }
 
-  kj::Promise<void> serveKind(quic::Stream& s, wire::StreamKind kind) {
+  kj::Promise<void> serveKind(quic::Stream& s, wire::StreamKind kind, kj::TimePoint deadline) {
     if (kind == wire::StreamKind::RPC) {
       wire::ServeRpcOptions options;
       options.timer = ctx.timer;
@@ -301,8 +367,32 @@ private:
       return wire::serveCloudflaredRpc(s, ctx.remoteConfig, kj::mv(options))
           .then([&s]() { s.shutdownWrite(); });
     }
-    return wire::readConnectRequest(s).then([this, &s](kj::Own<capnp::MessageReader> message) {
+    return beforeDeadline(deadline, wire::readConnectRequest(s)).then(
+        [this, &s](kj::Own<capnp::MessageReader> message) {
       return serveData(s, kj::mv(message));
+    }, [this, &s, deadline](kj::Exception&& e) -> kj::Promise<void> {
+      auto code = wire::wireErrorCode(e);
+      if (code != wire::WireErrorCode::TOO_LARGE && code != wire::WireErrorCode::MALFORMED) {
+        return kj::mv(e);
+      }
+      // A request we refuse to decode: the edge (and the visitor) get a clear 502 instead of a
+      // reset stream.
+      ctx.status.requestStarted();
+      ctx.status.requestFailed();
+      ctx.status.requestFinished();
+      ctx.logger.warn("Refused a request from the edge: its metadata is over cfqt's limits or "
+                      "malformed", kj::str(fields(), " stream=", s.id(), " error=\"",
+                                           e.getDescription(), "\""));
+      auto text = kj::str("malformed request: ", e.getDescription());
+      return wire::writeConnectResponseError(s, text).attach(kj::mv(text))
+          .then([this, &s, deadline]() {
+        s.shutdownWrite();
+        // Let the edge finish writing what we refused (bounded, up to the preamble deadline)
+        // before STOP_SENDING, so that it reads our answer rather than a failed write.
+        return beforeDeadline(deadline, discardInput(s, 1024 * 1024, kj::heapArray<kj::byte>(16384)))
+            .catch_([](kj::Exception&&) {})
+            .then([&s]() { s.abortRead(); });
+      });
     });
   }
 
@@ -311,27 +401,51 @@ private:
     // total/concurrent requests are counted here, per data stream; the origin counts the
     // response codes and the failed requests (request_errors).
     ctx.status.requestStarted();
+    // The edge abandons a stream when its visitor goes away (RESET_STREAM/STOP_SENDING): the
+    // exchange is then cancelled at once, which closes its origin connection and frees its
+    // buffers, even while it waits on a silent origin (an SSE stream between events).
+    auto counted = kj::heap<bool>(false);   // requestFinished() once, whichever side ends it
+    bool& done = *counted;
+    auto abandoned = s.whenAborted().then([this, &s, &done]() {
+      if (done) return;
+      done = true;
+      ctx.status.requestFinished();
+      ctx.status.requestCancelled();
+      ctx.logger.debug("Edge abandoned the request; origin exchange cancelled",
+                       kj::str(fields(), " stream=", s.id()));
+    });
     return ctx.origin.serveStream(s, request)
-        .then([this]() { ctx.status.requestFinished(); },
-              [this, &s](kj::Exception&& e) {
-                ctx.status.requestFinished();
+        .then([this, &done]() {
+                if (!done) ctx.status.requestFinished();
+                done = true;
+              },
+              [this, &s, &done](kj::Exception&& e) {
+                if (!done) ctx.status.requestFinished();
+                done = true;
                 s.reset(0);
                 ctx.logger.debug("request failed after the response head",
                                  kj::str(fields(), " stream=", s.id(), " error=\"",
                                          e.getDescription(), "\""));
               })
-        .attach(kj::mv(message));
+        .exclusiveJoin(kj::mv(abandoned))
+        .attach(kj::mv(message), kj::mv(counted));
   }
 
   void streamFailed(quic::Stream& s, kj::Exception&& e) {
-    // Unknown signature, undecodable preamble, or the edge reset the stream: only this stream
-    // dies (dropping it resets both directions).
-    ctx.logger.debug("edge stream failed",
-                     kj::str(fields(), " stream=", s.id(), " error=\"", e.getDescription(), "\""));
+    // Only this stream dies (dropping it resets both directions). The edge resetting a stream
+    // is normal; anything else is worth a warning (rate-limited by the logger).
+    auto fieldsText = kj::str(fields(), " stream=", s.id(), " error=\"", e.getDescription(), "\"");
+    if (e.getType() == kj::Exception::Type::DISCONNECTED) {
+      ctx.logger.debug("Edge stream ended before its request was served", fieldsText);
+    } else {
+      ctx.logger.warn("Edge stream failed; reset it", fieldsText);
+    }
   }
 
   void taskFailed(kj::Exception&& e) override {
-    ctx.logger.debug("stream task failed", kj::str(fields(), " error=\"", e.getDescription(), "\""));
+    // serveStream() catches everything: reaching this is a bug.
+    ctx.logger.error("Edge stream task failed unexpectedly",
+                     kj::str(fields(), " error=\"", e.getDescription(), "\""));
   }
 
   // ---------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ struct FakeFactory final: public SessionFactory {
   kj::Vector<FakeSession*> live;
   kj::Vector<AttemptInfo> attempts;
   uint shutdownCalls = 0;
+  uint failNext = 0;   // newSession() throws this many more times (a bug inside an index loop)
   kj::Own<Session> newSession(AttemptInfo info, SessionEvents& events) override;
   FakeSession& last() { return *live.back(); }
   uint attemptsFor(uint index) {
@@ -70,6 +71,10 @@ public:
 };
 
 kj::Own<Session> FakeFactory::newSession(AttemptInfo info, SessionEvents& events) {
+  if (failNext > 0) {
+    --failNext;
+    KJ_FAIL_ASSERT("injected failure inside the index loop");
+  }
   attempts.add(info);
   return kj::heap<FakeSession>(*this, kj::mv(info), events);
 }
@@ -242,6 +247,38 @@ KJ_TEST("supervisor: shutdown during a backoff wait cancels the wait") {
   f.advance(10 * kj::SECONDS);
   KJ_EXPECT(f.factory.attempts.size() == 1);
   KJ_EXPECT(!sup.allFailed());
+}
+
+KJ_TEST("supervisor: a failure inside an index loop restarts the index; shutdown still completes") {
+  Fixture f;
+  Supervisor sup(f.timer, f.factory, f.pool, f.logger, f.status, config(2), f.jitter);
+  auto done = sup.run();
+  f.waitScope.poll();
+  f.factory.last().registerOk();
+  f.advance(10 * kj::MILLISECONDS);
+  KJ_ASSERT(f.factory.attempts.size() == 2);
+  // Index 1's connection is lost, and its next attempt fails inside the supervisor itself.
+  f.factory.failNext = 1;
+  f.factory.last().end(EndKind::LOST);
+  f.waitScope.poll();
+  f.advance(100 * kj::MILLISECONDS);   // the redial throws: logged, restarted after a backoff
+  KJ_EXPECT(f.factory.attempts.size() == 2);
+  f.advance(1 * kj::SECONDS);
+  KJ_ASSERT(f.factory.attempts.size() == 3, "the index did not restart after its failure");
+  KJ_EXPECT(f.factory.attempts[2].connIndex == 1);
+  f.factory.last().registerOk();
+  KJ_EXPECT(f.status.readyConnections() == 2);
+
+  // A failure while shutting down ends the index instead; the shutdown completes at once.
+  f.factory.failNext = 1;
+  f.factory.live[0]->end(EndKind::LOST);   // index 0 lost: its redial will fail
+  f.waitScope.poll();
+  f.advance(100 * kj::MILLISECONDS);
+  auto stopped = sup.shutdown(1 * kj::SECONDS);
+  f.advance(10 * kj::SECONDS);
+  KJ_EXPECT(stopped.poll(f.waitScope));
+  KJ_EXPECT(done.poll(f.waitScope), "run() did not resolve after the first shutdown");
+  done.wait(f.waitScope);
 }
 
 }  // namespace

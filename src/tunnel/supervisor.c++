@@ -59,12 +59,35 @@ void Supervisor::startIndex(Slot& slot, kj::Duration delay) {
   if (slot.started || shuttingDown) return;
   slot.started = true;
   startedIndices++;
-  if (delay == 0 * kj::SECONDS) {
-    tasks.add(attempt(slot));
-  } else {
-    tasks.add(timer.afterDelay(delay).exclusiveJoin(drainSignal.addBranch())
-        .then([this, &slot]() { return attempt(slot); }));
+  runIndex(slot, delay);
+}
+
+void Supervisor::runIndex(Slot& slot, kj::Duration delay) {
+  // The index's whole reconnect loop is one task; a failure anywhere in it (a bug: sessions
+  // report their ends as values) is logged and the loop starts again after a backoff, so an
+  // index never dies silently and shutdown still finds every index accounted for.
+  kj::Promise<void> loop = delay == 0 * kj::SECONDS
+      ? attempt(slot)
+      : timer.afterDelay(delay).exclusiveJoin(drainSignal.addBranch())
+            .then([this, &slot]() { return attempt(slot); });
+  tasks.add(loop.catch_([this, &slot](kj::Exception&& e) { indexFailed(slot, kj::mv(e)); }));
+}
+
+void Supervisor::indexFailed(Slot& slot, kj::Exception&& e) {
+  notReady(slot.index);
+  if (slot.session != nullptr) slot.retired = kj::mv(slot.session);
+  slot.session = nullptr;
+  if (shuttingDown) {
+    logger.error("Connection supervisor failed during shutdown; connection stopped",
+                 kj::str("connIndex=", slot.index, " error=\"", e.getDescription(), "\""));
+    indexStopped(slot, false);
+    return;
   }
+  auto delay = slot.backoff.next();
+  logger.error("Connection supervisor failed unexpectedly; restarting the connection",
+               kj::str("connIndex=", slot.index, " wait=", formatDuration(delay),
+                       " error=\"", e.getDescription(), "\""));
+  runIndex(slot, delay);
 }
 
 kj::Promise<void> Supervisor::attempt(Slot& slot) {
@@ -234,8 +257,8 @@ kj::Promise<void> Supervisor::shutdownAll(kj::Duration grace) {
 }
 
 void Supervisor::taskFailed(kj::Exception&& exception) {
-  // A bug in an index loop: log it; the index is then considered stopped.
-  logger.error("connection supervisor failed",
+  // Index loops catch their own failures (runIndex); only a failure of that handler lands here.
+  logger.error("Connection supervisor failed",
                kj::str("error=\"", exception.getDescription(), "\""));
 }
 

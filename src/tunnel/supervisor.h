@@ -145,6 +145,8 @@ private:
   kj::TaskSet tasks;   // last: index loops die first
 
   void startIndex(Slot& slot, kj::Duration delay);
+  void runIndex(Slot& slot, kj::Duration delay);
+  void indexFailed(Slot& slot, kj::Exception&& e);
   kj::Promise<void> attempt(Slot& slot);
   kj::Promise<void> afterSession(Slot& slot, SessionEnd end);
   void indexStopped(Slot& slot, bool failed);
