@@ -4,6 +4,12 @@
 #include <kj/async-io.h>
 #include <kj/compat/http.h>
 #include <kj/test.h>
+#include <kj/thread.h>
+
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
 
 namespace cfqt::observe {
 namespace {
@@ -255,6 +261,379 @@ KJ_TEST("log levels and line format") {
   auto line = formatLogLine(LogLevel::INFO, "Registered tunnel connection", "connIndex=0");
   KJ_EXPECT(line.endsWith(" INF Registered tunnel connection connIndex=0\n"), line);
   KJ_EXPECT(line.size() > 21 && line[4] == '-' && line[19] == 'Z', line);
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Log volume (issue 13): the logger writes to a temporary file, with an injected clock.
+
+struct FakeClock final: public kj::MonotonicClock {
+  kj::TimePoint time = kj::origin<kj::TimePoint>() + 1000 * kj::SECONDS;
+  kj::TimePoint now() const override { return time; }
+  void advance(kj::Duration d) { time += d; }
+};
+
+class TempLog {
+  // A fresh file name under $TMPDIR (or /tmp); removed at the end of the test.
+public:
+  TempLog() {
+    const char* dir = getenv("TMPDIR");
+    path = kj::str(dir != nullptr && *dir != '\0' ? dir : "/tmp", "/cfqt-observe-test-XXXXXX");
+    int fd;
+    KJ_SYSCALL(fd = mkstemp(path.begin()), path);
+    KJ_SYSCALL(close(fd));
+  }
+  ~TempLog() noexcept(false) { unlink(path.cStr()); }
+  KJ_DISALLOW_COPY(TempLog);
+
+  LogConfig config(FakeClock& clock, kj::Duration interval, uint32_t burst, uint32_t maxLines) {
+    LogConfig c;
+    c.level = LogLevel::DEBUG;
+    c.file = kj::str(path);
+    c.toStderr = false;
+    c.rateInterval = interval;
+    c.burst = burst;
+    c.maxLinesPerInterval = maxLines;
+    c.clock = clock;
+    return c;
+  }
+
+  kj::Vector<kj::String> lines() {
+    // Each line without its timestamp ("2026-11-25T10:56:58Z ") and newline.
+    int fd;
+    KJ_SYSCALL(fd = open(path.cStr(), O_RDONLY | O_CLOEXEC), path);
+    kj::FdInputStream in{kj::AutoCloseFd(fd)};
+    auto text = in.readAllText();
+    kj::Vector<kj::String> result;
+    size_t start = 0;
+    for (size_t i = 0; i < text.size(); i++) {
+      if (text[i] != '\n') continue;
+      KJ_ASSERT(i - start > 21 && text[start + 4] == '-' && text[start + 19] == 'Z' &&
+                text[start + 20] == ' ', kj::heapString(text.begin() + start, i - start));
+      result.add(kj::heapString(text.begin() + start + 21, i - start - 21));
+      start = i + 1;
+    }
+    KJ_EXPECT(start == text.size(), "the file does not end with a newline", text);
+    return result;
+  }
+
+  kj::String path;
+};
+
+size_t countStartingWith(kj::ArrayPtr<const kj::String> lines, kj::StringPtr prefix) {
+  size_t n = 0;
+  for (auto& l: lines) {
+    if (l.startsWith(prefix)) n++;
+  }
+  return n;
+}
+
+KJ_TEST("log volume: a burst per message, then only a count, then one summary with the count") {
+  TempLog tmp;
+  FakeClock clock;
+  {
+    Logger logger(tmp.config(clock, 100 * kj::MILLISECONDS, 3, 0));
+    for (int i = 0; i < 10; i++) {
+      logger.warn("Request failed", kj::str("dest=/", i));
+      clock.advance(1 * kj::MILLISECONDS);
+    }
+    auto lines = tmp.lines();
+    KJ_ASSERT(lines.size() == 3, lines);
+    KJ_EXPECT(lines[0] == "WRN Request failed dest=/0", lines[0]);
+    KJ_EXPECT(lines[2] == "WRN Request failed dest=/2", lines[2]);
+
+    clock.advance(89 * kj::MILLISECONDS);   // 99 ms after the first line: same window
+    logger.warn("Request failed", "dest=/10");
+    KJ_EXPECT(tmp.lines().size() == 3);
+
+    clock.advance(1 * kj::MILLISECONDS);    // the window is over: summary first, then the line
+    logger.warn("Request failed", "dest=/11");
+    lines = tmp.lines();
+    KJ_ASSERT(lines.size() == 5, lines);
+    KJ_EXPECT(lines[3] == "WRN Request failed suppressed=8 interval=100ms", lines[3]);
+    KJ_EXPECT(lines[4] == "WRN Request failed dest=/11", lines[4]);
+
+    // A window with nothing suppressed leaves no summary.
+    clock.advance(1 * kj::SECONDS);
+    logger.warn("Request failed", "dest=/12");
+    lines = tmp.lines();
+    KJ_ASSERT(lines.size() == 6, lines);
+    KJ_EXPECT(lines[5] == "WRN Request failed dest=/12", lines[5]);
+  }
+  KJ_EXPECT(tmp.lines().size() == 6, "the destructor wrote a summary of nothing", tmp.lines());
+}
+
+KJ_TEST("log volume: messages and levels are counted apart") {
+  TempLog tmp;
+  FakeClock clock;
+  {
+    Logger logger(tmp.config(clock, 1 * kj::SECONDS, 2, 0));
+    for (int i = 0; i < 5; i++) {
+      logger.warn("Alpha failed", kj::str("i=", i));
+      logger.warn("Beta failed", kj::str("i=", i));
+      logger.error("Alpha failed", kj::str("i=", i));
+      logger.info("Quiet", kj::str("i=", i));
+    }
+    auto lines = tmp.lines();
+    KJ_EXPECT(lines.size() == 8, lines);
+    KJ_EXPECT(countStartingWith(lines, "WRN Alpha failed i=") == 2, lines);
+    KJ_EXPECT(countStartingWith(lines, "WRN Beta failed i=") == 2, lines);
+    KJ_EXPECT(countStartingWith(lines, "ERR Alpha failed i=") == 2, lines);
+    KJ_EXPECT(countStartingWith(lines, "INF Quiet i=") == 2, lines);
+  }
+  auto lines = tmp.lines();
+  KJ_ASSERT(lines.size() == 12, lines);
+  KJ_EXPECT(countStartingWith(lines, "WRN Alpha failed suppressed=3 interval=1s") == 1, lines);
+  KJ_EXPECT(countStartingWith(lines, "WRN Beta failed suppressed=3 interval=1s") == 1, lines);
+  KJ_EXPECT(countStartingWith(lines, "ERR Alpha failed suppressed=3 interval=1s") == 1, lines);
+  KJ_EXPECT(countStartingWith(lines, "INF Quiet suppressed=3 interval=1s") == 1, lines);
+}
+
+KJ_TEST("log volume: a pending summary is written by the next line of any message") {
+  TempLog tmp;
+  FakeClock clock;
+  Logger logger(tmp.config(clock, 1 * kj::SECONDS, 1, 0));
+  for (int i = 0; i < 4; i++) logger.warn("Request failed", kj::str("i=", i));
+  clock.advance(2 * kj::SECONDS);
+  logger.info("Something else");
+  auto lines = tmp.lines();
+  KJ_ASSERT(lines.size() == 3, lines);
+  KJ_EXPECT(lines[0] == "WRN Request failed i=0", lines[0]);
+  KJ_EXPECT(lines[1] == "WRN Request failed suppressed=3 interval=1s", lines[1]);
+  KJ_EXPECT(lines[2] == "INF Something else", lines[2]);
+  // The key was forgotten with its summary: the next line opens a new window.
+  logger.warn("Request failed", "i=4");
+  logger.warn("Request failed", "i=5");
+  lines = tmp.lines();
+  KJ_EXPECT(lines.size() == 4 && lines[3] == "WRN Request failed i=4", lines);
+}
+
+KJ_TEST("log volume: a global limit over all messages, with one summary at the highest level") {
+  TempLog tmp;
+  FakeClock clock;
+  {
+    Logger logger(tmp.config(clock, 1 * kj::SECONDS, 5, 4));
+    for (int i = 0; i < 10; i++) logger.info(kj::str("Distinct message ", i));
+    logger.error("An error over the limit");
+    logger.debug("A debug line over the limit");
+    auto lines = tmp.lines();
+    KJ_ASSERT(lines.size() == 4, lines);
+    KJ_EXPECT(lines[3] == "INF Distinct message 3", lines[3]);
+
+    clock.advance(1 * kj::SECONDS);
+    logger.info("Next interval");
+    lines = tmp.lines();
+    KJ_ASSERT(lines.size() == 6, lines);
+    KJ_EXPECT(lines[4] == "ERR Log lines suppressed suppressed=8 interval=1s", lines[4]);
+    KJ_EXPECT(lines[5] == "INF Next interval", lines[5]);
+
+    // The summary counts against the new interval's budget: 2 more fit, then the rest count.
+    for (int i = 0; i < 5; i++) logger.warn(kj::str("Later ", i));
+    KJ_EXPECT(tmp.lines().size() == 8, tmp.lines());
+  }
+  auto lines = tmp.lines();
+  KJ_ASSERT(lines.size() == 9, lines);
+  KJ_EXPECT(lines[8] == "WRN Log lines suppressed suppressed=3 interval=1s", lines[8]);
+}
+
+KJ_TEST("log volume: a per-message summary over the global limit joins the global count") {
+  TempLog tmp;
+  FakeClock clock;
+  {
+    Logger logger(tmp.config(clock, 1 * kj::SECONDS, 1, 2));
+    for (int i = 0; i < 6; i++) logger.warn("Request failed");   // 1 written, 5 counted
+    clock.advance(1 * kj::SECONDS);
+    logger.info("Filler one");         // the key's window is over: its summary comes first
+    auto lines = tmp.lines();
+    // New interval: the key's summary and "Filler one" take the budget of 2.
+    KJ_ASSERT(lines.size() == 3, lines);
+    KJ_EXPECT(lines[1] == "WRN Request failed suppressed=5 interval=1s", lines[1]);
+    KJ_EXPECT(lines[2] == "INF Filler one", lines[2]);
+    for (int i = 0; i < 3; i++) logger.warn("Request failed");   // 0 fit: 1 passes, is dropped
+    logger.info("Filler two");   // dropped too
+  }
+  auto lines = tmp.lines();
+  // The destructor: the key's 2 suppressed, then the global count (1 + 1 dropped lines).
+  KJ_ASSERT(lines.size() == 5, lines);
+  KJ_EXPECT(lines[3] == "WRN Request failed suppressed=2 interval=1s", lines[3]);
+  KJ_EXPECT(lines[4] == "WRN Log lines suppressed suppressed=2 interval=1s", lines[4]);
+}
+
+KJ_TEST("log volume: the destructor writes what is still counted") {
+  TempLog tmp;
+  FakeClock clock;
+  {
+    Logger logger(tmp.config(clock, 1 * kj::SECONDS, 5, 0));
+    for (int i = 0; i < 8; i++) logger.warn("Request failed", kj::str("i=", i));
+    KJ_EXPECT(tmp.lines().size() == 5);
+  }
+  auto lines = tmp.lines();
+  KJ_ASSERT(lines.size() == 6, lines);
+  KJ_EXPECT(lines[5] == "WRN Request failed suppressed=3 interval=1s", lines[5]);
+}
+
+KJ_TEST("log volume: zero interval, burst or limit turn the limits off") {
+  TempLog tmp;
+  FakeClock clock;
+  {
+    Logger logger(tmp.config(clock, 0 * kj::SECONDS, 1, 1));
+    for (int i = 0; i < 20; i++) logger.warn("Same");
+  }
+  KJ_EXPECT(tmp.lines().size() == 20);
+  TempLog tmp2;
+  {
+    Logger logger(tmp2.config(clock, 1 * kj::SECONDS, 0, 0));
+    for (int i = 0; i < 20; i++) logger.warn("Same");
+  }
+  KJ_EXPECT(tmp2.lines().size() == 20);
+}
+
+KJ_TEST("log volume: disabled levels are not counted") {
+  TempLog tmp;
+  FakeClock clock;
+  auto config = tmp.config(clock, 1 * kj::SECONDS, 1, 1);
+  config.level = LogLevel::WARN;
+  {
+    Logger logger(kj::mv(config));
+    for (int i = 0; i < 50; i++) logger.info("Not written");
+    logger.warn("Written");
+  }
+  auto lines = tmp.lines();
+  KJ_EXPECT(lines.size() == 1 && lines[0] == "WRN Written", lines);
+}
+
+KJ_TEST("log volume: long lines are cut") {
+  TempLog tmp;
+  FakeClock clock;
+  auto config = tmp.config(clock, 1 * kj::SECONDS, 5, 0);
+  config.maxLineBytes = 64;
+  {
+    Logger logger(kj::mv(config));
+    logger.warn("Request failed", kj::str("dest=/", kj::repeat('a', 10000)));
+    logger.warn("Short", "x=1");
+  }
+  auto lines = tmp.lines();
+  KJ_ASSERT(lines.size() == 2, lines);
+  // 64 bytes of the line (21 of them the timestamp), then the count of the rest.
+  KJ_EXPECT(lines[0] == kj::str("WRN Request failed dest=/", kj::repeat('a', 64 - 21 - 25),
+                                " truncated=", 21 + 25 + 10000 - 64), lines[0]);
+  KJ_EXPECT(lines[1] == "WRN Short x=1", lines[1]);
+}
+
+KJ_TEST("log volume: beyond the table of messages, lines are held to the global limit only") {
+  TempLog tmp;
+  FakeClock clock;
+  {
+    Logger logger(tmp.config(clock, 1 * kj::SECONDS, 1, 0));
+    for (size_t i = 0; i < Logger::MAX_TRACKED_MESSAGES; i++) {
+      logger.debug(kj::str("Message ", i));
+    }
+    logger.warn("Untracked");
+    logger.warn("Untracked");
+    KJ_EXPECT(countStartingWith(tmp.lines(), "WRN Untracked") == 2);
+    clock.advance(1 * kj::SECONDS);   // the table is swept when the next new key needs room
+    logger.warn("Untracked");
+    logger.warn("Untracked");
+    KJ_EXPECT(countStartingWith(tmp.lines(), "WRN Untracked") == 3, tmp.lines().size());
+  }
+  KJ_EXPECT(countStartingWith(tmp.lines(), "WRN Untracked suppressed=1 interval=1s") == 1);
+}
+
+KJ_TEST("log volume: several threads share the counts") {
+  TempLog tmp;
+  FakeClock clock;   // frozen: every line falls in one window
+  {
+    Logger logger(tmp.config(clock, 1 * kj::SECONDS, 5, 0));
+    {
+      kj::Vector<kj::Own<kj::Thread>> threads;
+      for (int t = 0; t < 4; t++) {
+        threads.add(kj::heap<kj::Thread>([&logger, t]() {
+          LogCallback callback(logger);
+          for (int i = 0; i < 500; i++) {
+            if (i % 2 == 0) {
+              logger.warn("Request failed", kj::str("thread=", t, " i=", i));
+            } else {
+              KJ_LOG(WARNING, "Origin gone", t, i);
+            }
+          }
+        }));
+      }
+    }
+    KJ_EXPECT(tmp.lines().size() == 10, tmp.lines());
+  }
+  auto lines = tmp.lines();
+  KJ_ASSERT(lines.size() == 12, lines);
+  KJ_EXPECT(countStartingWith(lines, "WRN Request failed suppressed=995 interval=1s") == 1, lines);
+  KJ_EXPECT(countStartingWith(lines, "WRN Origin gone suppressed=995 interval=1s") == 1, lines);
+}
+
+KJ_TEST("log volume: KJ_LOG lines are one sentence plus fields, keyed by the sentence") {
+  TempLog tmp;
+  FakeClock clock;
+  {
+    Logger logger(tmp.config(clock, 1 * kj::SECONDS, 2, 0));
+    LogCallback callback(logger);
+    for (int i = 0; i < 6; i++) {
+      auto dest = kj::str("http://127.0.0.1:9/path", i);
+      auto cause = kj::str("dial tcp 127.0.0.1:9: connect: connection refused");
+      KJ_LOG(WARNING, "Request failed", dest, cause);
+    }
+    auto lines = tmp.lines();
+    KJ_ASSERT(lines.size() == 2, lines);
+    KJ_EXPECT(lines[0].startsWith("WRN Request failed dest=http://127.0.0.1:9/path0 "
+                                  "cause=\"dial tcp 127.0.0.1:9: connect: connection refused\" "
+                                  "src=observe-test.c++:"), lines[0]);
+    KJ_EXPECT(lines[1].startsWith("WRN Request failed dest=http://127.0.0.1:9/path1 "), lines[1]);
+  }
+  auto lines = tmp.lines();
+  KJ_ASSERT(lines.size() == 3, lines);
+  KJ_EXPECT(lines[2] == "WRN Request failed suppressed=4 interval=1s", lines[2]);
+}
+
+KJ_TEST("KJ_LOG text: message and fields") {
+  auto check = [](kj::StringPtr text, kj::StringPtr message, kj::StringPtr fields) {
+    auto split = splitKjLogText(text);
+    KJ_EXPECT(split.message == message, text, split.message);
+    KJ_EXPECT(split.fields == fields, text, split.fields);
+  };
+  check("Request failed; impl.config.toString() = http://127.0.0.1:1; request.getDest() = "
+        "http://x/a?b=c; cause = dial tcp: connection refused",
+        "Request failed",
+        "impl.config.toString=http://127.0.0.1:1 request.getDest=\"http://x/a?b=c\" "
+        "cause=\"dial tcp: connection refused\"");
+  check("plain sentence", "plain sentence", "");
+  check("edge discovery: SRV lookup failed; trying DNS-over-TLS; plainDnsError = timeout",
+        "edge discovery: SRV lookup failed; trying DNS-over-TLS", "plainDnsError=timeout");
+  // An exception value keeps its "; " text unless a part looks like `name = value`.
+  check("lost; e = x.c++:17: disconnected: peer gone; extra words; x = 5",
+        "lost", "e=\"x.c++:17: disconnected: peer gone; extra words\" x=5");
+  check("e = x.c++:17: failed: boom", "", "e=\"x.c++:17: failed: boom\"");
+  check("count; f(a, b) = 3; p->q = \"quoted\"\nnext", "count",
+        "fab=3 p.q=\"\\\"quoted\\\"\\nnext\"");
+  check("a sentence = not a field; v = 1", "a sentence = not a field", "v=1");
+  check("empty; v = ", "empty", "v=\"\"");
+
+  KJ_EXPECT(quoteFieldValue("abc") == "abc");
+  KJ_EXPECT(quoteFieldValue("") == "\"\"");
+  KJ_EXPECT(quoteFieldValue("a b") == "\"a b\"");
+  KJ_EXPECT(quoteFieldValue("tab\there\x01") == "\"tab\\there\\x01\"",
+            quoteFieldValue("tab\there\x01"));
+  KJ_EXPECT(quoteFieldValue("back\\slash") == "\"back\\\\slash\"");
+}
+
+KJ_TEST("KJ_LOG without a literal is named after its source line") {
+  TempLog tmp;
+  FakeClock clock;
+  {
+    Logger logger(tmp.config(clock, 1 * kj::SECONDS, 5, 0));
+    LogCallback callback(logger);
+    int value = 7;
+    KJ_LOG(ERROR, value);
+  }
+  auto lines = tmp.lines();
+  KJ_ASSERT(lines.size() == 1, lines);
+  KJ_EXPECT(lines[0].startsWith("ERR observe-test.c++:"), lines[0]);
+  KJ_EXPECT(strstr(lines[0].cStr(), " value=7 src=observe-test.c++:") != nullptr, lines[0]);
 }
 
 }  // namespace
