@@ -1,8 +1,15 @@
 #include "cli.h"
 
 #include <kj/debug.h>
+#include <kj/io.h>
 
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 namespace cfqt::cli {
 
@@ -22,13 +29,17 @@ struct EnvName {
   kj::StringPtr env;
 };
 
-// cloudflared's environment variables for the flags cfqt shares with it.
+// cloudflared 2023.7.3's environment variables (EnvVars) for the flags cfqt shares with it, from
+// cmd/cloudflared/tunnel/cmd.go (tunnelFlags, configureCloudflaredFlags, configureProxyFlags),
+// tunnel/subcommands.go (selectProtocolFlag) and cliutil/logger.go (ConfigureLoggingFlags). A flag
+// with several variables lists them in cloudflared's order: the first one set wins. cloudflared
+// binds none to --ha-connections, --quick-service or the --proxy-*-timeout flags.
 const EnvName ENV_NAMES[] = {
     {"url", "TUNNEL_URL"}, {"hello-world", "TUNNEL_HELLO_WORLD"},
     {"unix-socket", "TUNNEL_UNIX_SOCKET"}, {"http-host-header", "TUNNEL_HTTP_HOST_HEADER"},
     {"origin-ca-pool", "TUNNEL_ORIGIN_CA_POOL"},
-    {"origin-server-name", "TUNNEL_ORIGIN_SERVER_NAME"}, {"edge", "TUNNEL_EDGE"},
-    {"edge-ca", "TUNNEL_CACERT"}, {"region", "TUNNEL_REGION"},
+    {"origin-server-name", "TUNNEL_ORIGIN_SERVER_NAME"}, {"no-tls-verify", "NO_TLS_VERIFY"},
+    {"edge", "TUNNEL_EDGE"}, {"edge-ca", "TUNNEL_CACERT"}, {"region", "TUNNEL_REGION"},
     {"edge-ip-version", "TUNNEL_EDGE_IP_VERSION"}, {"retries", "TUNNEL_RETRIES"},
     {"grace-period", "TUNNEL_GRACE_PERIOD"}, {"metrics", "TUNNEL_METRICS"},
     {"loglevel", "TUNNEL_LOGLEVEL"}, {"logfile", "TUNNEL_LOGFILE"},
@@ -76,6 +87,12 @@ const Flag FLAGS[] = {
     {"proxy-tls-timeout", "", Kind::DURATION, "Origin TLS handshake timeout (default 10s)."},
     {"proxy-keepalive-timeout", "", Kind::DURATION, "Origin idle keep-alive (default 90s)."},
     {"hello-sse-interval", "", Kind::DURATION, "hello-world /sse interval (default 1s)."},
+    {"max-concurrent-streams", "", Kind::UINT,
+     "Streams the edge may open at once per connection (default 1024)."},
+    {"edge-stall-timeout", "", Kind::DURATION,
+     "Replace a connection that got no ack or credit for this long (default 10s)."},
+    {"stream-preamble-timeout", "", Kind::DURATION,
+     "Reset an edge stream whose request is not in by then (default 10s)."},
 };
 
 const Flag* findFlag(kj::StringPtr name) {
@@ -86,8 +103,11 @@ const Flag* findFlag(kj::StringPtr name) {
 }
 
 kj::Maybe<bool> parseBool(kj::StringPtr v) {
-  if (v == "true" || v == "1" || v == "t" || v == "TRUE" || v == "True") return true;
-  if (v == "false" || v == "0" || v == "f" || v == "FALSE" || v == "False") return false;
+  // Go's strconv.ParseBool.
+  if (v == "true" || v == "1" || v == "t" || v == "T" || v == "TRUE" || v == "True") return true;
+  if (v == "false" || v == "0" || v == "f" || v == "F" || v == "FALSE" || v == "False") {
+    return false;
+  }
   return nullptr;
 }
 
@@ -102,7 +122,7 @@ kj::Maybe<uint> parseUint(kj::StringPtr v) {
 }
 
 CliExit fail(kj::String text) {
-  return CliExit{2, kj::str("cfqt: ", text, "\nRun `cfqt --help` for usage.\n")};
+  return configError(text);
 }
 
 kj::Maybe<kj::String> apply(CliOptions& o, const Flag& flag, kj::StringPtr value) {
@@ -122,6 +142,8 @@ kj::Maybe<kj::String> apply(CliOptions& o, const Flag& flag, kj::StringPtr value
         o.haConnections = *v;
       } else if (n == "retries") {
         o.retries = *v;
+      } else if (n == "max-concurrent-streams") {
+        o.maxConcurrentStreams = *v;
       }
       return nullptr;
     }
@@ -147,6 +169,8 @@ kj::Maybe<kj::String> apply(CliOptions& o, const Flag& flag, kj::StringPtr value
       else if (n == "proxy-tls-timeout") o.proxyTlsTimeout = *d;
       else if (n == "proxy-keepalive-timeout") o.proxyKeepAliveTimeout = *d;
       else if (n == "hello-sse-interval") o.helloSseInterval = *d;
+      else if (n == "edge-stall-timeout") o.edgeStallTimeout = *d;
+      else if (n == "stream-preamble-timeout") o.streamPreambleTimeout = *d;
       return nullptr;
     }
     return kj::str("--", n, " expects a duration such as 30s, 500ms or 1m, got \"", value, "\"");
@@ -195,6 +219,281 @@ kj::Maybe<kj::String> apply(CliOptions& o, const Flag& flag, kj::StringPtr value
   }
   return nullptr;
 }
+
+kj::String flagName(const CliOptions& o, kj::StringPtr flag) {
+  // "--metrics", or "TUNNEL_METRICS (--metrics)" when the environment set it.
+  for (auto& e: o.fromEnvironment) {
+    if (e.flag == flag) return kj::str(e.env, " (--", flag, ")");
+  }
+  return kj::str("--", flag);
+}
+
+bool isSet(const CliOptions& o, kj::StringPtr flag) {
+  for (auto& s: o.explicitlySet) if (s == flag) return true;
+  return false;
+}
+
+bool isSpace(char c) {
+  return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
+}
+
+kj::Vector<kj::String> splitList(kj::StringPtr text) {
+  // "a, b,c" -> a b c; empty pieces are dropped.
+  kj::Vector<kj::String> pieces;
+  size_t start = 0;
+  for (size_t i = 0; i <= text.size(); i++) {
+    if (i < text.size() && text[i] != ',') continue;
+    size_t b = start, e = i;
+    while (b < e && isSpace(text[b])) b++;
+    while (e > b && isSpace(text[e - 1])) e--;
+    if (e > b) pieces.add(kj::heapString(text.slice(b, e)));
+    start = i + 1;
+  }
+  return pieces;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Addresses
+
+bool isIpv4(kj::StringPtr text) {
+  struct in_addr a;
+  return inet_pton(AF_INET, text.cStr(), &a) == 1;
+}
+
+bool isIpv6(kj::StringPtr text) {
+  struct in6_addr a;
+  return inet_pton(AF_INET6, text.cStr(), &a) == 1;
+}
+
+bool isHostName(kj::StringPtr text) {
+  // Letters, digits, '-', '.', '_', and a last label that is not all digits: "1.2.3.256" is a
+  // mistyped IP address, not a name to look up. One trailing dot (a rooted name) is fine.
+  kj::ArrayPtr<const char> name = text;
+  if (text.endsWith(".")) name = text.slice(0, text.size() - 1);
+  if (name.size() == 0 || name.size() > 253) return false;
+  bool lastLabelDigits = true;
+  for (char c: name) {
+    bool digit = c >= '0' && c <= '9';
+    bool ok = digit || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '-' ||
+              c == '.' || c == '_';
+    if (!ok) return false;
+    lastLabelDigits = c == '.' || (lastLabelDigits && digit);
+  }
+  return !lastLabelDigits;
+}
+
+kj::Maybe<uint> parsePort(kj::StringPtr text) {
+  if (text.size() == 0 || text.size() > 5) return nullptr;
+  uint n = 0;
+  for (char c: text) {
+    if (c < '0' || c > '9') return nullptr;
+    n = n * 10 + (c - '0');
+  }
+  if (n > 65535) return nullptr;
+  return n;
+}
+
+struct HostPort {
+  kj::String host;     // brackets removed
+  bool bracketed;      // "[...]": only an IPv6 literal may be inside
+  kj::String port;     // as written, unchecked (may be empty)
+};
+
+kj::Maybe<HostPort> splitHostPort(kj::StringPtr text) {
+  // "host:port" or "[ipv6]:port". An IPv6 literal without brackets is refused, as Go does.
+  if (text.startsWith("[")) {
+    KJ_IF_MAYBE(close, text.findFirst(']')) {
+      if (*close + 1 >= text.size() || text[*close + 1] != ':') return nullptr;
+      return HostPort{kj::heapString(text.slice(1, *close)), true,
+                      kj::str(text.slice(*close + 2))};
+    }
+    return nullptr;
+  }
+  KJ_IF_MAYBE(colon, text.findLast(':')) {
+    auto host = kj::heapString(text.slice(0, *colon));
+    if (host.findFirst(':') != nullptr) return nullptr;
+    return HostPort{kj::mv(host), false, kj::str(text.slice(*colon + 1))};
+  }
+  return nullptr;
+}
+
+struct AddressRule {
+  kj::StringPtr form;       // "host:port", "ip:port"
+  kj::StringPtr example;    // shown after "e.g."
+  bool names;               // a DNS name may stand for the host
+  bool emptyHost;           // ":port" (--metrics: all of loopback, like cloudflared's default)
+  bool emptyPort;           // "host:" (--metrics: any free port)
+  uint minPort;
+};
+
+const AddressRule EDGE_RULE = {
+    "host:port", "198.41.192.7:7844, region1.v2.argotunnel.com:7844 or [2606:4700:a0::1]:7844",
+    true, false, false, 1};
+const AddressRule METRICS_RULE = {
+    "host:port", "127.0.0.1:20241, localhost:0 or [::1]:20241", true, true, true, 0};
+const AddressRule DNS_RULE = {
+    "ip:port", "1.1.1.1:53 or [2606:4700:4700::1111]:53", false, false, false, 1};
+
+kj::Maybe<kj::String> addressError(kj::StringPtr text, const AddressRule& rule) {
+  // Why `text` does not follow `rule`, as "\"TEXT\" is not ..." (the caller prefixes the flag).
+  auto generic = [&]() {
+    return kj::str("\"", text, "\" is not ", rule.form, " (e.g. ", rule.example, ")");
+  };
+  KJ_IF_MAYBE(hp, splitHostPort(text)) {
+    if (hp->bracketed) {
+      if (!isIpv6(hp->host)) return generic();
+    } else if (hp->host.size() == 0) {
+      if (!rule.emptyHost) return generic();
+    } else if (!isIpv4(hp->host)) {
+      if (!rule.names) {
+        return kj::str("\"", text, "\" is not ", rule.form, ": ", hp->host,
+                       " is not an IP address (e.g. ", rule.example, ")");
+      }
+      if (!isHostName(hp->host)) return generic();
+    }
+    if (hp->port.size() == 0 && rule.emptyPort) return nullptr;
+    KJ_IF_MAYBE(port, parsePort(hp->port)) {
+      if (*port >= rule.minPort) return nullptr;
+    }
+    return kj::str("\"", text, "\": the port must be a number from ", rule.minPort,
+                   " to 65535, not \"", hp->port, "\"");
+  }
+  return generic();
+}
+
+kj::Maybe<kj::String> dotServerError(kj::StringPtr text) {
+  // ip:port[#tls-name], as edge::parseDotServer() reads it.
+  KJ_IF_MAYBE(hash, text.findFirst('#')) {
+    if (*hash + 1 == text.size()) {
+      return kj::str("\"", text, "\" has an empty TLS name after '#' (want ip:port[#tls-name])");
+    }
+    return addressError(kj::heapString(text.slice(0, *hash)), DNS_RULE);
+  }
+  return addressError(text, DNS_RULE);
+}
+
+kj::Maybe<kj::String> serviceUrlError(kj::StringPtr url) {
+  // The checks of edge::requestQuickTunnel()'s URL parser, plus the port's range.
+  auto generic = [&]() {
+    return kj::str("\"", url, "\" is not an http:// or https:// URL "
+                   "(e.g. https://api.trycloudflare.com or http://127.0.0.1:8081)");
+  };
+  kj::StringPtr rest;
+  if (url.startsWith("https://")) {
+    rest = url.slice(8);
+  } else if (url.startsWith("http://")) {
+    rest = url.slice(7);
+  } else {
+    return generic();
+  }
+  for (char c: rest) {
+    if (c <= ' ' || c == '?' || c == '#' || c == '@' || c == '\\' || c == 0x7f) return generic();
+  }
+  kj::String authority;
+  KJ_IF_MAYBE(slash, rest.findFirst('/')) {
+    authority = kj::heapString(rest.slice(0, *slash));
+  } else {
+    authority = kj::str(rest);
+  }
+  if (authority.startsWith("[") || authority.findFirst(':') != nullptr) {
+    KJ_IF_MAYBE(hp, splitHostPort(authority)) {
+      if (hp->host.size() == 0) return generic();
+      if (hp->bracketed ? !isIpv6(hp->host) : !isIpv4(hp->host) && !isHostName(hp->host)) {
+        return generic();
+      }
+      KJ_IF_MAYBE(port, parsePort(hp->port)) {
+        if (*port >= 1) return nullptr;
+      }
+      return kj::str("\"", url, "\": the port must be a number from 1 to 65535, not \"",
+                     hp->port, "\"");
+    }
+    return generic();
+  }
+  if (!isIpv4(authority) && !isHostName(authority)) return generic();
+  return nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files
+
+constexpr size_t MAX_PEM_FILE = 16 << 20;
+
+kj::Maybe<kj::String> readSmallFile(kj::StringPtr path, kj::Vector<kj::byte>& content) {
+  // Why the regular file at `path` can't be read whole (or is over MAX_PEM_FILE), or null.
+  int fd = ::open(path.cStr(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return kj::str("cannot open it: ", strerror(errno));
+  kj::AutoCloseFd owned(fd);
+  struct stat st;
+  if (fstat(fd, &st) != 0) return kj::str("cannot read it: ", strerror(errno));
+  if (S_ISDIR(st.st_mode)) return kj::str("is a directory, not a PEM file");
+  // cfqt opens the file again for every connection, so a pipe (<(...)) would work only once.
+  if (!S_ISREG(st.st_mode)) return kj::str("is not a regular file");
+  if (st.st_size > MAX_PEM_FILE) return kj::str("is over 16 MiB: not a PEM certificate file");
+  content.resize(st.st_size);
+  size_t done = 0;
+  while (done < content.size()) {
+    ssize_t n = ::read(fd, content.begin() + done, content.size() - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return kj::str("cannot read it: ", strerror(errno));
+    }
+    if (n == 0) break;
+    done += n;
+  }
+  content.resize(done);
+  return nullptr;
+}
+
+bool contains(kj::ArrayPtr<const kj::byte> text, kj::StringPtr needle, size_t from,
+              size_t& at) {
+  for (size_t i = from; i + needle.size() <= text.size(); i++) {
+    if (memcmp(text.begin() + i, needle.begin(), needle.size()) == 0) {
+      at = i;
+      return true;
+    }
+  }
+  return false;
+}
+
+bool hasPemCertificate(kj::ArrayPtr<const kj::byte> text) {
+  constexpr kj::StringPtr BEGIN = "-----BEGIN CERTIFICATE-----"_kj;
+  constexpr kj::StringPtr END = "-----END CERTIFICATE-----"_kj;
+  size_t begin, end;
+  return contains(text, BEGIN, 0, begin) && contains(text, END, begin + BEGIN.size(), end);
+}
+
+kj::String directoryOf(kj::StringPtr path) {
+  KJ_IF_MAYBE(slash, path.findLast('/')) {
+    if (*slash == 0) return kj::str("/");
+    return kj::heapString(path.slice(0, *slash));
+  }
+  return kj::str(".");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Durations that must not be zero: a zero timeout fails every attempt at once, a zero backoff
+// or interval spins.
+
+struct PositiveDuration {
+  kj::StringPtr flag;
+  kj::Duration CliOptions::* field;
+  kj::StringPtr example;
+};
+
+const PositiveDuration POSITIVE_DURATIONS[] = {
+    {"backoff-base", &CliOptions::backoffBase, "1s"},
+    {"quic-idle-timeout", &CliOptions::quicIdleTimeout, "5s"},
+    {"quic-handshake-timeout", &CliOptions::handshakeTimeout, "10s"},
+    {"rpc-timeout", &CliOptions::rpcTimeout, "5s"},
+    {"api-timeout", &CliOptions::apiTimeout, "15s"},
+    {"dns-timeout", &CliOptions::dnsTimeout, "5s"},
+    {"dot-timeout", &CliOptions::dotTimeout, "15s"},
+    {"proxy-connect-timeout", &CliOptions::proxyConnectTimeout, "30s"},
+    {"proxy-tls-timeout", &CliOptions::proxyTlsTimeout, "10s"},
+    {"hello-sse-interval", &CliOptions::helloSseInterval, "1s"},
+    {"edge-stall-timeout", &CliOptions::edgeStallTimeout, "10s"},
+    {"stream-preamble-timeout", &CliOptions::streamPreambleTimeout, "10s"},
+};
 
 }  // namespace
 
@@ -253,6 +552,123 @@ kj::String usage() {
   }
   lines.add(kj::str("  --help, --version"));
   return kj::str(kj::strArray(lines, "\n"), "\n");
+}
+
+CliExit configError(kj::StringPtr reason) {
+  return CliExit{2, kj::str("cfqt: ", reason, "\nRun `cfqt --help` for usage.\n")};
+}
+
+kj::Maybe<kj::String> SystemFileChecks::certificates(kj::StringPtr path) {
+  kj::Vector<kj::byte> content;
+  KJ_IF_MAYBE(error, readSmallFile(path, content)) return kj::mv(*error);
+  if (!hasPemCertificate(content)) {
+    return kj::str("holds no PEM certificate (want a -----BEGIN CERTIFICATE----- block)");
+  }
+  KJ_IF_MAYBE(p, parser) return (*p)(content);
+  return nullptr;
+}
+
+kj::Maybe<kj::String> SystemFileChecks::logFile(kj::StringPtr path) {
+  struct stat st;
+  if (::stat(path.cStr(), &st) == 0) {
+    if (S_ISDIR(st.st_mode)) return kj::str("is a directory; give a file name");
+    if (::access(path.cStr(), W_OK) != 0) return kj::str("cannot be written: ", strerror(errno));
+    return nullptr;
+  }
+  if (errno != ENOENT && errno != ENOTDIR) return kj::str("cannot be opened: ", strerror(errno));
+  auto dir = directoryOf(path);
+  if (::stat(dir.cStr(), &st) != 0) {
+    return kj::str("its directory ", dir, " does not exist (create it first)");
+  }
+  if (!S_ISDIR(st.st_mode)) return kj::str(dir, " is not a directory");
+  if (::access(dir.cStr(), W_OK | X_OK) != 0) {
+    return kj::str("cannot be created in ", dir, ": ", strerror(errno));
+  }
+  return nullptr;
+}
+
+kj::OneOf<kj::Vector<ConfigWarning>, CliExit> validate(CliOptions& o, FileChecks& files) {
+  kj::Vector<ConfigWarning> warnings;
+
+  // Files.
+  KJ_IF_MAYBE(path, o.edgeCa) {
+    KJ_IF_MAYBE(why, files.certificates(*path)) {
+      return fail(kj::str(flagName(o, "edge-ca"), ' ', *path, ": ", *why,
+                          "; give the PEM file of the CA that signed the edge's certificate"));
+    }
+  }
+  KJ_IF_MAYBE(path, o.originCaPool) {
+    KJ_IF_MAYBE(why, files.certificates(*path)) {
+      return fail(kj::str(flagName(o, "origin-ca-pool"), ' ', *path, ": ", *why,
+                          "; give the PEM file of the CA that signed the origin's certificate"));
+    }
+  }
+  KJ_IF_MAYBE(path, o.logFile) {
+    KJ_IF_MAYBE(why, files.logFile(*path)) {
+      return fail(kj::str(flagName(o, "logfile"), ' ', *path, ": ", *why));
+    }
+  }
+
+  // Addresses.
+  KJ_IF_MAYBE(url, o.quickService) {
+    KJ_IF_MAYBE(why, serviceUrlError(*url)) {
+      return fail(kj::str(flagName(o, "quick-service"), ' ', *why));
+    }
+  }
+  for (auto& e: o.edges) {
+    KJ_IF_MAYBE(why, addressError(e, EDGE_RULE)) {
+      return fail(kj::str(flagName(o, "edge"), ' ', *why));
+    }
+  }
+  KJ_IF_MAYBE(m, o.metrics) {
+    KJ_IF_MAYBE(why, addressError(*m, METRICS_RULE)) {
+      return fail(kj::str(flagName(o, "metrics"), ' ', *why));
+    }
+  }
+  KJ_IF_MAYBE(d, o.dnsServer) {
+    KJ_IF_MAYBE(why, addressError(*d, DNS_RULE)) {
+      return fail(kj::str(flagName(o, "dns-server"), ' ', *why));
+    }
+  }
+  KJ_IF_MAYBE(d, o.dotServer) {
+    KJ_IF_MAYBE(why, dotServerError(*d)) {
+      return fail(kj::str(flagName(o, "dot-server"), ' ', *why));
+    }
+  }
+
+  // Numbers and durations.
+  if (o.maxConcurrentStreams < 1) {
+    return fail(kj::str("--max-concurrent-streams must be at least 1 (default 1024)"));
+  }
+  for (auto& d: POSITIVE_DURATIONS) {
+    if (o.*d.field <= 0 * kj::NANOSECONDS) {
+      return fail(kj::str(flagName(o, d.flag), " must be greater than 0 (a duration such as ",
+                          d.example, " or 500ms)"));
+    }
+  }
+
+  // A keep-alive PING only keeps the connection open if it comes before the idle timeout; at or
+  // past it the connection idles out and is redialed over and over.
+  if (o.quicKeepAlive > 0 * kj::NANOSECONDS && o.quicKeepAlive >= o.quicIdleTimeout) {
+    auto idleText = kj::str(o.quicIdleTimeout,
+                            isSet(o, "quic-idle-timeout") ? "" : " (the default)");
+    if (isSet(o, "quic-keepalive-period")) {
+      return fail(kj::str(
+          "--quic-keepalive-period ", o.quicKeepAlive, " must be below --quic-idle-timeout ",
+          idleText, ", or the connection idles out between keep-alive PINGs and reconnects over "
+          "and over; lower --quic-keepalive-period (0 turns it off) or raise "
+          "--quic-idle-timeout"));
+    }
+    auto before = o.quicKeepAlive;
+    o.quicKeepAlive = o.quicIdleTimeout / 2;
+    warnings.add(ConfigWarning{
+        kj::str("QUIC keep-alive period lowered from ", before, " (the default) to ",
+                o.quicKeepAlive, ", half of --quic-idle-timeout ", o.quicIdleTimeout,
+                ": a keep-alive at or past the idle timeout lets the connection idle out; set "
+                "--quic-keepalive-period to choose another value"),
+        kj::str("quicIdleTimeout=", o.quicIdleTimeout, " quicKeepAlivePeriod=", o.quicKeepAlive)});
+  }
+  return kj::mv(warnings);
 }
 
 kj::Maybe<kj::String> processEnv(kj::StringPtr name) {
@@ -350,10 +766,18 @@ kj::OneOf<CliOptions, CliExit> parseCommandLine(kj::ArrayPtr<const kj::StringPtr
         if (flag.kind == Kind::BOOL && parseBool(*value) == nullptr) {
           return fail(kj::str(e.env, " expects true or false, got \"", *value, "\""));
         }
-        KJ_IF_MAYBE(error, apply(o, flag, *value)) {
+        if (flag.kind == Kind::MULTI) {
+          // urfave/cli splits a slice flag's variable on commas and trims each piece.
+          for (auto& piece: splitList(*value)) {
+            KJ_IF_MAYBE(error, apply(o, flag, piece)) {
+              return fail(kj::str(*error, " (from ", e.env, ")"));
+            }
+          }
+        } else KJ_IF_MAYBE(error, apply(o, flag, *value)) {
           return fail(kj::str(*error, " (from ", e.env, ")"));
         }
         o.explicitlySet.add(kj::str(e.flag));
+        o.fromEnvironment.add(CliOptions::FromEnv{kj::str(e.flag), kj::str(e.env)});
       }
     }
   }
@@ -362,8 +786,8 @@ kj::OneOf<CliOptions, CliExit> parseCommandLine(kj::ArrayPtr<const kj::StringPtr
                         "--hello-world or --unix-socket PATH"));
   }
   if (o.noTlsVerify) {
-    return fail(kj::str("--no-tls-verify is not supported yet; use --origin-ca-pool FILE to "
-                        "trust the origin's certificate"));
+    return fail(kj::str(flagName(o, "no-tls-verify"), " is not supported yet; use "
+                        "--origin-ca-pool FILE to trust the origin's certificate"));
   }
   return kj::mv(o);
 }

@@ -57,8 +57,19 @@ struct CliOptions {
   kj::Duration proxyTlsTimeout = 10 * kj::SECONDS;     // --proxy-tls-timeout
   kj::Duration proxyKeepAliveTimeout = 90 * kj::SECONDS;  // --proxy-keepalive-timeout
   kj::Duration helloSseInterval = 1 * kj::SECONDS;     // --hello-sse-interval
+  uint maxConcurrentStreams = 1024;                    // --max-concurrent-streams
+  kj::Duration edgeStallTimeout = 10 * kj::SECONDS;    // --edge-stall-timeout
+  kj::Duration streamPreambleTimeout = 10 * kj::SECONDS;  // --stream-preamble-timeout
 
-  kj::Vector<kj::String> explicitlySet;  // canonical names of the flags given on the command line
+  kj::Vector<kj::String> explicitlySet;
+  // Canonical names of the flags given on the command line or taken from the environment.
+
+  struct FromEnv {
+    kj::String flag;   // canonical name, e.g. "metrics"
+    kj::String env;    // the variable that set it, e.g. "TUNNEL_METRICS"
+  };
+  kj::Vector<FromEnv> fromEnvironment;
+  // The flags of `explicitlySet` that came from an environment variable (named in messages).
 };
 
 struct CliExit {
@@ -71,8 +82,55 @@ using EnvLookup = kj::Function<kj::Maybe<kj::String>(kj::StringPtr name)>;
 kj::OneOf<CliOptions, CliExit> parseCommandLine(kj::ArrayPtr<const kj::StringPtr> args,
                                                 kj::Maybe<EnvLookup> env = nullptr);
 // `args` excludes argv[0]. Never throws on bad input. Flags not given on the command line are
-// taken from cloudflared's environment variables when `env` finds them (TUNNEL_URL,
-// TUNNEL_METRICS, TUNNEL_GRACE_PERIOD, TUNNEL_LOGLEVEL, ...).
+// taken from cloudflared 2023.7.3's environment variables when `env` finds them (TUNNEL_URL,
+// TUNNEL_METRICS, TUNNEL_GRACE_PERIOD, TUNNEL_LOGLEVEL, ...; TUNNEL_EDGE is comma-separated, as
+// urfave/cli splits a slice flag's variable). Only the syntax of values is checked here; the
+// caller runs validate() next.
+
+CliExit configError(kj::StringPtr reason);
+// Exit code 2 and "cfqt: <reason>" plus a pointer to --help: how every bad flag ends.
+
+using CertificateParser = kj::Function<kj::Maybe<kj::String>(kj::ArrayPtr<const kj::byte> pem)>;
+// Why `pem` (a whole file) holds no certificate the TLS library accepts, or null if it does.
+
+class FileChecks {
+  // How validate() looks at the files that flags name. SystemFileChecks reads the real
+  // filesystem; tests may substitute their own.
+public:
+  virtual kj::Maybe<kj::String> certificates(kj::StringPtr path) = 0;
+  // Why `path` is not a readable file holding at least one PEM certificate ("cannot open it: No
+  // such file or directory", "holds no PEM certificate ..."), or null if it is one.
+
+  virtual kj::Maybe<kj::String> logFile(kj::StringPtr path) = 0;
+  // Why logs cannot be appended to `path` (its directory is missing, it is a directory, ...), or
+  // null if opening it should work.
+};
+
+class SystemFileChecks final: public FileChecks {
+public:
+  explicit SystemFileChecks(kj::Maybe<CertificateParser> parser = nullptr)
+      : parser(kj::mv(parser)) {}
+  // Without a parser a file passes if it has a complete "-----BEGIN CERTIFICATE-----" block;
+  // main() adds a GnuTLS parse (this library does not link GnuTLS).
+
+  kj::Maybe<kj::String> certificates(kj::StringPtr path) override;
+  kj::Maybe<kj::String> logFile(kj::StringPtr path) override;
+
+private:
+  kj::Maybe<CertificateParser> parser;
+};
+
+struct ConfigWarning {
+  kj::String message;   // for Logger::warn()
+  kj::String fields;    // "key=value ..."
+};
+
+kj::OneOf<kj::Vector<ConfigWarning>, CliExit> validate(CliOptions& options, FileChecks& files);
+// Checks every file, address, number and timeout of `options` before anything is requested from
+// the network: returns a CliExit (code 2, one line naming the flag and what to do) for the first
+// bad one. A keep-alive period at or above the QUIC idle timeout is refused if
+// --quic-keepalive-period was given, and otherwise lowered to half the idle timeout in `options`
+// with a warning in the result (main() logs the warnings once the logger exists).
 
 kj::Maybe<kj::String> processEnv(kj::StringPtr name);
 // getenv() as an EnvLookup.

@@ -1,6 +1,7 @@
-// cfqt: Cloudflare quick tunnels without cloudflared. Parses the command line (cli.h), optionally
-// starts an in-process edge emulator (--local), runs a tunnel::Runner and handles signals:
-// the first SIGINT/SIGTERM shuts down gracefully, a second exits at once.
+// cfqt: Cloudflare quick tunnels without cloudflared. Parses and validates the command line
+// (cli.h; a bad flag exits 2 before anything is requested), optionally starts an in-process edge
+// emulator (--local), runs a tunnel::Runner and handles signals: the first SIGINT/SIGTERM shuts
+// down gracefully, a second exits at once.
 
 #include "cli.h"
 
@@ -8,6 +9,9 @@
 #include "observe/log.h"
 #include "origin/origin.h"
 #include "tunnel/runner.h"
+
+#include <gnutls/gnutls.h>
+#include <gnutls/x509.h>
 
 #include <kj/async-io.h>
 #include <kj/async-unix.h>
@@ -66,6 +70,21 @@ private:
   bool waitForConnection;
   kj::Maybe<kj::String> pendingUrl;
 };
+
+kj::Maybe<kj::String> parseCertificates(kj::ArrayPtr<const kj::byte> pem) {
+  // The cli::CertificateParser of main(): the edge's QUIC TLS loads --edge-ca with GnuTLS, so a
+  // file GnuTLS rejects here would fail every dial later.
+  gnutls_datum_t datum = {const_cast<unsigned char*>(pem.begin()),
+                          static_cast<unsigned int>(pem.size())};
+  gnutls_x509_crt_t* certs = nullptr;
+  unsigned int count = 0;
+  int rc = gnutls_x509_crt_list_import2(&certs, &count, &datum, GNUTLS_X509_FMT_PEM, 0);
+  if (rc < 0) return kj::str("its certificates do not parse (GnuTLS: ", gnutls_strerror(rc), ")");
+  for (unsigned int i = 0; i < count; i++) gnutls_x509_crt_deinit(certs[i]);
+  gnutls_free(certs);
+  if (count == 0) return kj::str("holds no certificate GnuTLS can read");
+  return nullptr;
+}
 
 kj::Promise<int> waitForSignal(kj::UnixEventPort& port) {
   return port.onSignal(SIGINT).exclusiveJoin(port.onSignal(SIGTERM))
@@ -152,6 +171,9 @@ kj::Maybe<kj::String> buildOptions(cli::CliOptions& o, tunnel::RunnerOptions& r)
   r.edge.transport.handshakeTimeout = o.handshakeTimeout;
   r.edge.control.callTimeout = o.rpcTimeout;
   r.edge.rpcStreamTimeout = o.rpcTimeout;
+  r.edge.maxConcurrentStreams = o.maxConcurrentStreams;
+  r.edge.stallTimeout = o.edgeStallTimeout;
+  r.edge.streamPreambleTimeout = o.streamPreambleTimeout;
 
   r.clientVersion = kj::str(o.clientVersion);
   r.haConnections = o.haConnections;
@@ -223,6 +245,24 @@ int realMain(int argc, char** argv) {
     KJ_CASE_ONEOF(o, cli::CliOptions) options = kj::mv(o);
   }
 
+  // Every file, address and timeout is checked before anything touches the network.
+  cli::SystemFileChecks files{cli::CertificateParser(parseCertificates)};
+  kj::Vector<cli::ConfigWarning> warnings;
+  auto validated = cli::validate(options, files);
+  KJ_SWITCH_ONEOF(validated) {
+    KJ_CASE_ONEOF(exit, cli::CliExit) {
+      writeOut(STDERR_FILENO, exit.text);
+      return exit.code;
+    }
+    KJ_CASE_ONEOF(w, kj::Vector<cli::ConfigWarning>) warnings = kj::mv(w);
+  }
+  tunnel::RunnerOptions runnerOptions;
+  KJ_IF_MAYBE(error, buildOptions(options, runnerOptions)) {
+    auto exit = cli::configError(*error);
+    writeOut(STDERR_FILENO, exit.text);
+    return exit.code;
+  }
+
   observe::LogConfig logConfig;
   logConfig.level = KJ_ASSERT_NONNULL(observe::parseLogLevel(options.logLevel));
   KJ_IF_MAYBE(f, options.logFile) logConfig.file = kj::str(*f);
@@ -230,17 +270,14 @@ int realMain(int argc, char** argv) {
   KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
     maybeLogger = kj::heap<observe::Logger>(kj::mv(logConfig));
   })) {
-    writeOut(STDERR_FILENO, kj::str("cfqt: ", e->getDescription(), "\n"));
-    return 2;
+    // validate() checked the file; this is a race or something it can't see (a full disk).
+    auto exit = cli::configError(kj::str("--logfile: ", e->getDescription()));
+    writeOut(STDERR_FILENO, exit.text);
+    return exit.code;
   }
   auto& logger = *KJ_ASSERT_NONNULL(maybeLogger);
   observe::LogCallback logCallback(logger);
-
-  tunnel::RunnerOptions runnerOptions;
-  KJ_IF_MAYBE(error, buildOptions(options, runnerOptions)) {
-    logger.error(kj::str("Couldn't start tunnel: ", *error));
-    return 1;
-  }
+  for (auto& w: warnings) logger.warn(w.message, w.fields);
 
   kj::UnixEventPort::captureSignal(SIGINT);
   kj::UnixEventPort::captureSignal(SIGTERM);

@@ -1005,6 +1005,132 @@ def test_protocol_http2_refused(env):
     check(p.stdout == b"", p.stdout)
 
 
+# ---------------------------------------------------------------------------------------------
+# Bad configuration (issue 13): every bad file, address or timeout flag exits 2 at once with a
+# one-line reason, before the quick tunnel is requested.
+
+BAD_CONFIG_BOUND_S = 5   # "at once": a refusal must come well within this
+
+
+class QuickServiceTrap:
+    """A loopback listener given as --quick-service: shows whether cfqt requested a tunnel.
+
+    Nothing accepts until connected() is asked, so a connection cfqt made before it exited is
+    still in the backlog then: the answer does not depend on timing."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+
+    def connected(self, timeout=0):
+        r, _, _ = select.select([self.sock], [], [], timeout)
+        if not r:
+            return False
+        conn, _ = self.sock.accept()
+        conn.close()
+        return True
+
+    def close(self):
+        self.sock.close()
+
+
+def clean_env():
+    """os.environ without the cloudflared variables cfqt reads (a developer's TUNNEL_* must not
+    change what these tests see)."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("TUNNEL_") and k not in ("NO_TLS_VERIFY", "NO_AUTOUPDATE")}
+
+
+def test_bad_configuration_exits_2_at_once(env):
+    missing = os.path.join(env.workdir, "no-such-ca.pem")
+    not_pem = os.path.join(env.workdir, "not-a-ca.pem")
+    with open(not_pem, "w") as f:
+        f.write("this is not a certificate\n")
+    broken_pem = os.path.join(env.workdir, "broken-ca.pem")
+    with open(broken_pem, "w") as f:
+        f.write("-----BEGIN CERTIFICATE-----\nnot base64 at all !!!\n-----END CERTIFICATE-----\n")
+    no_dir_log = os.path.join(env.workdir, "no-such-dir", "cfqt.log")
+    cases = [
+        # (arguments, extra environment, the reason line, a regular expression)
+        (["--edge-ca", missing], {},
+         r"^cfqt: --edge-ca %s: cannot open it: No such file or directory; " % re.escape(missing)),
+        (["--cacert", missing], {}, r"^cfqt: --edge-ca .*: cannot open it"),
+        (["--edge-ca", not_pem], {},
+         r"^cfqt: --edge-ca %s: holds no PEM certificate" % re.escape(not_pem)),
+        (["--edge-ca", broken_pem], {},
+         r"^cfqt: --edge-ca %s: its certificates do not parse \(GnuTLS: " %
+         re.escape(broken_pem)),
+        (["--origin-ca-pool", not_pem], {}, r"^cfqt: --origin-ca-pool .*: holds no PEM"),
+        (["--edge", "nonsense"], {}, r'^cfqt: --edge "nonsense" is not host:port \(e\.g\. '),
+        (["--edge", "1.2.3.4:99999"], {},
+         r'^cfqt: --edge "1\.2\.3\.4:99999": the port must be a number from 1 to 65535'),
+        ([], {"TUNNEL_EDGE": "1.2.3.4:7844,nonsense"},
+         r'^cfqt: TUNNEL_EDGE \(--edge\) "nonsense" is not host:port'),
+        (["--metrics", "nonsense"], {}, r'^cfqt: --metrics "nonsense" is not host:port'),
+        (["--metrics", "127.0.0.1:70000"], {},
+         r'^cfqt: --metrics "127\.0\.0\.1:70000": the port must be a number from 0 to 65535'),
+        (["--dns-server", "dns.example:53"], {}, r'^cfqt: --dns-server "dns\.example:53" is not'),
+        (["--logfile", no_dir_log], {},
+         r"^cfqt: --logfile %s: its directory .* does not exist" % re.escape(no_dir_log)),
+        (["--rpc-timeout", "0"], {}, r"^cfqt: --rpc-timeout must be greater than 0"),
+        (["--quic-idle-timeout", "1s", "--quic-keepalive-period", "1s"], {},
+         r"^cfqt: --quic-keepalive-period 1s must be below --quic-idle-timeout 1s, "),
+        (["--url", "ftp://127.0.0.1:1"], {}, r'^cfqt: invalid origin: origin URL "ftp://'),
+    ]
+    trap = QuickServiceTrap()
+    try:
+        for args, extra, pattern in cases:
+            origin = [] if "--url" in args else ["--hello-world"]
+            cmd = [os.path.join(env.bindir, "cfqt")] + origin + [
+                "--quick-service", trap.url, "--api-retry-delay", "10ms"] + args
+            start = time.monotonic()
+            try:
+                p = subprocess.run(cmd, capture_output=True, env=dict(clean_env(), **extra),
+                                   timeout=BAD_CONFIG_BOUND_S)
+            except subprocess.TimeoutExpired as e:
+                raise Fail("not refused within %ds: %s; stderr:\n%s" % (
+                    BAD_CONFIG_BOUND_S, " ".join(args), (e.stderr or b"").decode()[-2000:]))
+            elapsed = time.monotonic() - start
+            err = p.stderr.decode(errors="replace")
+            check_no_sanitizer_report(err)
+            lines = err.splitlines()
+            what = "%s %s: exit %s after %.2fs, stderr:\n%s" % (
+                " ".join(args), extra, p.returncode, elapsed, err[-2000:])
+            check(p.returncode == 2, what)
+            # One reason line, then the pointer to --help: no log line, so nothing started.
+            check(len(lines) == 2 and lines[1] == "Run `cfqt --help` for usage.", what)
+            check(re.search(pattern, lines[0]), "want", repr(pattern), "in", what)
+            check(p.stdout == b"", what, p.stdout)
+            check(not trap.connected(), "a tunnel was requested despite", what)
+    finally:
+        trap.close()
+
+
+def test_idle_timeout_alone_lowers_keepalive_with_warning(env):
+    # Only --quic-idle-timeout at the default 1s keep-alive: adjusted, said so, and cfqt goes on
+    # to request the tunnel (which the trap then proves).
+    trap = QuickServiceTrap()
+    p = subprocess.Popen([os.path.join(env.bindir, "cfqt"), "--hello-world",
+                          "--quick-service", trap.url, "--metrics", "127.0.0.1:0",
+                          "--api-retry-delay", "10ms", "--quic-idle-timeout", "1s"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env())
+    log = LogFollower(p.stderr)
+    try:
+        line = log.wait_for(r" WRN QUIC keep-alive period lowered")
+        check(re.search(r"lowered from 1s \(the default\) to 500ms, half of --quic-idle-timeout "
+                        r"1s: .* quicIdleTimeout=1s quicKeepAlivePeriod=500ms$", line), line)
+        check(trap.connected(timeout=DEADLINE_S), "cfqt never requested the tunnel; log:\n" +
+              log.text()[-2000:])
+        check(p.poll() is None, "cfqt exited:", p.returncode, log.text()[-2000:])
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+        trap.close()
+
+
 TESTS = [
     test_cloudflared_form_and_metrics,
     test_methods,
@@ -1026,6 +1152,8 @@ TESTS = [
     test_c_api_example,
     test_make_run_demo,
     test_protocol_http2_refused,
+    test_bad_configuration_exits_2_at_once,
+    test_idle_timeout_alone_lowers_keepalive_with_warning,
 ]
 
 
