@@ -32,7 +32,9 @@ using kj::uint;
 
 namespace {
 
-constexpr size_t CONN_BUFFER_SIZE = 32 * 1024;  // max response head; read-ahead buffer
+constexpr size_t CONN_BUFFER_SIZE = 32 * 1024;  // max response head (the read-ahead buffer
+                                                // grows to it only for a head that needs it)
+constexpr size_t CONN_BUFFER_INITIAL = 4 * 1024;
 constexpr size_t MAX_LINE = 4096;               // chunk-size and trailer lines
 constexpr kj::Duration FALLBACK_DELAY = 300 * kj::MILLISECONDS;  // Go's happy-eyeballs delay
 
@@ -117,7 +119,7 @@ kj::Exception originException(kj::Exception::Type type, kj::StringPtr what) {
 class Conn {
 public:
   explicit Conn(kj::Own<kj::AsyncIoStream> streamParam)
-      : stream(kj::mv(streamParam)), buffer(kj::heapArray<kj::byte>(CONN_BUFFER_SIZE)) {}
+      : stream(kj::mv(streamParam)), buffer(kj::heapArray<kj::byte>(CONN_BUFFER_INITIAL)) {}
   KJ_DISALLOW_COPY(Conn);
 
   kj::Own<kj::AsyncIoStream> stream;
@@ -127,6 +129,14 @@ public:
   bool receivedAny = false;  // any byte received for the current exchange
 
   size_t leftover() const { return end - begin; }
+
+  void shrink() {
+    // Back to the initial read-ahead size (a pooled connection holds no unread byte).
+    if (buffer.size() > CONN_BUFFER_INITIAL && begin == end) {
+      buffer = kj::heapArray<kj::byte>(CONN_BUFFER_INITIAL);
+      begin = end = 0;
+    }
+  }
 
   kj::Promise<size_t> read(kj::ArrayPtr<kj::byte> out) {
     // Up to out.size() bytes (at least 1 unless EOF, then 0), leftover first.
@@ -192,6 +202,12 @@ private:
       memmove(buffer.begin(), buffer.begin() + begin, end - begin);
       end -= begin;
       begin = 0;
+    }
+    if (end == buffer.size()) {
+      // A head (or line) longer than the buffer: grow it, up to the limit.
+      auto bigger = kj::heapArray<kj::byte>(kj::min(buffer.size() * 2, kj::max(limit, buffer.size())));
+      memcpy(bigger.begin(), buffer.begin(), end);
+      buffer = kj::mv(bigger);
     }
     return stream->tryRead(buffer.begin() + end, 1, buffer.size() - end)
         .then([this](size_t n) {
@@ -411,6 +427,7 @@ public:
     // Returns a connection whose exchange completed cleanly to the idle pool.
     if (config.keepAliveTimeout <= 0 * kj::SECONDS || config.keepAliveConnections == 0) return;
     if (conn->leftover() > 0) return;  // unsolicited bytes: not reusable
+    conn->shrink();
     sweep();
     if (idle.size() >= config.keepAliveConnections) {
       // Drop the oldest idle connection.
@@ -576,6 +593,12 @@ private:
   kj::Promise<void> start() {
     if (impl.config.kind == OriginKind::HTTP_STATUS) return answerStatus();
     KJ_IF_MAYBE(error, prepare()) {
+      // Refused before reaching the origin (malformed or unsupported): a 502 for the visitor,
+      // and a line for the operator (aggregated by the logger when repeated).
+      auto originService = impl.config.toString();
+      kj::StringPtr dest = request.getDest();
+      kj::StringPtr cause = *error;
+      KJ_LOG(WARNING, "Request refused", originService, dest, cause);
       return answerError(*error);
     }
     return attempt();
@@ -1140,7 +1163,9 @@ private:
     } else {
       cause = describeCause(e);
     }
-    KJ_LOG(WARNING, "Request failed", impl.config.toString(), request.getDest(), cause);
+    auto originService = impl.config.toString();
+    kj::StringPtr dest = request.getDest();
+    KJ_LOG(WARNING, "Request failed", originService, dest, cause);
     auto text = originErrorText(cause);
     return answerError(text).attach(kj::mv(text));
   }

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <errno.h>
+#include <malloc.h>
 #include <stdlib.h>
 #include <sys/random.h>
 
@@ -287,10 +288,28 @@ kj::Promise<int> Runner::edgesDiscovered(edge::EdgeAddresses addresses) {
   auto s = kj::heap<Supervisor>(timer, *f, *addressPool, logger, tunnelStatus, config, jitter);
   s->onRegistered([this](uint connIndex) { callbacks.connectionRegistered(connIndex); });
   auto promise = s->run();
+  if (options.memoryReturnInterval > 0 * kj::SECONDS) {
+    memoryTask = returnMemory(0).eagerlyEvaluate(nullptr);
+  }
   pool = kj::mv(addressPool);
   factory = kj::mv(f);
   supervisor = kj::mv(s);
   return promise.then([this]() { return supervisorDone(); });
+}
+
+kj::Promise<void> Runner::returnMemory(uint64_t servedBefore) {
+  // After a burst of requests the heap holds free memory that glibc keeps (freed blocks in the
+  // middle of the heap are not returned by free()). Once every request has finished, give it
+  // back to the system, so that RSS returns to its idle size after the load.
+  auto& timer = io.provider->getTimer();
+  return timer.afterDelay(options.memoryReturnInterval).then([this, servedBefore]() {
+    uint64_t served = tunnelStatus.totalRequests();
+    if (served != servedBefore && tunnelStatus.concurrentRequests() == 0) {
+      malloc_trim(0);
+      return returnMemory(served);
+    }
+    return returnMemory(tunnelStatus.concurrentRequests() == 0 ? served : servedBefore);
+  });
 }
 
 int Runner::supervisorDone() {
@@ -301,6 +320,7 @@ int Runner::supervisorDone() {
     return 1;
   }
   logger.info("Tunnel server stopped");
+  memoryTask = nullptr;
   if (metricsServer != nullptr) {
     metricsTask = nullptr;
     logger.info("Metrics server stopped");

@@ -41,6 +41,10 @@ struct RunnerOptions {
   bool metrics = true;
   kj::Maybe<kj::String> metricsAddress;  // null: first free of localhost:20241..20245
   kj::Vector<ConfigFlag> configurationFlags;   // explicitly set flags for __configuration_flags
+  kj::Duration memoryReturnInterval = 1 * kj::SECONDS;
+  // How often to check whether requests were served and none is in flight; then free heap
+  // memory is returned to the system (malloc_trim), so RSS comes back down after a load.
+  // 0 = never.
   kj::Maybe<kj::Function<kj::String(kj::StringPtr hostname)>> publicUrl;
   // The URL shown for a hostname; default "https://<hostname>" (--local: the front door).
 };
@@ -104,12 +108,14 @@ private:
   kj::ForkedPromise<void> stopSignal;
   kj::Maybe<kj::Promise<void>> metricsTask;
   kj::Maybe<kj::Promise<void>> shutdownTask;
+  kj::Maybe<kj::Promise<void>> memoryTask;
 
   kj::Promise<int> start();
   kj::Promise<int> tunnelIssued(edge::QuickTunnel tunnel);
   kj::Promise<int> metricsBound(kj::Maybe<kj::Own<kj::ConnectionReceiver>> receiver);
   kj::Promise<int> edgesDiscovered(edge::EdgeAddresses addresses);
   int supervisorDone();
+  kj::Promise<void> returnMemory(uint64_t servedBefore);
   int startFailed(kj::StringPtr what, kj::Exception&& e);
 };
 
