@@ -512,5 +512,29 @@ KJ_TEST("EdgeConnection: request metadata over the limits is answered with an er
   KJ_EXPECT(!run.poll(h.io.waitScope));
 }
 
+KJ_TEST("EdgeConnection: --max-concurrent-streams makes the edge's extra streams wait") {
+  Harness h;
+  h.config.maxConcurrentStreams = 2;
+  EdgeConnectionFactory factory(h.context());
+  auto session = factory.newSession(AttemptInfo{0, h.edgeAddress, 0}, h.events);
+  auto run = session->run().eagerlyEvaluate(nullptr);
+  auto r = acceptRegistration(h);
+  // Two endless SSE exchanges take both slots; a third stream cannot even be opened.
+  auto first = sendRequest(h, *r.conn, "/sse");
+  auto second = sendRequest(h, *r.conn, "/sse");
+  wire::readConnectResponse(*first).wait(h.io.waitScope);
+  wire::readConnectResponse(*second).wait(h.io.waitScope);
+  auto third = r.conn->openStream().eagerlyEvaluate(nullptr);
+  h.timer.afterDelay(100 * kj::MILLISECONDS).wait(h.io.waitScope);
+  KJ_EXPECT(!third.poll(h.io.waitScope), "a third stream was admitted");
+  KJ_EXPECT(h.origin->getStats().streamsActive == 2);
+  // One visitor leaves: its slot frees and the waiting stream gets it.
+  first = nullptr;
+  auto s = h.timer.timeoutAfter(2 * kj::SECONDS, kj::mv(third)).wait(h.io.waitScope);
+  s = nullptr;
+  second = nullptr;
+  KJ_EXPECT(!run.poll(h.io.waitScope));
+}
+
 }  // namespace
 }  // namespace cfqt::tunnel
