@@ -213,6 +213,33 @@ kj::Promise<void> AdminService::request(kj::HttpMethod method, kj::StringPtr url
       connection->close(code, reason);
       return reply.ok(kj::str("{\"closed\":", record->id, '}'));
     }
+    if (path[2] == "close-control") {
+      auto how = ClientConnection::ControlEnd::RESET;
+      KJ_IF_MAYBE(text, queryParam(parsed, "how")) {
+        if (*text == "fin") {
+          how = ClientConnection::ControlEnd::FIN;
+        } else if (*text != "reset") {
+          return reply.error(400, "Bad Request", "how must be reset or fin");
+        }
+      }
+      uint64_t code = 0;
+      KJ_IF_MAYBE(text, queryParam(parsed, "code")) {
+        KJ_IF_MAYBE(v, parseUnsigned(*text)) {
+          code = *v;
+        } else {
+          return reply.error(400, "Bad Request", "code must be a non-negative integer");
+        }
+      }
+      if (code >= (uint64_t(1) << 62)) {
+        return reply.error(400, "Bad Request", "code must be below 2^62");
+      }
+      if (!connection->closeControlStream(how, code)) {
+        return reply.error(409, "Conflict", "the control stream is not up");
+      }
+      bool reset = how == ClientConnection::ControlEnd::RESET;
+      return reply.ok(kj::str("{\"controlClosed\":", record->id, ",\"how\":\"",
+                              reset ? "reset" : "fin", "\",\"code\":", reset ? code : 0, '}'));
+    }
     if (path[2] == "silence" || path[2] == "go-silent") {
       connection->goSilent();
       return reply.ok(kj::str("{\"silent\":", record->id, '}'));

@@ -5,6 +5,12 @@
 //   POST /tunnels                          issue a quick tunnel (same JSON as the API)
 //   POST /connections/N/close?code=C&reason=R     CONNECTION_CLOSE (application error C, default 0)
 //   POST /connections/N/silence            stop answering (the client hits its idle timeout)
+//   POST /connections/N/close-control[?how=reset|fin&code=C]   end the control stream while the
+//                                          QUIC connection stays up: RESET_STREAM+STOP_SENDING
+//                                          with C (default reset, code 0), or a clean FIN; no
+//                                          unregister, no new requests to that connection
+//                                          (answers {"controlClosed":N,"how":"reset","code":C};
+//                                          409 if the control stream is not up)
 //   POST /connections/N/withhold-credit[?stream=ID]   stop returning flow-control credit on
 //                                          stream ID, or on every stream opened from now on
 //   POST /connections/N/update-configuration?version=V   body: JSON config; opens an RPC
@@ -13,7 +19,7 @@
 //   POST /registrations/reject-next?cause=C&retryAfter=NANOS&shouldRetry=BOOL&count=K
 //                                          the next K registrations get this ConnectionError
 //                                          (count=0 clears)
-// Every answer is JSON; errors are {"error":"..."} with 400/404/405.
+// Every answer is JSON; errors are {"error":"..."} with 400/404/405/409.
 
 #pragma once
 

@@ -112,6 +112,23 @@ public:
     return true;
   }
 
+  bool closeControlStream(ControlEnd how, uint64_t code) override {
+    if (control.get() == nullptr || controlEnded) return false;
+    controlEnded = true;
+    KJ_LOG(INFO, "ending the control stream (admin API)", remote,
+           how == ControlEnd::RESET ? "reset" : "fin", code);
+    controlWatch = nullptr;
+    stopRouting();
+    control = nullptr;    // the RPC session ends first: nothing writes to the stream afterwards
+    if (how == ControlEnd::RESET) {
+      controlStream->reset(code);
+      controlStream->stopSending(code);
+    } else {
+      controlStream->shutdownWrite();
+    }
+    return true;
+  }
+
   kj::Promise<kj::String> pushConfiguration(int32_t version, kj::String json) override {
     return canceler.wrap(connection->openStream().then(
         [version, json = kj::mv(json)](kj::Own<quic::Stream> stream) mutable {
@@ -130,6 +147,8 @@ public:
         ",\"packetsSent\":", s.packetsSent, ",\"packetsReceived\":", s.packetsReceived,
         ",\"ptoTotal\":", s.ptoTotal, ",\"congestionWindow\":", s.congestionWindow,
         ",\"bytesInFlight\":", s.bytesInFlight,
+        ",\"recvBufferedBytes\":", s.recvBufferedBytes,
+        ",\"sendBufferedBytes\":", s.sendBufferedBytes,
         ",\"streamsOpenedLocal\":", s.streamsOpenedLocal,
         ",\"streamsOpenedRemote\":", s.streamsOpenedRemote,
         ",\"openStreams\":", table->streams.size(), '}');
@@ -192,6 +211,8 @@ private:
   kj::String remote;
   kj::Own<quic::Stream> controlStream;
   kj::Own<wire::ControlServer> control;
+  bool controlEnded = false;                 // by the client, or by closeControlStream()
+  kj::Maybe<kj::Promise<void>> controlWatch; // control->onDisconnect(), dropped before `control`
   kj::Vector<kj::uint> recordIds;
   kj::Canceler canceler;
   kj::TaskSet tasks;
@@ -219,20 +240,27 @@ private:
 
   kj::Promise<void> serveControl() {
     return connection->acceptStream().then([this](kj::Own<quic::Stream> stream) {
-      return startControl(kj::mv(stream));
+      startControl(kj::mv(stream));
     });
   }
 
-  kj::Promise<void> startControl(kj::Own<quic::Stream> stream) {
+  void startControl(kj::Own<quic::Stream> stream) {
     controlStream = kj::mv(stream);
     control = kj::heap<wire::ControlServer>(*controlStream, *this, *this);
     tasks.add(refuseExtraStreams());
-    return control->onDisconnect().then([this]() {
-      // PROTOCOL.md §10.4 step 6: the control stream closing (or an Abort) means the client is
-      // leaving; streams in flight finish, but no new requests go to this connection.
-      KJ_LOG(INFO, "control stream ended", remote);
-      stopRouting();
+    controlWatch = control->onDisconnect().then([this]() { onControlEnded(); })
+        .eagerlyEvaluate([this](kj::Exception&& e) {
+      KJ_LOG(INFO, "control stream failed", remote, e);
+      onControlEnded();
     });
+  }
+
+  void onControlEnded() {
+    // PROTOCOL.md §10.4 step 6: the control stream closing (or an Abort) means the client is
+    // leaving; streams in flight finish, but no new requests go to this connection.
+    KJ_LOG(INFO, "control stream ended", remote);
+    controlEnded = true;
+    stopRouting();
   }
 
   kj::Promise<void> refuseExtraStreams() {

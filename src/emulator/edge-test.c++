@@ -106,17 +106,20 @@ kj::Array<kj::byte> pattern(size_t size, uint32_t seed) {
 }
 
 struct Setup {
-  explicit Setup(kj::Duration edgeIdle = 5 * kj::SECONDS)
-      : io(kj::setupAsyncIo()), stateDir(tempStateDir()), emulator(io, options(edgeIdle)) {
+  explicit Setup(kj::Duration edgeIdle = 5 * kj::SECONDS,
+                 kj::Maybe<quic::TransportConfig> transport = nullptr)
+      : io(kj::setupAsyncIo()), stateDir(tempStateDir()),
+        emulator(io, options(edgeIdle, kj::mv(transport))) {
     ready = emulator.start().wait(io.waitScope);
     KJ_ASSERT(ready.edges.size() == 1);
     edge = KJ_ASSERT_NONNULL(quic::SocketAddress::parse(ready.edges[0]));
   }
   ~Setup() noexcept(false) { removeStateDir(stateDir); }
 
-  EmulatorOptions options(kj::Duration edgeIdle) {
+  EmulatorOptions options(kj::Duration edgeIdle, kj::Maybe<quic::TransportConfig> transport) {
     EmulatorOptions o;
     o.certificates.stateDir = kj::heapString(stateDir);
+    KJ_IF_MAYBE(t, transport) o.edgeTransport = *t;
     o.edgeTransport.maxIdleTimeout = edgeIdle;
     o.frontDoor.responseHeadTimeout = 10 * kj::SECONDS;
     return o;
@@ -137,6 +140,39 @@ struct Setup {
     settings.entropySource = entropy;
     auto client = kj::newHttpClient(io.provider->getTimer(), table, *address, settings);
     return client.attach(kj::mv(address));
+  }
+
+  kj::Own<kj::AsyncIoStream> dialPublic() {
+    auto address = io.provider->getNetwork().parseAddress(ready.publicAddress)
+        .wait(io.waitScope);
+    return address->connect().wait(io.waitScope);
+  }
+
+  kj::Own<kj::HttpClient> adminClient() {
+    auto address = io.provider->getNetwork().parseAddress(ready.admin).wait(io.waitScope);
+    auto client = kj::newHttpClient(io.provider->getTimer(), table, *address);
+    return client.attach(kj::mv(address));
+  }
+
+  kj::uint adminPost(kj::StringPtr url, kj::String* bodyOut = nullptr) {
+    auto admin = adminClient();
+    kj::HttpHeaders headers(table);
+    auto response = admin->request(kj::HttpMethod::POST, url, headers, uint64_t(0)).response
+        .wait(io.waitScope);
+    auto body = response.body->readAllText().wait(io.waitScope);
+    if (bodyOut != nullptr) *bodyOut = kj::mv(body);
+    return response.statusCode;
+  }
+
+  void waitUntil(kj::Function<bool()> condition, kj::StringPtr what) {
+    // Checks `condition` every 5 ms for up to 10 s (for states that no event announces, such as
+    // flow-control windows filling up).
+    auto& timer = io.provider->getTimer();
+    auto deadline = timer.now() + 10 * kj::SECONDS;
+    while (!condition()) {
+      KJ_ASSERT(timer.now() < deadline, "timed out waiting", what);
+      timer.afterDelay(5 * kj::MILLISECONDS).wait(io.waitScope);
+    }
   }
 
   kj::AsyncIoContext io;
@@ -189,6 +225,15 @@ kj::Own<quic::Stream> nextStream(quic::Connection& connection, kj::Timer& timer,
                                  kj::WaitScope& waitScope) {
   // Bounded: a request that never reaches the client fails the test in 10 s.
   return timer.timeoutAfter(10 * kj::SECONDS, connection.acceptStream()).wait(waitScope);
+}
+
+uint64_t statField(ConnectionRecord& record, kj::StringPtr name) {
+  // One number from the edge's describeStats() JSON (the admin API's "stats").
+  auto json = KJ_ASSERT_NONNULL(record.connection).describeStats();
+  auto key = kj::str('"', name, "\":");
+  auto at = strstr(json.cStr(), key.cStr());
+  KJ_ASSERT(at != nullptr, json, name);
+  return strtoull(at + key.size(), nullptr, 10);
 }
 
 ConnectionRecord& onlyRecord(Emulator& emulator, ConnectionState state) {
@@ -761,6 +806,274 @@ KJ_TEST("withheld credit stalls the client's response writes") {
   auto reading = r.body->readAllBytes();
   setup.io.provider->getTimer().afterDelay(300 * kj::MILLISECONDS).wait(setup.io.waitScope);
   KJ_EXPECT(!writing.poll(setup.io.waitScope), "write completed despite withheld credit");
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Visitors that stall or leave (issue 13), control-stream faults
+
+kj::Promise<void> endlessChunks(kj::AsyncOutputStream& out, kj::ArrayPtr<const kj::byte> chunk) {
+  // Writes `chunk` until a write fails.
+  return out.write(chunk.begin(), chunk.size()).then([&out, chunk]() {
+    return endlessChunks(out, chunk);
+  });
+}
+
+kj::String readHead(kj::AsyncIoStream& stream, kj::WaitScope& waitScope) {
+  kj::Vector<char> head;
+  char c;
+  while (true) {
+    size_t n = stream.tryRead(&c, 1, 1).wait(waitScope);
+    KJ_ASSERT(n == 1, "EOF inside the response head", kj::str(head.asPtr()));
+    head.add(c);
+    if (head.size() >= 4 && memcmp(head.end() - 4, "\r\n\r\n", 4) == 0) break;
+  }
+  head.add('\0');
+  return kj::String(head.releaseAsArray());
+}
+
+KJ_TEST("visitors that stop reading never hold the connection window: a small GET stays prompt") {
+  // Issue 13. Twenty visitors ask for large responses and read nothing (in-memory pipes, so no
+  // kernel buffer absorbs anything and the front door stalls at once); the client writes more on
+  // each of their streams than the stream window takes. Their unread bytes (20 x 256 KiB) are
+  // five times the edge's connection window here (1 MiB): if connection credit came back only
+  // as the front door reads, the stalled streams would hold all of it and a small response on
+  // the same connection would wait for them. The emulator's default recvCreditBudget is kept.
+  constexpr size_t STALLED = 20;
+  constexpr uint64_t STREAM_WINDOW = 256 * 1024;
+  auto transport = EmulatorOptions::defaultEdgeTransport();
+  transport.initialStreamWindow = STREAM_WINDOW;
+  transport.maxStreamWindow = STREAM_WINDOW;
+  transport.initialConnectionWindow = 1 << 20;
+  transport.maxConnectionWindow = 1 << 20;
+  KJ_ASSERT(STALLED * STREAM_WINDOW >= 5 * transport.maxConnectionWindow);
+  Setup setup(5 * kj::SECONDS, transport);
+  auto& tunnel = setup.emulator.registry().issueTunnel();
+  TunnelClient client(setup);
+  KJ_ASSERT(client.registerAs(tunnel).is<wire::ConnectionDetails>());
+  auto& record = onlyRecord(setup.emulator, ConnectionState::REGISTERED);
+  auto& timer = setup.io.provider->getTimer();
+  auto& ws = setup.io.waitScope;
+  // Per stream more than the stream window + the front door's 64 KiB buffer + the client's send
+  // buffer: these writes never complete.
+  auto large = pattern(1 << 20, 13);
+
+  kj::Vector<kj::Own<kj::AsyncIoStream>> visitors;
+  kj::Vector<kj::Promise<void>> serving;
+  kj::Vector<kj::Own<quic::Stream>> stalled;
+  kj::Vector<kj::Promise<void>> writes;
+  for (size_t i = 0; i < STALLED; i++) {
+    auto pipe = kj::newTwoWayPipe();
+    serving.add(setup.emulator.frontDoor().serve(kj::mv(pipe.ends[0])).eagerlyEvaluate(nullptr));
+    writeBytes(*pipe.ends[1], kj::heapArray(kj::str(
+        "GET /large/", i, " HTTP/1.1\r\nHost: ", tunnel.hostname, "\r\n\r\n").asBytes())).wait(ws);
+    visitors.add(kj::mv(pipe.ends[1]));
+    auto stream = nextStream(*client.connection, timer, ws);
+    readRequest(*stream).wait(ws);
+    writeBytes(*stream, encodeResponse(200, uint64_t(1) << 30)).wait(ws);
+    writes.add(stream->write(large.begin(), large.size()).eagerlyEvaluate(nullptr));
+    stalled.add(kj::mv(stream));
+  }
+  // Let the stalled streams take what they can: either their windows are (about) full at the
+  // edge, or the client has been blocked on connection credit for a while (the old behaviour).
+  setup.waitUntil([&]() {
+    return statField(record, "recvBufferedBytes") >= STALLED * STREAM_WINDOW / 2 ||
+           client.connection->stats().connectionBlockedFor >= 200 * kj::MILLISECONDS;
+  }, "the stalled streams to fill up");
+
+  auto publicClient = setup.publicClient();
+  kj::HttpHeaders headers(setup.table);
+  headers.set(kj::HttpHeaderId::HOST, tunnel.hostname);
+  auto start = timer.now();
+  auto response = publicClient->request(kj::HttpMethod::GET, "/small", headers).response
+      .then([](kj::HttpClient::Response&& r) {
+    return r.body->readAllText().attach(kj::mv(r.body));
+  });
+  auto stream = nextStream(*client.connection, timer, ws);
+  readRequest(*stream).wait(ws);
+  writeBytes(*stream, encodeResponse(200, uint64_t(5))).wait(ws);
+  writeBytes(*stream, kj::heapArray("small"_kj.asBytes())).wait(ws);
+  stream->shutdownWrite();
+  auto body = timer.timeoutAfter(2 * kj::SECONDS, kj::mv(response))
+      .catch_([](kj::Exception&& e) { return kj::str("(failed: ", e.getDescription(), ")"); })
+      .wait(ws);
+  KJ_EXPECT(body == "small", "the small response waited behind the stalled streams", body);
+  KJ_EXPECT(timer.now() - start < 2 * kj::SECONDS);
+  // Each stalled visitor costs the edge at most its stream window.
+  KJ_EXPECT(statField(record, "recvBufferedBytes") <= STALLED * STREAM_WINDOW,
+            statField(record, "recvBufferedBytes"));
+  for (auto& w: writes) KJ_EXPECT(!w.poll(ws), "a stalled stream took a whole large response");
+}
+
+KJ_TEST("over QUIC: a visitor that leaves gets RESET_STREAM + STOP_SENDING within 1 s") {
+  Setup setup;
+  auto& tunnel = setup.emulator.registry().issueTunnel();
+  TunnelClient client(setup);
+  KJ_ASSERT(client.registerAs(tunnel).is<wire::ConnectionDetails>());
+  auto& timer = setup.io.provider->getTimer();
+  auto& ws = setup.io.waitScope;
+  auto chunk = pattern(16 * 1024, 2);
+  auto within = [&](kj::Promise<void> promise) {
+    return timer.timeoutAfter(1 * kj::SECONDS, kj::mv(promise))
+        .then([]() { return true; }, [](kj::Exception&&) { return false; }).wait(ws);
+  };
+
+  // An endless chunked body the visitor reads for a while, and an idle SSE stream whose visitor
+  // read everything (its close is a plain FIN, nothing for a write to trip over). The edge had
+  // FIN-ished its side with the GET, so what the client gets is STOP_SENDING.
+  for (bool sse: {false, true}) {
+    KJ_CONTEXT(sse);
+    auto visitor = setup.dialPublic();
+    writeBytes(*visitor, kj::heapArray(kj::str("GET /stream HTTP/1.1\r\nHost: ",
+                                               tunnel.hostname, "\r\n\r\n").asBytes())).wait(ws);
+    auto stream = nextStream(*client.connection, timer, ws);
+    readRequest(*stream).wait(ws);
+    writeBytes(*stream, encodeResponse(200, nullptr)).wait(ws);
+    kj::Promise<void> writing = kj::READY_NOW;
+    if (sse) {
+      writeBytes(*stream, kj::heapArray("data: 1\n\n"_kj.asBytes())).wait(ws);
+      readHead(*visitor, ws);
+      auto event = kj::heapArray<char>(14);          // "9\r\ndata: 1\n\n\r\n"
+      visitor->read(event.begin(), event.size()).wait(ws);
+    } else {
+      writing = endlessChunks(*stream, chunk).eagerlyEvaluate(nullptr);
+      readHead(*visitor, ws);
+      auto some = kj::heapArray<kj::byte>(512 * 1024);
+      visitor->read(some.begin(), some.size()).wait(ws);
+    }
+    visitor = nullptr;
+    auto start = timer.now();
+    KJ_EXPECT(within(stream->whenWriteDisconnected()), "no STOP_SENDING within 1 s");
+    if (!sse) {
+      KJ_EXPECT(within(writing.then([]() { KJ_FAIL_ASSERT("the endless write ended"); },
+                                    [](kj::Exception&&) {})));
+    }
+    KJ_EXPECT(timer.now() - start < 1 * kj::SECONDS);
+  }
+
+  // A WebSocket visitor that vanishes: both directions were open, so both are aborted.
+  {
+    auto visitor = setup.dialPublic();
+    writeBytes(*visitor, kj::heapArray(kj::str(
+        "GET /chat HTTP/1.1\r\nHost: ", tunnel.hostname, "\r\nConnection: Upgrade\r\n"
+        "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").asBytes())).wait(ws);
+    auto stream = nextStream(*client.connection, timer, ws);
+    auto request = readRequest(*stream).wait(ws);
+    kj::String key;
+    for (auto m: request->getRoot<schema::ConnectRequest>().getMetadata()) {
+      if (m.getKey() == "HttpHeader:Sec-Websocket-Key") key = kj::str(m.getVal());
+    }
+    writeBytes(*stream, encodeUpgrade(key)).wait(ws);
+    KJ_ASSERT(readHead(*visitor, ws).startsWith("HTTP/1.1 101"));
+    auto publicSocket = kj::newWebSocket(kj::mv(visitor), setup.entropy);
+    publicSocket->send(kj::StringPtr("hello")).wait(ws);
+    auto frame = kj::heapArray<kj::byte>(64);
+    KJ_EXPECT(stream->tryRead(frame.begin(), 11, frame.size()).wait(ws) == 11);  // masked "hello"
+    auto reading = stream->tryRead(frame.begin(), 1, frame.size()).then(
+        [](size_t n) -> kj::Maybe<kj::String> { return kj::str("read ", n, " bytes"); },
+        [](kj::Exception&& e) -> kj::Maybe<kj::String> { return kj::str(e.getDescription()); });
+    publicSocket = nullptr;             // no Close frame: the TCP connection just goes
+    auto start = timer.now();
+    auto readResult = timer.timeoutAfter(1 * kj::SECONDS, kj::mv(reading)).wait(ws);
+    auto& text = KJ_ASSERT_NONNULL(readResult);
+    bool reset = strstr(text.cStr(), "reset by the peer") != nullptr;
+    KJ_EXPECT(reset, "no RESET_STREAM", text);
+    KJ_EXPECT(within(stream->whenWriteDisconnected()), "no STOP_SENDING within 1 s");
+    KJ_EXPECT(timer.now() - start < 1 * kj::SECONDS);
+  }
+}
+
+KJ_TEST("withheld credit on every new stream withholds connection credit too") {
+  Setup setup;
+  auto& tunnel = setup.emulator.registry().issueTunnel();
+  TunnelClient client(setup);
+  KJ_ASSERT(client.registerAs(tunnel).is<wire::ConnectionDetails>());
+  auto& record = onlyRecord(setup.emulator, ConnectionState::REGISTERED);
+  KJ_ASSERT(KJ_ASSERT_NONNULL(record.connection).withholdCredit(nullptr));
+  auto& timer = setup.io.provider->getTimer();
+  auto& ws = setup.io.waitScope;
+  // Three streams' windows (3 x 512 KiB) exceed the edge's initial connection window (768 KiB),
+  // which is never extended while credit is withheld: the client ends up blocked on it.
+  auto large = pattern(1 << 20, 21);
+  auto publicClient = setup.publicClient();
+  kj::Vector<kj::Promise<kj::HttpClient::Response>> responses;
+  kj::Vector<kj::Own<quic::Stream>> streams;
+  kj::Vector<kj::Promise<void>> writes;
+  for (int i = 0; i < 3; i++) {
+    kj::HttpHeaders headers(setup.table);
+    headers.set(kj::HttpHeaderId::HOST, tunnel.hostname);
+    responses.add(publicClient->request(kj::HttpMethod::GET, "/big", headers).response);
+    auto stream = nextStream(*client.connection, timer, ws);
+    readRequest(*stream).wait(ws);
+    writeBytes(*stream, encodeResponse(200, nullptr)).wait(ws);
+    writes.add(stream->write(large.begin(), large.size()).eagerlyEvaluate(nullptr));
+    streams.add(kj::mv(stream));
+  }
+  setup.waitUntil([&]() {
+    return client.connection->stats().connectionBlockedFor > 0 * kj::SECONDS;
+  }, "the client to be blocked on connection credit");
+}
+
+KJ_TEST("admin close-control resets the control stream; the QUIC connection stays up") {
+  Setup setup;
+  auto& tunnel = setup.emulator.registry().issueTunnel();
+  TunnelClient client(setup);
+  KJ_ASSERT(client.registerAs(tunnel).is<wire::ConnectionDetails>());
+  auto& record = onlyRecord(setup.emulator, ConnectionState::REGISTERED);
+  auto& timer = setup.io.provider->getTimer();
+  auto n = kj::str(record.id);
+  auto disconnected = client.rpc->onDisconnect();
+
+  KJ_EXPECT(setup.adminPost(kj::str("/connections/", n, "/close-control?how=sideways")) == 400);
+  KJ_EXPECT(setup.adminPost(kj::str("/connections/", n, "/close-control?code=x")) == 400);
+  KJ_EXPECT(record.state == ConnectionState::REGISTERED);
+  kj::String body;
+  KJ_EXPECT(setup.adminPost(kj::str("/connections/", n, "/close-control?code=7"), &body) == 200,
+            body);
+  KJ_EXPECT(body == kj::str("{\"controlClosed\":", n, ",\"how\":\"reset\",\"code\":7}"), body);
+  timer.timeoutAfter(5 * kj::SECONDS, kj::mv(disconnected)).wait(setup.io.waitScope);
+  KJ_EXPECT(record.state == ConnectionState::UNREGISTERED);
+  KJ_EXPECT(record.connection != nullptr);
+  KJ_EXPECT(client.connection->closeInfo() == nullptr, "the QUIC connection was closed");
+  KJ_EXPECT(setup.adminPost(kj::str("/connections/", n, "/close-control")) == 409);
+
+  auto publicClient = setup.publicClient();
+  kj::HttpHeaders headers(setup.table);
+  headers.set(kj::HttpHeaderId::HOST, tunnel.hostname);
+  auto response = publicClient->request(kj::HttpMethod::GET, "/", headers).response
+      .wait(setup.io.waitScope);
+  KJ_EXPECT(response.statusCode == 530);
+}
+
+KJ_TEST("admin close-control on the wire: RESET_STREAM + STOP_SENDING with the code, or a FIN") {
+  for (bool fin: {false, true}) {
+    KJ_CONTEXT(fin);
+    Setup setup;
+    auto& tunnel = setup.emulator.registry().issueTunnel();
+    becomeVectorTunnel(tunnel);
+    auto& success = transcript("successful registration");
+    GoldenControl client(setup);
+    kj::Vector<kj::Own<capnp::MessageReader>> returns;
+    client.replay(success, 0, throughRegistration(success), returns);
+    KJ_ASSERT(registrationAnswer(*returns[1]).getResult().isConnectionDetails());
+    auto& record = onlyRecord(setup.emulator, ConnectionState::REGISTERED);
+    auto url = kj::str("/connections/", record.id, "/close-control", fin ? "?how=fin" : "?code=9");
+    kj::String body;
+    KJ_EXPECT(setup.adminPost(url, &body) == 200, body);
+    if (fin) {
+      KJ_EXPECT(body == kj::str("{\"controlClosed\":", record.id, ",\"how\":\"fin\",\"code\":0}"),
+                body);
+      client.timeout(client.control->readAllBytes());     // EOF: a clean FIN
+      client.timeout(client.control->write("x", 1));      // and no STOP_SENDING
+    } else {
+      KJ_EXPECT_THROW_MESSAGE("reset by the peer with code 9",
+                              client.timeout(client.control->readAllBytes()));
+      client.timeout(client.control->whenWriteDisconnected());    // STOP_SENDING
+    }
+    KJ_EXPECT(record.state == ConnectionState::UNREGISTERED);
+    KJ_EXPECT(client.connection->closeInfo() == nullptr, "the QUIC connection was closed");
+  }
 }
 
 }  // namespace

@@ -47,6 +47,14 @@ quic::TransportConfig EmulatorOptions::defaultEdgeTransport() {
   quic::TransportConfig config;
   config.keepAlivePeriod = 0 * kj::SECONDS;
   config.maxIdleTimeout = 5 * kj::SECONDS;
+  // Receive side as on a production edge, which serves many large downloads per tunnel
+  // connection: each visitor is bounded by its own stream window (512 KiB, auto-tuned up to
+  // 6 MiB only while that visitor keeps up), and connection credit is returned as soon as bytes
+  // are buffered, so visitors that stop reading never hold the connection window the other
+  // streams need (issue 13).
+  config.initialStreamWindow = 512 * 1024;
+  config.maxStreamWindow = 6 * 1024 * 1024;
+  config.recvCreditBudget = 1024 * 1024 * 1024;
   return config;
 }
 

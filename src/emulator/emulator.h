@@ -31,8 +31,10 @@ struct EmulatorOptions {
   kj::Duration apiHeaderTimeout = 15 * kj::SECONDS;
 
   static quic::TransportConfig defaultEdgeTransport();
-  // The QUIC defaults with keep-alive off (the client keeps the connection alive) and the
-  // 5 s idle timeout of §3.2.
+  // The QUIC defaults with keep-alive off (the client keeps the connection alive), the 5 s idle
+  // timeout of §3.2, and a production edge's receive side: 512 KiB stream windows (auto-tuned up
+  // to 6 MiB) bound each visitor, and a 1 GiB recvCreditBudget returns connection credit as
+  // bytes are buffered, so stalled visitors never hold the connection window.
 };
 
 struct ReadyInfo {

@@ -226,11 +226,189 @@ void RandomEntropySource::generate(kj::ArrayPtr<kj::byte> buffer) {
 
 // =============================================================================================
 
-class FrontDoor::Service final: public kj::HttpService {
-  // One per public connection: knows the raw connection (to answer Expect: 100-continue and to
-  // abort a response mid-body) and the client's address.
+class FrontDoor::Visitor final: public kj::AsyncIoStream {
+  // A public connection as kj::HttpServer sees it, plus a way to notice that the visitor left.
+  // kj::HttpServer reads the connection only for request heads and bodies, so a visitor that
+  // closes its connection while the response waits on the tunnel (its head, or the next event of
+  // an idle SSE stream) would go unnoticed until a write fails, maybe never. whenLeft() reads
+  // ahead: EOF or a read error means the visitor left; bytes that arrive instead (a pipelined
+  // request) are kept for the server's next read, and the read-ahead stops there.
 public:
-  Service(FrontDoor& door, kj::AsyncIoStream& connection)
+  explicit Visitor(kj::Own<kj::AsyncIoStream> innerParam)
+      : inner(kj::mv(innerParam)), left(makeLeft()) {}
+  KJ_DISALLOW_COPY(Visitor);
+
+  kj::Promise<void> whenLeft() {
+    // Resolves once the visitor closed (EOF) or reset its connection. Call it only when nobody
+    // else reads the connection (the request body is complete). Many callers allowed.
+    startReadAhead();
+    return left.addBranch().exclusiveJoin(inner->whenWriteDisconnected());
+  }
+
+  kj::Promise<size_t> tryRead(void* buffer, size_t minBytes, size_t maxBytes) override {
+    if (aheadStart < aheadEnd) {
+      size_t n = kj::min(maxBytes, aheadEnd - aheadStart);
+      memcpy(buffer, ahead.begin() + aheadStart, n);
+      aheadStart += n;
+      if (n >= minBytes) return n;
+      return readInner(static_cast<kj::byte*>(buffer) + n, minBytes - n, maxBytes - n)
+          .then([n](size_t more) { return n + more; });
+    }
+    if (aheadInFlight) {
+      return KJ_ASSERT_NONNULL(readingAhead).addBranch()
+          .then([this, buffer, minBytes, maxBytes]() {
+        return tryRead(buffer, minBytes, maxBytes);
+      });
+    }
+    KJ_IF_MAYBE(e, failure) return kj::cp(*e);
+    if (ended) return size_t(0);
+    return readInner(buffer, minBytes, maxBytes);
+  }
+  kj::Promise<void> write(const void* buffer, size_t size) override {
+    return inner->write(buffer, size);
+  }
+  kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override {
+    return inner->write(pieces);
+  }
+  kj::Maybe<kj::Promise<uint64_t>> tryPumpFrom(kj::AsyncInputStream& input,
+                                               uint64_t amount) override {
+    return inner->tryPumpFrom(input, amount);
+  }
+  kj::Promise<void> whenWriteDisconnected() override {
+    // Once we ended our side, the visitor's FIN makes the socket report a hang-up, which
+    // kj::HttpServer would take for a vanished client and cancel the exchange: a WebSocket relay
+    // about to end cleanly (the origin ended first) would reset its tunnel stream instead of
+    // passing the visitor's FIN on. Writes are over by then anyway, so that hang-up is ignored.
+    return inner->whenWriteDisconnected().then([this]() -> kj::Promise<void> {
+      if (writeShut) return kj::NEVER_DONE;
+      return kj::READY_NOW;
+    });
+  }
+  void shutdownWrite() override {
+    writeShut = true;
+    inner->shutdownWrite();
+  }
+  void abortRead() override { inner->abortRead(); }
+  void getsockopt(int level, int option, void* value, kj::uint* length) override {
+    inner->getsockopt(level, option, value, length);
+  }
+  void setsockopt(int level, int option, const void* value, kj::uint length) override {
+    inner->setsockopt(level, option, value, length);
+  }
+  void getsockname(struct sockaddr* addr, kj::uint* length) override {
+    inner->getsockname(addr, length);
+  }
+  void getpeername(struct sockaddr* addr, kj::uint* length) override {
+    inner->getpeername(addr, length);
+  }
+
+private:
+  static constexpr size_t AHEAD_SIZE = 4096;
+
+  kj::Own<kj::AsyncIoStream> inner;
+  kj::Array<kj::byte> ahead;           // read-ahead bytes [aheadStart, aheadEnd)
+  size_t aheadStart = 0;
+  size_t aheadEnd = 0;
+  bool writeShut = false;              // shutdownWrite() was called
+  bool serverReading = false;          // a tryRead() of the server is in flight on `inner`
+  bool aheadInFlight = false;          // `readingAhead` has not completed yet
+  bool ended = false;                  // the read-ahead saw EOF
+  kj::Maybe<kj::Exception> failure;    // the read-ahead failed (connection reset)
+  kj::Own<kj::PromiseFulfiller<void>> leftFulfiller;
+  kj::ForkedPromise<void> left;        // resolved when `ended` or `failure` is set
+  kj::Maybe<kj::ForkedPromise<void>> readingAhead;   // last: cancelled first
+
+  kj::ForkedPromise<void> makeLeft() {
+    auto paf = kj::newPromiseAndFulfiller<void>();
+    leftFulfiller = kj::mv(paf.fulfiller);
+    return paf.promise.fork();
+  }
+
+  kj::Promise<size_t> readInner(void* buffer, size_t minBytes, size_t maxBytes) {
+    serverReading = true;
+    return inner->tryRead(buffer, minBytes, maxBytes)
+        .attach(kj::defer([this]() { serverReading = false; }));
+  }
+
+  void startReadAhead() {
+    if (ended || failure != nullptr || serverReading || aheadInFlight || aheadStart < aheadEnd) {
+      return;
+    }
+    if (ahead.size() == 0) ahead = kj::heapArray<kj::byte>(AHEAD_SIZE);
+    aheadStart = 0;
+    aheadEnd = 0;
+    aheadInFlight = true;
+    // A fork hub runs its continuation eagerly; the fork is a member, so `this` outlives it.
+    readingAhead = inner->tryRead(ahead.begin(), 1, ahead.size())
+        .then([this](size_t n) { onReadAhead(n); },
+              [this](kj::Exception&& e) { onReadAheadFailed(kj::mv(e)); })
+        .fork();
+  }
+
+  void onReadAhead(size_t n) {
+    aheadInFlight = false;
+    aheadEnd = n;
+    if (n == 0) {
+      ended = true;
+      leftFulfiller->fulfill();
+    }
+  }
+
+  void onReadAheadFailed(kj::Exception&& e) {
+    aheadInFlight = false;
+    failure = kj::mv(e);
+    leftFulfiller->fulfill();
+  }
+};
+
+class FrontDoor::TunnelEnd final: public kj::AsyncIoStream {
+  // The tunnel stream under a relayed WebSocket. kj's raw WebSocket pump ends its destination
+  // with shutdownWrite() once the source hits EOF. Towards the tunnel that FIN is right only if
+  // the origin already ended its side; otherwise the visitor left mid-session and the stream is
+  // reset instead (by dropping it). So the FIN is held here, and the exchange calls finish().
+public:
+  explicit TunnelEnd(kj::Own<kj::AsyncIoStream> innerParam): inner(kj::mv(innerParam)) {}
+  KJ_DISALLOW_COPY(TunnelEnd);
+
+  void finish() {
+    // Sends the FIN held back by shutdownWrite().
+    if (finRequested && !finished) {
+      finished = true;
+      inner->shutdownWrite();
+    }
+  }
+
+  kj::Promise<size_t> tryRead(void* buffer, size_t minBytes, size_t maxBytes) override {
+    return inner->tryRead(buffer, minBytes, maxBytes);
+  }
+  kj::Promise<uint64_t> pumpTo(kj::AsyncOutputStream& output, uint64_t amount) override {
+    return inner->pumpTo(output, amount);
+  }
+  kj::Promise<void> write(const void* buffer, size_t size) override {
+    return inner->write(buffer, size);
+  }
+  kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override {
+    return inner->write(pieces);
+  }
+  kj::Maybe<kj::Promise<uint64_t>> tryPumpFrom(kj::AsyncInputStream& input,
+                                               uint64_t amount) override {
+    return inner->tryPumpFrom(input, amount);
+  }
+  kj::Promise<void> whenWriteDisconnected() override { return inner->whenWriteDisconnected(); }
+  void shutdownWrite() override { finRequested = true; }
+  void abortRead() override { inner->abortRead(); }
+
+private:
+  kj::Own<kj::AsyncIoStream> inner;
+  bool finRequested = false;
+  bool finished = false;
+};
+
+class FrontDoor::Service final: public kj::HttpService {
+  // One per public connection: knows the raw connection (to answer Expect: 100-continue, to
+  // abort a response mid-body and to notice a departed visitor) and the client's address.
+public:
+  Service(FrontDoor& door, Visitor& connection)
       : door(door), connection(connection), clientIp(peerIp(connection)) {}
 
   kj::Promise<void> request(kj::HttpMethod method, kj::StringPtr url,
@@ -238,7 +416,7 @@ public:
                             Response& response) override;
 
   FrontDoor& door;
-  kj::AsyncIoStream& connection;
+  Visitor& connection;
   kj::String clientIp;
 };
 
@@ -275,8 +453,11 @@ private:
   kj::Own<kj::HttpHeaders> responseHeaders;
   kj::Own<kj::AsyncOutputStream> body;
   RandomEntropySource entropy;
+  kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> stopWatching;
   kj::Own<kj::WebSocket> publicSocket;
-  kj::Own<kj::WebSocket> tunnelSocket;
+  TunnelEnd* tunnelEnd = nullptr;            // owned by tunnelSocket
+  bool originEnded = false;                  // the tunnel side of the WebSocket ended cleanly
+  kj::Own<kj::WebSocket> tunnelSocket;       // last: dropping it resets the tunnel stream
 
   kj::Promise<void> sendPage(kj::uint status, kj::uint code, kj::StringPtr title, kj::StringPtr detail);
   kj::Promise<void> proxy(kj::Own<kj::AsyncIoStream> opened);
@@ -285,13 +466,17 @@ private:
   kj::Promise<void> pumpRequestBody();
   kj::Promise<void> onRequestChunk(size_t n);
   kj::Promise<void> tunnelWriteFailed(kj::Exception&& e);
+  kj::Promise<void> requestComplete();
+  kj::Promise<void> visitorLeft();
   kj::Promise<void> receiveResponse();
   kj::Promise<void> onResponseHead(kj::Own<capnp::MessageReader> message);
   kj::Promise<void> responseHeadFailed(kj::Exception&& e);
   kj::Promise<void> pumpResponseBody();
   kj::Promise<void> onResponseChunk(size_t n);
   kj::Promise<void> relayWebSocket(kj::HttpHeaders& headers);
-  void abortWebSockets();
+  kj::Promise<void> onVisitorSocketEnded();
+  kj::Promise<void> onOriginSocketEnded();
+  kj::Promise<void> webSocketFailed(kj::Exception&& e);
   kj::Exception abortPublic(kj::Exception&& e);
   kj::Array<wire::Header> forwardedHeaders();
   bool expectsContinue();
@@ -448,11 +633,11 @@ kj::Promise<void> FrontDoor::Exchange::sendRequest() {
 }
 
 kj::Promise<void> FrontDoor::Exchange::sendBody() {
-  if (websocket) return kj::NEVER_DONE;  // the stream becomes the frame pipe
+  if (websocket) return requestComplete();  // the stream becomes the frame pipe
   KJ_IF_MAYBE(length, requestBody.tryGetLength()) {
     if (*length == 0) {
       stream->shutdownWrite();
-      return kj::NEVER_DONE;
+      return requestComplete();
     }
   }
   upBuffer = kj::heapArray<kj::byte>(bodyBufferSize(requestBody.tryGetLength()));
@@ -469,7 +654,7 @@ kj::Promise<void> FrontDoor::Exchange::pumpRequestBody() {
 kj::Promise<void> FrontDoor::Exchange::onRequestChunk(size_t n) {
   if (n == 0) {
     stream->shutdownWrite();
-    return kj::NEVER_DONE;
+    return requestComplete();
   }
   return stream->write(upBuffer.begin(), n)
       .then([this]() { return pumpRequestBody(); },
@@ -479,6 +664,24 @@ kj::Promise<void> FrontDoor::Exchange::onRequestChunk(size_t n) {
 kj::Promise<void> FrontDoor::Exchange::tunnelWriteFailed(kj::Exception&& e) {
   KJ_LOG(INFO, "tunnel stream stopped accepting the request", ray, e);
   return kj::NEVER_DONE;
+}
+
+kj::Promise<void> FrontDoor::Exchange::requestComplete() {
+  // The whole request is on the tunnel; nobody reads the public connection until the response
+  // is done. Never resolves: rejects DISCONNECTED if the visitor leaves before then (a WebSocket
+  // relay takes over watching through its own reads, see relayWebSocket()).
+  auto paf = kj::newPromiseAndFulfiller<void>();
+  stopWatching = kj::mv(paf.fulfiller);
+  return service.connection.whenLeft().then([this]() { return visitorLeft(); })
+      .exclusiveJoin(kj::mv(paf.promise))
+      .then([]() -> kj::Promise<void> { return kj::NEVER_DONE; });
+}
+
+kj::Promise<void> FrontDoor::Exchange::visitorLeft() {
+  // Ending the exchange drops the tunnel stream: RESET_STREAM for an unfinished request side,
+  // STOP_SENDING for the response side.
+  KJ_LOG(INFO, "visitor left before the response was complete; resetting the tunnel stream", ray);
+  return KJ_EXCEPTION(DISCONNECTED, "the visitor left", ray);
 }
 
 kj::Promise<void> FrontDoor::Exchange::receiveResponse() {
@@ -597,22 +800,43 @@ kj::Exception FrontDoor::Exchange::abortPublic(kj::Exception&& e) {
 }
 
 kj::Promise<void> FrontDoor::Exchange::relayWebSocket(kj::HttpHeaders& acceptHeaders) {
+  // kj pumps the frames raw between the two sockets (a server-role and a client-role socket):
+  // no message size limit, and at most one pump buffer in flight each way. The relay ends
+  //  - cleanly when both sides ended: the origin first (its FIN reaches the visitor), then the
+  //    visitor within webSocketCloseGrace (its EOF becomes the tunnel stream's FIN);
+  //  - with the tunnel stream reset (RESET_STREAM + STOP_SENDING, by dropping it) when the
+  //    visitor leaves while the origin side is still open, when the visitor does not end within
+  //    the grace period, or when either side fails.
+  KJ_IF_MAYBE(f, stopWatching) (*f)->fulfill();
   publicSocket = response.acceptWebSocket(acceptHeaders);
-  tunnelSocket = kj::newWebSocket(kj::mv(stream), entropy);
-  auto up = publicSocket->pumpTo(*tunnelSocket)
-      .catch_([this](kj::Exception&& e) { abortWebSockets(); }).fork();
-  auto down = tunnelSocket->pumpTo(*publicSocket)
-      .catch_([this](kj::Exception&& e) { abortWebSockets(); }).fork();
-  auto both = kj::joinPromises(kj::arr(up.addBranch(), down.addBranch()));
-  auto either = up.addBranch().exclusiveJoin(down.addBranch())
-      .then([this]() { return door.timer.afterDelay(door.options.webSocketCloseGrace); })
-      .then([this]() { abortWebSockets(); });
-  return both.exclusiveJoin(kj::mv(either)).attach(kj::mv(up), kj::mv(down));
+  auto end = kj::heap<TunnelEnd>(kj::mv(stream));
+  tunnelEnd = end.get();
+  tunnelSocket = kj::newWebSocket(kj::mv(end), entropy);
+  auto up = publicSocket->pumpTo(*tunnelSocket).then([this]() { return onVisitorSocketEnded(); });
+  auto down = tunnelSocket->pumpTo(*publicSocket).then([this]() { return onOriginSocketEnded(); });
+  return up.exclusiveJoin(kj::mv(down))
+      .catch_([this](kj::Exception&& e) { return webSocketFailed(kj::mv(e)); });
 }
 
-void FrontDoor::Exchange::abortWebSockets() {
-  publicSocket->abort();
-  tunnelSocket->abort();
+kj::Promise<void> FrontDoor::Exchange::onVisitorSocketEnded() {
+  if (originEnded) {
+    tunnelEnd->finish();
+    return kj::READY_NOW;
+  }
+  return KJ_EXCEPTION(DISCONNECTED, "the visitor left while the origin side was open");
+}
+
+kj::Promise<void> FrontDoor::Exchange::onOriginSocketEnded() {
+  // kj has passed the FIN on to the visitor; give the visitor the grace period to end too.
+  originEnded = true;
+  return door.timer.afterDelay(door.options.webSocketCloseGrace).then([]() -> kj::Promise<void> {
+    return KJ_EXCEPTION(DISCONNECTED, "the visitor did not end the WebSocket in time");
+  });
+}
+
+kj::Promise<void> FrontDoor::Exchange::webSocketFailed(kj::Exception&& e) {
+  KJ_LOG(INFO, "WebSocket relay ended; resetting the tunnel stream", ray, e);
+  return KJ_EXCEPTION(DISCONNECTED, "WebSocket relay ended", ray, e.getDescription());
 }
 
 // =============================================================================================
@@ -622,7 +846,8 @@ FrontDoor::FrontDoor(kj::Timer& timer, const kj::HttpHeaderTable& headerTable,
     : timer(timer), headerTable(headerTable), registry(registry), options(options),
       server(timer, headerTable,
              [this](kj::AsyncIoStream& connection) -> kj::Own<kj::HttpService> {
-               return kj::heap<Service>(*this, connection);
+               // serve() hands kj::HttpServer nothing but Visitors.
+               return kj::heap<Service>(*this, kj::downcast<Visitor>(connection));
              },
              [&]() {
                kj::HttpServerSettings settings;
@@ -652,7 +877,7 @@ void FrontDoor::ErrorHandler::taskFailed(kj::Exception&& exception) {
 }
 
 kj::Promise<void> FrontDoor::serve(kj::Own<kj::AsyncIoStream> connection) {
-  return server.listenHttp(kj::mv(connection));
+  return server.listenHttp(kj::heap<Visitor>(kj::mv(connection)));
 }
 
 kj::Promise<void> FrontDoor::drain() {

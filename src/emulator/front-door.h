@@ -1,7 +1,15 @@
 // The public front door (PROTOCOL.md §10.5): an HTTP/1.1 server that routes each request by its
 // Host header to the tunnel owning that hostname, opens a stream on one of the tunnel's live
 // connections (round-robin), writes the ConnectRequest, streams the request body, and streams the
-// ConnectResponse and body back unbuffered. WebSocket upgrades are relayed frame by frame.
+// ConnectResponse and body back unbuffered. WebSocket upgrades are relayed as raw frame bytes.
+//
+// Per visitor, at most one body buffer (64 KiB) is in flight each way: the next tunnel read
+// starts only once the previous chunk was written to the visitor, so a visitor that stops
+// reading stops the reading of its own tunnel stream and nothing else. A visitor that leaves
+// (closes or resets its connection) before its exchange is complete gets its tunnel stream
+// dropped at once: RESET_STREAM and STOP_SENDING (code 0) for whichever sides were unfinished,
+// as the real edge does. That holds while the exchange waits for the response head, for the next
+// body byte (SSE) and on a relayed WebSocket.
 
 #pragma once
 
@@ -41,15 +49,19 @@ public:
   // Accepts public connections until the promise is dropped.
 
   kj::Promise<void> serve(kj::Own<kj::AsyncIoStream> connection);
-  // Serves one public connection (tests use a pipe end).
+  // Serves one public connection (tests use a pipe end). A visitor that closes its side (EOF)
+  // after a complete request has left: half-closed HTTP/1.1 clients are not served, as on nginx
+  // and the real edge.
 
   kj::Promise<void> drain();
 
   uint64_t requestCount() const { return requests; }
 
 private:
+  class Visitor;
   class Service;
   class Exchange;
+  class TunnelEnd;
   class ErrorHandler final: public kj::TaskSet::ErrorHandler {
   public:
     void taskFailed(kj::Exception&& exception) override;

@@ -106,9 +106,19 @@ public:
     withheld = true;
     return id == nullptr || KJ_ASSERT_NONNULL(id) == 1;
   }
+  bool closeControlStream(ControlEnd how, uint64_t code) override {
+    if (controlClosed) return false;
+    controlClosed = true;
+    controlEnd = how;
+    controlCode = code;
+    return true;
+  }
   kj::String remoteAddress() override { return kj::str("127.0.0.1:5555"); }
   kj::String describeStats() override { return kj::str("{\"fake\":true}"); }
 
+  bool controlClosed = false;
+  ControlEnd controlEnd = ControlEnd::FIN;
+  uint64_t controlCode = 0;
   kj::Maybe<uint64_t> closedWith;
   kj::String closeReason;
   bool silent = false;
@@ -198,6 +208,28 @@ KJ_TEST("quick-tunnel API round trip, admin listing and fault injection") {
   KJ_EXPECT(fake.withheld);
   KJ_EXPECT(admin.call(kj::HttpMethod::POST,
       kj::str("/connections/", n, "/withhold-credit?stream=5")).status == 404);
+  KJ_EXPECT(admin.call(kj::HttpMethod::POST,
+      kj::str("/connections/", n, "/close-control?how=later")).status == 400);
+  KJ_EXPECT(admin.call(kj::HttpMethod::POST,
+      kj::str("/connections/", n, "/close-control?code=-1")).status == 400);
+  KJ_EXPECT(admin.call(kj::HttpMethod::POST,
+      kj::str("/connections/", n, "/close-control?code=4611686018427387904")).status == 400);
+  KJ_EXPECT(!fake.controlClosed);
+  auto controlClosed = admin.call(kj::HttpMethod::POST,
+      kj::str("/connections/", n, "/close-control?code=12"));
+  KJ_EXPECT(controlClosed.status == 200, controlClosed.body);
+  auto expected = kj::str("{\"controlClosed\":", n, ",\"how\":\"reset\",\"code\":12}");
+  KJ_EXPECT(controlClosed.body == expected, controlClosed.body);
+  KJ_EXPECT(fake.controlClosed && fake.controlEnd == ClientConnection::ControlEnd::RESET &&
+            fake.controlCode == 12);
+  KJ_EXPECT(admin.call(kj::HttpMethod::POST,
+      kj::str("/connections/", n, "/close-control?how=fin")).status == 409);   // already ended
+  fake.controlClosed = false;
+  KJ_EXPECT(admin.call(kj::HttpMethod::POST,
+      kj::str("/connections/", n, "/close-control?how=fin")).status == 200);
+  KJ_EXPECT(fake.controlEnd == ClientConnection::ControlEnd::FIN);
+  KJ_EXPECT(admin.call(kj::HttpMethod::GET,
+      kj::str("/connections/", n, "/close-control")).status == 405);
   KJ_EXPECT(admin.call(kj::HttpMethod::POST, "/connections/999/close").status == 404);
   KJ_EXPECT(admin.call(kj::HttpMethod::POST, "/connections/abc/close").status == 404);
   KJ_EXPECT(admin.call(kj::HttpMethod::GET, kj::str("/connections/", n, "/close")).status

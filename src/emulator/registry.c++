@@ -20,6 +20,8 @@ kj::String describeClientId(kj::ArrayPtr<const kj::byte> bytes) {
 
 }  // namespace
 
+bool ClientConnection::closeControlStream(ControlEnd how, uint64_t code) { return false; }
+
 kj::Promise<kj::String> ClientConnection::pushConfiguration(int32_t version, kj::String json) {
   return KJ_EXCEPTION(UNIMPLEMENTED, "this connection cannot push configuration");
 }

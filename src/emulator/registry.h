@@ -33,6 +33,14 @@ public:
   // Stops returning flow-control credit on stream `streamId`, or on every stream opened from now
   // on when null. False if there is no such stream or the transport can't do it.
 
+  enum class ControlEnd { RESET, FIN };
+  virtual bool closeControlStream(ControlEnd how, uint64_t code);
+  // Fault injection: the edge ends this connection's control stream while the QUIC connection
+  // stays up. RESET: RESET_STREAM + STOP_SENDING with `code`; FIN: the edge's RPC session ends
+  // and the stream gets a clean FIN (`code` unused; what the client still sends is ignored).
+  // Either way without unregisterConnection, and no new requests go to this connection. False if
+  // the control stream is not up (or the transport can't do it; the default).
+
   virtual kj::Promise<kj::String> pushConfiguration(int32_t version, kj::String json);
   // PROTOCOL.md §10.6: opens an RPC stream (signature 52 BB 82 5C DB 65), bootstraps the client's
   // CloudflaredServer and calls ConfigurationManager.updateConfiguration(version, json).

@@ -2,6 +2,8 @@
 
 #include <kj/debug.h>
 
+#include <string.h>
+
 namespace cfqt::origin {
 namespace {
 
@@ -22,16 +24,26 @@ kj::String htmlEscape(kj::StringPtr text) {
   return kj::String(out.releaseAsArray());
 }
 
-// Echoes every message until the peer closes. Owns the WebSocket.
+bool isTooLarge(const kj::Exception& e) {
+  // kj 0.9.2's WebSocket::receive() fails FAILED "WebSocket message is too large" once a frame
+  // header announces more than maxSize (or a fragmented message outgrows it).
+  return e.getType() == kj::Exception::Type::FAILED &&
+      strstr(e.getDescription().cStr(), "too large") != nullptr;
+}
+
+// Echoes every message until the peer closes. Owns the WebSocket. A message of
+// MAX_ECHO_MESSAGE bytes or more is answered with Close 1009 (message too big), a malformed frame
+// with Close 1002 (protocol error); the session then ends without reading further (the frame in
+// progress can't be skipped). A peer that vanishes just ends it.
 class EchoSession {
 public:
   explicit EchoSession(kj::Own<kj::WebSocket> wsParam): ws(kj::mv(wsParam)) {}
   KJ_DISALLOW_COPY(EchoSession);
 
   kj::Promise<void> run() {
-    return ws->receive(MAX_ECHO_MESSAGE).then([this](kj::WebSocket::Message&& message) {
-      return onMessage(kj::mv(message));
-    });
+    return kj::evalNow([this]() { return ws->receive(MAX_ECHO_MESSAGE); })
+        .then([this](kj::WebSocket::Message&& message) { return onMessage(kj::mv(message)); },
+              [this](kj::Exception&& e) { return onReceiveFailed(kj::mv(e)); });
   }
 
 private:
@@ -52,6 +64,27 @@ private:
       }
     }
     KJ_UNREACHABLE;
+  }
+
+  kj::Promise<void> onReceiveFailed(kj::Exception&& e) {
+    if (e.getType() == kj::Exception::Type::DISCONNECTED) {
+      KJ_LOG(INFO, "hello-world /ws: the peer went away", e.getDescription());
+      return kj::READY_NOW;
+    }
+    if (isTooLarge(e)) {
+      KJ_LOG(INFO, "hello-world /ws: message over the limit, closing with 1009", MAX_ECHO_MESSAGE);
+      return closeWith(1009, "message too big");
+    }
+    KJ_LOG(INFO, "hello-world /ws: bad frame, closing with 1002", e.getDescription());
+    return closeWith(1002, "protocol error");
+  }
+
+  kj::Promise<void> closeWith(uint16_t code, kj::StringPtr reason) {
+    // The Close frame, then FIN; a peer that is gone by then changes nothing.
+    return ws->close(code, reason).then([this]() { return ws->disconnect(); })
+        .catch_([](kj::Exception&& e) {
+      KJ_LOG(INFO, "hello-world /ws: could not send the Close frame", e.getDescription());
+    });
   }
 };
 

@@ -1,6 +1,7 @@
 // The built-in `--hello-world` origin (PROTOCOL.md §9.1): a kj::HttpService answering `/` (an HTML
-// page showing the request), `/ws` (WebSocket echo), `/sse` (one event per interval) and
-// `/_health`. Origin serves it in-process over in-memory pipes; private to src/origin.
+// page showing the request), `/ws` (WebSocket echo of messages under 1 MiB; a larger one is
+// answered with Close 1009 "message too big"), `/sse` (one event per interval) and `/_health`.
+// Origin serves it in-process over in-memory pipes; private to src/origin.
 
 #pragma once
 

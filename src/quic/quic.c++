@@ -150,11 +150,11 @@ constexpr size_t SCID_LEN = 18;
 constexpr size_t MAX_PACKET = 1500;             // per-packet buffer (max_udp_payload_size <= it)
 constexpr size_t TX_BATCH_PACKETS = 64;         // packets per flush batch
 constexpr size_t GSO_MAX_SEGMENTS = 44;         // 44 x 1452 < 64 KiB
-constexpr size_t RX_MSGS = 16;                  // recvmmsg batch
+constexpr size_t RX_MSGS = 8;                   // recvmmsg batch (x RX_BUFFER: 512 KiB per endpoint)
 constexpr size_t RX_BUFFER = 65536;             // one GRO super-datagram
 constexpr size_t RX_BATCHES_PER_TURN = 8;
 constexpr size_t RX_BLOCK = 64 * 1024;          // receive buffer block
-constexpr size_t TX_BLOCK = 64 * 1024;          // send buffer block
+constexpr size_t TX_BLOCK = 16 * 1024;          // send buffer block (a stalled stream holds few)
 constexpr size_t MAX_IOV = 16;
 constexpr size_t MAX_QUEUED_DATAGRAMS = 256;    // sendDatagram() payloads waiting for a packet
 // Bytes of a short-header packet that are not frames: first byte, destination CID (<= 20),
