@@ -44,9 +44,7 @@ functional checks stay): the issue's targets with a margin for a busy 2-core mac
 Usage: isolation_e2e.py --bin BUILD/bin [--sanitized] [-k NAME]     (exit 0 = all passed)
 """
 
-import argparse
 import base64
-import hashlib
 import html
 import http.client
 import json
@@ -56,7 +54,6 @@ import random
 import re
 import select
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -64,10 +61,12 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 import urllib.parse
 
-DEADLINE_S = 20          # bound of every single functional wait
+from e2e_support import (DEADLINE_S, PROCS, Edge, Fail, argument_parser, check, exit_failure,
+                         prepare_run, readline, run_tests, sanitizer_failures, set_up,
+                         start_process, stop, ws_accept, ws_frame_head, ws_mask, ws_read_frame)
+
 MIB = 1 << 20
 
 # The issue's targets and the asserted bounds (normal build only).
@@ -87,15 +86,6 @@ WS_BOUND_S = 20.0                  # the 100 MB frame echoed back
 # Safety valves for a shared machine: a process past these is killed (the case then fails).
 HARD_CAP_CFQT_MIB = 1536
 HARD_CAP_EDGE_MIB = 3072
-
-
-class Fail(Exception):
-    pass
-
-
-def check(cond, *msg):
-    if not cond:
-        raise Fail(" ".join(str(m) for m in msg))
 
 
 def figure(name, value, unit=""):
@@ -131,11 +121,6 @@ CHUNK64K = memoryview(bytes(range(256)) * 256)
 
 def mib_offset(i):
     return (i * 4099) % MIB
-
-
-def ws_accept(key):
-    return base64.b64encode(hashlib.sha1(
-        (key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
 
 
 HEADERS_10K = ("HTTP/1.1 200 OK\r\n" + "".join("X-H-%d: v\r\n" % i for i in range(10000)) +
@@ -331,60 +316,6 @@ class Origin:
 # ---------------------------------------------------------------------------------------------
 # Processes
 
-ALL_LOGS = []
-PROCS = []
-SANITIZER = re.compile(r"ERROR: (Address|Leak)Sanitizer|runtime error:|SUMMARY: .*Sanitizer")
-
-
-class LogFollower:
-    def __init__(self, stream):
-        ALL_LOGS.append(self)
-        self.lines = []
-        self.cond = threading.Condition()
-        self.closed = False
-        threading.Thread(target=self._run, args=(stream,), daemon=True).start()
-
-    def _run(self, stream):
-        for raw in stream:
-            line = raw.decode(errors="replace").rstrip("\n")
-            with self.cond:
-                self.lines.append(line)
-                self.cond.notify_all()
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
-
-    def mark(self):
-        with self.cond:
-            return len(self.lines)
-
-    def matching(self, pattern, start=0):
-        rx = re.compile(pattern)
-        with self.cond:
-            return [l for l in self.lines[start:] if rx.search(l)]
-
-    def count(self, pattern, start=0):
-        return len(self.matching(pattern, start))
-
-    def wait_for(self, pattern, count=1, timeout=DEADLINE_S, start=0):
-        rx = re.compile(pattern)
-        end = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                matches = [l for l in self.lines[start:] if rx.search(l)]
-                if len(matches) >= count:
-                    return matches[count - 1]
-                left = end - time.monotonic()
-                if left <= 0 or self.closed:
-                    raise Fail("log never showed %r (x%d) within %.1fs; last lines:\n      %s" %
-                               (pattern, count, timeout, "\n      ".join(self.lines[-15:])))
-                self.cond.wait(left)
-
-    def text(self):
-        with self.cond:
-            return "\n".join(self.lines)
-
-
 def read_status(pid):
     """(VmRSS, VmHWM) in MiB, or None once the process is gone."""
     try:
@@ -419,80 +350,27 @@ class Watchdog:
             time.sleep(0.05)
 
 
-def readline_bounded(stream, what):
-    r, _, _ = select.select([stream], [], [], DEADLINE_S)
-    check(r, what, "printed nothing on stdout in time")
-    line = stream.readline().decode().strip()
-    check(line, what, "exited before its first stdout line")
-    return line
-
-
-class Edge:
-    def __init__(self, bindir, workdir):
-        self.proc = subprocess.Popen(
-            [os.path.join(bindir, "cfqt-edge"), "--state-dir", os.path.join(workdir, "edge-state"),
-             "--edge-listen", "127.0.0.1:0", "--edge-listen", "127.0.0.2:0",
-             "--open-stream-timeout", "5s", "--response-timeout", "30s"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        PROCS.append(self.proc)
-        self.log = LogFollower(self.proc.stderr)
-        self.watchdog = Watchdog(self.proc, HARD_CAP_EDGE_MIB, "cfqt-edge")
-        self.ready = json.loads(readline_bounded(self.proc.stdout, "cfqt-edge"))
-        h, p = self.ready["public"].rsplit(":", 1)
-        self.public = (h, int(p))
-
-    def admin(self, method, path, ok=(200,)):
-        host, port = self.ready["admin"].rsplit(":", 1)
-        c = http.client.HTTPConnection(host, int(port), timeout=DEADLINE_S)
-        c.request(method, path)
-        r = c.getresponse()
-        data = r.read()
-        c.close()
-        check(r.status in ok, "admin", method, path, "->", r.status, data)
-        return json.loads(data) if data else None
-
-    def connections(self, hostname, state="registered"):
-        return [c for c in self.admin("GET", "/connections")["connections"]
-                if c["hostname"] == hostname and (state is None or c["state"] == state)]
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 class Cfqt:
     def __init__(self, env, args, ha=2, loglevel="info"):
         edge = env.edge
         self.sanitized = env.sizes.sanitized
-        cmd = [os.path.join(env.bindir, "cfqt")] + args + [
-            "--quick-service", "http://" + edge.ready["api"],
-            "--edge-ca", edge.ready["ca"],
+        cmd = [os.path.join(env.bindir, "cfqt")] + args + edge.client_args() + [
             "--metrics", "127.0.0.1:0", "--ha-connections", str(ha),
             "--backoff-base", "20ms", "--ha-stagger", "10ms",
             "--quic-idle-timeout", "3s", "--quic-keepalive-period", "300ms",
             "--rpc-timeout", "5s", "--api-retry-delay", "50ms", "--grace-period", "1s",
             "--loglevel", loglevel]
-        for e in edge.ready["edges"]:
-            cmd += ["--edge", e]
         self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        PROCS.append(self.proc)
-        self.log = LogFollower(self.proc.stderr)
+        self.proc, self.log = start_process(cmd)
         self.watchdog = Watchdog(self.proc, HARD_CAP_CFQT_MIB, "cfqt")
         try:
-            self.url = readline_bounded(self.proc.stdout, "cfqt")
+            self.url = readline(self.proc.stdout, "cfqt", "its first stdout line")
         except Fail as e:
             try:
                 self.proc.wait(2)
             except subprocess.TimeoutExpired:
                 pass
-            with self.log.cond:
-                self.log.cond.wait_for(lambda: self.log.closed, timeout=2)
+            self.log.wait_closed(timeout=2)
             raise Fail("%s (exit code %s); cfqt log:\n%s" % (e, self.proc.returncode,
                                                              self.log.text()[-2000:]))
         self.host = urllib.parse.urlparse(self.url).hostname
@@ -515,13 +393,7 @@ class Cfqt:
               "; log tail:\n" + self.log.text()[-2000:])
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1031,19 +903,6 @@ def upgrade(env, host, path, timeout=DEADLINE_S):
     return s, r
 
 
-def frame_head(opcode, n, mask_key):
-    head = bytearray([0x80 | opcode])
-    if n < 126:
-        head.append(0x80 | n)
-    elif n < 65536:
-        head.append(0x80 | 126)
-        head += struct.pack(">H", n)
-    else:
-        head.append(0x80 | 127)
-        head += struct.pack(">Q", n)
-    return bytes(head) + mask_key
-
-
 def test_websocket_100mb_frame(env):
     sz = env.sizes
     t = Cfqt(env, ["--url", "http://127.0.0.1:%d" % env.origin.port])
@@ -1057,7 +916,7 @@ def test_websocket_100mb_frame(env):
         # The payload bytes as sent: a masked payload is any bytes; the origin echoes the frame
         # raw (still masked), so what comes back must be exactly what went out.
         block = random.Random(7).randbytes(1000 * 1000)
-        head = frame_head(2, n, b"\x11\x22\x33\x44")
+        head = ws_frame_head(2, n, b"\x11\x22\x33\x44")
 
         def send():
             s.sendall(head)
@@ -1113,8 +972,8 @@ def test_websocket_100mb_frame(env):
         figure("RSS peak (VmHWM)", hwm, "MiB")
         figure("normal GET during the frame", fast * 1e3, "ms")
         # A close frame: echoed raw as well.
-        close = frame_head(8, 2, b"\x01\x02\x03\x04") + bytes(
-            b ^ m for b, m in zip(struct.pack(">H", 1000), b"\x01\x02"))
+        key = b"\x01\x02\x03\x04"
+        close = ws_frame_head(8, 2, key) + ws_mask(struct.pack(">H", 1000), key)
         s.sendall(close)
         back = b""
         while len(back) < len(close):
@@ -1137,19 +996,7 @@ def test_websocket_100mb_frame(env):
 
 
 def read_frame(r):
-    h = r.exact(2)
-    n = h[1] & 0x7F
-    if n == 126:
-        n = struct.unpack(">H", r.exact(2))[0]
-    elif n == 127:
-        n = struct.unpack(">Q", r.exact(8))[0]
-    mask = r.exact(4) if h[1] & 0x80 else None
-    check(n < 16 * MIB, "frame of", n, "bytes")
-    data = bytearray(r.exact(n))
-    if mask:
-        for i in range(len(data)):
-            data[i] ^= mask[i % 4]
-    return h[0] & 0x0F, bytes(data)
+    return ws_read_frame(r.exact, max_len=16 * MIB)
 
 
 def test_hello_world_ws_1009(env):
@@ -1162,13 +1009,13 @@ def test_hello_world_ws_1009(env):
         # An ordinary message is echoed.
         key = b"\x05\x06\x07\x08"
         msg = b"hello"
-        s.sendall(frame_head(1, len(msg), key) + bytes(b ^ key[i % 4] for i, b in enumerate(msg)))
+        s.sendall(ws_frame_head(1, len(msg), key) + ws_mask(msg, key))
         op, data = read_frame(r)
         check(op == 1 and data == msg, "echo of a small message", op, data)
         # kj's WebSocket::SUGGESTED_MAX_MESSAGE_SIZE is 1 MiB: one frame over it.
         n = MIB + 4096
         payload = bytes(n)                      # zeros masked with a zero key
-        sender = Background(lambda: s.sendall(frame_head(2, n, b"\0\0\0\0") + payload))
+        sender = Background(lambda: s.sendall(ws_frame_head(2, n, b"\0\0\0\0") + payload))
         t0 = time.monotonic()
         try:
             op, data = read_frame(r)
@@ -1230,21 +1077,26 @@ def one_request(env, host, path, extra=""):
         s.close()
 
 
-def test_origin_10k_headers(env):
+def expect_502_with_reason(env, path, reason, extra=""):
+    """One GET of path (with the extra header lines) that cfqt cannot pass on: the visitor gets
+    the front door's 502, cfqt logs why at WRN (a line matching reason) and stays up, and the
+    normal GETs alongside succeed fast."""
     t = Cfqt(env, ["--url", "http://127.0.0.1:%d" % env.origin.port], loglevel="debug")
     try:
         mark = t.log.mark()
         loop = GetLoop(env, t.host)
         try:
-            status, headers, body = one_request(env, t.host, "/headers10k")
+            status, headers, body = one_request(env, t.host, path, extra)
         finally:
             times, errors = loop.stop()
+        if extra:
+            figure("request head sent", "%d bytes" % len(extra))
         figure("visitor got", status)
         figure("front door says", page_text(body))
         warn, other = [], []
         end = time.monotonic() + 5
         while not warn and time.monotonic() < end:
-            warn, other = warn_lines(t, r"(?i)head|header", mark)
+            warn, other = warn_lines(t, reason, mark)
             if not warn:
                 time.sleep(0.05)
         for l in (warn or other)[:3]:
@@ -1260,43 +1112,18 @@ def test_origin_10k_headers(env):
         c.done()
     finally:
         t.stop()
+
+
+def test_origin_10k_headers(env):
+    expect_502_with_reason(env, "/headers10k", r"(?i)head|header")
 
 
 def test_request_metadata_limit(env):
     # cfqt reads a ConnectRequest of at most 64 KiB (wire::PreambleLimits::maxMessageBytes);
     # kj::HttpServer in the front door takes request heads up to 128 KiB. ~96 KB of headers fit
     # the front door and make a ConnectRequest over cfqt's limit.
-    t = Cfqt(env, ["--url", "http://127.0.0.1:%d" % env.origin.port], loglevel="debug")
-    try:
-        mark = t.log.mark()
-        extra = "".join("X-Pad-%02d: %s\r\n" % (i, "a" * 4000) for i in range(24))
-        loop = GetLoop(env, t.host)
-        try:
-            status, headers, body = one_request(env, t.host, "/small", extra)
-        finally:
-            times, errors = loop.stop()
-        figure("request head sent", "%d bytes" % len(extra))
-        figure("visitor got", status)
-        figure("front door says", page_text(body))
-        warn, other = [], []
-        end = time.monotonic() + 5
-        while not warn and time.monotonic() < end:
-            warn, other = warn_lines(t, r"(?i)too large|too long|limit|exceed|metadata", mark)
-            if not warn:
-                time.sleep(0.05)
-        for l in (warn or other)[:3]:
-            print("      log: " + l[:300])
-        t.alive()
-        small_get(env, t.host)
-        c = Checks(env.sizes)
-        c.must(status == 502, "expected 502, got", status)
-        c.must(warn, "no WRN line with a reason in cfqt's log (only: %s)" % other[:2])
-        c.must(not errors and times, "normal GETs alongside failed", errors[:3])
-        c.bound(max(times or [0]) <= FAST_GET_BOUND_S, "normal GET took %.0f ms" %
-                (max(times or [0]) * 1e3))
-        c.done()
-    finally:
-        t.stop()
+    extra = "".join("X-Pad-%02d: %s\r\n" % (i, "a" * 4000) for i in range(24))
+    expect_502_with_reason(env, "/small", r"(?i)too large|too long|limit|exceed|metadata", extra)
 
 
 # What cfqt logs when a registered connection ends and is retried (supervisor.c++).
@@ -1488,6 +1315,7 @@ class Env:
         self.workdir = tempfile.mkdtemp(prefix="cfqt-iso-")
         self.origin = Origin()
         self.edge = Edge(bindir, self.workdir)
+        self.edge_watchdog = Watchdog(self.edge.proc, HARD_CAP_EDGE_MIB, "cfqt-edge")
 
     def close(self):
         self.edge.stop()
@@ -1496,70 +1324,25 @@ class Env:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--bin", default=os.environ.get("CFQT_BIN_DIR", "build/bin"))
+    ap = argument_parser()
     ap.add_argument("--sanitized", action="store_true",
                     help="sanitizer build: smaller sizes, bounds not asserted")
     ap.add_argument("-k", default=None)
     args = ap.parse_args()
-    signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(Fail("case timed out")))
-    os.environ["KJ_CLEAN_SHUTDOWN"] = "1"
+    prepare_run("case timed out")
     sizes = Sizes(args.sanitized)
     started = time.monotonic()
-    try:
-        env = Env(os.path.abspath(args.bin), sizes)
-    except Exception:
-        traceback.print_exc()
-        for p in PROCS:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for log in ALL_LOGS:
-            print("---- process log tail ----\n" + log.text()[-4000:])
-        print("[ FAIL ] set-up")
-        sys.exit(1)
+    env = set_up(Env, os.path.abspath(args.bin), sizes)
     print("build: %s" % ("sanitized (bounds not asserted, smaller sizes)" if args.sanitized
                          else "normal (bounds asserted)"), flush=True)
-    failed = 0
     try:
-        for t in TESTS:
-            name = t.__name__[len("test_"):]
-            if args.k and args.k not in name:
-                continue
-            print("[ RUN  ] %s" % name, flush=True)
-            start = time.monotonic()
-            mark = len(ALL_LOGS)
-            signal.alarm(150 if args.sanitized else 90)
-            try:
-                t(env)
-                print("[ PASS ] %s (%.2fs)" % (name, time.monotonic() - start), flush=True)
-            except Exception as e:
-                failed += 1
-                print("[ FAIL ] %s (%.2fs): %s" % (name, time.monotonic() - start, e),
-                      flush=True)
-                if not isinstance(e, Fail):
-                    traceback.print_exc()
-                for log in ALL_LOGS[mark:]:
-                    print("    ---- log tail of a process of this case ----\n      " +
-                          "\n      ".join(log.text()[-2500:].splitlines()))
-            finally:
-                signal.alarm(0)
-                for p in PROCS[1:]:
-                    if p.poll() is None:
-                        p.kill()
-                        p.wait()
+        # Each case starts its own cfqt (and prober): killed after the case if still running.
+        failed = run_tests(TESTS, env, args.k, alarm_s=150 if args.sanitized else 90,
+                           name=lambda t: t.__name__[len("test_"):], per_case=True)
     finally:
         env.close()
-    for log in ALL_LOGS:
-        with log.cond:
-            log.cond.wait_for(lambda: log.closed, timeout=DEADLINE_S)
-        bad = [l for l in log.lines if SANITIZER.search(l)]
-        if bad:
-            failed += 1
-            print("[ FAIL ] sanitizer report:\n  " + "\n  ".join(log.lines[-40:]))
-    if env.edge.proc.returncode != 0:
-        failed += 1
-        print("[ FAIL ] cfqt-edge exited with %s after SIGTERM" % env.edge.proc.returncode)
+    failed += sanitizer_failures()
+    failed += exit_failure(env.edge.proc, "cfqt-edge")
     print("%d failed (%.1fs)" % (failed, time.monotonic() - started))
     sys.exit(1 if failed else 0)
 

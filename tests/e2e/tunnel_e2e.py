@@ -9,7 +9,6 @@ observable events (log lines, origin events, admin API state) and always bounded
 Usage: tunnel_e2e.py --bin BUILD/bin [-k NAME]     (exit 0 = all passed)
 """
 
-import argparse
 import base64
 import concurrent.futures
 import hashlib
@@ -24,25 +23,17 @@ import shutil
 import signal
 import socket
 import socketserver
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import traceback
 import urllib.parse
 
-DEADLINE_S = 20  # bound of every single wait
-
-
-class Fail(Exception):
-    pass
-
-
-def check(cond, *msg):
-    if not cond:
-        raise Fail(" ".join(str(m) for m in msg))
+from e2e_support import (DEADLINE_S, Edge, Fail, LogFollower, argument_parser, check,
+                         check_no_sanitizer_report, exit_failure, prepare_run, readline,
+                         run_tests, sanitizer_failures, set_up, start_process, stop,
+                         unused_port, ws_accept, ws_frame_head, ws_mask, ws_read_frame)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,47 +73,11 @@ def read_chunked(rfile):
         rfile.readline()
 
 
-def ws_accept(key):
-    return base64.b64encode(hashlib.sha1(
-        (key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
-
-
-def ws_read_frame(sock_file):
-    h = sock_file.read(2)
-    if len(h) < 2:
-        return None, None
-    opcode = h[0] & 0x0F
-    masked = h[1] & 0x80
-    n = h[1] & 0x7F
-    if n == 126:
-        n = struct.unpack(">H", sock_file.read(2))[0]
-    elif n == 127:
-        n = struct.unpack(">Q", sock_file.read(8))[0]
-    mask = sock_file.read(4) if masked else None
-    data = bytearray(sock_file.read(n))
-    if mask:
-        for i in range(len(data)):
-            data[i] ^= mask[i % 4]
-    return opcode, bytes(data)
-
-
 def ws_frame(opcode, data, mask):
-    head = bytearray([0x80 | opcode])
-    n = len(data)
-    mbit = 0x80 if mask else 0
-    if n < 126:
-        head.append(mbit | n)
-    elif n < 65536:
-        head.append(mbit | 126)
-        head += struct.pack(">H", n)
-    else:
-        head.append(mbit | 127)
-        head += struct.pack(">Q", n)
-    if mask:
-        key = os.urandom(4)
-        head += key
-        data = bytes(b ^ key[i % 4] for i, b in enumerate(data))
-    return bytes(head) + data
+    if not mask:
+        return ws_frame_head(opcode, len(data)) + data
+    key = os.urandom(4)
+    return ws_frame_head(opcode, len(data), key) + ws_mask(data, key)
 
 
 def make_handler(state):
@@ -199,7 +154,7 @@ def make_handler(state):
                 self.end_headers()
                 self.wfile.flush()
                 while True:
-                    op, data = ws_read_frame(self.rfile)
+                    op, data = ws_read_frame(self.rfile.read)
                     if op is None or op == 8:
                         if op == 8:
                             self.wfile.write(ws_frame(8, data, False))
@@ -259,125 +214,20 @@ class Origin:
 # ---------------------------------------------------------------------------------------------
 # Processes
 
-ALL_LOGS = []
-PROCS = []   # the long-running processes, killed if the set-up fails
-SANITIZER = re.compile(r"ERROR: (Address|Leak)Sanitizer|runtime error:|SUMMARY: .*Sanitizer")
-
-
-def check_no_sanitizer_report(text):
-    check(not SANITIZER.search(text), "sanitizer report:\n" + text[-6000:])
-
-
-class LogFollower:
-    def __init__(self, stream, sink=None):
-        ALL_LOGS.append(self)
-        self.lines = []
-        self.cond = threading.Condition()
-        self.closed = False
-        self.sink = sink
-        threading.Thread(target=self._run, args=(stream,), daemon=True).start()
-
-    def _run(self, stream):
-        for raw in stream:
-            line = raw.decode(errors="replace").rstrip("\n")
-            if self.sink:
-                self.sink.write(line + "\n")
-            with self.cond:
-                self.lines.append(line)
-                self.cond.notify_all()
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
-
-    def count(self, pattern):
-        rx = re.compile(pattern)
-        with self.cond:
-            return sum(1 for l in self.lines if rx.search(l))
-
-    def wait_for(self, pattern, count=1, timeout=DEADLINE_S):
-        rx = re.compile(pattern)
-        end = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                matches = [l for l in self.lines if rx.search(l)]
-                if len(matches) >= count:
-                    return matches[count - 1]
-                left = end - time.monotonic()
-                if left <= 0 or self.closed:
-                    raise Fail("log never showed %r (x%d); last lines:\n  %s" %
-                               (pattern, count, "\n  ".join(self.lines[-15:])))
-                self.cond.wait(left)
-
-    def text(self):
-        with self.cond:
-            return "\n".join(self.lines)
-
-
-class Edge:
-    def __init__(self, bindir, workdir):
-        self.proc = subprocess.Popen(
-            [os.path.join(bindir, "cfqt-edge"), "--state-dir", os.path.join(workdir, "edge-state"),
-             "--edge-listen", "127.0.0.1:0", "--edge-listen", "127.0.0.2:0",
-             "--open-stream-timeout", "5s", "--response-timeout", "30s"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        PROCS.append(self.proc)
-        self.log = LogFollower(self.proc.stderr)
-        ready = self._readline(self.proc.stdout)
-        self.ready = json.loads(ready)
-        self.public = self.ready["public"]
-        self.admin_addr = self.ready["admin"]
-
-    @staticmethod
-    def _readline(stream):
-        r, _, _ = select.select([stream], [], [], DEADLINE_S)
-        check(r, "process printed nothing on stdout in time")
-        line = stream.readline().decode().strip()
-        check(line, "process exited before its ready line")
-        return line
-
-    def admin(self, method, path):
-        host, port = self.admin_addr.rsplit(":", 1)
-        c = http.client.HTTPConnection(host, int(port), timeout=DEADLINE_S)
-        c.request(method, path)
-        r = c.getresponse()
-        data = r.read()
-        c.close()
-        check(r.status == 200, "admin", method, path, r.status, data)
-        return json.loads(data)
-
-    def connections(self, hostname, state="registered"):
-        return [c for c in self.admin("GET", "/connections")["connections"]
-                if c["hostname"] == hostname and (state is None or c["state"] == state)]
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 class Cfqt:
     def __init__(self, bindir, edge, args, expect_url=True, log_sink=None, env=None):
-        cmd = [os.path.join(bindir, "cfqt")] + args + [
-            "--quick-service", "http://" + edge.ready["api"],
-            "--edge-ca", edge.ready["ca"],
+        cmd = [os.path.join(bindir, "cfqt")] + args + edge.client_args() + [
             "--metrics", "127.0.0.1:0",
             "--backoff-base", "20ms", "--ha-stagger", "10ms",
             "--quic-idle-timeout", "1s", "--quic-keepalive-period", "200ms",
             "--rpc-timeout", "5s", "--api-retry-delay", "50ms", "--loglevel", "debug"]
-        for e in edge.ready["edges"]:
-            cmd += ["--edge", e]
         self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env=dict(os.environ, **(env or {})))
-        PROCS.append(self.proc)
-        self.log = LogFollower(self.proc.stderr, log_sink)
+        self.proc, self.log = start_process(cmd, env=dict(os.environ, **(env or {})),
+                                            sink=log_sink)
         self.url = None
         self.host = None
         if expect_url:
-            self.url = Edge._readline(self.proc.stdout)
+            self.url = readline(self.proc.stdout)
             self.host = urllib.parse.urlparse(self.url).hostname
             line = self.log.wait_for(r"Starting metrics server on ")
             self.metrics = re.search(r"on ([0-9.]+:[0-9]+)/metrics", line).group(1)
@@ -398,13 +248,7 @@ class Cfqt:
             raise Fail("cfqt did not exit in time; log:\n" + self.log.text()[-3000:])
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc)
 
 
 def parse_metrics(text):
@@ -426,8 +270,7 @@ def parse_metrics(text):
 
 
 def front(edge, host, method, path, body=None, headers=None, timeout=60):
-    h, p = edge.public.rsplit(":", 1)
-    c = http.client.HTTPConnection(h, int(p), timeout=timeout)
+    c = http.client.HTTPConnection(*edge.public, timeout=timeout)
     hdrs = {"Host": host}
     hdrs.update(headers or {})
     chunked = hdrs.get("Transfer-Encoding", "").lower() == "chunked"
@@ -612,8 +455,7 @@ def test_sse(env):
     for e in st.sse_read:
         e.clear()
     n = 10
-    h, p = env.edge.public.rsplit(":", 1)
-    c = http.client.HTTPConnection(h, int(p), timeout=DEADLINE_S)
+    c = http.client.HTTPConnection(*env.edge.public, timeout=DEADLINE_S)
     c.request("GET", "/sse?n=%d" % n, headers={"Host": env.main.host,
                                                  "Accept": "text/event-stream"})
     r = c.getresponse()
@@ -632,8 +474,7 @@ def test_sse(env):
 
 
 def test_websocket(env):
-    h, p = env.edge.public.rsplit(":", 1)
-    s = socket.create_connection((h, int(p)), timeout=DEADLINE_S)
+    s = socket.create_connection(env.edge.public, timeout=DEADLINE_S)
     key = base64.b64encode(os.urandom(16)).decode()
     s.sendall(("GET /ws HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" %
@@ -646,10 +487,10 @@ def test_websocket(env):
     for i in range(1000):
         msg = ("message %d " % i).encode() * (1 + i % 7)
         s.sendall(ws_frame(1 if i % 2 else 2, msg, True))
-        op, data = ws_read_frame(f)
+        op, data = ws_read_frame(f.read)
         check(data == msg, "echo mismatch at", i, op, data)
     s.sendall(ws_frame(8, b"\x03\xe8", True))
-    op, _ = ws_read_frame(f)
+    op, _ = ws_read_frame(f.read)
     check(op == 8, "no close frame", op)
     s.close()
 
@@ -667,11 +508,7 @@ def test_concurrent(env):
 
 
 def test_origin_down(env):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    dead_port = s.getsockname()[1]
-    s.close()  # nothing listens there now
-    t = Cfqt(env.bindir, env.edge, ["--url", "http://127.0.0.1:%d" % dead_port,
+    t = Cfqt(env.bindir, env.edge, ["--url", "http://127.0.0.1:%d" % unused_port(),
                                     "--ha-connections", "1", "--proxy-connect-timeout", "2s"])
     try:
         t.log.wait_for(r"Registered tunnel connection connIndex=0")
@@ -881,7 +718,7 @@ def test_local_mode(env):
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     log = LogFollower(p.stderr)
     try:
-        url = Edge._readline(p.stdout)
+        url = readline(p.stdout)
         u = urllib.parse.urlparse(url)
         check(u.scheme == "http" and u.hostname.endswith(".trycloudflare.localhost") and
               u.path == "/", url)
@@ -933,24 +770,21 @@ def test_unix_socket_keylog_client_flags(env):
 
 def test_c_api_example(env):
     # tests/api-example/quick-tunnel.c: a program using only include/cfqt/cfqt.h.
-    cmd = [env.c_example, "--quick-service",
-           "http://" + env.edge.ready["api"], "--edge-ca", env.edge.ready["ca"]]
-    for e in env.edge.ready["edges"]:
-        cmd += ["--edge", e]
-    # bufsize=0: Edge._readline selects on the descriptor, so nothing may sit in a buffer.
+    cmd = [env.c_example] + env.edge.client_args()
+    # bufsize=0: readline selects on the descriptor, so nothing may sit in a buffer.
     p = subprocess.Popen(cmd + ["http://127.0.0.1:%d" % env.origin.port], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
     log = LogFollower(p.stderr)
     try:
-        url = Edge._readline(p.stdout)
+        url = readline(p.stdout)
         check(url.startswith("https://"), url, log.text())
-        ready = Edge._readline(p.stdout)
+        ready = readline(p.stdout)
         check(ready.startswith("ready "), ready)
         host = urllib.parse.urlparse(url).hostname
         status, _, data = front(env.edge, host, "GET", "/blob?n=5000")
         check(status == 200 and data == blob(5000), status)
         p.stdin.close()
-        check(Edge._readline(p.stdout) == "stopped 0", "graceful stop")
+        check(readline(p.stdout) == "stopped 0", "graceful stop")
         check(p.wait(DEADLINE_S) == 0, "exit code")
         ids = [c["id"] for c in env.edge.connections(host, None)]
         check(ids, "emulator lists no connection of the example")
@@ -969,15 +803,15 @@ def test_make_run_demo(env):
     p = subprocess.Popen([script, "--metrics", "127.0.0.1:0", "--grace-period", "1s"],
                          env=dict(os.environ, CFQT_BIN=os.path.join(env.bindir, "cfqt")),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                         bufsize=0)   # several lines are read with Edge._readline (select)
+                         bufsize=0)   # several lines are read with readline (select)
     log = LogFollower(p.stderr)
     try:
         try:
-            url = Edge._readline(p.stdout)
+            url = readline(p.stdout)
         except Fail as e:
             raise Fail(str(e), "; run-demo log:\n" + log.text()[-3000:])
         check(re.fullmatch(r"http://[a-z-]+\.trycloudflare\.localhost:[0-9]+/", url), url)
-        curl = Edge._readline(p.stdout)
+        curl = readline(p.stdout)
         check(curl == "curl -s " + url, curl)
         if shutil.which("curl"):
             out = subprocess.run(curl.split(), capture_output=True, timeout=DEADLINE_S)
@@ -1158,66 +992,25 @@ TESTS = [
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--bin", default=os.environ.get("CFQT_BIN_DIR", "build/bin"))
+    ap = argument_parser()
     ap.add_argument("-k", default=None)
     ap.add_argument("--c-example", default=None,
                     help="the C API example to run (default: BIN/cfqt-c-example)")
     args = ap.parse_args()
-    signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(Fail("test run timed out")))
-    # KJ_MAIN programs (cfqt-edge) otherwise end with _exit() and skip their destructors and
-    # the leak check of sanitizer builds; with it they unwind and exit() normally.
-    os.environ["KJ_CLEAN_SHUTDOWN"] = "1"
-    try:
-        env = Env(os.path.abspath(args.bin))
-        env.c_example = args.c_example or os.path.join(env.bindir, "cfqt-c-example")
-    except Exception:
-        traceback.print_exc()
-        for p in PROCS:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for log in ALL_LOGS:
-            print("---- process log tail ----\n" + log.text()[-4000:])
-        print("[ FAIL ] set-up")
-        sys.exit(1)
+    prepare_run("test run timed out")
+    env = set_up(Env, os.path.abspath(args.bin))
+    env.c_example = args.c_example or os.path.join(env.bindir, "cfqt-c-example")
     failed = 0
     try:
-        for t in TESTS:
-            if args.k and args.k not in t.__name__:
-                continue
-            start = time.monotonic()
-            signal.alarm(180)
-            try:
-                t(env)
-                print("[ PASS ] %s (%.2fs)" % (t.__name__, time.monotonic() - start), flush=True)
-            except Exception as e:
-                failed += 1
-                print("[ FAIL ] %s: %s" % (t.__name__, e), flush=True)
-                traceback.print_exc()
-            finally:
-                signal.alarm(0)
+        failed = run_tests(TESTS, env, args.k, alarm_s=180)
     finally:
         if failed:
             print("---- cfqt (main) log tail ----\n" + env.main.log.text()[-4000:])
             print("---- cfqt-edge log tail ----\n" + env.edge.log.text()[-3000:])
         env.close()
-    # Sanitizer builds: any report in any process's stderr fails the run.
-    for log in ALL_LOGS:
-        with log.cond:
-            log.cond.wait_for(lambda: log.closed, timeout=DEADLINE_S)
-        bad = [l for l in log.lines if SANITIZER.search(l)]
-        if bad:
-            failed += 1
-            print("[ FAIL ] sanitizer report:\n  " + "\n  ".join(log.lines[-40:]))
-    code = env.main.proc.returncode
-    if code not in (0, None):
-        failed += 1
-        print("[ FAIL ] main cfqt exited with %s after SIGTERM" % code)
-    code = env.edge.proc.returncode
-    if code != 0:
-        failed += 1
-        print("[ FAIL ] cfqt-edge exited with %s after SIGTERM" % code)
+    failed += sanitizer_failures()
+    failed += exit_failure(env.main.proc, "main cfqt", ok=(0, None))
+    failed += exit_failure(env.edge.proc, "cfqt-edge")
     print("%d failed" % failed)
     sys.exit(1 if failed else 0)
 
