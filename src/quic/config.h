@@ -76,9 +76,9 @@ struct TransportConfig {
   // A write() resolves once all its bytes are in the buffer, so a writer is halted by a peer
   // that stops reading (or withholds credit) after this many bytes beyond what it admitted.
 
-  uint64_t streamSendReserve = 16 * 1024;
-  uint64_t connectionSendHigh = 4 * 1024 * 1024;
-  uint64_t connectionSendLow = 2 * 1024 * 1024;
+  uint64_t streamSendReserve = 8 * 1024;
+  uint64_t connectionSendHigh = 2 * 1024 * 1024;
+  uint64_t connectionSendLow = 1024 * 1024;
   // The send budget of the whole connection (back-pressure): once the bytes buffered for sending
   // over all streams reach `connectionSendHigh`, writes wait until acknowledgements bring the
   // total down to `connectionSendLow` (waiting writers then resume in arrival order). A stream
