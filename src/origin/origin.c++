@@ -537,6 +537,7 @@ public:
   ~Exchange() noexcept(false) {
     impl.gaugeSub(heldRequest + heldResponse);
     --impl.stats.streamsActive;
+    if (conn.get() != nullptr && !completed) resetConnection(*conn->stream);
   }
   KJ_DISALLOW_COPY(Exchange);
 
@@ -579,6 +580,7 @@ private:
   uint64_t responseRemaining = 0;
   bool chunkedDone = false;
   bool reusable = true;
+  bool completed = false;   // the response went out whole (else the connection is reset)
 
   // Pump buffers, counted in the gauge while they hold data.
   kj::Array<kj::byte> requestBuffer;
@@ -1091,9 +1093,21 @@ private:
     });
   }
 
+  static void resetConnection(kj::AsyncIoStream& stream) {
+    // An exchange abandoned midway (the visitor left, or it failed) closes its origin connection
+    // with a reset: a plain close would queue its FIN behind request body bytes an origin that
+    // stopped reading never takes, and the origin would never learn the request is gone. Not
+    // every stream is a socket (in-process origins, TLS): those just close.
+    kj::runCatchingExceptions([&]() {
+      struct linger abort = {1, 0};
+      stream.setsockopt(SOL_SOCKET, SO_LINGER, &abort, sizeof(abort));
+    });
+  }
+
   void finish() {
     // Response complete: FIN to the edge, stop reading its side; pool the connection if the
     // exchange left it clean.
+    completed = true;
     edge.shutdownWrite();
     edge.abortRead();
     if (reusable && requestDone && !requestBroken) {
@@ -1110,7 +1124,8 @@ private:
     return sendHead().then([this]() {
       auto toEdge = pumpResponse();
       auto toOrigin = pumpRequest();
-      return toEdge.exclusiveJoin(kj::mv(toOrigin));
+      // One side ended cleanly: the session is over, the connection closes normally.
+      return toEdge.exclusiveJoin(kj::mv(toOrigin)).then([this]() { completed = true; });
     });
   }
 

@@ -10,6 +10,10 @@ with the tunnel's Host header.
 Cases (`-k NAME` runs the cases whose name contains NAME):
   stalled_gib_visitors     100 visitors never read a 1 GiB response: cfqt RSS peak, RSS returned
                            after they left, small-GET p99 added while they stall
+  stalled_uploads          16 visitors POST 64 MiB bodies to an origin endpoint that never reads
+                           them: small-GET p99 added while cfqt's receive side is stalled on those
+                           streams, cfqt RSS peak, the origin's connections closed after the
+                           visitors left (reset)
   concurrent_mib_downloads 256 concurrent 1 MiB downloads, bodies verified: RSS peak and return,
                            small GETs during the load
   endless_responses_left   visitors leave an endless chunked and an SSE response (FIN and RST):
@@ -110,6 +114,8 @@ class Sizes:
         self.ws_frame = (8 if sanitized else 100) * 1000 * 1000
         self.small_gets = 30 if sanitized else 100
         self.endless_visitors = 2 if sanitized else 4
+        self.upload_visitors = 8 if sanitized else 16
+        self.upload_length = 64 * MIB           # Content-Length; never all sent
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,6 +123,8 @@ class Sizes:
 
 BLOCK = random.Random(13).randbytes(MIB)   # bodies of /mib are rotations of this block
 CHUNK64K = memoryview(bytes(range(256)) * 256)
+UPLOAD_RCVBUF = 4096       # SO_RCVBUF of the origin's /stall-upload sockets (the kernel doubles it)
+UPLOAD_SNDBUF = 4096       # SO_SNDBUF of the uploading visitors' sockets
 
 
 def mib_offset(i):
@@ -130,19 +138,30 @@ HEADERS_10K = ("HTTP/1.1 200 OK\r\n" + "".join("X-H-%d: v\r\n" % i for i in rang
 class Origin:
     """Paths: /small, /big?n=N (Content-Length N, 64 KiB writes), /mib?i=K (1 MiB, a rotation
     of BLOCK by mib_offset(K)), /endless-chunked, /sse (an event every 50 ms), /ws (101, then
-    raw echo), /headers10k. Tags: big, mib, chunked, sse, ws, all."""
+    raw echo), /headers10k, /stall-upload (the request head is read, the body never: no
+    response, the connection stays open until cfqt closes or resets it). Tags: big, mib, chunked,
+    sse, ws, upload, all.
 
-    def __init__(self):
+    rcvbuf: SO_RCVBUF of the listening socket (inherited by the accepted ones, so that even the
+    window of the handshake is small): the kernel then absorbs only a few KiB of a body the
+    origin does not read, instead of megabytes (loopback buffers autotune up to tcp_rmem's
+    maximum)."""
+
+    def __init__(self, rcvbuf=None):
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(1024)
         self.port = self.sock.getsockname()[1]
         self.cond = threading.Condition()
         self.open = {}
         self.sent = {}
+        self.received = {}      # tag -> body bytes read with the heads (bodies never read)
         self.closed_at = {}     # tag -> [monotonic time of each close]
         self.requests = 0
+        self.closing = threading.Event()     # close(): stalled uploads end too
         threading.Thread(target=self._accept, daemon=True).start()
 
     def count(self, tag):
@@ -193,6 +212,8 @@ class Origin:
                 if head is None:
                     return
                 method, target, headers = head
+                if urllib.parse.urlparse(target).path == "/stall-upload":
+                    return self._stall_upload(c, buf, tags)
                 n = int(headers.get("content-length", "0") or "0")
                 while len(buf) < n:
                     d = c.recv(65536)
@@ -233,6 +254,27 @@ class Origin:
             k, _, v = l.partition(":")
             headers[k.strip().lower()] = v.strip()
         return method, target, headers
+
+    def _stall_upload(self, c, buf, tags):
+        """Never reads the body (what came with the head is counted); returns once cfqt closed
+        or reset the connection (POLLRDHUP/POLLHUP/POLLERR: no POLLIN, so arriving body bytes
+        do not wake it), once close() was called, or after 120 s. (Closed with unread bytes,
+        the socket is reset: a peer socket cfqt closed behind unsent bytes ends then.)"""
+        try:
+            # Per socket as well (a no-op when the listener has it already): the kernel buffers
+            # of an origin connection would otherwise take megabytes before cfqt's writes block.
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UPLOAD_RCVBUF)
+        except OSError:
+            pass
+        self._tag(tags, "upload")
+        with self.cond:
+            self.received["upload"] = self.received.get("upload", 0) + len(buf)
+        p = select.poll()
+        p.register(c, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+        end = time.monotonic() + 120
+        while time.monotonic() < end and not self.closing.is_set():
+            if p.poll(100):
+                return
 
     def _tag(self, tags, tag):
         if tag not in tags:
@@ -310,6 +352,7 @@ class Origin:
         return True
 
     def close(self):
+        self.closing.set()
         self.sock.close()
 
 
@@ -740,6 +783,263 @@ def test_stalled_gib_visitors(env):
         for s in visitors:
             s.close()
         t.stop()
+
+
+class Uploader:
+    """A visitor POSTing a body of `length` bytes to `path` on its own thread: the head, then
+    UPLOAD_CHUNK over and over (a socket with a small SO_SNDBUF) until the body is out, the socket
+    fails or `stop` is set. pushed: bytes of the body the kernel took; last: monotonic time of
+    the last progress."""
+
+    def __init__(self, env, host, path, length, stop):
+        self.s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UPLOAD_SNDBUF)
+        self.s.settimeout(DEADLINE_S)
+        self.s.connect(env.edge.public)
+        self.port = self.s.getsockname()[1]
+        self.head = ("POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/octet-stream\r\n"
+                     "Content-Length: %d\r\n\r\n" % (path, host, length)).encode()
+        self.length, self.stop = length, stop
+        self.pushed = 0
+        self.last = time.monotonic()
+        self.error = None
+        self.th = threading.Thread(target=self._run, daemon=True)
+        self.th.start()
+
+    def _run(self):
+        try:
+            self.s.sendall(self.head)
+            self.s.settimeout(0.25)     # a blocked send() returns now and then to look at stop
+            left = self.length
+            while left > 0 and not self.stop.is_set():
+                try:
+                    n = self.s.send(UPLOAD_CHUNK[:min(left, len(UPLOAD_CHUNK))])
+                except socket.timeout:
+                    continue
+                self.pushed += n
+                left -= n
+                self.last = time.monotonic()
+        except OSError as e:
+            self.error = e
+
+    def leave(self):
+        """Stops the thread, then resets the connection. (A FIN would never reach the front door:
+        it queues behind the unsent body bytes in this socket, which the stalled edge does not
+        read, so a visitor that leaves mid-upload is only noticed by a reset.)"""
+        self.stop.set()
+        self.th.join(2)
+        close_rst(self.s)
+
+
+UPLOAD_CHUNK = memoryview(bytes(CHUNK64K) * 4)       # 256 KiB, preallocated
+
+
+TCP_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "04": "FIN_WAIT1",
+              "05": "FIN_WAIT2", "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT",
+              "09": "LAST_ACK", "0A": "LISTEN", "0B": "CLOSING"}
+
+
+def tcp_sockets():
+    """[(local port, remote port, state, tx_queue, rx_queue)] of the IPv4 TCP sockets of this
+    network namespace (/proc/net/tcp; tx_queue: bytes written and not acknowledged by the peer,
+    rx_queue: bytes received and not read by the application)."""
+    out = []
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            if len(parts) < 5:
+                continue
+            tx, rx = (int(x, 16) for x in parts[4].split(":"))
+            out.append((int(parts[1].split(":")[1], 16), int(parts[2].split(":")[1], 16),
+                        TCP_STATES.get(parts[3], parts[3]), tx, rx))
+    return out
+
+
+def tcp_queues():
+    """{(local port, remote port): (tx_queue, rx_queue)} of the established sockets."""
+    return {(l, r): (tx, rx) for l, r, st, tx, rx in tcp_sockets() if st == "ESTABLISHED"}
+
+
+def cfqt_origin_sockets(origin):
+    """cfqt's sockets to origin, e.g. "16 FIN_WAIT1 (42.9 MiB unsent)": a socket cfqt closed
+    while the origin's window was shut stays in FIN_WAIT1, its FIN queued behind the unsent
+    bytes, and the origin sees no end of the connection."""
+    by = {}
+    for l, r, st, tx, rx in tcp_sockets():
+        if r == origin.port:
+            n, b = by.get(st, (0, 0))
+            by[st] = (n + 1, b + tx)
+    return ", ".join("%d %s (%.1f MiB unsent)" % (n, st, b / MIB)
+                     for st, (n, b) in sorted(by.items())) or "none"
+
+
+def metric(t, name):
+    """One sample of cfqt's /metrics (the address from its log), or None."""
+    line = t.log.matching(r"Starting metrics server on ")
+    m = re.search(r"on ([0-9.]+:[0-9]+)/metrics", line[0]) if line else None
+    if not m:
+        return None
+    host, port = m.group(1).rsplit(":", 1)
+    c = http.client.HTTPConnection(host, int(port), timeout=DEADLINE_S)
+    try:
+        c.request("GET", "/metrics")
+        text = c.getresponse().read().decode()
+    finally:
+        c.close()
+    m = re.search(r"^%s (\S+)$" % re.escape(name), text, re.M)
+    return m.group(1) if m else None
+
+
+def upload_accounting(env, t, origin, visitors, before):
+    """Where the bytes the visitors pushed are while they stall: the kernel queues of each hop
+    (/proc/net/tcp), the edge's send buffers (admin stats) and, by difference, cfqt's receive
+    buffers. Prints the figures; returns the estimate of what cfqt holds (bytes)."""
+    q = tcp_queues()
+    ports = {v.port for v in visitors}
+    public = env.edge.public[1]
+    pushed = sum(v.pushed for v in visitors)
+    visitor_tx = sum(tx for (l, r), (tx, rx) in q.items() if l in ports and r == public)
+    door_rx = sum(rx for (l, r), (tx, rx) in q.items() if l == public and r in ports)
+    cfqt_tx = sum(tx for (l, r), (tx, rx) in q.items() if r == origin.port)
+    origin_rx = sum(rx for (l, r), (tx, rx) in q.items() if l == origin.port)
+    with origin.cond:
+        origin_read = origin.received.get("upload", 0)
+    conns = env.edge.connections(t.host)
+    edge_send = 0
+    for c in conns:
+        st = c.get("stats") or {}
+        edge_send += st.get("sendBufferedBytes", 0)
+        sent = st.get("bytesSent", 0) - before.get(c["id"], 0)
+        figure("edge conn %d (index %s)" % (c["id"], c["connIndex"]),
+               "sent %.1f MiB since the uploads began, sendBuffered %d B, recvBuffered %d B, "
+               "open streams %s" % (sent / MIB, st.get("sendBufferedBytes", 0),
+                                    st.get("recvBufferedBytes", 0), st.get("openStreams")))
+    held = pushed - visitor_tx - door_rx - edge_send - cfqt_tx - origin_rx - origin_read
+    figure("visitors pushed (total)", pushed / MIB, "MiB")
+    figure("  in visitor sockets (unsent)", visitor_tx / MIB, "MiB")
+    figure("  in front-door sockets (unread)", door_rx / MIB, "MiB")
+    figure("  in the edge's stream send buffers", edge_send / MIB, "MiB")
+    figure("  in cfqt's origin sockets (unsent)", cfqt_tx / MIB, "MiB")
+    figure("  in the origin's sockets (unread)", origin_rx / MIB, "MiB")
+    figure("  read by the origin with the heads", origin_read / 1024.0, "KiB")
+    figure("  => held in cfqt (difference)", "%.1f MiB (+-64 KiB per visitor: the front door's "
+           "read buffer), %.0f KiB per stream" % (held / MIB, held / 1024.0 / len(visitors)))
+    # With connection credit returned only as the origin consumes, what stalled streams hold on
+    # a connection could not pass its connection window (768 KiB at first), and a connection
+    # blocked that way takes no new request: held per connection above that shows cfqt
+    # returned connection credit for bytes no origin read.
+    figure("  held per registered connection", "%.2f MiB (initial connection window 0.75 MiB)" %
+           (held / MIB / max(1, len(conns))))
+    return held
+
+
+def test_stalled_uploads(env):
+    """Issue 13: cfqt's receive windows (uploads from the edge) must not let one stream starve
+    the others. Each visitor's stream stalls on cfqt's side (the origin never reads the body):
+    cfqt keeps at most a stream window per stream and must still take the small GETs' streams
+    on the same connections (their requests need connection-level credit)."""
+    sz = env.sizes
+    origin = Origin(rcvbuf=UPLOAD_RCVBUF)
+    t = Cfqt(env, ["--url", "http://127.0.0.1:%d" % origin.port])
+    stop = threading.Event()
+    visitors = []
+    try:
+        small_gets(env, t.host, 5)          # warm up (pools, first allocations)
+        idle = t.mem()[0]
+        base = small_gets(env, t.host, sz.small_gets)
+        figure("idle RSS", idle, "MiB")
+        figure("baseline small GET p50", pct(base, 0.5) * 1e3, "ms")
+        figure("baseline small GET p99", pct(base, 0.99) * 1e3, "ms")
+
+        before = {c["id"]: (c.get("stats") or {}).get("bytesSent", 0)
+                  for c in env.edge.connections(t.host)}
+        t0 = time.monotonic()
+        for _ in range(sz.upload_visitors):
+            visitors.append(Uploader(env, t.host, "/stall-upload", sz.upload_length, stop))
+        check(origin.wait_count("upload", lambda n: n >= sz.upload_visitors, DEADLINE_S),
+              "only %d of %d uploads reached the origin" % (origin.count("upload"),
+                                                             sz.upload_visitors))
+        # Stalled once no visitor has made progress for 0.5 s (bounded).
+        while time.monotonic() - t0 < DEADLINE_S:
+            time.sleep(0.05)
+            now = time.monotonic()
+            if all(now - v.last >= 0.5 for v in visitors):
+                break
+        moving = [v for v in visitors if time.monotonic() - v.last < 0.5]
+        figure("stall settled after", time.monotonic() - t0, "s")
+        if moving:
+            figure("visitors still sending", "%d (after %.0f s)" % (len(moving), DEADLINE_S))
+        check(not moving, "%d uploads never stalled: something takes their bodies" % len(moving))
+        failed_up = [v.error for v in visitors if v.error]
+        pushed = sorted(v.pushed for v in visitors)
+        figure("pushed per visitor min/median/max", "%.2f / %.2f / %.2f MiB" % (
+            pushed[0] / MIB, pushed[len(pushed) // 2] / MIB, pushed[-1] / MIB))
+        upload_accounting(env, t, origin, visitors, before)
+        # A stall must be back-pressure, not an answer: nothing (a 502, a close) has come back.
+        answered = []
+        for v in select.select([v.s for v in visitors], [], [], 0)[0]:
+            try:
+                answered.append(v.recv(200, socket.MSG_PEEK) or b"(closed)")
+            except OSError as e:
+                answered.append(repr(e).encode())
+        check(not answered, "%d uploads got an answer while stalled, e.g. %r" %
+              (len(answered), answered[:1]))
+        rss_stalled = t.mem()[0]
+        figure("RSS with the uploads stalled", rss_stalled, "MiB")
+
+        during, error = small_gets_tolerant(env, t.host, sz.small_gets)
+        rss, hwm = t.mem()
+        figure("RSS after the small GETs", rss, "MiB")
+        figure("RSS peak (VmHWM)", hwm, "MiB")
+        if error:
+            figure("small GET during the stall", "FAILED: " + error)
+            added = float("inf")
+        else:
+            p99_during = pct(during, 0.99)
+            added = p99_during - pct(base, 0.5)
+            figure("small GET p50 during", pct(during, 0.5) * 1e3, "ms")
+            figure("small GET p99 during", p99_during * 1e3, "ms")
+            figure("small GET max during", max(during) * 1e3, "ms")
+            figure("p99 added (p99 during - p50 base)", added * 1e3, "ms")
+        late = sum(v.pushed for v in visitors) - sum(pushed)
+        figure("visitors pushed during the GETs", late / 1024.0, "KiB")
+
+        t_leave = time.monotonic()
+        for v in visitors:
+            v.leave()
+        visitors = []
+        wait = 10 if sz.sanitized else 2 * CLOSE_BOUND_S
+        gone = origin.wait_count("upload", lambda n: n == 0, wait)
+        t_gone = time.monotonic() - t_leave
+        figure("origin connections closed after", t_gone if gone else "never (%d of %d open "
+               "after %.0f s)" % (origin.count("upload"), sz.upload_visitors, wait),
+               "s" if gone else "")
+        figure("cfqt's sockets to the origin", cfqt_origin_sockets(origin))
+        figure("requests cfqt cancelled (metric)", metric(t, "cfqt_tunnel_requests_cancelled"))
+        wait_rss_return(t, idle, "")
+        small_get(env, t.host)
+        t.alive()
+
+        c = Checks(sz)
+        c.must(not failed_up, "uploads failed before the visitors left:", failed_up[:3])
+        c.must(not error, "small GET while the uploads stalled:", error)
+        c.must(gone, "origin connections of the left visitors still open:",
+               origin.count("upload"))
+        c.bound(not gone or t_gone <= CLOSE_BOUND_S, "origin connections closed %.2f s after "
+                "the visitors left (> %.1f s)" % (t_gone, CLOSE_BOUND_S))
+        c.bound(hwm <= RSS_BOUND_MIB, "cfqt RSS peak %.1f MiB > %d MiB (target %d)" %
+                (hwm, RSS_BOUND_MIB, RSS_TARGET_MIB))
+        c.bound(error or added <= P99_ADDED_BOUND_S, "small GET p99 added %.0f ms > %.0f ms "
+                "(target %.0f)" % (added * 1e3, P99_ADDED_BOUND_S * 1e3,
+                                   P99_ADDED_TARGET_S * 1e3))
+        c.done()
+    finally:
+        stop.set()
+        for v in visitors:
+            v.leave()
+        t.stop()
+        origin.close()
 
 
 def download(env, host, i, go, timeout):
@@ -1297,6 +1597,7 @@ def test_withheld_credit(env):
 
 TESTS = [
     test_stalled_gib_visitors,
+    test_stalled_uploads,
     test_concurrent_mib_downloads,
     test_endless_responses_left,
     test_websocket_100mb_frame,
