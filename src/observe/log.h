@@ -141,7 +141,7 @@ class LogCallback final: public kj::ExceptionCallback {
   // KJ's text `Request failed; impl.config.toString() = http://127.0.0.1:1; cause = dial tcp ...`
   // becomes the message `Request failed` (the literal arguments, so one key per call site for
   // the rate limits) and the fields `impl.config.toString=http://127.0.0.1:1
-  // cause="dial tcp ..." src=origin.c++:1143` (see splitKjLogText()).
+  // cause="dial tcp ..." src=exchange.c++:1168` (see splitKjLogText()).
 public:
   explicit LogCallback(const Logger& logger);
   void logMessage(kj::LogSeverity severity, const char* file, int line, int contextDepth,
