@@ -1,0 +1,202 @@
+// ConnectionImpl's TLS: GnuTLS client and server session set-up (trust roots, priorities, ALPN,
+// SNI), the handshake outcome (selected ALPN, server name) and the text of local TLS failures
+// (certificate verification, ALPN).
+
+#include "quic/internal.h"
+
+#include <ngtcp2/ngtcp2.h>
+#include <ngtcp2/ngtcp2_crypto_gnutls.h>
+#include <gnutls/gnutls.h>
+#include <gnutls/x509.h>
+
+#include <kj/debug.h>
+
+namespace cfqt::quic::_ {
+
+constexpr const char* DEFAULT_CLIENT_PRIORITY =
+    "NORMAL:-VERS-ALL:+VERS-TLS1.3:-CIPHER-ALL:+AES-128-GCM:+AES-256-GCM:+CHACHA20-POLY1305:"
+    "+AES-128-CCM:%DISABLE_TLS13_COMPAT_MODE";
+constexpr const char* DEFAULT_SERVER_PRIORITY =
+    "NORMAL:-VERS-ALL:+VERS-TLS1.3:-CIPHER-ALL:+AES-128-GCM:+AES-256-GCM:+CHACHA20-POLY1305:"
+    "+AES-128-CCM:-GROUP-ALL:+GROUP-SECP256R1:+GROUP-X25519:+GROUP-SECP384R1:"
+    "%DISABLE_TLS13_COMPAT_MODE";
+
+void checkGnutls(int rv, kj::StringPtr what) {
+  if (rv < 0) {
+    kj::throwFatalException(failed(kj::str("QUIC TLS setup: ", what, ": ", gnutls_strerror(rv))));
+  }
+}
+
+void ConnectionImpl::initClient(const ClientConfig& cfg) {
+  alpnWanted = kj::heapString(cfg.alpn);
+  serverName = kj::heapString(cfg.serverName);
+
+  checkGnutls(gnutls_certificate_allocate_credentials(&clientCredentials), "credentials");
+  bool anyTrust = false;
+  KJ_IF_MAYBE(file, cfg.caFile) {
+    int n = gnutls_certificate_set_x509_trust_file(clientCredentials, file->cStr(),
+                                                   GNUTLS_X509_FMT_PEM);
+    if (n <= 0) {
+      kj::throwFatalException(failed(kj::str(
+          "QUIC TLS setup: cannot load CA file '", *file, "': ",
+          n < 0 ? gnutls_strerror(n) : "no certificate in it")));
+    }
+    anyTrust = true;
+  }
+  KJ_IF_MAYBE(pem, cfg.caPem) {
+    gnutls_datum_t datum = {reinterpret_cast<unsigned char*>(const_cast<char*>(pem->cStr())),
+                            static_cast<unsigned>(pem->size())};
+    int n = gnutls_certificate_set_x509_trust_mem(clientCredentials, &datum, GNUTLS_X509_FMT_PEM);
+    if (n <= 0) {
+      kj::throwFatalException(failed(kj::str("QUIC TLS setup: CA PEM holds no certificate")));
+    }
+    anyTrust = true;
+  }
+  if (cfg.useSystemTrust) {
+    int n = gnutls_certificate_set_x509_system_trust(clientCredentials);
+    if (n > 0) anyTrust = true;
+  }
+  if (cfg.verifyCertificate && !anyTrust) {
+    kj::throwFatalException(failed(kj::str(
+        "QUIC TLS setup: certificate verification is on but no trust roots were given "
+        "(set caFile, caPem or useSystemTrust)")));
+  }
+
+  checkGnutls(gnutls_init(&session, GNUTLS_CLIENT | GNUTLS_NO_END_OF_EARLY_DATA), "gnutls_init");
+  checkGnutls(ngtcp2_crypto_gnutls_configure_client_session(session) == 0 ? 0 : -1,
+              "configure client session");
+  const char* errPos = nullptr;
+  kj::StringPtr prio = DEFAULT_CLIENT_PRIORITY;
+  KJ_IF_MAYBE(p, cfg.tlsPriority) prio = *p;
+  checkGnutls(gnutls_priority_set_direct(session, prio.cStr(), &errPos), "priority string");
+  checkGnutls(gnutls_credentials_set(session, GNUTLS_CRD_CERTIFICATE, clientCredentials),
+              "credentials");
+  gnutls_datum_t proto = {reinterpret_cast<unsigned char*>(alpnWanted.begin()),
+                          static_cast<unsigned>(alpnWanted.size())};
+  checkGnutls(gnutls_alpn_set_protocols(session, &proto, 1, GNUTLS_ALPN_MANDATORY), "ALPN");
+  if (serverName.size() > 0) {
+    checkGnutls(gnutls_server_name_set(session, GNUTLS_NAME_DNS, serverName.begin(),
+                                       serverName.size()), "SNI");
+  }
+  if (cfg.verifyCertificate) {
+    gnutls_session_set_verify_cert(session, serverName.size() > 0 ? serverName.cStr() : nullptr,
+                                   0);
+    verifyName = true;
+  }
+  gnutls_session_set_ptr(session, &connRef);
+
+  kj::byte dcidBytes[SCID_LEN], scidBytes[SCID_LEN];
+  randomBytes(dcidBytes, sizeof(dcidBytes));
+  randomBytes(scidBytes, sizeof(scidBytes));
+  ngtcp2_cid dcid, scid;
+  ngtcp2_cid_init(&dcid, dcidBytes, sizeof(dcidBytes));
+  ngtcp2_cid_init(&scid, scidBytes, sizeof(scidBytes));
+  setup(dcid, scid, NGTCP2_PROTO_VER_V1, nullptr);
+  ngtcp2_conn_set_tls_native_handle(conn, session);
+}
+
+void ConnectionImpl::initServer(const ngtcp2_pkt_hd& hd, const ServerConfig& cfg) {
+  checkGnutls(gnutls_init(&session, GNUTLS_SERVER | GNUTLS_NO_AUTO_SEND_TICKET |
+                                    GNUTLS_NO_END_OF_EARLY_DATA), "gnutls_init");
+  checkGnutls(ngtcp2_crypto_gnutls_configure_server_session(session) == 0 ? 0 : -1,
+              "configure server session");
+  const char* errPos = nullptr;
+  kj::StringPtr prio = DEFAULT_SERVER_PRIORITY;
+  KJ_IF_MAYBE(p, cfg.tlsPriority) prio = *p;
+  checkGnutls(gnutls_priority_set_direct(session, prio.cStr(), &errPos), "priority string");
+  checkGnutls(gnutls_credentials_set(session, GNUTLS_CRD_CERTIFICATE, endpoint->serverCred()),
+              "credentials");
+  kj::Vector<gnutls_datum_t> protos;
+  for (auto& p: cfg.alpn) {
+    protos.add(gnutls_datum_t{reinterpret_cast<unsigned char*>(const_cast<char*>(p.begin())),
+                              static_cast<unsigned>(p.size())});
+  }
+  checkGnutls(gnutls_alpn_set_protocols(session, protos.begin(), protos.size(),
+      GNUTLS_ALPN_MANDATORY | GNUTLS_ALPN_SERVER_PRECEDENCE), "ALPN");
+  gnutls_session_set_ptr(session, &connRef);
+
+  kj::byte scidBytes[SCID_LEN];
+  randomBytes(scidBytes, sizeof(scidBytes));
+  ngtcp2_cid scid;
+  ngtcp2_cid_init(&scid, scidBytes, sizeof(scidBytes));
+  setup(hd.scid, scid, hd.version, &hd.dcid);
+  ngtcp2_conn_set_tls_native_handle(conn, session);
+}
+
+// ---- handshake outcome, local TLS failures
+
+CloseInfo ConnectionImpl::tlsFailure() {
+  uint8_t alert = ngtcp2_conn_get_tls_alert(conn);
+  kj::String what;
+  if (!server && verifyName) {
+    unsigned status = gnutls_session_get_verify_cert_status(session);
+    if (status & GNUTLS_CERT_SIGNER_NOT_FOUND) {
+      what = kj::str("the server's certificate is not signed by a trusted CA; pass the CA that "
+                     "signed it (caFile/caPem) or check that you reach the right server");
+    } else if (status & GNUTLS_CERT_UNEXPECTED_OWNER) {
+      what = kj::str("the server's certificate is not valid for the name '", serverName,
+                     "'; check the server name (SNI) and the certificate's SAN");
+    } else if (status & GNUTLS_CERT_EXPIRED) {
+      what = kj::str("the server's certificate has expired; check the clocks and the cert");
+    } else if (status & GNUTLS_CERT_NOT_ACTIVATED) {
+      what = kj::str("the server's certificate is not yet valid; check the clocks");
+    } else if (status != 0) {
+      gnutls_datum_t out;
+      if (gnutls_certificate_verification_status_print(status, GNUTLS_CRT_X509, &out, 0) == 0) {
+        what = kj::str("certificate verification failed: ",
+                       kj::StringPtr(reinterpret_cast<const char*>(out.data), out.size));
+        gnutls_free(out.data);
+      } else {
+        what = kj::str("certificate verification failed (status ", status, ")");
+      }
+    }
+  }
+  if (what == nullptr) {
+    if (alert == 120) {
+      what = server ? kj::str("the client offered none of our ALPN protocols")
+                    : kj::str("no ALPN in common with the server");
+    } else {
+      what = kj::str(alertHint(alert));
+    }
+  }
+  auto info = makeClose(CloseKind::TLS_LOCAL_FAILURE, 0x100 + alert, "", kj::str(
+      ": ", what, " (sent alert ", alert, " ", alertName(alert), "; peer ", remote, ")"));
+  info.tlsAlert = alert;
+  return info;
+}
+
+void ConnectionImpl::afterHandshake() {
+  handshakeReported = true;
+  gnutls_datum_t proto;
+  if (gnutls_alpn_get_selected_protocol(session, &proto) == 0) {
+    alpn = kj::heapString(reinterpret_cast<const char*>(proto.data), proto.size);
+  }
+  if (server) {
+    char name[256];
+    size_t nameLen = sizeof(name);
+    unsigned type;
+    if (gnutls_server_name_get(session, name, &nameLen, &type, 0) == 0 &&
+        type == GNUTLS_NAME_DNS) {
+      serverName = kj::heapString(name, kj::min(nameLen, sizeof(name)));
+    }
+    if (endpoint != nullptr) endpoint->handshakeDone(*this);
+    return;
+  }
+  if (alpn != alpnWanted) {
+    ngtcp2_connection_close_error ccerr;
+    ngtcp2_connection_close_error_set_transport_error_tls_alert(&ccerr, 120, nullptr, 0);
+    sendClose(ccerr);
+    auto info = makeClose(CloseKind::TLS_ALPN, 0x100 + 120, "", kj::str(
+        ": the server selected ALPN '", alpn, "' instead of '", alpnWanted, "' (", remote,
+        "); check that this is the right kind of server"));
+    info.tlsAlert = 120;
+    die(kj::mv(info));
+    return;
+  }
+  KJ_IF_MAYBE(f, handshakeFulfiller) {
+    (*f)->fulfill();
+    handshakeFulfiller = nullptr;
+  }
+}
+
+}  // namespace cfqt::quic::_
