@@ -494,10 +494,15 @@ private:
     KJ_IF_MAYBE(connection, responseHeaders->get(kj::HttpHeaderId::CONNECTION)) {
       if (containsIgnoreCase(*connection, "close")) reusable = false;
     }
+    // The request will not be sent again (no retry once a response head came): its head goes.
+    headers.clear();
+    head = nullptr;
     if (status == 101) return startWebSocket();
     KJ_IF_MAYBE(error, chooseResponseBody()) {
       return originException(kj::Exception::Type::FAILED, *error);
     }
+    // Bodies other than chunked ones are read straight into the pump buffer.
+    if (responseMode != ResponseBody::CHUNKED) conn->shrink();
     return sendHead().then([this]() { return pumpResponse(); });
   }
 
@@ -548,9 +553,15 @@ private:
       if (dropLength && equalsIgnoreCase(name, "Content-Length")) return;
       out.add(wire::Header{wire::canonicalHeaderName(name), kj::str(value)});
     });
-    auto message = kj::heap<capnp::MallocMessageBuilder>();
+    // A first segment sized to the headers (capnp's default is 8 KiB, for every response).
+    size_t bytes = 0;
+    for (auto& h: out) bytes += h.name.size() + h.value.size() + 32;
+    auto message = kj::heap<capnp::MallocMessageBuilder>(kj::max(bytes / 8 + 32, size_t(64)));
     auto response = message->initRoot<schema::ConnectResponse>();
     wire::encodeResponse(response, status, out.asPtr());
+    // Encoded: the origin's head is not needed any more while the body streams.
+    responseHeaders = nullptr;
+    responseHeadText = nullptr;
     headSent = true;
     KJ_IF_MAYBE(o, impl.observer) o->responseHead(status);
     auto reader = response.asReader();

@@ -38,11 +38,11 @@ constexpr kj::Duration FALLBACK_DELAY = 300 * kj::MILLISECONDS;  // Go's happy-e
 // Connection to the origin (Conn, see pool.h).
 
 Conn::Conn(kj::Own<kj::AsyncIoStream> streamParam)
-    : stream(kj::mv(streamParam)), buffer(kj::heapArray<kj::byte>(CONN_BUFFER_INITIAL)) {}
+    : stream(kj::mv(streamParam)) {}
 
 void Conn::shrink() {
-  if (buffer.size() > CONN_BUFFER_INITIAL && begin == end) {
-    buffer = kj::heapArray<kj::byte>(CONN_BUFFER_INITIAL);
+  if (begin == end) {
+    buffer = nullptr;
     begin = end = 0;
   }
 }
@@ -105,7 +105,9 @@ kj::Promise<bool> Conn::fill(size_t limit) {
     end -= begin;
     begin = 0;
   }
-  if (end == buffer.size()) {
+  if (buffer.size() == 0) {
+    buffer = kj::heapArray<kj::byte>(CONN_BUFFER_INITIAL);
+  } else if (end == buffer.size()) {
     // A head (or line) longer than the buffer: grow it, up to the limit.
     auto bigger = kj::heapArray<kj::byte>(kj::min(buffer.size() * 2, kj::max(limit, buffer.size())));
     memcpy(bigger.begin(), buffer.begin(), end);

@@ -39,7 +39,9 @@ public:
   size_t leftover() const { return end - begin; }
 
   void shrink();
-  // Back to the initial read-ahead size (a pooled connection holds no unread byte).
+  // Frees the read-ahead buffer if it holds no unread byte (it is allocated again, 4 KiB, by the
+  // next head or chunk line): a body read straight into the exchange's pump buffer and a pooled
+  // connection need none.
 
   kj::Promise<size_t> read(kj::ArrayPtr<kj::byte> out);
   // Up to out.size() bytes (at least 1 unless EOF, then 0), leftover first.
