@@ -76,7 +76,7 @@ struct TransportConfig {
   // A write() resolves once all its bytes are in the buffer, so a writer is halted by a peer
   // that stops reading (or withholds credit) after this many bytes beyond what it admitted.
 
-  uint64_t streamSendReserve = 8 * 1024;
+  uint64_t streamSendReserve = 4 * 1024;
   uint64_t connectionSendHigh = 2 * 1024 * 1024;
   uint64_t connectionSendLow = 1024 * 1024;
   // The send budget of the whole connection (back-pressure): once the bytes buffered for sending
