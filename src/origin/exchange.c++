@@ -76,8 +76,11 @@ size_t pumpBufferSize(bool lengthKnown, uint64_t length) {
 
 class Exchange {
 public:
-  Exchange(Origin::Impl& impl, kj::AsyncIoStream& edge, schema::ConnectRequest::Reader request)
-      : impl(impl), edge(edge), request(request), headers(impl.table) {
+  Exchange(Origin::Impl& impl, kj::AsyncIoStream& edge,
+           kj::OneOf<wire::HttpRequestHead, kj::String> request, ResponseSink& sink,
+           kj::String dest)
+      : impl(impl), edge(edge), sink(sink), request(kj::mv(request)), dest(kj::mv(dest)),
+        headers(impl.table) {
     ++impl.stats.streamsActive;
   }
   ~Exchange() noexcept(false) {
@@ -95,7 +98,9 @@ public:
 private:
   Origin::Impl& impl;
   kj::AsyncIoStream& edge;
-  schema::ConnectRequest::Reader request;
+  ResponseSink& sink;
+  kj::OneOf<wire::HttpRequestHead, kj::String> request;   // until prepare(): decoded, or why not
+  kj::String dest;                                       // for the logs
 
   // Request towards the origin.
   kj::Maybe<wire::HttpRequestHead> head;
@@ -144,7 +149,6 @@ private:
       // Refused before reaching the origin (malformed or unsupported): a 502 for the visitor,
       // and a line for the operator (aggregated by the logger when repeated).
       auto originService = impl.config.toString();
-      kj::StringPtr dest = request.getDest();
       kj::StringPtr cause = *error;
       KJ_LOG(WARNING, "Request refused", originService, dest, cause);
       return answerError(*error);
@@ -153,9 +157,11 @@ private:
   }
 
   kj::Maybe<kj::String> prepare() {
-    // Decodes the ConnectRequest and builds the origin request head. Returns the error text of a
+    // Builds the origin request head from the decoded request. Returns the error text of a
     // request that cannot be served.
-    auto type = request.getType();
+    KJ_IF_MAYBE(error, request.tryGet<kj::String>()) return kj::mv(*error);
+    auto& h = head.emplace(kj::mv(request.get<wire::HttpRequestHead>()));
+    auto type = h.type;
     if (type == schema::ConnectionType::TCP) {
       return kj::str("TCP streams (ConnectionType tcp) are not supported by quick tunnels");
     }
@@ -163,12 +169,6 @@ private:
       return kj::str("unknown connection type ", uint(type));
     }
     websocket = type == schema::ConnectionType::WEBSOCKET;
-
-    auto decoded = wire::decodeRequest(request);
-    KJ_IF_MAYBE(error, decoded.tryGet<wire::WireError>()) {
-      return kj::str("malformed request: ", error->message);
-    }
-    auto& h = head.emplace(kj::mv(decoded.get<wire::HttpRequestHead>()));
 
     auto upperMethod = kj::heapString(h.method);
     for (char& c: upperMethod) {
@@ -553,19 +553,13 @@ private:
       if (dropLength && equalsIgnoreCase(name, "Content-Length")) return;
       out.add(wire::Header{wire::canonicalHeaderName(name), kj::str(value)});
     });
-    // A first segment sized to the headers (capnp's default is 8 KiB, for every response).
-    size_t bytes = 0;
-    for (auto& h: out) bytes += h.name.size() + h.value.size() + 32;
-    auto message = kj::heap<capnp::MallocMessageBuilder>(kj::max(bytes / 8 + 32, size_t(64)));
-    auto response = message->initRoot<schema::ConnectResponse>();
-    wire::encodeResponse(response, status, out.asPtr());
-    // Encoded: the origin's head is not needed any more while the body streams.
+    // The sink copies what it needs: the origin's head is not kept while the body streams.
+    auto sent = sink.sendHead(status, out.asPtr());
     responseHeaders = nullptr;
     responseHeadText = nullptr;
     headSent = true;
     KJ_IF_MAYBE(o, impl.observer) o->responseHead(status);
-    auto reader = response.asReader();
-    return wire::writeConnectResponse(edge, reader).attach(kj::mv(message));
+    return kj::mv(sent);
   }
 
   // Response body: origin → edge, one buffer, each chunk written as soon as it was read.
@@ -689,13 +683,10 @@ private:
   // ------------------------------------------------------------------------------------------
 
   kj::Promise<void> answerStatus() {
-    auto message = kj::heap<capnp::MallocMessageBuilder>();
-    auto response = message->initRoot<schema::ConnectResponse>();
-    wire::encodeResponse(response, impl.config.status, kj::ArrayPtr<const wire::Header>());
+    auto sent = sink.sendHead(impl.config.status, kj::ArrayPtr<const wire::Header>());
     headSent = true;
     KJ_IF_MAYBE(o, impl.observer) o->responseHead(impl.config.status);
-    auto reader = response.asReader();
-    return wire::writeConnectResponse(edge, reader).attach(kj::mv(message)).then([this]() {
+    return sent.then([this]() {
       edge.shutdownWrite();
       edge.abortRead();
     });
@@ -711,7 +702,7 @@ private:
   kj::Promise<void> answerError(kj::StringPtr text) {
     countFailure();
     headSent = true;  // a failure from here on is the edge's
-    return wire::writeConnectResponseError(edge, text).then([this]() {
+    return sink.sendError(text).then([this]() {
       edge.shutdownWrite();
       edge.abortRead();
     });
@@ -736,20 +727,58 @@ private:
       cause = describeCause(e);
     }
     auto originService = impl.config.toString();
-    kj::StringPtr dest = request.getDest();
     KJ_LOG(WARNING, "Request failed", originService, dest, cause);
     auto text = originErrorText(cause);
     return answerError(text).attach(kj::mv(text));
   }
 };
 
+class ConnectResponseSink final: public ResponseSink {
+  // QUIC data streams: the head is the data-stream preamble plus a ConnectResponse (§6.1).
+public:
+  explicit ConnectResponseSink(kj::AsyncOutputStream& out): out(out) {}
+
+  kj::Promise<void> sendHead(kj::uint status, kj::ArrayPtr<const wire::Header> headers) override {
+    // A first segment sized to the headers (capnp's default is 8 KiB, for every response).
+    size_t bytes = 0;
+    for (auto& h: headers) bytes += h.name.size() + h.value.size() + 32;
+    auto message = kj::heap<capnp::MallocMessageBuilder>(kj::max(bytes / 8 + 32, size_t(64)));
+    auto response = message->initRoot<schema::ConnectResponse>();
+    wire::encodeResponse(response, status, headers);
+    auto reader = response.asReader();
+    return wire::writeConnectResponse(out, reader).attach(kj::mv(message));
+  }
+
+  kj::Promise<void> sendError(kj::StringPtr text) override {
+    return wire::writeConnectResponseError(out, text);
+  }
+
+private:
+  kj::AsyncOutputStream& out;
+};
+
 }  // namespace
+
+kj::Promise<void> Origin::Impl::serve(kj::AsyncIoStream& stream,
+                                      kj::OneOf<wire::HttpRequestHead, kj::String> request,
+                                      ResponseSink& sink, kj::String dest) {
+  auto exchange = kj::heap<Exchange>(*this, stream, kj::mv(request), sink, kj::mv(dest));
+  auto promise = exchange->run();
+  return promise.attach(kj::mv(exchange));
+}
 
 kj::Promise<void> Origin::Impl::serveStream(kj::AsyncIoStream& stream,
                                             schema::ConnectRequest::Reader request) {
-  auto exchange = kj::heap<Exchange>(*this, stream, request);
-  auto promise = exchange->run();
-  return promise.attach(kj::mv(exchange));
+  // QUIC: the ConnectRequest decoded here, the head written as a ConnectResponse.
+  kj::OneOf<wire::HttpRequestHead, kj::String> decoded;
+  auto result = wire::decodeRequest(request);
+  KJ_SWITCH_ONEOF(result) {
+    KJ_CASE_ONEOF(head, wire::HttpRequestHead) decoded = kj::mv(head);
+    KJ_CASE_ONEOF(error, wire::WireError) decoded = kj::str("malformed request: ", error.message);
+  }
+  auto sink = kj::heap<ConnectResponseSink>(stream);
+  auto promise = serve(stream, kj::mv(decoded), *sink, kj::str(request.getDest()));
+  return promise.attach(kj::mv(sink));
 }
 
 }  // namespace cfqt::origin

@@ -1256,6 +1256,55 @@ KJ_TEST("malformed origin responses become errors or resets, never crashes") {
   KJ_EXPECT(origin->getStats().idleConnections == 0);
 }
 
+KJ_TEST("Origin::serve: any transport's sink gets the head, the stream the body") {
+  // The transport-neutral entry (HTTP/2 uses it): a decoded head in, the response head out
+  // through the sink, the body on the stream; a request that could not be decoded is answered
+  // with sendError() only.
+  struct RecordingSink final: public ResponseSink {
+    kj::uint status = 0;
+    kj::Vector<kj::String> headers;
+    kj::Maybe<kj::String> error;
+    kj::Promise<void> sendHead(kj::uint s, kj::ArrayPtr<const wire::Header> h) override {
+      status = s;
+      for (auto& header: h) headers.add(kj::str(header.name, ": ", header.value));
+      return kj::READY_NOW;
+    }
+    kj::Promise<void> sendError(kj::StringPtr text) override {
+      error = kj::str(text);
+      return kj::READY_NOW;
+    }
+  };
+  Env env;
+  auto& ws = env.io.waitScope;
+  auto origin = env.origin(helloWorldOrigin());
+  {
+    RecordingSink sink;
+    auto pipe = kj::newTwoWayPipe();
+    wire::HttpRequestHead head;
+    head.dest = kj::str("https://t.example/_health");
+    head.method = kj::str("GET");
+    head.host = kj::str("t.example");
+    auto served = origin->serve(*pipe.ends[0], kj::mv(head), sink).eagerlyEvaluate(nullptr);
+    pipe.ends[1]->shutdownWrite();
+    auto body = pipe.ends[1]->readAllText().wait(ws);
+    served.wait(ws);
+    KJ_EXPECT(sink.status == 200);
+    KJ_EXPECT(sink.error == nullptr);
+    KJ_EXPECT(body == "OK", body);
+    bool typed = false;
+    for (auto& h: sink.headers) if (h.startsWith("Content-Type: text/plain")) typed = true;
+    KJ_EXPECT(typed, kj::strArray(sink.headers, " | "));
+  }
+  {
+    RecordingSink sink;
+    auto pipe = kj::newTwoWayPipe();
+    auto served = origin->serve(*pipe.ends[0], kj::str("malformed request: bad header"), sink);
+    served.wait(ws);
+    KJ_EXPECT(sink.status == 0);
+    KJ_EXPECT(KJ_ASSERT_NONNULL(sink.error) == "malformed request: bad header");
+  }
+}
+
 KJ_TEST("hello-world origin: page, /_health, /ws echo, /sse") {
   Env env;
   auto& ws = env.io.waitScope;

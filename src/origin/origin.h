@@ -5,6 +5,7 @@
 
 #pragma once
 
+#include "wire/http-metadata.h"
 #include "wire/quic_metadata_protocol.capnp.h"
 
 #include <kj/async-io.h>
@@ -82,6 +83,20 @@ public:
   // its head. Once per failed serveStream().
 };
 
+class ResponseSink {
+  // Where an exchange's response head goes, so that the origin layer serves every transport: a
+  // ConnectResponse on a QUIC data stream (Origin::serveStream), HTTP/2 response headers. The
+  // response body follows on the exchange's stream.
+public:
+  virtual kj::Promise<void> sendHead(kj::uint status, kj::ArrayPtr<const wire::Header> headers) = 0;
+  // The final response head (a 101 to a WebSocket request included). `headers` are the origin's
+  // (canonical names; Transfer-Encoding removed, Content-Length dropped for chunked bodies).
+
+  virtual kj::Promise<void> sendError(kj::StringPtr text) = 0;
+  // The request failed before any head: the edge answers its visitor with a 502 carrying
+  // `text` (ConnectResponse.error on QUIC).
+};
+
 constexpr size_t PUMP_BUFFER_SIZE = 16 * 1024;
 // Per direction and stream, at most this many bytes are held between a read and its write
 // (allocated for the exchange's life: with the transport's own send buffer, this is what a
@@ -117,6 +132,13 @@ public:
   //
   // The Origin must outlive every promise returned here (drain or cancel them first). Streams
   // run concurrently without limit; origin connections are pooled (keep-alive) per Origin.
+
+  kj::Promise<void> serve(kj::AsyncIoStream& stream,
+                          kj::OneOf<wire::HttpRequestHead, kj::String> request, ResponseSink& sink);
+  // The transport-neutral form of serveStream(): `request` is the head the transport decoded (or
+  // the text of why it could not, answered with sink.sendError()), `stream` carries the request
+  // body in and the response body out, `sink` takes the response head. Completion and failure
+  // rules are serveStream()'s. `stream` and `sink` must stay valid until the promise settles.
 
   void setObserver(OriginObserver& observer);
   // Borrowed; must outlive the Origin's streams. Without one, outcomes are not reported.

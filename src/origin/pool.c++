@@ -451,6 +451,14 @@ kj::OneOf<kj::Own<Origin>, kj::String> Origin::create(OriginConfig config, kj::T
   return kj::mv(origin);
 }
 
+kj::Promise<void> Origin::serve(kj::AsyncIoStream& stream,
+                                kj::OneOf<wire::HttpRequestHead, kj::String> request,
+                                ResponseSink& sink) {
+  kj::String dest;
+  KJ_IF_MAYBE(head, request.tryGet<wire::HttpRequestHead>()) dest = kj::str(head->dest);
+  return impl->serve(stream, kj::mv(request), sink, kj::mv(dest));
+}
+
 kj::Promise<void> Origin::serveStream(kj::AsyncIoStream& stream,
                                       schema::ConnectRequest::Reader request) {
   return impl->serveStream(stream, request);

@@ -72,6 +72,10 @@ public:
        const kj::HttpHeaderTable& table, kj::Maybe<kj::Own<kj::TlsContext>> tls);
   ~Impl() noexcept(false);
 
+  kj::Promise<void> serve(kj::AsyncIoStream& stream,
+                          kj::OneOf<wire::HttpRequestHead, kj::String> request, ResponseSink& sink,
+                          kj::String dest);
+  // Origin::serve(); `dest` is the request's destination for the logs.
   kj::Promise<void> serveStream(kj::AsyncIoStream& stream,
                                 wire::schema::ConnectRequest::Reader request);
   // Origin::serveStream(): one Exchange per data stream (exchange.c++).
