@@ -759,6 +759,10 @@ private:
 
 }  // namespace
 
+kj::Own<ResponseSink> newConnectResponseSink(kj::AsyncOutputStream& out) {
+  return kj::heap<ConnectResponseSink>(out);
+}
+
 kj::Promise<void> Origin::Impl::serve(kj::AsyncIoStream& stream,
                                       kj::OneOf<wire::HttpRequestHead, kj::String> request,
                                       ResponseSink& sink, kj::String dest) {
@@ -776,7 +780,7 @@ kj::Promise<void> Origin::Impl::serveStream(kj::AsyncIoStream& stream,
     KJ_CASE_ONEOF(head, wire::HttpRequestHead) decoded = kj::mv(head);
     KJ_CASE_ONEOF(error, wire::WireError) decoded = kj::str("malformed request: ", error.message);
   }
-  auto sink = kj::heap<ConnectResponseSink>(stream);
+  auto sink = newConnectResponseSink(stream);
   auto promise = serve(stream, kj::mv(decoded), *sink, kj::str(request.getDest()));
   return promise.attach(kj::mv(sink));
 }

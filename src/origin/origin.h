@@ -97,6 +97,10 @@ public:
   // `text` (ConnectResponse.error on QUIC).
 };
 
+kj::Own<ResponseSink> newConnectResponseSink(kj::AsyncOutputStream& out);
+// The QUIC data stream's sink: the head is the data-stream preamble plus a ConnectResponse
+// (PROTOCOL.md §6.1), written to `out` (borrowed).
+
 constexpr size_t PUMP_BUFFER_SIZE = 16 * 1024;
 // Per direction and stream, at most this many bytes are held between a read and its write
 // (allocated for the exchange's life: with the transport's own send buffer, this is what a

@@ -1,10 +1,9 @@
 #include "tunnel/edge-connection.h"
 
 #include "tunnel/edge-roots.h"
+#include "tunnel/quic-transport.h"
 
 #include "edge/quick-tunnel-api.h"
-#include "quic/endpoint.h"
-#include "wire/data-stream.h"
 
 #include <kj/debug.h>
 
@@ -44,23 +43,6 @@ kj::Maybe<kj::String> AcknowledgingConfigHandler::applyConfiguration(
   return nullptr;
 }
 
-kj::String describeClose(const quic::CloseInfo& info) {
-  switch (info.kind) {
-    case quic::CloseKind::PEER_APPLICATION_CLOSE:
-      return kj::str("edge closed the connection (application error ", hexCode(info.code),
-                     ", reason \"", info.reason, "\")");
-    case quic::CloseKind::PEER_TRANSPORT_CLOSE:
-      return kj::str("edge closed the connection (transport error ", hexCode(info.code),
-                     ", reason \"", info.reason, "\")");
-    case quic::CloseKind::IDLE_TIMEOUT:
-      return kj::str("timeout: no recent network activity (idle timeout)");
-    case quic::CloseKind::STATELESS_RESET:
-      return kj::str("edge sent a stateless reset");
-    default:
-      return kj::str(info.kind, ": ", info.description);
-  }
-}
-
 namespace {
 
 class EdgeConnection final: public Session, private kj::TaskSet::ErrorHandler,
@@ -98,11 +80,9 @@ private:
   AttemptInfo info;
   SessionEvents& events;
   kj::String ip;
-  kj::Own<quic::Endpoint> endpoint;
-  kj::Own<quic::Connection> connection;
+  kj::Own<EdgeTransport> transport;
   kj::Maybe<kj::ForkedPromise<void>> closed;
-  kj::Maybe<quic::CloseInfo> closeInfo;
-  kj::Own<quic::Stream> controlStream;
+  kj::Own<kj::AsyncIoStream> controlStream;
   kj::Maybe<kj::Own<wire::ControlClient>> control;
   kj::Own<kj::PromiseFulfiller<SessionEnd>> stopFulfiller;
   bool registered = false;
@@ -118,7 +98,7 @@ private:
 
   kj::String closeReason() {
     KJ_IF_MAYBE(reason, faultReason) return kj::str(*reason);
-    KJ_IF_MAYBE(ci, closeInfo) return describeClose(*ci);
+    if (transport.get() != nullptr && transport->isClosed()) return transport->closeDescription();
     return kj::str("connection closed");
   }
 
@@ -126,20 +106,8 @@ private:
 
   // The /metrics quic_client_* series read the live connection's statistics on demand.
   observe::TunnelStatus::QuicSample sample() const override {
-    observe::TunnelStatus::QuicSample out;
-    if (connection.get() == nullptr) return out;
-    auto s = connection->stats();
-    out.smoothedRtt = s.smoothedRtt;
-    out.minRtt = s.minRtt;
-    out.latestRtt = s.latestRtt;
-    out.congestionWindow = s.congestionWindow;
-    out.bytesSent = s.bytesSent;
-    out.bytesReceived = s.bytesReceived;
-    out.packetsSent = s.packetsSent;
-    out.packetsReceived = s.packetsReceived;
-    out.ptoTotal = s.ptoTotal;
-    out.streamsActive = s.streamsActive;
-    return out;
+    if (transport.get() == nullptr) return {};
+    return transport->sample();
   }
 
   void quicEnded() {
@@ -152,43 +120,30 @@ private:
   // Dial and register
 
   kj::Promise<SessionEnd> lifecycle() {
-    kj::byte storage[32];
-    uint len = info.address.writeSockaddr(kj::arrayPtr(storage, sizeof(storage)));
-    quic::SocketAddress remote = quic::SocketAddress::fromSockaddr(storage, len);
-    auto bind = KJ_ASSERT_NONNULL(quic::SocketAddress::parse(
-        remote.isIpv6() ? "[::]:0"_kj : "0.0.0.0:0"_kj));
-    KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
-      endpoint = quic::newEndpoint(ctx.eventPort, bind);
-    })) {
-      return SessionEnd{EndKind::DIAL_FAILED,
-                        kj::str("cannot open a UDP socket: ", e->getDescription())};
-    }
     ctx.logger.debug("Dialing edge", kj::str(fields(), " attempt=", info.numPreviousAttempts));
-    return endpoint->dial(remote, makeClientConfig(ctx.config))
-        .then([this](kj::Own<quic::Connection> c) { return connected(kj::mv(c)); },
+    return dialQuicTransport(ctx.eventPort, info.address, makeClientConfig(ctx.config))
+        .then([this](kj::Own<EdgeTransport> t) { return connected(kj::mv(t)); },
               [this](kj::Exception&& e) {
                 return SessionEnd{EndKind::DIAL_FAILED, kj::str(e.getDescription())};
               });
   }
 
-  kj::Promise<SessionEnd> connected(kj::Own<quic::Connection> c) {
-    connection = kj::mv(c);
+  kj::Promise<SessionEnd> connected(kj::Own<EdgeTransport> t) {
+    transport = kj::mv(t);
     ctx.status.quicConnectionStarted(info.connIndex, *this);
     quicSampled = true;
-    closed = connection->onClosed().then([this](quic::CloseInfo info) {
-      closeInfo = kj::mv(info);
-    }).fork();
+    closed = transport->onClosed().fork();
     auto lost = KJ_ASSERT_NONNULL(closed).addBranch().then([this]() {
       return SessionEnd{EndKind::LOST, closeReason(), true, registered};
     });
-    auto registration = connection->openStream()
-        .then([this](kj::Own<quic::Stream> s) { return registerConnection(kj::mv(s)); })
+    auto registration = transport->openControlStream()
+        .then([this](kj::Own<kj::AsyncIoStream> s) { return registerConnection(kj::mv(s)); })
         .then([this](wire::RegistrationResult r) { return onRegistration(kj::mv(r)); },
               [this](kj::Exception&& e) { return registrationFailed(kj::mv(e)); });
     return registration.exclusiveJoin(kj::mv(lost));
   }
 
-  kj::Promise<wire::RegistrationResult> registerConnection(kj::Own<quic::Stream> stream) {
+  kj::Promise<wire::RegistrationResult> registerConnection(kj::Own<kj::AsyncIoStream> stream) {
     controlStream = kj::mv(stream);
     auto client = kj::heap<wire::ControlClient>(*controlStream, ctx.timer, ctx.config.control);
     auto& id = ctx.identity;
@@ -215,7 +170,7 @@ private:
     if (ctx.logger.enabled(observe::LogLevel::DEBUG)) {
       // The secret is deliberately not part of this line.
       ctx.logger.debug("Registering tunnel connection", kj::str(
-          fields(), " protocol=quic tunnelID=", edge::formatUuid(id.tunnelId),
+          fields(), " protocol=", transport->protocol(), " tunnelID=", edge::formatUuid(id.tunnelId),
           " accountTag=", id.accountTag, " connectorID=", edge::formatUuid(id.connectorId),
           " version=", id.version, " arch=", id.arch,
           " features=", kj::strArray(id.features, ","),
@@ -246,9 +201,7 @@ private:
 
   kj::Promise<SessionEnd> registrationFailed(kj::Exception&& e) {
     ctx.status.registrationFailed(false);
-    KJ_IF_MAYBE(ci, connection->closeInfo()) {
-      return SessionEnd{EndKind::LOST, describeClose(*ci)};
-    }
+    if (transport->isClosed()) return SessionEnd{EndKind::LOST, transport->closeDescription()};
     closeWhenDone = true;
     return SessionEnd{EndKind::REGISTRATION_FAILED, kj::str(e.getDescription())};
   }
@@ -260,7 +213,7 @@ private:
     acceptTask = acceptLoop().eagerlyEvaluate([this](kj::Exception&& e) {
       // Normally the connection ended (`closed` reports why); anything else leaves a registered
       // connection that serves nothing, so it ends too.
-      if (connection->closeInfo() == nullptr) {
+      if (!transport->isClosed()) {
         fault(kj::str("accepting streams from the edge failed: ", e.getDescription()));
       }
     });
@@ -281,12 +234,12 @@ private:
   void fault(kj::String reason) {
     // Ends a registered connection that cannot serve any more: logged, closed (the supervisor
     // sees LOST with this reason and reconnects).
-    if (faultReason != nullptr || connection->closeInfo() != nullptr) return;
+    if (faultReason != nullptr || transport->isClosed()) return;
     ctx.logger.warn(kj::str("Closing the edge connection: ", reason),
                     kj::str(fields(), " reason=\"", reason, "\""));
     faultReason = kj::mv(reason);
     events.notReady(info.connIndex);
-    connection->close(0, "cfqt: connection fault");
+    transport->close(0, "cfqt: connection fault");
   }
 
   kj::Promise<void> watchProgress() {
@@ -296,7 +249,7 @@ private:
     auto bound = ctx.config.stallTimeout;
     auto interval = kj::max(bound / 4, 1 * kj::MILLISECONDS);
     return ctx.timer.afterDelay(interval).then([this, bound]() -> kj::Promise<void> {
-      auto blocked = connection->stats().connectionBlockedFor;
+      auto blocked = transport->blockedFor();
       if (blocked >= bound) {
         fault(kj::str("no flow-control credit from the edge for ", formatDuration(blocked),
                       " (--edge-stall-timeout ", formatDuration(bound), ")"));
@@ -321,7 +274,7 @@ private:
   // Streams opened by the edge
 
   kj::Promise<void> acceptLoop() {
-    return connection->acceptStream().then([this](kj::Own<quic::Stream> stream) {
+    return transport->acceptStream().then([this](kj::Own<EdgeStream> stream) {
       streams.add(serveStream(kj::mv(stream)));
       return acceptLoop();
     });
@@ -329,10 +282,10 @@ private:
 
   template <typename T>
   kj::Promise<T> beforeDeadline(kj::TimePoint deadline, kj::Promise<T> promise) {
-    // The edge must send a stream's preamble promptly: a stream that stays silent would hold its
+    // The edge must send a stream's request promptly: a stream that stays silent would hold its
     // slot (and our memory) for ever.
     auto timeout = ctx.timer.atTime(deadline).then([this]() -> kj::Promise<T> {
-      return KJ_EXCEPTION(OVERLOADED, kj::str(
+      return kj::Exception(kj::Exception::Type::OVERLOADED, __FILE__, __LINE__, kj::str(
           "edge stream sent no complete request within --stream-preamble-timeout ",
           formatDuration(ctx.config.streamPreambleTimeout)));
     });
@@ -350,54 +303,53 @@ private:
     });
   }
 
-  kj::Promise<void> serveStream(kj::Own<quic::Stream> stream) {
+  kj::Promise<void> serveStream(kj::Own<EdgeStream> stream) {
     auto& s = *stream;
     auto deadline = ctx.timer.now() + ctx.config.streamPreambleTimeout;
-    return beforeDeadline(deadline, wire::readStreamSignature(s))
-        .then([this, &s, deadline](wire::StreamKind kind) { return serveKind(s, kind, deadline); })
-        .catch_([this, &s](kj::Exception&& e) { streamFailed(s, kj::mv(e)); })
+    return beforeDeadline(deadline, s.readRequest())
+        .then([this, &s, deadline](EdgeStream::Request request) {
+      return serveRequest(s, kj::mv(request), deadline);
+    }).catch_([this, &s](kj::Exception&& e) { streamFailed(s, kj::mv(e)); })
         .attach(kj::mv(stream));
   }
 
-  kj::Promise<void> serveKind(quic::Stream& s, wire::StreamKind kind, kj::TimePoint deadline) {
-    if (kind == wire::StreamKind::RPC) {
-      wire::ServeRpcOptions options;
-      options.timer = ctx.timer;
-      options.maxDuration = ctx.config.rpcStreamTimeout;
-      return wire::serveCloudflaredRpc(s, ctx.remoteConfig, kj::mv(options))
-          .then([&s]() { s.shutdownWrite(); });
-    }
-    return beforeDeadline(deadline, wire::readConnectRequest(s)).then(
-        [this, &s](kj::Own<capnp::MessageReader> message) {
-      return serveData(s, kj::mv(message));
-    }, [this, &s, deadline](kj::Exception&& e) -> kj::Promise<void> {
-      auto code = wire::wireErrorCode(e);
-      if (code != wire::WireErrorCode::TOO_LARGE && code != wire::WireErrorCode::MALFORMED) {
-        return kj::mv(e);
+  kj::Promise<void> serveRequest(EdgeStream& s, EdgeStream::Request request,
+                                 kj::TimePoint deadline) {
+    KJ_SWITCH_ONEOF(request) {
+      KJ_CASE_ONEOF(proxy, ProxyRequest) return serveData(s, kj::mv(proxy));
+      KJ_CASE_ONEOF(rpc, RpcSession) {
+        wire::ServeRpcOptions options;
+        options.timer = ctx.timer;
+        options.maxDuration = ctx.config.rpcStreamTimeout;
+        return wire::serveCloudflaredRpc(s.io(), ctx.remoteConfig, kj::mv(options))
+            .then([&s]() { s.io().shutdownWrite(); });
       }
-      // A request we refuse to decode: the edge (and the visitor) get a clear 502 instead of a
-      // reset stream.
-      ctx.status.requestStarted();
-      ctx.status.requestFailed();
-      ctx.status.requestFinished();
-      ctx.logger.warn("Refused a request from the edge: its metadata is over cfqt's limits or "
-                      "malformed", kj::str(fields(), " stream=", s.id(), " error=\"",
-                                           e.getDescription(), "\""));
-      auto text = kj::str("malformed request: ", e.getDescription());
-      return wire::writeConnectResponseError(s, text).attach(kj::mv(text))
-          .then([this, &s, deadline]() {
-        s.shutdownWrite();
-        // Let the edge finish writing what we refused (bounded, up to the preamble deadline)
-        // before STOP_SENDING, so that it reads our answer rather than a failed write.
-        return beforeDeadline(deadline, discardInput(s, 1024 * 1024, kj::heapArray<kj::byte>(16384)))
-            .catch_([](kj::Exception&&) {})
-            .then([&s]() { s.abortRead(); });
-      });
+      KJ_CASE_ONEOF(refused, RefusedRequest) return refuse(s, kj::mv(refused.reason), deadline);
+    }
+    KJ_UNREACHABLE;
+  }
+
+  kj::Promise<void> refuse(EdgeStream& s, kj::String reason, kj::TimePoint deadline) {
+    // A request we refuse to decode: the edge (and the visitor) get a clear 502 instead of a
+    // reset stream.
+    ctx.status.requestStarted();
+    ctx.status.requestFailed();
+    ctx.status.requestFinished();
+    ctx.logger.warn("Refused a request from the edge: its metadata is over cfqt's limits or "
+                    "malformed", kj::str(fields(), " stream=", s.id(), " error=\"", reason, "\""));
+    auto text = kj::str("malformed request: ", reason);
+    return s.sink().sendError(text).attach(kj::mv(text)).then([this, &s, deadline]() {
+      s.io().shutdownWrite();
+      // Let the edge finish writing what we refused (bounded, up to the preamble deadline)
+      // before STOP_SENDING, so that it reads our answer rather than a failed write.
+      return beforeDeadline(deadline,
+                            discardInput(s.io(), 1024 * 1024, kj::heapArray<kj::byte>(16384)))
+          .catch_([](kj::Exception&&) {})
+          .then([&s]() { s.io().abortRead(); });
     });
   }
 
-  kj::Promise<void> serveData(quic::Stream& s, kj::Own<capnp::MessageReader> message) {
-    auto request = message->getRoot<wire::schema::ConnectRequest>();
+  kj::Promise<void> serveData(EdgeStream& s, ProxyRequest request) {
     // total/concurrent requests are counted here, per data stream; the origin counts the
     // response codes and the failed requests (request_errors).
     ctx.status.requestStarted();
@@ -414,7 +366,7 @@ private:
       ctx.logger.debug("Edge abandoned the request; origin exchange cancelled",
                        kj::str(fields(), " stream=", s.id()));
     });
-    return ctx.origin.serveStream(s, request)
+    return ctx.origin.serve(s.io(), kj::mv(request.head), s.sink())
         .then([this, &done]() {
                 if (!done) ctx.status.requestFinished();
                 done = true;
@@ -422,16 +374,16 @@ private:
               [this, &s, &done](kj::Exception&& e) {
                 if (!done) ctx.status.requestFinished();
                 done = true;
-                s.reset(0);
+                s.reset();
                 ctx.logger.debug("request failed after the response head",
                                  kj::str(fields(), " stream=", s.id(), " error=\"",
                                          e.getDescription(), "\""));
               })
         .exclusiveJoin(kj::mv(abandoned))
-        .attach(kj::mv(message), kj::mv(counted));
+        .attach(kj::mv(counted));
   }
 
-  void streamFailed(quic::Stream& s, kj::Exception&& e) {
+  void streamFailed(EdgeStream& s, kj::Exception&& e) {
     // Only this stream dies (dropping it resets both directions). The edge resetting a stream
     // is normal; anything else is worth a warning (rate-limited by the logger).
     auto fieldsText = kj::str(fields(), " stream=", s.id(), " error=\"", e.getDescription(), "\"");
@@ -473,7 +425,7 @@ private:
   }
 
   void stop() {
-    if (connection.get() != nullptr) connection->close(0, "");
+    if (transport.get() != nullptr) transport->close(0, "");
     stopFulfiller->fulfill(SessionEnd{EndKind::SHUTDOWN, kj::str("shutdown"), true, registered});
   }
 
@@ -485,15 +437,12 @@ private:
       end.kind = EndKind::SHUTDOWN;
       end.wasRegistered = registered;
     }
-    if (closeWhenDone && connection.get() != nullptr) connection->close(0, "");
-    if (end.kind == EndKind::LOST && connection.get() != nullptr) {
-      KJ_IF_MAYBE(ci, connection->closeInfo()) {
-        if (ci->kind == quic::CloseKind::PEER_APPLICATION_CLOSE ||
-            ci->kind == quic::CloseKind::PEER_TRANSPORT_CLOSE) {
-          ctx.logger.info("Edge closed the connection",
-                          kj::str(fields(), " code=", hexCode(ci->code), " reason=\"",
-                                  ci->reason, "\""));
-        }
+    if (closeWhenDone && transport.get() != nullptr) transport->close(0, "");
+    if (end.kind == EndKind::LOST && transport.get() != nullptr) {
+      KJ_IF_MAYBE(peer, transport->peerClose()) {
+        ctx.logger.info("Edge closed the connection",
+                        kj::str(fields(), " code=", hexCode(peer->code), " reason=\"",
+                                peer->reason, "\""));
       }
     }
     return kj::mv(end);

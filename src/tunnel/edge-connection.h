@@ -1,9 +1,10 @@
 #pragma once
-// EdgeConnection: one QUIC connection to the edge for one HA index (PROTOCOL.md §3, §4, §6): dial
-// (ALPN argotunnel, SNI quic.cftunnel.com, Cloudflare roots + system store, or --edge-ca alone),
-// register through wire::ControlClient, push the local configuration on index 0, then serve
-// every stream the edge opens (data streams → origin, RPC streams → CloudflaredServer, anything
-// else reset) until the connection ends or shutdown() unregisters and drains it.
+// EdgeConnection: one connection to the edge (an EdgeTransport, transport.h) for one HA index
+// (PROTOCOL.md §3, §4, §6): dial (today QUIC: ALPN argotunnel, SNI quic.cftunnel.com, Cloudflare
+// roots + system store, or --edge-ca alone), register through wire::ControlClient, push the
+// local configuration on index 0, then serve every stream the edge opens (data streams → origin,
+// RPC streams → CloudflaredServer, anything else reset) until the connection ends or shutdown()
+// unregisters and drains it.
 
 #include "tunnel/supervisor.h"
 
@@ -86,7 +87,5 @@ quic::ClientConfig makeClientConfig(const EdgeConnectionConfig& config);
 // The dial configuration: ALPN argotunnel, the SNI, and the trust roots (embedded Cloudflare
 // roots + system store, or only --edge-ca).
 
-kj::String describeClose(const quic::CloseInfo& info);
-// "edge closed the connection (application error 0x0, reason "...")" etc. for the logs.
 
 }  // namespace cfqt::tunnel

@@ -1,0 +1,161 @@
+#include "tunnel/quic-transport.h"
+
+#include "quic/endpoint.h"
+#include "wire/data-stream.h"
+
+#include <kj/debug.h>
+
+namespace cfqt::tunnel {
+
+kj::String describeClose(const quic::CloseInfo& info) {
+  switch (info.kind) {
+    case quic::CloseKind::PEER_APPLICATION_CLOSE:
+      return kj::str("edge closed the connection (application error 0x", kj::hex(info.code),
+                     ", reason \"", info.reason, "\")");
+    case quic::CloseKind::PEER_TRANSPORT_CLOSE:
+      return kj::str("edge closed the connection (transport error 0x", kj::hex(info.code),
+                     ", reason \"", info.reason, "\")");
+    case quic::CloseKind::IDLE_TIMEOUT:
+      return kj::str("timeout: no recent network activity (idle timeout)");
+    case quic::CloseKind::STATELESS_RESET:
+      return kj::str("edge sent a stateless reset");
+    default:
+      return kj::str(info.kind, ": ", info.description);
+  }
+}
+
+namespace {
+
+class QuicEdgeStream final: public EdgeStream {
+public:
+  explicit QuicEdgeStream(kj::Own<quic::Stream> streamParam)
+      : stream(kj::mv(streamParam)), responseSink(origin::newConnectResponseSink(*stream)) {}
+
+  int64_t id() const override { return stream->id(); }
+
+  kj::Promise<Request> readRequest() override {
+    return wire::readStreamSignature(*stream).then([this](wire::StreamKind kind)
+                                                   -> kj::Promise<Request> {
+      if (kind == wire::StreamKind::RPC) return Request(RpcSession{});
+      return wire::readConnectRequest(*stream).then([](kj::Own<capnp::MessageReader> message)
+                                                    -> kj::Promise<Request> {
+        auto request = message->getRoot<wire::schema::ConnectRequest>();
+        ProxyRequest out;
+        out.dest = kj::str(request.getDest());
+        auto decoded = wire::decodeRequest(request);
+        KJ_SWITCH_ONEOF(decoded) {
+          KJ_CASE_ONEOF(head, wire::HttpRequestHead) out.head = kj::mv(head);
+          KJ_CASE_ONEOF(error, wire::WireError) {
+            out.head = kj::str("malformed request: ", error.message);
+          }
+        }
+        return Request(kj::mv(out));
+      }, [](kj::Exception&& e) -> kj::Promise<Request> {
+        auto code = wire::wireErrorCode(e);
+        if (code == wire::WireErrorCode::TOO_LARGE || code == wire::WireErrorCode::MALFORMED) {
+          return Request(RefusedRequest{kj::str(e.getDescription())});
+        }
+        return kj::mv(e);
+      });
+    });
+  }
+
+  kj::AsyncIoStream& io() override { return *stream; }
+  origin::ResponseSink& sink() override { return *responseSink; }
+  kj::Promise<void> whenAborted() override { return stream->whenAborted(); }
+  void reset() override { stream->reset(0); }
+
+private:
+  kj::Own<quic::Stream> stream;
+  kj::Own<origin::ResponseSink> responseSink;
+};
+
+class QuicEdgeTransport final: public EdgeTransport {
+public:
+  QuicEdgeTransport(kj::Own<quic::Endpoint> endpointParam, kj::Own<quic::Connection> connParam)
+      : endpoint(kj::mv(endpointParam)), connection(kj::mv(connParam)),
+        closed(connection->onClosed().ignoreResult().fork()) {}
+
+  kj::StringPtr protocol() const override { return "quic"; }
+
+  kj::Promise<kj::Own<kj::AsyncIoStream>> openControlStream() override {
+    return connection->openStream().then([](kj::Own<quic::Stream> s) -> kj::Own<kj::AsyncIoStream> {
+      return kj::mv(s);
+    });
+  }
+
+  kj::Promise<kj::Own<EdgeStream>> acceptStream() override {
+    return connection->acceptStream().then([](kj::Own<quic::Stream> s) -> kj::Own<EdgeStream> {
+      return kj::heap<QuicEdgeStream>(kj::mv(s));
+    });
+  }
+
+  void close(uint64_t code, kj::StringPtr reason) override { connection->close(code, reason); }
+  kj::Promise<void> onClosed() override { return closed.addBranch(); }
+  bool isClosed() const override { return connection->closeInfo() != nullptr; }
+
+  kj::String closeDescription() const override {
+    KJ_IF_MAYBE(info, connection->closeInfo()) return describeClose(*info);
+    return kj::str("connection open");
+  }
+
+  kj::Maybe<PeerClose> peerClose() const override {
+    KJ_IF_MAYBE(info, connection->closeInfo()) {
+      if (info->kind == quic::CloseKind::PEER_APPLICATION_CLOSE ||
+          info->kind == quic::CloseKind::PEER_TRANSPORT_CLOSE) {
+        return PeerClose{info->code, kj::str(info->reason)};
+      }
+    }
+    return nullptr;
+  }
+
+  observe::TunnelStatus::QuicSample sample() const override {
+    observe::TunnelStatus::QuicSample out;
+    auto s = connection->stats();
+    out.smoothedRtt = s.smoothedRtt;
+    out.minRtt = s.minRtt;
+    out.latestRtt = s.latestRtt;
+    out.congestionWindow = s.congestionWindow;
+    out.bytesSent = s.bytesSent;
+    out.bytesReceived = s.bytesReceived;
+    out.packetsSent = s.packetsSent;
+    out.packetsReceived = s.packetsReceived;
+    out.ptoTotal = s.ptoTotal;
+    out.streamsActive = s.streamsActive;
+    return out;
+  }
+
+  kj::Duration blockedFor() const override { return connection->stats().connectionBlockedFor; }
+
+private:
+  kj::Own<quic::Endpoint> endpoint;      // outlives the connection (declared first)
+  kj::Own<quic::Connection> connection;
+  kj::ForkedPromise<void> closed;
+};
+
+}  // namespace
+
+kj::Promise<kj::Own<EdgeTransport>> dialQuicTransport(kj::UnixEventPort& eventPort,
+                                                      const edge::EdgeAddress& address,
+                                                      quic::ClientConfig config) {
+  kj::byte storage[32];
+  kj::uint len = address.writeSockaddr(kj::arrayPtr(storage, sizeof(storage)));
+  auto remote = quic::SocketAddress::fromSockaddr(storage, len);
+  auto bind = KJ_ASSERT_NONNULL(quic::SocketAddress::parse(
+      remote.isIpv6() ? "[::]:0"_kj : "0.0.0.0:0"_kj));
+  kj::Own<quic::Endpoint> endpoint;
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+    endpoint = quic::newEndpoint(eventPort, bind);
+  })) {
+    return kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__,
+                         kj::str("cannot open a UDP socket: ", e->getDescription()));
+  }
+  auto& ref = *endpoint;
+  return ref.dial(remote, kj::mv(config))
+      .then([endpoint = kj::mv(endpoint)](kj::Own<quic::Connection> c) mutable
+            -> kj::Own<EdgeTransport> {
+    return kj::heap<QuicEdgeTransport>(kj::mv(endpoint), kj::mv(c));
+  });
+}
+
+}  // namespace cfqt::tunnel
