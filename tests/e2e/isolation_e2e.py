@@ -1137,7 +1137,7 @@ def test_endless_responses_left(env):
     t = Cfqt(env, ["--url", "http://127.0.0.1:%d" % env.origin.port])
     c = Checks(sz)
     try:
-        for tag, path in [("chunked", "/endless-chunked"), ("sse", "/sse")]:
+        for tag, path in [("chunked", "/endless-chunked"), ("sse", "/sse"), ("ws", "/ws")]:
             for how in ("close", "rst"):
                 # Connections an earlier variant left open (a failure reported there) count as
                 # the base here.
@@ -1145,13 +1145,18 @@ def test_endless_responses_left(env):
                 socks = []
                 try:
                     for _ in range(sz.endless_visitors):
-                        s = connect(env)
-                        send_get(s, t.host, path)
-                        r = Reader(s)
-                        status, headers = r.head()
-                        check(status == 200, path, "status", status)
-                        while not r.buf:        # the body is flowing
-                            r.fill()
+                        if tag == "ws":
+                            # A WebSocket session the visitor walks away from (nothing is sent:
+                            # the relay waits on both sides).
+                            s, r = upgrade(env, t.host, path)
+                        else:
+                            s = connect(env)
+                            send_get(s, t.host, path)
+                            r = Reader(s)
+                            status, headers = r.head()
+                            check(status == 200, path, "status", status)
+                            while not r.buf:        # the body is flowing
+                                r.fill()
                         socks.append(s)
                     check(env.origin.wait_count(tag, lambda n: n == base + sz.endless_visitors,
                                                 DEADLINE_S), "origin has",
