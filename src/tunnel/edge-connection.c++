@@ -5,6 +5,8 @@
 
 #include "edge/quick-tunnel-api.h"
 
+#include <capnp/compat/json.h>
+#include <capnp/message.h>
 #include <kj/debug.h>
 
 namespace cfqt::tunnel {
@@ -121,8 +123,13 @@ private:
 
   kj::Promise<SessionEnd> lifecycle() {
     ctx.logger.debug("Dialing edge", kj::str(fields(), " attempt=", info.numPreviousAttempts));
-    return dialQuicTransport(ctx.eventPort, info.address, makeClientConfig(ctx.config))
-        .then([this](kj::Own<EdgeTransport> t) { return connected(kj::mv(t)); },
+    kj::Promise<kj::Own<EdgeTransport>> dialing = nullptr;
+    KJ_IF_MAYBE(dialer, ctx.dialer) {
+      dialing = dialer->dial(info.address);
+    } else {
+      dialing = dialQuicTransport(ctx.eventPort, info.address, makeClientConfig(ctx.config));
+    }
+    return dialing.then([this](kj::Own<EdgeTransport> t) { return connected(kj::mv(t)); },
               [this](kj::Exception&& e) {
                 return SessionEnd{EndKind::DIAL_FAILED, kj::str(e.getDescription())};
               });
@@ -325,8 +332,55 @@ private:
             .then([&s]() { s.io().shutdownWrite(); });
       }
       KJ_CASE_ONEOF(refused, RefusedRequest) return refuse(s, kj::mv(refused.reason), deadline);
+      KJ_CASE_ONEOF(configuration, ConfigurationRequest) return updateConfiguration(s);
     }
     KJ_UNREACHABLE;
+  }
+
+  kj::Promise<void> updateConfiguration(EdgeStream& s) {
+    // HTTP/2's update-configuration request: {"version":N,"config":{...}} in, the
+    // UpdateConfigurationResponse as JSON out (QUIC carries the same call as capnp RPC).
+    return s.io().readAllBytes(1024 * 1024).then([this, &s](kj::Array<kj::byte> body) {
+      int32_t version = 0;
+      kj::String config;
+      kj::String error;
+      KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+        capnp::JsonCodec codec;
+        capnp::MallocMessageBuilder message;
+        auto root = message.initRoot<capnp::JsonValue>();
+        codec.decodeRaw(body.asChars(), root);
+        KJ_REQUIRE(root.isObject(), "not a JSON object");
+        for (auto field: root.getObject()) {
+          if (field.getName() == "version" && field.getValue().isNumber()) {
+            version = field.getValue().getNumber();
+          } else if (field.getName() == "config") {
+            config = codec.encodeRaw(field.getValue());
+          }
+        }
+      })) {
+        error = kj::str("invalid update-configuration body: ", e->getDescription());
+      }
+      int32_t applied = ctx.remoteConfig.currentVersion();
+      if (error.size() == 0) {
+        auto result = ctx.remoteConfig.update(version, config.asBytes());
+        applied = result.latestAppliedVersion;
+        error = kj::mv(result.err);
+      }
+      auto json = kj::str("{\"lastAppliedVersion\":", applied, ",\"err\":",
+                          error.size() == 0 ? kj::str("null") : jsonQuote(error), "}");
+      wire::Header type{kj::str("Content-Type"), kj::str("application/json")};
+      return s.sink().sendHead(200, kj::arrayPtr(&type, 1)).then([&s, json = kj::mv(json)]() mutable {
+        return s.io().write(json.begin(), json.size()).attach(kj::mv(json));
+      }).then([&s]() { s.io().shutdownWrite(); });
+    });
+  }
+
+  static kj::String jsonQuote(kj::StringPtr text) {
+    capnp::JsonCodec codec;
+    capnp::MallocMessageBuilder message;
+    auto value = message.initRoot<capnp::JsonValue>();
+    value.setString(text);
+    return codec.encodeRaw(value);
   }
 
   kj::Promise<void> refuse(EdgeStream& s, kj::String reason, kj::TimePoint deadline) {

@@ -7,6 +7,7 @@
 // unregisters and drains it.
 
 #include "tunnel/supervisor.h"
+#include "tunnel/transport.h"
 
 #include "observe/log.h"
 #include "observe/status.h"
@@ -49,6 +50,12 @@ struct EdgeConnectionConfig {
   // ConnectRequest within this long, or it is reset.
 };
 
+class TransportDialer {
+  // Makes the connection to the edge for an attempt. Without one, EdgeConnection dials QUIC.
+public:
+  virtual kj::Promise<kj::Own<EdgeTransport>> dial(const edge::EdgeAddress& address) = 0;
+};
+
 struct EdgeContext {
   kj::Timer& timer;
   kj::UnixEventPort& eventPort;
@@ -58,6 +65,7 @@ struct EdgeContext {
   wire::RemoteConfigState& remoteConfig;
   const EdgeIdentity& identity;
   const EdgeConnectionConfig& config;
+  kj::Maybe<TransportDialer&> dialer = nullptr;
 };
 
 class EdgeConnectionFactory final: public SessionFactory {

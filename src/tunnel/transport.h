@@ -31,6 +31,10 @@ struct RefusedRequest {
   // framing level): answered with an error, the rest of its bytes discarded.
 };
 
+struct ConfigurationRequest {};
+// HTTP/2's update-configuration request: its body (io()) is {"version":N,"config":{...}}; the
+// answer is a 200 whose body is the UpdateConfigurationResponse as JSON.
+
 class EdgeStream {
   // One stream (QUIC) or request (HTTP/2) the edge opened. Dropping it before it completed
   // resets it.
@@ -40,7 +44,7 @@ public:
   virtual int64_t id() const = 0;
   // For the logs (the QUIC stream ID, the HTTP/2 stream ID).
 
-  using Request = kj::OneOf<ProxyRequest, RpcSession, RefusedRequest>;
+  using Request = kj::OneOf<ProxyRequest, RpcSession, RefusedRequest, ConfigurationRequest>;
   virtual kj::Promise<Request> readRequest() = 0;
   // What the edge asks on this stream. Rejects when the stream is no request at all (unknown
   // signature, reset before its request was complete); the caller bounds it in time.
