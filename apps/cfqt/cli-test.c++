@@ -77,7 +77,10 @@ KJ_TEST("cli: cloudflared invocation forms") {
 }
 
 KJ_TEST("cli: errors are clear") {
-  KJ_EXPECT(has(err({"--protocol", "http2", "--url", "x:1"}), "not supported"));
+  KJ_EXPECT(has(err({"--protocol", "h2mux", "--url", "x:1"}), "not supported"));
+  KJ_EXPECT(has(err({"--protocol", "udp", "--url", "x:1"}), "quic, http2 or auto"));
+  KJ_EXPECT(ok({"--protocol", "http2", "--url", "x:1"}).protocol == "http2");
+  KJ_EXPECT(ok({"--protocol", "auto", "--url", "x:1"}).protocol == "auto");
   KJ_EXPECT(has(err({"--bogus", "--url", "x:1"}), "unknown flag --bogus"));
   KJ_EXPECT(has(err({"--edge-ip-version", "5", "--url", "x:1"}), "auto, 4 or 6"));
   KJ_EXPECT(has(err({"--loglevel", "loud", "--url", "x:1"}), "--loglevel"));
@@ -185,7 +188,7 @@ KJ_TEST("cli: every cloudflared 2023.7.3 variable of a flag cfqt accepts is read
 KJ_TEST("cli: environment values are checked like flags and named in errors") {
   auto tls = parseWithEnv({"--hello-world"}, "NO_TLS_VERIFY", "true");
   KJ_EXPECT(has(tls.get<CliExit>().text, "NO_TLS_VERIFY (--no-tls-verify) is not supported"));
-  auto proto = parseWithEnv({"--hello-world"}, "TUNNEL_TRANSPORT_PROTOCOL", "http2");
+  auto proto = parseWithEnv({"--hello-world"}, "TUNNEL_TRANSPORT_PROTOCOL", "h2mux");
   KJ_EXPECT(has(proto.get<CliExit>().text, "(from TUNNEL_TRANSPORT_PROTOCOL)"));
   auto ip = parseWithEnv({"--hello-world"}, "TUNNEL_EDGE_IP_VERSION", "5");
   KJ_EXPECT(has(ip.get<CliExit>().text, "(from TUNNEL_EDGE_IP_VERSION)"));

@@ -72,7 +72,8 @@ const Flag FLAGS[] = {
     {"client-version", "", Kind::STRING, "Version sent to the edge (default 2026.8.2)."},
     {"local", "", Kind::BOOL, "Run an in-process edge emulator and tunnel through it."},
     {"no-autoupdate", "", Kind::BOOL, "Accepted for compatibility."},
-    {"protocol", "", Kind::STRING, "Only quic is supported."},
+    {"protocol", "", Kind::STRING, "quic (default), http2 (TLS over TCP) or auto (QUIC, HTTP/2 "
+                                   "when UDP is blocked)."},
     {"backoff-base", "", Kind::DURATION, "Reconnect backoff base (default 1s)."},
     {"ha-stagger", "", Kind::DURATION, "Delay between starting HA connections (default 1s)."},
     {"quic-idle-timeout", "", Kind::DURATION, "QUIC idle timeout (default 5s)."},
@@ -208,14 +209,14 @@ kj::Maybe<kj::String> apply(CliOptions& o, const Flag& flag, kj::StringPtr value
   else if (n == "user-agent") o.userAgent = kj::mv(v);
   else if (n == "client-version") o.clientVersion = kj::mv(v);
   else if (n == "protocol") {
-    if (v == "http2" || v == "h2mux") {
-      return kj::str("--protocol ", v, " is not supported: cfqt only speaks QUIC to the edge "
-                     "(use --protocol quic, or leave it out)");
+    if (v == "h2mux") {
+      return kj::str("--protocol h2mux is not supported (cloudflared removed it too): use quic, "
+                     "http2 or auto");
     }
-    if (v != "quic" && v != "auto") {
-      return kj::str("--protocol must be quic (or auto), got \"", v, "\"");
+    if (v != "quic" && v != "auto" && v != "http2") {
+      return kj::str("--protocol must be quic, http2 or auto, got \"", v, "\"");
     }
-    o.protocol = kj::str("quic");
+    o.protocol = kj::mv(v);
   }
   return nullptr;
 }

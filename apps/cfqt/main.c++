@@ -197,7 +197,8 @@ kj::Maybe<kj::String> buildOptions(cli::CliOptions& o, tunnel::RunnerOptions& r)
       r.configurationFlags.add(tunnel::ConfigFlag{kj::str(name), kj::mv(value)});
     }
   }
-  r.configurationFlags.add(tunnel::ConfigFlag{kj::str("protocol"), kj::str("quic")});
+  r.configurationFlags.add(tunnel::ConfigFlag{kj::str("protocol"), kj::str(o.protocol)});
+  r.dialer.protocol = KJ_ASSERT_NONNULL(tunnel::parseProtocol(o.protocol));
   return nullptr;
 }
 

@@ -4,6 +4,7 @@
 // config and loads --origin-ca-pool). One data stream's exchange is exchange.c++.
 
 #include "origin/pool.h"
+#include "origin/tls-roots.h"
 
 #include "origin/hello-world.h"
 #include "origin/text.h"
@@ -222,19 +223,6 @@ private:
   kj::TaskSet& tasks;
 };
 
-kj::Maybe<kj::String> readFile(kj::StringPtr path, kj::String& out) {
-  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
-    int fd;
-    KJ_SYSCALL(fd = open(path.cStr(), O_RDONLY | O_CLOEXEC), path);
-    kj::AutoCloseFd owned(fd);
-    kj::FdInputStream in(kj::mv(owned));
-    out = kj::heapString(in.readAllText());
-  })) {
-    return kj::str("cannot read ", path, ": ", e->getDescription());
-  }
-  return nullptr;
-}
-
 }  // namespace
 
 // =============================================================================================
@@ -394,52 +382,17 @@ kj::OneOf<kj::Own<Origin>, kj::String> Origin::create(OriginConfig config, kj::T
   }
   kj::Maybe<kj::Own<kj::TlsContext>> tls;
   if (config.kind == OriginKind::HTTPS) {
-    kj::Vector<kj::TlsCertificate> roots;
+    kj::Array<kj::TlsCertificate> roots;
     KJ_IF_MAYBE(path, config.caPool) {
-      kj::String pem;
-      KJ_IF_MAYBE(error, readFile(*path, pem)) {
-        return kj::mv(*error);
+      auto loaded = loadPemCertificates(*path, "--origin-ca-pool");
+      KJ_SWITCH_ONEOF(loaded) {
+        KJ_CASE_ONEOF(error, kj::String) return kj::mv(error);
+        KJ_CASE_ONEOF(certificates, kj::Array<kj::TlsCertificate>) roots = kj::mv(certificates);
       }
-      // kj-tls trusts only the first certificate of each TlsCertificate: split the bundle.
-      constexpr kj::StringPtr BEGIN = "-----BEGIN CERTIFICATE-----"_kj;
-      constexpr kj::StringPtr END = "-----END CERTIFICATE-----"_kj;
-      kj::StringPtr rest = pem;
-      for (;;) {
-        kj::Maybe<size_t> start;
-        for (size_t i = 0; i + BEGIN.size() <= rest.size(); i++) {
-          if (rest.slice(i).startsWith(BEGIN)) {
-            start = i;
-            break;
-          }
-        }
-        KJ_IF_MAYBE(s, start) {
-          auto from = rest.slice(*s);
-          kj::Maybe<size_t> stop;
-          for (size_t i = 0; i + END.size() <= from.size(); i++) {
-            if (from.slice(i).startsWith(END)) {
-              stop = i + END.size();
-              break;
-            }
-          }
-          KJ_IF_MAYBE(e, stop) {
-            auto block = kj::heapString(from.slice(0, *e));
-            KJ_IF_MAYBE(error, kj::runCatchingExceptions([&]() {
-              roots.add(kj::TlsCertificate(block));
-            })) {
-              return kj::str("--origin-ca-pool ", *path, ": bad certificate: ",
-                             error->getDescription());
-            }
-            rest = from.slice(*e);
-            continue;
-          }
-        }
-        break;
-      }
-      if (roots.empty()) return kj::str("--origin-ca-pool ", *path, " holds no certificate");
     }
     kj::TlsContext::Options options;
     options.useSystemTrustStore = true;
-    options.trustedCertificates = roots.asPtr();
+    options.trustedCertificates = roots;
     KJ_IF_MAYBE(error, kj::runCatchingExceptions([&]() {
       tls = kj::heap<kj::TlsContext>(kj::mv(options));
     })) {

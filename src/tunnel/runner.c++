@@ -240,7 +240,9 @@ kj::Promise<int> Runner::metricsBound(kj::Maybe<kj::Own<kj::ConnectionReceiver>>
     });
     metricsServer = kj::mv(server);
   }
-  logger.info("Initial protocol quic");
+  // auto starts with QUIC, as cloudflared does.
+  logger.info(kj::str("Initial protocol ", options.dialer.protocol == Protocol::HTTP2
+                                               ? "http2" : "quic"));
   const char* keyLog = getenv("SSLKEYLOGFILE");
   if (keyLog != nullptr && keyLog[0] != '\0') {
     // GnuTLS writes the edge connections' TLS secrets there itself (NSS key log format).
@@ -278,9 +280,17 @@ kj::Promise<int> Runner::edgesDiscovered(edge::EdgeAddresses addresses) {
   options.edge.localConfigJson = localConfigurationJson(options.service,
                                                         options.configurationFlags);
   auto& timer = io.provider->getTimer();
+  kj::Own<EdgeDialer> d;
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+    d = kj::heap<EdgeDialer>(io.unixEventPort, io.provider->getNetwork(), timer, logger,
+                             options.edge, kj::mv(options.dialer));
+  })) {
+    return startFailed("cannot set up the connection to the edge", kj::mv(*e));
+  }
   auto f = kj::heap<EdgeConnectionFactory>(EdgeContext{
       timer, io.unixEventPort, *KJ_ASSERT_NONNULL(originService), logger, tunnelStatus,
-      remoteConfig, KJ_ASSERT_NONNULL(identity), options.edge});
+      remoteConfig, KJ_ASSERT_NONNULL(identity), options.edge, *d});
+  dialer = kj::mv(d);
   SupervisorConfig config;
   config.haConnections = n;
   config.backoff = options.backoff;

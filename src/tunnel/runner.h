@@ -4,6 +4,7 @@
 // apps/cfqt and the public cfqt::Tunnel both drive one.
 
 #include "tunnel/edge-connection.h"
+#include "tunnel/edge-dialer.h"
 #include "tunnel/supervisor.h"
 
 #include "edge/discovery.h"
@@ -33,6 +34,7 @@ struct RunnerOptions {
   edge::QuickTunnelApiConfig api;
   edge::DiscoveryConfig discovery;
   EdgeConnectionConfig edge;
+  DialerConfig dialer;                   // --protocol quic|http2|auto and the fallback timings
   kj::String clientVersion = kj::str("2026.8.2");
   uint haConnections = 2;                // 1..MAX_HA_CONNECTIONS
   BackoffConfig backoff;
@@ -101,6 +103,7 @@ private:
   kj::Maybe<EdgeIdentity> identity;
   kj::Maybe<kj::Own<observe::MetricsServer>> metricsServer;
   kj::Maybe<kj::Own<edge::AddressPool>> pool;
+  kj::Maybe<kj::Own<EdgeDialer>> dialer;
   kj::Maybe<kj::Own<EdgeConnectionFactory>> factory;
   kj::Maybe<kj::Own<Supervisor>> supervisor;
   bool stopping = false;

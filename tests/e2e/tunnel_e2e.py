@@ -831,9 +831,9 @@ def test_make_run_demo(env):
             p.wait()
 
 
-def test_protocol_http2_refused(env):
+def test_protocol_h2mux_refused(env):
     p = subprocess.run([os.path.join(env.bindir, "cfqt"), "tunnel", "--url", "http://x:1",
-                        "--protocol", "http2"], capture_output=True, timeout=DEADLINE_S)
+                        "--protocol", "h2mux"], capture_output=True, timeout=DEADLINE_S)
     check_no_sanitizer_report(p.stderr.decode(errors="replace"))
     check(p.returncode == 2 and b"not supported" in p.stderr, p.returncode, p.stderr)
     check(p.stdout == b"", p.stdout)
@@ -985,7 +985,7 @@ TESTS = [
     test_unix_socket_keylog_client_flags,
     test_c_api_example,
     test_make_run_demo,
-    test_protocol_http2_refused,
+    test_protocol_h2mux_refused,
     test_bad_configuration_exits_2_at_once,
     test_idle_timeout_alone_lowers_keepalive_with_warning,
 ]

@@ -1,0 +1,65 @@
+#pragma once
+// How an edge connection is made: QUIC, HTTP/2 over TLS over TCP, or `auto` (QUIC first, HTTP/2
+// when QUIC cannot reach the edge). The TransportDialer the runner gives every EdgeConnection.
+
+#include "tunnel/edge-connection.h"
+
+#include <kj/async-io.h>
+
+namespace kj {
+class TlsContext;
+}
+
+namespace cfqt::tunnel {
+
+enum class Protocol { QUIC, HTTP2, AUTO };
+
+kj::Maybe<Protocol> parseProtocol(kj::StringPtr text);
+// "quic", "http2", "auto"; nullptr otherwise.
+kj::StringPtr KJ_STRINGIFY(Protocol protocol);
+
+struct DialerConfig {
+  Protocol protocol = Protocol::QUIC;
+  kj::String http2ServerName = kj::str("h2.cftunnel.com");
+  // SNI and certificate name of the HTTP/2 edge (cloudflared sends no ALPN on it).
+  kj::Duration fallbackAfter = 2 * kj::SECONDS;
+  // auto: a QUIC handshake not done after this long (or failing) makes the attempt use HTTP/2.
+  kj::Duration quicRetryInterval = 5 * kj::MINUTES;
+  // auto: how long an address that needed HTTP/2 keeps using it before QUIC is tried again.
+  kj::Duration tcpConnectTimeout = 10 * kj::SECONDS;
+  // HTTP/2: TCP connect + TLS handshake.
+};
+
+class EdgeDialer final: public TransportDialer {
+public:
+  EdgeDialer(kj::UnixEventPort& eventPort, kj::Network& network, kj::Timer& timer,
+             const observe::Logger& logger, const EdgeConnectionConfig& edgeConfig,
+             DialerConfig config);
+  // Borrows everything but `config`. Throws FAILED with a one-line reason when HTTP/2 may be
+  // used and its trust roots (--edge-ca, or the embedded Cloudflare roots) cannot be loaded.
+  ~EdgeDialer() noexcept(false);
+  KJ_DISALLOW_COPY(EdgeDialer);
+
+  kj::Promise<kj::Own<EdgeTransport>> dial(const edge::EdgeAddress& address) override;
+
+private:
+  kj::UnixEventPort& eventPort;
+  kj::Network& network;
+  kj::Timer& timer;
+  const observe::Logger& logger;
+  const EdgeConnectionConfig& edgeConfig;
+  DialerConfig config;
+  kj::Maybe<kj::Own<kj::TlsContext>> tls;
+  struct Fallback {
+    kj::String address;
+    kj::TimePoint until;
+  };
+  kj::Vector<Fallback> fallbacks;   // auto: addresses using HTTP/2 for now
+
+  kj::Promise<kj::Own<EdgeTransport>> dialQuic(const edge::EdgeAddress& address,
+                                               kj::Maybe<kj::Duration> handshakeTimeout);
+  kj::Promise<kj::Own<EdgeTransport>> dialHttp2(const edge::EdgeAddress& address);
+  kj::Promise<kj::Own<EdgeTransport>> dialAuto(const edge::EdgeAddress& address);
+};
+
+}  // namespace cfqt::tunnel
