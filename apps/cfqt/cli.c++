@@ -94,6 +94,10 @@ const Flag FLAGS[] = {
      "Replace a connection that got no ack or credit for this long (default 10s)."},
     {"stream-preamble-timeout", "", Kind::DURATION,
      "Reset an edge stream whose request is not in by then (default 10s)."},
+    {"fallback-after", "", Kind::DURATION,
+     "--protocol auto: use HTTP/2 when QUIC has no handshake by then (default 2s)."},
+    {"quic-retry-interval", "", Kind::DURATION,
+     "--protocol auto: try QUIC again after this long on HTTP/2 (default 5m)."},
 };
 
 const Flag* findFlag(kj::StringPtr name) {
@@ -172,6 +176,8 @@ kj::Maybe<kj::String> apply(CliOptions& o, const Flag& flag, kj::StringPtr value
       else if (n == "hello-sse-interval") o.helloSseInterval = *d;
       else if (n == "edge-stall-timeout") o.edgeStallTimeout = *d;
       else if (n == "stream-preamble-timeout") o.streamPreambleTimeout = *d;
+      else if (n == "fallback-after") o.fallbackAfter = *d;
+      else if (n == "quic-retry-interval") o.quicRetryInterval = *d;
       return nullptr;
     }
     return kj::str("--", n, " expects a duration such as 30s, 500ms or 1m, got \"", value, "\"");
@@ -494,6 +500,8 @@ const PositiveDuration POSITIVE_DURATIONS[] = {
     {"hello-sse-interval", &CliOptions::helloSseInterval, "1s"},
     {"edge-stall-timeout", &CliOptions::edgeStallTimeout, "10s"},
     {"stream-preamble-timeout", &CliOptions::streamPreambleTimeout, "10s"},
+    {"fallback-after", &CliOptions::fallbackAfter, "2s"},
+    {"quic-retry-interval", &CliOptions::quicRetryInterval, "5m"},
 };
 
 }  // namespace

@@ -60,6 +60,8 @@ struct CliOptions {
   uint maxConcurrentStreams = 1024;                    // --max-concurrent-streams
   kj::Duration edgeStallTimeout = 10 * kj::SECONDS;    // --edge-stall-timeout
   kj::Duration streamPreambleTimeout = 10 * kj::SECONDS;  // --stream-preamble-timeout
+  kj::Duration fallbackAfter = 2 * kj::SECONDS;         // --fallback-after (--protocol auto)
+  kj::Duration quicRetryInterval = 5 * kj::MINUTES;     // --quic-retry-interval (auto)
 
   kj::Vector<kj::String> explicitlySet;
   // Canonical names of the flags given on the command line or taken from the environment.

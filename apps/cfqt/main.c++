@@ -174,6 +174,8 @@ kj::Maybe<kj::String> buildOptions(cli::CliOptions& o, tunnel::RunnerOptions& r)
   r.edge.maxConcurrentStreams = o.maxConcurrentStreams;
   r.edge.stallTimeout = o.edgeStallTimeout;
   r.edge.streamPreambleTimeout = o.streamPreambleTimeout;
+  r.dialer.fallbackAfter = o.fallbackAfter;
+  r.dialer.quicRetryInterval = o.quicRetryInterval;
 
   r.clientVersion = kj::str(o.clientVersion);
   r.haConnections = o.haConnections;
