@@ -2,6 +2,7 @@
 // registers, what it pushes, how it answers every kind of edge-opened stream, how it ends.
 
 #include "tunnel/edge-connection.h"
+#include "tunnel/edge-dialer.h"
 
 #include "quic/endpoint.h"
 #include "wire/data-stream.h"
@@ -11,7 +12,9 @@
 #include <capnp/rpc-twoparty.h>
 #include <kj/async-io.h>
 #include <kj/compat/http.h>
+#include <kj/compat/tls.h>
 #include <kj/debug.h>
+#include <kj/filesystem.h>
 #include <kj/test.h>
 
 namespace cfqt::tunnel {
@@ -534,6 +537,106 @@ KJ_TEST("EdgeConnection: --max-concurrent-streams makes the edge's extra streams
   s = nullptr;
   second = nullptr;
   KJ_EXPECT(!run.poll(h.io.waitScope));
+}
+
+// ---- EdgeDialer: HTTP/2 over TCP + TLS, and auto's fallback to it
+
+kj::String readTestdata(kj::StringPtr name) {
+  return kj::str(kj::newDiskFilesystem()->getRoot().openFile(
+      kj::Path::parse(testdata(name).slice(1)))->readAllText());
+}
+
+struct TlsEdge {
+  // A TCP + TLS listener playing the HTTP/2 edge's handshake (certificate for quic.cftunnel.com,
+  // signed by the test CA). Accepted connections are kept open.
+  kj::TlsKeypair keypair;
+  kj::Own<kj::TlsContext> tls;
+  kj::Own<kj::ConnectionReceiver> listener;
+  kj::Vector<kj::Own<kj::AsyncIoStream>> accepted;
+  kj::Promise<void> loop = nullptr;
+
+  explicit TlsEdge(Harness& h)
+      : keypair{kj::TlsPrivateKey(readTestdata("server-key.pem")),
+                kj::TlsCertificate(readTestdata("server.pem"))} {
+    kj::TlsContext::Options options;
+    options.useSystemTrustStore = false;
+    options.defaultKeypair = keypair;
+    tls = kj::heap<kj::TlsContext>(kj::mv(options));
+    auto address = h.io.provider->getNetwork().parseAddress("127.0.0.1", 0).wait(h.io.waitScope);
+    listener = tls->wrapPort(address->listen());
+    loop = acceptLoop().eagerlyEvaluate([](kj::Exception&&) {});
+  }
+
+  kj::Promise<void> acceptLoop() {
+    return listener->accept().then([this](kj::Own<kj::AsyncIoStream> s) {
+      accepted.add(kj::mv(s));
+      return acceptLoop();
+    });
+  }
+
+  edge::EdgeAddress address() {
+    return KJ_ASSERT_NONNULL(edge::parseIpPort(kj::str("127.0.0.1:", listener->getPort())));
+  }
+};
+
+KJ_TEST("EdgeDialer: http2 dials TCP + TLS verified against --edge-ca; a foreign CA fails") {
+  Harness h;
+  TlsEdge edge(h);
+  DialerConfig config;
+  config.protocol = Protocol::HTTP2;
+  config.http2ServerName = kj::str("quic.cftunnel.com");   // the test certificate's name
+  config.tcpConnectTimeout = 2 * kj::SECONDS;
+  {
+    EdgeDialer dialer(h.io.unixEventPort, h.io.provider->getNetwork(), h.timer, h.logger,
+                      h.config, kj::mv(config));
+    auto transport = h.timer.timeoutAfter(3 * kj::SECONDS, dialer.dial(edge.address()))
+        .wait(h.io.waitScope);
+    KJ_EXPECT(transport->protocol() == "http2");
+  }
+  h.config.edgeCaFile = testdata("other-ca.pem");
+  DialerConfig other;
+  other.protocol = Protocol::HTTP2;
+  other.http2ServerName = kj::str("quic.cftunnel.com");
+  other.tcpConnectTimeout = 2 * kj::SECONDS;
+  EdgeDialer dialer(h.io.unixEventPort, h.io.provider->getNetwork(), h.timer, h.logger, h.config,
+                    kj::mv(other));
+  KJ_EXPECT_THROW_MESSAGE("HTTP/2 (TCP + TLS) to 127.0.0.1:",
+      h.timer.timeoutAfter(3 * kj::SECONDS, dialer.dial(edge.address())).wait(h.io.waitScope));
+  // Roots that cannot be loaded are a clear start-up error.
+  h.config.edgeCaFile = kj::str("/nonexistent/ca.pem");
+  DialerConfig missing;
+  missing.protocol = Protocol::HTTP2;
+  KJ_EXPECT_THROW_MESSAGE("--edge-ca /nonexistent/ca.pem: cannot read",
+      EdgeDialer(h.io.unixEventPort, h.io.provider->getNetwork(), h.timer, h.logger, h.config,
+                 kj::mv(missing)));
+}
+
+KJ_TEST("EdgeDialer: auto falls back to HTTP/2 when UDP gets no answer, QUIC otherwise") {
+  Harness h;
+  TlsEdge edge(h);   // TCP only: nothing answers UDP on its port
+  DialerConfig config;
+  config.protocol = Protocol::AUTO;
+  config.http2ServerName = kj::str("quic.cftunnel.com");
+  config.fallbackAfter = 200 * kj::MILLISECONDS;
+  config.tcpConnectTimeout = 2 * kj::SECONDS;
+  EdgeDialer dialer(h.io.unixEventPort, h.io.provider->getNetwork(), h.timer, h.logger, h.config,
+                    kj::mv(config));
+  auto started = h.timer.now();
+  auto transport = h.timer.timeoutAfter(3 * kj::SECONDS, dialer.dial(edge.address()))
+      .wait(h.io.waitScope);
+  KJ_EXPECT(transport->protocol() == "http2");
+  KJ_EXPECT(h.timer.now() - started >= 200 * kj::MILLISECONDS);
+  // The address is remembered: the next attempt goes to HTTP/2 at once.
+  started = h.timer.now();
+  auto again = h.timer.timeoutAfter(3 * kj::SECONDS, dialer.dial(edge.address()))
+      .wait(h.io.waitScope);
+  KJ_EXPECT(again->protocol() == "http2");
+  KJ_EXPECT(h.timer.now() - started < 200 * kj::MILLISECONDS);
+  // Where QUIC answers, auto stays on QUIC.
+  auto quicEdge = h.edgeEndpoint->accept();
+  auto viaQuic = h.timer.timeoutAfter(3 * kj::SECONDS, dialer.dial(h.edgeAddress))
+      .wait(h.io.waitScope);
+  KJ_EXPECT(viaQuic->protocol() == "quic");
 }
 
 }  // namespace
