@@ -24,7 +24,8 @@ public:
   kj::MainFunc getMain() {
     return kj::MainBuilder(context, "cfqt-edge 0.1.0",
         "Plays Cloudflare's side of the quick-tunnel protocol on loopback: the quick-tunnel "
-        "API (POST /tunnel), the QUIC edge (ALPN argotunnel), the public HTTP front door and an "
+        "API (POST /tunnel), the edge (QUIC with ALPN argotunnel on UDP, HTTP/2 over TLS on TCP), "
+        "the public HTTP front door and an "
         "admin API for fault injection. Prints one JSON line with the bound addresses on stdout "
         "once everything listens.")
         .addOptionWithArg({"api-listen"}, KJ_BIND_METHOD(*this, setApi), "<ip:port>",
@@ -33,7 +34,11 @@ public:
             "Also serve the API over HTTPS here (server certificate; names localhost, "
             "api.trycloudflare.com, 127.0.0.1). Off by default; printed as apiTls.")
         .addOptionWithArg({"edge-listen"}, KJ_BIND_METHOD(*this, addEdge), "<ip:port>",
-            "QUIC edge UDP address; repeat for several. Default 127.0.0.1:0.")
+            "Edge address; repeat for several. Served on UDP (QUIC) and on TCP (HTTP/2 over "
+            "TLS) with the same port. Default 127.0.0.1:0.")
+        .addOption({"no-udp"}, KJ_BIND_METHOD(*this, setNoUdp),
+            "The UDP (QUIC) side drops every datagram, as behind a firewall that blocks UDP; "
+            "HTTP/2 on TCP still works. The admin API's POST /udp/unblock opens it.")
         .addOptionWithArg({"public-listen"}, KJ_BIND_METHOD(*this, setPublic), "<ip:port>",
             "Public front door address (HTTP/1.1). Default 127.0.0.1:0.")
         .addOptionWithArg({"admin-listen"}, KJ_BIND_METHOD(*this, setAdmin), "<ip:port>",
@@ -84,6 +89,7 @@ private:
   Validity setApi(kj::StringPtr v) { options.apiListen = kj::str(v); return true; }
   Validity setApiTls(kj::StringPtr v) { options.apiTlsListen = kj::str(v); return true; }
   Validity addEdge(kj::StringPtr v) { options.edgeListen.add(kj::str(v)); return true; }
+  Validity setNoUdp() { options.noUdp = true; return true; }
   Validity setPublic(kj::StringPtr v) { options.publicListen = kj::str(v); return true; }
   Validity setAdmin(kj::StringPtr v) { options.adminListen = kj::str(v); return true; }
   Validity setStateDir(kj::StringPtr v) {

@@ -94,6 +94,7 @@ kj::String connectionJson(ConnectionRecord& record) {
       ",\"features\":", featuresJson(record.features),
       ",\"numPreviousAttempts\":", record.numPreviousAttempts,
       ",\"remote\":", jsonString(record.remoteAddress),
+      ",\"protocol\":", jsonString(record.protocol),
       ",\"requests\":", record.requests,
       ",\"configuration\":", config,
       ",\"stats\":", stats, '}');
@@ -152,6 +153,25 @@ kj::Promise<void> AdminService::request(kj::HttpMethod method, kj::StringPtr url
   if (path.size() == 1 && path[0] == "connections") {
     if (method != kj::HttpMethod::GET) return reply.error(405, "Method Not Allowed", "use GET");
     return reply.ok(connectionsJson(registry));
+  }
+  if (path.size() >= 1 && path.size() <= 2 && path[0] == "udp") {
+    UdpSwitch* udpSwitch = nullptr;
+    KJ_IF_MAYBE(u, udp) udpSwitch = u;
+    if (udpSwitch == nullptr) return reply.error(501, "Not Implemented", "no UDP (QUIC) edge");
+    if (path.size() == 1) {
+      if (method != kj::HttpMethod::GET) return reply.error(405, "Method Not Allowed", "use GET");
+    } else {
+      if (method != kj::HttpMethod::POST) return reply.error(405, "Method Not Allowed", "use POST");
+      if (path[1] != "block" && path[1] != "unblock") {
+        return reply.error(404, "Not Found", "use /udp/block or /udp/unblock");
+      }
+      KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+        udpSwitch->setUdpBlocked(path[1] == "block");
+      })) {
+        return reply.error(500, "Internal Server Error", e->getDescription());
+      }
+    }
+    return reply.ok(kj::str("{\"udpBlocked\":", udpSwitch->udpBlocked() ? "true" : "false", '}'));
   }
   if (path.size() == 2 && path[0] == "registrations" && path[1] == "reject-next") {
     if (method != kj::HttpMethod::POST) return reply.error(405, "Method Not Allowed", "use POST");

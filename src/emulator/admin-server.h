@@ -3,7 +3,8 @@
 //   GET  /tunnels                          {"tunnels":[{..., "connections":[...]}]}
 //   GET  /connections                      {"connections":[{"id":N, ...}]}
 //   POST /tunnels                          issue a quick tunnel (same JSON as the API)
-//   POST /connections/N/close?code=C&reason=R     CONNECTION_CLOSE (application error C, default 0)
+//   POST /connections/N/close?code=C&reason=R     CONNECTION_CLOSE (application error C,
+//                                          default 0); HTTP/2: GOAWAY (code C, debug R), TCP close
 //   POST /connections/N/silence            stop answering (the client hits its idle timeout)
 //   POST /connections/N/close-control[?how=reset|fin&code=C]   end the control stream while the
 //                                          QUIC connection stays up: RESET_STREAM+STOP_SENDING
@@ -19,6 +20,10 @@
 //   POST /registrations/reject-next?cause=C&retryAfter=NANOS&shouldRetry=BOOL&count=K
 //                                          the next K registrations get this ConnectionError
 //                                          (count=0 clears)
+//   GET  /udp                              {"udpBlocked":false}
+//   POST /udp/block, POST /udp/unblock     the UDP (QUIC) side drops every datagram, as behind a
+//                                          firewall, or serves again (answers {"udpBlocked":B};
+//                                          501 without a QUIC edge). HTTP/2 on TCP is unaffected.
 // Every answer is JSON; errors are {"error":"..."} with 400/404/405/409.
 
 #pragma once
@@ -29,10 +34,19 @@
 
 namespace cfqt::emulator {
 
+class UdpSwitch {
+  // The emulator's UDP (QUIC) edge as the admin API sees it.
+public:
+  virtual bool udpBlocked() = 0;
+  virtual void setUdpBlocked(bool blocked) = 0;
+  // Throws if the QUIC endpoints cannot be bound again.
+};
+
 class AdminService final: public kj::HttpService {
 public:
-  AdminService(Registry& registry, const kj::HttpHeaderTable& table)
-      : registry(registry), table(table) {}
+  AdminService(Registry& registry, const kj::HttpHeaderTable& table,
+               kj::Maybe<UdpSwitch&> udp = nullptr)
+      : registry(registry), table(table), udp(udp) {}
 
   kj::Promise<void> request(kj::HttpMethod method, kj::StringPtr url,
                             const kj::HttpHeaders& headers, kj::AsyncInputStream& requestBody,
@@ -41,6 +55,7 @@ public:
 private:
   Registry& registry;
   const kj::HttpHeaderTable& table;
+  kj::Maybe<UdpSwitch&> udp;
 
   kj::Promise<kj::String> pushConfiguration(kj::uint id, int32_t version, kj::String json);
 };

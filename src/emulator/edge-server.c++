@@ -11,6 +11,10 @@
 #include <kj/debug.h>
 #include <kj/map.h>
 
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 namespace cfqt::emulator {
 
 namespace {
@@ -287,6 +291,47 @@ void EdgeServer::ErrorHandler::taskFailed(kj::Exception&& exception) {
   }
 }
 
+class EdgeServer::BlackHole {
+  // A UDP socket that reads and drops every datagram (a firewall's view of a blocked port).
+public:
+  BlackHole(kj::UnixEventPort& eventPort, const quic::SocketAddress& address)
+      : fd(openSocket(address)),
+        observer(eventPort, fd, kj::UnixEventPort::FdObserver::OBSERVE_READ),
+        draining(drain().eagerlyEvaluate([](kj::Exception&& e) {
+          KJ_LOG(ERROR, "UDP black hole stopped reading", e);
+        })) {}
+  KJ_DISALLOW_COPY(BlackHole);
+
+private:
+  kj::AutoCloseFd fd;                    // before its observer
+  kj::UnixEventPort::FdObserver observer;
+  kj::Promise<void> draining;            // last: cancelled first
+
+  static kj::AutoCloseFd openSocket(const quic::SocketAddress& address) {
+    int raw;
+    KJ_SYSCALL(raw = socket(address.isIpv6() ? AF_INET6 : AF_INET,
+                            SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    kj::AutoCloseFd result(raw);
+    if (address.isIpv6()) {
+      int off = 0;   // dual-stack, as the QUIC endpoint binds "[::]"
+      KJ_SYSCALL(setsockopt(raw, IPPROTO_IPV6, IPV6_V6ONLY, &off, sizeof(off)));
+    }
+    KJ_SYSCALL(bind(raw, static_cast<const struct sockaddr*>(address.sockaddr()),
+                    address.length()), address.toString());
+    return result;
+  }
+
+  kj::Promise<void> drain() {
+    kj::byte buffer[2048];
+    for (int i = 0; i < 64; i++) {
+      ssize_t n;
+      KJ_NONBLOCKING_SYSCALL(n = recv(fd, buffer, sizeof(buffer), 0));
+      if (n < 0) return observer.whenBecomesReadable().then([this]() { return drain(); });
+    }
+    return kj::evalLater([this]() { return drain(); });   // not drained: no edge will come
+  }
+};
+
 EdgeServer::EdgeServer(kj::UnixEventPort& eventPort, Registry& registry,
                        EdgeServerOptions options)
     : eventPort(eventPort), registry(registry), options(kj::mv(options)), tasks(errorHandler) {}
@@ -294,7 +339,23 @@ EdgeServer::EdgeServer(kj::UnixEventPort& eventPort, Registry& registry,
 EdgeServer::~EdgeServer() noexcept(false) {}
 
 quic::SocketAddress EdgeServer::listen(quic::SocketAddress address) {
-  auto endpoint = quic::newEndpoint(eventPort, address);
+  auto listener = kj::heap<Listener>();
+  listener->address = address;
+  if (blocked) {
+    // The emulator picks the port on TCP first, so a black hole always gets an explicit one.
+    KJ_REQUIRE(address.port() != 0, "a blocked UDP edge needs an explicit port",
+               address.toString());
+    listener->blackHole = kj::heap<BlackHole>(eventPort, address);
+  } else {
+    openEndpoint(*listener);
+  }
+  auto bound = listener->address;
+  listeners.add(kj::mv(listener));
+  return bound;
+}
+
+void EdgeServer::openEndpoint(Listener& listener) {
+  auto endpoint = quic::newEndpoint(eventPort, listener.address);
   quic::ServerConfig config;
   config.certFile = kj::heapString(options.certFile);
   config.keyFile = kj::heapString(options.keyFile);
@@ -302,10 +363,32 @@ quic::SocketAddress EdgeServer::listen(quic::SocketAddress address) {
   KJ_IF_MAYBE(p, options.tlsPriority) config.tlsPriority = kj::heapString(*p);
   config.transport = options.transport;
   endpoint->listen(kj::mv(config));
-  auto bound = endpoint->localAddress();
-  tasks.add(acceptLoop(*endpoint));
-  endpoints.add(kj::mv(endpoint));
-  return bound;
+  listener.address = endpoint->localAddress();
+  listener.accepting = acceptLoop(*endpoint).eagerlyEvaluate([](kj::Exception&& e) {
+    KJ_LOG(ERROR, "QUIC edge stopped accepting", e);
+  });
+  listener.endpoint = kj::mv(endpoint);
+}
+
+void EdgeServer::closeEndpoint(Listener& listener) {
+  // Live connections of the endpoint end with ENDPOINT_GONE (their clients see silence).
+  listener.accepting = nullptr;
+  listener.endpoint = nullptr;
+}
+
+void EdgeServer::setUdpBlocked(bool blockedParam) {
+  if (blocked == blockedParam) return;
+  blocked = blockedParam;
+  KJ_LOG(INFO, blocked ? "UDP edge blocked: every datagram is dropped" : "UDP edge unblocked");
+  for (auto& listener: listeners) {
+    if (blocked) {
+      closeEndpoint(*listener);
+      listener->blackHole = kj::heap<BlackHole>(eventPort, listener->address);
+    } else {
+      listener->blackHole = nullptr;
+      openEndpoint(*listener);
+    }
+  }
 }
 
 size_t EdgeServer::connectionCount() const { return liveConnections; }

@@ -31,12 +31,27 @@ public:
 
   quic::SocketAddress listen(quic::SocketAddress address);
   // Binds a UDP endpoint (port 0 allowed), starts accepting on it and returns the bound address.
-  // Throws on bind or certificate errors.
+  // Throws on bind or certificate errors. While UDP is blocked it binds a black hole instead.
+
+  void setUdpBlocked(bool blocked);
+  // Fault injection: a firewall that drops UDP. While blocked, each listen address's QUIC
+  // endpoint is replaced by a plain UDP socket bound to the same address that reads and drops
+  // every datagram: handshakes get no answer, and clients of established connections (whose edge
+  // side ends at once, silently) hit their idle timeout. Unblocking binds a fresh QUIC endpoint
+  // on each address (connections from before the block are gone). Throws if a rebind fails.
+  bool udpBlocked() const { return blocked; }
 
   size_t connectionCount() const;
 
 private:
   class EdgeConnection;
+  class BlackHole;
+  struct Listener {
+    quic::SocketAddress address;           // as bound (the real port)
+    kj::Own<quic::Endpoint> endpoint;      // null while blocked
+    kj::Own<BlackHole> blackHole;          // null while open
+    kj::Maybe<kj::Promise<void>> accepting;   // acceptLoop(*endpoint); dropped before it
+  };
   class ErrorHandler final: public kj::TaskSet::ErrorHandler {
   public:
     void taskFailed(kj::Exception&& exception) override;
@@ -45,12 +60,15 @@ private:
   kj::UnixEventPort& eventPort;
   Registry& registry;
   EdgeServerOptions options;
-  kj::Vector<kj::Own<quic::Endpoint>> endpoints;
+  kj::Vector<kj::Own<Listener>> listeners;
+  bool blocked = false;
   size_t liveConnections = 0;
   ErrorHandler errorHandler;
   kj::TaskSet tasks;
 
   kj::Promise<void> acceptLoop(quic::Endpoint& endpoint);
+  void openEndpoint(Listener& listener);
+  void closeEndpoint(Listener& listener);
   kj::Promise<void> serveConnection(kj::Own<quic::Connection> connection);
 };
 

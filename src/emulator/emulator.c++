@@ -2,6 +2,7 @@
 
 #include "admin-server.h"
 #include "api-server.h"
+#include "h2-edge.h"
 #include "json.h"
 
 #if CFQT_EMULATOR_QUIC
@@ -36,6 +37,9 @@ kj::String withPort(kj::StringPtr address, kj::uint port) {
   return kj::str(address, ':', port);
 }
 
+constexpr kj::uint MAX_PORT_ATTEMPTS = 20;
+// Ephemeral edge ports tried until one is free on both TCP and UDP.
+
 struct Listener {
   kj::Own<kj::ConnectionReceiver> receiver;
   kj::String bound;
@@ -61,6 +65,8 @@ quic::TransportConfig EmulatorOptions::defaultEdgeTransport() {
 kj::String ReadyInfo::toJson() const {
   kj::Vector<kj::String> edgeItems;
   for (auto& e: edges) edgeItems.add(jsonString(e));
+  kj::Vector<kj::String> tcpItems;
+  for (auto& e: tcpEdges) tcpItems.add(jsonString(e));
   return kj::str(
       "{\"api\":", jsonString(api),
       ",\"edge\":", jsonString(edges.empty() ? kj::StringPtr("") : edges[0].asPtr()),
@@ -69,6 +75,8 @@ kj::String ReadyInfo::toJson() const {
       ",\"admin\":", jsonString(admin),
       ",\"ca\":", jsonString(ca),
       ",\"zone\":", jsonString(zone),
+      ",\"tcpEdges\":[", kj::strArray(tcpItems, ","), "]",
+      ",\"udpBlocked\":", udpBlocked ? "true" : "false",
       [&]() {
         KJ_IF_MAYBE(t, apiTls) return kj::str(",\"apiTls\":", jsonString(*t));
         return kj::str();
@@ -95,12 +103,13 @@ kj::Maybe<kj::Duration> parseDuration(kj::StringPtr text) {
   return nullptr;
 }
 
-class Emulator::Impl {
+class Emulator::Impl final: public UdpSwitch {
 public:
   Impl(kj::AsyncIoContext& io, EmulatorOptions optionsParam)
       : io(io), options(kj::mv(optionsParam)),
         registry(options.zone, options.location),
-        apiService(registry, headerTable), adminService(registry, headerTable),
+        apiService(registry, headerTable),
+        adminService(registry, headerTable, kj::Maybe<UdpSwitch&>(*this)),
         frontDoor(io.provider->getTimer(), headerTable, registry, options.frontDoor),
         apiServer(io.provider->getTimer(), headerTable, apiService, httpSettings()),
         adminServer(io.provider->getTimer(), headerTable, adminService, httpSettings()),
@@ -115,8 +124,9 @@ public:
     serverKeyFile = kj::heapString(certificates.serverKey);
     ready.ca = kj::heapString(certificates.caCert);
     ready.zone = kj::heapString(registry.zone());
-    startEdges(certificates);
-    return bind(options.apiListen).then([this](Listener listener) {
+    return startEdges(certificates).then([this]() {
+      return bind(options.apiListen);
+    }).then([this](Listener listener) {
       ready.api = kj::mv(listener.bound);
       tasks.add(acceptHttp(apiServer, *listener.receiver).attach(kj::mv(listener.receiver)));
       return bind(options.publicListen);
@@ -133,6 +143,19 @@ public:
 
   bool hasQuicEdge() const { return CFQT_EMULATOR_QUIC != 0; }
 
+  bool udpBlocked() override {
+#if CFQT_EMULATOR_QUIC
+    if (edgeServer.get() != nullptr) return edgeServer->udpBlocked();
+#endif
+    return options.noUdp;
+  }
+
+  void setUdpBlocked(bool blocked) override {
+#if CFQT_EMULATOR_QUIC
+    if (edgeServer.get() != nullptr) edgeServer->setUdpBlocked(blocked);
+#endif
+  }
+
   kj::AsyncIoContext& io;
   EmulatorOptions options;
   kj::HttpHeaderTable headerTable;
@@ -142,6 +165,7 @@ public:
 #if CFQT_EMULATOR_QUIC
   kj::Own<EdgeServer> edgeServer;     // declared first: the front door and its streams die first
 #endif
+  kj::Own<Http2EdgeServer> http2Edge; // likewise
   FrontDoor frontDoor;
   kj::HttpServer apiServer;
   kj::HttpServer adminServer;
@@ -218,8 +242,16 @@ private:
     return settings;
   }
 
-  void startEdges(const CertificateFiles& certificates) {
+  kj::Promise<void> startEdges(const CertificateFiles& certificates) {
     if (options.edgeListen.empty()) options.edgeListen.add(kj::str("127.0.0.1:0"));
+    Http2EdgeOptions http2Options;
+    http2Options.certFile = kj::heapString(certificates.serverCert);
+    http2Options.keyFile = kj::heapString(certificates.serverKey);
+    http2Options.handshakeTimeout = options.edgeTransport.handshakeTimeout;
+    http2Options.session = options.http2;
+    http2Options.session.role = Http2Role::CLIENT;
+    http2Edge = kj::heap<Http2EdgeServer>(io.provider->getTimer(), registry,
+                                          kj::mv(http2Options));
 #if CFQT_EMULATOR_QUIC
     EdgeServerOptions edgeOptions;
     edgeOptions.certFile = kj::heapString(certificates.serverCert);
@@ -227,16 +259,49 @@ private:
     KJ_IF_MAYBE(p, options.tlsPriority) edgeOptions.tlsPriority = kj::heapString(*p);
     edgeOptions.transport = options.edgeTransport;
     edgeServer = kj::heap<EdgeServer>(io.unixEventPort, registry, kj::mv(edgeOptions));
-    for (auto& text: options.edgeListen) {
-      KJ_IF_MAYBE(address, quic::SocketAddress::parse(text)) {
-        ready.edges.add(edgeServer->listen(*address).toString());
-      } else {
-        KJ_FAIL_REQUIRE("edge listen address must be numeric ip:port", text);
-      }
-    }
+    if (options.noUdp) edgeServer->setUdpBlocked(true);
+    ready.udpBlocked = options.noUdp;
 #else
-    KJ_LOG(WARNING, "built without the QUIC layer: edge addresses are not served");
+    KJ_LOG(WARNING, "built without the QUIC layer: edge addresses are served on TCP only");
 #endif
+#if CFQT_EMULATOR_QUIC
+    for (auto& text: options.edgeListen) {
+      KJ_REQUIRE(quic::SocketAddress::parse(text) != nullptr,
+                 "edge listen address must be numeric ip:port", text);
+    }
+#endif
+    return bindEdges(0);
+  }
+
+  kj::Promise<void> bindEdges(size_t index) {
+    if (index == options.edgeListen.size()) return kj::READY_NOW;
+    return bindEdge(options.edgeListen[index], 0).then([this, index]() {
+      return bindEdges(index + 1);
+    });
+  }
+
+  kj::Promise<void> bindEdge(kj::StringPtr text, kj::uint attempt) {
+    // TCP first: with port 0 the kernel picks a TCP port, then UDP binds the same number; if that
+    // UDP port is taken, both are let go and another port is tried.
+    return io.provider->getNetwork().parseAddress(text)
+        .then([this, text, attempt](kj::Own<kj::NetworkAddress> parsed) -> kj::Promise<void> {
+      auto receiver = parsed->listen();
+      auto port = receiver->getPort();
+#if CFQT_EMULATOR_QUIC
+      auto udp = KJ_ASSERT_NONNULL(quic::SocketAddress::parse(text));
+      bool ephemeral = udp.port() == 0;
+      udp.setPort(static_cast<uint16_t>(port));
+      kj::Maybe<quic::SocketAddress> bound;
+      KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { bound = edgeServer->listen(udp); })) {
+        if (ephemeral && attempt < MAX_PORT_ATTEMPTS) return bindEdge(text, attempt + 1);
+        return kj::mv(*e);
+      }
+      ready.edges.add(KJ_ASSERT_NONNULL(bound).toString());
+#endif
+      ready.tcpEdges.add(withPort(parsed->toString(), port));
+      http2Edge->listen(kj::mv(receiver));
+      return kj::READY_NOW;
+    });
   }
 
   kj::Promise<Listener> bind(kj::StringPtr address) {
@@ -257,6 +322,8 @@ private:
     copy.admin = kj::heapString(ready.admin);
     copy.ca = kj::heapString(ready.ca);
     copy.zone = kj::heapString(ready.zone);
+    for (auto& e: ready.tcpEdges) copy.tcpEdges.add(kj::heapString(e));
+    copy.udpBlocked = ready.udpBlocked;
     return copy;
   }
 };
@@ -270,5 +337,11 @@ Emulator::~Emulator() noexcept(false) {}
 kj::Promise<ReadyInfo> Emulator::start() { return impl->start(); }
 
 bool Emulator::hasQuicEdge() const { return impl->hasQuicEdge(); }
+
+size_t Emulator::http2ConnectionCount() const { return impl->http2Edge->connectionCount(); }
+
+void Emulator::setUdpBlocked(bool blocked) { impl->setUdpBlocked(blocked); }
+
+bool Emulator::udpBlocked() { return impl->udpBlocked(); }
 
 }  // namespace cfqt::emulator

@@ -1,11 +1,13 @@
-// cfqt-edge as a library: the quick-tunnel API, the QUIC edge, the public front door and the admin
-// API around one Registry, bound to their listen addresses. apps/cfqt-edge only parses flags and
+// cfqt-edge as a library: the quick-tunnel API, the edge (QUIC on UDP and HTTP/2 over TLS on TCP,
+// same port), the public front door and the admin API around one Registry, bound to their listen
+// addresses. apps/cfqt-edge only parses flags and
 // prints the ready line; tests embed an Emulator directly.
 
 #pragma once
 
 #include "certs.h"
 #include "front-door.h"
+#include "h2-session.h"
 #include "registry.h"
 
 #include "quic/config.h"
@@ -20,6 +22,9 @@ struct EmulatorOptions {
   kj::String apiListen = kj::str("127.0.0.1:0");
   kj::Maybe<kj::String> apiTlsListen;    // optional HTTPS listener of the API (server cert)
   kj::Vector<kj::String> edgeListen;     // empty: one edge on 127.0.0.1:0
+  // Each edge address is served on UDP (QUIC) and on TCP (HTTP/2 over TLS) with the same port
+  // number; with port 0 both get the same ephemeral port.
+  bool noUdp = false;                    // the UDP side starts blocked (see setUdpBlocked())
   kj::String publicListen = kj::str("127.0.0.1:0");
   kj::String adminListen = kj::str("127.0.0.1:0");
   CertificateOptions certificates;       // stateDir defaults to "./cfqt-edge-state"
@@ -27,6 +32,8 @@ struct EmulatorOptions {
   kj::String location = kj::str("EMU");
   kj::Maybe<kj::String> tlsPriority;     // edge GnuTLS priority override
   quic::TransportConfig edgeTransport = defaultEdgeTransport();
+  // QUIC settings; its handshakeTimeout also bounds the TLS handshake on TCP.
+  Http2SessionOptions http2;             // the HTTP/2 edge's session (windows, limits)
   FrontDoorOptions frontDoor;
   kj::Duration apiHeaderTimeout = 15 * kj::SECONDS;
 
@@ -40,15 +47,17 @@ struct EmulatorOptions {
 struct ReadyInfo {
   kj::String api;                        // bound "ip:port" of each listener
   kj::Maybe<kj::String> apiTls;
-  kj::Vector<kj::String> edges;
+  kj::Vector<kj::String> edges;          // UDP (QUIC) edge addresses
+  kj::Vector<kj::String> tcpEdges;       // TCP (HTTP/2) edge addresses: the same ip:port
+  bool udpBlocked = false;
   kj::String publicAddress;
   kj::String admin;
   kj::String ca;                         // path of the CA certificate (PEM)
   kj::String zone;
 
   kj::String toJson() const;
-  // {"api":..,"edge":<first edge>,"edges":[..],"public":..,"admin":..,"ca":..,"zone":..}
-  // plus "apiTls":.. when the HTTPS API listener is on.
+  // {"api":..,"edge":<first edge>,"edges":[..],"public":..,"admin":..,"ca":..,"zone":..,
+  //  "tcpEdges":[..],"udpBlocked":false} plus "apiTls":.. when the HTTPS API listener is on.
 };
 
 class Emulator {
@@ -66,7 +75,15 @@ public:
   FrontDoor& frontDoor() { return *frontDoorPtr; }
 
   bool hasQuicEdge() const;
-  // False when built without the QUIC layer's implementation (edges are then not served).
+  // False when built without the QUIC layer's implementation (UDP edges are then not served).
+
+  size_t http2ConnectionCount() const;
+  // Live HTTP/2 tunnel connections (TLS handshake done).
+
+  void setUdpBlocked(bool blocked);
+  bool udpBlocked();
+  // The admin API's POST /udp/block and /udp/unblock (EdgeServer::setUdpBlocked()): the UDP side
+  // drops every datagram, as behind a firewall. No-op without a QUIC edge.
 
 private:
   class Impl;

@@ -3,13 +3,11 @@
 #include "json.h"
 #include "random.h"
 
-#include "wire/data-stream.h"
 #include "wire/http-metadata.h"
 
 #include <gnutls/crypto.h>
 #include <gnutls/gnutls.h>
 
-#include <capnp/message.h>
 #include <kj/debug.h>
 #include <kj/encoding.h>
 
@@ -446,7 +444,7 @@ private:
   kj::String host;
   bool websocket = false;
   kj::String webSocketKey;
-  kj::Own<kj::AsyncIoStream> stream;
+  kj::Own<TunnelExchange> stream;
   kj::Array<kj::byte> upBuffer;
   kj::Array<kj::byte> downBuffer;
   kj::Maybe<uint64_t> remaining;             // response bytes still expected (Content-Length)
@@ -460,7 +458,7 @@ private:
   kj::Own<kj::WebSocket> tunnelSocket;       // last: dropping it resets the tunnel stream
 
   kj::Promise<void> sendPage(kj::uint status, kj::uint code, kj::StringPtr title, kj::StringPtr detail);
-  kj::Promise<void> proxy(kj::Own<kj::AsyncIoStream> opened);
+  kj::Promise<void> proxy(kj::Own<TunnelExchange> opened);
   kj::Promise<void> sendRequest();
   kj::Promise<void> sendBody();
   kj::Promise<void> pumpRequestBody();
@@ -469,7 +467,7 @@ private:
   kj::Promise<void> requestComplete();
   kj::Promise<void> visitorLeft();
   kj::Promise<void> receiveResponse();
-  kj::Promise<void> onResponseHead(kj::Own<capnp::MessageReader> message);
+  kj::Promise<void> onResponseHead(kj::OneOf<wire::HttpResponseHead, wire::WireError> decoded);
   kj::Promise<void> responseHeadFailed(kj::Exception&& e);
   kj::Promise<void> pumpResponseBody();
   kj::Promise<void> onResponseChunk(size_t n);
@@ -546,15 +544,15 @@ kj::Promise<void> FrontDoor::Exchange::run() {
   }
   auto& connection = KJ_ASSERT_NONNULL(record->connection);
   websocket = headers.isWebSocket();
-  return door.timer.timeoutAfter(door.options.openStreamTimeout, connection.openStream())
-      .then([this](kj::Own<kj::AsyncIoStream> opened) { return proxy(kj::mv(opened)); },
+  return door.timer.timeoutAfter(door.options.openStreamTimeout, connection.openExchange())
+      .then([this](kj::Own<TunnelExchange> opened) { return proxy(kj::mv(opened)); },
             [this](kj::Exception&& e) {
         return sendPage(502, 502, "Bad gateway", kj::str("Could not open a tunnel stream: ",
                                                           e.getDescription()));
       });
 }
 
-kj::Promise<void> FrontDoor::Exchange::proxy(kj::Own<kj::AsyncIoStream> opened) {
+kj::Promise<void> FrontDoor::Exchange::proxy(kj::Own<TunnelExchange> opened) {
   stream = kj::mv(opened);
   auto sending = sendRequest();
   return receiveResponse().exclusiveJoin(kj::mv(sending));
@@ -611,14 +609,15 @@ kj::Array<wire::Header> FrontDoor::Exchange::forwardedHeaders() {
 kj::Promise<void> FrontDoor::Exchange::sendRequest() {
   auto target = parseTarget(url);
   auto dest = kj::str(door.options.scheme, "://", host, target.path);
-  auto forwarded = forwardedHeaders();
-  capnp::MallocMessageBuilder message;
-  auto root = message.initRoot<wire::schema::ConnectRequest>();
-  wire::encodeRequest(root, dest,
-      websocket ? wire::schema::ConnectionType::WEBSOCKET : wire::schema::ConnectionType::HTTP,
-      kj::str(method), host, forwarded);
-  // writeConnectRequest() encodes synchronously; the promise owns the bytes.
-  auto writing = wire::writeConnectRequest(*stream, root.asReader())
+  wire::HttpRequestHead head;
+  head.dest = kj::mv(dest);
+  head.type = websocket ? wire::schema::ConnectionType::WEBSOCKET
+                        : wire::schema::ConnectionType::HTTP;
+  head.method = kj::str(method);
+  head.host = kj::heapString(host);
+  for (auto& header: forwardedHeaders()) head.headers.add(kj::mv(header));
+  // sendHead() copies what it needs (QUIC: the encoded ConnectRequest) before it returns.
+  auto writing = stream->sendHead(head)
       .then([this]() { return sendBody(); },
             [this](kj::Exception&& e) { return tunnelWriteFailed(kj::mv(e)); });
   if (!websocket && requestBody.tryGetLength() != uint64_t(0) && expectsContinue()) {
@@ -685,10 +684,9 @@ kj::Promise<void> FrontDoor::Exchange::visitorLeft() {
 }
 
 kj::Promise<void> FrontDoor::Exchange::receiveResponse() {
-  return door.timer.timeoutAfter(door.options.responseHeadTimeout,
-                                 wire::readConnectResponse(*stream))
-      .then([this](kj::Own<capnp::MessageReader> message) {
-        return onResponseHead(kj::mv(message));
+  return door.timer.timeoutAfter(door.options.responseHeadTimeout, stream->readResponseHead())
+      .then([this](kj::OneOf<wire::HttpResponseHead, wire::WireError> decoded) {
+        return onResponseHead(kj::mv(decoded));
       }, [this](kj::Exception&& e) { return responseHeadFailed(kj::mv(e)); });
 }
 
@@ -702,8 +700,8 @@ kj::Promise<void> FrontDoor::Exchange::responseHeadFailed(kj::Exception&& e) {
                   kj::str("The tunnel stream failed before a response: ", e.getDescription()));
 }
 
-kj::Promise<void> FrontDoor::Exchange::onResponseHead(kj::Own<capnp::MessageReader> message) {
-  auto decoded = wire::decodeResponse(message->getRoot<wire::schema::ConnectResponse>());
+kj::Promise<void> FrontDoor::Exchange::onResponseHead(
+    kj::OneOf<wire::HttpResponseHead, wire::WireError> decoded) {
   wire::HttpResponseHead head;
   KJ_SWITCH_ONEOF(decoded) {
     KJ_CASE_ONEOF(error, wire::WireError) {

@@ -1,7 +1,8 @@
 // The public front door (PROTOCOL.md §10.5): an HTTP/1.1 server that routes each request by its
-// Host header to the tunnel owning that hostname, opens a stream on one of the tunnel's live
-// connections (round-robin), writes the ConnectRequest, streams the request body, and streams the
-// ConnectResponse and body back unbuffered. WebSocket upgrades are relayed as raw frame bytes.
+// Host header to the tunnel owning that hostname, opens an exchange on one of the tunnel's live
+// connections (round-robin; a QUIC data stream or an HTTP/2 request, see tunnel-exchange.h),
+// sends the request head, streams the request body, and streams the response head and body back
+// unbuffered. WebSocket upgrades are relayed as raw frame bytes.
 //
 // Per visitor, at most one body buffer (64 KiB) is in flight each way: the next tunnel read
 // starts only once the previous chunk was written to the visitor, so a visitor that stops

@@ -371,10 +371,20 @@ KJ_TEST("cfqt-edge prints one JSON ready line with every bound address") {
 #else
   KJ_LOG(WARNING, "cfqt-edge built without the QUIC layer: no edges in the ready line");
 #endif
-  // Exactly the documented keys (apiTls only with --api-tls-listen).
+  // The HTTP/2 edge listens on TCP at the very same addresses (issue 14).
+  auto tcpEdges = field(doc->root, "tcpEdges").getArray();
+  KJ_ASSERT(tcpEdges.size() == 2, text);
+#if CFQT_EMULATOR_QUIC
+  for (auto i: kj::indices(tcpEdges)) {
+    KJ_EXPECT(tcpEdges[i].getString() == edges[i].getString(), text);
+  }
+#endif
+  KJ_EXPECT(!field(doc->root, "udpBlocked").getBoolean(), text);
+  // Exactly the documented keys (apiTls only with --api-tls-listen); new keys go at the end.
   kj::Vector<kj::String> keys;
   for (auto f: doc->root.getObject()) keys.add(kj::str(f.getName()));
-  KJ_EXPECT(kj::strArray(keys, ",") == "api,edge,edges,public,admin,ca,zone", text);
+  KJ_EXPECT(kj::strArray(keys, ",") ==
+            "api,edge,edges,public,admin,ca,zone,tcpEdges,udpBlocked", text);
 
   // The API it printed answers.
   auto io = kj::setupAsyncIo();

@@ -20,6 +20,12 @@ kj::String describeClientId(kj::ArrayPtr<const kj::byte> bytes) {
 
 }  // namespace
 
+kj::Promise<kj::Own<TunnelExchange>> ClientConnection::openExchange() {
+  return openStream().then([](kj::Own<kj::AsyncIoStream> stream) {
+    return quicExchange(kj::mv(stream));
+  });
+}
+
 bool ClientConnection::closeControlStream(ControlEnd how, uint64_t code) { return false; }
 
 kj::Promise<kj::String> ClientConnection::pushConfiguration(int32_t version, kj::String json) {
@@ -109,7 +115,7 @@ kj::OneOf<ConnectionRecord*, RegistrationError> Registry::registerConnection(
     describeClientId(request.clientId), kj::heapString(request.version),
     kj::heapString(request.arch), KJ_MAP(f, request.features) { return kj::heapString(f); },
     request.numPreviousAttempts, connection.remoteAddress(), nullptr,
-    ConnectionState::REGISTERED, connection, 0});
+    ConnectionState::REGISTERED, connection, 0, connection.protocol()});
   auto result = record.get();
   records.add(kj::mv(record));
   pruneClosed();

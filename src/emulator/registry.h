@@ -4,6 +4,8 @@
 
 #pragma once
 
+#include "tunnel-exchange.h"
+
 #include <kj/array.h>
 #include <kj/async-io.h>
 #include <kj/one-of.h>
@@ -13,18 +15,27 @@
 namespace cfqt::emulator {
 
 class ClientConnection {
-  // One tunnel client's QUIC connection as the rest of the emulator sees it. Implemented by the
-  // QUIC edge (and by fakes in tests). Owned by whoever accepted the connection; it must call
-  // Registry::connectionClosed() before it dies.
+  // One tunnel client's connection (QUIC, or HTTP/2 over TLS) as the rest of the emulator sees
+  // it. Implemented by the QUIC edge, the HTTP/2 edge (and by fakes in tests). Owned by whoever
+  // accepted the connection; it must call Registry::connectionClosed() before it dies.
 public:
   virtual ~ClientConnection() noexcept(false) = default;
 
   virtual kj::Promise<kj::Own<kj::AsyncIoStream>> openStream() = 0;
-  // Opens a server-initiated bidirectional stream. Dropping the stream before both directions
-  // ended resets it. Rejects DISCONNECTED once the connection is gone.
+  // QUIC: opens a server-initiated bidirectional stream. Dropping the stream before both
+  // directions ended resets it. Rejects DISCONNECTED once the connection is gone. (HTTP/2 has no
+  // raw streams: it rejects UNIMPLEMENTED and overrides openExchange().)
+
+  virtual kj::Promise<kj::Own<TunnelExchange>> openExchange();
+  // A new exchange for one visitor request (the front door's entry). The default runs the QUIC
+  // data-stream protocol over openStream(). Rejects like openStream().
+
+  virtual kj::StringPtr protocol() { return "quic"; }
+  // "quic" or "http2" (admin API).
 
   virtual void close(uint64_t applicationErrorCode, kj::StringPtr reason) = 0;
-  // Sends CONNECTION_CLOSE with an application error.
+  // QUIC: sends CONNECTION_CLOSE with an application error. HTTP/2: GOAWAY with the code (as an
+  // HTTP/2 error code) and the reason as debug data, then the TCP connection is closed.
 
   virtual void goSilent() = 0;
   // Stops sending anything (and ignores what arrives), so the client hits its idle timeout.
@@ -100,6 +111,7 @@ struct ConnectionRecord {
   ConnectionState state = ConnectionState::REGISTERED;
   kj::Maybe<ClientConnection&> connection;   // null once closed
   uint64_t requests = 0;
+  kj::StringPtr protocol = "quic";           // ClientConnection::protocol(), a literal
 };
 
 class Registry {

@@ -78,8 +78,9 @@ struct ClientStream {
   bool uploadDeferred = false;
   size_t unconsumed = 0;                // received, not credited back (manual windows)
 
-  kj::StringPtr bodyText() const {
-    return kj::StringPtr(reinterpret_cast<const char*>(body.begin()), body.size());
+  kj::String bodyText() const {
+    // A copy: a StringPtr must be NUL-terminated (checked in debug builds).
+    return kj::heapString(reinterpret_cast<const char*>(body.begin()), body.size());
   }
   kj::Maybe<kj::StringPtr> header(kj::StringPtr name) const {
     for (auto& h: headers) {

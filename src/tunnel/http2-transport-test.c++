@@ -52,8 +52,9 @@ struct ClientStream {
   bool uploadEnd = true;                // END_STREAM once `upload` is sent
   bool uploadDeferred = false;
 
-  kj::StringPtr bodyText() const {
-    return kj::StringPtr(reinterpret_cast<const char*>(body.begin()), body.size());
+  kj::String bodyText() const {
+    // A copy: a StringPtr must be NUL-terminated (checked in debug builds).
+    return kj::heapString(reinterpret_cast<const char*>(body.begin()), body.size());
   }
   kj::Maybe<kj::StringPtr> header(kj::StringPtr name) const {
     for (auto& h: headers) {
