@@ -216,7 +216,7 @@ private:
   kj::Promise<SessionEnd> registeredOk(wire::ConnectionDetails details) {
     registered = true;
     auto uuid = edge::formatUuid(details.uuid);
-    events.registered(info.connIndex, {uuid, details.locationName, ip});
+    events.registered(info.connIndex, {uuid, details.locationName, ip, transport->protocol()});
     acceptTask = acceptLoop().eagerlyEvaluate([this](kj::Exception&& e) {
       // Normally the connection ended (`closed` reports why); anything else leaves a registered
       // connection that serves nothing, so it ends too.

@@ -213,7 +213,8 @@ void Supervisor::registered(uint connIndex, RegisteredInfo info) {
   status.serverLocation(connIndex, info.location);
   logger.info("Registered tunnel connection",
               kj::str("connIndex=", connIndex, " connection=", info.connectionId, " event=0 ip=",
-                      info.ip, " location=", info.location, " protocol=quic"));
+                      info.ip, " location=", info.location, " protocol=",
+                      info.protocol));
   KJ_IF_MAYBE(callback, registeredCallback) (*callback)(connIndex);
   if (connIndex == 0 && !othersStarted) {
     othersStarted = true;

@@ -47,6 +47,7 @@ struct RegisteredInfo {
   kj::StringPtr connectionId;   // the edge's connection UUID (text)
   kj::StringPtr location;       // colo
   kj::StringPtr ip;             // edge IP
+  kj::StringPtr protocol = "quic";  // the transport: "quic" or "http2"
 };
 
 class SessionEvents {
