@@ -162,6 +162,32 @@ KJ_TEST("public C++ API: invalid options throw TunnelError") {
   bool threw = false;
   try { cfqt::Tunnel::start(o); } catch (const cfqt::TunnelError& e) { threw = true; }
   KJ_EXPECT(threw);
+  o.url = "http://localhost:8080";
+  o.protocol = "udp";
+  KJ_EXPECT_THROW_MESSAGE("protocol must be quic, http2 or auto", {
+    try { cfqt::Tunnel::start(o); } catch (const cfqt::TunnelError& e) {
+      KJ_FAIL_ASSERT(e.what());
+    }
+  });
+}
+
+KJ_TEST("public C++ API: protocol http2 serves through cfqt-edge's HTTP/2 edge") {
+  EdgeProcess edge;
+  cfqt::TunnelOptions o;
+  o.helloWorld = true;
+  o.quickService = "http://" + edge.field("api");
+  o.edges = edge.edges();
+  o.edgeCaFile = edge.field("ca");
+  o.protocol = "http2";
+  o.haConnections = 1;
+  o.backoffBase = std::chrono::milliseconds(20);
+  o.gracePeriod = std::chrono::milliseconds(2000);
+  o.logLevel = "error";
+  auto t = cfqt::Tunnel::start(o);
+  t->waitForUrl(std::chrono::seconds(20));
+  KJ_ASSERT(t->waitUntilReady(std::chrono::seconds(20)));
+  KJ_EXPECT(httpStatus(edge.field("public"), t->hostname(), "/_health") == 200);
+  KJ_EXPECT(t->stop() == 0);
 }
 
 KJ_TEST("C API: start, wait for URL, stop, free") {

@@ -227,7 +227,12 @@ std::unique_ptr<Tunnel> Tunnel::start(const TunnelOptions& o) {
   r.gracePeriod = toDuration(o.gracePeriod);
   r.metrics = o.metrics;
   if (!o.metricsAddress.empty()) r.metricsAddress = toKj(o.metricsAddress);
-  r.configurationFlags.add(tunnel::ConfigFlag{kj::str("protocol"), kj::str("quic")});
+  KJ_IF_MAYBE(protocol, tunnel::parseProtocol(toKj(o.protocol))) {
+    r.dialer.protocol = *protocol;
+  } else {
+    throw TunnelError("cfqt: protocol must be quic, http2 or auto, got \"" + o.protocol + "\"");
+  }
+  r.configurationFlags.add(tunnel::ConfigFlag{kj::str("protocol"), toKj(o.protocol)});
 
   observe::LogConfig logConfig;
   KJ_IF_MAYBE(level, observe::parseLogLevel(toKj(o.logLevel))) {
@@ -304,6 +309,7 @@ cfqt_tunnel* cfqt_tunnel_start(const cfqt_options* options, char* error, size_t 
     if (options->backoff_base_ms > 0) {
       o.backoffBase = std::chrono::milliseconds(options->backoff_base_ms);
     }
+    if (options->protocol != nullptr) o.protocol = options->protocol;
     auto handle = std::make_unique<cfqt_tunnel>();
     handle->tunnel = cfqt::Tunnel::start(o);
     return handle.release();
