@@ -1394,6 +1394,7 @@ SessionStats SessionImpl::stats() const {
   s.goAwaySent = goAwaySent;
   s.goAwayReceived = goAwayReceived;
   s.peerGoAwayCode = peerGoAwayCode;
+  s.peerGoAwayText = kj::str(peerGoAwayText);
   return s;
 }
 

@@ -144,6 +144,7 @@ struct SessionStats {
   bool goAwaySent = false;          // a final GOAWAY (not only the shutdown notice) was queued
   bool goAwayReceived = false;
   uint32_t peerGoAwayCode = 0;
+  kj::String peerGoAwayText;        // the peer's GOAWAY debug data (printable, bounded)
 };
 
 class ServerRequest {

@@ -236,7 +236,9 @@ public:
 
   kj::Maybe<PeerClose> peerClose() const override {
     auto s = session->stats();
-    if (isClosed() && s.goAwayReceived) return PeerClose{s.peerGoAwayCode, kj::str()};
+    if (isClosed() && s.goAwayReceived) {
+      return PeerClose{s.peerGoAwayCode, kj::mv(s.peerGoAwayText)};
+    }
     return nullptr;
   }
 

@@ -245,8 +245,12 @@ kj::Promise<int> Runner::metricsBound(kj::Maybe<kj::Own<kj::ConnectionReceiver>>
                                                ? "http2" : "quic"));
   const char* keyLog = getenv("SSLKEYLOGFILE");
   if (keyLog != nullptr && keyLog[0] != '\0') {
-    // GnuTLS writes the edge connections' TLS secrets there itself (NSS key log format).
-    logger.warn("SSLKEYLOGFILE is set: TLS secrets of the edge connections are written to it",
+    // GnuTLS writes the QUIC connections' TLS secrets there itself (NSS key log format);
+    // kj-tls, which secures HTTP/2 connections, offers no key log.
+    logger.warn(options.dialer.protocol == Protocol::QUIC
+                    ? "SSLKEYLOGFILE is set: TLS secrets of the edge connections are written to it"
+                    : "SSLKEYLOGFILE is set: TLS secrets of the QUIC edge connections are written "
+                      "to it (not those of HTTP/2 connections)",
                 kj::str("file=", keyLog));
   }
   return edge::discoverEdges(io.unixEventPort, timer, io.provider->getNetwork(),

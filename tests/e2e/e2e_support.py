@@ -37,6 +37,11 @@ class Fail(Exception):
     pass
 
 
+class Skip(Exception):
+    """Raised by a test that does not apply to this run (its message is the reason): reported
+    as "[ SKIP ] name: reason", not a failure."""
+
+
 def check(cond, *msg):
     if not cond:
         raise Fail(" ".join(str(m) for m in msg))
@@ -172,12 +177,13 @@ class Edge:
     """cfqt-edge on loopback, port 0 everywhere. ready is its JSON ready line (api, ca, edges,
     public, admin); public is the front door as (host, port)."""
 
-    def __init__(self, bindir, workdir, listen=("127.0.0.1:0", "127.0.0.2:0"), follow_log=True):
+    def __init__(self, bindir, workdir, listen=("127.0.0.1:0", "127.0.0.2:0"), follow_log=True,
+                 extra_args=()):
         cmd = [os.path.join(bindir, "cfqt-edge"),
                "--state-dir", os.path.join(workdir, "edge-state")]
         for addr in listen:
             cmd += ["--edge-listen", addr]
-        cmd += ["--open-stream-timeout", "5s", "--response-timeout", "30s"]
+        cmd += ["--open-stream-timeout", "5s", "--response-timeout", "30s"] + list(extra_args)
         self.proc, self.log = start_process(cmd, follow_log=follow_log)
         self.ready = json.loads(readline(self.proc.stdout, "cfqt-edge"))
         h, p = self.ready["public"].rsplit(":", 1)
@@ -292,8 +298,8 @@ def set_up(make_env, *args):
 
 def run_tests(tests, env, k, alarm_s, name=lambda t: t.__name__, per_case=False):
     """Runs test(env) for each test whose name contains k (each one without -k), under
-    signal.alarm(alarm_s); prints "[ PASS ] name (1.23s)" or the failure. Returns how many
-    failed.
+    signal.alarm(alarm_s); prints "[ PASS ] name (1.23s)", "[ SKIP ] name: reason" (the test
+    raised Skip) or the failure. Returns how many failed.
 
     A failure is "[ FAIL ] name: why" and its traceback. With per_case (tests that each start
     their own processes): "[ RUN  ] name" first; a failure is "[ FAIL ] name (1.23s): why", the
@@ -312,6 +318,8 @@ def run_tests(tests, env, k, alarm_s, name=lambda t: t.__name__, per_case=False)
         try:
             t(env)
             print("[ PASS ] %s (%.2fs)" % (n, time.monotonic() - started), flush=True)
+        except Skip as e:
+            print("[ SKIP ] %s: %s" % (n, e), flush=True)
         except Exception as e:
             failed += 1
             if not per_case:

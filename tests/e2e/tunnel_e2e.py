@@ -6,7 +6,12 @@ URL from its first stdout line, follows its stderr log), and a Python origin in 
 Public requests go through the emulator's front door with the tunnel's Host header. Waits are on
 observable events (log lines, origin events, admin API state) and always bounded.
 
-Usage: tunnel_e2e.py --bin BUILD/bin [-k NAME]     (exit 0 = all passed)
+Usage: tunnel_e2e.py --bin BUILD/bin [--protocol quic|http2] [-k NAME]   (exit 0 = all passed)
+
+--protocol (default quic) is the transport of every cfqt the script starts (issue 14): the
+suite runs once per transport (ctest e2e-tunnel and e2e-tunnel-http2). Tests that are QUIC by
+nature skip themselves on HTTP/2 with the reason; the others check what the transport changes
+(the edge's connection records, metrics, how a silent edge is detected).
 """
 
 import base64
@@ -30,10 +35,19 @@ import threading
 import time
 import urllib.parse
 
-from e2e_support import (DEADLINE_S, Edge, Fail, LogFollower, argument_parser, check,
+from e2e_support import (DEADLINE_S, Edge, Fail, LogFollower, Skip, argument_parser, check,
                          check_no_sanitizer_report, exit_failure, prepare_run, readline,
                          run_tests, sanitizer_failures, set_up, start_process, stop,
                          unused_port, ws_accept, ws_frame_head, ws_mask, ws_read_frame)
+
+
+PROTOCOL = "quic"   # --protocol: the transport of every cfqt started here (Cfqt adds it)
+
+
+def quic_only(why):
+    """Skip the calling test when this run is not over QUIC."""
+    if PROTOCOL != "quic":
+        raise Skip("QUIC only (%s); this run uses --protocol %s" % (why, PROTOCOL))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +230,9 @@ class Origin:
 
 class Cfqt:
     def __init__(self, bindir, edge, args, expect_url=True, log_sink=None, env=None):
-        cmd = [os.path.join(bindir, "cfqt")] + args + edge.client_args() + [
+        # The one place the transport is chosen: --protocol of the run unless args pick one.
+        protocol = [] if "--protocol" in args else ["--protocol", PROTOCOL]
+        cmd = [os.path.join(bindir, "cfqt")] + args + protocol + edge.client_args() + [
             "--metrics", "127.0.0.1:0",
             "--backoff-base", "20ms", "--ha-stagger", "10ms",
             "--quic-idle-timeout", "1s", "--quic-keepalive-period", "200ms",
@@ -292,7 +308,7 @@ class Env:
         self.edge = Edge(bindir, self.workdir)
         self.main = Cfqt(bindir, self.edge, ["tunnel", "--url", "http://127.0.0.1:%d" %
                                              self.origin.port, "--no-autoupdate",
-                                             "--protocol", "quic", "--ha-connections", "2"])
+                                             "--ha-connections", "2"])
         self.main.log.wait_for(r"Registered tunnel connection connIndex=0")
         self.main.log.wait_for(r"Registered tunnel connection connIndex=1")
 
@@ -327,8 +343,9 @@ def test_cloudflared_form_and_metrics(env):
     check(c0["clientId"] == j["connectorId"], c0["clientId"], j["connectorId"])
     cfg = json.loads(c0["configuration"])
     check(cfg["ingress"][0]["service"] == "http://127.0.0.1:%d" % env.origin.port and
-          cfg["__configuration_flags"]["protocol"] == "quic" and
+          cfg["__configuration_flags"]["protocol"] == PROTOCOL and
           cfg["__configuration_flags"]["no-autoupdate"] == "true", cfg)
+    check(all(c["protocol"] == PROTOCOL for c in conns), "transport the edge saw", conns)
     c1 = [c for c in conns if c["connIndex"] == 1][0]
     check(c1["configuration"] is None, "configuration pushed on index 1", c1)
     check(c1["clientId"] == c0["clientId"], "one connector id per process", c0, c1)
@@ -340,6 +357,8 @@ def test_cloudflared_form_and_metrics(env):
     check(re.search(r"\|\s+%s\s+\|" % re.escape(m.url), lines[i + 1]), lines[i:i + 2])
     check(re.search(r"DBG Registering tunnel connection connIndex=0", m.log.text()),
           "no debug registration line")
+    check(m.log.count(r" INF Initial protocol %s\b" % PROTOCOL) == 1,
+          "want one 'Initial protocol %s' line" % PROTOCOL, m.log.matching(r"Initial protocol"))
 
 
 def check_metrics(env, ready):
@@ -368,8 +387,9 @@ def check_metrics(env, ready):
                        ("cloudflared_tunnel_server_locations", "gauge"),
                        ("cloudflared_tunnel_tunnel_register_success", "counter"),
                        ("cloudflared_tunnel_user_hostnames_counts", "counter"),
-                       ("build_info", "gauge"), ("quic_client_smoothed_rtt", "gauge"),
-                       ("quic_client_sent_bytes", "counter")]:
+                       ("build_info", "gauge")] + (
+                           [("quic_client_smoothed_rtt", "gauge"),
+                            ("quic_client_sent_bytes", "counter")] if PROTOCOL == "quic" else []):
         check(types.get(name) == kind, name, types.get(name))
     # Through the front door: 3 answered 200 and 2 answered 404 by the origin.
     for path, want in [("/a", 200), ("/status?code=404", 404), ("/b", 200),
@@ -400,6 +420,8 @@ def check_metrics(env, ready):
         locs = [k for k, v in after.items() if k[0] == "cloudflared_tunnel_server_locations" and
                 dict(k[1])["connection_id"] == idx and v == 1]
         check(len(locs) == 1 and dict(locs[0][1])["edge_location"], idx, locs)
+        if PROTOCOL != "quic":
+            continue   # quic_client_* describe QUIC connections: not read over HTTP/2
         for name in ("quic_client_smoothed_rtt", "quic_client_min_rtt",
                      "quic_client_latest_rtt"):
             check((name, (("conn_index", idx),)) in after, name, idx, after)
@@ -422,7 +444,7 @@ def test_methods(env):
 
 
 def test_bodies(env):
-    for n in [0, 1, 1000, 65536, 1 << 20, 8 << 20, 64 << 20]:
+    for n in [0, 1, 1000, 65536, 1 << 20, 4 << 20, 8 << 20, 64 << 20]:
         status, headers, data = front(env.edge, env.main.host, "GET", "/blob?n=%d" % n)
         check(status == 200 and len(data) == n and
               hashlib.sha256(data).hexdigest() == headers["X-Sha256"], "download", n, status,
@@ -447,6 +469,14 @@ def test_chunked(env):
     whole = b"".join(parts)
     check(status == 200 and info["len"] == len(whole) and
           info["sha"] == hashlib.sha256(whole).hexdigest(), info)
+    # 4 MiB up without Content-Length (chunked from the eyeball, streamed through the tunnel).
+    big = blob(4 << 20)
+    parts = [big[i:i + 65536] for i in range(0, len(big), 65536)]
+    status, _, data = front(env.edge, env.main.host, "POST", "/sha", iter(parts),
+                            {"Transfer-Encoding": "chunked"})
+    info = json.loads(data)
+    check(status == 200 and info["len"] == len(big) and
+          info["sha"] == hashlib.sha256(big).hexdigest(), "4 MiB chunked upload", status, info)
 
 
 def test_sse(env):
@@ -539,13 +569,18 @@ def test_edge_closes_connection_0(env):
     conns = env.edge.connections(m.host)
     c0 = [c for c in conns if c["connIndex"] == 0][0]
     before = m.log.count(r"Registered tunnel connection connIndex=0")
+    start = m.log.mark()
     env.edge.admin("POST", "/connections/%d/close?code=0&reason=e2e-close" % c0["id"])
     # Requests keep flowing (on connection 1, and on 0 once it is back).
     for i in range(20):
         status, _, data = front(env.edge, m.host, "GET", "/blob?n=100")
         check(status == 200 and data == blob(100), "request failed during the reconnect", i,
               status)
-    m.log.wait_for(r"Edge closed the connection connIndex=0 .*reason=\"e2e-close\"")
+    # QUIC: CONNECTION_CLOSE's reason phrase; HTTP/2: the GOAWAY's debug data (the emulator
+    # sends the reason there).
+    closed = m.log.wait_for(r"Edge closed the connection connIndex=0 ", start=start)
+    check(re.search(r" code=0x0 reason=\"e2e-close\"", closed),
+          "the edge's close reason is not in", closed)
     m.log.wait_for(r"Retrying connection in up to .*connIndex=0")
     m.log.wait_for(r"Registered tunnel connection connIndex=0", count=before + 1)
     conns = env.edge.connections(m.host)
@@ -559,7 +594,9 @@ def test_edge_goes_silent(env):
     c1 = [c for c in env.edge.connections(m.host) if c["connIndex"] == 1][0]
     before = m.log.count(r"Registered tunnel connection connIndex=1")
     env.edge.admin("POST", "/connections/%d/silence" % c1["id"])
-    m.log.wait_for(r"Connection terminated connIndex=1 .*idle timeout")
+    # QUIC finds a silent edge by its idle timeout, HTTP/2 by its unanswered PINGs.
+    m.log.wait_for(r"Connection terminated connIndex=1 .*" +
+                   (r"idle timeout" if PROTOCOL == "quic" else r"HTTP/2 PING unanswered"))
     m.log.wait_for(r"Registered tunnel connection connIndex=1", count=before + 1)
     status, _, _ = front(env.edge, m.host, "GET", "/blob?n=10")
     check(status == 200, status)
@@ -758,7 +795,12 @@ def test_unix_socket_keylog_client_flags(env):
         cfg = json.loads(c["configuration"])
         check(cfg["ingress"][0]["service"] == "unix:" + sock and
               cfg["__configuration_flags"]["edge-ip-version"] == "4", cfg)
-        t.log.wait_for(r"SSLKEYLOGFILE is set")
+        warned = t.log.wait_for(r"SSLKEYLOGFILE is set")
+        if PROTOCOL == "http2":
+            # kj-tls (HTTP/2's TLS) writes no key log: cfqt says so instead of promising it.
+            check("not those of HTTP/2 connections" in warned, warned)
+            check(not os.path.exists(keylog), "a key log appeared over HTTP/2", keylog)
+            return
         with open(keylog) as f:
             keys = f.read()
         check("CLIENT_TRAFFIC_SECRET_0 " in keys and "SERVER_HANDSHAKE_TRAFFIC_SECRET " in keys,
@@ -769,6 +811,7 @@ def test_unix_socket_keylog_client_flags(env):
 
 
 def test_c_api_example(env):
+    quic_only("the C example (tests/api-example) does not set cfqt_options.protocol: it uses QUIC")
     # tests/api-example/quick-tunnel.c: a program using only include/cfqt/cfqt.h.
     cmd = [env.c_example] + env.edge.client_args()
     # bufsize=0: readline selects on the descriptor, so nothing may sit in a buffer.
@@ -965,6 +1008,61 @@ def test_idle_timeout_alone_lowers_keepalive_with_warning(env):
         trap.close()
 
 
+# --protocol auto with the edge's UDP blocked (issue 14): QUIC gets no handshake within the
+# default --fallback-after (2s), so each connection falls back to HTTP/2 over TCP. The bound is
+# generous: 2s of QUIC attempt plus the TCP + TLS dial and registration.
+AUTO_FALLBACK_BOUND_S = 10
+FALLBACK_WRN = (r" WRN UDP to (\S+) got no answer in 2s; using HTTP/2 over TCP\. "
+                r"Open outbound UDP ([0-9]+) for QUIC\.")
+
+
+def test_auto_falls_back_when_udp_blocked(env):
+    if PROTOCOL != "quic":
+        raise Skip("picks its own transport (--protocol auto): runs in the quic suite only")
+    workdir = tempfile.mkdtemp(prefix="auto-", dir=env.workdir)
+    edge = Edge(env.bindir, workdir, extra_args=["--no-udp"])
+    t = None
+    try:
+        check(edge.ready["udpBlocked"] is True and edge.ready["tcpEdges"] == edge.ready["edges"]
+              and len(edge.ready["edges"]) == 2, edge.ready)
+        check(edge.admin("GET", "/udp") == {"udpBlocked": True}, "admin GET /udp")
+        started = time.monotonic()
+        t = Cfqt(env.bindir, edge, ["--url", "http://127.0.0.1:%d" % env.origin.port,
+                                    "--protocol", "auto", "--ha-connections", "2"])
+        for idx in (0, 1):
+            left = AUTO_FALLBACK_BOUND_S - (time.monotonic() - started)
+            check(left > 0, "connIndex=%d not registered within %ds" % (idx, AUTO_FALLBACK_BOUND_S))
+            t.log.wait_for(r"Registered tunnel connection connIndex=%d" % idx, timeout=left)
+        elapsed = time.monotonic() - started
+        print("    both connections registered over HTTP/2 %.2fs after start" % elapsed)
+        status, headers, data = front(edge, t.host, "GET", "/blob?n=100000")
+        check(status == 200 and data == blob(100000), "GET through the front door", status,
+              len(data))
+        conns = edge.connections(t.host)
+        check(sorted(c["connIndex"] for c in conns) == [0, 1] and
+              all(c["protocol"] == "http2" for c in conns),
+              "the edge's records: want connIndex 0 and 1 over http2", conns)
+        # auto starts with QUIC, as cloudflared does.
+        check(t.log.count(r" INF Initial protocol quic\b") == 1,
+              t.log.matching(r"Initial protocol"))
+        # The WRN line: once per connection, i.e. once per edge address (one address each);
+        # the fallback is remembered, so later dials go straight to HTTP/2.
+        time.sleep(1)
+        lines = t.log.matching(FALLBACK_WRN)
+        addrs = []
+        for line in lines:
+            m = re.search(FALLBACK_WRN, line)
+            check(m.group(1).rsplit(":", 1)[1] == m.group(2), "port of the advice", line)
+            addrs.append(m.group(1))
+        check(sorted(addrs) == sorted(edge.ready["edges"]),
+              "want the fallback WRN exactly once per edge address", edge.ready["edges"], lines)
+        check(t.log.count(r"got no answer") == 2, t.log.matching(r"got no answer"))
+    finally:
+        if t:
+            t.stop()
+        edge.stop()
+
+
 TESTS = [
     test_cloudflared_form_and_metrics,
     test_methods,
@@ -988,15 +1086,21 @@ TESTS = [
     test_protocol_h2mux_refused,
     test_bad_configuration_exits_2_at_once,
     test_idle_timeout_alone_lowers_keepalive_with_warning,
+    test_auto_falls_back_when_udp_blocked,
 ]
 
 
 def main():
     ap = argument_parser()
     ap.add_argument("-k", default=None)
+    ap.add_argument("--protocol", choices=["quic", "http2"], default="quic",
+                    help="transport of every cfqt started (default quic)")
     ap.add_argument("--c-example", default=None,
                     help="the C API example to run (default: BIN/cfqt-c-example)")
     args = ap.parse_args()
+    global PROTOCOL
+    PROTOCOL = args.protocol
+    print("transport: --protocol %s" % PROTOCOL, flush=True)
     prepare_run("test run timed out")
     env = set_up(Env, os.path.abspath(args.bin))
     env.c_example = args.c_example or os.path.join(env.bindir, "cfqt-c-example")
