@@ -89,6 +89,7 @@ private:
   kj::Own<kj::PromiseFulfiller<SessionEnd>> stopFulfiller;
   bool registered = false;
   bool shutdownStarted = false;
+  bool moving = false;     // shutting down to move back to QUIC (the supervisor reconnects)
   bool ended = false;
   bool closeWhenDone = false;
   bool quicSampled = false;
@@ -96,6 +97,8 @@ private:
   kj::Maybe<kj::Promise<void>> acceptTask;
   kj::Maybe<kj::Promise<void>> controlWatch;
   kj::Maybe<kj::Promise<void>> stallWatch;
+  kj::Maybe<kj::Promise<void>> moveWatch;
+  kj::Maybe<kj::Promise<void>> moveTask;
   kj::TaskSet streams;   // in-flight edge-opened streams; last, so they die first
 
   kj::String closeReason() {
@@ -217,6 +220,7 @@ private:
     registered = true;
     auto uuid = edge::formatUuid(details.uuid);
     events.registered(info.connIndex, {uuid, details.locationName, ip, transport->protocol()});
+    KJ_IF_MAYBE(dialer, ctx.dialer) dialer->registered(info.address, *transport);
     acceptTask = acceptLoop().eagerlyEvaluate([this](kj::Exception&& e) {
       // Normally the connection ended (`closed` reports why); anything else leaves a registered
       // connection that serves nothing, so it ends too.
@@ -230,6 +234,11 @@ private:
       if (!shutdownStarted) fault(kj::str("the control stream to the edge ended"));
     }).eagerlyEvaluate(nullptr);
     if (ctx.config.stallTimeout > 0 * kj::SECONDS) stallWatch = watchProgress();
+    KJ_IF_MAYBE(dialer, ctx.dialer) {
+      KJ_IF_MAYBE(preferred, dialer->whenPreferredAgain(info.address, *transport)) {
+        moveWatch = preferred->then([this]() { moveBack(); }).eagerlyEvaluate(nullptr);
+      }
+    }
     if (info.connIndex == 0 && !details.tunnelIsRemotelyManaged) {
       streams.add(sendLocalConfiguration());
     }
@@ -478,6 +487,27 @@ private:
     ctx.logger.warn("Grace period expired with requests still in flight; closing", fields());
   }
 
+  void moveBack() {
+    // QUIC works again to this address: leave the fallback transport the graceful way
+    // (unregister, so the edge routes new requests to the other connections; drain; close) and
+    // let the supervisor reconnect, which now dials QUIC. One connection moves at a time.
+    if (shutdownStarted || ended) return;
+    ctx.logger.info(kj::str("QUIC works again to ", info.address.toString(),
+                            "; moving the connection back from ", transport->protocol()),
+                    fields());
+    shutdownStarted = true;
+    moving = true;
+    events.notReady(info.connIndex);
+    auto drained = unregister().then([this]() { return waitForStreams(); });
+    moveTask = ctx.timer.timeoutAfter(ctx.config.moveDrainTimeout, kj::mv(drained))
+        .catch_([this](kj::Exception&& e) { graceExpired(kj::mv(e)); })
+        .then([this]() {
+      transport->close(0, "");
+      stopFulfiller->fulfill(SessionEnd{EndKind::MOVED, kj::str("QUIC works again"), true,
+                                        true});
+    }).eagerlyEvaluate(nullptr);
+  }
+
   void stop() {
     if (transport.get() != nullptr) transport->close(0, "");
     stopFulfiller->fulfill(SessionEnd{EndKind::SHUTDOWN, kj::str("shutdown"), true, registered});
@@ -486,7 +516,8 @@ private:
   SessionEnd finished(SessionEnd end) {
     ended = true;
     quicEnded();
-    if (shutdownStarted && end.kind == EndKind::LOST) {
+    if (moving && end.kind == EndKind::LOST) end.kind = EndKind::MOVED;   // close won the race
+    if (shutdownStarted && !moving && end.kind == EndKind::LOST) {
       // Our own close() may win the race against stop()'s fulfiller.
       end.kind = EndKind::SHUTDOWN;
       end.wasRegistered = registered;

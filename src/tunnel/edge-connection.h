@@ -45,6 +45,8 @@ struct EdgeConnectionConfig {
   kj::Duration stallTimeout = 10 * kj::SECONDS;
   // --edge-stall-timeout: a connection that has data to send but got neither acknowledgement nor
   // connection-level credit for this long is closed and replaced (the edge withholds credit).
+  kj::Duration moveDrainTimeout = 30 * kj::SECONDS;
+  // --protocol auto: how long a connection moving back to QUIC lets its requests finish.
   kj::Duration streamPreambleTimeout = 10 * kj::SECONDS;
   // --stream-preamble-timeout: an edge-opened stream must deliver its signature and
   // ConnectRequest within this long, or it is reset.
@@ -54,6 +56,16 @@ class TransportDialer {
   // Makes the connection to the edge for an attempt. Without one, EdgeConnection dials QUIC.
 public:
   virtual kj::Promise<kj::Own<EdgeTransport>> dial(const edge::EdgeAddress& address) = 0;
+
+  virtual kj::Maybe<kj::Promise<void>> whenPreferredAgain(const edge::EdgeAddress& address,
+                                                          const EdgeTransport& current) {
+    return nullptr;
+  }
+  // For a connection on a fallback transport (`auto` on HTTP/2): a promise that resolves when
+  // the preferred one (QUIC) works again to `address`, with the right to move: one connection
+  // at a time, until the moved one registered again (see registered()). nullptr = stay.
+  virtual void registered(const edge::EdgeAddress& address, const EdgeTransport& transport) {}
+  // A connection to `address` registered over `transport` (this ends a move).
 };
 
 struct EdgeContext {

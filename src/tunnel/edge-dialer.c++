@@ -32,7 +32,7 @@ EdgeDialer::EdgeDialer(kj::UnixEventPort& eventPort, kj::Network& network, kj::T
                        const observe::Logger& logger, const EdgeConnectionConfig& edgeConfig,
                        DialerConfig configParam)
     : eventPort(eventPort), network(network), timer(timer), logger(logger),
-      edgeConfig(edgeConfig), config(kj::mv(configParam)) {
+      edgeConfig(edgeConfig), config(kj::mv(configParam)), tasks(*this) {
   if (config.protocol == Protocol::QUIC) return;
   // The same roots as QUIC: --edge-ca alone, or the embedded Cloudflare roots plus the system's.
   kj::Array<kj::TlsCertificate> roots;
@@ -91,6 +91,76 @@ kj::Promise<kj::Own<EdgeTransport>> EdgeDialer::dialHttp2(const edge::EdgeAddres
     return kj::Exception(e.getType(), __FILE__, __LINE__, kj::str(
         "HTTP/2 (TCP + TLS) to ", address, " failed: ", e.getDescription()));
   });
+}
+
+kj::Maybe<kj::Promise<void>> EdgeDialer::whenPreferredAgain(const edge::EdgeAddress& address,
+                                                            const EdgeTransport& current) {
+  if (config.protocol != Protocol::AUTO || current.protocol() != "http2") return nullptr;
+  return probeQuic(address);
+}
+
+kj::Promise<void> EdgeDialer::probeQuic(const edge::EdgeAddress& address) {
+  // Every retry interval, one QUIC handshake to the address (closed at once). Once one
+  // succeeds, the address is taken off the fallback list, so that the next dial uses QUIC.
+  return timer.afterDelay(config.quicRetryInterval).then([this, address]() {
+    return dialQuic(address, config.fallbackAfter).then([this, address](kj::Own<EdgeTransport> t)
+                                                         -> kj::Promise<void> {
+      t->close(0, "");
+      auto name = address.toString();
+      kj::Vector<Fallback> kept;
+      for (auto& f: fallbacks) {
+        if (f.address != name) kept.add(kj::mv(f));
+      }
+      fallbacks = kj::mv(kept);
+      return acquireMove(kj::mv(name));
+    }, [this, address](kj::Exception&&) { return probeQuic(address); });
+  });
+}
+
+kj::Promise<void> EdgeDialer::acquireMove(kj::String address) {
+  if (moving == nullptr) {
+    grantMove(kj::mv(address));
+    return kj::READY_NOW;
+  }
+  auto paf = kj::newPromiseAndFulfiller<void>();
+  moveQueue.push_back(MoveWaiter{kj::mv(address), kj::mv(paf.fulfiller)});
+  return kj::mv(paf.promise);
+}
+
+void EdgeDialer::grantMove(kj::String address) {
+  // Held until the moved connection registered again (or, should it never, for as long as a
+  // move may take), so that the other connections carry the traffic meanwhile.
+  moving = kj::mv(address);
+  uint64_t generation = ++moveGeneration;
+  tasks.add(timer.afterDelay(edgeConfig.moveDrainTimeout + config.tcpConnectTimeout +
+                             edgeConfig.transport.handshakeTimeout)
+      .then([this, generation]() {
+    if (generation == moveGeneration && moving != nullptr) releaseMove();
+  }));
+}
+
+void EdgeDialer::releaseMove() {
+  moving = nullptr;
+  while (!moveQueue.empty()) {
+    auto next = kj::mv(moveQueue.front());
+    moveQueue.pop_front();
+    if (next.fulfiller->isWaiting()) {
+      auto address = kj::mv(next.address);
+      next.fulfiller->fulfill();
+      grantMove(kj::mv(address));
+      return;
+    }
+  }
+}
+
+void EdgeDialer::taskFailed(kj::Exception&& e) {
+  logger.error("Edge dialer task failed", kj::str("error=\"", e.getDescription(), "\""));
+}
+
+void EdgeDialer::registered(const edge::EdgeAddress& address, const EdgeTransport& transport) {
+  KJ_IF_MAYBE(m, moving) {
+    if (*m == address.toString() && transport.protocol() == "quic") releaseMove();
+  }
 }
 
 kj::Promise<kj::Own<EdgeTransport>> EdgeDialer::dialAuto(const edge::EdgeAddress& address) {

@@ -6,6 +6,8 @@
 
 #include <kj/async-io.h>
 
+#include <deque>
+
 namespace kj {
 class TlsContext;
 }
@@ -30,7 +32,7 @@ struct DialerConfig {
   // HTTP/2: TCP connect + TLS handshake.
 };
 
-class EdgeDialer final: public TransportDialer {
+class EdgeDialer final: public TransportDialer, private kj::TaskSet::ErrorHandler {
 public:
   EdgeDialer(kj::UnixEventPort& eventPort, kj::Network& network, kj::Timer& timer,
              const observe::Logger& logger, const EdgeConnectionConfig& edgeConfig,
@@ -41,6 +43,9 @@ public:
   KJ_DISALLOW_COPY(EdgeDialer);
 
   kj::Promise<kj::Own<EdgeTransport>> dial(const edge::EdgeAddress& address) override;
+  kj::Maybe<kj::Promise<void>> whenPreferredAgain(const edge::EdgeAddress& address,
+                                                  const EdgeTransport& current) override;
+  void registered(const edge::EdgeAddress& address, const EdgeTransport& transport) override;
 
 private:
   kj::UnixEventPort& eventPort;
@@ -55,6 +60,20 @@ private:
     kj::TimePoint until;
   };
   kj::Vector<Fallback> fallbacks;   // auto: addresses using HTTP/2 for now
+  kj::Maybe<kj::String> moving;     // the address whose connection is moving back to QUIC
+  struct MoveWaiter {
+    kj::String address;
+    kj::Own<kj::PromiseFulfiller<void>> fulfiller;
+  };
+  std::deque<MoveWaiter> moveQueue;  // connections waiting for the right to move
+  uint64_t moveGeneration = 0;       // a grant's timeout only releases its own grant
+  kj::TaskSet tasks;                 // last: the grants' timeouts
+
+  kj::Promise<void> probeQuic(const edge::EdgeAddress& address);
+  kj::Promise<void> acquireMove(kj::String address);
+  void grantMove(kj::String address);
+  void releaseMove();
+  void taskFailed(kj::Exception&& e) override;
 
   kj::Promise<kj::Own<EdgeTransport>> dialQuic(const edge::EdgeAddress& address,
                                                kj::Maybe<kj::Duration> handshakeTimeout);

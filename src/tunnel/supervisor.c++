@@ -12,6 +12,7 @@ kj::StringPtr KJ_STRINGIFY(EndKind kind) {
     case EndKind::REGISTRATION_FAILED: return "registration-failed";
     case EndKind::LOST: return "connection-lost";
     case EndKind::SHUTDOWN: return "shutdown";
+    case EndKind::MOVED: return "moved";
   }
   return "unknown";
 }
@@ -135,6 +136,11 @@ kj::Promise<void> Supervisor::afterSession(Slot& slot, SessionEnd end) {
   auto fields = kj::str("connIndex=", slot.index, " ip=", ip, " event=", end.kind,
                         " reason=\"", end.reason, "\"");
 
+  if (end.kind == EndKind::MOVED) {
+    logger.info("Connection unregistered to change transport; reconnecting", fields);
+    return attempt(slot);
+  }
+
   if (end.kind == EndKind::REJECTED && !end.shouldRetry) {
     logger.error(kj::str("Register tunnel error from server side; the edge said not to retry, "
                          "so connection ", slot.index, " stops: ", end.reason), fields);
@@ -164,6 +170,7 @@ kj::Promise<void> Supervisor::afterSession(Slot& slot, SessionEnd end) {
       break;
     }
     case EndKind::SHUTDOWN:
+    case EndKind::MOVED:
       break;
   }
 

@@ -32,6 +32,7 @@ enum class EndKind {
   REGISTRATION_FAILED,  // RPC failure or timeout while registering: back off, same address
   LOST,                 // the QUIC connection ended (idle timeout, edge close, ...): back off
   SHUTDOWN,             // ended by shutdown(): no retry
+  MOVED,                // left its fallback transport gracefully (auto): reconnect at once
 };
 
 kj::StringPtr KJ_STRINGIFY(EndKind kind);

@@ -1063,6 +1063,62 @@ def test_auto_falls_back_when_udp_blocked(env):
         edge.stop()
 
 
+def test_auto_moves_back_to_quic(env):
+    # UDP blocked at start: both connections fall back to HTTP/2. Once UDP works again, QUIC is
+    # probed every --quic-retry-interval and the connections move back one at a time (unregister,
+    # drain, reconnect over QUIC) while the other carries the traffic: no request fails.
+    if PROTOCOL != "quic":
+        raise Skip("picks its own transport (--protocol auto): runs in the quic suite only")
+    workdir = tempfile.mkdtemp(prefix="auto-back-", dir=env.workdir)
+    edge = Edge(env.bindir, workdir, extra_args=["--no-udp"])
+    t = None
+    stop = threading.Event()
+    results = {"ok": 0, "failed": []}
+
+    def load():
+        while not stop.is_set():
+            try:
+                status, _, data = front(edge, t.host, "GET", "/blob?n=2000")
+                if status == 200 and data == blob(2000):
+                    results["ok"] += 1
+                else:
+                    results["failed"].append(status)
+            except Exception as e:   # a cut connection counts as a failure
+                results["failed"].append(repr(e))
+
+    try:
+        t = Cfqt(env.bindir, edge, ["--url", "http://127.0.0.1:%d" % env.origin.port,
+                                    "--protocol", "auto", "--ha-connections", "2",
+                                    "--fallback-after", "300ms", "--quic-retry-interval", "500ms"])
+        for idx in (0, 1):
+            t.log.wait_for(r"Registered tunnel connection connIndex=%d .*protocol=http2" % idx)
+        loader = threading.Thread(target=load, daemon=True)
+        loader.start()
+        edge.admin("POST", "/udp/unblock")
+        deadline = time.monotonic() + DEADLINE_S
+        while True:
+            conns = edge.connections(t.host)
+            if sorted((c["connIndex"], c["protocol"]) for c in conns) == [(0, "quic"), (1, "quic")]:
+                break
+            check(time.monotonic() < deadline, "connections did not move back to QUIC", conns)
+            time.sleep(0.05)
+        stop.set()
+        loader.join(DEADLINE_S)
+        moves = t.log.matching(r"QUIC works again to ")
+        print("    moved back: %d lines; %d requests during the move, %d failed" %
+              (len(moves), results["ok"], len(results["failed"])))
+        check(len(moves) == 2, "want one move per connection", moves)
+        check(results["ok"] > 0, "no request ran during the move")
+        check(not results["failed"], "requests failed during the move", results["failed"][:5])
+        for idx in (0, 1):
+            t.log.wait_for(r"Registered tunnel connection connIndex=%d .*protocol=quic" % idx)
+    finally:
+        stop.set()
+        if t:
+            t.stop()
+        edge.stop()
+
+
 TESTS = [
     test_cloudflared_form_and_metrics,
     test_methods,
@@ -1087,6 +1143,7 @@ TESTS = [
     test_bad_configuration_exits_2_at_once,
     test_idle_timeout_alone_lowers_keepalive_with_warning,
     test_auto_falls_back_when_udp_blocked,
+    test_auto_moves_back_to_quic,
 ]
 
 
