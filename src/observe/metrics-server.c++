@@ -123,6 +123,18 @@ kj::String metricsBody(const TunnelStatus& status) {
            "QUIC packets sent on the connections of the index",
            [](const Sample& s) { return s.packetsSent; });
 
+  auto protocols = status.connectionProtocols();
+  if (protocols.size() > 0) {
+    e.family("cfqt_tunnel_connection_protocol", "gauge",
+             "The transport each connection index registered over (quic, http2)");
+    kj::Vector<const TunnelStatus::Protocol*> sorted;
+    for (auto& p: protocols) sorted.add(&p);
+    std::sort(sorted.begin(), sorted.end(),
+              [](auto a, auto b) { return a->connIndex < b->connIndex; });
+    for (auto p: sorted) {
+      e.sample({{"conn_index", kj::str(p->connIndex)}, {"protocol", kj::str(p->protocol)}}, 1);
+    }
+  }
   e.single("cfqt_tunnel_requests_cancelled", "counter",
            "Requests the edge abandoned before their response completed (visitor gone)",
            status.cancelledRequests());

@@ -133,6 +133,9 @@ KJ_TEST("metrics: /metrics text exposition with cloudflared's names") {
   status.serverLocation(1, "ams02");
   status.serverLocation(0, "lhr01");
   status.serverLocation(1, "fra07");
+  status.connectionProtocol(1, "http2");
+  status.connectionProtocol(0, "http2");
+  status.connectionProtocol(0, "quic");
   for (int i = 0; i < 3; i++) status.requestStarted();
   status.requestFinished();
   status.requestFailed();
@@ -163,6 +166,9 @@ KJ_TEST("metrics: /metrics text exposition with cloudflared's names") {
       "build_info{goversion=\"cfqt/1.2.3\",revision=\"unknown\",type=\"\",version=\"2026.8.2\"} 1",
       "cloudflared_config_local_config_pushes 1",
       "cloudflared_config_local_config_pushes_errors 0",
+      "# TYPE cfqt_tunnel_connection_protocol gauge",
+      "cfqt_tunnel_connection_protocol{conn_index=\"0\",protocol=\"quic\"} 1",
+      "cfqt_tunnel_connection_protocol{conn_index=\"1\",protocol=\"http2\"} 1",
       "# TYPE cloudflared_tunnel_concurrent_requests_per_tunnel gauge",
       "cloudflared_tunnel_concurrent_requests_per_tunnel 2",
       "cloudflared_tunnel_ha_connections 2",

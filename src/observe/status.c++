@@ -22,6 +22,16 @@ void addSample(TunnelStatus::QuicSample& into, const TunnelStatus::QuicSample& n
 
 }  // namespace
 
+void TunnelStatus::connectionProtocol(kj::uint connIndex, kj::StringPtr protocol) {
+  for (auto& p: protocols) {
+    if (p.connIndex == connIndex) {
+      p.protocol = kj::str(protocol);
+      return;
+    }
+  }
+  protocols.add(Protocol{connIndex, kj::str(protocol)});
+}
+
 void TunnelStatus::serverLocation(kj::uint connIndex, kj::StringPtr location) {
   // cloudflared: the index's previous location drops to 0, the new one goes to 1; registering
   // again at the same location changes nothing.

@@ -88,6 +88,14 @@ public:
   // A connection registered at `location` (cloudflared's server_locations gauge).
   kj::ArrayPtr<const Location> serverLocations() const { return locations; }
 
+  struct Protocol {
+    kj::uint connIndex;
+    kj::String protocol;   // "quic" or "http2"
+  };
+  void connectionProtocol(kj::uint connIndex, kj::StringPtr protocol);
+  // The transport the index's connection registered over (its latest registration).
+  kj::ArrayPtr<const Protocol> connectionProtocols() const { return protocols; }
+
   struct UserHostname {
     kj::String url;
     uint64_t count;
@@ -150,6 +158,7 @@ private:
   uint64_t configPushes = 0;
   uint64_t configPushErrors = 0;
   kj::Vector<Location> locations;
+  kj::Vector<Protocol> protocols;
   kj::Vector<UserHostname> hostnames;
   BuildInfo build;
   kj::Vector<QuicSlot> quicSlots;

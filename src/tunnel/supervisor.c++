@@ -218,6 +218,7 @@ void Supervisor::registered(uint connIndex, RegisteredInfo info) {
   }
   status.registrationSucceeded();
   status.serverLocation(connIndex, info.location);
+  status.connectionProtocol(connIndex, info.protocol);
   logger.info("Registered tunnel connection",
               kj::str("connIndex=", connIndex, " connection=", info.connectionId, " event=0 ip=",
                       info.ip, " location=", info.location, " protocol=",
