@@ -72,8 +72,8 @@ const Flag FLAGS[] = {
     {"client-version", "", Kind::STRING, "Version sent to the edge (default 2026.8.2)."},
     {"local", "", Kind::BOOL, "Run an in-process edge emulator and tunnel through it."},
     {"no-autoupdate", "", Kind::BOOL, "Accepted for compatibility."},
-    {"protocol", "", Kind::STRING, "quic (default), http2 (TLS over TCP) or auto (QUIC, HTTP/2 "
-                                   "when UDP is blocked)."},
+    {"protocol", "", Kind::STRING, "auto (default: QUIC, HTTP/2 when UDP is blocked), quic or "
+                                   "http2 (TLS over TCP)."},
     {"backoff-base", "", Kind::DURATION, "Reconnect backoff base (default 1s)."},
     {"ha-stagger", "", Kind::DURATION, "Delay between starting HA connections (default 1s)."},
     {"quic-idle-timeout", "", Kind::DURATION, "QUIC idle timeout (default 5s)."},

@@ -40,7 +40,7 @@ struct CliOptions {
   kj::String clientVersion = kj::str("2026.8.2");
   bool local = false;
   bool noAutoupdate = false;
-  kj::String protocol = kj::str("quic");
+  kj::String protocol = kj::str("auto");  // --protocol quic|http2|auto
 
   // Timeouts and backoff (hidden flags; tests use milliseconds).
   kj::Duration backoffBase = 1 * kj::SECONDS;          // --backoff-base

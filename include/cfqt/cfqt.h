@@ -37,7 +37,7 @@ typedef struct cfqt_options {
   const char* log_level;        /* NULL = "info" */
   const char* unix_socket;      /* origin: an HTTP server on this unix socket (url NULL) */
   int backoff_base_ms;          /* reconnect backoff base (default 1000) */
-  const char* protocol;         /* NULL = "quic"; "http2" (TLS over TCP) or "auto" */
+  const char* protocol;         /* NULL = "auto"; "quic" or "http2" (TLS over TCP) */
 } cfqt_options;
 
 void cfqt_options_init(cfqt_options* options);

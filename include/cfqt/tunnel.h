@@ -32,8 +32,8 @@ struct TunnelOptions {
   std::vector<std::string> edges;     // host:port, skips discovery
   std::string edgeCaFile;             // trusted alone for the edge certificate
   std::string clientVersion = "2026.8.2";
-  std::string protocol = "quic";      // "quic", "http2" (TLS over TCP) or "auto" (QUIC, HTTP/2
-                                      // for an edge address whose UDP gets no answer)
+  std::string protocol = "auto";      // "auto" (QUIC, HTTP/2 for an edge address whose UDP gets
+                                      // no answer), "quic" or "http2" (TLS over TCP)
 
   int haConnections = 2;              // 1..4
   std::chrono::milliseconds gracePeriod{30000};
