@@ -611,6 +611,7 @@ void SessionImpl::installSession() {
   nghttp2_option_set_no_auto_window_update(option, 1);   // credit only as bodies are read
   nghttp2_option_set_max_outbound_ack(option, kj::max(config.maxQueuedAcks, uint32_t(1)));
   nghttp2_option_set_no_closed_streams(option, 1);       // no priority-tree leftovers
+  nghttp2_option_set_stream_reset_rate_limit(option, config.resetBurst, config.resetRate);
 
   int rv = nghttp2_session_server_new2(&session, callbacks, this, option);
   KJ_ASSERT(rv == 0, "nghttp2_session_server_new2", libError(rv));

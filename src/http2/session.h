@@ -114,6 +114,13 @@ struct SessionConfig {
   // Any non-DATA frames queued (RST_STREAMs answering a peer's frames included); more fails the
   // session (FLOODED).
 
+  uint64_t resetBurst = 1000;
+  uint64_t resetRate = 33;
+  // nghttp2's limit on the peer's RST_STREAMs (token bucket: `resetBurst` tokens, `resetRate`
+  // per second; CVE-2023-44487 "rapid reset"): over it the session ends (FLOODED). nghttp2's
+  // defaults suit a server facing the Internet; the tunnel's peer is the edge, which resets a
+  // stream for every visitor that leaves, so the tunnel raises it (see EdgeDialer).
+
   size_t readBufferSize = 32 * 1024;
   // One transport read at most (then handed to nghttp2).
   size_t writeBufferSize = 64 * 1024;

@@ -84,6 +84,10 @@ kj::Promise<kj::Own<EdgeTransport>> EdgeDialer::dialHttp2(const edge::EdgeAddres
       ? edgeConfig.transport.keepAlivePeriod : 1 * kj::SECONDS;
   session.pingTimeout = edgeConfig.transport.maxIdleTimeout;
   session.maxConcurrentStreams = kj::min(edgeConfig.maxConcurrentStreams, uint64_t(0x7fffffff));
+  // The edge resets a stream for every visitor that leaves: under load that is thousands per
+  // second, which nghttp2's Internet-facing default (33/s) would take for an attack.
+  session.resetBurst = 100000;
+  session.resetRate = 100000;
   return dialHttp2Transport(network, *KJ_ASSERT_NONNULL(tls), timer, address.toString(),
                             config.http2ServerName, config.tcpConnectTimeout, kj::mv(session))
       .catch_([address = address.toString()](kj::Exception&& e)
