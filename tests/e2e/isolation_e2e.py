@@ -702,6 +702,17 @@ class Checks:
 
 
 # ---------------------------------------------------------------------------------------------
+def baseline(env, t, sz):
+    """Idle RSS and the small-GET latencies before a load (after a warm-up)."""
+    small_gets(env, t.host, 5)          # warm up (pools, first allocations)
+    idle = t.mem()[0]
+    base = small_gets(env, t.host, sz.small_gets)
+    figure("idle RSS", idle, "MiB")
+    figure("baseline small GET p50", pct(base, 0.5) * 1e3, "ms")
+    figure("baseline small GET p99", pct(base, 0.99) * 1e3, "ms")
+    return idle, base
+
+
 # Cases
 
 def test_stalled_gib_visitors(env):
@@ -709,12 +720,7 @@ def test_stalled_gib_visitors(env):
     t = Cfqt(env, ["--url", "http://127.0.0.1:%d" % env.origin.port])
     visitors = []
     try:
-        small_gets(env, t.host, 5)          # warm up (pools, first allocations)
-        idle = t.mem()[0]
-        base = small_gets(env, t.host, sz.small_gets)
-        figure("idle RSS", idle, "MiB")
-        figure("baseline small GET p50", pct(base, 0.5) * 1e3, "ms")
-        figure("baseline small GET p99", pct(base, 0.99) * 1e3, "ms")
+        idle, base = baseline(env, t, sz)
 
         for i in range(sz.stall_visitors):
             s = connect(env, rcvbuf=4096)
@@ -945,12 +951,7 @@ def test_stalled_uploads(env):
     stop = threading.Event()
     visitors = []
     try:
-        small_gets(env, t.host, 5)          # warm up (pools, first allocations)
-        idle = t.mem()[0]
-        base = small_gets(env, t.host, sz.small_gets)
-        figure("idle RSS", idle, "MiB")
-        figure("baseline small GET p50", pct(base, 0.5) * 1e3, "ms")
-        figure("baseline small GET p99", pct(base, 0.99) * 1e3, "ms")
+        idle, base = baseline(env, t, sz)
 
         before = {c["id"]: (c.get("stats") or {}).get("bytesSent", 0)
                   for c in env.edge.connections(t.host)}

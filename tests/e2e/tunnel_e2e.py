@@ -1016,11 +1016,17 @@ FALLBACK_WRN = (r" WRN UDP to (\S+) got no answer in 2s; using HTTP/2 over TCP\.
                 r"Open outbound UDP ([0-9]+) for QUIC\.")
 
 
-def test_auto_falls_back_when_udp_blocked(env):
+def udp_blocked_edge(env, prefix):
+    """A cfqt-edge of its own whose UDP side drops everything (--no-udp), for the auto tests;
+    they pick their own transport, so they run in the quic suite only."""
     if PROTOCOL != "quic":
         raise Skip("picks its own transport (--protocol auto): runs in the quic suite only")
-    workdir = tempfile.mkdtemp(prefix="auto-", dir=env.workdir)
-    edge = Edge(env.bindir, workdir, extra_args=["--no-udp"])
+    workdir = tempfile.mkdtemp(prefix=prefix, dir=env.workdir)
+    return Edge(env.bindir, workdir, extra_args=["--no-udp"])
+
+
+def test_auto_falls_back_when_udp_blocked(env):
+    edge = udp_blocked_edge(env, "auto-")
     t = None
     try:
         check(edge.ready["udpBlocked"] is True and edge.ready["tcpEdges"] == edge.ready["edges"]
@@ -1067,10 +1073,7 @@ def test_auto_moves_back_to_quic(env):
     # UDP blocked at start: both connections fall back to HTTP/2. Once UDP works again, QUIC is
     # probed every --quic-retry-interval and the connections move back one at a time (unregister,
     # drain, reconnect over QUIC) while the other carries the traffic: no request fails.
-    if PROTOCOL != "quic":
-        raise Skip("picks its own transport (--protocol auto): runs in the quic suite only")
-    workdir = tempfile.mkdtemp(prefix="auto-back-", dir=env.workdir)
-    edge = Edge(env.bindir, workdir, extra_args=["--no-udp"])
+    edge = udp_blocked_edge(env, "auto-back-")
     t = None
     stop = threading.Event()
     results = {"ok": 0, "failed": []}
