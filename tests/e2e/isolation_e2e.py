@@ -702,6 +702,20 @@ class Checks:
 
 
 # ---------------------------------------------------------------------------------------------
+def added_p99(base, during, error):
+    """The small GETs' p99 during a load minus their p50 before it (inf if one failed)."""
+    if error:
+        figure("small GET during the stall", "FAILED: " + error)
+        return float("inf")
+    p99_during = pct(during, 0.99)
+    added = p99_during - pct(base, 0.5)
+    figure("small GET p50 during", pct(during, 0.5) * 1e3, "ms")
+    figure("small GET p99 during", p99_during * 1e3, "ms")
+    figure("small GET max during", max(during) * 1e3, "ms")
+    figure("p99 added (p99 during - p50 base)", added * 1e3, "ms")
+    return added
+
+
 def baseline(env, t, sz):
     """Idle RSS and the small-GET latencies before a load (after a warm-up)."""
     small_gets(env, t.host, 5)          # warm up (pools, first allocations)
@@ -747,15 +761,7 @@ def test_stalled_gib_visitors(env):
         edge_mem = read_status(env.edge.proc.pid)
         if edge_mem:
             figure("cfqt-edge RSS (not asserted)", edge_mem[0], "MiB")
-        if error:
-            figure("small GET during the stall", "FAILED: " + error)
-            added = float("inf")
-        else:
-            p99_during = pct(during, 0.99)
-            added = p99_during - pct(base, 0.5)
-            figure("small GET p50 during", pct(during, 0.5) * 1e3, "ms")
-            figure("small GET p99 during", p99_during * 1e3, "ms")
-            figure("p99 added (p99 during - p50 base)", added * 1e3, "ms")
+        added = added_p99(base, during, error)
 
         t_leave = time.monotonic()
         for i, s in enumerate(visitors):
@@ -993,16 +999,7 @@ def test_stalled_uploads(env):
         rss, hwm = t.mem()
         figure("RSS after the small GETs", rss, "MiB")
         figure("RSS peak (VmHWM)", hwm, "MiB")
-        if error:
-            figure("small GET during the stall", "FAILED: " + error)
-            added = float("inf")
-        else:
-            p99_during = pct(during, 0.99)
-            added = p99_during - pct(base, 0.5)
-            figure("small GET p50 during", pct(during, 0.5) * 1e3, "ms")
-            figure("small GET p99 during", p99_during * 1e3, "ms")
-            figure("small GET max during", max(during) * 1e3, "ms")
-            figure("p99 added (p99 during - p50 base)", added * 1e3, "ms")
+        added = added_p99(base, during, error)
         late = sum(v.pushed for v in visitors) - sum(pushed)
         figure("visitors pushed during the GETs", late / 1024.0, "KiB")
 
