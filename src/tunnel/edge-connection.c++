@@ -71,10 +71,7 @@ public:
       stop();
       return kj::READY_NOW;
     }
-    auto drained = unregister().then([this]() { return waitForStreams(); });
-    return ctx.timer.timeoutAfter(grace, kj::mv(drained))
-        .catch_([this](kj::Exception&& e) { graceExpired(kj::mv(e)); })
-        .then([this]() { stop(); });
+    return drain(grace).then([this]() { stop(); });
   }
 
 private:
@@ -358,10 +355,19 @@ private:
         capnp::MallocMessageBuilder message;
         auto root = message.initRoot<capnp::JsonValue>();
         codec.decodeRaw(body.asChars(), root);
-        KJ_REQUIRE(root.isObject(), "not a JSON object");
+        if (!root.isObject()) {
+          kj::throwFatalException(KJ_EXCEPTION(FAILED, "the body is not a JSON object"));
+        }
         for (auto field: root.getObject()) {
           if (field.getName() == "version" && field.getValue().isNumber()) {
-            version = field.getValue().getNumber();
+            // Untrusted: only a whole number in range converts (a float->int cast of anything
+            // else is undefined).
+            double number = field.getValue().getNumber();
+            if (!(number >= INT32_MIN && number <= INT32_MAX &&
+                  number == static_cast<double>(static_cast<int64_t>(number)))) {
+              kj::throwFatalException(KJ_EXCEPTION(FAILED, "version is not a 32-bit integer"));
+            }
+            version = static_cast<int32_t>(number);
           } else if (field.getName() == "config") {
             config = codec.encodeRaw(field.getValue());
           }
@@ -498,14 +504,19 @@ private:
     shutdownStarted = true;
     moving = true;
     events.notReady(info.connIndex);
-    auto drained = unregister().then([this]() { return waitForStreams(); });
-    moveTask = ctx.timer.timeoutAfter(ctx.config.moveDrainTimeout, kj::mv(drained))
-        .catch_([this](kj::Exception&& e) { graceExpired(kj::mv(e)); })
-        .then([this]() {
+    moveTask = drain(ctx.config.moveDrainTimeout).then([this]() {
       transport->close(0, "");
       stopFulfiller->fulfill(SessionEnd{EndKind::MOVED, kj::str("QUIC works again"), true,
                                         true});
     }).eagerlyEvaluate(nullptr);
+  }
+
+  kj::Promise<void> drain(kj::Duration grace) {
+    // Unregister (the edge routes no new request here), then let in-flight streams finish, for
+    // at most `grace`.
+    auto drained = unregister().then([this]() { return waitForStreams(); });
+    return ctx.timer.timeoutAfter(grace, kj::mv(drained))
+        .catch_([this](kj::Exception&& e) { graceExpired(kj::mv(e)); });
   }
 
   void stop() {

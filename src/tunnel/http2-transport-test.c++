@@ -606,6 +606,17 @@ KJ_TEST("HTTP/2: registers over the control-stream request, pushes config, serve
     KJ_EXPECT(s.status == 200, s.status);
     KJ_EXPECT(s.bodyText() == "{\"lastAppliedVersion\":7,\"err\":null}", s.bodyText());
     KJ_EXPECT(h.remoteConfig.currentVersion() == 7);
+    // A version that is no 32-bit integer (untrusted JSON) is refused, nothing applied.
+    for (auto bad: {"{\"version\":1e20,\"config\":{}}"_kj, "{\"version\":8.5,\"config\":{}}"_kj,
+                    "[7]"_kj}) {
+      auto badId = r.edge->request(update, bad.asBytes());
+      KJ_ASSERT(h.until(*r.edge, [&]() { return r.edge->stream(badId).done(); }));
+      auto& b = r.edge->stream(badId);
+      KJ_EXPECT(b.status == 200, b.status);
+      KJ_EXPECT(b.bodyText().startsWith("{\"lastAppliedVersion\":7,\"err\":\"invalid "),
+                b.bodyText());
+    }
+    KJ_EXPECT(h.remoteConfig.currentVersion() == 7);
   }
 
   KJ_EXPECT(!run.poll(h.io.waitScope), "a request ended the connection");
@@ -754,6 +765,24 @@ KJ_TEST("Http2EdgeTransport: requests before anyone accepts wait; the edge's GOA
   KJ_EXPECT(head.method == "GET" && head.host == "t.example");
   KJ_EXPECT(head.contentLength == nullptr && !head.chunked);
   KJ_EXPECT(userHeader(head.headers, "User-Agent").orDefault("") == "http2-transport-test");
+  // Bodies: a content-length is the origin request's length; without one the body goes to the
+  // origin chunked (HTTP/2 has no chunked framing of its own).
+  {
+    const H sized[] = {{":method", "POST"}, {":scheme", "https"}, {":authority", "t.example"},
+                       {":path", "/up"}, {"content-length", "5"}};
+    const H unsized[] = {{":method", "POST"}, {":scheme", "https"}, {":authority", "t.example"},
+                         {":path", "/up"}};
+    edge.request(sized, "hello"_kj.asBytes());
+    edge.request(unsized, "hello"_kj.asBytes());
+    auto first = h.wait(transport->acceptStream());
+    auto firstRequest = h.wait(first->readRequest());
+    auto& firstHead = firstRequest.get<ProxyRequest>().head.get<wire::HttpRequestHead>();
+    KJ_EXPECT(KJ_ASSERT_NONNULL(firstHead.contentLength) == 5 && !firstHead.chunked);
+    auto second = h.wait(transport->acceptStream());
+    auto secondRequest = h.wait(second->readRequest());
+    auto& secondHead = secondRequest.get<ProxyRequest>().head.get<wire::HttpRequestHead>();
+    KJ_EXPECT(secondHead.contentLength == nullptr && secondHead.chunked);
+  }
 
   // The control stream carries bytes both ways.
   edge.appendUpload(control, "ping"_kj.asBytes(), false);

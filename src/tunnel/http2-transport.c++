@@ -11,24 +11,6 @@ namespace cfqt::tunnel {
 
 namespace {
 
-kj::String lowerAscii(kj::StringPtr text) {
-  auto out = kj::heapString(text);
-  for (char& c: out) {
-    if (c >= 'A' && c <= 'Z') c += 'a' - 'A';
-  }
-  return out;
-}
-
-kj::Maybe<uint64_t> parseLength(kj::StringPtr text) {
-  if (text.size() == 0 || text.size() > 18) return nullptr;
-  uint64_t n = 0;
-  for (char c: text) {
-    if (c < '0' || c > '9') return nullptr;
-    n = n * 10 + (c - '0');
-  }
-  return n;
-}
-
 class Http2ResponseSink final: public origin::ResponseSink {
   // The origin's head as cloudflared sends it over HTTP/2: user headers serialized in
   // cf-cloudflared-response-headers, content-length also as a real header, the meta header, a
@@ -64,7 +46,7 @@ private:
     kj::Vector<wire::Header> rest(list.size());
     for (auto& h: list) {
       if (h.name == ":status") {
-        KJ_IF_MAYBE(n, parseLength(h.value)) status = *n;
+        KJ_IF_MAYBE(n, wire::parseContentLength(h.value)) status = *n;
       } else {
         rest.add(wire::Header{kj::mv(h.name), kj::mv(h.value)});
       }
@@ -120,8 +102,9 @@ private:
     head.dest = kj::str(scheme, "://", head.host, path);
     auto userHeaders = http2::originRequestHeaders(headers);
     for (auto& h: userHeaders) {
-      if (lowerAscii(h.name) == "content-length" && head.contentLength == nullptr) {
-        head.contentLength = parseLength(h.value);
+      // Names are canonical here (originRequestHeaders), as Go's server makes them.
+      if (h.name == "Content-Length" && head.contentLength == nullptr) {
+        head.contentLength = wire::parseContentLength(h.value);
       }
       head.headers.add(wire::Header{kj::mv(h.name), kj::mv(h.value)});
     }

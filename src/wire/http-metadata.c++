@@ -45,23 +45,6 @@ bool containsIgnoringCase(kj::StringPtr haystack, kj::StringPtr lowerNeedle) {
   return false;
 }
 
-// strconv.ParseInt(s, 10, 64) restricted to values >= 0.
-kj::Maybe<uint64_t> parseContentLength(kj::StringPtr text) {
-  size_t i = 0;
-  if (text.size() > 0 && text[0] == '+') i = 1;
-  if (i == text.size()) return nullptr;
-  uint64_t value = 0;
-  constexpr uint64_t MAX = uint64_t(kj::maxValue) >> 1;  // int64 max
-  for (; i < text.size(); i++) {
-    char c = text[i];
-    if (c < '0' || c > '9') return nullptr;
-    uint64_t digit = c - '0';
-    if (value > (MAX - digit) / 10) return nullptr;
-    value = value * 10 + digit;
-  }
-  return value;
-}
-
 kj::Maybe<kj::uint> parseStatus(kj::StringPtr text) {
   if (text.size() != 3) return nullptr;
   kj::uint value = 0;
@@ -139,6 +122,23 @@ void setHeaderEntry(schema::Metadata::Builder entry, kj::StringPtr name, kj::Str
 }
 
 }  // namespace
+
+kj::Maybe<uint64_t> parseContentLength(kj::StringPtr text) {
+  size_t i = 0;
+  if (text.size() > 0 && text[0] == '+') i = 1;
+  if (i == text.size()) return nullptr;
+  uint64_t value = 0;
+  constexpr uint64_t MAX = uint64_t(kj::maxValue) >> 1;  // int64 max
+  for (; i < text.size(); i++) {
+    char c = text[i];
+    if (c < '0' || c > '9') return nullptr;
+    uint64_t digit = c - '0';
+    if (value > (MAX - digit) / 10) return nullptr;
+    value = value * 10 + digit;
+  }
+  return value;
+}
+
 
 bool isHttpToken(kj::StringPtr text) {
   if (text.size() == 0) return false;

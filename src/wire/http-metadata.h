@@ -43,6 +43,10 @@ struct Header {
   kj::String value;
 };
 
+kj::Maybe<uint64_t> parseContentLength(kj::StringPtr text);
+// A Content-Length value as Go reads it (strconv.ParseInt(s, 10, 64), values >= 0, optional
+// leading '+'); nullptr if it is not one.
+
 struct HttpRequestHead {
   kj::String dest;                // ConnectRequest.dest, verbatim (absolute URL or path)
   schema::ConnectionType type = schema::ConnectionType::HTTP;
