@@ -248,7 +248,7 @@ private:
     // Ends a registered connection that cannot serve any more: logged, closed (the supervisor
     // sees LOST with this reason and reconnects).
     if (faultReason != nullptr || transport->isClosed()) return;
-    ctx.logger.warn(kj::str("Closing the edge connection: ", reason),
+    ctx.logger.warn("Closing the edge connection: it cannot serve any more",
                     kj::str(fields(), " reason=\"", reason, "\""));
     faultReason = kj::mv(reason);
     events.notReady(info.connIndex);

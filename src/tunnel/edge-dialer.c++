@@ -33,7 +33,13 @@ EdgeDialer::EdgeDialer(kj::UnixEventPort& eventPort, kj::Network& network, kj::T
                        DialerConfig configParam)
     : eventPort(eventPort), network(network), timer(timer), logger(logger),
       edgeConfig(edgeConfig), config(kj::mv(configParam)), tasks(*this) {
-  if (config.protocol == Protocol::QUIC) return;
+  // http2 needs its TLS context at once (and fails fast); auto sets it up the first time an
+  // address needs HTTP/2, so that the common case (QUIC works) pays nothing at start-up.
+  if (config.protocol == Protocol::HTTP2) tlsContext();
+}
+
+kj::TlsContext& EdgeDialer::tlsContext() {
+  KJ_IF_MAYBE(t, tls) return **t;
   // The same roots as QUIC: --edge-ca alone, or the embedded Cloudflare roots plus the system's.
   kj::Array<kj::TlsCertificate> roots;
   kj::OneOf<kj::Array<kj::TlsCertificate>, kj::String> loaded;
@@ -54,7 +60,7 @@ EdgeDialer::EdgeDialer(kj::UnixEventPort& eventPort, kj::Network& network, kj::T
   kj::TlsContext::Options options;
   options.useSystemTrustStore = system;
   options.trustedCertificates = roots;
-  tls = kj::heap<kj::TlsContext>(kj::mv(options));
+  return *tls.emplace(kj::heap<kj::TlsContext>(kj::mv(options)));
 }
 
 EdgeDialer::~EdgeDialer() noexcept(false) {}
@@ -88,9 +94,10 @@ kj::Promise<kj::Own<EdgeTransport>> EdgeDialer::dialHttp2(const edge::EdgeAddres
   // second, which nghttp2's Internet-facing default (33/s) would take for an attack.
   session.resetBurst = 100000;
   session.resetRate = 100000;
-  return dialHttp2Transport(network, *KJ_ASSERT_NONNULL(tls), timer, address.toString(),
-                            config.http2ServerName, config.tcpConnectTimeout, kj::mv(session))
-      .catch_([address = address.toString()](kj::Exception&& e)
+  return kj::evalNow([&]() {
+    return dialHttp2Transport(network, tlsContext(), timer, address.toString(),
+                              config.http2ServerName, config.tcpConnectTimeout, kj::mv(session));
+  }).catch_([address = address.toString()](kj::Exception&& e)
               -> kj::Promise<kj::Own<EdgeTransport>> {
     return kj::Exception(e.getType(), __FILE__, __LINE__, kj::str(
         "HTTP/2 (TCP + TLS) to ", address, " failed: ", e.getDescription()));

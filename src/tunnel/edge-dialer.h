@@ -37,8 +37,9 @@ public:
   EdgeDialer(kj::UnixEventPort& eventPort, kj::Network& network, kj::Timer& timer,
              const observe::Logger& logger, const EdgeConnectionConfig& edgeConfig,
              DialerConfig config);
-  // Borrows everything but `config`. Throws FAILED with a one-line reason when HTTP/2 may be
-  // used and its trust roots (--edge-ca, or the embedded Cloudflare roots) cannot be loaded.
+  // Borrows everything but `config`. With `http2`, throws FAILED with a one-line reason when the
+  // trust roots (--edge-ca, or the embedded Cloudflare roots) cannot be loaded; with `auto` that
+  // is found (and the roots loaded) the first time an address needs HTTP/2.
   ~EdgeDialer() noexcept(false);
   KJ_DISALLOW_COPY(EdgeDialer);
 
@@ -78,6 +79,9 @@ private:
   kj::Promise<kj::Own<EdgeTransport>> dialQuic(const edge::EdgeAddress& address,
                                                kj::Maybe<kj::Duration> handshakeTimeout);
   kj::Promise<kj::Own<EdgeTransport>> dialHttp2(const edge::EdgeAddress& address);
+  kj::TlsContext& tlsContext();
+  // Created on first use from the roots; throws FAILED with a one-line reason if they cannot be
+  // loaded.
   kj::Promise<kj::Own<EdgeTransport>> dialAuto(const edge::EdgeAddress& address);
 };
 
