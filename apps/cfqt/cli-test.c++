@@ -233,6 +233,20 @@ KJ_TEST("cli: stream and stall tuning flags") {
   KJ_EXPECT(has(help, "--stream-preamble-timeout"));
 }
 
+KJ_TEST("cli: --protocol auto's QUIC failure trigger flags") {
+  auto d = ok({"--hello-world"});
+  KJ_EXPECT(d.quicFailureLimit == 3);
+  KJ_EXPECT(d.quicFailureWindow == 60 * kj::SECONDS);
+  auto o = ok({"--hello-world", "--quic-failure-limit", "0", "--quic-failure-window=500ms"});
+  KJ_EXPECT(o.quicFailureLimit == 0);
+  KJ_EXPECT(o.quicFailureWindow == 500 * kj::MILLISECONDS);
+  KJ_EXPECT(has(err({"--hello-world", "--quic-failure-limit", "-1"}), "non-negative integer"));
+  KJ_EXPECT(has(err({"--hello-world", "--quic-failure-window", "soon"}), "duration"));
+  auto help = parse({"--help"}).get<CliExit>().text;
+  KJ_EXPECT(has(help, "--quic-failure-limit"));
+  KJ_EXPECT(has(help, "--quic-failure-window"));
+}
+
 // ---------------------------------------------------------------------------------------------
 // validate()
 
@@ -459,7 +473,7 @@ KJ_TEST("validate: timeouts that must be positive, stream limit") {
                    "--rpc-timeout"_kj, "--api-timeout"_kj, "--dns-timeout"_kj,
                    "--dot-timeout"_kj, "--proxy-connect-timeout"_kj, "--proxy-tls-timeout"_kj,
                    "--hello-sse-interval"_kj, "--edge-stall-timeout"_kj,
-                   "--stream-preamble-timeout"_kj}) {
+                   "--stream-preamble-timeout"_kj, "--quic-failure-window"_kj}) {
     KJ_EXPECT(has(invalid({"--hello-world", flag, "0s"}),
                   kj::str("cfqt: ", flag, " must be greater than 0")), flag);
   }

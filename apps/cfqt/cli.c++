@@ -98,6 +98,10 @@ const Flag FLAGS[] = {
      "--protocol auto: use HTTP/2 when QUIC has no handshake by then (default 2s)."},
     {"quic-retry-interval", "", Kind::DURATION,
      "--protocol auto: try QUIC again after this long on HTTP/2 (default 5m)."},
+    {"quic-failure-limit", "", Kind::UINT,
+     "--protocol auto: QUIC dying this often within the window means HTTP/2 (default 3; 0 off)."},
+    {"quic-failure-window", "", Kind::DURATION,
+     "--protocol auto: the window of --quic-failure-limit (default 60s)."},
 };
 
 const Flag* findFlag(kj::StringPtr name) {
@@ -149,6 +153,8 @@ kj::Maybe<kj::String> apply(CliOptions& o, const Flag& flag, kj::StringPtr value
         o.retries = *v;
       } else if (n == "max-concurrent-streams") {
         o.maxConcurrentStreams = *v;
+      } else if (n == "quic-failure-limit") {
+        o.quicFailureLimit = *v;
       }
       return nullptr;
     }
@@ -178,6 +184,7 @@ kj::Maybe<kj::String> apply(CliOptions& o, const Flag& flag, kj::StringPtr value
       else if (n == "stream-preamble-timeout") o.streamPreambleTimeout = *d;
       else if (n == "fallback-after") o.fallbackAfter = *d;
       else if (n == "quic-retry-interval") o.quicRetryInterval = *d;
+      else if (n == "quic-failure-window") o.quicFailureWindow = *d;
       return nullptr;
     }
     return kj::str("--", n, " expects a duration such as 30s, 500ms or 1m, got \"", value, "\"");
@@ -502,6 +509,7 @@ const PositiveDuration POSITIVE_DURATIONS[] = {
     {"stream-preamble-timeout", &CliOptions::streamPreambleTimeout, "10s"},
     {"fallback-after", &CliOptions::fallbackAfter, "2s"},
     {"quic-retry-interval", &CliOptions::quicRetryInterval, "5m"},
+    {"quic-failure-window", &CliOptions::quicFailureWindow, "60s"},
 };
 
 }  // namespace

@@ -62,6 +62,8 @@ struct CliOptions {
   kj::Duration streamPreambleTimeout = 10 * kj::SECONDS;  // --stream-preamble-timeout
   kj::Duration fallbackAfter = 2 * kj::SECONDS;         // --fallback-after (--protocol auto)
   kj::Duration quicRetryInterval = 5 * kj::MINUTES;     // --quic-retry-interval (auto)
+  uint quicFailureLimit = 3;                            // --quic-failure-limit (auto)
+  kj::Duration quicFailureWindow = 60 * kj::SECONDS;    // --quic-failure-window (auto)
 
   kj::Vector<kj::String> explicitlySet;
   // Canonical names of the flags given on the command line or taken from the environment.

@@ -176,6 +176,8 @@ kj::Maybe<kj::String> buildOptions(cli::CliOptions& o, tunnel::RunnerOptions& r)
   r.edge.streamPreambleTimeout = o.streamPreambleTimeout;
   r.dialer.fallbackAfter = o.fallbackAfter;
   r.dialer.quicRetryInterval = o.quicRetryInterval;
+  r.dialer.quicFailureLimit = o.quicFailureLimit;
+  r.dialer.quicFailureWindow = o.quicFailureWindow;
 
   r.clientVersion = kj::str(o.clientVersion);
   r.haConnections = o.haConnections;

@@ -8,6 +8,8 @@
 
 #include <kj/debug.h>
 
+#include <errno.h>
+
 namespace cfqt::quic {
 
 // =======================================================================================
@@ -42,6 +44,8 @@ const KindInfo KIND_INFO[] = {
   {CloseKind::STATELESS_RESET, "STATELESS_RESET", "QUIC stateless reset",
       kj::Exception::Type::DISCONNECTED},
   {CloseKind::ENDPOINT_GONE, "ENDPOINT_GONE", "QUIC endpoint destroyed",
+      kj::Exception::Type::DISCONNECTED},
+  {CloseKind::SEND_REFUSED, "SEND_REFUSED", "QUIC send refused by this host",
       kj::Exception::Type::DISCONNECTED},
   {CloseKind::INTERNAL_ERROR, "INTERNAL_ERROR", "QUIC connection failed",
       kj::Exception::Type::FAILED},
@@ -98,9 +102,30 @@ CloseInfo CloseInfo::clone() const {
   copy.kind = kind;
   copy.code = code;
   copy.tlsAlert = tlsAlert;
+  copy.sendErrno = sendErrno;
   copy.reason = kj::heapString(reason);
   copy.description = kj::heapString(description);
   return copy;
+}
+
+bool isSendRefusal(int error) {
+  return error == EPERM || error == EACCES || error == ENETUNREACH || error == EHOSTUNREACH;
+}
+
+kj::StringPtr errnoName(int error) {
+  switch (error) {
+    case EPERM: return "EPERM";
+    case EACCES: return "EACCES";
+    case ENETUNREACH: return "ENETUNREACH";
+    case EHOSTUNREACH: return "EHOSTUNREACH";
+    case ECONNREFUSED: return "ECONNREFUSED";
+    case EMSGSIZE: return "EMSGSIZE";
+    case EINVAL: return "EINVAL";
+    case EIO: return "EIO";
+    case EAGAIN: return "EAGAIN";
+    case ENOBUFS: return "ENOBUFS";
+    default: return "?";
+  }
 }
 
 kj::Maybe<CloseKind> classifyException(const kj::Exception& e) {

@@ -106,6 +106,11 @@ struct TransportConfig {
   // Largest UDP payload sent (and the max_udp_payload_size parameter). The first flight is 1200.
 
   uint32_t activeConnectionIdLimit = 7;   // active_connection_id_limit (ngtcp2 allows <= 8)
+
+  int faultSendErrno = 0;
+  // Fault injection (tests): when non-zero, every datagram this connection sends fails as if
+  // sendmsg had returned this errno (e.g. EPERM, as a host firewall makes it), without calling
+  // the kernel. 0 = off.
 };
 
 struct ClientConfig {

@@ -375,6 +375,18 @@ void ConnectionImpl::die(CloseInfo info) {
   }
 }
 
+void ConnectionImpl::sendRefused(int error) {
+  if (refusing || closeInfo != nullptr) return;
+  refusing = true;
+  tasks.add(kj::evalLater([this, error]() {
+    auto info = makeClose(CloseKind::SEND_REFUSED, 0, "", kj::str(
+        ": sendmsg to ", remote, " failed: ", strerror(error), " (", errnoName(error),
+        "); a firewall, security policy or route on this host forbids UDP to that address"));
+    info.sendErrno = error;
+    die(kj::mv(info));
+  }));
+}
+
 void ConnectionImpl::endpointGone() {
   die(makeClose(CloseKind::ENDPOINT_GONE, 0, "",
                 kj::str(": the local UDP socket was closed while the connection was open")));

@@ -27,6 +27,9 @@ enum class CloseKind: uint8_t {
   TLS_ALPN,               // handshake done but the server did not select our ALPN: FAILED
   STATELESS_RESET,        // peer sent a stateless reset (it lost the connection): DISCONNECTED
   ENDPOINT_GONE,          // the Endpoint (socket) was destroyed: DISCONNECTED
+  SEND_REFUSED,           // this host refused to send our UDP datagrams (sendmsg failed with
+                          // EPERM, EACCES, ENETUNREACH or EHOSTUNREACH: a firewall, security
+                          // policy or route forbids that destination): DISCONNECTED
   INTERNAL_ERROR,         // protocol violation or local failure: FAILED
 };
 
@@ -38,6 +41,7 @@ struct CloseInfo {
   uint64_t code = 0;        // application code (LOCAL_CLOSE/PEER_APPLICATION_CLOSE) or QUIC
                             // transport error code (PEER_TRANSPORT_CLOSE, TLS_*: 0x100 + alert)
   uint8_t tlsAlert = 0;     // TLS alert number for TLS_* kinds (0 if none)
+  int sendErrno = 0;        // SEND_REFUSED: the errno sendmsg failed with (0 otherwise)
   kj::String reason;        // reason phrase sent/received in CONNECTION_CLOSE (may be empty)
   kj::String description;   // human text: what happened and what to check
 
@@ -49,6 +53,17 @@ struct CloseInfo {
 kj::Maybe<CloseKind> classifyException(const kj::Exception& e);
 // The CloseKind of an exception produced by this layer (dial failure, stream or connection
 // error), recognised by its description's prefix; nullptr if it did not come from a QUIC close.
+
+bool isSendRefusal(int error);
+// Whether a send that failed with `error` (an errno) is this host refusing the destination:
+// EPERM (netfilter drop, seccomp/cgroup policy), EACCES (a `prohibit` route, LSM policy),
+// ENETUNREACH / EHOSTUNREACH (no route, `unreachable` route or rule). Such an error repeats for
+// every datagram to that address, so a connection hitting it ends at once (SEND_REFUSED) instead
+// of waiting for its handshake or idle timeout.
+
+kj::StringPtr errnoName(int error);
+// "EPERM", "EACCES", "ENETUNREACH", "EHOSTUNREACH", ... ("errno N" text is not returned: "?" for
+// others).
 
 struct ConnectionStats {
   kj::Duration smoothedRtt = 0 * kj::NANOSECONDS;

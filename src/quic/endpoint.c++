@@ -420,9 +420,16 @@ bool EndpointImpl::sendBatch() {
     }
     firstPacketOf[nmsgs] = packetIndex;
     firstOffsetOf[nmsgs] = offset;
-    int n = sendmmsg(fd, msgs, nmsgs, 0);
+    int n;
+    int error = 0;
+    if (KJ_UNLIKELY(b.owner != nullptr && b.owner->transport().faultSendErrno != 0)) {
+      n = -1;
+      error = b.owner->transport().faultSendErrno;
+    } else {
+      n = sendmmsg(fd, msgs, nmsgs, 0);
+      if (n < 0) error = errno;
+    }
     if (n < 0) {
-      int error = errno;
       if (error == EINTR) continue;
       if (error == EAGAIN || error == EWOULDBLOCK || error == ENOBUFS) {
         ++statsData.sendBlocked;
@@ -453,8 +460,17 @@ bool EndpointImpl::sendBatch() {
         statsData.gso = false;
         continue;
       }
-      // Unreachable destination etc.: drop the batch (QUIC recovers or times out).
-      KJ_LOG(WARNING, "QUIC sendmmsg failed", strerror(error), b.dest);
+      if (isSendRefusal(error)) {
+        // This host forbids the destination (firewall, policy, route): every datagram will
+        // fail the same way, so the connection ends now with the reason, and its owner can
+        // choose another way (HTTP/2) at once instead of after a timeout.
+        ++statsData.sendsRefused;
+        statsData.sendRefusedErrno = error;
+        if (b.owner != nullptr) b.owner->sendRefused(error);
+      } else {
+        // Other errors (EMSGSIZE...): drop the batch (QUIC recovers or times out).
+        KJ_LOG(WARNING, "QUIC sendmmsg failed", strerror(error), b.dest);
+      }
       b.sentPackets = b.count;
       break;
     }

@@ -17,6 +17,8 @@ struct EndpointStats {
   uint64_t statelessResetsSent = 0;
   uint64_t handshakesFailed = 0;    // server role: connections that died before accept()
   uint64_t sendBlocked = 0;         // times the socket returned EAGAIN on send
+  uint64_t sendsRefused = 0;        // sends this host refused (see isSendRefusal())
+  int sendRefusedErrno = 0;         // the errno of the last refused send (0: none yet)
   uint32_t receiveBufferBytes = 0;  // SO_RCVBUF / SO_SNDBUF granted by the kernel
   uint32_t sendBufferBytes = 0;
   bool gso = false;                 // UDP_SEGMENT in use

@@ -420,6 +420,9 @@ public:
   void onPacket(const SocketAddress& from, kj::ArrayPtr<const kj::byte> packet, uint64_t ts);
   void flush();
   void endpointGone();
+  void sendRefused(int error);
+  // The endpoint's send of this connection's datagrams failed with an error isSendRefusal()
+  // accepts: the connection ends (SEND_REFUSED) on the next turn (not inside the send path).
   bool touched = false;
   bool waitingWritable = false;
 
@@ -496,6 +499,7 @@ private:
   kj::Maybe<kj::Exception> pendingError;
   bool statelessResetReceived = false;
   bool silent = false;
+  bool refusing = false;        // sendRefused(): the connection ends on the next turn
   kj::Array<kj::byte> closePacket;
   uint64_t closePacketCount = 0;
 

@@ -9,6 +9,7 @@
 #include <kj/test.h>
 #include <kj/vector.h>
 
+#include <errno.h>
 #include <netinet/in.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -447,6 +448,38 @@ KJ_TEST("handshake timeout against a silent UDP socket") {
   } else {
     KJ_FAIL_EXPECT("handshake with a silent socket succeeded");
   }
+}
+
+KJ_TEST("a send this host refuses ends the dial at once, with its errno") {
+  // faultSendErrno stands in for a host firewall (sendmsg fails with EPERM): the dial must fail
+  // with SEND_REFUSED at once, not after the 10 s handshake timeout (the wait allows 5 s).
+  for (int error: {EPERM, ENETUNREACH}) {
+    Env env;
+    auto transport = fastTransport();
+    transport.handshakeTimeout = 10 * kj::SECONDS;
+    transport.faultSendErrno = error;
+    auto accepted = env.server->accept();
+    KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+      env.wait(env.client->dial(env.server->localAddress(), clientConfig(transport)),
+               5 * kj::SECONDS);
+    })) {
+      KJ_EXPECT(classifyException(*e) == CloseKind::SEND_REFUSED, *e);
+      KJ_EXPECT(e->getType() == kj::Exception::Type::DISCONNECTED, *e);
+      KJ_EXPECT(contains(e->getDescription(), strerror(error)), *e);
+      KJ_EXPECT(contains(e->getDescription(), errnoName(error)), *e);
+    } else {
+      KJ_FAIL_EXPECT("dial succeeded although every send failed");
+    }
+    auto stats = env.client->stats();
+    KJ_EXPECT(stats.sendsRefused >= 1, stats.sendsRefused);
+    KJ_EXPECT(stats.sendRefusedErrno == error, stats.sendRefusedErrno);
+    KJ_EXPECT(stats.datagramsSent == 0, stats.datagramsSent);
+    KJ_EXPECT(env.server->stats().datagramsReceived == 0);
+  }
+  KJ_EXPECT(isSendRefusal(EPERM) && isSendRefusal(EACCES) && isSendRefusal(ENETUNREACH) &&
+            isSendRefusal(EHOSTUNREACH));
+  KJ_EXPECT(!isSendRefusal(EAGAIN) && !isSendRefusal(ENOBUFS) && !isSendRefusal(EMSGSIZE) &&
+            !isSendRefusal(ECONNREFUSED) && !isSendRefusal(0));
 }
 
 KJ_TEST("keep-alive: the connection survives three idle timeouts of silence") {

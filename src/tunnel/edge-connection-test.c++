@@ -17,6 +17,10 @@
 #include <kj/filesystem.h>
 #include <kj/test.h>
 
+#include <errno.h>
+#include <string.h>
+#include <unistd.h>
+
 namespace cfqt::tunnel {
 namespace {
 
@@ -637,6 +641,182 @@ KJ_TEST("EdgeDialer: auto falls back to HTTP/2 when UDP gets no answer, QUIC oth
   auto viaQuic = h.timer.timeoutAfter(3 * kj::SECONDS, dialer.dial(h.edgeAddress))
       .wait(h.io.waitScope);
   KJ_EXPECT(viaQuic->protocol() == "quic");
+}
+
+
+struct CapturedLog {
+  // A logger writing (WARN and up) to a file of its own, read back by the test.
+  kj::String path = kj::str("/tmp/cfqt-dialer-test-", getpid(), "-", counter++, ".log");
+  observe::Logger logger{observe::LogConfig{observe::LogLevel::WARN, kj::str(path), false}};
+  static inline uint counter = 0;
+
+  ~CapturedLog() noexcept(false) { unlink(path.cStr()); }
+
+  kj::String text() {
+    return kj::str(kj::newDiskFilesystem()->getRoot().openFile(
+        kj::Path::parse(path.slice(1)))->readAllText());
+  }
+  uint count(kj::StringPtr needle) {
+    uint n = 0;
+    auto all = text();
+    const char* at = all.cStr();
+    while ((at = strstr(at, needle.cStr())) != nullptr) {
+      n++;
+      at += needle.size();
+    }
+    return n;
+  }
+};
+
+KJ_TEST("EdgeDialer: a send this host refuses moves auto to HTTP/2 at once; quic keeps failing") {
+  // faultSendErrno plays the host firewall (sendmsg: EPERM). With --fallback-after 30s, only the
+  // refusal can bring auto to HTTP/2 within the 5 s the test waits.
+  Harness h;
+  TlsEdge edge(h);
+  h.config.transport.faultSendErrno = EPERM;
+  CapturedLog log;
+  DialerConfig config;
+  config.protocol = Protocol::AUTO;
+  config.http2ServerName = kj::str("quic.cftunnel.com");
+  config.fallbackAfter = 30 * kj::SECONDS;
+  config.tcpConnectTimeout = 2 * kj::SECONDS;
+  EdgeDialer dialer(h.io.unixEventPort, h.io.provider->getNetwork(), h.timer, log.logger,
+                    h.config, kj::mv(config));
+  auto transport = h.timer.timeoutAfter(5 * kj::SECONDS, dialer.dial(edge.address()))
+      .wait(h.io.waitScope);
+  KJ_EXPECT(transport->protocol() == "http2");
+  auto line = kj::str("UDP to ", edge.address().toString(), " is refused by this host "
+                      "(sendmsg: Operation not permitted); using HTTP/2 over TCP. Allow outbound "
+                      "UDP ", edge.address().port, " for QUIC.");
+  KJ_EXPECT(log.count(line) == 1, log.text());
+  KJ_EXPECT(log.count("errno=EPERM") == 1, log.text());
+  // Remembered: the next attempt goes straight to HTTP/2, without a second line.
+  auto again = h.timer.timeoutAfter(5 * kj::SECONDS, dialer.dial(edge.address()))
+      .wait(h.io.waitScope);
+  KJ_EXPECT(again->protocol() == "http2");
+  KJ_EXPECT(log.count("is refused by this host") == 1, log.text());
+
+  // An explicit quic never falls back: the attempt fails at once with what to change.
+  DialerConfig quicOnly;
+  quicOnly.protocol = Protocol::QUIC;
+  EdgeDialer strict(h.io.unixEventPort, h.io.provider->getNetwork(), h.timer, log.logger,
+                    h.config, kj::mv(quicOnly));
+  auto accepted = edge.accepted.size();
+  for (int i = 0; i < 2; i++) {
+    KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+      h.timer.timeoutAfter(5 * kj::SECONDS, strict.dial(edge.address())).wait(h.io.waitScope);
+    })) {
+      auto text = e->getDescription();
+      KJ_EXPECT(quic::classifyException(*e) == quic::CloseKind::SEND_REFUSED, *e);
+      KJ_EXPECT(strstr(text.cStr(), "Operation not permitted (EPERM)") != nullptr, text);
+      KJ_EXPECT(strstr(text.cStr(), "--protocol quic does not fall back: allow outbound UDP") !=
+                nullptr, text);
+    } else {
+      KJ_FAIL_EXPECT("quic dial succeeded although every send is refused");
+    }
+  }
+  KJ_EXPECT(edge.accepted.size() == accepted, "quic dialled HTTP/2");
+}
+
+class DeadTransport final: public EdgeTransport {
+  // What the dialer's lost() reads of a connection that ended.
+public:
+  explicit DeadTransport(kj::StringPtr protocolName): name(protocolName) {}
+  kj::StringPtr protocol() const override { return name; }
+  kj::Promise<kj::Own<kj::AsyncIoStream>> openControlStream() override {
+    return KJ_EXCEPTION(DISCONNECTED, "closed");
+  }
+  kj::Promise<kj::Own<EdgeStream>> acceptStream() override {
+    return KJ_EXCEPTION(DISCONNECTED, "closed");
+  }
+  void close(uint64_t, kj::StringPtr) override {}
+  kj::Promise<void> onClosed() override { return kj::READY_NOW; }
+  bool isClosed() const override { return true; }
+  kj::String closeDescription() const override {
+    return kj::str("timeout: no recent network activity (idle timeout)");
+  }
+  kj::Maybe<PeerClose> peerClose() const override { return nullptr; }
+  observe::TunnelStatus::QuicSample sample() const override { return {}; }
+  kj::Duration blockedFor() const override { return 0 * kj::SECONDS; }
+
+private:
+  kj::StringPtr name;
+};
+
+KJ_TEST("EdgeDialer: auto moves an address to HTTP/2 when QUIC keeps dying, and back later") {
+  Harness h;
+  // QUIC (h.edgeEndpoint) and TCP + TLS on the same port number, like the real edge.
+  kj::Own<TlsEdge> edge;
+  kj::Own<quic::Endpoint> quicEdge;
+  for (int i = 0; i < 20 && quicEdge.get() == nullptr; i++) {
+    edge = kj::heap<TlsEdge>(h);
+    KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+      quicEdge = quic::newEndpoint(h.io.unixEventPort, KJ_ASSERT_NONNULL(
+          quic::SocketAddress::parse(kj::str("127.0.0.1:", edge->address().port))));
+    })) {}   // that UDP port is taken: another TCP port
+  }
+  KJ_ASSERT(quicEdge.get() != nullptr);
+  quic::ServerConfig sc;
+  sc.certFile = testdata("server.pem");
+  sc.keyFile = testdata("server-key.pem");
+  sc.alpn.add(kj::str("argotunnel"));
+  quicEdge->listen(kj::mv(sc));
+  auto address = edge->address();
+
+  CapturedLog log;
+  DialerConfig config;
+  config.protocol = Protocol::AUTO;
+  config.http2ServerName = kj::str("quic.cftunnel.com");
+  config.fallbackAfter = 2 * kj::SECONDS;
+  config.tcpConnectTimeout = 2 * kj::SECONDS;
+  config.quicFailureLimit = 3;
+  config.quicFailureWindow = 200 * kj::MILLISECONDS;
+  config.quicRetryInterval = 100 * kj::MILLISECONDS;
+  EdgeDialer dialer(h.io.unixEventPort, h.io.provider->getNetwork(), h.timer, log.logger,
+                    h.config, kj::mv(config));
+  auto dial = [&]() {
+    return h.timer.timeoutAfter(5 * kj::SECONDS, dialer.dial(address)).wait(h.io.waitScope);
+  };
+  DeadTransport deadQuic("quic");
+  DeadTransport deadHttp2("http2");
+
+  // Two deaths, then a third after the first left the window: not "keeps dying".
+  dialer.lost(address, deadQuic);
+  dialer.lost(address, deadQuic);
+  h.timer.afterDelay(300 * kj::MILLISECONDS).wait(h.io.waitScope);
+  dialer.lost(address, deadQuic);
+  // HTTP/2 connections ending never count.
+  for (int i = 0; i < 5; i++) dialer.lost(address, deadHttp2);
+  KJ_EXPECT(dial()->protocol() == "quic");
+  KJ_EXPECT(log.count("QUIC connections to") == 0, log.text());
+
+  // Two more within the window make three: the address uses HTTP/2, with one line.
+  dialer.lost(address, deadQuic);
+  dialer.lost(address, deadQuic);
+  auto line = kj::str("QUIC connections to ", address.toString(), " ended 3 times within 200ms; "
+                      "using HTTP/2 over TCP. UDP ", address.port, " to the edge seems filtered "
+                      "or unreliable on this network; QUIC is tried again in 100ms.");
+  KJ_EXPECT(log.count(line) == 1, log.text());
+  KJ_EXPECT(log.count("last=\"timeout: no recent network activity (idle timeout)\"") == 1,
+            log.text());
+  auto fallback = dial();
+  KJ_EXPECT(fallback->protocol() == "http2");
+
+  // QUIC is tried again in the background; it works, so the connection may move back.
+  auto preferred = KJ_ASSERT_NONNULL(dialer.whenPreferredAgain(address, *fallback));
+  h.timer.timeoutAfter(5 * kj::SECONDS, kj::mv(preferred)).wait(h.io.waitScope);
+  KJ_EXPECT(dial()->protocol() == "quic");
+
+  // A dialer for --protocol quic or http2 never counts deaths.
+  DialerConfig quicOnly;
+  quicOnly.protocol = Protocol::QUIC;
+  quicOnly.quicFailureLimit = 1;
+  EdgeDialer strict(h.io.unixEventPort, h.io.provider->getNetwork(), h.timer, log.logger,
+                    h.config, kj::mv(quicOnly));
+  strict.lost(address, deadQuic);
+  KJ_EXPECT(h.timer.timeoutAfter(5 * kj::SECONDS, strict.dial(address)).wait(h.io.waitScope)
+                ->protocol() == "quic");
+  KJ_EXPECT(log.count("QUIC connections to") == 1, log.text());
 }
 
 }  // namespace

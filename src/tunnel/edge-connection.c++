@@ -535,6 +535,7 @@ private:
     }
     if (closeWhenDone && transport.get() != nullptr) transport->close(0, "");
     if (end.kind == EndKind::LOST && transport.get() != nullptr) {
+      KJ_IF_MAYBE(dialer, ctx.dialer) dialer->lost(info.address, *transport);
       KJ_IF_MAYBE(peer, transport->peerClose()) {
         ctx.logger.info("Edge closed the connection",
                         kj::str(fields(), " code=", hexCode(peer->code), " reason=\"",

@@ -66,6 +66,10 @@ public:
   // at a time, until the moved one registered again (see registered()). nullptr = stay.
   virtual void registered(const edge::EdgeAddress& address, const EdgeTransport& transport) {}
   // A connection to `address` registered over `transport` (this ends a move).
+  virtual void lost(const edge::EdgeAddress& address, const EdgeTransport& transport) {}
+  // A connection to `address` over `transport` ended by itself after it was dialled (idle
+  // timeout, the edge closed it, a fault we detected): not a shutdown, a move or a refused
+  // registration. `auto` counts QUIC's to decide that QUIC keeps dying there.
 };
 
 struct EdgeContext {

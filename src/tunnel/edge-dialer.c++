@@ -10,6 +10,8 @@
 #include <kj/compat/tls.h>
 #include <kj/debug.h>
 
+#include <string.h>
+
 namespace cfqt::tunnel {
 
 kj::Maybe<Protocol> parseProtocol(kj::StringPtr text) {
@@ -67,20 +69,51 @@ EdgeDialer::~EdgeDialer() noexcept(false) {}
 
 kj::Promise<kj::Own<EdgeTransport>> EdgeDialer::dial(const edge::EdgeAddress& address) {
   switch (config.protocol) {
-    case Protocol::QUIC: return dialQuic(address, nullptr);
+    case Protocol::QUIC: return dialQuicOnly(address);
     case Protocol::HTTP2: return dialHttp2(address);
     case Protocol::AUTO: return dialAuto(address);
   }
   KJ_UNREACHABLE;
 }
 
-kj::Promise<kj::Own<EdgeTransport>> EdgeDialer::dialQuic(const edge::EdgeAddress& address,
-                                                         kj::Maybe<kj::Duration> handshakeTimeout) {
+kj::Promise<QuicDialResult> EdgeDialer::dialQuic(const edge::EdgeAddress& address,
+                                                 kj::Maybe<kj::Duration> handshakeTimeout) {
   auto client = makeClientConfig(edgeConfig);
   KJ_IF_MAYBE(t, handshakeTimeout) {
     client.transport.handshakeTimeout = kj::min(client.transport.handshakeTimeout, *t);
   }
-  return dialQuicTransport(eventPort, address, kj::mv(client));
+  return tryDialQuicTransport(eventPort, address, kj::mv(client));
+}
+
+kj::Promise<kj::Own<EdgeTransport>> EdgeDialer::dialQuicOnly(const edge::EdgeAddress& address) {
+  // --protocol quic never falls back: a refused send fails the attempt at once (the supervisor
+  // retries with backoff) with a reason that says what to change.
+  return dialQuic(address, nullptr).then([port = address.port](QuicDialResult result)
+                                         -> kj::Promise<kj::Own<EdgeTransport>> {
+    KJ_SWITCH_ONEOF(result) {
+      KJ_CASE_ONEOF(transport, kj::Own<EdgeTransport>) return kj::mv(transport);
+      KJ_CASE_ONEOF(failure, QuicDialFailure) {
+        if (failure.cause != QuicDialFailure::Cause::SEND_REFUSED) {
+          return kj::mv(failure.exception);
+        }
+        return kj::Exception(failure.exception.getType(), __FILE__, __LINE__, kj::str(
+            failure.exception.getDescription(), "; --protocol quic does not fall back: allow "
+            "outbound UDP ", port, ", or use --protocol auto or http2"));
+      }
+    }
+    KJ_UNREACHABLE;
+  });
+}
+
+void EdgeDialer::useHttp2For(kj::StringPtr address) {
+  auto until = timer.now() + config.quicRetryInterval;
+  for (auto& f: fallbacks) {
+    if (f.address == address) {
+      f.until = until;
+      return;
+    }
+  }
+  fallbacks.add(Fallback{kj::str(address), until});
 }
 
 kj::Promise<kj::Own<EdgeTransport>> EdgeDialer::dialHttp2(const edge::EdgeAddress& address) {
@@ -114,9 +147,13 @@ kj::Promise<void> EdgeDialer::probeQuic(const edge::EdgeAddress& address) {
   // Every retry interval, one QUIC handshake to the address (closed at once). Once one
   // succeeds, the address is taken off the fallback list, so that the next dial uses QUIC.
   return timer.afterDelay(config.quicRetryInterval).then([this, address]() {
-    return dialQuic(address, config.fallbackAfter).then([this, address](kj::Own<EdgeTransport> t)
+    return dialQuic(address, config.fallbackAfter).then([this, address](QuicDialResult result)
                                                          -> kj::Promise<void> {
-      t->close(0, "");
+      KJ_IF_MAYBE(transport, result.tryGet<kj::Own<EdgeTransport>>()) {
+        (*transport)->close(0, "");
+      } else {
+        return probeQuic(address);
+      }
       auto name = address.toString();
       kj::Vector<Fallback> kept;
       for (auto& f: fallbacks) {
@@ -124,7 +161,7 @@ kj::Promise<void> EdgeDialer::probeQuic(const edge::EdgeAddress& address) {
       }
       fallbacks = kj::mv(kept);
       return acquireMove(kj::mv(name));
-    }, [this, address](kj::Exception&&) { return probeQuic(address); });
+    });
   });
 }
 
@@ -174,6 +211,39 @@ void EdgeDialer::registered(const edge::EdgeAddress& address, const EdgeTranspor
   }
 }
 
+void EdgeDialer::lost(const edge::EdgeAddress& address, const EdgeTransport& transport) {
+  // QUIC that handshakes but keeps dying (a middlebox that lets the first packets through and
+  // then drops UDP, or rate-limits it) is as useless as QUIC that gets no answer: after
+  // quicFailureLimit deaths within quicFailureWindow the address uses HTTP/2 until QUIC is
+  // tried again, which probeQuic() does in the background.
+  if (config.protocol != Protocol::AUTO || config.quicFailureLimit == 0 ||
+      transport.protocol() != "quic") {
+    return;
+  }
+  auto name = address.toString();
+  auto now = timer.now();
+  QuicFailures* entry = nullptr;
+  for (auto& f: quicFailures) {
+    if (f.address == name) entry = &f;
+  }
+  if (entry == nullptr) entry = &quicFailures.add(QuicFailures{kj::str(name), {}});
+  kj::Vector<kj::TimePoint> recent;
+  for (auto t: entry->times) {
+    if (now - t <= config.quicFailureWindow) recent.add(t);
+  }
+  recent.add(now);
+  entry->times = kj::mv(recent);
+  if (entry->times.size() < config.quicFailureLimit) return;
+  auto count = entry->times.size();
+  entry->times.clear();
+  logger.warn(kj::str("QUIC connections to ", name, " ended ", count, " times within ",
+                      formatDuration(config.quicFailureWindow), "; using HTTP/2 over TCP. UDP ",
+                      address.port, " to the edge seems filtered or unreliable on this network; "
+                      "QUIC is tried again in ", formatDuration(config.quicRetryInterval), "."),
+              kj::str("ip=", address.ipString(), " last=\"", transport.closeDescription(), "\""));
+  useHttp2For(name);
+}
+
 kj::Promise<kj::Own<EdgeTransport>> EdgeDialer::dialAuto(const edge::EdgeAddress& address) {
   auto name = address.toString();
   auto now = timer.now();
@@ -181,25 +251,35 @@ kj::Promise<kj::Own<EdgeTransport>> EdgeDialer::dialAuto(const edge::EdgeAddress
     if (f.address == name && now < f.until) return dialHttp2(address);
   }
   return dialQuic(address, config.fallbackAfter)
-      .catch_([this, address, name = kj::mv(name)](kj::Exception&& e) mutable
-              -> kj::Promise<kj::Own<EdgeTransport>> {
-    auto kind = quic::classifyException(e);
-    bool unreachable = kind == quic::CloseKind::HANDSHAKE_TIMEOUT ||
-        e.getDescription().startsWith("cannot open a UDP socket");
-    if (!unreachable) return kj::mv(e);   // QUIC answered (e.g. TLS refused): not a UDP problem
-    logger.warn(kj::str("UDP to ", name, " got no answer in ", formatDuration(config.fallbackAfter),
-                        "; using HTTP/2 over TCP. Open outbound UDP ", address.port,
-                        " for QUIC."),
-                kj::str("ip=", address.ipString(), " error=\"", e.getDescription(), "\""));
-    bool known = false;
-    for (auto& f: fallbacks) {
-      if (f.address == name) {
-        f.until = timer.now() + config.quicRetryInterval;
-        known = true;
+      .then([this, address, name = kj::mv(name)](QuicDialResult result) mutable
+            -> kj::Promise<kj::Own<EdgeTransport>> {
+    KJ_SWITCH_ONEOF(result) {
+      KJ_CASE_ONEOF(transport, kj::Own<EdgeTransport>) return kj::mv(transport);
+      KJ_CASE_ONEOF(failure, QuicDialFailure) {
+        auto fields = kj::str("ip=", address.ipString(), " error=\"",
+                              failure.exception.getDescription(), "\"");
+        switch (failure.cause) {
+          case QuicDialFailure::Cause::OTHER:
+            return kj::mv(failure.exception);   // QUIC answered (TLS refused...): not UDP's fault
+          case QuicDialFailure::Cause::SEND_REFUSED:
+            // The host itself refuses UDP to the edge: no use waiting for a handshake.
+            logger.warn(kj::str("UDP to ", name, " is refused by this host (sendmsg: ",
+                                strerror(failure.sendErrno), "); using HTTP/2 over TCP. Allow "
+                                "outbound UDP ", address.port, " for QUIC."),
+                        kj::str("errno=", quic::errnoName(failure.sendErrno), " ", fields));
+            break;
+          case QuicDialFailure::Cause::NO_ANSWER:
+          case QuicDialFailure::Cause::UDP_SOCKET:
+            logger.warn(kj::str("UDP to ", name, " got no answer in ",
+                                formatDuration(config.fallbackAfter), "; using HTTP/2 over TCP. "
+                                "Open outbound UDP ", address.port, " for QUIC."), fields);
+            break;
+        }
+        useHttp2For(name);
+        return dialHttp2(address);
       }
     }
-    if (!known) fallbacks.add(Fallback{kj::mv(name), timer.now() + config.quicRetryInterval});
-    return dialHttp2(address);
+    KJ_UNREACHABLE;
   });
 }
 

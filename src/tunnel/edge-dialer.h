@@ -3,6 +3,7 @@
 // when QUIC cannot reach the edge). The TransportDialer the runner gives every EdgeConnection.
 
 #include "tunnel/edge-connection.h"
+#include "tunnel/quic-transport.h"
 
 #include <kj/async-io.h>
 
@@ -30,6 +31,11 @@ struct DialerConfig {
   // auto: how long an address that needed HTTP/2 keeps using it before QUIC is tried again.
   kj::Duration tcpConnectTimeout = 10 * kj::SECONDS;
   // HTTP/2: TCP connect + TLS handshake.
+  uint quicFailureLimit = 3;
+  kj::Duration quicFailureWindow = 60 * kj::SECONDS;
+  // auto: QUIC connections to an address that end by themselves (after their handshake: idle
+  // timeout, the edge closed them, a stall) this many times within the window make the address
+  // use HTTP/2 until QUIC is tried again (quicRetryInterval). 0 = never on this ground.
 };
 
 class EdgeDialer final: public TransportDialer, private kj::TaskSet::ErrorHandler {
@@ -47,6 +53,7 @@ public:
   kj::Maybe<kj::Promise<void>> whenPreferredAgain(const edge::EdgeAddress& address,
                                                   const EdgeTransport& current) override;
   void registered(const edge::EdgeAddress& address, const EdgeTransport& transport) override;
+  void lost(const edge::EdgeAddress& address, const EdgeTransport& transport) override;
 
 private:
   kj::UnixEventPort& eventPort;
@@ -61,6 +68,11 @@ private:
     kj::TimePoint until;
   };
   kj::Vector<Fallback> fallbacks;   // auto: addresses using HTTP/2 for now
+  struct QuicFailures {
+    kj::String address;
+    kj::Vector<kj::TimePoint> times;   // within quicFailureWindow, oldest first
+  };
+  kj::Vector<QuicFailures> quicFailures;   // auto: QUIC connections that died, per address
   kj::Maybe<kj::String> moving;     // the address whose connection is moving back to QUIC
   struct MoveWaiter {
     kj::String address;
@@ -76,8 +88,11 @@ private:
   void releaseMove();
   void taskFailed(kj::Exception&& e) override;
 
-  kj::Promise<kj::Own<EdgeTransport>> dialQuic(const edge::EdgeAddress& address,
-                                               kj::Maybe<kj::Duration> handshakeTimeout);
+  kj::Promise<QuicDialResult> dialQuic(const edge::EdgeAddress& address,
+                                       kj::Maybe<kj::Duration> handshakeTimeout);
+  kj::Promise<kj::Own<EdgeTransport>> dialQuicOnly(const edge::EdgeAddress& address);
+  void useHttp2For(kj::StringPtr address);
+  // Puts `address` on the fallback list until quicRetryInterval from now.
   kj::Promise<kj::Own<EdgeTransport>> dialHttp2(const edge::EdgeAddress& address);
   kj::TlsContext& tlsContext();
   // Created on first use from the roots; throws FAILED with a one-line reason if they cannot be

@@ -135,9 +135,9 @@ private:
 
 }  // namespace
 
-kj::Promise<kj::Own<EdgeTransport>> dialQuicTransport(kj::UnixEventPort& eventPort,
-                                                      const edge::EdgeAddress& address,
-                                                      quic::ClientConfig config) {
+kj::Promise<QuicDialResult> tryDialQuicTransport(kj::UnixEventPort& eventPort,
+                                                 const edge::EdgeAddress& address,
+                                                 quic::ClientConfig config) {
   kj::byte storage[32];
   kj::uint len = address.writeSockaddr(kj::arrayPtr(storage, sizeof(storage)));
   auto remote = quic::SocketAddress::fromSockaddr(storage, len);
@@ -147,14 +147,47 @@ kj::Promise<kj::Own<EdgeTransport>> dialQuicTransport(kj::UnixEventPort& eventPo
   KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
     endpoint = quic::newEndpoint(eventPort, bind);
   })) {
-    return kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__,
-                         kj::str("cannot open a UDP socket: ", e->getDescription()));
+    return QuicDialResult(QuicDialFailure{
+        QuicDialFailure::Cause::UDP_SOCKET, 0,
+        kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__,
+                      kj::str("cannot open a UDP socket: ", e->getDescription()))});
   }
-  auto& ref = *endpoint;
-  return ref.dial(remote, kj::mv(config))
-      .then([endpoint = kj::mv(endpoint)](kj::Own<quic::Connection> c) mutable
-            -> kj::Own<EdgeTransport> {
-    return kj::heap<QuicEdgeTransport>(kj::mv(endpoint), kj::mv(c));
+  using Outcome = kj::OneOf<kj::Own<quic::Connection>, kj::Exception>;
+  auto dialing = endpoint->dial(remote, kj::mv(config))
+      .then([](kj::Own<quic::Connection> c) -> Outcome { return kj::mv(c); },
+            [](kj::Exception&& e) -> Outcome { return kj::mv(e); });
+  return dialing.then([endpoint = kj::mv(endpoint)](Outcome outcome) mutable -> QuicDialResult {
+    KJ_SWITCH_ONEOF(outcome) {
+      KJ_CASE_ONEOF(connection, kj::Own<quic::Connection>) {
+        return kj::Own<EdgeTransport>(
+            kj::heap<QuicEdgeTransport>(kj::mv(endpoint), kj::mv(connection)));
+      }
+      KJ_CASE_ONEOF(e, kj::Exception) {
+        // The endpoint serves this one dial, so its statistics are this dial's.
+        auto stats = endpoint->stats();
+        if (stats.sendsRefused > 0) {
+          return QuicDialFailure{QuicDialFailure::Cause::SEND_REFUSED, stats.sendRefusedErrno,
+                                 kj::mv(e)};
+        }
+        auto cause = quic::classifyException(e) == quic::CloseKind::HANDSHAKE_TIMEOUT
+            ? QuicDialFailure::Cause::NO_ANSWER : QuicDialFailure::Cause::OTHER;
+        return QuicDialFailure{cause, 0, kj::mv(e)};
+      }
+    }
+    KJ_UNREACHABLE;
+  });
+}
+
+kj::Promise<kj::Own<EdgeTransport>> dialQuicTransport(kj::UnixEventPort& eventPort,
+                                                      const edge::EdgeAddress& address,
+                                                      quic::ClientConfig config) {
+  return tryDialQuicTransport(eventPort, address, kj::mv(config))
+      .then([](QuicDialResult result) -> kj::Promise<kj::Own<EdgeTransport>> {
+    KJ_SWITCH_ONEOF(result) {
+      KJ_CASE_ONEOF(transport, kj::Own<EdgeTransport>) return kj::mv(transport);
+      KJ_CASE_ONEOF(failure, QuicDialFailure) return kj::mv(failure.exception);
+    }
+    KJ_UNREACHABLE;
   });
 }
 
