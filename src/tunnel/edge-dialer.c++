@@ -240,7 +240,8 @@ void EdgeDialer::lost(const edge::EdgeAddress& address, const EdgeTransport& tra
                       formatDuration(config.quicFailureWindow), "; using HTTP/2 over TCP. UDP ",
                       address.port, " to the edge seems filtered or unreliable on this network; "
                       "QUIC is tried again in ", formatDuration(config.quicRetryInterval), "."),
-              kj::str("ip=", address.ipString(), " last=\"", transport.closeDescription(), "\""));
+              kj::str("ip=", address.ipString(), " last=",
+                      observe::quoteFieldValue(transport.closeDescription())));
   useHttp2For(name);
 }
 
@@ -256,8 +257,8 @@ kj::Promise<kj::Own<EdgeTransport>> EdgeDialer::dialAuto(const edge::EdgeAddress
     KJ_SWITCH_ONEOF(result) {
       KJ_CASE_ONEOF(transport, kj::Own<EdgeTransport>) return kj::mv(transport);
       KJ_CASE_ONEOF(failure, QuicDialFailure) {
-        auto fields = kj::str("ip=", address.ipString(), " error=\"",
-                              failure.exception.getDescription(), "\"");
+        auto fields = kj::str("ip=", address.ipString(), " error=",
+                              observe::quoteFieldValue(failure.exception.getDescription()));
         switch (failure.cause) {
           case QuicDialFailure::Cause::OTHER:
             return kj::mv(failure.exception);   // QUIC answered (TLS refused...): not UDP's fault

@@ -1122,6 +1122,53 @@ def test_auto_moves_back_to_quic(env):
         edge.stop()
 
 
+DYING_WRN = (r" WRN QUIC connections to (\S+) ended 3 times within 1m0s; using HTTP/2 over TCP\. "
+             r"UDP ([0-9]+) to the edge seems filtered or unreliable on this network; QUIC is "
+             r"tried again in 2s\.")
+
+
+def test_auto_falls_back_when_quic_keeps_dying(env):
+    # --protocol auto, UDP open: the QUIC connection registers, then dies three times in a row
+    # (the edge closes it, goes silent, closes it): the third death within --quic-failure-window
+    # moves the connection to HTTP/2 with one WRN line; QUIC is tried again after
+    # --quic-retry-interval and the connection moves back.
+    if PROTOCOL != "quic":
+        raise Skip("picks its own transport (--protocol auto): runs in the quic suite only")
+    t = Cfqt(env.bindir, env.edge, ["--url", "http://127.0.0.1:%d" % env.origin.port,
+                                    "--protocol", "auto", "--ha-connections", "1",
+                                    "--quic-failure-limit", "3", "--quic-failure-window", "60s",
+                                    "--quic-retry-interval", "2s"])
+    registered = r"Registered tunnel connection connIndex=0 "
+    try:
+        t.log.wait_for(registered + r".*protocol=quic")
+        for n, fault in enumerate(["close?code=0&reason=e2e-dying", "silence",
+                                   "close?code=0&reason=e2e-dying"]):
+            conns = [c for c in env.edge.connections(t.host) if c["protocol"] == "quic"]
+            check(conns, "no QUIC connection to fault", env.edge.connections(t.host))
+            victim = max(conns, key=lambda c: c["id"])
+            check(t.log.count(DYING_WRN) == 0, "fell back after %d deaths" % n,
+                  t.log.matching(DYING_WRN))
+            env.edge.admin("POST", "/connections/%d/%s" % (victim["id"], fault))
+            t.log.wait_for(registered, count=n + 2)
+        line = t.log.wait_for(registered, count=4)
+        check(re.search(r"protocol=http2", line), "the 4th registration is not over HTTP/2", line)
+        lines = t.log.matching(DYING_WRN)
+        check(len(lines) == 1, "want the WRN line once", lines)
+        print("    " + lines[0])
+        m = re.search(DYING_WRN, lines[0])
+        check(m.group(1) in env.edge.ready["edges"] and m.group(1).endswith(":" + m.group(2)),
+              lines[0])
+        status, _, data = front(env.edge, t.host, "GET", "/blob?n=1000")
+        check(status == 200 and data == blob(1000), "GET over HTTP/2", status)
+        # QUIC works (the edge killed it, not the network): after the retry interval it is
+        # tried again and the connection moves back.
+        t.log.wait_for(r"QUIC works again to ")
+        t.log.wait_for(registered + r".*protocol=quic", count=4)
+        check(t.log.count(DYING_WRN) == 1, t.log.matching(DYING_WRN))
+    finally:
+        t.stop()
+
+
 TESTS = [
     test_cloudflared_form_and_metrics,
     test_methods,
@@ -1147,6 +1194,7 @@ TESTS = [
     test_idle_timeout_alone_lowers_keepalive_with_warning,
     test_auto_falls_back_when_udp_blocked,
     test_auto_moves_back_to_quic,
+    test_auto_falls_back_when_quic_keeps_dying,
 ]
 
 
