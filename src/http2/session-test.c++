@@ -206,6 +206,12 @@ public:
     scheduleWrite();
   }
 
+  void goAway(uint32_t code, kj::StringPtr debugData) {
+    KJ_ASSERT(nghttp2_submit_goaway(session, NGHTTP2_FLAG_NONE, 0, code,
+                                    debugData.asBytes().begin(), debugData.size()) == 0);
+    scheduleWrite();
+  }
+
   int32_t remoteWindow(int32_t id) {
     return nghttp2_session_get_stream_remote_window_size(session, id);
   }
@@ -921,6 +927,28 @@ KJ_TEST("goAway(): shutdown notice, PING, final GOAWAY, in-flight streams finish
   done.wait(f.waitScope);
   expectClean(f.run, f.waitScope);
   KJ_EXPECT_THROW_MESSAGE("session-closed", f.server->acceptRequest().wait(f.waitScope));
+}
+
+KJ_TEST("whenPeerGoingAway(): resolves on the peer's GOAWAY, the session goes on") {
+  Fixture f;
+  int32_t id = f.client.request(GET);
+  auto request = f.accept();
+  auto goingAway = f.server->whenPeerGoingAway();
+  f.poll();
+  KJ_EXPECT(!goingAway.poll(f.waitScope));
+  f.client.goAway(NGHTTP2_NO_ERROR, "bye");
+  f.poll();
+  KJ_EXPECT(goingAway.poll(f.waitScope));
+  goingAway.wait(f.waitScope);
+  KJ_EXPECT(f.server->whenPeerGoingAway().poll(f.waitScope));   // later waiters too
+  KJ_EXPECT(f.server->stats().goAwayReceived);
+  KJ_EXPECT(f.server->stats().peerGoAwayText == "bye", f.server->stats().peerGoAwayText);
+  // The request in flight still completes.
+  request->respond(200, nullptr, false);
+  request->body().write("ok", 2).wait(f.waitScope);
+  request->body().shutdownWrite();
+  f.poll();
+  KJ_EXPECT(f.client.stream(id).bodyText() == "ok");
 }
 
 KJ_TEST("goAway(): the grace period cuts the streams that do not finish") {

@@ -266,6 +266,7 @@ public:
   kj::Promise<void> run() override;
   kj::Promise<kj::Own<ServerRequest>> acceptRequest() override;
   kj::Promise<void> goAway(kj::Duration grace) override;
+  kj::Promise<void> whenPeerGoingAway() override { return peerGoingAway.addBranch(); }
   SessionStats stats() const override;
 
   // ---- nghttp2 callbacks (through the trampolines in installCallbacks())
@@ -346,6 +347,8 @@ private:
   kj::Maybe<kj::Exception> endError;       // null: ended cleanly
   kj::Own<kj::PromiseFulfiller<void>> endFulfiller;
   kj::ForkedPromise<void> endForked = nullptr;
+  kj::Own<kj::PromiseFulfiller<void>> peerGoingAwayFulfiller;   // the peer's first GOAWAY
+  kj::ForkedPromise<void> peerGoingAway = nullptr;
 
   // PING
   uint64_t pingSeq = 0;
@@ -587,6 +590,9 @@ SessionImpl::SessionImpl(kj::AsyncIoStream& transport, kj::Timer& timer,
   auto paf = kj::newPromiseAndFulfiller<void>();
   endFulfiller = kj::mv(paf.fulfiller);
   endForked = paf.promise.fork();
+  auto goingAway = kj::newPromiseAndFulfiller<void>();
+  peerGoingAwayFulfiller = kj::mv(goingAway.fulfiller);
+  peerGoingAway = goingAway.promise.fork();
   installSession();
 }
 
@@ -935,6 +941,7 @@ int SessionImpl::onFrameRecv(const nghttp2_frame& frame) {
       goAwayReceived = true;
       peerGoAwayCode = frame.goaway.error_code;
       peerGoAwayText = boundedText(frame.goaway.opaque_data, frame.goaway.opaque_data_len);
+      peerGoingAwayFulfiller->fulfill();   // no-op after the first
       break;
     case NGHTTP2_RST_STREAM:
       ++resetsReceived;

@@ -246,6 +246,10 @@ public:
   // rejects) when the session has ended, for whatever reason. Requires run(). Later calls only
   // wait.
 
+  virtual kj::Promise<void> whenPeerGoingAway() = 0;
+  // Resolves (never rejects) once the peer sent GOAWAY (any code; stats() has the code and the
+  // text). Stays pending if it never does. Many waiters ok.
+
   virtual SessionStats stats() const = 0;
 };
 

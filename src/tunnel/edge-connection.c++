@@ -96,6 +96,8 @@ private:
   kj::Maybe<kj::Promise<void>> stallWatch;
   kj::Maybe<kj::Promise<void>> moveWatch;
   kj::Maybe<kj::Promise<void>> moveTask;
+  kj::Maybe<kj::Promise<void>> goAwayWatch;
+  kj::Maybe<kj::Promise<void>> leaveTask;
   kj::TaskSet streams;   // in-flight edge-opened streams; last, so they die first
 
   kj::String closeReason() {
@@ -231,6 +233,8 @@ private:
       if (!shutdownStarted) fault(kj::str("the control stream to the edge ended"));
     }).eagerlyEvaluate(nullptr);
     if (ctx.config.stallTimeout > 0 * kj::SECONDS) stallWatch = watchProgress();
+    goAwayWatch = transport->whenPeerGoingAway().then([this]() { edgeGoingAway(); })
+        .eagerlyEvaluate(nullptr);
     KJ_IF_MAYBE(dialer, ctx.dialer) {
       KJ_IF_MAYBE(preferred, dialer->whenPreferredAgain(info.address, *transport)) {
         moveWatch = preferred->then([this]() { moveBack(); }).eagerlyEvaluate(nullptr);
@@ -491,6 +495,26 @@ private:
 
   void graceExpired(kj::Exception&& e) {
     ctx.logger.warn("Grace period expired with requests still in flight; closing", fields());
+  }
+
+  void edgeGoingAway() {
+    // The edge announced it is going away (HTTP/2 GOAWAY) but keeps the connection open: no
+    // new request comes here. Let the requests in flight finish (up to --move-drain-timeout's
+    // bound), then close our side; the supervisor reconnects (LOST). Without this, the
+    // connection would linger until the edge closes TCP or the PING timeout fires.
+    if (shutdownStarted || ended || faultReason != nullptr || transport->isClosed()) return;
+    auto why = transport->peerClose().map([](const PeerClose& p) {
+      return kj::str("edge closed the connection (HTTP/2 GOAWAY 0x", kj::hex(p.code), " \"",
+                     p.reason, "\")");
+    }).orDefault(kj::str("edge closed the connection (HTTP/2 GOAWAY)"));
+    ctx.logger.info("The edge is going away; finishing the requests in flight, then "
+                    "reconnecting", kj::str(fields(), " reason=", observe::quoteFieldValue(why)));
+    faultReason = kj::mv(why);
+    events.notReady(info.connIndex);
+    leaveTask = ctx.timer.timeoutAfter(ctx.config.moveDrainTimeout, waitForStreams())
+        .catch_([this](kj::Exception&& e) { graceExpired(kj::mv(e)); })
+        .then([this]() { transport->close(0, "the edge is going away"); })
+        .eagerlyEvaluate(nullptr);
   }
 
   void moveBack() {

@@ -46,7 +46,8 @@ struct EdgeConnectionConfig {
   // --edge-stall-timeout: a connection that has data to send but got neither acknowledgement nor
   // connection-level credit for this long is closed and replaced (the edge withholds credit).
   kj::Duration moveDrainTimeout = 30 * kj::SECONDS;
-  // --protocol auto: how long a connection moving back to QUIC lets its requests finish.
+  // How long a connection leaving gracefully lets its requests finish: moving back to QUIC
+  // (--protocol auto), or after the edge's HTTP/2 GOAWAY.
   kj::Duration streamPreambleTimeout = 10 * kj::SECONDS;
   // --stream-preamble-timeout: an edge-opened stream must deliver its signature and
   // ConnectRequest within this long, or it is reset.

@@ -141,8 +141,9 @@ public:
     scheduleWrite();
   }
 
-  void goAway(uint32_t code) {
-    KJ_ASSERT(nghttp2_submit_goaway(session, NGHTTP2_FLAG_NONE, 0, code, nullptr, 0) == 0);
+  void goAway(uint32_t code, kj::StringPtr debugData = nullptr) {
+    KJ_ASSERT(nghttp2_submit_goaway(session, NGHTTP2_FLAG_NONE, 0, code,
+                                    debugData.asBytes().begin(), debugData.size()) == 0);
     scheduleWrite();
   }
 
@@ -639,6 +640,8 @@ KJ_TEST("HTTP/2: registers over the control-stream request, pushes config, serve
   KJ_EXPECT(h.until(*r.edge, [&]() { return r.edge->goAwayReceived; }));
   KJ_EXPECT(r.edge->goAwayCode == 0, r.edge->goAwayCode);
   KJ_EXPECT(h.status.quicConnectionsClosed() == 1);
+  // cfqt closed its side: the edge need not time the connection out.
+  KJ_EXPECT(h.until(*r.edge, [&]() { return r.edge->eof; }), "cfqt left the connection open");
 }
 
 KJ_TEST("HTTP/2: the edge resetting a request cancels its origin exchange") {
@@ -705,8 +708,6 @@ KJ_TEST("HTTP/2: the edge's GOAWAY with an error code, then EOF, ends the connec
   auto session = factory.newSession(AttemptInfo{2, h.edgeAddress, 0}, h.events);
   auto run = session->run().eagerlyEvaluate(nullptr);
   auto r = acceptRegistration(h);
-  // TODO(soon): the transport does not act on a GOAWAY alone (Go's server starts its graceful
-  // shutdown and closes within 1 s); the edge closing TCP after it ends the connection.
   r.edge->goAway(NGHTTP2_ENHANCE_YOUR_CALM);
   h.wait(r.edge->flushed());
   r.control = nullptr;
@@ -739,6 +740,50 @@ KJ_TEST("HTTP/2: shutdown with a request in flight: unregister, grace period, th
   KJ_EXPECT(h.until(*r.edge, [&]() { return r.edge->goAwayReceived; }));
   KJ_EXPECT(h.eventually([&]() { return h.origin->getStats().streamsActive == 0; }),
             "the origin exchange outlived the connection");
+  KJ_EXPECT(h.until(*r.edge, [&]() { return r.edge->eof; }), "cfqt left the connection open");
+}
+
+KJ_TEST("HTTP/2: the edge's GOAWAY alone: requests in flight finish, then cfqt closes its side") {
+  {
+    // Nothing in flight: the connection ends at once, not after the drain bound (10 s; the
+    // wait allows 3 s), and without the edge closing TCP.
+    Harness h;
+    h.config.moveDrainTimeout = 10 * kj::SECONDS;
+    EdgeConnectionFactory factory(h.context());
+    auto session = factory.newSession(AttemptInfo{0, h.edgeAddress, 0}, h.events);
+    auto run = session->run().eagerlyEvaluate(nullptr);
+    auto r = acceptRegistration(h);
+    auto notReady = h.events.notReadyCount;
+    r.edge->goAway(NGHTTP2_NO_ERROR, "edge restarting");
+    auto end = h.wait(kj::mv(run));
+    KJ_EXPECT(end.kind == EndKind::LOST, end.kind);
+    KJ_EXPECT(end.wasRegistered);
+    KJ_EXPECT(end.reason == "edge closed the connection (HTTP/2 GOAWAY 0x0 \"edge restarting\")",
+              end.reason);
+    KJ_EXPECT(h.events.notReadyCount > notReady);
+    KJ_EXPECT(h.until(*r.edge, [&]() { return r.edge->eof; }), "cfqt left the connection open");
+  }
+  {
+    // A request in flight (hello-world's endless /sse) holds the connection up to the bound.
+    Harness h;
+    h.config.moveDrainTimeout = 300 * kj::MILLISECONDS;
+    EdgeConnectionFactory factory(h.context());
+    auto session = factory.newSession(AttemptInfo{0, h.edgeAddress, 0}, h.events);
+    auto run = session->run().eagerlyEvaluate(nullptr);
+    auto r = acceptRegistration(h);
+    const H sse[] = {{":method", "GET"}, {":scheme", "https"}, {":authority", "t.example"},
+                     {":path", "/sse"}};
+    auto id = r.edge->request(sse, nullptr);
+    KJ_ASSERT(h.until(*r.edge, [&]() { return r.edge->stream(id).status != 0; }));
+    auto started = h.timer.now();
+    r.edge->goAway(NGHTTP2_NO_ERROR);
+    auto end = h.wait(kj::mv(run));
+    KJ_EXPECT(h.timer.now() - started >= 300 * kj::MILLISECONDS, "the request was cut early");
+    KJ_EXPECT(end.kind == EndKind::LOST, end.kind);
+    KJ_EXPECT(h.until(*r.edge, [&]() { return r.edge->eof; }), "cfqt left the connection open");
+    KJ_EXPECT(h.eventually([&]() { return h.origin->getStats().streamsActive == 0; }),
+              "the origin exchange outlived the connection");
+  }
 }
 
 KJ_TEST("Http2EdgeTransport: requests before anyone accepts wait; the edge's GOAWAY ends it") {

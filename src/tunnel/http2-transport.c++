@@ -217,9 +217,11 @@ public:
     return kj::str("connection open");
   }
 
+  kj::Promise<void> whenPeerGoingAway() override { return session->whenPeerGoingAway(); }
+
   kj::Maybe<PeerClose> peerClose() const override {
     auto s = session->stats();
-    if (isClosed() && s.goAwayReceived) {
+    if (s.goAwayReceived) {
       return PeerClose{s.peerGoAwayCode, kj::mv(s.peerGoAwayText)};
     }
     return nullptr;
@@ -261,7 +263,23 @@ private:
     return session->run().then([this]() { finished = true; }, [this](kj::Exception&& e) {
       finished = true;
       endError = kj::mv(e);
-    }).then([this]() { failWaiters(); }).fork();
+    }).then([this]() {
+      failWaiters();
+      // Ended by us (close(), or our final GOAWAY): the edge may still hold the connection.
+      if (localClose != nullptr || session->stats().goAwaySent) closeOurSide();
+    }).fork();
+  }
+
+  void closeOurSide() {
+    // The session is over (GOAWAY exchanged and the streams done, our grace period expired, or
+    // a failure): end our side of the connection now (TLS close_notify, EOF on a pipe), so that
+    // the edge sees the end at once instead of keeping the connection until its own timeout or
+    // until this transport is dropped. After the session's I/O was cancelled (evalLast).
+    tasks.add(kj::evalLast([this]() {
+      KJ_IF_MAYBE(e, kj::runCatchingExceptions([this]() { connection->shutdownWrite(); })) {
+        KJ_LOG(INFO, "HTTP/2: could not close our side of the connection", *e);
+      }
+    }));
   }
 
   kj::Exception endException() const {

@@ -94,7 +94,13 @@ public:
   // connection (application error 0x0, reason "...")", ...).
 
   virtual kj::Maybe<PeerClose> peerClose() const = 0;
-  // Once closed: the edge's code and reason if the edge closed it.
+  // Once closed: the edge's code and reason if the edge closed it (HTTP/2: also once the edge
+  // sent GOAWAY, see whenPeerGoingAway()).
+
+  virtual kj::Promise<void> whenPeerGoingAway() { return kj::NEVER_DONE; }
+  // Resolves once the edge announced that it is going away but left the connection open
+  // (HTTP/2 GOAWAY): no new request will come, the ones in flight may finish. QUIC has no such
+  // announcement (the edge closes the connection).
 
   virtual observe::TunnelStatus::QuicSample sample() const = 0;
   // Statistics for /metrics (RTT, bytes, packets, streams).
