@@ -44,6 +44,7 @@ const EnvName ENV_NAMES[] = {
     {"grace-period", "TUNNEL_GRACE_PERIOD"}, {"metrics", "TUNNEL_METRICS"},
     {"loglevel", "TUNNEL_LOGLEVEL"}, {"logfile", "TUNNEL_LOGFILE"},
     {"protocol", "TUNNEL_TRANSPORT_PROTOCOL"}, {"no-autoupdate", "NO_AUTOUPDATE"},
+    {"log-format-output", "TUNNEL_MANAGEMENT_OUTPUT"}, {"log-format-output", "TUNNEL_LOG_OUTPUT"},
 };
 
 // Visible flags first; the hidden ones (timeouts) are listed under "test and tuning".
@@ -68,6 +69,8 @@ const Flag FLAGS[] = {
     {"metrics", "", Kind::STRING, "Metrics/readiness address (default localhost:20241..5)."},
     {"loglevel", "", Kind::STRING, "debug, info, warn, error, fatal."},
     {"logfile", "", Kind::STRING, "Also append logs to this file."},
+    {"log-format-output", "", Kind::STRING, "Log output format: default or json (one object "
+                                            "per line)."},
     {"user-agent", "", Kind::STRING, "User-Agent of the quick-tunnel request."},
     {"client-version", "", Kind::STRING, "Version sent to the edge (default 2026.8.2)."},
     {"local", "", Kind::BOOL, "Run an in-process edge emulator and tunnel through it."},
@@ -212,6 +215,12 @@ kj::Maybe<kj::String> apply(CliOptions& o, const Flag& flag, kj::StringPtr value
     o.logLevel = kj::mv(v);
   }
   else if (n == "logfile") o.logFile = kj::mv(v);
+  else if (n == "log-format-output") {
+    if (v != "default" && v != "json") {
+      return kj::str("--log-format-output must be default or json");
+    }
+    o.logFormat = kj::mv(v);
+  }
   else if (n == "user-agent") o.userAgent = kj::mv(v);
   else if (n == "client-version") o.clientVersion = kj::mv(v);
   else if (n == "protocol") {

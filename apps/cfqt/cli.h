@@ -32,6 +32,7 @@ struct CliOptions {
   kj::Maybe<kj::String> metrics;
   kj::String logLevel = kj::str("info");
   kj::Maybe<kj::String> logFile;
+  kj::String logFormat = kj::str("default");   // --log-format-output: default or json
   kj::Maybe<kj::String> httpHostHeader;
   kj::Maybe<kj::String> originCaPool;
   kj::Maybe<kj::String> originServerName;

@@ -269,6 +269,7 @@ int realMain(int argc, char** argv) {
   observe::LogConfig logConfig;
   logConfig.level = KJ_ASSERT_NONNULL(observe::parseLogLevel(options.logLevel));
   KJ_IF_MAYBE(f, options.logFile) logConfig.file = kj::str(*f);
+  logConfig.format = KJ_ASSERT_NONNULL(observe::parseLogFormat(options.logFormat));
   kj::Maybe<kj::Own<observe::Logger>> maybeLogger;
   KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
     maybeLogger = kj::heap<observe::Logger>(kj::mv(logConfig));

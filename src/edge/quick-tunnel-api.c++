@@ -1,6 +1,7 @@
 #include "quick-tunnel-api.h"
 
 #include "edge/json.h"
+#include "observe/log.h"
 
 #include <kj/compat/http.h>
 #include <kj/compat/tls.h>
@@ -386,8 +387,9 @@ private:
       stream = nullptr;
       return kj::mv(e);
     }
-    KJ_LOG(WARNING, "quick tunnel request failed; retrying", attempt + 1,
-           config.retryBackoffs[attempt], e.getDescription());
+    observe::logWarn("Quick tunnel request failed; retrying", observe::Fields()
+        .add("attempt", attempt + 1).add("wait", config.retryBackoffs[attempt])
+        .add("service", url.display).error(e));
     return timer.afterDelay(config.retryBackoffs[attempt]).then([this, attempt]() {
       return run(attempt + 1);
     });
