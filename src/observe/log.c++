@@ -848,7 +848,9 @@ void Logger::log(LogLevel level, kj::StringPtr message, const Fields& fieldsPara
   }
   if (out.size() > 0) write(out);
   if (detailLine) {
-    log(LogLevel::DEBUG, message,
+    // Right after its line (same thread); not under the line's own message, so that counting
+    // a message's lines counts what people see.
+    log(LogLevel::DEBUG, "Exception detail",
         Fields().add("exception", KJ_ASSERT_NONNULL(fieldsParam.exceptionDetail())));
   }
 }
@@ -864,7 +866,15 @@ thread_local const Logger* threadLogger = nullptr;
 
 bool logEnabled(LogLevel level) {
   if (threadLogger != nullptr) return threadLogger->enabled(level);
-  return level >= LogLevel::WARN || kj::_::Debug::shouldLog(kj::LogSeverity::INFO);
+  // No Logger on this thread (cfqt-edge, unit tests): KJ's log level decides, as for KJ_LOG.
+  switch (level) {
+    case LogLevel::DEBUG:
+    case LogLevel::INFO: return kj::_::Debug::shouldLog(kj::LogSeverity::INFO);
+    case LogLevel::WARN: return kj::_::Debug::shouldLog(kj::LogSeverity::WARNING);
+    case LogLevel::ERROR:
+    case LogLevel::FATAL: return kj::_::Debug::shouldLog(kj::LogSeverity::ERROR);
+  }
+  return true;
 }
 
 void log(LogLevel level, kj::StringPtr message, const Fields& fields) {

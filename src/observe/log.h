@@ -96,8 +96,8 @@ public:
   Fields& error(const kj::Exception& e, kj::StringPtr key = "error");
   // `key` = describeException(e): the sentence, without source location, exception type,
   // expression names or stack. The full dump (kj::str(e)) is kept for debug: the logger adds it
-  // as `exception=` to a DBG line, or writes it on a DBG line of its own after an INF/WRN/ERR
-  // line when debug is enabled.
+  // as `exception=` to a DBG line, or, when debug is enabled, writes `DBG Exception detail
+  // exception=...` right after an INF/WRN/ERR line.
 
   Fields& addAll(Fields&& other);
   Fields clone() const;

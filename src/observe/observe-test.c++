@@ -732,7 +732,7 @@ KJ_TEST("fields: an exception is one sentence; its dump goes to debug") {
   KJ_ASSERT(lines.size() == 3, lines);
   KJ_EXPECT(lines[0] == "WRN Request failed connIndex=1 "
                         "error=\"expected n < limit; request refused: 7\"", lines[0]);
-  KJ_EXPECT(lines[1].startsWith("DBG Request failed exception=\"origin/exchange.c++:153: "
+  KJ_EXPECT(lines[1].startsWith("DBG Exception detail exception=\"origin/exchange.c++:153: "
                                 "failed: expected n < limit"), lines[1]);
   KJ_EXPECT(strstr(lines[1].cStr(), "\\nstack: ") != nullptr, lines[1]);
   KJ_EXPECT(lines[2].startsWith("DBG Request detail error=\"expected n < limit; request refused: "
