@@ -494,8 +494,8 @@ KJ_TEST("validate: keep-alive at or above the idle timeout") {
   KJ_EXPECT(has(warnings[0].message, "keep-alive period lowered from 1s (the default) to 500ms"),
             warnings[0].message);
   KJ_EXPECT(has(warnings[0].message, "--quic-idle-timeout 1s"), warnings[0].message);
-  KJ_EXPECT(warnings[0].fields == "quicIdleTimeout=1s quicKeepAlivePeriod=500ms",
-            warnings[0].fields);
+  KJ_EXPECT(warnings[0].fields.toText() == "quicIdleTimeout=1s quicKeepAlivePeriod=500ms",
+            warnings[0].fields.toText());
   auto small = ok({"--hello-world", "--quic-idle-timeout", "300ms"});
   KJ_EXPECT(valid(small).size() == 1);
   KJ_EXPECT(small.quicKeepAlive == 150 * kj::MILLISECONDS);

@@ -684,7 +684,8 @@ kj::OneOf<kj::Vector<ConfigWarning>, CliExit> validate(CliOptions& o, FileChecks
                 o.quicKeepAlive, ", half of --quic-idle-timeout ", o.quicIdleTimeout,
                 ": a keep-alive at or past the idle timeout lets the connection idle out; set "
                 "--quic-keepalive-period to choose another value"),
-        kj::str("quicIdleTimeout=", o.quicIdleTimeout, " quicKeepAlivePeriod=", o.quicKeepAlive)});
+        kj::mv(observe::Fields().add("quicIdleTimeout", o.quicIdleTimeout)
+                   .add("quicKeepAlivePeriod", o.quicKeepAlive))});
   }
   return kj::mv(warnings);
 }
@@ -738,7 +739,7 @@ kj::OneOf<CliOptions, CliExit> parseCommandLine(kj::ArrayPtr<const kj::StringPtr
         if (i + 1 >= args.size()) return fail(kj::str("flag --", name, " needs a value"));
         value = kj::str(args[++i]);
       }
-      KJ_IF_MAYBE(error, apply(o, *flag, value)) return fail(kj::mv(*error));
+      KJ_IF_MAYBE(error, cli::apply(o, *flag, value)) return fail(kj::mv(*error));
       bool seen = false;
       for (auto& s: o.explicitlySet) if (s == flag->name) seen = true;
       if (!seen) o.explicitlySet.add(kj::str(flag->name));
@@ -787,11 +788,11 @@ kj::OneOf<CliOptions, CliExit> parseCommandLine(kj::ArrayPtr<const kj::StringPtr
         if (flag.kind == Kind::MULTI) {
           // urfave/cli splits a slice flag's variable on commas and trims each piece.
           for (auto& piece: splitList(*value)) {
-            KJ_IF_MAYBE(error, apply(o, flag, piece)) {
+            KJ_IF_MAYBE(error, cli::apply(o, flag, piece)) {
               return fail(kj::str(*error, " (from ", e.env, ")"));
             }
           }
-        } else KJ_IF_MAYBE(error, apply(o, flag, *value)) {
+        } else KJ_IF_MAYBE(error, cli::apply(o, flag, *value)) {
           return fail(kj::str(*error, " (from ", e.env, ")"));
         }
         o.explicitlySet.add(kj::str(e.flag));

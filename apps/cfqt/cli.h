@@ -5,6 +5,8 @@
 // Written by hand because kj::MainBuilder cannot mix an optional `tunnel` word, a positional URL
 // and `--flag value` options in any order.
 
+#include "observe/log.h"
+
 #include <kj/function.h>
 #include <kj/one-of.h>
 #include <kj/string.h>
@@ -125,7 +127,7 @@ private:
 
 struct ConfigWarning {
   kj::String message;   // for Logger::warn()
-  kj::String fields;    // "key=value ..."
+  observe::Fields fields;
 };
 
 kj::OneOf<kj::Vector<ConfigWarning>, CliExit> validate(CliOptions& options, FileChecks& files);

@@ -214,13 +214,12 @@ int runLocalEmulator(kj::AsyncIoContext& io, const observe::Logger& logger,
   auto emu = kj::heap<emulator::Emulator>(io, kj::mv(eo));
   emulator::ReadyInfo ready;
   KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { ready = emu->start().wait(io.waitScope); })) {
-    logger.error("Couldn't start the local edge emulator",
-                 kj::str("error=\"", e->getDescription(), "\""));
+    logger.error("Couldn't start the local edge emulator", observe::Fields().error(*e));
     return 1;
   }
-  logger.info("Local edge emulator started",
-              kj::str("api=", ready.api, " edges=", kj::strArray(ready.edges, ","),
-                      " public=", ready.publicAddress, " admin=", ready.admin));
+  logger.info("Local edge emulator started", observe::Fields().add("api", ready.api)
+      .add("edges", kj::strArray(ready.edges, ",")).add("public", ready.publicAddress)
+      .add("admin", ready.admin));
   r.api.serviceUrl = kj::str("http://", ready.api);
   r.discovery.edges.clear();
   for (auto& e: ready.edges) r.discovery.edges.add(kj::str(e));

@@ -165,7 +165,7 @@ void EdgeDialer::releaseMove() {
 }
 
 void EdgeDialer::taskFailed(kj::Exception&& e) {
-  logger.error("Edge dialer task failed", kj::str("error=\"", e.getDescription(), "\""));
+  logger.error("Edge dialer task failed", observe::Fields().error(e));
 }
 
 void EdgeDialer::registered(const edge::EdgeAddress& address, const EdgeTransport& transport) {
@@ -190,7 +190,7 @@ kj::Promise<kj::Own<EdgeTransport>> EdgeDialer::dialAuto(const edge::EdgeAddress
     logger.warn(kj::str("UDP to ", name, " got no answer in ", formatDuration(config.fallbackAfter),
                         "; using HTTP/2 over TCP. Open outbound UDP ", address.port,
                         " for QUIC."),
-                kj::str("ip=", address.ipString(), " error=\"", e.getDescription(), "\""));
+                observe::Fields().add("ip", address.ipString()).error(e));
     bool known = false;
     for (auto& f: fallbacks) {
       if (f.address == name) {
