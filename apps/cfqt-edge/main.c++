@@ -2,6 +2,7 @@
 // emulator::Emulator and prints one JSON ready line on stdout once everything listens.
 
 #include "emulator/emulator.h"
+#include "observe/log.h"
 
 #include <kj/async-io.h>
 #include <kj/async-unix.h>
@@ -176,7 +177,7 @@ private:
     kj::FdOutputStream(STDOUT_FILENO).write(line.begin(), line.size());
     io.unixEventPort.onSignal(SIGTERM).exclusiveJoin(io.unixEventPort.onSignal(SIGINT))
         .wait(io.waitScope);
-    KJ_LOG(INFO, "cfqt-edge stopping");
+    observe::logDebug("cfqt-edge stopping");
     return true;
   }
 };
