@@ -530,6 +530,24 @@ kj::Maybe<kj::Array<kj::byte>> decodeStdBase64Padded(kj::StringPtr text) {
   return out.releaseAsArray();
 }
 
+bool isQuickTunnelHostname(kj::StringPtr text) {
+  kj::StringPtr name = text.startsWith("https://") ? text.slice(strlen("https://")) : text;
+  if (name.size() == 0 || name.size() > 253) return false;
+  size_t label = 0;
+  for (size_t i = 0; i < name.size(); i++) {
+    char c = name[i];
+    if (c == '.') {
+      if (label == 0 || name[i - 1] == '-') return false;
+      label = 0;
+      continue;
+    }
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              (c == '-' && label > 0);
+    if (!ok || ++label > 63) return false;
+  }
+  return label > 0 && name[name.size() - 1] != '-';
+}
+
 kj::OneOf<QuickTunnel, QuickTunnelError> decodeQuickTunnelResponse(
     uint status, kj::Maybe<kj::StringPtr> contentType, kj::ArrayPtr<const kj::byte> body) {
   // A 5xx Cloudflare page is a server error (the caller retries those before decoding).
@@ -630,6 +648,12 @@ kj::OneOf<QuickTunnel, QuickTunnelError> decodeQuickTunnelResponse(
   if (hostname.size() == 0) {
     return error(QuickTunnelErrorKind::INVALID_RESPONSE,
                  kj::str("result.hostname is missing or empty"));
+  }
+  if (!isQuickTunnelHostname(hostname)) {
+    // Never echoed: it may hold terminal escapes or anything else a bad service sends.
+    return error(QuickTunnelErrorKind::INVALID_RESPONSE,
+        kj::str("result.hostname is not a DNS name (", hostname.size(), " bytes; want letters, "
+                "digits and '-' in dot-separated labels of 1-63 characters); not using it"));
   }
   tunnel.hostname = kj::str(hostname);
   tunnel.accountTag = kj::str(accountTag);
