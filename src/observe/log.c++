@@ -308,7 +308,8 @@ Fields& Fields::add(kj::StringPtr key, kj::Duration value) {
 
 Fields& Fields::error(const kj::Exception& e, kj::StringPtr key) {
   add(key, describeException(e));
-  detail = kj::str(e);
+  // The dump only when this thread's logger would write it (a stack trace costs a little).
+  if (logEnabled(LogLevel::DEBUG)) detail = kj::str(e);
   return *this;
 }
 

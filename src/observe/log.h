@@ -97,7 +97,8 @@ public:
   // `key` = describeException(e): the sentence, without source location, exception type,
   // expression names or stack. The full dump (kj::str(e)) is kept for debug: the logger adds it
   // as `exception=` to a DBG line, or, when debug is enabled, writes `DBG Exception detail
-  // exception=...` right after an INF/WRN/ERR line.
+  // exception=...` right after an INF/WRN/ERR line. (Kept only if logEnabled(DEBUG) on this
+  // thread: build Fields on the thread that logs them.)
 
   Fields& addAll(Fields&& other);
   Fields clone() const;

@@ -725,6 +725,7 @@ KJ_TEST("fields: an exception is one sentence; its dump goes to debug") {
   FakeClock clock;
   {
     Logger logger(tmp.config(clock, 1 * kj::SECONDS, 5, 0));
+    LogCallback callback(logger);
     logger.warn("Request failed", Fields().add("connIndex", 1).error(e));
     logger.debug("Request detail", Fields().error(e));
   }
