@@ -320,16 +320,18 @@ private:
         watch.readWait = watch.observer->whenBecomesReadable().then([this, &watch]() {
           watch.readArmed = false;
           scheduleProcess();
-        }).eagerlyEvaluate([](kj::Exception&& e) { observe::logError("c-ares read wait", observe::Fields()
-            .error(e)); });
+        }).eagerlyEvaluate([](kj::Exception&& e) {
+          observe::logError("c-ares read wait", observe::Fields().error(e));
+        });
       }
       if (watch.wantWrite && !watch.writeArmed) {
         watch.writeArmed = true;
         watch.writeWait = watch.observer->whenBecomesWritable().then([this, &watch]() {
           watch.writeArmed = false;
           scheduleProcess();
-        }).eagerlyEvaluate([](kj::Exception&& e) { observe::logError("c-ares write wait", observe::Fields()
-            .error(e)); });
+        }).eagerlyEvaluate([](kj::Exception&& e) {
+          observe::logError("c-ares write wait", observe::Fields().error(e));
+        });
       }
     }
     struct timeval tv;

@@ -72,7 +72,7 @@ kj::Promise<void> ApiService::request(kj::HttpMethod method, kj::StringPtr url,
                 "\"message\":\"Method not allowed\"}]}"));
   }
   auto& tunnel = registry.issueTunnel();
-  observe::logDebug("Issued quick tunnel", observe::Fields().add("tunnelId", tunnel.id)
+  observe::logDebug("issued quick tunnel", observe::Fields().add("tunnelId", tunnel.id)
       .add("hostname", tunnel.hostname));
   // The body (normally empty) is ignored; kj::HttpServer discards what we leave unread.
   return sendJson(response, 200, "OK", table, quickTunnelJson(tunnel));

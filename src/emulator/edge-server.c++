@@ -96,13 +96,13 @@ public:
   }
 
   void close(uint64_t code, kj::StringPtr reason) override {
-    observe::logDebug("Closing client connection", observe::Fields().add("remote", remote)
+    observe::logDebug("closing client connection", observe::Fields().add("remote", remote)
         .add("code", code).add("reason", reason));
     tasks.add(connection->close(code, reason));
   }
 
   void goSilent() override {
-    observe::logDebug("Going silent on client connection", observe::Fields().add("remote", remote));
+    observe::logDebug("going silent on client connection", observe::Fields().add("remote", remote));
     connection->goSilent();
   }
 
@@ -121,7 +121,7 @@ public:
   bool closeControlStream(ControlEnd how, uint64_t code) override {
     if (control.get() == nullptr || controlEnded) return false;
     controlEnded = true;
-    observe::logDebug("Ending the control stream (admin API)", observe::Fields()
+    observe::logDebug("ending the control stream (admin API)", observe::Fields()
         .add("remote", remote).add("how", how == ControlEnd::RESET ? "reset" : "fin")
         .add("code", code));
     controlWatch = nullptr;
@@ -181,7 +181,7 @@ public:
     KJ_SWITCH_ONEOF(outcome) {
       KJ_CASE_ONEOF(record, ConnectionRecord*) {
         recordIds.add(record->id);
-        observe::logDebug("Registered tunnel connection", observe::Fields().add("id", record->id)
+        observe::logDebug("registered tunnel connection", observe::Fields().add("id", record->id)
             .add("tunnelId", record->tunnel.id).add("connIndex", record->connIndex)
             .add("remote", remote).add("version", record->version));
         return wire::RegistrationResult(wire::ConnectionDetails{
@@ -189,7 +189,7 @@ public:
             false});
       }
       KJ_CASE_ONEOF(error, RegistrationError) {
-        observe::logDebug("Registration refused", observe::Fields().add("remote", remote)
+        observe::logDebug("registration refused", observe::Fields().add("remote", remote)
             .add("cause", error.cause));
         return wire::RegistrationResult(wire::RegistrationError{
             kj::mv(error.cause), error.retryAfterNanos * kj::NANOSECONDS, error.shouldRetry});
@@ -201,7 +201,7 @@ public:
   // wire::ControlObserver ---------------------------------------------------------------------
 
   void unregistered() override {
-    observe::logDebug("Client unregistered its connection", observe::Fields()
+    observe::logDebug("client unregistered its connection", observe::Fields()
         .add("remote", remote));
     stopRouting();
   }
@@ -232,7 +232,7 @@ private:
       KJ_IF_MAYBE(record, server.registry.findConnection(id)) {
         if (record->state == ConnectionState::REGISTERED) {
           server.registry.unregisterConnection(*record);
-          observe::logDebug("Tunnel connection unregistered", observe::Fields().add("id", id)
+          observe::logDebug("tunnel connection unregistered", observe::Fields().add("id", id)
               .add("remote", remote));
         }
       }
@@ -261,7 +261,7 @@ private:
     tasks.add(refuseExtraStreams());
     controlWatch = control->onDisconnect().then([this]() { onControlEnded(); })
         .eagerlyEvaluate([this](kj::Exception&& e) {
-      observe::logDebug("Control stream failed", observe::Fields().add("remote", remote).error(e));
+      observe::logDebug("control stream failed", observe::Fields().add("remote", remote).error(e));
       onControlEnded();
     });
   }
@@ -269,7 +269,7 @@ private:
   void onControlEnded() {
     // PROTOCOL.md §10.4 step 6: the control stream closing (or an Abort) means the client is
     // leaving; streams in flight finish, but no new requests go to this connection.
-    observe::logDebug("Control stream ended", observe::Fields().add("remote", remote));
+    observe::logDebug("control stream ended", observe::Fields().add("remote", remote));
     controlEnded = true;
     stopRouting();
   }
@@ -284,7 +284,7 @@ private:
   }
 
   void onClosed(const quic::CloseInfo& info) {
-    observe::logDebug("Client connection ended", observe::Fields().add("remote", remote)
+    observe::logDebug("client connection ended", observe::Fields().add("remote", remote)
         .add("kind", kj::str(info.kind)).add("code", info.code).add("reason", info.reason));
     server.registry.connectionClosed(*this);
     canceler.cancel(info.toException());
@@ -293,9 +293,9 @@ private:
 
 void EdgeServer::ErrorHandler::taskFailed(kj::Exception&& exception) {
   if (exception.getType() == kj::Exception::Type::DISCONNECTED) {
-    observe::logDebug("Edge task ended", observe::Fields().error(exception));
+    observe::logDebug("edge task ended", observe::Fields().error(exception));
   } else {
-    observe::logError("Edge task failed", observe::Fields().error(exception));
+    observe::logError("edge task failed", observe::Fields().error(exception));
   }
 }
 

@@ -24,9 +24,9 @@ class LoggingErrorHandler final: public kj::TaskSet::ErrorHandler {
 public:
   void taskFailed(kj::Exception&& exception) override {
     if (exception.getType() == kj::Exception::Type::DISCONNECTED) {
-      observe::logDebug("Emulator task ended", observe::Fields().error(exception));
+      observe::logDebug("emulator task ended", observe::Fields().error(exception));
     } else {
-      observe::logError("Emulator task failed", observe::Fields().error(exception));
+      observe::logError("emulator task failed", observe::Fields().error(exception));
     }
   }
 };
@@ -234,8 +234,9 @@ private:
     return context.wrapServer(kj::mv(connection))
         .then([this](kj::Own<kj::AsyncIoStream> secured) {
       return apiServer.listenHttp(kj::mv(secured));
-    }).catch_([](kj::Exception&& e) { observe::logDebug("API TLS connection ended", observe::Fields()
-        .error(e)); });
+    }).catch_([](kj::Exception&& e) {
+      observe::logDebug("API TLS connection ended", observe::Fields().error(e));
+    });
   }
 
   kj::HttpServerSettings httpSettings() {
@@ -264,7 +265,7 @@ private:
     if (options.noUdp) edgeServer->setUdpBlocked(true);
     ready.udpBlocked = options.noUdp;
 #else
-    observe::logWarn("Built without the QUIC layer: edge addresses are served on TCP only");
+    observe::logWarn("built without the QUIC layer: edge addresses are served on TCP only");
 #endif
 #if CFQT_EMULATOR_QUIC
     for (auto& text: options.edgeListen) {

@@ -307,14 +307,14 @@ public:
   kj::StringPtr protocol() override { return "http2"; }
 
   void close(uint64_t code, kj::StringPtr reason) override {
-    observe::logDebug("Closing HTTP/2 client connection", observe::Fields().add("remote", remote)
+    observe::logDebug("closing HTTP/2 client connection", observe::Fields().add("remote", remote)
         .add("code", code).add("reason", reason));
     stopRouting();
     session->close(static_cast<uint32_t>(code), reason);
   }
 
   void goSilent() override {
-    observe::logDebug("Going silent on HTTP/2 client connection", observe::Fields()
+    observe::logDebug("going silent on HTTP/2 client connection", observe::Fields()
         .add("remote", remote));
     session->goSilent();
   }
@@ -335,7 +335,7 @@ public:
   bool closeControlStream(ControlEnd how, uint64_t code) override {
     if (controlStream.get() == nullptr || controlEnded) return false;
     controlEnded = true;
-    observe::logDebug("Ending the HTTP/2 control stream (admin API)", observe::Fields()
+    observe::logDebug("ending the HTTP/2 control stream (admin API)", observe::Fields()
         .add("remote", remote).add("how", how == ControlEnd::RESET ? "reset" : "fin")
         .add("code", code));
     controlWatch = nullptr;
@@ -387,7 +387,7 @@ public:
     KJ_SWITCH_ONEOF(outcome) {
       KJ_CASE_ONEOF(record, ConnectionRecord*) {
         recordIds.add(record->id);
-        observe::logDebug("Registered tunnel connection over HTTP/2", observe::Fields()
+        observe::logDebug("registered tunnel connection over HTTP/2", observe::Fields()
             .add("id", record->id).add("tunnelId", record->tunnel.id)
             .add("connIndex", record->connIndex).add("remote", remote)
             .add("version", record->version));
@@ -396,7 +396,7 @@ public:
             false});
       }
       KJ_CASE_ONEOF(error, RegistrationError) {
-        observe::logDebug("Registration refused", observe::Fields().add("remote", remote)
+        observe::logDebug("registration refused", observe::Fields().add("remote", remote)
             .add("cause", error.cause));
         return wire::RegistrationResult(wire::RegistrationError{
             kj::mv(error.cause), error.retryAfterNanos * kj::NANOSECONDS, error.shouldRetry});
@@ -408,7 +408,7 @@ public:
   // wire::ControlObserver ---------------------------------------------------------------------
 
   void unregistered() override {
-    observe::logDebug("Client unregistered its HTTP/2 connection", observe::Fields()
+    observe::logDebug("client unregistered its HTTP/2 connection", observe::Fields()
         .add("remote", remote));
     stopRouting();
   }
@@ -425,7 +425,7 @@ public:
 
   void peerGoAway(uint32_t errorCode, kj::StringPtr debugData) override {
     // Called inside an nghttp2 callback: only bookkeeping here.
-    observe::logDebug("The client sent GOAWAY", observe::Fields().add("remote", remote)
+    observe::logDebug("the client sent GOAWAY", observe::Fields().add("remote", remote)
         .add("errorCode", errorCode).add("debugData", debugData));
     stopRouting();
   }
@@ -464,7 +464,7 @@ private:
     // cloudflared answers the control stream with 200 once it writes its first RPC message; a
     // 502 means its control stream handler failed before that.
     if (response.status != 200) {
-      observe::logDebug("The client answered the control stream with", observe::Fields()
+      observe::logDebug("the client answered the control stream with", observe::Fields()
           .add("status", response.status).add("remote", remote));
     }
   }
@@ -482,7 +482,7 @@ private:
       KJ_IF_MAYBE(record, server.registry.findConnection(id)) {
         if (record->state == ConnectionState::REGISTERED) {
           server.registry.unregisterConnection(*record);
-          observe::logDebug("Tunnel connection unregistered", observe::Fields().add("id", id)
+          observe::logDebug("tunnel connection unregistered", observe::Fields().add("id", id)
               .add("remote", remote));
         }
       }
@@ -557,8 +557,9 @@ kj::Promise<void> Http2EdgeServer::serve(kj::AuthenticatedStream stream) {
   return tls->wrapServer(kj::mv(stream.stream))
       .then([this, remote = kj::mv(remote)](kj::Own<kj::AsyncIoStream> secured) mutable {
     return serveConnection(kj::mv(secured), kj::mv(remote));
-  }).catch_([](kj::Exception&& e) { observe::logDebug("HTTP/2 edge connection ended", observe::Fields()
-      .error(e)); });
+  }).catch_([](kj::Exception&& e) {
+    observe::logDebug("HTTP/2 edge connection ended", observe::Fields().error(e));
+  });
 }
 
 kj::Promise<void> Http2EdgeServer::serveConnection(kj::Own<kj::AsyncIoStream> secured,

@@ -157,7 +157,8 @@ struct LogConfig {
   // Time source of the intervals (tests inject one); null means the system's coarse monotonic
   // clock. Must outlive the Logger and be callable from any thread that logs.
   LogFormat format = LogFormat::TEXT;
-  kj::Maybe<kj::Own<LogSink>> sink = nullptr;   // replaces stderr (the file, if any, is still written)
+  kj::Maybe<kj::Own<LogSink>> sink = nullptr;
+  // Replaces stderr (the file, if any, is still written).
 };
 
 class Logger {

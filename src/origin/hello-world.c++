@@ -73,8 +73,8 @@ private:
       return kj::READY_NOW;
     }
     if (isTooLarge(e)) {
-      observe::logDebug("hello-world /ws: message over the limit, closing with 1009", observe::Fields()
-          .add("limit", MAX_ECHO_MESSAGE));
+      observe::logDebug("hello-world /ws: message over the limit, closing with 1009",
+                        observe::Fields().add("limit", MAX_ECHO_MESSAGE));
       return closeWith(1009, "message too big");
     }
     observe::logDebug("hello-world /ws: bad frame, closing with 1002", observe::Fields().error(e));

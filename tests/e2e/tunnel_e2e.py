@@ -832,7 +832,7 @@ def test_c_api_example(env):
         ids = [c["id"] for c in env.edge.connections(host, None)]
         check(ids, "emulator lists no connection of the example")
         for i in ids:
-            env.edge.log.wait_for(r"Tunnel connection unregistered id=%d " % i)
+            env.edge.log.wait_for(r"tunnel connection unregistered id=%d " % i)
     finally:
         if p.poll() is None:
             p.kill()
