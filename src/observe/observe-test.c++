@@ -773,6 +773,65 @@ KJ_TEST("log format json: one object per line, the same fields") {
   }
 }
 
+bool validUtf8(kj::StringPtr text) {
+  for (size_t i = 0; i < text.size();) {
+    auto b = static_cast<kj::byte>(text[i]);
+    size_t n = b < 0x80 ? 1 : b >= 0xc2 && b <= 0xdf ? 2 : b >= 0xe0 && b <= 0xef ? 3
+             : b >= 0xf0 && b <= 0xf4 ? 4 : 0;
+    if (n == 0 || i + n > text.size()) return false;
+    for (size_t k = 1; k < n; k++) {
+      if ((static_cast<kj::byte>(text[i + k]) & 0xc0) != 0x80) return false;
+    }
+    i += n;
+  }
+  return true;
+}
+
+KJ_TEST("escaping: random bytes never reach a line raw, in either format") {
+  // Deterministic pseudo-random values (any byte, some UTF-8 and bidi sequences mixed in).
+  uint64_t state = 0x9e3779b97f4a7c15ull;
+  auto next = [&]() {
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    return state;
+  };
+  const char* pieces[] = {"\xe2\x80\xae", "\xc3\xa9", "\x1b[2J", "\"", "\\", " = ", "\xf0\x9f\x98\x80",
+                          "\xed\xa0\x80", "\xc0\xaf", "\n\r\t"};
+  for (int round = 0; round < 2000; round++) {
+    kj::Vector<char> value;
+    size_t n = next() % 24;
+    for (size_t i = 0; i < n; i++) {
+      if (next() % 4 == 0) {
+        value.addAll(kj::StringPtr(pieces[next() % kj::size(pieces)]));
+      } else {
+        value.add(static_cast<char>(next() & 0xff));
+      }
+    }
+    auto text = kj::heapString(value.begin(), value.size());
+    Fields fields;
+    fields.add("v", kj::str(text));
+    auto console = formatLogLine(LogLevel::WARN, text, fields.toText());
+    auto json = formatJsonLogLine(LogLevel::WARN, text, fields.entries());
+    for (auto line: {console.asPtr(), json.asPtr()}) {
+      KJ_ASSERT(line.size() > 0 && line[line.size() - 1] == '\n');
+      for (size_t i = 0; i + 1 < line.size(); i++) {
+        auto b = static_cast<kj::byte>(line[i]);
+        KJ_ASSERT(b >= 0x20 && b != 0x7f, "raw control byte", round, i, line);
+      }
+      KJ_ASSERT(validUtf8(line), round, line);
+      KJ_ASSERT(strstr(line.cStr(), "\xe2\x80\xae") == nullptr, "raw bidi override", line);
+    }
+    // The console value parses back to the bytes it came from (as long as no \u escape was
+    // needed, which Fields::parse() shows but does not decode).
+    auto shown = fields.toText();
+    if (strstr(shown.cStr(), "\\u") == nullptr) {
+      auto back = Fields::parse(shown);
+      KJ_ASSERT(back.size() == 1 && back.entries()[0].value == text, round, shown);
+    }
+  }
+}
+
 struct RecordingSink final: public LogSink {
   explicit RecordingSink(kj::Vector<kj::String>& lines): lines(lines) {}
   kj::Vector<kj::String>& lines;
