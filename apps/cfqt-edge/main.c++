@@ -2,6 +2,7 @@
 // emulator::Emulator and prints one JSON ready line on stdout once everything listens.
 
 #include "emulator/emulator.h"
+#include "observe/log.h"
 
 #include <kj/async-io.h>
 #include <kj/async-unix.h>
@@ -83,6 +84,7 @@ public:
 private:
   kj::ProcessContext& context;
   EmulatorOptions options;
+  observe::LogLevel logLevel = observe::LogLevel::DEBUG;   // --loglevel (default info)
 
   using Validity = kj::MainBuilder::Validity;
 
@@ -117,10 +119,13 @@ private:
   Validity setLogLevel(kj::StringPtr v) {
     if (v == "debug" || v == "info") {
       kj::_::Debug::setLogLevel(kj::LogSeverity::INFO);
+      logLevel = observe::LogLevel::DEBUG;   // the emulator's own lines are all debug lines
     } else if (v == "warn" || v == "warning") {
       kj::_::Debug::setLogLevel(kj::LogSeverity::WARNING);
+      logLevel = observe::LogLevel::WARN;
     } else if (v == "error" || v == "fatal") {
       kj::_::Debug::setLogLevel(kj::LogSeverity::ERROR);
+      logLevel = observe::LogLevel::ERROR;
     } else {
       return "log level must be debug, info, warn or error";
     }
@@ -164,6 +169,11 @@ private:
     kj::UnixEventPort::captureSignal(SIGTERM);
     kj::UnixEventPort::captureSignal(SIGINT);
     signal(SIGPIPE, SIG_IGN);
+    observe::LogConfig logConfig;
+    logConfig.level = logLevel;
+    logConfig.rateInterval = 0 * kj::SECONDS;   // a test tool: every line, as KJ_LOG wrote them
+    observe::Logger logger(kj::mv(logConfig));
+    observe::LogCallback logCallback(logger);   // the same line format for capnp's own lines
     auto io = kj::setupAsyncIo();
     Emulator emulator(io, kj::mv(options));
     ReadyInfo ready;
@@ -176,7 +186,7 @@ private:
     kj::FdOutputStream(STDOUT_FILENO).write(line.begin(), line.size());
     io.unixEventPort.onSignal(SIGTERM).exclusiveJoin(io.unixEventPort.onSignal(SIGINT))
         .wait(io.waitScope);
-    KJ_LOG(INFO, "cfqt-edge stopping");
+    observe::logDebug("cfqt-edge stopping");
     return true;
   }
 };

@@ -84,6 +84,10 @@ KJ_TEST("cli: errors are clear") {
   KJ_EXPECT(has(err({"--bogus", "--url", "x:1"}), "unknown flag --bogus"));
   KJ_EXPECT(has(err({"--edge-ip-version", "5", "--url", "x:1"}), "auto, 4 or 6"));
   KJ_EXPECT(has(err({"--loglevel", "loud", "--url", "x:1"}), "--loglevel"));
+  KJ_EXPECT(has(err({"--log-format-output", "xml", "--url", "x:1"}),
+                "--log-format-output must be default or json"));
+  KJ_EXPECT(ok({"--log-format-output", "json", "--url", "x:1"}).logFormat == "json");
+  KJ_EXPECT(ok({"--url", "x:1"}).logFormat == "default");
   KJ_EXPECT(has(err({}), "nothing to expose"));
   KJ_EXPECT(has(err({"--url"}), "needs a value"));
   KJ_EXPECT(has(err({"--ha-connections", "5", "--url", "x:1"}), "between 1 and 4"));
@@ -178,6 +182,8 @@ KJ_TEST("cli: every cloudflared 2023.7.3 variable of a flag cfqt accepts is read
             "127.0.0.1:9");
   KJ_EXPECT(okWithEnv("TUNNEL_LOGLEVEL", "debug").logLevel == "debug");
   KJ_EXPECT(KJ_ASSERT_NONNULL(okWithEnv("TUNNEL_LOGFILE", "/tmp/l.log").logFile) == "/tmp/l.log");
+  KJ_EXPECT(okWithEnv("TUNNEL_LOG_OUTPUT", "json").logFormat == "json");
+  KJ_EXPECT(okWithEnv("TUNNEL_MANAGEMENT_OUTPUT", "json").logFormat == "json");
   {
     auto o = okWithEnv("TUNNEL_TRANSPORT_PROTOCOL", "quic");
     KJ_EXPECT(o.protocol == "quic" && wasSet(o, "protocol"));
@@ -502,8 +508,8 @@ KJ_TEST("validate: keep-alive at or above the idle timeout") {
   KJ_EXPECT(has(warnings[0].message, "keep-alive period lowered from 1s (the default) to 500ms"),
             warnings[0].message);
   KJ_EXPECT(has(warnings[0].message, "--quic-idle-timeout 1s"), warnings[0].message);
-  KJ_EXPECT(warnings[0].fields == "quicIdleTimeout=1s quicKeepAlivePeriod=500ms",
-            warnings[0].fields);
+  KJ_EXPECT(warnings[0].fields.toText() == "quicIdleTimeout=1s quicKeepAlivePeriod=500ms",
+            warnings[0].fields.toText());
   auto small = ok({"--hello-world", "--quic-idle-timeout", "300ms"});
   KJ_EXPECT(valid(small).size() == 1);
   KJ_EXPECT(small.quicKeepAlive == 150 * kj::MILLISECONDS);

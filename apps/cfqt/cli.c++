@@ -44,6 +44,7 @@ const EnvName ENV_NAMES[] = {
     {"grace-period", "TUNNEL_GRACE_PERIOD"}, {"metrics", "TUNNEL_METRICS"},
     {"loglevel", "TUNNEL_LOGLEVEL"}, {"logfile", "TUNNEL_LOGFILE"},
     {"protocol", "TUNNEL_TRANSPORT_PROTOCOL"}, {"no-autoupdate", "NO_AUTOUPDATE"},
+    {"log-format-output", "TUNNEL_MANAGEMENT_OUTPUT"}, {"log-format-output", "TUNNEL_LOG_OUTPUT"},
 };
 
 // Visible flags first; the hidden ones (timeouts) are listed under "test and tuning".
@@ -68,6 +69,8 @@ const Flag FLAGS[] = {
     {"metrics", "", Kind::STRING, "Metrics/readiness address (default localhost:20241..5)."},
     {"loglevel", "", Kind::STRING, "debug, info, warn, error, fatal."},
     {"logfile", "", Kind::STRING, "Also append logs to this file."},
+    {"log-format-output", "", Kind::STRING, "Log output format: default or json (one object "
+                                            "per line)."},
     {"user-agent", "", Kind::STRING, "User-Agent of the quick-tunnel request."},
     {"client-version", "", Kind::STRING, "Version sent to the edge (default 2026.8.2)."},
     {"local", "", Kind::BOOL, "Run an in-process edge emulator and tunnel through it."},
@@ -219,6 +222,12 @@ kj::Maybe<kj::String> apply(CliOptions& o, const Flag& flag, kj::StringPtr value
     o.logLevel = kj::mv(v);
   }
   else if (n == "logfile") o.logFile = kj::mv(v);
+  else if (n == "log-format-output") {
+    if (v != "default" && v != "json") {
+      return kj::str("--log-format-output must be default or json");
+    }
+    o.logFormat = kj::mv(v);
+  }
   else if (n == "user-agent") o.userAgent = kj::mv(v);
   else if (n == "client-version") o.clientVersion = kj::mv(v);
   else if (n == "protocol") {
@@ -683,7 +692,8 @@ kj::OneOf<kj::Vector<ConfigWarning>, CliExit> validate(CliOptions& o, FileChecks
                 o.quicKeepAlive, ", half of --quic-idle-timeout ", o.quicIdleTimeout,
                 ": a keep-alive at or past the idle timeout lets the connection idle out; set "
                 "--quic-keepalive-period to choose another value"),
-        kj::str("quicIdleTimeout=", o.quicIdleTimeout, " quicKeepAlivePeriod=", o.quicKeepAlive)});
+        kj::mv(observe::Fields().add("quicIdleTimeout", o.quicIdleTimeout)
+                   .add("quicKeepAlivePeriod", o.quicKeepAlive))});
   }
   return kj::mv(warnings);
 }
@@ -737,7 +747,7 @@ kj::OneOf<CliOptions, CliExit> parseCommandLine(kj::ArrayPtr<const kj::StringPtr
         if (i + 1 >= args.size()) return fail(kj::str("flag --", name, " needs a value"));
         value = kj::str(args[++i]);
       }
-      KJ_IF_MAYBE(error, apply(o, *flag, value)) return fail(kj::mv(*error));
+      KJ_IF_MAYBE(error, cli::apply(o, *flag, value)) return fail(kj::mv(*error));
       bool seen = false;
       for (auto& s: o.explicitlySet) if (s == flag->name) seen = true;
       if (!seen) o.explicitlySet.add(kj::str(flag->name));
@@ -786,11 +796,11 @@ kj::OneOf<CliOptions, CliExit> parseCommandLine(kj::ArrayPtr<const kj::StringPtr
         if (flag.kind == Kind::MULTI) {
           // urfave/cli splits a slice flag's variable on commas and trims each piece.
           for (auto& piece: splitList(*value)) {
-            KJ_IF_MAYBE(error, apply(o, flag, piece)) {
+            KJ_IF_MAYBE(error, cli::apply(o, flag, piece)) {
               return fail(kj::str(*error, " (from ", e.env, ")"));
             }
           }
-        } else KJ_IF_MAYBE(error, apply(o, flag, *value)) {
+        } else KJ_IF_MAYBE(error, cli::apply(o, flag, *value)) {
           return fail(kj::str(*error, " (from ", e.env, ")"));
         }
         o.explicitlySet.add(kj::str(e.flag));

@@ -5,6 +5,8 @@
 // Written by hand because kj::MainBuilder cannot mix an optional `tunnel` word, a positional URL
 // and `--flag value` options in any order.
 
+#include "observe/log.h"
+
 #include <kj/function.h>
 #include <kj/one-of.h>
 #include <kj/string.h>
@@ -32,6 +34,7 @@ struct CliOptions {
   kj::Maybe<kj::String> metrics;
   kj::String logLevel = kj::str("info");
   kj::Maybe<kj::String> logFile;
+  kj::String logFormat = kj::str("default");   // --log-format-output: default or json
   kj::Maybe<kj::String> httpHostHeader;
   kj::Maybe<kj::String> originCaPool;
   kj::Maybe<kj::String> originServerName;
@@ -126,7 +129,7 @@ private:
 
 struct ConfigWarning {
   kj::String message;   // for Logger::warn()
-  kj::String fields;    // "key=value ..."
+  observe::Fields fields;
 };
 
 kj::OneOf<kj::Vector<ConfigWarning>, CliExit> validate(CliOptions& options, FileChecks& files);

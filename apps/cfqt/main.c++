@@ -216,13 +216,12 @@ int runLocalEmulator(kj::AsyncIoContext& io, const observe::Logger& logger,
   auto emu = kj::heap<emulator::Emulator>(io, kj::mv(eo));
   emulator::ReadyInfo ready;
   KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { ready = emu->start().wait(io.waitScope); })) {
-    logger.error("Couldn't start the local edge emulator",
-                 kj::str("error=\"", e->getDescription(), "\""));
+    logger.error("Couldn't start the local edge emulator", observe::Fields().error(*e));
     return 1;
   }
-  logger.info("Local edge emulator started",
-              kj::str("api=", ready.api, " edges=", kj::strArray(ready.edges, ","),
-                      " public=", ready.publicAddress, " admin=", ready.admin));
+  logger.info("Local edge emulator started", observe::Fields().add("api", ready.api)
+      .add("edges", kj::strArray(ready.edges, ",")).add("public", ready.publicAddress)
+      .add("admin", ready.admin));
   r.api.serviceUrl = kj::str("http://", ready.api);
   r.discovery.edges.clear();
   for (auto& e: ready.edges) r.discovery.edges.add(kj::str(e));
@@ -271,6 +270,7 @@ int realMain(int argc, char** argv) {
   observe::LogConfig logConfig;
   logConfig.level = KJ_ASSERT_NONNULL(observe::parseLogLevel(options.logLevel));
   KJ_IF_MAYBE(f, options.logFile) logConfig.file = kj::str(*f);
+  logConfig.format = KJ_ASSERT_NONNULL(observe::parseLogFormat(options.logFormat));
   kj::Maybe<kj::Own<observe::Logger>> maybeLogger;
   KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
     maybeLogger = kj::heap<observe::Logger>(kj::mv(logConfig));

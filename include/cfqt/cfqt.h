@@ -23,6 +23,22 @@ extern "C" {
 
 typedef struct cfqt_tunnel cfqt_tunnel;
 
+/* Log levels of cfqt_log_fn. */
+enum { CFQT_LOG_DEBUG = 0, CFQT_LOG_INFO = 1, CFQT_LOG_WARN = 2, CFQT_LOG_ERROR = 3,
+       CFQT_LOG_FATAL = 4 };
+
+typedef struct cfqt_log_field {
+  const char* key;
+  const char* value;   /* unescaped: may hold any bytes a peer sent (cut at a NUL byte) */
+} cfqt_log_field;
+
+typedef void (*cfqt_log_fn)(void* user_data, int level, const char* message,
+                            const cfqt_log_field* fields, size_t field_count);
+/* One log line: the sentence and its key/value fields in order (rate-limit summaries have the
+ * fields "suppressed" and "interval"). The strings are valid during the call only. Called on
+ * the tunnel's own threads, never by two threads at once; it must return quickly and must not
+ * call cfqt_tunnel_* functions on the same tunnel. */
+
 typedef struct cfqt_options {
   const char* url;              /* origin URL, or NULL with hello_world = 1 */
   int hello_world;
@@ -38,6 +54,8 @@ typedef struct cfqt_options {
   const char* unix_socket;      /* origin: an HTTP server on this unix socket (url NULL) */
   int backoff_base_ms;          /* reconnect backoff base (default 1000) */
   const char* protocol;         /* NULL = "auto"; "quic" or "http2" (TLS over TCP) */
+  cfqt_log_fn log_callback;     /* non-NULL: log lines go to it instead of stderr */
+  void* log_user_data;          /* passed to log_callback */
 } cfqt_options;
 
 void cfqt_options_init(cfqt_options* options);

@@ -12,12 +12,25 @@
 // KJ or Cap'n Proto type appears here.
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace cfqt {
+
+enum class LogLevel { Debug, Info, Warn, Error, Fatal };
+
+using LogField = std::pair<std::string, std::string>;   // key, value
+
+using LogCallback = std::function<void(LogLevel level, const std::string& message,
+                                       const std::vector<LogField>& fields)>;
+// One log line: the sentence (e.g. "Registered tunnel connection") and its fields in order
+// (e.g. {"connIndex", "0"}, {"location", "lhr01"}), the same as the console line shows but with
+// the values unescaped (they may hold any bytes a peer sent: escape them before a terminal).
+// Rate-limit summaries come as lines with the fields "suppressed" and "interval".
 
 struct TunnelOptions {
   // Origin (one of): `url` (http://, https://, host:port, unix:/path), `helloWorld`, `unixSocket`.
@@ -48,6 +61,14 @@ struct TunnelOptions {
   std::string logLevel = "info";      // debug, info, warn, error, fatal
   std::string logFile;                // "" = none
   bool logToStderr = true;
+
+  LogCallback logCallback;
+  // When set, every line at or above logLevel goes to it instead of stderr (logFile, if set, is
+  // still written). Thread safety: it is called on the tunnel's own threads, never by two
+  // threads at once (cfqt holds a lock around each call), so it needs no locking of its own for
+  // cfqt's sake. It must return quickly (it holds up the tunnel), must not throw (exceptions
+  // are dropped), and must not call this Tunnel's methods (they wait on the tunnel's thread).
+  // It may be called until stop() or the destructor returns.
 };
 
 class TunnelError: public std::runtime_error {

@@ -1,4 +1,5 @@
 #include "discovery.h"
+#include "observe/log.h"
 
 #include <kj/debug.h>
 
@@ -156,8 +157,8 @@ private:
     plainDnsError = kj::str(e.getDescription());
     result.warnings.add(kj::str(plainDnsError, "; trying DNS-over-TLS via ",
                                 dot.address.toString(), " (", dot.tlsName, ")"));
-    KJ_LOG(WARNING, "edge discovery: SRV lookup failed; trying DNS-over-TLS", plainDnsError,
-           dot.address.toString());
+    observe::logWarn("Edge discovery: SRV lookup failed; trying DNS-over-TLS", observe::Fields()
+        .add("plainDnsError", plainDnsError).add("dot", dot.address.toString()));
     return querySrvOverTls(timer, network, dot, srvName, config.dotTimeout).then(
         [this](kj::Array<SrvRecord> records) { return onDotSrv(kj::mv(records)); },
         [this](kj::Exception&& e) { return bothFailed(kj::mv(e)); });
@@ -261,7 +262,8 @@ private:
     }
     if (colon == nullptr || port == 0 || entry.startsWith("[")) {
       result.warnings.add(kj::str("skipping --edge ", entry, ": want host:port"));
-      KJ_LOG(WARNING, "skipping --edge entry: want host:port", entry);
+      observe::logWarn("Skipping --edge entry: want host:port", observe::Fields()
+          .add("entry", entry));
       return kj::Maybe<EdgeAddress>(nullptr);
     }
     auto host = kj::heapString(entry.slice(0, KJ_ASSERT_NONNULL(colon)));
@@ -271,7 +273,7 @@ private:
       return addresses[0];    // like Go's ResolveUDPAddr: one IP per entry
     }, [this, entryCopy = kj::mv(entryCopy)](kj::Exception&& e) -> kj::Maybe<EdgeAddress> {
       result.warnings.add(kj::str("skipping --edge ", entryCopy, ": ", e.getDescription()));
-      KJ_LOG(WARNING, "skipping --edge entry", entryCopy, e.getDescription());
+      observe::logWarn("Skipping --edge entry", observe::Fields().add("entry", entryCopy).error(e));
       return nullptr;
     }).attach(kj::mv(host));
   }

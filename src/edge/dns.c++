@@ -1,4 +1,5 @@
 #include "dns.h"
+#include "observe/log.h"
 
 #include <ares.h>
 
@@ -182,7 +183,7 @@ private:
   kj::TaskSet tasks;   // last: pending work is cancelled first
 
   void taskFailed(kj::Exception&& exception) override {
-    KJ_LOG(ERROR, "c-ares processing failed", exception);
+    observe::logError("c-ares processing failed", observe::Fields().error(exception));
   }
 
   // --- c-ares callbacks (C: nothing may throw through them) ---
@@ -192,7 +193,7 @@ private:
     KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
       self.socketState(fd, readable != 0, writable != 0);
     })) {
-      KJ_LOG(ERROR, "c-ares socket state update failed", *e);
+      observe::logError("c-ares socket state update failed", observe::Fields().error(*e));
     }
   }
 
@@ -319,14 +320,18 @@ private:
         watch.readWait = watch.observer->whenBecomesReadable().then([this, &watch]() {
           watch.readArmed = false;
           scheduleProcess();
-        }).eagerlyEvaluate([](kj::Exception&& e) { KJ_LOG(ERROR, "c-ares read wait", e); });
+        }).eagerlyEvaluate([](kj::Exception&& e) {
+          observe::logError("c-ares read wait", observe::Fields().error(e));
+        });
       }
       if (watch.wantWrite && !watch.writeArmed) {
         watch.writeArmed = true;
         watch.writeWait = watch.observer->whenBecomesWritable().then([this, &watch]() {
           watch.writeArmed = false;
           scheduleProcess();
-        }).eagerlyEvaluate([](kj::Exception&& e) { KJ_LOG(ERROR, "c-ares write wait", e); });
+        }).eagerlyEvaluate([](kj::Exception&& e) {
+          observe::logError("c-ares write wait", observe::Fields().error(e));
+        });
       }
     }
     struct timeval tv;
@@ -334,7 +339,8 @@ private:
       auto delay = (tv.tv_sec * 1000 + (tv.tv_usec + 999) / 1000) * kj::MILLISECONDS;
       timeoutWait = timer.afterDelay(kj::max(delay, 1 * kj::MILLISECONDS)).then([this]() {
         scheduleProcess();
-      }).eagerlyEvaluate([](kj::Exception&& e) { KJ_LOG(ERROR, "c-ares timer", e); });
+      }).eagerlyEvaluate([](kj::Exception&& e) { observe::logError("c-ares timer", observe::Fields()
+          .error(e)); });
     } else {
       timeoutWait = nullptr;
     }

@@ -254,6 +254,33 @@ KJ_TEST("response decoding follows Go: case-insensitive top-level keys, unknown 
   KJ_EXPECT(tunnel.secret == "hello"_kj.asBytes());
 }
 
+KJ_TEST("a hostname that is not a DNS name is refused without being echoed") {
+  KJ_EXPECT(isQuickTunnelHostname("a-b-c.trycloudflare.com"));
+  KJ_EXPECT(isQuickTunnelHostname("https://a-b-c.trycloudflare.com"));
+  KJ_EXPECT(isQuickTunnelHostname("h"));
+  KJ_EXPECT(isQuickTunnelHostname("x1.Example-Zone.localhost"));
+  for (auto bad: {""_kj, "."_kj, "a..b"_kj, "-a.b"_kj, "a-.b"_kj, "a.b."_kj, "a b.com"_kj,
+                  "a_b.com"_kj, "a.b/c"_kj, "a.b:443"_kj, "http://a.b"_kj, "https://"_kj,
+                  "caf\xc3\xa9.com"_kj, "evil\x1b[31m.com"_kj, "a\nb.com"_kj}) {
+    KJ_EXPECT(!isQuickTunnelHostname(bad), bad);
+  }
+  KJ_EXPECT(!isQuickTunnelHostname(kj::str(kj::repeat('a', 64), ".com")));
+  KJ_EXPECT(isQuickTunnelHostname(kj::str(kj::repeat('a', 63), ".com")));
+  auto longName = kj::str(kj::repeat('a', 60), '.', kj::repeat('b', 60), '.', kj::repeat('c', 60),
+                          '.', kj::repeat('d', 60), ".com");   // 247 bytes
+  KJ_EXPECT(isQuickTunnelHostname(longName));
+  KJ_EXPECT(!isQuickTunnelHostname(kj::str(longName, ".abcdefgh")));   // 256
+
+  auto body = kj::str(R"({"result":{"id":"3f1c0a2e-1b2c-4d3e-8f90-a1b2c3d4e5f6",)",
+                      R"("hostname":"evil\u001b]0;pwned\u0007.trycloudflare.com",)",
+                      R"("account_tag":"acct","secret":"aGVsbG8="}})");
+  auto result = decodeQuickTunnelResponse(200, "application/json"_kj, body.asBytes());
+  auto& e = KJ_ASSERT_NONNULL(result.tryGet<QuickTunnelError>());
+  KJ_EXPECT(e.kind == QuickTunnelErrorKind::INVALID_RESPONSE);
+  KJ_EXPECT(contains(e.message, "result.hostname is not a DNS name"), e.message);
+  KJ_EXPECT(!contains(e.message, "pwned") && !contains(e.message, "\x1b"), e.message);
+}
+
 KJ_TEST("decoding errors never carry the secret") {
   auto body = R"({"result":{"id":"3f1c0a2e-1b2c-4d3e-8f90-a1b2c3d4e5f6","hostname":"h",)"
               R"("secret":"c2VjcmV0LXRleHQ"}})"_kj;

@@ -1,6 +1,7 @@
 #include "quick-tunnel-api.h"
 
 #include "edge/json.h"
+#include "observe/log.h"
 
 #include <kj/compat/http.h>
 #include <kj/compat/tls.h>
@@ -386,8 +387,9 @@ private:
       stream = nullptr;
       return kj::mv(e);
     }
-    KJ_LOG(WARNING, "quick tunnel request failed; retrying", attempt + 1,
-           config.retryBackoffs[attempt], e.getDescription());
+    observe::logWarn("Quick tunnel request failed; retrying", observe::Fields()
+        .add("attempt", attempt + 1).add("wait", config.retryBackoffs[attempt])
+        .add("service", url.display).error(e));
     return timer.afterDelay(config.retryBackoffs[attempt]).then([this, attempt]() {
       return run(attempt + 1);
     });
@@ -528,6 +530,24 @@ kj::Maybe<kj::Array<kj::byte>> decodeStdBase64Padded(kj::StringPtr text) {
   return out.releaseAsArray();
 }
 
+bool isQuickTunnelHostname(kj::StringPtr text) {
+  kj::StringPtr name = text.startsWith("https://") ? text.slice(strlen("https://")) : text;
+  if (name.size() == 0 || name.size() > 253) return false;
+  size_t label = 0;
+  for (size_t i = 0; i < name.size(); i++) {
+    char c = name[i];
+    if (c == '.') {
+      if (label == 0 || name[i - 1] == '-') return false;
+      label = 0;
+      continue;
+    }
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              (c == '-' && label > 0);
+    if (!ok || ++label > 63) return false;
+  }
+  return label > 0 && name[name.size() - 1] != '-';
+}
+
 kj::OneOf<QuickTunnel, QuickTunnelError> decodeQuickTunnelResponse(
     uint status, kj::Maybe<kj::StringPtr> contentType, kj::ArrayPtr<const kj::byte> body) {
   // A 5xx Cloudflare page is a server error (the caller retries those before decoding).
@@ -628,6 +648,12 @@ kj::OneOf<QuickTunnel, QuickTunnelError> decodeQuickTunnelResponse(
   if (hostname.size() == 0) {
     return error(QuickTunnelErrorKind::INVALID_RESPONSE,
                  kj::str("result.hostname is missing or empty"));
+  }
+  if (!isQuickTunnelHostname(hostname)) {
+    // Never echoed: it may hold terminal escapes or anything else a bad service sends.
+    return error(QuickTunnelErrorKind::INVALID_RESPONSE,
+        kj::str("result.hostname is not a DNS name (", hostname.size(), " bytes; want letters, "
+                "digits and '-' in dot-separated labels of 1-63 characters); not using it"));
   }
   tunnel.hostname = kj::str(hostname);
   tunnel.accountTag = kj::str(accountTag);

@@ -102,6 +102,11 @@ kj::OneOf<QuickTunnel, QuickTunnelError> decodeQuickTunnelResponse(
 // special here (the caller retries it first); 429 and Cloudflare HTML pages with a status below
 // 500 give RATE_LIMITED.
 
+bool isQuickTunnelHostname(kj::StringPtr text);
+// A DNS host name (letters, digits, '-' inside dot-separated labels of 1-63 characters, at most
+// 253 in all, no trailing dot), optionally after "https://" as cloudflared accepts it. The
+// API's hostname is printed, logged and put in URLs: anything else is refused, never shown.
+
 kj::Maybe<kj::Array<kj::byte>> parseUuid(kj::StringPtr text);
 // Any form Go's uuid.Parse accepts: canonical 36 chars, "urn:uuid:" prefix, braces, 32 hex
 // digits. Null on anything else.

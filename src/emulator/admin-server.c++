@@ -150,6 +150,14 @@ kj::Promise<void> AdminService::request(kj::HttpMethod method, kj::StringPtr url
     if (method == kj::HttpMethod::POST) return reply.ok(quickTunnelJson(registry.issueTunnel()));
     return reply.error(405, "Method Not Allowed", "use GET or POST");
   }
+  if (path.size() == 2 && path[0] == "tunnels" && path[1] == "next-hostname") {
+    if (method != kj::HttpMethod::POST) return reply.error(405, "Method Not Allowed", "use POST");
+    KJ_IF_MAYBE(hostname, queryParam(parsed, "hostname")) {
+      registry.setNextHostname(kj::str(*hostname));
+      return reply.ok(kj::str("{\"nextHostname\":", jsonString(*hostname), '}'));
+    }
+    return reply.error(400, "Bad Request", "hostname is required");
+  }
   if (path.size() == 1 && path[0] == "connections") {
     if (method != kj::HttpMethod::GET) return reply.error(405, "Method Not Allowed", "use GET");
     return reply.ok(connectionsJson(registry));

@@ -1,6 +1,7 @@
 #include "api-server.h"
 
 #include "json.h"
+#include "observe/log.h"
 
 #include <kj/debug.h>
 
@@ -71,7 +72,8 @@ kj::Promise<void> ApiService::request(kj::HttpMethod method, kj::StringPtr url,
                 "\"message\":\"Method not allowed\"}]}"));
   }
   auto& tunnel = registry.issueTunnel();
-  KJ_LOG(INFO, "issued quick tunnel", tunnel.id, tunnel.hostname);
+  observe::logDebug("issued quick tunnel", observe::Fields().add("tunnelId", tunnel.id)
+      .add("hostname", tunnel.hostname));
   // The body (normally empty) is ignored; kj::HttpServer discards what we leave unread.
   return sendJson(response, 200, "OK", table, quickTunnelJson(tunnel));
 }

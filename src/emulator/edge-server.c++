@@ -7,6 +7,7 @@
 #include "wire/tunnelrpc.capnp.h"
 
 #include "json.h"
+#include "observe/log.h"
 
 #include <kj/debug.h>
 #include <kj/map.h>
@@ -95,12 +96,13 @@ public:
   }
 
   void close(uint64_t code, kj::StringPtr reason) override {
-    KJ_LOG(INFO, "closing client connection", remote, code, reason);
+    observe::logDebug("closing client connection", observe::Fields().add("remote", remote)
+        .add("code", code).add("reason", reason));
     tasks.add(connection->close(code, reason));
   }
 
   void goSilent() override {
-    KJ_LOG(INFO, "going silent on client connection", remote);
+    observe::logDebug("going silent on client connection", observe::Fields().add("remote", remote));
     connection->goSilent();
   }
 
@@ -119,8 +121,9 @@ public:
   bool closeControlStream(ControlEnd how, uint64_t code) override {
     if (control.get() == nullptr || controlEnded) return false;
     controlEnded = true;
-    KJ_LOG(INFO, "ending the control stream (admin API)", remote,
-           how == ControlEnd::RESET ? "reset" : "fin", code);
+    observe::logDebug("ending the control stream (admin API)", observe::Fields()
+        .add("remote", remote).add("how", how == ControlEnd::RESET ? "reset" : "fin")
+        .add("code", code));
     controlWatch = nullptr;
     stopRouting();
     control = nullptr;    // the RPC session ends first: nothing writes to the stream afterwards
@@ -178,14 +181,16 @@ public:
     KJ_SWITCH_ONEOF(outcome) {
       KJ_CASE_ONEOF(record, ConnectionRecord*) {
         recordIds.add(record->id);
-        KJ_LOG(INFO, "registered tunnel connection", record->id, record->tunnel.id,
-               record->connIndex, remote, record->version);
+        observe::logDebug("registered tunnel connection", observe::Fields().add("id", record->id)
+            .add("tunnelId", record->tunnel.id).add("connIndex", record->connIndex)
+            .add("remote", remote).add("version", record->version));
         return wire::RegistrationResult(wire::ConnectionDetails{
             kj::heapArray(record->uuid.asPtr()), kj::heapString(server.registry.locationName()),
             false});
       }
       KJ_CASE_ONEOF(error, RegistrationError) {
-        KJ_LOG(INFO, "registration refused", remote, error.cause);
+        observe::logDebug("registration refused", observe::Fields().add("remote", remote)
+            .add("cause", error.cause));
         return wire::RegistrationResult(wire::RegistrationError{
             kj::mv(error.cause), error.retryAfterNanos * kj::NANOSECONDS, error.shouldRetry});
       }
@@ -196,7 +201,8 @@ public:
   // wire::ControlObserver ---------------------------------------------------------------------
 
   void unregistered() override {
-    KJ_LOG(INFO, "client unregistered its connection", remote);
+    observe::logDebug("client unregistered its connection", observe::Fields()
+        .add("remote", remote));
     stopRouting();
   }
 
@@ -226,7 +232,8 @@ private:
       KJ_IF_MAYBE(record, server.registry.findConnection(id)) {
         if (record->state == ConnectionState::REGISTERED) {
           server.registry.unregisterConnection(*record);
-          KJ_LOG(INFO, "tunnel connection unregistered", id, remote);
+          observe::logDebug("tunnel connection unregistered", observe::Fields().add("id", id)
+              .add("remote", remote));
         }
       }
     }
@@ -254,7 +261,7 @@ private:
     tasks.add(refuseExtraStreams());
     controlWatch = control->onDisconnect().then([this]() { onControlEnded(); })
         .eagerlyEvaluate([this](kj::Exception&& e) {
-      KJ_LOG(INFO, "control stream failed", remote, e);
+      observe::logDebug("control stream failed", observe::Fields().add("remote", remote).error(e));
       onControlEnded();
     });
   }
@@ -262,7 +269,7 @@ private:
   void onControlEnded() {
     // PROTOCOL.md §10.4 step 6: the control stream closing (or an Abort) means the client is
     // leaving; streams in flight finish, but no new requests go to this connection.
-    KJ_LOG(INFO, "control stream ended", remote);
+    observe::logDebug("control stream ended", observe::Fields().add("remote", remote));
     controlEnded = true;
     stopRouting();
   }
@@ -277,7 +284,8 @@ private:
   }
 
   void onClosed(const quic::CloseInfo& info) {
-    KJ_LOG(INFO, "client connection ended", remote, info.kind, info.code, info.reason);
+    observe::logDebug("client connection ended", observe::Fields().add("remote", remote)
+        .add("kind", kj::str(info.kind)).add("code", info.code).add("reason", info.reason));
     server.registry.connectionClosed(*this);
     canceler.cancel(info.toException());
   }
@@ -285,9 +293,9 @@ private:
 
 void EdgeServer::ErrorHandler::taskFailed(kj::Exception&& exception) {
   if (exception.getType() == kj::Exception::Type::DISCONNECTED) {
-    KJ_LOG(INFO, "edge task ended", exception);
+    observe::logDebug("edge task ended", observe::Fields().error(exception));
   } else {
-    KJ_LOG(ERROR, "edge task failed", exception);
+    observe::logError("edge task failed", observe::Fields().error(exception));
   }
 }
 
@@ -298,7 +306,7 @@ public:
       : fd(openSocket(address)),
         observer(eventPort, fd, kj::UnixEventPort::FdObserver::OBSERVE_READ),
         draining(drain().eagerlyEvaluate([](kj::Exception&& e) {
-          KJ_LOG(ERROR, "UDP black hole stopped reading", e);
+          observe::logError("UDP black hole stopped reading", observe::Fields().error(e));
         })) {}
   KJ_DISALLOW_COPY(BlackHole);
 
@@ -365,7 +373,7 @@ void EdgeServer::openEndpoint(Listener& listener) {
   endpoint->listen(kj::mv(config));
   listener.address = endpoint->localAddress();
   listener.accepting = acceptLoop(*endpoint).eagerlyEvaluate([](kj::Exception&& e) {
-    KJ_LOG(ERROR, "QUIC edge stopped accepting", e);
+    observe::logError("QUIC edge stopped accepting", observe::Fields().error(e));
   });
   listener.endpoint = kj::mv(endpoint);
 }
@@ -379,7 +387,7 @@ void EdgeServer::closeEndpoint(Listener& listener) {
 void EdgeServer::setUdpBlocked(bool blockedParam) {
   if (blocked == blockedParam) return;
   blocked = blockedParam;
-  KJ_LOG(INFO, blocked ? "UDP edge blocked: every datagram is dropped" : "UDP edge unblocked");
+  observe::logDebug(blocked ? "UDP edge blocked: every datagram is dropped" : "UDP edge unblocked");
   for (auto& listener: listeners) {
     if (blocked) {
       closeEndpoint(*listener);

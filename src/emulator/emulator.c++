@@ -7,6 +7,7 @@
 
 #if CFQT_EMULATOR_QUIC
 #include "edge-server.h"
+#include "observe/log.h"
 #endif
 
 #include <kj/compat/tls.h>
@@ -23,9 +24,9 @@ class LoggingErrorHandler final: public kj::TaskSet::ErrorHandler {
 public:
   void taskFailed(kj::Exception&& exception) override {
     if (exception.getType() == kj::Exception::Type::DISCONNECTED) {
-      KJ_LOG(INFO, "emulator task ended", exception);
+      observe::logDebug("emulator task ended", observe::Fields().error(exception));
     } else {
-      KJ_LOG(ERROR, "emulator task failed", exception);
+      observe::logError("emulator task failed", observe::Fields().error(exception));
     }
   }
 };
@@ -216,7 +217,7 @@ private:
   static kj::Promise<void> serveHttp(kj::HttpServer& server,
                                      kj::Own<kj::AsyncIoStream> connection) {
     return server.listenHttp(kj::mv(connection)).catch_([](kj::Exception&& e) {
-      KJ_LOG(INFO, "HTTP connection ended with an error", e);
+      observe::logDebug("HTTP connection ended with an error", observe::Fields().error(e));
     });
   }
 
@@ -233,7 +234,9 @@ private:
     return context.wrapServer(kj::mv(connection))
         .then([this](kj::Own<kj::AsyncIoStream> secured) {
       return apiServer.listenHttp(kj::mv(secured));
-    }).catch_([](kj::Exception&& e) { KJ_LOG(INFO, "API TLS connection ended", e); });
+    }).catch_([](kj::Exception&& e) {
+      observe::logDebug("API TLS connection ended", observe::Fields().error(e));
+    });
   }
 
   kj::HttpServerSettings httpSettings() {
@@ -262,7 +265,7 @@ private:
     if (options.noUdp) edgeServer->setUdpBlocked(true);
     ready.udpBlocked = options.noUdp;
 #else
-    KJ_LOG(WARNING, "built without the QUIC layer: edge addresses are served on TCP only");
+    observe::logWarn("built without the QUIC layer: edge addresses are served on TCP only");
 #endif
 #if CFQT_EMULATOR_QUIC
     for (auto& text: options.edgeListen) {

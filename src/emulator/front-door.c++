@@ -4,6 +4,7 @@
 #include "random.h"
 
 #include "wire/http-metadata.h"
+#include "observe/log.h"
 
 #include <gnutls/crypto.h>
 #include <gnutls/gnutls.h>
@@ -661,7 +662,8 @@ kj::Promise<void> FrontDoor::Exchange::onRequestChunk(size_t n) {
 }
 
 kj::Promise<void> FrontDoor::Exchange::tunnelWriteFailed(kj::Exception&& e) {
-  KJ_LOG(INFO, "tunnel stream stopped accepting the request", ray, e);
+  observe::logDebug("tunnel stream stopped accepting the request", observe::Fields().add("ray", ray)
+      .error(e));
   return kj::NEVER_DONE;
 }
 
@@ -679,7 +681,8 @@ kj::Promise<void> FrontDoor::Exchange::requestComplete() {
 kj::Promise<void> FrontDoor::Exchange::visitorLeft() {
   // Ending the exchange drops the tunnel stream: RESET_STREAM for an unfinished request side,
   // STOP_SENDING for the response side.
-  KJ_LOG(INFO, "visitor left before the response was complete; resetting the tunnel stream", ray);
+  observe::logDebug("visitor left before the response was complete; resetting the tunnel stream",
+                    observe::Fields().add("ray", ray));
   return KJ_EXCEPTION(DISCONNECTED, "the visitor left", ray);
 }
 
@@ -736,7 +739,8 @@ kj::Promise<void> FrontDoor::Exchange::onResponseHead(
           header.value != webSocketAccept(webSocketKey)) {
         // Lenient on purpose: the public side gets its own accept value from kj, and the frames
         // that follow are what matters.
-        KJ_LOG(INFO, "tunnel answered the upgrade with another Sec-WebSocket-Accept", ray);
+        observe::logDebug("tunnel answered the upgrade with another Sec-WebSocket-Accept",
+                          observe::Fields().add("ray", ray));
       }
     }
     return relayWebSocket(*responseHeaders);
@@ -791,7 +795,8 @@ kj::Exception FrontDoor::Exchange::abortPublic(kj::Exception&& e) {
   // The response head is out: the only honest signal left is to cut the public connection
   // before kj writes a terminating chunk, so the client sees a truncated response, never a
   // complete one.
-  KJ_LOG(INFO, "tunnel stream failed mid-response; aborting public connection", ray, e);
+  observe::logDebug("tunnel stream failed mid-response; aborting public connection",
+                    observe::Fields().add("ray", ray).error(e));
   kj::runCatchingExceptions([&]() { service.connection.shutdownWrite(); });
   kj::runCatchingExceptions([&]() { service.connection.abortRead(); });
   return KJ_EXCEPTION(DISCONNECTED, "tunnel stream failed mid-response", e.getDescription());
@@ -833,7 +838,8 @@ kj::Promise<void> FrontDoor::Exchange::onOriginSocketEnded() {
 }
 
 kj::Promise<void> FrontDoor::Exchange::webSocketFailed(kj::Exception&& e) {
-  KJ_LOG(INFO, "WebSocket relay ended; resetting the tunnel stream", ray, e);
+  observe::logDebug("WebSocket relay ended; resetting the tunnel stream", observe::Fields()
+      .add("ray", ray).error(e));
   return KJ_EXCEPTION(DISCONNECTED, "WebSocket relay ended", ray, e.getDescription());
 }
 
@@ -871,7 +877,7 @@ void FrontDoor::ErrorHandler::taskFailed(kj::Exception&& exception) {
   // Public connections end with errors for ordinary reasons: the client went away (DISCONNECTED)
   // or we cut the connection after a tunnel stream failed mid-response (kj then reports
   // "previous HTTP message body incomplete"). Neither is a bug of this process.
-  KJ_LOG(INFO, "public connection ended with an error", exception);
+  observe::logDebug("public connection ended with an error", observe::Fields().error(exception));
 }
 
 kj::Promise<void> FrontDoor::serve(kj::Own<kj::AsyncIoStream> connection) {

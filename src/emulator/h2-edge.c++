@@ -5,6 +5,7 @@
 
 #include "http2/header.h"
 #include "wire/control.h"
+#include "observe/log.h"
 
 #include <capnp/compat/json.h>
 #include <capnp/message.h>
@@ -306,13 +307,15 @@ public:
   kj::StringPtr protocol() override { return "http2"; }
 
   void close(uint64_t code, kj::StringPtr reason) override {
-    KJ_LOG(INFO, "closing HTTP/2 client connection", remote, code, reason);
+    observe::logDebug("closing HTTP/2 client connection", observe::Fields().add("remote", remote)
+        .add("code", code).add("reason", reason));
     stopRouting();
     session->close(static_cast<uint32_t>(code), reason);
   }
 
   void goSilent() override {
-    KJ_LOG(INFO, "going silent on HTTP/2 client connection", remote);
+    observe::logDebug("going silent on HTTP/2 client connection", observe::Fields()
+        .add("remote", remote));
     session->goSilent();
   }
 
@@ -332,8 +335,9 @@ public:
   bool closeControlStream(ControlEnd how, uint64_t code) override {
     if (controlStream.get() == nullptr || controlEnded) return false;
     controlEnded = true;
-    KJ_LOG(INFO, "ending the HTTP/2 control stream (admin API)", remote,
-           how == ControlEnd::RESET ? "reset" : "fin", code);
+    observe::logDebug("ending the HTTP/2 control stream (admin API)", observe::Fields()
+        .add("remote", remote).add("how", how == ControlEnd::RESET ? "reset" : "fin")
+        .add("code", code));
     controlWatch = nullptr;
     stopRouting();
     control = nullptr;    // the RPC session ends first: nothing writes to the stream afterwards
@@ -383,14 +387,17 @@ public:
     KJ_SWITCH_ONEOF(outcome) {
       KJ_CASE_ONEOF(record, ConnectionRecord*) {
         recordIds.add(record->id);
-        KJ_LOG(INFO, "registered tunnel connection over HTTP/2", record->id, record->tunnel.id,
-               record->connIndex, remote, record->version);
+        observe::logDebug("registered tunnel connection over HTTP/2", observe::Fields()
+            .add("id", record->id).add("tunnelId", record->tunnel.id)
+            .add("connIndex", record->connIndex).add("remote", remote)
+            .add("version", record->version));
         return wire::RegistrationResult(wire::ConnectionDetails{
             kj::heapArray(record->uuid.asPtr()), kj::heapString(server.registry.locationName()),
             false});
       }
       KJ_CASE_ONEOF(error, RegistrationError) {
-        KJ_LOG(INFO, "registration refused", remote, error.cause);
+        observe::logDebug("registration refused", observe::Fields().add("remote", remote)
+            .add("cause", error.cause));
         return wire::RegistrationResult(wire::RegistrationError{
             kj::mv(error.cause), error.retryAfterNanos * kj::NANOSECONDS, error.shouldRetry});
       }
@@ -401,7 +408,8 @@ public:
   // wire::ControlObserver ---------------------------------------------------------------------
 
   void unregistered() override {
-    KJ_LOG(INFO, "client unregistered its HTTP/2 connection", remote);
+    observe::logDebug("client unregistered its HTTP/2 connection", observe::Fields()
+        .add("remote", remote));
     stopRouting();
   }
 
@@ -417,7 +425,8 @@ public:
 
   void peerGoAway(uint32_t errorCode, kj::StringPtr debugData) override {
     // Called inside an nghttp2 callback: only bookkeeping here.
-    KJ_LOG(INFO, "the client sent GOAWAY", remote, errorCode, debugData);
+    observe::logDebug("the client sent GOAWAY", observe::Fields().add("remote", remote)
+        .add("errorCode", errorCode).add("debugData", debugData));
     stopRouting();
   }
 
@@ -442,7 +451,8 @@ private:
     control = kj::heap<wire::ControlServer>(*controlStream, *this, *this);
     controlWatch = control->onDisconnect().then([this]() { onControlEnded(); })
         .eagerlyEvaluate([this](kj::Exception&& e) {
-      KJ_LOG(INFO, "HTTP/2 control stream failed", remote, e);
+      observe::logDebug("HTTP/2 control stream failed", observe::Fields().add("remote", remote)
+          .error(e));
       onControlEnded();
     });
     tasks.add(controlStream->receiveHead().then([this](Http2Head&& response) {
@@ -454,14 +464,15 @@ private:
     // cloudflared answers the control stream with 200 once it writes its first RPC message; a
     // 502 means its control stream handler failed before that.
     if (response.status != 200) {
-      KJ_LOG(INFO, "the client answered the control stream with", response.status, remote);
+      observe::logDebug("the client answered the control stream with", observe::Fields()
+          .add("status", response.status).add("remote", remote));
     }
   }
 
   void onControlEnded() {
     // As on QUIC (PROTOCOL.md §10.4 step 6): the control stream ending means the client is
     // leaving; requests in flight finish, new ones go elsewhere.
-    KJ_LOG(INFO, "HTTP/2 control stream ended", remote);
+    observe::logDebug("HTTP/2 control stream ended", observe::Fields().add("remote", remote));
     controlEnded = true;
     stopRouting();
   }
@@ -471,14 +482,16 @@ private:
       KJ_IF_MAYBE(record, server.registry.findConnection(id)) {
         if (record->state == ConnectionState::REGISTERED) {
           server.registry.unregisterConnection(*record);
-          KJ_LOG(INFO, "tunnel connection unregistered", id, remote);
+          observe::logDebug("tunnel connection unregistered", observe::Fields().add("id", id)
+              .add("remote", remote));
         }
       }
     }
   }
 
   void onClosed() {
-    KJ_LOG(INFO, "HTTP/2 client connection ended", remote, session->closeReason());
+    observe::logDebug("HTTP/2 client connection ended", observe::Fields().add("remote", remote)
+        .add("reason", session->closeReason()));
     server.registry.connectionClosed(*this);
     canceler.cancel(KJ_EXCEPTION(DISCONNECTED, "the HTTP/2 connection ended", remote,
                                  session->closeReason()));
@@ -499,9 +512,9 @@ private:
 
 void Http2EdgeServer::ErrorHandler::taskFailed(kj::Exception&& exception) {
   if (exception.getType() == kj::Exception::Type::DISCONNECTED) {
-    KJ_LOG(INFO, "HTTP/2 edge task ended", exception);
+    observe::logDebug("HTTP/2 edge task ended", observe::Fields().error(exception));
   } else {
-    KJ_LOG(ERROR, "HTTP/2 edge task failed", exception);
+    observe::logError("HTTP/2 edge task failed", observe::Fields().error(exception));
   }
 }
 
@@ -544,12 +557,14 @@ kj::Promise<void> Http2EdgeServer::serve(kj::AuthenticatedStream stream) {
   return tls->wrapServer(kj::mv(stream.stream))
       .then([this, remote = kj::mv(remote)](kj::Own<kj::AsyncIoStream> secured) mutable {
     return serveConnection(kj::mv(secured), kj::mv(remote));
-  }).catch_([](kj::Exception&& e) { KJ_LOG(INFO, "HTTP/2 edge connection ended", e); });
+  }).catch_([](kj::Exception&& e) {
+    observe::logDebug("HTTP/2 edge connection ended", observe::Fields().error(e));
+  });
 }
 
 kj::Promise<void> Http2EdgeServer::serveConnection(kj::Own<kj::AsyncIoStream> secured,
                                                    kj::String remote) {
-  KJ_LOG(INFO, "HTTP/2 client connected", remote);
+  observe::logDebug("HTTP/2 client connected", observe::Fields().add("remote", remote));
   auto connection = kj::heap<Connection>(*this, kj::mv(secured), kj::mv(remote));
   liveConnections++;
   auto promise = connection->run();

@@ -52,9 +52,14 @@ IssuedTunnel& Registry::issueTunnel() {
   tunnel->idBytes = randomUuidBytes();
   tunnel->id = formatUuid(tunnel->idBytes);
   tunnel->name = kj::str("qt-", tunnel->id.slice(0, 8));
-  do {
-    tunnel->hostname = randomHostname(zoneName);
-  } while (findByHostname(tunnel->hostname) != nullptr);
+  KJ_IF_MAYBE(forced, nextHostname) {
+    tunnel->hostname = kj::mv(*forced);
+    nextHostname = nullptr;
+  } else {
+    do {
+      tunnel->hostname = randomHostname(zoneName);
+    } while (findByHostname(tunnel->hostname) != nullptr);
+  }
   tunnel->accountTag = randomHex(16);
   tunnel->secret = randomBytes(32);
   tunnel->secretBase64 = kj::encodeBase64(tunnel->secret);

@@ -122,6 +122,10 @@ public:
   IssuedTunnel& issueTunnel();
   // Creates a tunnel: random UUID, 32-byte secret, 32-hex account tag, unique hostname in the zone.
 
+  void setNextHostname(kj::String hostname) { nextHostname = kj::mv(hostname); }
+  // Fault injection (admin API): the next issued tunnel gets exactly this hostname, whatever its
+  // bytes (a client must refuse one that is not a DNS name).
+
   kj::Maybe<IssuedTunnel&> findByHostname(kj::StringPtr host);
   // Case-insensitive; `host` must already be stripped of any port.
 
@@ -158,6 +162,7 @@ private:
   kj::String zoneName;
   kj::String location;
   kj::Vector<kj::Own<IssuedTunnel>> tunnelList;
+  kj::Maybe<kj::String> nextHostname;
   kj::Vector<kj::Own<ConnectionRecord>> records;
   kj::uint nextConnectionId = 1;
   kj::Maybe<RegistrationError> injectedError;

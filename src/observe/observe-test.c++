@@ -549,7 +549,9 @@ KJ_TEST("log volume: several threads share the counts") {
   TempLog tmp;
   FakeClock clock;   // frozen: every line falls in one window
   {
-    Logger logger(tmp.config(clock, 1 * kj::SECONDS, 5, 0));
+    auto config = tmp.config(clock, 1 * kj::SECONDS, 5, 0);
+    config.level = LogLevel::INFO;
+    Logger logger(kj::mv(config));
     {
       kj::Vector<kj::Own<kj::Thread>> threads;
       for (int t = 0; t < 4; t++) {
@@ -577,7 +579,9 @@ KJ_TEST("log volume: KJ_LOG lines are one sentence plus fields, keyed by the sen
   TempLog tmp;
   FakeClock clock;
   {
-    Logger logger(tmp.config(clock, 1 * kj::SECONDS, 2, 0));
+    auto config = tmp.config(clock, 1 * kj::SECONDS, 2, 0);
+    config.level = LogLevel::INFO;
+    Logger logger(kj::mv(config));
     LogCallback callback(logger);
     for (int i = 0; i < 6; i++) {
       auto dest = kj::str("http://127.0.0.1:9/path", i);
@@ -586,14 +590,51 @@ KJ_TEST("log volume: KJ_LOG lines are one sentence plus fields, keyed by the sen
     }
     auto lines = tmp.lines();
     KJ_ASSERT(lines.size() == 2, lines);
-    KJ_EXPECT(lines[0].startsWith("WRN Request failed dest=http://127.0.0.1:9/path0 "
-                                  "cause=\"dial tcp 127.0.0.1:9: connect: connection refused\" "
-                                  "src=observe-test.c++:"), lines[0]);
-    KJ_EXPECT(lines[1].startsWith("WRN Request failed dest=http://127.0.0.1:9/path1 "), lines[1]);
+    KJ_EXPECT(lines[0] == "WRN Request failed detail=\"http://127.0.0.1:9/path0; "
+                          "dial tcp 127.0.0.1:9: connect: connection refused\"", lines[0]);
+    KJ_EXPECT(lines[1].startsWith("WRN Request failed detail=\"http://127.0.0.1:9/path1; "),
+              lines[1]);
   }
   auto lines = tmp.lines();
   KJ_ASSERT(lines.size() == 3, lines);
   KJ_EXPECT(lines[2] == "WRN Request failed suppressed=4 interval=1s", lines[2]);
+}
+
+KJ_TEST("KJ_LOG at debug keeps the expression names and the source location") {
+  TempLog tmp;
+  FakeClock clock;
+  {
+    Logger logger(tmp.config(clock, 1 * kj::SECONDS, 5, 0));
+    LogCallback callback(logger);
+    auto dest = kj::str("http://127.0.0.1:9/");
+    KJ_LOG(WARNING, "Request failed", dest);
+    KJ_LOG(INFO, "quiet detail", dest);
+  }
+  auto lines = tmp.lines();
+  KJ_ASSERT(lines.size() == 3, lines);
+  KJ_EXPECT(lines[0] == "WRN Request failed detail=http://127.0.0.1:9/", lines[0]);
+  KJ_EXPECT(lines[1].startsWith("DBG Request failed dest=http://127.0.0.1:9/ "
+                                "src=observe-test.c++:"), lines[1]);
+  KJ_EXPECT(lines[2].startsWith("DBG quiet detail dest=http://127.0.0.1:9/ src=observe-test.c++:"),
+            lines[2]);
+}
+
+KJ_TEST("KJ_LOG with an exception: its description only, above debug") {
+  TempLog tmp;
+  FakeClock clock;
+  {
+    auto config = tmp.config(clock, 1 * kj::SECONDS, 5, 0);
+    config.level = LogLevel::INFO;
+    Logger logger(kj::mv(config));
+    LogCallback callback(logger);
+    auto e = kj::Exception(kj::Exception::Type::DISCONNECTED, "x/y.c++", 12,
+                           kj::str("peer went away"));
+    e.addTrace(reinterpret_cast<void*>(0x1234));
+    KJ_LOG(ERROR, "returning failure over rpc", e);
+  }
+  auto lines = tmp.lines();
+  KJ_ASSERT(lines.size() == 1, lines);
+  KJ_EXPECT(lines[0] == "ERR returning failure over rpc detail=\"peer went away\"", lines[0]);
 }
 
 KJ_TEST("KJ_LOG text: message and fields") {
@@ -637,9 +678,210 @@ KJ_TEST("KJ_LOG without a literal is named after its source line") {
     KJ_LOG(ERROR, value);
   }
   auto lines = tmp.lines();
-  KJ_ASSERT(lines.size() == 1, lines);
-  KJ_EXPECT(lines[0].startsWith("ERR observe-test.c++:"), lines[0]);
-  KJ_EXPECT(strstr(lines[0].cStr(), " value=7 src=observe-test.c++:") != nullptr, lines[0]);
+  KJ_ASSERT(lines.size() == 2, lines);
+  KJ_EXPECT(lines[0] == "ERR Internal error detail=7", lines[0]);
+  KJ_EXPECT(lines[1].startsWith("DBG observe-test.c++:"), lines[1]);
+  KJ_EXPECT(strstr(lines[1].cStr(), " value=7 src=observe-test.c++:") != nullptr, lines[1]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fields, escaping, JSON, the sink and the thread's logger (issue 16)
+
+KJ_TEST("fields: escaped console values, numbers, durations") {
+  Fields f;
+  f.add("connIndex", 0).add("dest", "https://a.example/x?y=1").add("plain", "abc")
+   .add("spaced", "two words").add("quote", "say \"hi\"").add("ctl", "a\x1b[31mred\nline")
+   .add("empty", "").add("wait", 1500 * kj::MILLISECONDS).add("ok", true)
+   .add("bad", kj::heapString("\xff\xfe", 2)).add("rtl", "x\u202ey").add("utf", "caf\u00e9");
+  KJ_EXPECT(f.toText() ==
+      "connIndex=0 dest=\"https://a.example/x?y=1\" plain=abc spaced=\"two words\" "
+      "quote=\"say \\\"hi\\\"\" ctl=\"a\\x1b[31mred\\nline\" empty=\"\" wait=1.5s ok=true "
+      "bad=\"\\xff\\xfe\" rtl=\"x\\u202ey\" utf=\"caf\u00e9\"", f.toText());
+  auto back = Fields::parse(f.toText());
+  KJ_ASSERT(back.size() == f.size(), back.toText());
+  for (size_t i = 0; i < f.size(); i++) {
+    KJ_EXPECT(back.entries()[i].key == f.entries()[i].key);
+    if (f.entries()[i].key != "rtl") {   // \u is shown, not parsed back
+      KJ_EXPECT(back.entries()[i].value == f.entries()[i].value, back.entries()[i].value);
+    }
+  }
+  KJ_EXPECT(escapeLogText("Edge said \"no\"\n\x07") == "Edge said \"no\"\\n\\x07",
+            escapeLogText("Edge said \"no\"\n\x07"));
+}
+
+KJ_TEST("fields: an exception is one sentence; its dump goes to debug") {
+  auto e = kj::Exception(kj::Exception::Type::FAILED, "src/origin/exchange.c++", 153,
+      kj::str("expected n < limit; request refused; n = 7"));
+  e.addTrace(reinterpret_cast<void*>(0x1234));
+  KJ_EXPECT(describeException(e) == "expected n < limit; request refused: 7",
+            describeException(e));
+  KJ_EXPECT(describeKjText("lost; e = x.c++:17: disconnected: peer gone\nstack: 1234 5678") ==
+            "lost: peer gone", describeKjText("lost; e = x.c++:17: disconnected: peer gone"));
+  KJ_EXPECT(describeKjText("connect refused") == "connect refused");
+  KJ_EXPECT(describeException(kj::Exception(kj::Exception::Type::OVERLOADED, "f", 1)) ==
+            "overloaded");
+
+  TempLog tmp;
+  FakeClock clock;
+  {
+    Logger logger(tmp.config(clock, 1 * kj::SECONDS, 5, 0));
+    LogCallback callback(logger);
+    logger.warn("Request failed", Fields().add("connIndex", 1).error(e));
+    logger.debug("Request detail", Fields().error(e));
+  }
+  auto lines = tmp.lines();
+  KJ_ASSERT(lines.size() == 3, lines);
+  KJ_EXPECT(lines[0] == "WRN Request failed connIndex=1 "
+                        "error=\"expected n < limit; request refused: 7\"", lines[0]);
+  KJ_EXPECT(lines[1].startsWith("DBG Exception detail exception=\"origin/exchange.c++:153: "
+                                "failed: expected n < limit"), lines[1]);
+  KJ_EXPECT(strstr(lines[1].cStr(), "\\nstack: ") != nullptr, lines[1]);
+  KJ_EXPECT(lines[2].startsWith("DBG Request detail error=\"expected n < limit; request refused: "
+                                "7\" exception=\"origin/exchange.c++:153:"), lines[2]);
+}
+
+KJ_TEST("log format json: one object per line, the same fields") {
+  TempLog tmp;
+  FakeClock clock;
+  {
+    auto config = tmp.config(clock, 1 * kj::SECONDS, 1, 0);
+    config.format = LogFormat::JSON;
+    config.maxLineBytes = 200;
+    Logger logger(kj::mv(config));
+    logger.error("Request failed", Fields().add("connIndex", 0)
+        .add("dest", "https://x/\"q\"\x01").add("bad", kj::heapString("\xc3(", 2)));
+    logger.error("Request failed", Fields().add("connIndex", 1));
+    logger.info("Long", Fields().add("v", kj::heapString(kj::heapArray<char>(500).asPtr())));
+  }
+  int fd;
+  KJ_SYSCALL(fd = open(tmp.path.cStr(), O_RDONLY | O_CLOEXEC));
+  auto text = kj::FdInputStream(kj::AutoCloseFd(fd)).readAllText();
+  KJ_EXPECT(text.startsWith("{\"level\":\"error\",\"time\":\"20"), text);
+  KJ_EXPECT(strstr(text.cStr(), "\",\"message\":\"Request failed\",\"connIndex\":0,"
+                                "\"dest\":\"https://x/\\\"q\\\"\\u0001\",\"bad\":\"\\\\xc3(\"}\n") !=
+            nullptr, text);
+  KJ_EXPECT(strstr(text.cStr(), "\"message\":\"Request failed\",\"suppressed\":1,"
+                                "\"interval\":\"1s\"}") != nullptr, text);
+  KJ_EXPECT(strstr(text.cStr(), "\"message\":\"Long\",\"v\":\"") != nullptr, text);
+  KJ_EXPECT(strstr(text.cStr(), "\"truncated\":") != nullptr, text);
+  size_t start = 0;
+  for (size_t i = 0; i < text.size(); i++) {
+    if (text[i] != '\n') continue;
+    KJ_EXPECT(i - start <= 200, i - start);
+    KJ_EXPECT(text[start] == '{' && text[i - 1] == '}');
+    start = i + 1;
+  }
+}
+
+bool validUtf8(kj::StringPtr text) {
+  for (size_t i = 0; i < text.size();) {
+    auto b = static_cast<kj::byte>(text[i]);
+    size_t n = b < 0x80 ? 1 : b >= 0xc2 && b <= 0xdf ? 2 : b >= 0xe0 && b <= 0xef ? 3
+             : b >= 0xf0 && b <= 0xf4 ? 4 : 0;
+    if (n == 0 || i + n > text.size()) return false;
+    for (size_t k = 1; k < n; k++) {
+      if ((static_cast<kj::byte>(text[i + k]) & 0xc0) != 0x80) return false;
+    }
+    i += n;
+  }
+  return true;
+}
+
+KJ_TEST("escaping: random bytes never reach a line raw, in either format") {
+  // Deterministic pseudo-random values (any byte, some UTF-8 and bidi sequences mixed in).
+  uint64_t state = 0x9e3779b97f4a7c15ull;
+  auto next = [&]() {
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    return state;
+  };
+  const char* pieces[] = {"\xe2\x80\xae", "\xc3\xa9", "\x1b[2J", "\"", "\\", " = ", "\xf0\x9f\x98\x80",
+                          "\xed\xa0\x80", "\xc0\xaf", "\n\r\t"};
+  for (int round = 0; round < 2000; round++) {
+    kj::Vector<char> value;
+    size_t n = next() % 24;
+    for (size_t i = 0; i < n; i++) {
+      if (next() % 4 == 0) {
+        value.addAll(kj::StringPtr(pieces[next() % kj::size(pieces)]));
+      } else {
+        value.add(static_cast<char>(next() & 0xff));
+      }
+    }
+    auto text = kj::heapString(value.begin(), value.size());
+    Fields fields;
+    fields.add("v", kj::str(text));
+    auto console = formatLogLine(LogLevel::WARN, text, fields.toText());
+    auto json = formatJsonLogLine(LogLevel::WARN, text, fields.entries());
+    for (auto line: {console.asPtr(), json.asPtr()}) {
+      KJ_ASSERT(line.size() > 0 && line[line.size() - 1] == '\n');
+      for (size_t i = 0; i + 1 < line.size(); i++) {
+        auto b = static_cast<kj::byte>(line[i]);
+        KJ_ASSERT(b >= 0x20 && b != 0x7f, "raw control byte", round, i, line);
+      }
+      KJ_ASSERT(validUtf8(line), round, line);
+      KJ_ASSERT(strstr(line.cStr(), "\xe2\x80\xae") == nullptr, "raw bidi override", line);
+    }
+    // The console value parses back to the bytes it came from (as long as no \u escape was
+    // needed, which Fields::parse() shows but does not decode).
+    auto shown = fields.toText();
+    if (strstr(shown.cStr(), "\\u") == nullptr) {
+      auto back = Fields::parse(shown);
+      KJ_ASSERT(back.size() == 1 && back.entries()[0].value == text, round, shown);
+    }
+  }
+}
+
+struct RecordingSink final: public LogSink {
+  explicit RecordingSink(kj::Vector<kj::String>& lines): lines(lines) {}
+  kj::Vector<kj::String>& lines;
+  void write(LogLevel level, kj::StringPtr message,
+             kj::ArrayPtr<const LogField> fields) override {
+    kj::Vector<kj::String> parts;
+    for (auto& f: fields) parts.add(kj::str(f.key, ':', f.value));
+    lines.add(kj::str(levelName(level), '|', message, '|', kj::strArray(parts, ",")));
+  }
+};
+
+KJ_TEST("log sink: lines go to it instead of stderr, summaries included") {
+  FakeClock clock;
+  struct { kj::Vector<kj::String> lines; } recorded;
+  auto sink = kj::heap<RecordingSink>(recorded.lines);
+  {
+    LogConfig config;
+    config.clock = clock;
+    config.burst = 1;
+    config.sink = kj::mv(sink);
+    Logger logger(kj::mv(config));
+    LogCallback callback(logger);
+    logger.warn("Edge closed", Fields().add("reason", "bye\nnow").add("connIndex", 2));
+    logger.warn("Edge closed", Fields().add("connIndex", 3));
+    logDebug("hidden");
+    logInfo("From a lower layer", Fields().add("k", "v"));
+  }
+  KJ_ASSERT(recorded.lines.size() == 3, recorded.lines);
+  KJ_EXPECT(recorded.lines[0] == "warn|Edge closed|reason:bye\nnow,connIndex:2", recorded.lines[0]);
+  KJ_EXPECT(recorded.lines[1] == "info|From a lower layer|k:v", recorded.lines[1]);
+  KJ_EXPECT(recorded.lines[2] == "warn|Edge closed|suppressed:1,interval:1s", recorded.lines[2]);
+}
+
+KJ_TEST("observe::log goes to the thread's logger, and the previous one comes back") {
+  TempLog outer, inner;
+  FakeClock clock;
+  Logger a(outer.config(clock, 0 * kj::SECONDS, 0, 0));
+  Logger b(inner.config(clock, 0 * kj::SECONDS, 0, 0));
+  {
+    LogCallback first(a);
+    logWarn("one");
+    {
+      LogCallback second(b);
+      logWarn("two");
+    }
+    logWarn("three");
+  }
+  auto lines = outer.lines();
+  KJ_EXPECT(lines.size() == 2 && lines[0] == "WRN one" && lines[1] == "WRN three", lines);
+  KJ_EXPECT(inner.lines().size() == 1 && inner.lines()[0] == "WRN two", inner.lines());
 }
 
 }  // namespace

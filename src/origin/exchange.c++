@@ -7,6 +7,7 @@
 // until EOF) are decoded here, each chunk forwarded as it arrives.
 
 #include "origin/pool.h"
+#include "observe/log.h"
 
 #include "origin/text.h"
 #include "wire/data-stream.h"
@@ -148,9 +149,8 @@ private:
     KJ_IF_MAYBE(error, prepare()) {
       // Refused before reaching the origin (malformed or unsupported): a 502 for the visitor,
       // and a line for the operator (aggregated by the logger when repeated).
-      auto originService = impl.config.toString();
-      kj::StringPtr cause = *error;
-      KJ_LOG(WARNING, "Request refused", originService, dest, cause);
+      observe::logWarn("Request refused", observe::Fields().add("error", *error).add("dest", dest)
+          .add("originService", impl.config.toString()));
       return answerError(*error);
     }
     return attempt();
@@ -726,8 +726,8 @@ private:
     } else {
       cause = describeCause(e);
     }
-    auto originService = impl.config.toString();
-    KJ_LOG(WARNING, "Request failed", originService, dest, cause);
+    observe::logWarn("Request failed", observe::Fields().add("error", cause).add("dest", dest)
+        .add("originService", impl.config.toString()));
     auto text = originErrorText(cause);
     return answerError(text).attach(kj::mv(text));
   }

@@ -1,4 +1,5 @@
 #include "origin/hello-world.h"
+#include "observe/log.h"
 
 #include <kj/debug.h>
 
@@ -68,14 +69,15 @@ private:
 
   kj::Promise<void> onReceiveFailed(kj::Exception&& e) {
     if (e.getType() == kj::Exception::Type::DISCONNECTED) {
-      KJ_LOG(INFO, "hello-world /ws: the peer went away", e.getDescription());
+      observe::logDebug("hello-world /ws: the peer went away", observe::Fields().error(e));
       return kj::READY_NOW;
     }
     if (isTooLarge(e)) {
-      KJ_LOG(INFO, "hello-world /ws: message over the limit, closing with 1009", MAX_ECHO_MESSAGE);
+      observe::logDebug("hello-world /ws: message over the limit, closing with 1009",
+                        observe::Fields().add("limit", MAX_ECHO_MESSAGE));
       return closeWith(1009, "message too big");
     }
-    KJ_LOG(INFO, "hello-world /ws: bad frame, closing with 1002", e.getDescription());
+    observe::logDebug("hello-world /ws: bad frame, closing with 1002", observe::Fields().error(e));
     return closeWith(1002, "protocol error");
   }
 
@@ -83,7 +85,8 @@ private:
     // The Close frame, then FIN; a peer that is gone by then changes nothing.
     return ws->close(code, reason).then([this]() { return ws->disconnect(); })
         .catch_([](kj::Exception&& e) {
-      KJ_LOG(INFO, "hello-world /ws: could not send the Close frame", e.getDescription());
+      observe::logDebug("hello-world /ws: could not send the Close frame", observe::Fields()
+          .error(e));
     });
   }
 };

@@ -8,6 +8,7 @@
 
 #include "origin/hello-world.h"
 #include "origin/text.h"
+#include "observe/log.h"
 
 #include <kj/compat/tls.h>
 #include <kj/debug.h>
@@ -360,9 +361,9 @@ void Origin::Impl::sweep() {
 
 void Origin::Impl::taskFailed(kj::Exception&& exception) {
   if (exception.getType() == kj::Exception::Type::DISCONNECTED) {
-    KJ_LOG(INFO, "origin background task ended", exception);
+    observe::logDebug("Origin background task ended", observe::Fields().error(exception));
   } else {
-    KJ_LOG(ERROR, "origin background task failed", exception);
+    observe::logError("Origin background task failed", observe::Fields().error(exception));
   }
 }
 

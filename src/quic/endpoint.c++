@@ -72,8 +72,9 @@ EndpointImpl::EndpointImpl(kj::UnixEventPort& eventPort, SocketAddress bindAddre
   int on = 1;
   statsData.gro = setsockopt(fd, IPPROTO_UDP, UDP_GRO, &on, sizeof(on)) == 0;
   statsData.gso = gso;
-  KJ_LOG(INFO, "QUIC endpoint bound", local, statsData.receiveBufferBytes,
-         statsData.sendBufferBytes, statsData.gro);
+  observe::logDebug("QUIC endpoint bound", observe::Fields().add("local", kj::str(local))
+      .add("receiveBufferBytes", statsData.receiveBufferBytes)
+      .add("sendBufferBytes", statsData.sendBufferBytes).add("gro", statsData.gro));
 
   for (size_t i = 0; i < RX_MSGS; i++) {
     rxIov[i].iov_base = rxBuffers.begin() + i * RX_BUFFER;
@@ -333,7 +334,7 @@ void EndpointImpl::acceptNew(const SocketAddress& from, kj::ArrayPtr<const kj::b
   auto conn = kj::refcounted<ConnectionImpl>(*this, true, from, cfg.transport);
   live.add(conn.get());
   KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { conn->initServer(hd, cfg); })) {
-    KJ_LOG(ERROR, "QUIC server connection setup failed", *e);
+    observe::logError("QUIC server connection setup failed", observe::Fields().error(*e));
     ++statsData.handshakesFailed;
     return;
   }
@@ -469,7 +470,8 @@ bool EndpointImpl::sendBatch() {
         if (b.owner != nullptr) b.owner->sendRefused(error);
       } else {
         // Other errors (EMSGSIZE...): drop the batch (QUIC recovers or times out).
-        KJ_LOG(WARNING, "QUIC sendmmsg failed", strerror(error), b.dest);
+        observe::logWarn("QUIC sendmmsg failed", observe::Fields().add("error", strerror(error))
+            .add("dest", kj::str(b.dest)));
       }
       b.sentPackets = b.count;
       break;

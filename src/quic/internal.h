@@ -31,6 +31,7 @@
 // code came from. Small helpers that the hot paths of several files call are inline here.
 
 #include "quic/endpoint.h"
+#include "observe/log.h"
 
 #include <ngtcp2/ngtcp2.h>
 #include <ngtcp2/ngtcp2_crypto.h>
@@ -388,7 +389,7 @@ private:
   kj::TaskSet tasks;
 
   void taskFailed(kj::Exception&& exception) override {
-    KJ_LOG(ERROR, "QUIC endpoint task failed", exception);
+    observe::logError("QUIC endpoint task failed", observe::Fields().error(exception));
   }
 
   kj::Promise<void> receiveLoop();
@@ -520,7 +521,7 @@ private:
   kj::TaskSet tasks;
 
   void taskFailed(kj::Exception&& exception) override {
-    KJ_LOG(ERROR, "QUIC connection task failed", exception);
+    observe::logError("QUIC connection task failed", observe::Fields().error(exception));
   }
 
   void setup(const ngtcp2_cid& dcid, const ngtcp2_cid& scid, uint32_t version,

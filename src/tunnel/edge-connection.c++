@@ -41,7 +41,7 @@ quic::ClientConfig makeClientConfig(const EdgeConnectionConfig& config) {
 kj::Maybe<kj::String> AcknowledgingConfigHandler::applyConfiguration(
     int32_t version, kj::ArrayPtr<const kj::byte> json) {
   logger.info("Received remote configuration from the edge; acknowledged, the local origin "
-              "keeps serving", kj::str("version=", version, " bytes=", json.size()));
+              "keeps serving", observe::Fields().add("version", version).add("bytes", json.size()));
   return nullptr;
 }
 
@@ -106,7 +106,9 @@ private:
     return kj::str("connection closed");
   }
 
-  kj::String fields() { return kj::str("connIndex=", info.connIndex, " ip=", ip); }
+  observe::Fields fields() {
+    return kj::mv(observe::Fields().add("connIndex", info.connIndex).add("ip", ip));
+  }
 
   // The /metrics quic_client_* series read the live connection's statistics on demand.
   observe::TunnelStatus::QuicSample sample() const override {
@@ -124,7 +126,7 @@ private:
   // Dial and register
 
   kj::Promise<SessionEnd> lifecycle() {
-    ctx.logger.debug("Dialing edge", kj::str(fields(), " attempt=", info.numPreviousAttempts));
+    ctx.logger.debug("Dialing edge", fields().add("attempt", info.numPreviousAttempts));
     kj::Promise<kj::Own<EdgeTransport>> dialing = nullptr;
     KJ_IF_MAYBE(dialer, ctx.dialer) {
       dialing = dialer->dial(info.address);
@@ -178,12 +180,12 @@ private:
     params.numPreviousAttempts = info.numPreviousAttempts;
     if (ctx.logger.enabled(observe::LogLevel::DEBUG)) {
       // The secret is deliberately not part of this line.
-      ctx.logger.debug("Registering tunnel connection", kj::str(
-          fields(), " protocol=", transport->protocol(), " tunnelID=", edge::formatUuid(id.tunnelId),
-          " accountTag=", id.accountTag, " connectorID=", edge::formatUuid(id.connectorId),
-          " version=", id.version, " arch=", id.arch,
-          " features=", kj::strArray(id.features, ","),
-          " numPreviousAttempts=", info.numPreviousAttempts));
+      ctx.logger.debug("Registering tunnel connection", fields()
+          .add("protocol", transport->protocol()).add("tunnelID", edge::formatUuid(id.tunnelId))
+          .add("accountTag", id.accountTag).add("connectorID", edge::formatUuid(id.connectorId))
+          .add("version", id.version).add("arch", id.arch)
+          .add("features", kj::strArray(id.features, ","))
+          .add("numPreviousAttempts", info.numPreviousAttempts));
     }
     auto promise = client->registerConnection(params);
     control = kj::mv(client);
@@ -253,7 +255,7 @@ private:
     // sees LOST with this reason and reconnects).
     if (faultReason != nullptr || transport->isClosed()) return;
     ctx.logger.warn("Closing the edge connection: it cannot serve any more",
-                    kj::str(fields(), " reason=\"", reason, "\""));
+                    fields().add("reason", reason));
     faultReason = kj::mv(reason);
     events.notReady(info.connIndex);
     transport->close(0, "cfqt: connection fault");
@@ -278,12 +280,11 @@ private:
 
   kj::Promise<void> sendLocalConfiguration() {
     auto& json = ctx.config.localConfigJson;
-    ctx.logger.debug("Sending local configuration", kj::str(fields(), " config=", json));
+    ctx.logger.debug("Sending local configuration", fields().add("config", json));
     return KJ_ASSERT_NONNULL(control)->updateLocalConfiguration(json.asBytes())
         .then([this]() { ctx.status.localConfigPushed(true); }, [this](kj::Exception&& e) {
           ctx.status.localConfigPushed(false);
-          ctx.logger.error("unable to send local configuration",
-                           kj::str(fields(), " error=\"", e.getDescription(), "\""));
+          ctx.logger.error("Unable to send the local configuration", fields().error(e));
         });
   }
 
@@ -409,7 +410,7 @@ private:
     ctx.status.requestFailed();
     ctx.status.requestFinished();
     ctx.logger.warn("Refused a request from the edge: its metadata is over cfqt's limits or "
-                    "malformed", kj::str(fields(), " stream=", s.id(), " error=\"", reason, "\""));
+                    "malformed", fields().add("stream", s.id()).add("error", reason));
     auto text = kj::str("malformed request: ", reason);
     return s.sink().sendError(text).attach(kj::mv(text)).then([this, &s, deadline]() {
       s.io().shutdownWrite();
@@ -437,7 +438,7 @@ private:
       ctx.status.requestFinished();
       ctx.status.requestCancelled();
       ctx.logger.debug("Edge abandoned the request; origin exchange cancelled",
-                       kj::str(fields(), " stream=", s.id()));
+                       fields().add("stream", s.id()));
     });
     return ctx.origin.serve(s.io(), kj::mv(request.head), s.sink())
         .then([this, &done]() {
@@ -448,9 +449,8 @@ private:
                 if (!done) ctx.status.requestFinished();
                 done = true;
                 s.reset();
-                ctx.logger.debug("request failed after the response head",
-                                 kj::str(fields(), " stream=", s.id(), " error=\"",
-                                         e.getDescription(), "\""));
+                ctx.logger.debug("Request failed after the response head",
+                                 fields().add("stream", s.id()).error(e));
               })
         .exclusiveJoin(kj::mv(abandoned))
         .attach(kj::mv(counted));
@@ -459,18 +459,18 @@ private:
   void streamFailed(EdgeStream& s, kj::Exception&& e) {
     // Only this stream dies (dropping it resets both directions). The edge resetting a stream
     // is normal; anything else is worth a warning (rate-limited by the logger).
-    auto fieldsText = kj::str(fields(), " stream=", s.id(), " error=\"", e.getDescription(), "\"");
+    auto streamFields = fields();
+    streamFields.add("stream", s.id()).error(e);
     if (e.getType() == kj::Exception::Type::DISCONNECTED) {
-      ctx.logger.debug("Edge stream ended before its request was served", fieldsText);
+      ctx.logger.debug("Edge stream ended before its request was served", streamFields);
     } else {
-      ctx.logger.warn("Edge stream failed; reset it", fieldsText);
+      ctx.logger.warn("Edge stream failed; reset it", streamFields);
     }
   }
 
   void taskFailed(kj::Exception&& e) override {
     // serveStream() catches everything: reaching this is a bug.
-    ctx.logger.error("Edge stream task failed unexpectedly",
-                     kj::str(fields(), " error=\"", e.getDescription(), "\""));
+    ctx.logger.error("Edge stream task failed unexpectedly", fields().error(e));
   }
 
   // ---------------------------------------------------------------------------------------
@@ -481,8 +481,7 @@ private:
       return (*c)->unregisterConnection().then([this]() {
         ctx.logger.info("Unregistered tunnel connection", fields());
       }, [this](kj::Exception&& e) {
-        ctx.logger.warn("Failed to unregister tunnel connection",
-                        kj::str(fields(), " error=\"", e.getDescription(), "\""));
+        ctx.logger.warn("Failed to unregister tunnel connection", fields().error(e));
       });
     }
     return kj::READY_NOW;
@@ -508,7 +507,7 @@ private:
                      p.reason, "\")");
     }).orDefault(kj::str("edge closed the connection (HTTP/2 GOAWAY)"));
     ctx.logger.info("The edge is going away; finishing the requests in flight, then "
-                    "reconnecting", kj::str(fields(), " reason=", observe::quoteFieldValue(why)));
+                    "reconnecting", fields().add("reason", why.asPtr()));
     faultReason = kj::mv(why);
     events.notReady(info.connIndex);
     leaveTask = ctx.timer.timeoutAfter(ctx.config.moveDrainTimeout, waitForStreams())
@@ -562,8 +561,7 @@ private:
       KJ_IF_MAYBE(dialer, ctx.dialer) dialer->lost(info.address, *transport);
       KJ_IF_MAYBE(peer, transport->peerClose()) {
         ctx.logger.info("Edge closed the connection",
-                        kj::str(fields(), " code=", hexCode(peer->code), " reason=\"",
-                                peer->reason, "\""));
+                        fields().add("code", hexCode(peer->code)).add("reason", peer->reason));
       }
     }
     return kj::mv(end);

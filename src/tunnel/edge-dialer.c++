@@ -202,7 +202,7 @@ void EdgeDialer::releaseMove() {
 }
 
 void EdgeDialer::taskFailed(kj::Exception&& e) {
-  logger.error("Edge dialer task failed", kj::str("error=\"", e.getDescription(), "\""));
+  logger.error("Edge dialer task failed", observe::Fields().error(e));
 }
 
 void EdgeDialer::registered(const edge::EdgeAddress& address, const EdgeTransport& transport) {
@@ -240,8 +240,8 @@ void EdgeDialer::lost(const edge::EdgeAddress& address, const EdgeTransport& tra
                       formatDuration(config.quicFailureWindow), "; using HTTP/2 over TCP. UDP ",
                       address.port, " to the edge seems filtered or unreliable on this network; "
                       "QUIC is tried again in ", formatDuration(config.quicRetryInterval), "."),
-              kj::str("ip=", address.ipString(), " last=",
-                      observe::quoteFieldValue(transport.closeDescription())));
+              observe::Fields().add("ip", address.ipString())
+                  .add("last", transport.closeDescription()));
   useHttp2For(name);
 }
 
@@ -257,8 +257,8 @@ kj::Promise<kj::Own<EdgeTransport>> EdgeDialer::dialAuto(const edge::EdgeAddress
     KJ_SWITCH_ONEOF(result) {
       KJ_CASE_ONEOF(transport, kj::Own<EdgeTransport>) return kj::mv(transport);
       KJ_CASE_ONEOF(failure, QuicDialFailure) {
-        auto fields = kj::str("ip=", address.ipString(), " error=",
-                              observe::quoteFieldValue(failure.exception.getDescription()));
+        observe::Fields fields;
+        fields.add("ip", address.ipString()).error(failure.exception);
         switch (failure.cause) {
           case QuicDialFailure::Cause::OTHER:
             return kj::mv(failure.exception);   // QUIC answered (TLS refused...): not UDP's fault
@@ -267,7 +267,8 @@ kj::Promise<kj::Own<EdgeTransport>> EdgeDialer::dialAuto(const edge::EdgeAddress
             logger.warn(kj::str("UDP to ", name, " is refused by this host (sendmsg: ",
                                 strerror(failure.sendErrno), "); using HTTP/2 over TCP. Allow "
                                 "outbound UDP ", address.port, " for QUIC."),
-                        kj::str("errno=", quic::errnoName(failure.sendErrno), " ", fields));
+                        observe::Fields().add("errno", quic::errnoName(failure.sendErrno))
+                            .addAll(kj::mv(fields)));
             break;
           case QuicDialFailure::Cause::NO_ANSWER:
           case QuicDialFailure::Cause::UDP_SOCKET:

@@ -1,6 +1,7 @@
 #include "tunnel/http2-transport.h"
 
 #include "http2/header.h"
+#include "observe/log.h"
 
 #include <kj/compat/tls.h>
 #include <kj/debug.h>
@@ -277,7 +278,8 @@ private:
     // until this transport is dropped. After the session's I/O was cancelled (evalLast).
     tasks.add(kj::evalLast([this]() {
       KJ_IF_MAYBE(e, kj::runCatchingExceptions([this]() { connection->shutdownWrite(); })) {
-        KJ_LOG(INFO, "HTTP/2: could not close our side of the connection", *e);
+        observe::logDebug("HTTP/2: could not close our side of the connection",
+                          observe::Fields().error(*e));
       }
     }));
   }
@@ -300,7 +302,7 @@ private:
     return session->acceptRequest().then([this](kj::Own<http2::ServerRequest> request) {
       KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { route(kj::mv(request)); })) {
         // The request went away while being routed (reset by the edge): only it is lost.
-        KJ_LOG(INFO, "HTTP/2 request dropped while routing it", *e);
+        observe::logDebug("HTTP/2 request dropped while routing it", observe::Fields().error(*e));
       }
       return acceptLoop();
     }, [](kj::Exception&&) {
@@ -330,7 +332,7 @@ private:
   }
 
   void taskFailed(kj::Exception&& e) override {
-    KJ_LOG(ERROR, "HTTP/2 transport task failed", e);
+    observe::logError("HTTP/2 transport task failed", observe::Fields().error(e));
   }
 };
 

@@ -19,6 +19,8 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <condition_variable>
+#include <mutex>
 #include <string>
 
 namespace cfqt::tunnel {
@@ -305,6 +307,145 @@ KJ_TEST("public C++ API: a quick-tunnel service that refuses connections, stoppe
   KJ_EXPECT(t->waitForUrl(std::chrono::milliseconds(50)) == "");
   KJ_EXPECT(t->stop() == 0);
   KJ_EXPECT(!t->running());
+}
+
+struct CapturedStderr {
+  // fd 2 goes to a temporary file until restore().
+  int saved = -1;
+  int file = -1;
+  CapturedStderr() {
+    char name[] = "/tmp/cfqt-api-stderr-XXXXXX";
+    file = mkstemp(name);
+    KJ_ASSERT(file >= 0);
+    unlink(name);
+    saved = dup(2);
+    dup2(file, 2);
+  }
+  std::string restore() {
+    dup2(saved, 2);
+    close(saved);
+    std::string text;
+    char buf[4096];
+    lseek(file, 0, SEEK_SET);
+    ssize_t n;
+    while ((n = read(file, buf, sizeof(buf))) > 0) text.append(buf, n);
+    close(file);
+    return text;
+  }
+};
+
+struct RecordedLine {
+  cfqt::LogLevel level;
+  std::string message;
+  std::vector<cfqt::LogField> fields;
+  std::string field(const std::string& key) const {
+    for (auto& f: fields) if (f.first == key) return f.second;
+    return "<none>";
+  }
+};
+
+KJ_TEST("public C++ API: the log callback gets level, message and fields instead of stderr") {
+  EdgeProcess edge;
+  std::mutex mutex;
+  std::vector<RecordedLine> lines;
+  std::atomic<int> inside{0};
+  std::atomic<bool> overlapped{false};
+  cfqt::TunnelOptions o;
+  o.helloWorld = true;
+  o.quickService = "http://" + edge.field("api");
+  o.edges = edge.edges();
+  o.edgeCaFile = edge.field("ca");
+  o.backoffBase = std::chrono::milliseconds(20);
+  o.gracePeriod = std::chrono::milliseconds(2000);
+  o.logLevel = "info";
+  o.logCallback = [&](cfqt::LogLevel level, const std::string& message,
+                      const std::vector<cfqt::LogField>& fields) {
+    if (inside.fetch_add(1) != 0) overlapped = true;
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      lines.push_back(RecordedLine{level, message, fields});
+    }
+    inside.fetch_sub(1);
+  };
+  CapturedStderr captured;
+  {
+    auto t = cfqt::Tunnel::start(o);
+    KJ_ASSERT(t->waitUntilReady(std::chrono::seconds(20)));
+    KJ_EXPECT(t->stop() == 0);
+  }
+  auto err = captured.restore();
+  KJ_EXPECT(err.find("Registered tunnel connection") == std::string::npos, err);
+  KJ_EXPECT(!overlapped);
+  std::lock_guard<std::mutex> lock(mutex);
+  bool registered = false;
+  for (auto& line: lines) {
+    KJ_EXPECT(line.level != cfqt::LogLevel::Debug, line.message);
+    if (line.message == "Registered tunnel connection") {
+      registered = true;
+      KJ_EXPECT(line.level == cfqt::LogLevel::Info);
+      KJ_EXPECT(line.fields.size() >= 2 && line.fields[0].first == "connIndex", line.fields.size());
+      KJ_EXPECT(line.field("protocol") == "quic", line.field("protocol"));
+    }
+  }
+  KJ_EXPECT(registered, lines.size());
+}
+
+struct CLines {
+  std::mutex mutex;
+  std::condition_variable changed;
+  std::vector<std::string> lines;   // "level|message|key=value,..."
+  bool retried = false;
+};
+
+void recordCLine(void* user, int level, const char* message, const cfqt_log_field* fields,
+                 size_t count) {
+  auto& out = *static_cast<CLines*>(user);
+  std::string line = std::to_string(level) + "|" + message + "|";
+  for (size_t i = 0; i < count; i++) {
+    line += std::string(i > 0 ? "," : "") + fields[i].key + "=" + fields[i].value;
+  }
+  std::lock_guard<std::mutex> lock(out.mutex);
+  if (line.rfind("2|Quick tunnel request failed; retrying|attempt=1,", 0) == 0) out.retried = true;
+  out.lines.push_back(line);
+  out.changed.notify_all();
+}
+
+KJ_TEST("C API: the log callback with user data") {
+  // A quick-tunnel service that refuses connections: retries are warnings with fields.
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in sa = {};
+  sa.sin_family = AF_INET;
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  KJ_SYSCALL(bind(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)));
+  socklen_t len = sizeof(sa);
+  KJ_SYSCALL(getsockname(fd, reinterpret_cast<sockaddr*>(&sa), &len));
+  close(fd);
+  auto service = "http://127.0.0.1:" + std::to_string(ntohs(sa.sin_port));
+  CLines recorded;
+  cfqt_options o;
+  cfqt_options_init(&o);
+  o.hello_world = 1;
+  o.quick_service = service.c_str();
+  o.log_level = "info";
+  o.log_callback = recordCLine;
+  o.log_user_data = &recorded;
+  char error[256] = "";
+  cfqt_tunnel* t = cfqt_tunnel_start(&o, error, sizeof(error));
+  KJ_ASSERT(t != nullptr, error);
+  {
+    std::unique_lock<std::mutex> lock(recorded.mutex);
+    recorded.changed.wait_for(lock, std::chrono::seconds(20), [&]() { return recorded.retried; });
+  }
+  cfqt_tunnel_free(t);
+  std::lock_guard<std::mutex> lock(recorded.mutex);
+  bool requesting = false;
+  for (auto& line: recorded.lines) {
+    if (line == "1|Requesting new quick Tunnel on trycloudflare.com...|") requesting = true;
+  }
+  std::string all;
+  for (auto& line: recorded.lines) all += line + "\n";
+  KJ_EXPECT(requesting, all);
+  KJ_EXPECT(recorded.retried, all);
 }
 
 }  // namespace

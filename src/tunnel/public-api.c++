@@ -41,6 +41,37 @@ struct SharedState {
 kj::String toKj(const std::string& s) { return kj::heapString(s.data(), s.size()); }
 std::string toStd(kj::StringPtr s) { return std::string(s.begin(), s.size()); }
 
+LogLevel publicLevel(observe::LogLevel level) {
+  switch (level) {
+    case observe::LogLevel::DEBUG: return LogLevel::Debug;
+    case observe::LogLevel::INFO: return LogLevel::Info;
+    case observe::LogLevel::WARN: return LogLevel::Warn;
+    case observe::LogLevel::ERROR: return LogLevel::Error;
+    case observe::LogLevel::FATAL: return LogLevel::Fatal;
+  }
+  return LogLevel::Error;
+}
+
+class CallbackSink final: public observe::LogSink {
+  // TunnelOptions::logCallback behind the logger (which serializes the calls).
+public:
+  explicit CallbackSink(LogCallback callback): callback(std::move(callback)) {}
+  void write(observe::LogLevel level, kj::StringPtr message,
+             kj::ArrayPtr<const observe::LogField> fields) override {
+    std::vector<LogField> list;
+    list.reserve(fields.size());
+    for (auto& f: fields) list.emplace_back(toStd(f.key), toStd(f.value));
+    try {
+      callback(publicLevel(level), toStd(message), list);
+    } catch (...) {
+      // A host's callback that throws loses its line, never the tunnel.
+    }
+  }
+
+private:
+  LogCallback callback;
+};
+
 }  // namespace
 
 class Tunnel::Impl final: private tunnel::RunnerCallbacks {
@@ -242,6 +273,7 @@ std::unique_ptr<Tunnel> Tunnel::start(const TunnelOptions& o) {
   }
   if (!o.logFile.empty()) logConfig.file = toKj(o.logFile);
   logConfig.toStderr = o.logToStderr;
+  if (o.logCallback) logConfig.sink = kj::heap<CallbackSink>(o.logCallback);
   return std::make_unique<Tunnel>(std::make_unique<Impl>(kj::mv(r), kj::mv(logConfig)));
 }
 
@@ -310,6 +342,17 @@ cfqt_tunnel* cfqt_tunnel_start(const cfqt_options* options, char* error, size_t 
       o.backoffBase = std::chrono::milliseconds(options->backoff_base_ms);
     }
     if (options->protocol != nullptr) o.protocol = options->protocol;
+    if (options->log_callback != nullptr) {
+      cfqt_log_fn fn = options->log_callback;
+      void* user = options->log_user_data;
+      o.logCallback = [fn, user](cfqt::LogLevel level, const std::string& message,
+                                 const std::vector<cfqt::LogField>& fields) {
+        std::vector<cfqt_log_field> list;
+        list.reserve(fields.size());
+        for (auto& f: fields) list.push_back(cfqt_log_field{f.first.c_str(), f.second.c_str()});
+        fn(user, static_cast<int>(level), message.c_str(), list.data(), list.size());
+      };
+    }
     auto handle = std::make_unique<cfqt_tunnel>();
     handle->tunnel = cfqt::Tunnel::start(o);
     return handle.release();

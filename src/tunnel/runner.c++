@@ -132,7 +132,7 @@ void Runner::shutdown() {
   stopping = true;
   KJ_IF_MAYBE(s, supervisor) {
     shutdownTask = (*s)->shutdown(options.gracePeriod).eagerlyEvaluate([this](kj::Exception&& e) {
-      logger.error("shutdown failed", kj::str("error=\"", e.getDescription(), "\""));
+      logger.error("Shutdown failed", observe::Fields().error(e));
     });
   } else {
     stopFulfiller->fulfill();
@@ -140,8 +140,7 @@ void Runner::shutdown() {
 }
 
 int Runner::startFailed(kj::StringPtr what, kj::Exception&& e) {
-  logger.error(kj::str("Couldn't start tunnel: ", what),
-               kj::str("error=\"", e.getDescription(), "\""));
+  logger.error(kj::str("Couldn't start tunnel: ", what), observe::Fields().error(e));
   return 1;
 }
 
@@ -151,7 +150,7 @@ kj::Promise<int> Runner::start() {
                                         io.provider->getNetwork(), headerTable);
   KJ_SWITCH_ONEOF(created) {
     KJ_CASE_ONEOF(error, kj::String) {
-      logger.error(kj::str("Couldn't start tunnel: invalid origin: ", error));
+      logger.error("Couldn't start tunnel: invalid origin", observe::Fields().add("error", error));
       return 1;
     }
     KJ_CASE_ONEOF(service, kj::Own<origin::Origin>) {
@@ -199,8 +198,8 @@ kj::Promise<int> Runner::tunnelIssued(edge::QuickTunnel tunnel) {
                              kj::str("unknown"), kj::str(options.clientVersion)});
   logger.info(kj::str("Version ", options.clientVersion, " (cfqt ", edge::cfqtVersion(), ")"));
   logger.info(kj::str("Generated Connector ID: ", connectorText));
-  logger.debug("Quick tunnel issued", kj::str("tunnelID=", tunnel.id, " accountTag=",
-                                              tunnel.accountTag, " hostname=", tunnel.hostname));
+  logger.debug("Quick tunnel issued", observe::Fields().add("tunnelID", tunnel.id)
+      .add("accountTag", tunnel.accountTag).add("hostname", tunnel.hostname));
   EdgeIdentity id;
   id.accountTag = kj::mv(tunnel.accountTag);
   id.tunnelSecret = kj::mv(tunnel.secret);
@@ -236,7 +235,7 @@ kj::Promise<int> Runner::metricsBound(kj::Maybe<kj::Own<kj::ConnectionReceiver>>
     callbacks.metricsListening(address);
     auto server = kj::heap<observe::MetricsServer>(timer, headerTable, tunnelStatus);
     metricsTask = server->listen(kj::mv(*r)).eagerlyEvaluate([this](kj::Exception&& e) {
-      logger.error("metrics server failed", kj::str("error=\"", e.getDescription(), "\""));
+      logger.error("Metrics server failed", observe::Fields().error(e));
     });
     metricsServer = kj::mv(server);
   }
@@ -251,7 +250,7 @@ kj::Promise<int> Runner::metricsBound(kj::Maybe<kj::Own<kj::ConnectionReceiver>>
                     ? "SSLKEYLOGFILE is set: TLS secrets of the edge connections are written to it"
                     : "SSLKEYLOGFILE is set: TLS secrets of the QUIC edge connections are written "
                       "to it (not those of HTTP/2 connections)",
-                kj::str("file=", keyLog));
+                observe::Fields().add("file", keyLog));
   }
   return edge::discoverEdges(io.unixEventPort, timer, io.provider->getNetwork(),
                              kj::mv(options.discovery))
@@ -270,7 +269,7 @@ kj::Promise<int> Runner::edgesDiscovered(edge::EdgeAddresses addresses) {
   logger.info(kj::str(addresses.totalPrimary(), " edges discovered",
                       addresses.fromEdgeFlag ? " (from --edge)" : "",
                       addresses.usedDotFallback ? " (over DNS-over-TLS)" : ""),
-              kj::str("addresses=", kj::strArray(names, ",")));
+              observe::Fields().add("addresses", kj::strArray(names, ",")));
   auto addressPool = kj::heap<edge::AddressPool>(kj::mv(addresses));
   uint n = addressPool->limitConnections(options.haConnections);
   if (n == 0) {

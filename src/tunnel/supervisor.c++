@@ -80,14 +80,14 @@ void Supervisor::indexFailed(Slot& slot, kj::Exception&& e) {
   slot.session = nullptr;
   if (shuttingDown) {
     logger.error("Connection supervisor failed during shutdown; connection stopped",
-                 kj::str("connIndex=", slot.index, " error=\"", e.getDescription(), "\""));
+                 observe::Fields().add("connIndex", slot.index).error(e));
     indexStopped(slot, false);
     return;
   }
   auto delay = slot.backoff.next();
   logger.error("Connection supervisor failed unexpectedly; restarting the connection",
-               kj::str("connIndex=", slot.index, " wait=", formatDuration(delay),
-                       " error=\"", e.getDescription(), "\""));
+               observe::Fields().add("connIndex", slot.index).add("wait", formatDuration(delay))
+                   .error(e));
   runIndex(slot, delay);
 }
 
@@ -112,7 +112,7 @@ kj::Promise<void> Supervisor::attempt(Slot& slot) {
     });
   } else {
     logger.error("No free edge address for connection; stopping it",
-                 kj::str("connIndex=", slot.index));
+                 observe::Fields().add("connIndex", slot.index));
     indexStopped(slot, true);
     return kj::READY_NOW;
   }
@@ -133,8 +133,9 @@ kj::Promise<void> Supervisor::afterSession(Slot& slot, SessionEnd end) {
   auto ip = pool.currentAddress(slot.index)
       .map([](const edge::EdgeAddress& a) { return a.ipString(); })
       .orDefault(kj::str("?"));
-  auto fields = kj::str("connIndex=", slot.index, " ip=", ip, " event=", end.kind,
-                        " reason=\"", end.reason, "\"");
+  observe::Fields fields;
+  fields.add("connIndex", slot.index).add("ip", ip).add("event", kj::str(end.kind))
+      .add("reason", end.reason);
 
   if (end.kind == EndKind::MOVED) {
     logger.info("Connection unregistered to change transport; reconnecting", fields);
@@ -142,8 +143,8 @@ kj::Promise<void> Supervisor::afterSession(Slot& slot, SessionEnd end) {
   }
 
   if (end.kind == EndKind::REJECTED && !end.shouldRetry) {
-    logger.error(kj::str("Register tunnel error from server side; the edge said not to retry, "
-                         "so connection ", slot.index, " stops: ", end.reason), fields);
+    logger.error("Register tunnel error from server side; the edge said not to retry, so "
+                 "this connection stops", fields);
     pool.release(slot.index);
     indexStopped(slot, true);
     return kj::READY_NOW;
@@ -178,8 +179,8 @@ kj::Promise<void> Supervisor::afterSession(Slot& slot, SessionEnd end) {
     KJ_IF_MAYBE(rotation, pool.rotate(slot.index, end.kind == EndKind::DIAL_FAILED,
                                       timer.now())) {
       if (rotation->changed) {
-        logger.info("Switching to another edge address",
-                    kj::str("connIndex=", slot.index, " ip=", rotation->address.ipString()));
+        logger.info("Switching to another edge address", observe::Fields()
+            .add("connIndex", slot.index).add("ip", rotation->address.ipString()));
       }
     }
   }
@@ -187,8 +188,8 @@ kj::Promise<void> Supervisor::afterSession(Slot& slot, SessionEnd end) {
   auto announced = slot.backoff.announced();
   auto delay = slot.backoff.next();
   logger.info(kj::str("Retrying connection in up to ", formatDuration(announced)),
-              kj::str("connIndex=", slot.index, " reason=", end.kind, " wait=",
-                      formatDuration(delay)));
+              observe::Fields().add("connIndex", slot.index).add("reason", kj::str(end.kind))
+                  .add("wait", formatDuration(delay)));
   return timer.afterDelay(delay).exclusiveJoin(drainSignal.addBranch())
       .then([this, &slot]() { return attempt(slot); });
 }
@@ -220,9 +221,9 @@ void Supervisor::registered(uint connIndex, RegisteredInfo info) {
   status.serverLocation(connIndex, info.location);
   status.connectionProtocol(connIndex, info.protocol);
   logger.info("Registered tunnel connection",
-              kj::str("connIndex=", connIndex, " connection=", info.connectionId, " event=0 ip=",
-                      info.ip, " location=", info.location, " protocol=",
-                      info.protocol));
+              observe::Fields().add("connIndex", connIndex).add("connection", info.connectionId)
+                  .add("event", 0).add("ip", info.ip).add("location", info.location)
+                  .add("protocol", info.protocol));
   KJ_IF_MAYBE(callback, registeredCallback) (*callback)(connIndex);
   if (connIndex == 0 && !othersStarted) {
     othersStarted = true;
@@ -267,8 +268,7 @@ kj::Promise<void> Supervisor::shutdownAll(kj::Duration grace) {
 
 void Supervisor::taskFailed(kj::Exception&& exception) {
   // Index loops catch their own failures (runIndex); only a failure of that handler lands here.
-  logger.error("Connection supervisor failed",
-               kj::str("error=\"", exception.getDescription(), "\""));
+  logger.error("Connection supervisor failed", observe::Fields().error(exception));
 }
 
 }  // namespace cfqt::tunnel

@@ -1,4 +1,5 @@
 #include "wire/data-stream.h"
+#include "observe/log.h"
 
 #include <capnp/serialize.h>
 #include <kj/debug.h>
@@ -42,7 +43,8 @@ kj::Maybe<WireError> checkDataSignature(kj::ArrayPtr<const kj::byte> sig) {
 
 void noteVersion(kj::ArrayPtr<const kj::byte> version) {
   if (version != kj::arrayPtr(PROTOCOL_VERSION, 2)) {
-    KJ_LOG(INFO, "data stream with an unexpected protocol version", kj::encodeHex(version));
+    observe::logDebug("Data stream with an unexpected protocol version", observe::Fields()
+        .add("version", kj::encodeHex(version)));
   }
 }
 

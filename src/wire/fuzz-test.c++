@@ -33,6 +33,10 @@ using testing::Direction;
 using testing::TranscriptMessage;
 
 constexpr kj::Duration GUARD = 2 * kj::SECONDS;  // per await; reached only by a hang (a bug)
+constexpr kj::Duration CALL_TIMEOUT = 1 * kj::SECONDS;
+// The ControlClient's call timeout. Every session here ends with EOF, so no case waits for it;
+// it must only never fire while a loaded machine (the sanitizer build next to other tests) is
+// still delivering the replies (50 ms did: registrations failed before their answer was read).
 
 testing::VectorFile load() { return testing::loadVectorFile(testing::defaultVectorPath()); }
 
@@ -491,7 +495,7 @@ void runClientCase(kj::AsyncIoProvider& provider, kj::WaitScope& waitScope, Rng&
   auto& timer = provider.getTimer();
   auto pipe = kj::newTwoWayPipe();
   ControlClientOptions options;
-  options.callTimeout = 50 * kj::MILLISECONDS;
+  options.callTimeout = CALL_TIMEOUT;
   auto client = kj::heap<ControlClient>(*pipe.ends[0], timer, options);
   EdgeEnd edge{*pipe.ends[1]};
   auto reading = edge.readLoop().catch_([](kj::Exception&&) {}).eagerlyEvaluate(nullptr);
@@ -601,7 +605,7 @@ KJ_TEST("fuzz: ControlClient fed random garbage") {
     KJ_CONTEXT(i);
     auto pipe = kj::newTwoWayPipe();
     ControlClientOptions options;
-    options.callTimeout = 50 * kj::MILLISECONDS;
+    options.callTimeout = CALL_TIMEOUT;
     ControlClient client(*pipe.ends[0], timer, options);
     EdgeEnd edge{*pipe.ends[1]};
     auto reading = edge.readLoop().catch_([](kj::Exception&&) {}).eagerlyEvaluate(nullptr);
@@ -632,7 +636,7 @@ KJ_TEST("fuzz: ControlClient, every truncation of the E->C stream") {
     KJ_CONTEXT(len);
     auto pipe = kj::newTwoWayPipe();
     ControlClientOptions options;
-    options.callTimeout = 50 * kj::MILLISECONDS;
+    options.callTimeout = CALL_TIMEOUT;
     ControlClient client(*pipe.ends[0], timer, options);
     EdgeEnd edge{*pipe.ends[1]};
     auto reading = edge.readLoop().catch_([](kj::Exception&&) {}).eagerlyEvaluate(nullptr);

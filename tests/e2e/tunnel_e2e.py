@@ -579,7 +579,7 @@ def test_edge_closes_connection_0(env):
     # QUIC: CONNECTION_CLOSE's reason phrase; HTTP/2: the GOAWAY's debug data (the emulator
     # sends the reason there).
     closed = m.log.wait_for(r"Edge closed the connection connIndex=0 ", start=start)
-    check(re.search(r" code=0x0 reason=\"e2e-close\"", closed),
+    check(re.search(r" code=0x0 reason=\"?e2e-close\"?$", closed),
           "the edge's close reason is not in", closed)
     m.log.wait_for(r"Retrying connection in up to .*connIndex=0")
     m.log.wait_for(r"Registered tunnel connection connIndex=0", count=before + 1)
@@ -832,7 +832,7 @@ def test_c_api_example(env):
         ids = [c["id"] for c in env.edge.connections(host, None)]
         check(ids, "emulator lists no connection of the example")
         for i in ids:
-            env.edge.log.wait_for(r"tunnel connection unregistered; id = %d;" % i)
+            env.edge.log.wait_for(r"tunnel connection unregistered id=%d " % i)
     finally:
         if p.poll() is None:
             p.kill()
