@@ -16,8 +16,8 @@ Usage: ready_e2e.py --bin BUILD/bin [-k NAME] [--inner-no-poisoned-cache WORKDIR
 (exit 0 = passed)
 """
 
+import http.client
 import http.server
-import json
 import os
 import re
 import shutil
@@ -130,14 +130,6 @@ def https_get(e, hostname, path="/"):
     return status, data.partition(b"\r\n\r\n")[2]
 
 
-def line_time(log, pattern):
-    """Wait for a log line matching pattern; the monotonic time it arrived (polled every 5 ms,
-    good enough for bounds of a second)."""
-    start = time.monotonic()
-    log.wait_for(pattern)
-    return time.monotonic() if time.monotonic() - start < 0.01 else None
-
-
 def finish(proc, expect_exit=None, timeout=DEADLINE_S):
     if expect_exit is None:
         stop(proc)
@@ -192,6 +184,16 @@ def test_url_only_after_dns_and_route_delays(env):
         # The origin saw that request only: the probes were answered by the tunnel itself.
         check([p for p, _ in origin.requests] == ["/first"], "origin saw", origin.requests)
         check(not any(PROBE_HEADER in h for _, h in origin.requests), "a probe reached the origin")
+        # ... nor are they counted as requests in the tunnel's metrics.
+        metrics = re.search(r"Starting metrics server on ([0-9.:]+)/metrics",
+                            log.wait_for(r"Starting metrics server on")).group(1)
+        host, port = metrics.rsplit(":", 1)
+        c = http.client.HTTPConnection(host, int(port), timeout=DEADLINE_S)
+        c.request("GET", "/metrics")
+        text = c.getresponse().read().decode()
+        c.close()
+        check(re.search(r"(?m)^cloudflared_tunnel_total_requests 1$", text),
+              "requests counted:", re.findall(r"(?m)^cloudflared_tunnel_total_requests .*$", text))
         finish(proc)
         check(proc.returncode == 0, "cfqt exited with", proc.returncode)
     finally:
@@ -293,7 +295,7 @@ def inner_no_poisoned_cache(bindir, workdir):
     dnsmasq = None
     proc = None
     try:
-        dnsmasq, dnslog = start_process(
+        dnsmasq, _ = start_process(
             ["dnsmasq", "--keep-in-foreground", "--no-daemon", "--user=root",
              "--listen-address=127.0.0.1", "--bind-interfaces", "--port=53", "--no-resolv",
              "--no-hosts", "--log-queries", "--log-facility=" + querylog, "--cache-size=1000",
@@ -303,7 +305,6 @@ def inner_no_poisoned_cache(bindir, workdir):
         while not (os.path.exists(querylog) and "started" in open(querylog).read()):
             check(time.monotonic() < deadline and dnsmasq.poll() is None, "dnsmasq did not start")
             time.sleep(0.02)
-        cmd_env = Env(bindir, workdir)
         args = ["--quick-service", "http://api.ready.test:%d" % port_of(e.ready["api"]),
                 "--edge-ca", e.ready["ca"]]
         for x in e.ready["edges"]:
