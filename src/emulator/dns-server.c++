@@ -217,6 +217,9 @@ kj::Promise<void> DnsServer::serveUdp(kj::DatagramPort& port) {
       return promise.attach(kj::mv(bytes)).ignoreResult();
     }
     return kj::READY_NOW;
+  }).catch_([](kj::Exception&& e) {
+    // One client's failure (an ICMP error on the send, say) must not end the server.
+    KJ_LOG(INFO, "DNS datagram not answered", e.getDescription());
   }).then([this, &port]() { return serveUdp(port); }).attach(kj::mv(receiver));
 }
 

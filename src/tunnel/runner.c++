@@ -195,7 +195,8 @@ void Runner::startProbe() {
 
 void Runner::servingFailed(kj::Exception&& e) {
   logger.error("The URL does not serve; giving up",
-               kj::str("hostname=", hostnameText, " error=\"", e.getDescription(), "\""));
+               kj::str("hostname=", hostnameText, " error=\"", e.getDescription(),
+                       "\" registeredConnections=", tunnelStatus.readyConnections()));
   if (options.waitReady) {
     readyFailed = true;
     shutdown();
