@@ -223,6 +223,7 @@ int runLocalEmulator(kj::AsyncIoContext& io, const observe::Logger& logger,
   // The public Internet's part too (issue 16), so that --wait-ready probes it as it would the
   // real one: the zone's DNS (over DoT), the HTTPS front door, and the delays that show the wait.
   if (options.waitReady != nullptr) {
+    eo.dnsListen = kj::str("127.0.0.1:0");
     eo.dotListen = kj::str("127.0.0.1:0");
     eo.publicTlsListen = kj::str("127.0.0.1:0");
   }
@@ -237,7 +238,16 @@ int runLocalEmulator(kj::AsyncIoContext& io, const observe::Logger& logger,
   }
   logger.info("Local edge emulator started",
               kj::str("api=", ready.api, " edges=", kj::strArray(ready.edges, ","),
-                      " public=", ready.publicAddress, " admin=", ready.admin));
+                      " public=", ready.publicAddress, " admin=", ready.admin,
+                      [&]() {
+                        // --wait-ready: the public Internet's part too.
+                        KJ_IF_MAYBE(tls, ready.publicTls) {
+                          return kj::str(" public_tls=", *tls, " dns=",
+                                         KJ_ASSERT_NONNULL(ready.dns), " dot=",
+                                         KJ_ASSERT_NONNULL(ready.dot));
+                        }
+                        return kj::str();
+                      }()));
   r.api.serviceUrl = kj::str("http://", ready.api);
   r.discovery.edges.clear();
   for (auto& e: ready.edges) r.discovery.edges.add(kj::str(e));

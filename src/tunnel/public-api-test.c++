@@ -350,6 +350,20 @@ KJ_TEST("public C++ API: waitUntilServing returns once DNS and routing work") {
   KJ_EXPECT(tunnel->stop() == 0);
 }
 
+KJ_TEST("public C++ API: with waitReady, waitForUrl gives the URL only once it serves") {
+  EdgeProcess edge(readyEdgeArgs("400ms", "0"));
+  auto o = readyOptions(edge);
+  o.waitReady = true;
+  auto tunnel = cfqt::Tunnel::start(o);
+  KJ_ASSERT(tunnel->waitUntilReady(std::chrono::seconds(20)));
+  // Registered, but DNS is 400 ms away: no URL yet.
+  KJ_EXPECT(tunnel->waitForUrl(std::chrono::milliseconds(100)).empty());
+  auto url = tunnel->waitForUrl(std::chrono::seconds(20));
+  KJ_EXPECT(url.rfind("https://", 0) == 0, url);
+  tunnel->waitUntilServing(std::chrono::milliseconds(100));   // already serving
+  KJ_EXPECT(tunnel->stop() == 0);
+}
+
 KJ_TEST("public C++ and C APIs: waitUntilServing names the stage that did not succeed") {
   EdgeProcess edge(readyEdgeArgs("1h", "0"));
   {
