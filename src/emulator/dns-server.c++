@@ -227,15 +227,18 @@ kj::Promise<void> DnsServer::listenTcp(kj::ConnectionReceiver& receiver,
                                        kj::Maybe<kj::TlsContext&> tls) {
   return receiver.accept().then([this, &receiver, tls](kj::Own<kj::AsyncIoStream> stream) mutable {
     KJ_IF_MAYBE(t, tls) {
-      connections.add(timer.timeoutAfter(options.connectionIdleTimeout,
-                                         t->wrapServer(kj::mv(stream)))
-          .then([this](kj::Own<kj::AsyncIoStream> secured) {
-        return serveConnection(kj::mv(secured));
-      }));
+      connections.add(serveTls(kj::mv(stream), *t));
     } else {
       connections.add(serveConnection(kj::mv(stream)));
     }
     return listenTcp(receiver, tls);
+  });
+}
+
+kj::Promise<void> DnsServer::serveTls(kj::Own<kj::AsyncIoStream> stream, kj::TlsContext& tls) {
+  return timer.timeoutAfter(options.connectionIdleTimeout, tls.wrapServer(kj::mv(stream)))
+      .then([this](kj::Own<kj::AsyncIoStream> secured) {
+    return serveConnection(kj::mv(secured));
   });
 }
 
@@ -245,29 +248,39 @@ kj::Promise<void> DnsServer::serveConnection(kj::Own<kj::AsyncIoStream> stream) 
 }
 
 kj::Promise<void> DnsServer::readQuery(kj::AsyncIoStream& stream) {
+  // RFC 1035 4.2.2 / RFC 7858: each message is preceded by its 2-byte length.
   auto prefix = kj::heapArray<kj::byte>(2);
-  auto read = stream.tryRead(prefix.begin(), 2, 2);
+  auto& p = prefix;
+  auto read = stream.tryRead(p.begin(), 2, 2);
   return timer.timeoutAfter(options.connectionIdleTimeout, kj::mv(read))
-      .then([this, &stream, prefix = kj::mv(prefix)](size_t n) mutable -> kj::Promise<void> {
+      .then([this, &stream, prefix = kj::mv(prefix)](size_t n) -> kj::Promise<void> {
     if (n < 2) return kj::READY_NOW;    // the client is done
-    size_t len = (size_t(prefix[0]) << 8) | prefix[1];
-    if (len < 12 || len > MAX_TCP_MESSAGE) return kj::READY_NOW;
-    auto message = kj::heapArray<kj::byte>(len);
-    auto& m = message;
-    auto body = stream.read(m.begin(), len);
-    return timer.timeoutAfter(options.connectionIdleTimeout, kj::mv(body))
-        .then([this, &stream, message = kj::mv(message)]() -> kj::Promise<void> {
-      KJ_IF_MAYBE(response, answer(message)) {
-        auto framed = kj::heapArray<kj::byte>(response->size() + 2);
-        framed[0] = kj::byte(response->size() >> 8);
-        framed[1] = kj::byte(response->size());
-        memcpy(framed.begin() + 2, response->begin(), response->size());
-        auto write = stream.write(framed.begin(), framed.size());
-        return write.attach(kj::mv(framed)).then([this, &stream]() { return readQuery(stream); });
-      }
-      return kj::READY_NOW;
-    });
+    size_t length = (size_t(prefix[0]) << 8) | prefix[1];
+    if (length < 12 || length > MAX_TCP_MESSAGE) return kj::READY_NOW;
+    return readMessage(stream, length);
   });
+}
+
+kj::Promise<void> DnsServer::readMessage(kj::AsyncIoStream& stream, size_t length) {
+  auto message = kj::heapArray<kj::byte>(length);
+  auto read = stream.read(message.begin(), length);   // the heap bytes stay put when it moves
+  return timer.timeoutAfter(options.connectionIdleTimeout, kj::mv(read))
+      .then([this, &stream, message = kj::mv(message)]() {
+    return answerMessage(stream, message);
+  });
+}
+
+kj::Promise<void> DnsServer::answerMessage(kj::AsyncIoStream& stream,
+                                           kj::ArrayPtr<const kj::byte> message) {
+  KJ_IF_MAYBE(response, answer(message)) {
+    auto framed = kj::heapArray<kj::byte>(response->size() + 2);
+    framed[0] = kj::byte(response->size() >> 8);
+    framed[1] = kj::byte(response->size());
+    memcpy(framed.begin() + 2, response->begin(), response->size());
+    auto write = stream.write(framed.begin(), framed.size());
+    return write.attach(kj::mv(framed)).then([this, &stream]() { return readQuery(stream); });
+  }
+  return kj::READY_NOW;
 }
 
 }  // namespace cfqt::emulator

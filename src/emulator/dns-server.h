@@ -58,7 +58,10 @@ private:
   kj::TaskSet connections;
 
   kj::Promise<void> serveConnection(kj::Own<kj::AsyncIoStream> stream);
+  kj::Promise<void> serveTls(kj::Own<kj::AsyncIoStream> stream, kj::TlsContext& tls);
   kj::Promise<void> readQuery(kj::AsyncIoStream& stream);
+  kj::Promise<void> readMessage(kj::AsyncIoStream& stream, size_t length);
+  kj::Promise<void> answerMessage(kj::AsyncIoStream& stream, kj::ArrayPtr<const kj::byte> message);
 };
 
 kj::Maybe<kj::Array<kj::byte>> parseIpBytes(kj::StringPtr ip);

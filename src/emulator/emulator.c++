@@ -268,37 +268,47 @@ private:
       }
       publicTls = serverTls(cert, key, publicKeypair);
       return bind(*address).then([this](Listener listener) {
-        addPublicIp(listener.bound);
-        ready.publicTls = kj::mv(listener.bound);
-        tasks.add(acceptPublicTls(*listener.receiver).attach(kj::mv(listener.receiver)));
-        auto host = hostOf(KJ_ASSERT_NONNULL(ready.publicTls));
-        if (!host.startsWith("127.")) return kj::Promise<void>(kj::READY_NOW);
-        // A loopback IPv4 front door also listens on ::1 (same port) when it can, so the AAAA
-        // record that real resolvers return for a quick tunnel points somewhere that serves.
-        auto v6 = kj::str("[::1]:", KJ_ASSERT_NONNULL(ready.publicTls).slice(
-            KJ_ASSERT_NONNULL(KJ_ASSERT_NONNULL(ready.publicTls).findLast(':')) + 1));
-        return bind(v6).then([this](Listener listener) {
-          addPublicIp(listener.bound);
-          tasks.add(acceptPublicTls(*listener.receiver).attach(kj::mv(listener.receiver)));
-        }, [](kj::Exception&& e) {
-          KJ_LOG(INFO, "HTTPS front door not served on ::1 (no AAAA record)", e.getDescription());
-        });
+        return publicTlsBound(kj::mv(listener));
       });
     }
     return kj::READY_NOW;
   }
 
+  kj::Promise<void> publicTlsBound(Listener listener) {
+    addPublicIp(listener.bound);
+    auto bound = kj::heapString(listener.bound);
+    ready.publicTls = kj::mv(listener.bound);
+    tasks.add(acceptPublicTls(*listener.receiver).attach(kj::mv(listener.receiver)));
+    auto host = hostOf(bound);
+    if (!host.startsWith("127.")) return kj::READY_NOW;
+    // A loopback IPv4 front door also listens on ::1 (same port) when it can, so the AAAA record
+    // that real resolvers return for a quick tunnel points somewhere that serves.
+    auto v6 = kj::str("[::1]:", bound.slice(KJ_ASSERT_NONNULL(bound.findLast(':')) + 1));
+    return bind(v6).then([this](Listener listener) {
+      addPublicIp(listener.bound);
+      tasks.add(acceptPublicTls(*listener.receiver).attach(kj::mv(listener.receiver)));
+    }, [](kj::Exception&& e) {
+      KJ_LOG(INFO, "HTTPS front door not served on ::1 (no AAAA record)", e.getDescription());
+    });
+  }
+
   kj::Promise<void> acceptPublicTls(kj::ConnectionReceiver& receiver) {
     return receiver.accept().then([this, &receiver](kj::Own<kj::AsyncIoStream> connection) {
-      auto& context = *KJ_ASSERT_NONNULL(publicTls);
-      tasks.add(io.provider->getTimer().timeoutAfter(options.frontDoor.headerTimeout,
-                                                     context.wrapServer(kj::mv(connection)))
-          .then([this](kj::Own<kj::AsyncIoStream> secured) {
-        return frontDoor.serve(kj::mv(secured));
-      }).catch_([](kj::Exception&& e) {
-        KJ_LOG(INFO, "HTTPS front door connection ended", e.getDescription());
-      }));
+      tasks.add(servePublicTls(kj::mv(connection)));
       return acceptPublicTls(receiver);
+    });
+  }
+
+  kj::Promise<void> servePublicTls(kj::Own<kj::AsyncIoStream> connection) {
+    // Per-connection TLS handshake (bounded like a request head): a failure ends that one only.
+    auto& context = *KJ_ASSERT_NONNULL(publicTls);
+    auto handshake = context.wrapServer(kj::mv(connection));
+    return io.provider->getTimer().timeoutAfter(options.frontDoor.headerTimeout,
+                                                kj::mv(handshake))
+        .then([this](kj::Own<kj::AsyncIoStream> secured) {
+      return frontDoor.serve(kj::mv(secured));
+    }).catch_([](kj::Exception&& e) {
+      KJ_LOG(INFO, "HTTPS front door connection ended", e.getDescription());
     });
   }
 
@@ -315,31 +325,36 @@ private:
     kj::Promise<void> promise = kj::READY_NOW;
     KJ_IF_MAYBE(address, options.dnsListen) {
       promise = bind(*address).then([this](Listener listener) {
-        auto& server = *KJ_ASSERT_NONNULL(dnsServer);
-        auto bound = kj::mv(listener.bound);
-        tasks.add(server.listenTcp(*listener.receiver, nullptr).attach(kj::mv(listener.receiver)));
-        return io.provider->getNetwork().parseAddress(bound)
-            .then([this, bound = kj::mv(bound)](kj::Own<kj::NetworkAddress> parsed) mutable {
-          auto port = parsed->bindDatagramPort();
-          auto& server = *KJ_ASSERT_NONNULL(dnsServer);
-          tasks.add(server.serveUdp(*port));
-          dnsPorts.add(kj::mv(port));
-          ready.dns = kj::mv(bound);
-        });
+        return dnsTcpBound(kj::mv(listener));
       });
     }
-    return promise.then([this]() -> kj::Promise<void> {
-      KJ_IF_MAYBE(address, options.dotListen) {
-        dotTls = serverTls(serverCertFile, serverKeyFile, dotKeypair);
-        return bind(*address).then([this](Listener listener) {
-          ready.dot = kj::mv(listener.bound);
-          auto& server = *KJ_ASSERT_NONNULL(dnsServer);
-          tasks.add(server.listenTcp(*listener.receiver, *KJ_ASSERT_NONNULL(dotTls))
-                        .attach(kj::mv(listener.receiver)));
-        });
-      }
-      return kj::READY_NOW;
+    return promise.then([this]() { return startDot(); });
+  }
+
+  kj::Promise<void> dnsTcpBound(Listener listener) {
+    // UDP on the port TCP got.
+    auto& server = *KJ_ASSERT_NONNULL(dnsServer);
+    tasks.add(server.listenTcp(*listener.receiver, nullptr).attach(kj::mv(listener.receiver)));
+    ready.dns = kj::heapString(listener.bound);
+    return io.provider->getNetwork().parseAddress(listener.bound)
+        .then([this](kj::Own<kj::NetworkAddress> parsed) {
+      auto port = parsed->bindDatagramPort();
+      tasks.add(KJ_ASSERT_NONNULL(dnsServer)->serveUdp(*port));
+      dnsPorts.add(kj::mv(port));
     });
+  }
+
+  kj::Promise<void> startDot() {
+    KJ_IF_MAYBE(address, options.dotListen) {
+      dotTls = serverTls(serverCertFile, serverKeyFile, dotKeypair);
+      return bind(*address).then([this](Listener listener) {
+        ready.dot = kj::mv(listener.bound);
+        auto& server = *KJ_ASSERT_NONNULL(dnsServer);
+        tasks.add(server.listenTcp(*listener.receiver, *KJ_ASSERT_NONNULL(dotTls))
+                      .attach(kj::mv(listener.receiver)));
+      });
+    }
+    return kj::READY_NOW;
   }
 
   kj::Promise<void> acceptHttp(kj::HttpServer& server, kj::ConnectionReceiver& receiver) {

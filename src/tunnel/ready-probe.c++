@@ -214,39 +214,30 @@ kj::Exception ReadyProbe::timedOut() {
 }
 
 kj::Promise<void> ReadyProbe::pollDns(kj::Duration delay) {
-  return lookup().then([this, delay](kj::Array<kj::String> addresses) -> kj::Promise<void> {
-    if (addresses.size() > 0) {
-      dnsVisibleAt = timer.now();
-      currentStage = ReadyStage::ROUTING;
-      lastAnswer = kj::str("no answer yet");
-      logger.info(kj::str("DNS for ", hostname, " visible after ", elapsed(started)),
-                  kj::str("addresses=", kj::strArray(addresses, ",")));
-      return pollRoute(kj::mv(addresses), config.initialBackoff);
-    }
-    return timer.afterDelay(delay).then([this, delay]() { return pollDns(nextDelay(delay)); });
+  return lookup().then([this, delay](kj::Array<kj::String> addresses) {
+    return dnsAnswered(kj::mv(addresses), delay);
   });
+}
+
+kj::Promise<void> ReadyProbe::dnsAnswered(kj::Array<kj::String> addresses, kj::Duration delay) {
+  if (addresses.size() > 0) {
+    dnsVisibleAt = timer.now();
+    currentStage = ReadyStage::ROUTING;
+    lastAnswer = kj::str("no answer yet");
+    logger.info(kj::str("DNS for ", hostname, " visible after ", elapsed(started)),
+                kj::str("addresses=", kj::strArray(addresses, ",")));
+    return pollRoute(kj::mv(addresses), config.initialBackoff);
+  }
+  return timer.afterDelay(delay).then([this, delay]() { return pollDns(nextDelay(delay)); });
 }
 
 kj::Promise<kj::Array<kj::String>> ReadyProbe::lookup() {
   // A then AAAA from one resolver; the next poll asks the next resolver.
   auto& server = resolvers[nextResolver++ % resolvers.size()];
-  auto a = edge::queryAddressOverTls(timer, network, server, hostname, false,
-                                     config.attemptTimeout, *tls);
-  return a.then([this, &server](edge::AddressAnswer v4) {
-    auto aaaa = edge::queryAddressOverTls(timer, network, server, hostname, true,
-                                          config.attemptTimeout, *tls);
-    return aaaa.then([this, v4 = kj::mv(v4)](edge::AddressAnswer v6) mutable {
-      kj::Vector<kj::String> all;
-      for (auto& a: v4.addresses) all.add(kj::mv(a));
-      for (auto& a: v6.addresses) all.add(kj::mv(a));
-      if (all.empty()) {
-        lastAnswer = kj::str(v4.error.size() > 0 ? v4.error : v6.error);
-        logger.debug("DNS not visible yet",
-                     kj::str("hostname=", hostname, " answer=\"", lastAnswer, "\""));
-      }
-      return all.releaseAsArray();
-    });
-  }).catch_([this](kj::Exception&& e) -> kj::Array<kj::String> {
+  return edge::queryAddressOverTls(timer, network, server, hostname, false,
+                                   config.attemptTimeout, *tls)
+      .then([this, &server](edge::AddressAnswer v4) { return lookupAaaa(server, kj::mv(v4)); })
+      .catch_([this](kj::Exception&& e) -> kj::Array<kj::String> {
     lastAnswer = kj::str(e.getDescription());
     logger.debug("DNS-over-TLS query failed",
                  kj::str("hostname=", hostname, " error=\"", printable(lastAnswer, 300), "\""));
@@ -254,25 +245,50 @@ kj::Promise<kj::Array<kj::String>> ReadyProbe::lookup() {
   });
 }
 
+kj::Promise<kj::Array<kj::String>> ReadyProbe::lookupAaaa(const edge::DotServer& server,
+                                                          edge::AddressAnswer v4) {
+  return edge::queryAddressOverTls(timer, network, server, hostname, true,
+                                   config.attemptTimeout, *tls)
+      .then([this, v4 = kj::mv(v4)](edge::AddressAnswer v6) mutable {
+    return addresses(kj::mv(v4), kj::mv(v6));
+  });
+}
+
+kj::Array<kj::String> ReadyProbe::addresses(edge::AddressAnswer v4, edge::AddressAnswer v6) {
+  kj::Vector<kj::String> all;
+  for (auto& a: v4.addresses) all.add(kj::mv(a));
+  for (auto& a: v6.addresses) all.add(kj::mv(a));
+  if (all.empty()) {
+    lastAnswer = kj::str(v4.error.size() > 0 ? v4.error : v6.error);
+    logger.debug("DNS not visible yet",
+                 kj::str("hostname=", hostname, " answer=\"", lastAnswer, "\""));
+  }
+  return all.releaseAsArray();
+}
+
 kj::Promise<void> ReadyProbe::pollRoute(kj::Array<kj::String> addresses, kj::Duration delay) {
   auto& list = addresses;
   return tryAddresses(list, 0).then(
-      [this, delay, addresses = kj::mv(addresses)](bool served) mutable -> kj::Promise<void> {
-    KJ_IF_MAYBE(f, fatal) {
-      failed = ReadyFailure{ReadyStage::ROUTING, kj::heapString(*f)};
-      return kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::heapString(*f));
-    }
-    if (served) {
-      currentStage = ReadyStage::SERVING;
-      logger.info(kj::str("edge routes ", hostname, " to this tunnel after ",
-                          elapsed(dnsVisibleAt)),
-                  kj::str("total=\"", elapsed(started), "\""));
-      return kj::READY_NOW;
-    }
-    auto wait = timer.afterDelay(delay);
-    return wait.then([this, delay, addresses = kj::mv(addresses)]() mutable {
-      return pollRoute(kj::mv(addresses), nextDelay(delay));
-    });
+      [this, delay, addresses = kj::mv(addresses)](bool served) mutable {
+    return routeAnswered(served, kj::mv(addresses), delay);
+  });
+}
+
+kj::Promise<void> ReadyProbe::routeAnswered(bool served, kj::Array<kj::String> addresses,
+                                            kj::Duration delay) {
+  KJ_IF_MAYBE(f, fatal) {
+    failed = ReadyFailure{ReadyStage::ROUTING, kj::heapString(*f)};
+    return kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::heapString(*f));
+  }
+  if (served) {
+    currentStage = ReadyStage::SERVING;
+    logger.info(kj::str("edge routes ", hostname, " to this tunnel after ", elapsed(dnsVisibleAt)),
+                kj::str("total=\"", elapsed(started), "\""));
+    return kj::READY_NOW;
+  }
+  return timer.afterDelay(delay).then(
+      [this, delay, addresses = kj::mv(addresses)]() mutable {
+    return pollRoute(kj::mv(addresses), nextDelay(delay));
   });
 }
 
@@ -303,44 +319,60 @@ kj::Promise<bool> ReadyProbe::tryAddress(kj::StringPtr address) {
   });
 }
 
+struct ReadyProbe::Request {
+  // One HTTPS request of the routing stage: the TLS stream, the response head read so far.
+  kj::Own<kj::AsyncIoStream> stream;
+  kj::String where;                    // "ip:port", for messages
+  kj::String text;                     // the request bytes
+  kj::Array<char> head = kj::heapArray<char>(MAX_RESPONSE_HEAD);
+};
+
 kj::Promise<bool> ReadyProbe::exchange(kj::Own<kj::AsyncIoStream> raw, kj::String where) {
+  auto request = kj::heap<Request>();
+  request->where = kj::mv(where);
+  auto& r = *request;
   return tls->wrapClient(kj::mv(raw), hostname).then(
-      [this, where = kj::heapString(where)](kj::Own<kj::AsyncIoStream> stream) mutable {
-    auto request = kj::str("GET / HTTP/1.1\r\nHost: ", hostname, "\r\n", READY_PROBE_HEADER, ": ",
-                           token, "\r\nUser-Agent: cfqt-ready-probe\r\nAccept: */*\r\n"
-                           "Connection: close\r\n\r\n");
-    auto& s = *stream;
-    auto write = s.write(request.begin(), request.size()).attach(kj::mv(request));
-    auto buffer = kj::heapArray<char>(MAX_RESPONSE_HEAD);
-    kj::ArrayPtr<char> b = buffer;   // the heap bytes stay put when `buffer` moves
-    return write.then([&s, b]() mutable {
-      return s.tryRead(b.begin(), 12, b.size());
-    }).then([this, &s, b, where = kj::mv(where)](size_t n) mutable {
-      // One read usually holds the whole head; read on until the blank line or the limit.
-      return readHead(s, b, n).then([this, b, where = kj::mv(where)](size_t total) mutable {
-        KJ_IF_MAYBE(answer, parseHead(b.slice(0, total), token)) {
-          if (answer->status == 200 && answer->tokenMatched) return true;
-          lastAnswer = answer->tokenMatched || answer->status != 200
-              ? kj::str(where, ": HTTP ", answer->status)
-              : kj::str(where, ": HTTP ", answer->status, " without this tunnel's token");
-        } else {
-          lastAnswer = kj::str(where, ": not an HTTP answer");
-        }
-        return false;
-      });
-    }).attach(kj::mv(stream), kj::mv(buffer));
-  }, [this, where = kj::heapString(where)](kj::Exception&& e) -> kj::Promise<bool> {
-    auto text = printable(e.getDescription(), 400);
-    if (containsIgnoreCase(text, "certificate") || containsIgnoreCase(text, "verify")) {
-      fatal = kj::str("routing stage: the HTTPS answer for ", hostname, " at ", where,
-                      " failed certificate verification (", text, "); its certificate does not "
-                      "name ", hostname, " or is not signed by a trusted CA (--ready-ca FILE "
-                      "sets the CA to trust)");
-      return false;
-    }
-    lastAnswer = kj::str(where, ": TLS handshake failed: ", text);
+      [this, &r](kj::Own<kj::AsyncIoStream> stream) { return send(r, kj::mv(stream)); },
+      [this, &r](kj::Exception&& e) { return handshakeFailed(r, kj::mv(e)); })
+      .attach(kj::mv(request));
+}
+
+kj::Promise<bool> ReadyProbe::send(Request& r, kj::Own<kj::AsyncIoStream> stream) {
+  r.stream = kj::mv(stream);
+  r.text = kj::str("GET / HTTP/1.1\r\nHost: ", hostname, "\r\n", READY_PROBE_HEADER, ": ", token,
+                   "\r\nUser-Agent: cfqt-ready-probe\r\nAccept: */*\r\nConnection: close\r\n\r\n");
+  return r.stream->write(r.text.begin(), r.text.size()).then([&r]() {
+    // One read usually holds the whole head; readHead() goes on to the blank line or the limit.
+    return r.stream->tryRead(r.head.begin(), 12, r.head.size());
+  }).then([&r](size_t n) {
+    return readHead(*r.stream, r.head, n);
+  }).then([this, &r](size_t total) { return judge(r, total); });
+}
+
+bool ReadyProbe::judge(Request& r, size_t headBytes) {
+  KJ_IF_MAYBE(answer, parseHead(r.head.slice(0, headBytes), token)) {
+    if (answer->status == 200 && answer->tokenMatched) return true;
+    lastAnswer = answer->tokenMatched || answer->status != 200
+        ? kj::str(r.where, ": HTTP ", answer->status)
+        : kj::str(r.where, ": HTTP ", answer->status, " without this tunnel's token");
+  } else {
+    lastAnswer = kj::str(r.where, ": not an HTTP answer");
+  }
+  return false;
+}
+
+bool ReadyProbe::handshakeFailed(Request& r, kj::Exception&& e) {
+  // A certificate that does not verify will not start verifying: that ends the wait at once.
+  auto text = printable(e.getDescription(), 400);
+  if (containsIgnoreCase(text, "certificate") || containsIgnoreCase(text, "verify")) {
+    fatal = kj::str("routing stage: the HTTPS answer for ", hostname, " at ", r.where,
+                    " failed certificate verification (", text, "); its certificate does not "
+                    "name ", hostname, " or is not signed by a trusted CA (--ready-ca FILE "
+                    "sets the CA to trust)");
     return false;
-  });
+  }
+  lastAnswer = kj::str(r.where, ": TLS handshake failed: ", text);
+  return false;
 }
 
 }  // namespace cfqt::tunnel

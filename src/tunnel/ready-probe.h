@@ -86,12 +86,23 @@ private:
   kj::Maybe<kj::String> fatal;    // a certificate failure: no point in retrying
   kj::Maybe<ReadyFailure> failed;
 
+  struct Request;
+
   kj::Promise<void> pollDns(kj::Duration delay);
+  kj::Promise<void> dnsAnswered(kj::Array<kj::String> addresses, kj::Duration delay);
   kj::Promise<kj::Array<kj::String>> lookup();
+  kj::Promise<kj::Array<kj::String>> lookupAaaa(const edge::DotServer& server,
+                                                edge::AddressAnswer v4);
+  kj::Array<kj::String> addresses(edge::AddressAnswer v4, edge::AddressAnswer v6);
   kj::Promise<void> pollRoute(kj::Array<kj::String> addresses, kj::Duration delay);
+  kj::Promise<void> routeAnswered(bool served, kj::Array<kj::String> addresses,
+                                  kj::Duration delay);
   kj::Promise<bool> tryAddresses(kj::ArrayPtr<const kj::String> addresses, size_t index);
   kj::Promise<bool> tryAddress(kj::StringPtr address);
   kj::Promise<bool> exchange(kj::Own<kj::AsyncIoStream> stream, kj::String where);
+  kj::Promise<bool> send(Request& request, kj::Own<kj::AsyncIoStream> stream);
+  bool judge(Request& request, size_t headBytes);
+  bool handshakeFailed(Request& request, kj::Exception&& e);
   kj::Duration nextDelay(kj::Duration delay) const;
   kj::String elapsed(kj::TimePoint since) const;
   kj::Exception timedOut();
