@@ -176,13 +176,21 @@ def finish(proc, expect_exit=None, timeout=DEADLINE_S):
 
 # ---------------------------------------------------------------------------------------------
 
-DNS_DELAY = 1.5
-ROUTE_DELAY = 1.0
-
-
 def test_url_only_after_dns_and_route_delays(env):
+    url_after_delays(env, 1.5, 1.0)
+
+
+def test_url_waits_for_the_route_after_dns(env):
+    url_after_delays(env, 0.3, 1.5)
+
+
+def url_after_delays(env, dns_delay, route_delay):
+    """cfqt-edge with --dns-delay/--route-delay (seconds): the URL line comes only after both,
+    each stage logged; then the first request succeeds and the origin never saw a probe."""
     origin = Origin()
-    e = edge(env, "delays", "--dns-delay", "1500ms", "--route-delay", "1s")
+    e = edge(env, "delays-%s-%s" % (dns_delay, route_delay), "--dns-delay",
+             "%dms" % (dns_delay * 1000), "--route-delay", "%dms" % (route_delay * 1000))
+    both = max(dns_delay, route_delay)
     try:
         proc, log, started = cfqt(env, e, origin.port, "20s")
         # The first registration starts both delays; note when it was logged.
@@ -199,15 +207,15 @@ def test_url_only_after_dns_and_route_delays(env):
               "URL line:", url)
         hostname = url[len("https://"):]
         waited = url_at - registered_at
-        print("    URL after %.2f s (registration to URL line); DNS delay %.1f s" %
-              (waited, DNS_DELAY), flush=True)
+        print("    URL after %.2f s (registration to URL line); DNS delay %.1f s, route delay "
+              "%.1f s" % (waited, dns_delay, route_delay), flush=True)
         # cfqt started before it registered: a strict lower bound. The registration line is
         # seen a little late (log pipe, thread wake-up), hence the slack on the closer bound.
-        check(url_at - started >= DNS_DELAY, "URL printed %.2f s after start, before the DNS "
-              "delay of %.1f s" % (url_at - started, DNS_DELAY))
-        check(waited >= DNS_DELAY - 0.25, "URL printed %.2f s after registration, before the "
-              "DNS delay of %.1f s" % (waited, DNS_DELAY))
-        check(waited <= (DNS_DELAY + ROUTE_DELAY) * 3, "URL took %.2f s" % waited)
+        check(url_at - started >= both, "URL printed %.2f s after start, before the delays "
+              "(%.1f s)" % (url_at - started, both))
+        check(waited >= both - 0.25, "URL printed %.2f s after registration, before the "
+              "delays (%.1f s)" % (waited, both))
+        check(waited <= (dns_delay + route_delay) * 3, "URL took %.2f s" % waited)
         dns = log.wait_for(r"INF DNS for %s visible after [0-9.]+ s" % re.escape(hostname))
         routes = log.wait_for(r"INF edge routes %s to this tunnel after" % re.escape(hostname))
         check(log.lines.index(dns) < log.lines.index(routes), "stages logged out of order")
@@ -385,7 +393,8 @@ def inner_no_poisoned_cache(bindir, workdir):
         e.stop()
 
 
-TESTS = [test_url_only_after_dns_and_route_delays, test_dns_never_exits_naming_dns,
+TESTS = [test_url_only_after_dns_and_route_delays, test_url_waits_for_the_route_after_dns,
+         test_dns_never_exits_naming_dns,
          test_530_forever_exits_naming_routing, test_tls_name_mismatch_is_a_clear_error,
          test_no_poisoned_cache]
 
