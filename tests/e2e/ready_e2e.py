@@ -32,7 +32,7 @@ import threading
 import time
 
 from e2e_support import (DEADLINE_S, PROCS, Edge, Fail, Skip, argument_parser, check, kill,
-                         prepare_run, run_tests, start_process, stop)
+                         prepare_run, run_tests, sanitizer_failures, start_process, stop)
 
 PROBE_HEADER = "cfqt-ready-probe"
 
@@ -424,6 +424,7 @@ def main():
     finally:
         kill(PROCS)
         shutil.rmtree(workdir, ignore_errors=True)
+    failed += sanitizer_failures()
     print("%s: %d failed" % ("FAIL" if failed else "PASS", failed), flush=True)
     sys.exit(1 if failed else 0)
 
