@@ -107,6 +107,23 @@ kj::Promise<size_t> readHead(kj::AsyncIoStream& stream, kj::ArrayPtr<char> buffe
   });
 }
 
+bool isDnsName(kj::StringPtr name) {
+  // Letters, digits and '-' in dot-separated labels of 1..63 bytes, at most 253 in all.
+  if (name.size() == 0 || name.size() > 253) return false;
+  size_t label = 0;
+  for (char c: name) {
+    if (c == '.') {
+      if (label == 0) return false;
+      label = 0;
+      continue;
+    }
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '-';
+    if (!ok || ++label > 63) return false;
+  }
+  return label > 0;
+}
+
 kj::String readPem(kj::StringPtr path) {
   int fd = ::open(path.cStr(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
@@ -178,6 +195,13 @@ kj::String ReadyProbe::elapsed(kj::TimePoint since) const {
 }
 
 kj::Promise<void> ReadyProbe::run(kj::StringPtr hostnameParam, kj::StringPtr tokenParam) {
+  if (!isDnsName(hostnameParam)) {
+    // It goes into a DNS query and an HTTP request line: never anything but a DNS name.
+    auto message = kj::str("DNS stage: the quick tunnel's hostname \"",
+                           printable(hostnameParam), "\" is not a DNS name; nothing to probe");
+    failed = ReadyFailure{ReadyStage::DNS, kj::heapString(message)};
+    return kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::mv(message));
+  }
   hostname = kj::str(hostnameParam);
   token = kj::str(tokenParam);
   started = timer.now();
@@ -267,6 +291,7 @@ kj::Array<kj::String> ReadyProbe::addresses(edge::AddressAnswer v4, edge::Addres
 }
 
 kj::Promise<void> ReadyProbe::pollRoute(kj::Array<kj::String> addresses, kj::Duration delay) {
+  httpAnswered = false;
   auto& list = addresses;
   return tryAddresses(list, 0).then(
       [this, delay, addresses = kj::mv(addresses)](bool served) mutable {
@@ -312,7 +337,7 @@ kj::Promise<bool> ReadyProbe::tryAddress(kj::StringPtr address) {
   });
   return timer.timeoutAfter(config.attemptTimeout, kj::mv(attempt))
       .catch_([this, where = kj::mv(where)](kj::Exception&& e) {
-    lastAnswer = kj::str(where, ": ", printable(e.getDescription(), 300));
+    if (!httpAnswered) lastAnswer = kj::str(where, ": ", printable(e.getDescription(), 300));
     logger.debug("Readiness request failed", kj::str("hostname=", hostname, " address=", where,
                  " error=\"", printable(e.getDescription(), 300), "\""));
     return false;
@@ -350,6 +375,7 @@ kj::Promise<bool> ReadyProbe::send(Request& r, kj::Own<kj::AsyncIoStream> stream
 }
 
 bool ReadyProbe::judge(Request& r, size_t headBytes) {
+  httpAnswered = true;   // this answer says more than another address's connection error
   KJ_IF_MAYBE(answer, parseHead(r.head.slice(0, headBytes), token)) {
     if (answer->status == 200 && answer->tokenMatched) return true;
     lastAnswer = answer->tokenMatched || answer->status != 200
@@ -371,7 +397,7 @@ bool ReadyProbe::handshakeFailed(Request& r, kj::Exception&& e) {
                     "sets the CA to trust)");
     return false;
   }
-  lastAnswer = kj::str(r.where, ": TLS handshake failed: ", text);
+  if (!httpAnswered) lastAnswer = kj::str(r.where, ": TLS handshake failed: ", text);
   return false;
 }
 

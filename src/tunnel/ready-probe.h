@@ -83,6 +83,7 @@ private:
   kj::TimePoint dnsVisibleAt;
   size_t nextResolver = 0;
   kj::String lastAnswer;          // why the last attempt was "not yet"
+  bool httpAnswered = false;      // an address answered HTTP in this round of the routing stage
   kj::Maybe<kj::String> fatal;    // a certificate failure: no point in retrying
   kj::Maybe<ReadyFailure> failed;
 

@@ -292,6 +292,34 @@ def test_530_forever_exits_naming_routing(env):
         e.stop()
 
 
+def test_answer_without_token_is_not_yet(env):
+    """An HTTPS server with a valid certificate for the hostname answers 200, but it is not this
+    tunnel (another tunnel, a captive portal, a stale route): not serving."""
+    origin = Origin()
+    e = edge(env, "no-token")
+    state = os.path.join(env.workdir, "no-token", "edge-state")
+    impostor = Origin()   # plain HTTP handler; wrapped in TLS with the zone's certificate
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(os.path.join(state, "public.pem"), os.path.join(state, "public-key.pem"))
+    impostor.server.socket = context.wrap_socket(impostor.server.socket, server_side=True)
+    try:
+        proc, log, started = cfqt(env, e, origin.port, "1500ms", "--ready-port",
+                                  str(impostor.port))
+        url, _ = read_url(proc, DEADLINE_S)
+        check(url is None, "a URL was printed:", url)
+        check(finish(proc, expect_exit=1) == 1, "exit code", proc.returncode)
+        line = log.wait_for(r"ERR The URL does not serve")
+        check("routing stage" in line and "HTTP 200 without this tunnel's token" in line,
+              "error line:", line)
+        check(impostor.requests and all(PROBE_HEADER in h for _, h in impostor.requests),
+              "the impostor saw", impostor.requests)
+        check(origin.requests == [], "origin saw", origin.requests)
+    finally:
+        origin.close()
+        impostor.close()
+        e.stop()
+
+
 def test_tls_name_mismatch_is_a_clear_error(env):
     origin = Origin()
     state = os.path.join(env.workdir, "tls-mismatch", "edge-state")
@@ -395,7 +423,8 @@ def inner_no_poisoned_cache(bindir, workdir):
 
 TESTS = [test_url_only_after_dns_and_route_delays, test_url_waits_for_the_route_after_dns,
          test_dns_never_exits_naming_dns,
-         test_530_forever_exits_naming_routing, test_tls_name_mismatch_is_a_clear_error,
+         test_530_forever_exits_naming_routing, test_answer_without_token_is_not_yet,
+         test_tls_name_mismatch_is_a_clear_error,
          test_no_poisoned_cache]
 
 
