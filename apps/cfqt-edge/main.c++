@@ -77,6 +77,29 @@ public:
             "<duration>", "HTTP servers: time to receive request headers. Default 15s.")
         .addOptionWithArg({"keepalive-timeout"}, KJ_BIND_METHOD(*this, setPipelineTimeout),
             "<duration>", "Front door: idle keep-alive time between requests. Default 5s.")
+        .addOptionWithArg({"dns-listen"}, KJ_BIND_METHOD(*this, setDnsListen), "<ip:port>",
+            "Authoritative DNS server for --zone on UDP and TCP (same port; port 0 picks one, "
+            "printed as dns). A tunnel's hostname gets A and AAAA records pointing at the HTTPS "
+            "front door (else the HTTP one). Off by default.")
+        .addOptionWithArg({"dot-listen"}, KJ_BIND_METHOD(*this, setDotListen), "<ip:port>",
+            "The same DNS server over DNS-over-TLS (server certificate from the emulator's CA; "
+            "names localhost, 127.0.0.1). Off by default; printed as dot.")
+        .addOptionWithArg({"public-tls-listen"}, KJ_BIND_METHOD(*this, setPublicTls),
+            "<ip:port>", "HTTPS front door (certificate for *.<zone> from the emulator's CA; a "
+            "127.x address is also served on [::1] with the same port when possible). Off by "
+            "default; printed as public_tls.")
+        .addOptionWithArg({"public-tls-cert"}, KJ_BIND_METHOD(*this, setPublicTlsCert), "<pem>",
+            "Serve the HTTPS front door with this certificate (with --public-tls-key).")
+        .addOptionWithArg({"public-tls-key"}, KJ_BIND_METHOD(*this, setPublicTlsKey), "<pem>",
+            "Private key of --public-tls-cert.")
+        .addOptionWithArg({"dns-delay"}, KJ_BIND_METHOD(*this, setDnsDelay), "<duration>",
+            "A/AAAA records of a tunnel's hostname appear this long after its first "
+            "registration; NXDOMAIN before. Default 0.")
+        .addOptionWithArg({"negative-ttl"}, KJ_BIND_METHOD(*this, setNegativeTtl), "<duration>",
+            "SOA minimum (negative-caching TTL) of the zone's NXDOMAIN answers. Default 30m.")
+        .addOptionWithArg({"route-delay"}, KJ_BIND_METHOD(*this, setRouteDelay), "<duration>",
+            "The front doors answer 530 (error 1033) for a tunnel's hostname until this long "
+            "after its first registration. Default 0.")
         .callAfterParsing(KJ_BIND_METHOD(*this, run))
         .build();
   }
@@ -115,6 +138,23 @@ private:
     return true;
   }
   Validity setTlsPriority(kj::StringPtr v) { options.tlsPriority = kj::str(v); return true; }
+
+  Validity setDnsListen(kj::StringPtr v) { options.dnsListen = kj::str(v); return true; }
+  Validity setDotListen(kj::StringPtr v) { options.dotListen = kj::str(v); return true; }
+  Validity setPublicTls(kj::StringPtr v) { options.publicTlsListen = kj::str(v); return true; }
+  Validity setPublicTlsCert(kj::StringPtr v) { options.publicTlsCert = kj::str(v); return true; }
+  Validity setPublicTlsKey(kj::StringPtr v) { options.publicTlsKey = kj::str(v); return true; }
+  Validity setDnsDelay(kj::StringPtr v) {
+    return duration(v, [&](kj::Duration d) { options.dnsDelay = d; });
+  }
+  Validity setNegativeTtl(kj::StringPtr v) {
+    return duration(v, [&](kj::Duration d) {
+      options.negativeTtl = static_cast<uint32_t>(kj::min(d / kj::SECONDS, int64_t(0x7fffffff)));
+    });
+  }
+  Validity setRouteDelay(kj::StringPtr v) {
+    return duration(v, [&](kj::Duration d) { options.frontDoor.routeDelay = d; });
+  }
 
   Validity setLogLevel(kj::StringPtr v) {
     if (v == "debug" || v == "info") {

@@ -253,6 +253,35 @@ KJ_TEST("cli: --protocol auto's QUIC failure trigger flags") {
   KJ_EXPECT(has(help, "--quic-failure-window"));
 }
 
+KJ_TEST("cli: --wait-ready[=TIMEOUT] and the readiness flags") {
+  auto d = ok({"--hello-world"});
+  KJ_EXPECT(d.waitReady == nullptr);
+  KJ_EXPECT(d.readyPort == 443 && d.readyResolvers.size() == 0 && d.readyCa == nullptr);
+  KJ_EXPECT(d.readyBackoff == 100 * kj::MILLISECONDS);
+  // Alone: 60 s, and the next argument is not taken as its value.
+  auto alone = ok({"--wait-ready", "http://localhost:8080"});
+  KJ_EXPECT(KJ_ASSERT_NONNULL(alone.waitReady) == 60 * kj::SECONDS);
+  KJ_EXPECT(KJ_ASSERT_NONNULL(alone.url) == "http://localhost:8080");
+  auto o = ok({"--hello-world", "--wait-ready=90s", "--ready-resolver", "127.0.0.1:853#localhost",
+               "--ready-resolver=[::1]:8853", "--ready-port", "8443", "--ready-ca", "/ca.pem",
+               "--ready-backoff", "10ms", "--ready-attempt-timeout", "1s",
+               "--local-dns-delay", "2s", "--local-route-delay", "500ms"});
+  KJ_EXPECT(KJ_ASSERT_NONNULL(o.waitReady) == 90 * kj::SECONDS);
+  KJ_ASSERT(o.readyResolvers.size() == 2);
+  KJ_EXPECT(o.readyResolvers[0] == "127.0.0.1:853#localhost" && o.readyResolvers[1] == "[::1]:8853");
+  KJ_EXPECT(o.edges.size() == 0);
+  KJ_EXPECT(o.readyPort == 8443 && KJ_ASSERT_NONNULL(o.readyCa) == "/ca.pem");
+  KJ_EXPECT(o.readyBackoff == 10 * kj::MILLISECONDS);
+  KJ_EXPECT(o.readyAttemptTimeout == 1 * kj::SECONDS);
+  KJ_EXPECT(o.localDnsDelay == 2 * kj::SECONDS && o.localRouteDelay == 500 * kj::MILLISECONDS);
+  KJ_EXPECT(has(err({"--hello-world", "--wait-ready=soon"}), "duration"));
+  KJ_EXPECT(has(err({"--hello-world", "--wait-ready=0"}), "greater than 0"));
+  KJ_EXPECT(has(err({"--hello-world", "--ready-port", "70000"}), "between 1 and 65535"));
+  auto help = parse({"--help"}).get<CliExit>().text;
+  KJ_EXPECT(has(help, "--wait-ready[=VALUE]"));
+  KJ_EXPECT(has(help, "--ready-resolver VALUE"));
+}
+
 // ---------------------------------------------------------------------------------------------
 // validate()
 
@@ -434,6 +463,23 @@ KJ_TEST("SystemFileChecks: log files") {
                                   kj::str(dir.path, "/missing/x.log")});
   KJ_EXPECT(has(text, kj::str("--logfile ", dir.path, "/missing/x.log: its directory ", dir.path,
                               "/missing does not exist")), text);
+}
+
+KJ_TEST("validate: readiness resolvers and CA") {
+  AcceptingFiles files;
+  auto o = ok({"--hello-world", "--ready-ca", "/r.pem"});
+  KJ_EXPECT(validate(o, files).is<kj::Vector<ConfigWarning>>());
+  KJ_ASSERT(files.asked.size() == 1);
+  KJ_EXPECT(files.asked[0] == "cert:/r.pem");
+  RefusingFiles refusing;
+  KJ_EXPECT(has(invalidWith(refusing, {"--hello-world", "--ready-ca", "/r.pem"}),
+                "cfqt: --ready-ca /r.pem: cert-reason"));
+  KJ_EXPECT(has(invalidWith(files, {"--hello-world", "--ready-resolver", "dns.google:853"}),
+                "--ready-resolver \"dns.google:853\" is not ip:port"));
+  KJ_EXPECT(has(invalidWith(files, {"--hello-world", "--ready-resolver", "1.1.1.1:853#"}),
+                "empty TLS name"));
+  auto good = ok({"--hello-world", "--ready-resolver", "1.1.1.1:853#cloudflare-dns.com"});
+  KJ_EXPECT(validate(good, files).is<kj::Vector<ConfigWarning>>());
 }
 
 KJ_TEST("validate: edge, metrics, DNS and quick-service addresses") {

@@ -15,7 +15,7 @@ namespace cfqt::cli {
 
 namespace {
 
-enum class Kind { BOOL, STRING, MULTI, UINT, DURATION };
+enum class Kind { BOOL, STRING, MULTI, UINT, DURATION, OPTIONAL_DURATION };
 
 struct Flag {
   kj::StringPtr name;
@@ -77,6 +77,19 @@ const Flag FLAGS[] = {
     {"no-autoupdate", "", Kind::BOOL, "Accepted for compatibility."},
     {"protocol", "", Kind::STRING, "auto (default: QUIC, HTTP/2 when UDP is blocked), quic or "
                                    "http2 (TLS over TCP)."},
+    {"wait-ready", "", Kind::OPTIONAL_DURATION,
+     "Print the URL only once it serves: DNS visible via public resolvers (asked directly), "
+     "then the edge routes it here. --wait-ready=TIMEOUT (default 60s); exit 1 after."},
+    {"ready-resolver", "", Kind::MULTI,
+     "DNS-over-TLS resolver ip:port[#tls-name] for --wait-ready (repeatable; default "
+     "1.1.1.1:853 and 1.0.0.1:853, cloudflare-dns.com)."},
+    {"ready-port", "", Kind::UINT, "HTTPS port of the --wait-ready request (default 443)."},
+    {"ready-ca", "", Kind::STRING,
+     "PEM file trusted alone by --wait-ready (DoT resolvers and the HTTPS answer)."},
+    {"local-dns-delay", "", Kind::DURATION,
+     "--local: the emulator publishes the hostname's DNS this long after registration."},
+    {"local-route-delay", "", Kind::DURATION,
+     "--local: the emulator routes the hostname this long after registration (530 before)."},
     {"backoff-base", "", Kind::DURATION, "Reconnect backoff base (default 1s)."},
     {"ha-stagger", "", Kind::DURATION, "Delay between starting HA connections (default 1s)."},
     {"quic-idle-timeout", "", Kind::DURATION, "QUIC idle timeout (default 5s)."},
@@ -105,6 +118,10 @@ const Flag FLAGS[] = {
      "--protocol auto: QUIC dying this often within the window means HTTP/2 (default 3; 0 off)."},
     {"quic-failure-window", "", Kind::DURATION,
      "--protocol auto: the window of --quic-failure-limit (default 60s)."},
+    {"ready-backoff", "", Kind::DURATION, "--wait-ready: first poll interval, doubling to 1s "
+                                          "(default 100ms)."},
+    {"ready-attempt-timeout", "", Kind::DURATION,
+     "--wait-ready: one DoT query or HTTPS request (default 5s)."},
 };
 
 const Flag* findFlag(kj::StringPtr name) {
@@ -158,13 +175,20 @@ kj::Maybe<kj::String> apply(CliOptions& o, const Flag& flag, kj::StringPtr value
         o.maxConcurrentStreams = *v;
       } else if (n == "quic-failure-limit") {
         o.quicFailureLimit = *v;
+      } else if (n == "ready-port") {
+        if (*v < 1 || *v > 65535) return kj::str("--ready-port must be between 1 and 65535");
+        o.readyPort = *v;
       }
       return nullptr;
     }
     return kj::str("--", n, " expects a non-negative integer, got \"", value, "\"");
   }
-  if (flag.kind == Kind::DURATION) {
+  if (flag.kind == Kind::DURATION || flag.kind == Kind::OPTIONAL_DURATION) {
     KJ_IF_MAYBE(d, parseGoDuration(value)) {
+      if (n == "wait-ready") {
+        if (*d <= 0 * kj::SECONDS) return kj::str("--wait-ready=TIMEOUT must be greater than 0");
+        o.waitReady = *d;
+      }
       if (n == "grace-period") {
         if (*d > 3 * kj::MINUTES) return kj::str("--grace-period must be at most 3m");
         o.gracePeriod = *d;
@@ -188,11 +212,19 @@ kj::Maybe<kj::String> apply(CliOptions& o, const Flag& flag, kj::StringPtr value
       else if (n == "fallback-after") o.fallbackAfter = *d;
       else if (n == "quic-retry-interval") o.quicRetryInterval = *d;
       else if (n == "quic-failure-window") o.quicFailureWindow = *d;
+      else if (n == "ready-backoff") o.readyBackoff = *d;
+      else if (n == "ready-attempt-timeout") o.readyAttemptTimeout = *d;
+      else if (n == "local-dns-delay") o.localDnsDelay = *d;
+      else if (n == "local-route-delay") o.localRouteDelay = *d;
       return nullptr;
     }
     return kj::str("--", n, " expects a duration such as 30s, 500ms or 1m, got \"", value, "\"");
   }
   if (flag.kind == Kind::MULTI) {
+    if (n == "ready-resolver") {
+      o.readyResolvers.add(kj::str(value));
+      return nullptr;
+    }
     o.edges.add(kj::str(value));
     return nullptr;
   }
@@ -230,6 +262,7 @@ kj::Maybe<kj::String> apply(CliOptions& o, const Flag& flag, kj::StringPtr value
   }
   else if (n == "user-agent") o.userAgent = kj::mv(v);
   else if (n == "client-version") o.clientVersion = kj::mv(v);
+  else if (n == "ready-ca") o.readyCa = kj::mv(v);
   else if (n == "protocol") {
     if (v == "h2mux") {
       return kj::str("--protocol h2mux is not supported (cloudflared removed it too): use quic, "
@@ -519,6 +552,8 @@ const PositiveDuration POSITIVE_DURATIONS[] = {
     {"fallback-after", &CliOptions::fallbackAfter, "2s"},
     {"quic-retry-interval", &CliOptions::quicRetryInterval, "5m"},
     {"quic-failure-window", &CliOptions::quicFailureWindow, "60s"},
+    {"ready-backoff", &CliOptions::readyBackoff, "100ms"},
+    {"ready-attempt-timeout", &CliOptions::readyAttemptTimeout, "5s"},
 };
 
 }  // namespace
@@ -572,7 +607,8 @@ kj::String usage() {
       "Flags (--flag value, --flag=value, -flag value):"));
   for (auto& f: FLAGS) {
     auto name = kj::str("--", f.name, f.alias.size() > 0 ? kj::str(", --", f.alias) : kj::str(),
-                        f.kind == Kind::BOOL ? "" : " VALUE");
+                        f.kind == Kind::BOOL ? "" :
+                        f.kind == Kind::OPTIONAL_DURATION ? "[=VALUE]" : " VALUE");
     lines.add(kj::str("  ", name, kj::repeat(' ', name.size() < 34 ? 34 - name.size() : 1),
                       f.help));
   }
@@ -629,6 +665,12 @@ kj::OneOf<kj::Vector<ConfigWarning>, CliExit> validate(CliOptions& o, FileChecks
                           "; give the PEM file of the CA that signed the origin's certificate"));
     }
   }
+  KJ_IF_MAYBE(path, o.readyCa) {
+    KJ_IF_MAYBE(why, files.certificates(*path)) {
+      return fail(kj::str(flagName(o, "ready-ca"), ' ', *path, ": ", *why,
+                          "; give the PEM file of the CA that signed the public certificate"));
+    }
+  }
   KJ_IF_MAYBE(path, o.logFile) {
     KJ_IF_MAYBE(why, files.logFile(*path)) {
       return fail(kj::str(flagName(o, "logfile"), ' ', *path, ": ", *why));
@@ -659,6 +701,11 @@ kj::OneOf<kj::Vector<ConfigWarning>, CliExit> validate(CliOptions& o, FileChecks
   KJ_IF_MAYBE(d, o.dotServer) {
     KJ_IF_MAYBE(why, dotServerError(*d)) {
       return fail(kj::str(flagName(o, "dot-server"), ' ', *why));
+    }
+  }
+  for (auto& r: o.readyResolvers) {
+    KJ_IF_MAYBE(why, dotServerError(r)) {
+      return fail(kj::str(flagName(o, "ready-resolver"), ' ', *why));
     }
   }
 
@@ -743,6 +790,8 @@ kj::OneOf<CliOptions, CliExit> parseCommandLine(kj::ArrayPtr<const kj::StringPtr
         }
       } else KJ_IF_MAYBE(v, inlineValue) {
         value = kj::mv(*v);
+      } else if (flag->kind == Kind::OPTIONAL_DURATION) {
+        value = kj::str("60s");   // --wait-ready alone; a value only as --wait-ready=TIMEOUT
       } else {
         if (i + 1 >= args.size()) return fail(kj::str("flag --", name, " needs a value"));
         value = kj::str(args[++i]);

@@ -68,6 +68,16 @@ struct CliOptions {
   uint quicFailureLimit = 3;                            // --quic-failure-limit (auto)
   kj::Duration quicFailureWindow = 60 * kj::SECONDS;    // --quic-failure-window (auto)
 
+  // Readiness (issue 16).
+  kj::Maybe<kj::Duration> waitReady;                   // --wait-ready[=TIMEOUT] (60s alone)
+  kj::Vector<kj::String> readyResolvers;               // --ready-resolver, repeatable
+  uint readyPort = 443;                                // --ready-port
+  kj::Maybe<kj::String> readyCa;                       // --ready-ca
+  kj::Duration readyBackoff = 100 * kj::MILLISECONDS;  // --ready-backoff (first poll interval)
+  kj::Duration readyAttemptTimeout = 5 * kj::SECONDS;  // --ready-attempt-timeout
+  kj::Duration localDnsDelay = 0 * kj::SECONDS;        // --local-dns-delay
+  kj::Duration localRouteDelay = 0 * kj::SECONDS;      // --local-route-delay
+
   kj::Vector<kj::String> explicitlySet;
   // Canonical names of the flags given on the command line or taken from the environment.
 

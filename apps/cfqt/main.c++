@@ -202,6 +202,15 @@ kj::Maybe<kj::String> buildOptions(cli::CliOptions& o, tunnel::RunnerOptions& r)
     }
   }
   r.configurationFlags.add(tunnel::ConfigFlag{kj::str("protocol"), kj::str(o.protocol)});
+  KJ_IF_MAYBE(timeout, o.waitReady) {
+    r.waitReady = true;
+    r.ready.timeout = *timeout;
+  }
+  for (auto& resolver: o.readyResolvers) r.ready.resolvers.add(kj::str(resolver));
+  r.ready.port = static_cast<uint16_t>(o.readyPort);
+  KJ_IF_MAYBE(ca, o.readyCa) r.ready.caFile = kj::str(*ca);
+  r.ready.initialBackoff = o.readyBackoff;
+  r.ready.attemptTimeout = o.readyAttemptTimeout;
   r.dialer.protocol = KJ_ASSERT_NONNULL(tunnel::parseProtocol(o.protocol));
   return nullptr;
 }
@@ -213,19 +222,49 @@ int runLocalEmulator(kj::AsyncIoContext& io, const observe::Logger& logger,
   eo.edgeListen.add(kj::str("127.0.0.1:0"));
   if (options.haConnections > 1) eo.edgeListen.add(kj::str("127.0.0.2:0"));
   eo.certificates.stateDir = localStateDir();
+  // The public Internet's part too (issue 16), so that --wait-ready probes it as it would the
+  // real one: the zone's DNS (over DoT), the HTTPS front door, and the delays that show the wait.
+  if (options.waitReady != nullptr) {
+    eo.dnsListen = kj::str("127.0.0.1:0");
+    eo.dotListen = kj::str("127.0.0.1:0");
+    eo.publicTlsListen = kj::str("127.0.0.1:0");
+  }
+  eo.dnsDelay = options.localDnsDelay;
+  eo.frontDoor.routeDelay = options.localRouteDelay;
   auto emu = kj::heap<emulator::Emulator>(io, kj::mv(eo));
   emulator::ReadyInfo ready;
   KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { ready = emu->start().wait(io.waitScope); })) {
     logger.error("Couldn't start the local edge emulator", observe::Fields().error(*e));
     return 1;
   }
-  logger.info("Local edge emulator started", observe::Fields().add("api", ready.api)
-      .add("edges", kj::strArray(ready.edges, ",")).add("public", ready.publicAddress)
-      .add("admin", ready.admin));
+  observe::Fields started;
+  started.add("api", ready.api).add("edges", kj::strArray(ready.edges, ","))
+      .add("public", ready.publicAddress).add("admin", ready.admin);
+  KJ_IF_MAYBE(tls, ready.publicTls) {
+    // --wait-ready: the public Internet's part too.
+    KJ_IF_MAYBE(dns, ready.dns) started.add("dns", *dns);
+    KJ_IF_MAYBE(dot, ready.dot) started.add("dot", *dot);
+    started.add("public_tls", *tls);
+  }
+  logger.info("Local edge emulator started", started);
   r.api.serviceUrl = kj::str("http://", ready.api);
   r.discovery.edges.clear();
   for (auto& e: ready.edges) r.discovery.edges.add(kj::str(e));
   r.edge.edgeCaFile = kj::str(ready.ca);
+  if (options.waitReady != nullptr) {
+    // Unless told otherwise, the probe asks the emulator's DoT server and its HTTPS front door,
+    // trusting the emulator's CA.
+    if (r.ready.resolvers.empty()) {
+      r.ready.resolvers.add(kj::str(KJ_ASSERT_NONNULL(ready.dot), "#localhost"));
+    }
+    if (options.readyCa == nullptr) r.ready.caFile = kj::str(ready.ca);
+    bool portGiven = false;
+    for (auto& flag: options.explicitlySet) if (flag == "ready-port") portGiven = true;
+    if (!portGiven) {
+      r.ready.port = static_cast<uint16_t>(
+          portOf(KJ_ASSERT_NONNULL(ready.publicTls)).parseAs<uint>());
+    }
+  }
   auto port = portOf(ready.publicAddress);
   r.publicUrl = kj::Function<kj::String(kj::StringPtr)>(
       [port = kj::mv(port)](kj::StringPtr host) { return kj::str("http://", host, ':', port, '/'); });
@@ -295,7 +334,7 @@ int realMain(int argc, char** argv) {
     if (rc != 0) return rc;
   }
 
-  Callbacks callbacks(options.local);
+  Callbacks callbacks(options.local && options.waitReady == nullptr);
   tunnel::Runner runner(io, logger, kj::mv(runnerOptions), callbacks);
   auto signals = waitForSignal(io.unixEventPort).then([&](int sig) {
     logger.info(kj::str("Initiating graceful shutdown due to signal ", signalName(sig), " ..."));

@@ -56,7 +56,19 @@ typedef struct cfqt_options {
   const char* protocol;         /* NULL = "auto"; "quic" or "http2" (TLS over TCP) */
   cfqt_log_fn log_callback;     /* non-NULL: log lines go to it instead of stderr */
   void* log_user_data;          /* passed to log_callback */
+  /* Readiness (cfqt_tunnel_wait_serving; with wait_ready, cfqt_tunnel_wait_url too). */
+  int wait_ready;               /* non-zero: the URL is given only once it serves */
+  int ready_timeout_ms;         /* 0 = 60000 */
+  const char* const* ready_resolvers;  /* ip:port[#tls-name] DoT resolvers (NULL = 1.1.1.1 and
+                                          1.0.0.1:853, cloudflare-dns.com) */
+  size_t ready_resolver_count;
+  int ready_port;               /* 0 = 443 */
+  const char* ready_ca_file;    /* NULL = system trust store */
 } cfqt_options;
+
+#define CFQT_STAGE_TUNNEL 1     /* no quick tunnel / edge connections yet */
+#define CFQT_STAGE_DNS 2        /* the hostname does not resolve via the public resolvers yet */
+#define CFQT_STAGE_ROUTING 3    /* it resolves, but the edge does not route it here yet */
 
 void cfqt_options_init(cfqt_options* options);
 /* Fills the defaults (2 HA connections, 30 s grace period, 1 s backoff base, info logs, no
@@ -72,6 +84,11 @@ int cfqt_tunnel_wait_url(cfqt_tunnel* tunnel, int timeout_ms, char* url, size_t 
 
 int cfqt_tunnel_wait_ready(cfqt_tunnel* tunnel, int timeout_ms);
 /* 1 once at least one edge connection is registered, 0 on timeout or if the tunnel ended. */
+
+int cfqt_tunnel_wait_serving(cfqt_tunnel* tunnel, int timeout_ms, char* error, size_t error_size);
+/* 0 once the public URL serves (DNS visible via public resolvers asked directly, then an HTTPS
+ * request routed through the edge to this tunnel); otherwise the CFQT_STAGE_* that did not
+ * succeed in time, with a message in `error` (if given). */
 
 int cfqt_tunnel_ready_connections(cfqt_tunnel* tunnel);
 

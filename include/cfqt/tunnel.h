@@ -69,11 +69,37 @@ struct TunnelOptions {
   // cfqt's sake. It must return quickly (it holds up the tunnel), must not throw (exceptions
   // are dropped), and must not call this Tunnel's methods (they wait on the tunnel's thread).
   // It may be called until stop() or the destructor returns.
+  // Readiness (waitUntilServing(), and waitForUrl() with waitReady): the hostname is resolved by
+  // public resolvers asked directly over DNS-over-TLS (never the system resolver, whose cache an
+  // early NXDOMAIN would poison), then an HTTPS request must come back through the edge to this
+  // tunnel.
+  bool waitReady = false;             // waitForUrl() returns the URL only once it serves
+  std::chrono::milliseconds readyTimeout{60000};   // the probe gives up after this
+  std::vector<std::string> readyResolvers;  // ip:port[#tls-name]; empty = 1.1.1.1, 1.0.0.1:853
+  int readyPort = 443;                // HTTPS port of the request
+  std::string readyCaFile;            // "" = system trust store (DoT and HTTPS)
 };
 
 class TunnelError: public std::runtime_error {
 public:
   using std::runtime_error::runtime_error;
+};
+
+enum class ServingStage {
+  TUNNEL,     // no quick tunnel issued / edge connections not started yet
+  DNS,        // the hostname does not resolve via the public resolvers yet
+  ROUTING,    // it resolves, but the edge does not route it to this tunnel yet
+};
+
+class NotServingError: public TunnelError {
+  // waitUntilServing() did not see the URL serve: stage() is the stage that never succeeded.
+public:
+  NotServingError(ServingStage stage, const std::string& message)
+      : TunnelError(message), stageValue(stage) {}
+  ServingStage stage() const { return stageValue; }
+
+private:
+  ServingStage stageValue;
 };
 
 class Tunnel {
@@ -91,6 +117,13 @@ public:
 
   bool waitUntilReady(std::chrono::milliseconds timeout);
   // True once at least one edge connection is registered.
+
+  void waitUntilServing(std::chrono::milliseconds timeout);
+  // Returns once the public URL serves (as `cfqt --wait-ready`: DNS visible via the public
+  // resolvers, then an HTTPS request routed by the edge to this tunnel, which answers it itself;
+  // the origin never sees it). Starts the probe on the first call. Throws NotServingError naming
+  // the stage that did not succeed within `timeout` (or within readyTimeout, or at once when the
+  // public certificate does not verify).
 
   std::string publicUrl() const;     // "" until issued
   std::string hostname() const;      // the bare hostname; "" until issued

@@ -8,6 +8,7 @@
 #include <kj/map.h>
 #include <kj/vector.h>
 
+#include <arpa/inet.h>
 #include <arpa/nameser.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -388,16 +389,20 @@ namespace {
 constexpr size_t MAX_DNS_MESSAGE = 65535;
 
 class DotExchange {
+  // One query over DNS-over-TLS: the raw answer message (without its length prefix), or a
+  // rejection whose description names the server and what failed.
 public:
-  DotExchange(kj::Network& network, const DotServer& server, kj::String name)
-      : network(network), server(server), name(kj::mv(name)) {}
+  DotExchange(kj::Network& network, const DotServer& server, kj::String name, int type,
+              kj::Maybe<kj::TlsContext&> tlsContext)
+      : network(network), server(server), name(kj::mv(name)), type(type),
+        tlsContext(tlsContext) {}
 
-  kj::Promise<kj::Array<SrvRecord>> run() {
+  kj::Promise<kj::Array<kj::byte>> run() {
     unsigned char* buf = nullptr;
     int len = 0;
     queryId = static_cast<uint16_t>(
         (kj::systemPreciseMonotonicClock().now() - kj::origin<kj::TimePoint>()) / kj::NANOSECONDS);
-    int status = ares_create_query(name.cStr(), ns_c_in, ns_t_srv, queryId, 1, &buf, &len, 0);
+    int status = ares_create_query(name.cStr(), ns_c_in, type, queryId, 1, &buf, &len, 0);
     if (status != ARES_SUCCESS) {
       return fail(kj::str("cannot build the query: ", ares_strerror(status)));
     }
@@ -417,28 +422,39 @@ public:
   }
 
   kj::String what() {
-    return kj::str("DNS-over-TLS SRV lookup of ", name, " via ", server.address.toString(), " (",
-                   server.tlsName, ") failed");
+    kj::StringPtr kind = type == ns_t_srv ? "SRV"_kj : type == ns_t_aaaa ? "AAAA"_kj : "A"_kj;
+    return kj::str("DNS-over-TLS ", kind, " lookup of ", name, " via ", server.address.toString(),
+                   " (", server.tlsName, ") failed");
   }
+
+  uint16_t id() const { return queryId; }
 
 private:
   kj::Network& network;
   const DotServer& server;
   kj::String name;
+  int type;
+  kj::Maybe<kj::TlsContext&> tlsContext;
   uint16_t queryId = 0;
   kj::Array<kj::byte> request;
   kj::byte lengthPrefix[2];
   kj::Array<kj::byte> response;
-  kj::Own<kj::TlsContext> tls;
+  kj::Own<kj::TlsContext> ownTls;
   kj::Own<kj::AsyncIoStream> stream;
 
-  kj::Promise<kj::Array<SrvRecord>> fail(kj::String reason,
-                                         kj::Exception::Type type = kj::Exception::Type::FAILED) {
+  kj::Promise<kj::Array<kj::byte>> fail(kj::String reason,
+                                        kj::Exception::Type type = kj::Exception::Type::FAILED) {
     return kj::Exception(type, __FILE__, __LINE__, kj::str(what(), ": ", reason));
   }
 
-  kj::Promise<kj::Array<SrvRecord>> startTls(kj::Own<kj::AsyncIoStream> s) {
-    tls = kj::heap<kj::TlsContext>();   // system trust store (SSL_CERT_FILE applies)
+  kj::Promise<kj::Array<kj::byte>> startTls(kj::Own<kj::AsyncIoStream> s) {
+    kj::TlsContext* tls;
+    KJ_IF_MAYBE(t, tlsContext) {
+      tls = t;
+    } else {
+      ownTls = kj::heap<kj::TlsContext>();   // system trust store (SSL_CERT_FILE applies)
+      tls = ownTls.get();
+    }
     return tls->wrapClient(kj::mv(s), server.tlsName).then(
         [this](kj::Own<kj::AsyncIoStream> s) { return send(kj::mv(s)); },
         [this](kj::Exception&& e) {
@@ -446,30 +462,38 @@ private:
     });
   }
 
-  kj::Promise<kj::Array<SrvRecord>> send(kj::Own<kj::AsyncIoStream> s) {
+  kj::Promise<kj::Array<kj::byte>> send(kj::Own<kj::AsyncIoStream> s) {
     stream = kj::mv(s);
     return stream->write(request.begin(), request.size()).then([this]() {
       return stream->tryRead(lengthPrefix, 2, 2);
     }).then([this](size_t n) { return readAnswer(n); });
   }
 
-  kj::Promise<kj::Array<SrvRecord>> readAnswer(size_t lengthBytes) {
+  kj::Promise<kj::Array<kj::byte>> readAnswer(size_t lengthBytes) {
     if (lengthBytes < 2) return fail(kj::str("the server closed the connection without an answer"));
     size_t len = (size_t(lengthPrefix[0]) << 8) | lengthPrefix[1];
     if (len < 12) return fail(kj::str("malformed answer (", len, " bytes)"));
     response = kj::heapArray<kj::byte>(len);
-    return stream->tryRead(response.begin(), len, len).then([this](size_t got) {
-      return parse(got);
+    return stream->tryRead(response.begin(), len, len)
+        .then([this](size_t got) -> kj::Promise<kj::Array<kj::byte>> {
+      if (got < response.size()) return fail(kj::str("truncated answer"));
+      return kj::mv(response);
     });
   }
-
-  kj::Promise<kj::Array<SrvRecord>> parse(size_t got) {
-    if (got < response.size()) return fail(kj::str("truncated answer"));
-    auto answer = decodeSrvResponse(response, queryId);
-    if (answer.error.size() > 0) return fail(kj::mv(answer.error));
-    return kj::mv(answer.records);
-  }
 };
+
+template <typename T>
+kj::Promise<T> withDotTimeout(kj::Timer& timer, kj::Duration timeout, kj::String what,
+                              kj::Promise<T> promise) {
+  return timer.timeoutAfter(timeout, kj::mv(promise))
+      .catch_([what = kj::mv(what), timeout](kj::Exception&& e) -> kj::Promise<T> {
+    if (e.getDescription() == "operation timed out"_kj) {
+      return kj::Exception(kj::Exception::Type::OVERLOADED, __FILE__, __LINE__,
+          kj::str(what, ": timed out after ", timeout / kj::MILLISECONDS, " ms"));
+    }
+    return kj::mv(e);
+  });
+}
 
 }  // namespace
 
@@ -494,18 +518,80 @@ SrvAnswer decodeSrvResponse(kj::ArrayPtr<const kj::byte> message, uint16_t query
 kj::Promise<kj::Array<SrvRecord>> querySrvOverTls(
     kj::Timer& timer, kj::Network& network, const DotServer& server, kj::StringPtr name,
     kj::Duration timeout) {
-  auto exchange = kj::heap<DotExchange>(network, server, kj::heapString(name));
+  auto exchange = kj::heap<DotExchange>(network, server, kj::heapString(name), ns_t_srv, nullptr);
   auto what = exchange->what();
-  auto promise = kj::evalNow([&]() { return exchange->run(); }).attach(kj::mv(exchange));
-  return timer.timeoutAfter(timeout, kj::mv(promise))
-      .catch_([what = kj::mv(what), timeout](kj::Exception&& e)
-              -> kj::Promise<kj::Array<SrvRecord>> {
-    if (e.getDescription() == "operation timed out"_kj) {
-      return kj::Exception(kj::Exception::Type::OVERLOADED, __FILE__, __LINE__,
-          kj::str(what, ": timed out after ", timeout / kj::MILLISECONDS, " ms"));
+  auto& ref = *exchange;
+  auto promise = kj::evalNow([&]() { return ref.run(); })
+      .then([&ref](kj::Array<kj::byte> message) -> kj::Promise<kj::Array<SrvRecord>> {
+    auto answer = decodeSrvResponse(message, ref.id());
+    if (answer.error.size() > 0) {
+      return kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__,
+                           kj::str(ref.what(), ": ", answer.error));
     }
-    return kj::mv(e);
-  });
+    return kj::mv(answer.records);
+  }).attach(kj::mv(exchange));
+  return withDotTimeout(timer, timeout, kj::mv(what), kj::mv(promise));
+}
+
+AddressAnswer decodeAddressResponse(kj::ArrayPtr<const kj::byte> message, uint16_t queryId,
+                                    bool ipv6) {
+  auto failed = [](kj::String reason, bool notFound = false) {
+    return AddressAnswer{nullptr, kj::mv(reason), notFound};
+  };
+  if (message.size() < 12) return failed(kj::str("malformed answer (", message.size(), " bytes)"));
+  uint16_t id = (uint16_t(message[0]) << 8) | message[1];
+  if (id != queryId) return failed(kj::str("answer for another query id"));
+  if ((message[2] & 0x80) == 0) return failed(kj::str("malformed answer (not a response)"));
+  if ((message[2] & 0x02) != 0) return failed(kj::str("truncated answer (TC)"));
+  uint rcode = message[3] & 0x0f;
+  if (rcode == 3) return failed(kj::str("domain name not found (NXDOMAIN)"), true);
+  if (rcode != 0) return failed(kj::str("the DNS server answered rcode ", rcode));
+  if (message.size() > MAX_DNS_MESSAGE) return failed(kj::str("malformed answer (too long)"));
+  constexpr int MAX_ADDRESSES = 32;
+  kj::Vector<kj::String> addresses;
+  int count = MAX_ADDRESSES;
+  int status;
+  char text[INET6_ADDRSTRLEN];
+  if (ipv6) {
+    struct ares_addr6ttl ttls[MAX_ADDRESSES];
+    status = ares_parse_aaaa_reply(message.begin(), int(message.size()), nullptr, ttls, &count);
+    if (status == ARES_SUCCESS) {
+      for (int i = 0; i < count && i < MAX_ADDRESSES; i++) {
+        if (inet_ntop(AF_INET6, &ttls[i].ip6addr, text, sizeof(text)) != nullptr) {
+          addresses.add(kj::str(text));
+        }
+      }
+    }
+  } else {
+    struct ares_addrttl ttls[MAX_ADDRESSES];
+    status = ares_parse_a_reply(message.begin(), int(message.size()), nullptr, ttls, &count);
+    if (status == ARES_SUCCESS) {
+      for (int i = 0; i < count && i < MAX_ADDRESSES; i++) {
+        if (inet_ntop(AF_INET, &ttls[i].ipaddr, text, sizeof(text)) != nullptr) {
+          addresses.add(kj::str(text));
+        }
+      }
+    }
+  }
+  if (status == ARES_ENODATA || (status == ARES_SUCCESS && addresses.size() == 0)) {
+    return failed(kj::str("no records of that type (NODATA)"), true);
+  }
+  if (status != ARES_SUCCESS) return failed(kj::str("malformed answer: ", ares_strerror(status)));
+  return AddressAnswer{addresses.releaseAsArray(), kj::str(), false};
+}
+
+kj::Promise<AddressAnswer> queryAddressOverTls(
+    kj::Timer& timer, kj::Network& network, const DotServer& server, kj::StringPtr name,
+    bool ipv6, kj::Duration timeout, kj::TlsContext& tls) {
+  auto exchange = kj::heap<DotExchange>(network, server, kj::heapString(name),
+                                        ipv6 ? ns_t_aaaa : ns_t_a, tls);
+  auto what = exchange->what();
+  auto& ref = *exchange;
+  auto promise = kj::evalNow([&]() { return ref.run(); })
+      .then([&ref, ipv6](kj::Array<kj::byte> message) {
+    return decodeAddressResponse(message, ref.id(), ipv6);
+  }).attach(kj::mv(exchange));
+  return withDotTimeout(timer, timeout, kj::mv(what), kj::mv(promise));
 }
 
 }  // namespace cfqt::edge

@@ -11,6 +11,8 @@
 #include <kj/string.h>
 #include <kj/time.h>
 
+namespace kj { class TlsContext; }
+
 namespace cfqt::edge {
 
 struct SrvRecord {
@@ -83,5 +85,24 @@ SrvAnswer decodeSrvResponse(kj::ArrayPtr<const kj::byte> message, uint16_t query
 // checks id, QR bit and rcode, then parses the answers with c-ares. Untrusted input: never
 // throws; `error` says why ("malformed answer: ...", "no records of that type (NODATA)", ...).
 // Used by querySrvOverTls(); exposed for tests.
+
+struct AddressAnswer {
+  kj::Array<kj::String> addresses;  // IP addresses as text, in answer order; empty on error
+  kj::String error;                 // "" on success, else why there is no usable address
+  bool notFound = false;            // NXDOMAIN or NODATA: the name has no such record (yet)
+};
+
+AddressAnswer decodeAddressResponse(kj::ArrayPtr<const kj::byte> message, uint16_t queryId,
+                                    bool ipv6);
+// One DNS response (without the TCP length prefix) to the A (or, with `ipv6`, AAAA) query
+// `queryId`: checks id, QR, TC and rcode, then parses the answers with c-ares (CNAME chains
+// followed). Untrusted input: never throws; at most 32 addresses are kept.
+
+kj::Promise<AddressAnswer> queryAddressOverTls(
+    kj::Timer& timer, kj::Network& network, const DotServer& server, kj::StringPtr name,
+    bool ipv6, kj::Duration timeout, kj::TlsContext& tls);
+// One A/AAAA query over DNS-over-TLS, the server verified by `tls` (the caller's trust roots).
+// NXDOMAIN and NODATA resolve as answers (notFound); connect, TLS, framing and timeout failures
+// reject with a description naming the server. Everything passed must outlive the promise.
 
 }  // namespace cfqt::edge

@@ -264,5 +264,96 @@ KJ_TEST("fuzz: decodeSrvResponse (DNS-over-TLS answers) on mutated responses") {
   KJ_EXPECT(decoded > 100, decoded);
 }
 
+// A DNS response to the A (or AAAA) query 0x4242 for a quick tunnel's hostname, as public
+// resolvers answer it: a CNAME to another name in the zone, then two addresses of that name.
+kj::Array<kj::byte> addressResponse(bool ipv6) {
+  kj::Vector<kj::byte> m;
+  auto u16 = [&](uint v) { m.add(kj::byte(v >> 8)); m.add(kj::byte(v)); };
+  auto label = [&](kj::StringPtr l) { m.add(kj::byte(l.size())); m.addAll(l.asBytes()); };
+  uint type = ipv6 ? 28 : 1;
+  u16(0x4242); u16(0x8180); u16(1); u16(3); u16(0); u16(0);
+  label("happy-words-here"); label("trycloudflare"); label("com"); m.add(0);
+  u16(type); u16(1);
+  // CNAME happy-words-here.trycloudflare.com -> edge.trycloudflare.com
+  u16(0xc00c); u16(5); u16(1); u16(0); u16(300);
+  u16(5 + 2);
+  size_t targetAt = m.size();
+  label("edge"); u16(0xc000 | (12 + 17));   // pointer to "trycloudflare.com"
+  for (uint i = 0; i < 2; i++) {
+    u16(0xc000 | targetAt); u16(type); u16(1); u16(0); u16(300);
+    if (ipv6) {
+      u16(16);
+      kj::byte a[16] = {0x26, 0x06, 0x47, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0x68, 0x10, 0xe6, 0x84};
+      a[15] = kj::byte(0x84 + i);
+      m.addAll(kj::arrayPtr(a, 16));
+    } else {
+      u16(4);
+      kj::byte a[4] = {104, 16, kj::byte(230 + i), 132};
+      m.addAll(kj::arrayPtr(a, 4));
+    }
+  }
+  return m.releaseAsArray();
+}
+
+KJ_TEST("decodeAddressResponse: A and AAAA answers, NXDOMAIN, NODATA") {
+  auto v4 = decodeAddressResponse(addressResponse(false), 0x4242, false);
+  KJ_ASSERT(v4.error == "", v4.error);
+  KJ_ASSERT(v4.addresses.size() == 2);
+  KJ_EXPECT(v4.addresses[0] == "104.16.230.132" && v4.addresses[1] == "104.16.231.132");
+  auto v6 = decodeAddressResponse(addressResponse(true), 0x4242, true);
+  KJ_ASSERT(v6.error == "", v6.error);
+  KJ_ASSERT(v6.addresses.size() == 2);
+  KJ_EXPECT(v6.addresses[0] == "2606:4700::6810:e684", v6.addresses[0]);
+  // An AAAA parser given A records finds none of its type: NODATA, "not yet".
+  auto wrongType = decodeAddressResponse(addressResponse(false), 0x4242, true);
+  KJ_EXPECT(wrongType.notFound && wrongType.addresses.size() == 0, wrongType.error);
+  auto nx = addressResponse(false);
+  nx[3] = (nx[3] & 0xf0) | 3;
+  auto nxAnswer = decodeAddressResponse(nx, 0x4242, false);
+  KJ_EXPECT(nxAnswer.notFound && nxAnswer.error == "domain name not found (NXDOMAIN)");
+  auto servfail = addressResponse(false);
+  servfail[3] = (servfail[3] & 0xf0) | 2;
+  auto sf = decodeAddressResponse(servfail, 0x4242, false);
+  KJ_EXPECT(!sf.notFound && sf.error.size() > 0);
+  auto truncated = addressResponse(false);
+  truncated[2] |= 0x02;
+  KJ_EXPECT(decodeAddressResponse(truncated, 0x4242, false).error == "truncated answer (TC)");
+  KJ_EXPECT(decodeAddressResponse(addressResponse(false), 0x4243, false).error ==
+            "answer for another query id");
+}
+
+KJ_TEST("fuzz: decodeAddressResponse (A/AAAA over DNS-over-TLS) on mutated responses") {
+  for (bool ipv6: {false, true}) {
+    auto seed = addressResponse(ipv6);
+    for (size_t len = 0; len < seed.size(); len++) {
+      auto answer = decodeAddressResponse(seed.slice(0, len), 0x4242, ipv6);
+      KJ_EXPECT(answer.error.size() > 0 && answer.addresses.size() == 0, len);
+    }
+    Rng rng(ipv6 ? 0xED6E0007 : 0xED6E0006);
+    size_t decoded = 0;
+    for (size_t i = 0; i < 6000; i++) {
+      KJ_CONTEXT(i, ipv6);
+      auto input = fuzz::mutate(rng, seed, 12);
+      // Keep the header valid most of the time so the answers get parsed.
+      if (input.size() >= 4 && !rng.chance(4)) {
+        input[0] = 0x42; input[1] = 0x42; input[2] = (input[2] | 0x80) & ~0x02;
+        input[3] &= 0xf0;
+      }
+      auto answer = decodeAddressResponse(input, 0x4242, ipv6);
+      if (answer.error.size() == 0) {
+        decoded++;
+        KJ_EXPECT(answer.addresses.size() > 0 && answer.addresses.size() <= 32);
+        for (auto& a: answer.addresses) {
+          KJ_EXPECT(a.size() > 0 && a.size() < 46, a);
+          KJ_EXPECT((a.findFirst(':') != nullptr) == ipv6, a);
+        }
+      } else {
+        KJ_EXPECT(answer.addresses.size() == 0);
+      }
+    }
+    KJ_EXPECT(decoded > 100, decoded, ipv6);
+  }
+}
+
 }  // namespace
 }  // namespace cfqt::edge

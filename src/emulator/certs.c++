@@ -162,8 +162,9 @@ void generateCa(kj::StringPtr certPath, kj::StringPtr keyPath) {
   crt.save(certPath);
 }
 
-void generateServer(kj::StringPtr caCertPath, kj::StringPtr caKeyPath,
-                    kj::StringPtr certPath, kj::StringPtr keyPath) {
+void generateLeaf(kj::StringPtr caCertPath, kj::StringPtr caKeyPath,
+                  kj::StringPtr certPath, kj::StringPtr keyPath,
+                  kj::ArrayPtr<const kj::StringPtr> names, bool loopbackIps) {
   Certificate ca;
   ca.load(caCertPath);
   PrivateKey caKey;
@@ -172,20 +173,22 @@ void generateServer(kj::StringPtr caCertPath, kj::StringPtr caKeyPath,
   PrivateKey key;
   key.generate();
   Certificate crt;
-  crt.setCommon(kj::str("CN=", SERVER_NAMES[0], ",O=cfqt"), key);
+  crt.setCommon(kj::str("CN=", names[0], ",O=cfqt"), key);
   CFQT_GNUTLS(gnutls_x509_crt_set_basic_constraints(crt.get(), 0, -1));
   CFQT_GNUTLS(gnutls_x509_crt_set_key_usage(crt.get(), GNUTLS_KEY_DIGITAL_SIGNATURE));
   CFQT_GNUTLS(gnutls_x509_crt_set_key_purpose_oid(crt.get(), GNUTLS_KP_TLS_WWW_SERVER, 0));
-  for (auto name: SERVER_NAMES) {
+  for (auto name: names) {
     CFQT_GNUTLS(gnutls_x509_crt_set_subject_alt_name(crt.get(), GNUTLS_SAN_DNSNAME,
         name.begin(), name.size(), GNUTLS_FSAN_APPEND));
   }
-  const kj::byte v4[4] = {127, 0, 0, 1};
-  const kj::byte v6[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1};
-  CFQT_GNUTLS(gnutls_x509_crt_set_subject_alt_name(crt.get(), GNUTLS_SAN_IPADDRESS,
-      v4, sizeof(v4), GNUTLS_FSAN_APPEND));
-  CFQT_GNUTLS(gnutls_x509_crt_set_subject_alt_name(crt.get(), GNUTLS_SAN_IPADDRESS,
-      v6, sizeof(v6), GNUTLS_FSAN_APPEND));
+  if (loopbackIps) {
+    const kj::byte v4[4] = {127, 0, 0, 1};
+    const kj::byte v6[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1};
+    CFQT_GNUTLS(gnutls_x509_crt_set_subject_alt_name(crt.get(), GNUTLS_SAN_IPADDRESS,
+        v4, sizeof(v4), GNUTLS_FSAN_APPEND));
+    CFQT_GNUTLS(gnutls_x509_crt_set_subject_alt_name(crt.get(), GNUTLS_SAN_IPADDRESS,
+        v6, sizeof(v6), GNUTLS_FSAN_APPEND));
+  }
   auto caId = ca.keyId();
   CFQT_GNUTLS(gnutls_x509_crt_set_authority_key_id(crt.get(), caId.begin(), caId.size()));
   CFQT_GNUTLS(gnutls_x509_crt_sign2(crt.get(), ca.get(), caKey.get(), GNUTLS_DIG_SHA256, 0));
@@ -242,9 +245,38 @@ CertificateFiles ensureCertificates(const CertificateOptions& options) {
     }
   }
   if (freshCa || !fileExists(serverCert) || !fileExists(serverKey)) {
-    generateServer(caCert, caKey, serverCert, serverKey);
+    generateLeaf(caCert, caKey, serverCert, serverKey, SERVER_NAMES, true);
   }
   return {kj::mv(caCert), kj::mv(serverCert), kj::mv(serverKey)};
+}
+
+CertificateFiles ensureZoneCertificate(const CertificateOptions& options, kj::StringPtr zone) {
+  makeDirectories(options.stateDir);
+  kj::String caCert;
+  kj::String caKey;
+  KJ_IF_MAYBE(c, options.caCertFile) {
+    caCert = kj::heapString(*c);
+    KJ_IF_MAYBE(k, options.caKeyFile) {
+      caKey = kj::heapString(*k);
+    } else {
+      KJ_FAIL_REQUIRE("the HTTPS front door's certificate needs the CA's key: give --ca-key, or "
+                      "--public-tls-cert and --public-tls-key");
+    }
+  } else {
+    KJ_REQUIRE(options.serverCertFile == nullptr,
+               "the HTTPS front door's certificate needs the CA's key: give --ca-cert and "
+               "--ca-key, or --public-tls-cert and --public-tls-key");
+    caCert = joinPath(options.stateDir, "ca.pem");
+    caKey = joinPath(options.stateDir, "ca-key.pem");
+  }
+  KJ_REQUIRE(fileExists(caCert) && fileExists(caKey), "CA certificate or key not found", caCert);
+  auto cert = joinPath(options.stateDir, "public.pem");
+  auto key = joinPath(options.stateDir, "public-key.pem");
+  // Signed afresh at every start: the zone and the CA may have changed since the last one.
+  auto wildcard = kj::str("*.", zone);
+  kj::StringPtr names[] = {wildcard, zone};
+  generateLeaf(caCert, caKey, cert, key, names, false);
+  return {kj::mv(caCert), kj::mv(cert), kj::mv(key)};
 }
 
 }  // namespace cfqt::emulator

@@ -33,4 +33,9 @@ CertificateFiles ensureCertificates(const CertificateOptions& options);
 // Blocking file I/O: call at start-up only. Throws FAILED with context on unusable files.
 // Generated files: <stateDir>/ca.pem, ca-key.pem, server.pem, server-key.pem (keys 0600).
 
+CertificateFiles ensureZoneCertificate(const CertificateOptions& options, kj::StringPtr zone);
+// The HTTPS front door's certificate (issue 16): `*.<zone>` and `<zone>`, signed by the CA of
+// `options` (after ensureCertificates() made it), written to <stateDir>/public.pem and
+// public-key.pem at every call. Blocking; throws FAILED when no CA key is available.
+
 }  // namespace cfqt::emulator

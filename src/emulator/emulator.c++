@@ -63,6 +63,13 @@ quic::TransportConfig EmulatorOptions::defaultEdgeTransport() {
   return config;
 }
 
+namespace {
+kj::String optionalJson(const kj::Maybe<kj::String>& value) {
+  KJ_IF_MAYBE(v, value) return jsonString(*v);
+  return kj::str("null");
+}
+}  // namespace
+
 kj::String ReadyInfo::toJson() const {
   kj::Vector<kj::String> edgeItems;
   for (auto& e: edges) edgeItems.add(jsonString(e));
@@ -78,6 +85,8 @@ kj::String ReadyInfo::toJson() const {
       ",\"zone\":", jsonString(zone),
       ",\"tcpEdges\":[", kj::strArray(tcpItems, ","), "]",
       ",\"udpBlocked\":", udpBlocked ? "true" : "false",
+      ",\"dns\":", optionalJson(dns), ",\"dot\":", optionalJson(dot),
+      ",\"public_tls\":", optionalJson(publicTls),
       [&]() {
         KJ_IF_MAYBE(t, apiTls) return kj::str(",\"apiTls\":", jsonString(*t));
         return kj::str();
@@ -114,7 +123,9 @@ public:
         frontDoor(io.provider->getTimer(), headerTable, registry, options.frontDoor),
         apiServer(io.provider->getTimer(), headerTable, apiService, httpSettings()),
         adminServer(io.provider->getTimer(), headerTable, adminService, httpSettings()),
-        tasks(errorHandler) {}
+        tasks(errorHandler) {
+    registry.setClock(kj::systemPreciseMonotonicClock());
+  }
 
   kj::Promise<ReadyInfo> start() {
     if (options.certificates.stateDir.size() == 0) {
@@ -139,7 +150,9 @@ public:
       ready.admin = kj::mv(listener.bound);
       tasks.add(acceptHttp(adminServer, *listener.receiver).attach(kj::mv(listener.receiver)));
       return startApiTls();
-    }).then([this]() { return copyReady(); });
+    }).then([this]() { return startPublicTls(); })
+      .then([this]() { return startDns(); })
+      .then([this]() { return copyReady(); });
   }
 
   bool hasQuicEdge() const { return CFQT_EMULATOR_QUIC != 0; }
@@ -175,6 +188,13 @@ public:
   kj::String serverKeyFile;
   kj::Maybe<kj::Own<kj::TlsKeypair>> tlsKeypair;
   kj::Maybe<kj::Own<kj::TlsContext>> tls;
+  kj::Maybe<kj::Own<kj::TlsKeypair>> publicKeypair;
+  kj::Maybe<kj::Own<kj::TlsContext>> publicTls;
+  kj::Maybe<kj::Own<kj::TlsKeypair>> dotKeypair;
+  kj::Maybe<kj::Own<kj::TlsContext>> dotTls;
+  kj::Maybe<kj::Own<DnsServer>> dnsServer;
+  kj::Vector<kj::Own<kj::DatagramPort>> dnsPorts;
+  kj::Vector<kj::Array<kj::byte>> publicIps;   // where the DNS points the tunnels' names
   LoggingErrorHandler errorHandler;
   kj::TaskSet tasks;
 
@@ -199,6 +219,141 @@ private:
       return bind(*address).then([this](Listener listener) {
         ready.apiTls = kj::mv(listener.bound);
         tasks.add(acceptTls(*listener.receiver).attach(kj::mv(listener.receiver)));
+      });
+    }
+    return kj::READY_NOW;
+  }
+
+  static kj::Own<kj::TlsContext> serverTls(kj::StringPtr certFile, kj::StringPtr keyFile,
+                                           kj::Maybe<kj::Own<kj::TlsKeypair>>& keypairHolder) {
+    auto keypair = kj::heap<kj::TlsKeypair>(kj::TlsKeypair{
+        kj::TlsPrivateKey(readText(keyFile)), kj::TlsCertificate(readText(certFile))});
+    kj::TlsContext::Options tlsOptions;
+    tlsOptions.useSystemTrustStore = false;
+    tlsOptions.defaultKeypair = *keypair;
+    auto context = kj::heap<kj::TlsContext>(kj::mv(tlsOptions));
+    keypairHolder = kj::mv(keypair);
+    return context;
+  }
+
+  static kj::String hostOf(kj::StringPtr address) {
+    // "127.0.0.1:80" → "127.0.0.1", "[::1]:80" → "::1"
+    KJ_IF_MAYBE(colon, address.findLast(':')) {
+      auto host = kj::str(address.slice(0, *colon));
+      if (host.startsWith("[") && host.endsWith("]")) {
+        return kj::str(host.slice(1, host.size() - 1));
+      }
+      return host;
+    }
+    return kj::str(address);
+  }
+
+  void addPublicIp(kj::StringPtr address) {
+    auto host = hostOf(address);
+    if (host == "0.0.0.0" || host == "*") host = kj::str("127.0.0.1");
+    if (host == "::") host = kj::str("::1");
+    KJ_IF_MAYBE(bytes, parseIpBytes(host)) publicIps.add(kj::mv(*bytes));
+  }
+
+  kj::Promise<void> startPublicTls() {
+    KJ_IF_MAYBE(address, options.publicTlsListen) {
+      kj::String cert, key;
+      KJ_IF_MAYBE(c, options.publicTlsCert) {
+        cert = kj::str(*c);
+        key = kj::str(KJ_REQUIRE_NONNULL(options.publicTlsKey,
+                                         "--public-tls-cert needs --public-tls-key"));
+      } else {
+        auto files = ensureZoneCertificate(options.certificates, registry.zone());
+        cert = kj::mv(files.serverCert);
+        key = kj::mv(files.serverKey);
+      }
+      publicTls = serverTls(cert, key, publicKeypair);
+      return bind(*address).then([this](Listener listener) {
+        return publicTlsBound(kj::mv(listener));
+      });
+    }
+    return kj::READY_NOW;
+  }
+
+  kj::Promise<void> publicTlsBound(Listener listener) {
+    addPublicIp(listener.bound);
+    auto bound = kj::heapString(listener.bound);
+    ready.publicTls = kj::mv(listener.bound);
+    tasks.add(acceptPublicTls(*listener.receiver).attach(kj::mv(listener.receiver)));
+    auto host = hostOf(bound);
+    if (!host.startsWith("127.")) return kj::READY_NOW;
+    // A loopback IPv4 front door also listens on ::1 (same port) when it can, so the AAAA record
+    // that real resolvers return for a quick tunnel points somewhere that serves.
+    auto v6 = kj::str("[::1]:", bound.slice(KJ_ASSERT_NONNULL(bound.findLast(':')) + 1));
+    return bind(v6).then([this](Listener listener) {
+      addPublicIp(listener.bound);
+      tasks.add(acceptPublicTls(*listener.receiver).attach(kj::mv(listener.receiver)));
+    }, [](kj::Exception&& e) {
+      observe::logDebug("HTTPS front door not served on ::1 (no AAAA record)",
+                        observe::Fields().error(e));
+    });
+  }
+
+  kj::Promise<void> acceptPublicTls(kj::ConnectionReceiver& receiver) {
+    return receiver.accept().then([this, &receiver](kj::Own<kj::AsyncIoStream> connection) {
+      tasks.add(servePublicTls(kj::mv(connection)));
+      return acceptPublicTls(receiver);
+    });
+  }
+
+  kj::Promise<void> servePublicTls(kj::Own<kj::AsyncIoStream> connection) {
+    // Per-connection TLS handshake (bounded like a request head): a failure ends that one only.
+    auto& context = *KJ_ASSERT_NONNULL(publicTls);
+    auto handshake = context.wrapServer(kj::mv(connection));
+    return io.provider->getTimer().timeoutAfter(options.frontDoor.headerTimeout,
+                                                kj::mv(handshake))
+        .then([this](kj::Own<kj::AsyncIoStream> secured) {
+      return frontDoor.serve(kj::mv(secured));
+    }).catch_([](kj::Exception&& e) {
+      observe::logDebug("HTTPS front door connection ended", observe::Fields().error(e));
+    });
+  }
+
+  kj::Promise<void> startDns() {
+    if (options.dnsListen == nullptr && options.dotListen == nullptr) return kj::READY_NOW;
+    DnsServerOptions dnsOptions;
+    dnsOptions.dnsDelay = options.dnsDelay;
+    dnsOptions.negativeTtl = options.negativeTtl;
+    if (publicIps.empty()) addPublicIp(ready.publicAddress);
+    for (auto& ip: publicIps) {
+      (ip.size() == 4 ? dnsOptions.ipv4 : dnsOptions.ipv6).add(kj::heapArray(ip.asPtr()));
+    }
+    dnsServer = kj::heap<DnsServer>(io.provider->getTimer(), registry, kj::mv(dnsOptions));
+    kj::Promise<void> promise = kj::READY_NOW;
+    KJ_IF_MAYBE(address, options.dnsListen) {
+      promise = bind(*address).then([this](Listener listener) {
+        return dnsTcpBound(kj::mv(listener));
+      });
+    }
+    return promise.then([this]() { return startDot(); });
+  }
+
+  kj::Promise<void> dnsTcpBound(Listener listener) {
+    // UDP on the port TCP got.
+    auto& server = *KJ_ASSERT_NONNULL(dnsServer);
+    tasks.add(server.listenTcp(*listener.receiver, nullptr).attach(kj::mv(listener.receiver)));
+    ready.dns = kj::heapString(listener.bound);
+    return io.provider->getNetwork().parseAddress(listener.bound)
+        .then([this](kj::Own<kj::NetworkAddress> parsed) {
+      auto port = parsed->bindDatagramPort();
+      tasks.add(KJ_ASSERT_NONNULL(dnsServer)->serveUdp(*port));
+      dnsPorts.add(kj::mv(port));
+    });
+  }
+
+  kj::Promise<void> startDot() {
+    KJ_IF_MAYBE(address, options.dotListen) {
+      dotTls = serverTls(serverCertFile, serverKeyFile, dotKeypair);
+      return bind(*address).then([this](Listener listener) {
+        ready.dot = kj::mv(listener.bound);
+        auto& server = *KJ_ASSERT_NONNULL(dnsServer);
+        tasks.add(server.listenTcp(*listener.receiver, *KJ_ASSERT_NONNULL(dotTls))
+                      .attach(kj::mv(listener.receiver)));
       });
     }
     return kj::READY_NOW;
@@ -327,6 +482,9 @@ private:
     copy.zone = kj::heapString(ready.zone);
     for (auto& e: ready.tcpEdges) copy.tcpEdges.add(kj::heapString(e));
     copy.udpBlocked = ready.udpBlocked;
+    KJ_IF_MAYBE(d, ready.dns) copy.dns = kj::heapString(*d);
+    KJ_IF_MAYBE(d, ready.dot) copy.dot = kj::heapString(*d);
+    KJ_IF_MAYBE(p, ready.publicTls) copy.publicTls = kj::heapString(*p);
     return copy;
   }
 };
@@ -346,5 +504,10 @@ size_t Emulator::http2ConnectionCount() const { return impl->http2Edge->connecti
 void Emulator::setUdpBlocked(bool blocked) { impl->setUdpBlocked(blocked); }
 
 bool Emulator::udpBlocked() { return impl->udpBlocked(); }
+
+uint64_t Emulator::dnsQueryCount() const {
+  KJ_IF_MAYBE(d, impl->dnsServer) return (*d)->queryCount();
+  return 0;
+}
 
 }  // namespace cfqt::emulator

@@ -6,6 +6,7 @@
 #pragma once
 
 #include "certs.h"
+#include "dns-server.h"
 #include "front-door.h"
 #include "h2-session.h"
 #include "registry.h"
@@ -37,6 +38,16 @@ struct EmulatorOptions {
   FrontDoorOptions frontDoor;
   kj::Duration apiHeaderTimeout = 15 * kj::SECONDS;
 
+  // The public Internet's part (issue 16); each listener is off unless its address is given.
+  kj::Maybe<kj::String> dnsListen;       // authoritative DNS for `zone`, UDP and TCP, same port
+  kj::Maybe<kj::String> dotListen;       // the same over DNS-over-TLS (server certificate)
+  kj::Maybe<kj::String> publicTlsListen; // HTTPS front door (certificate for *.<zone>)
+  kj::Maybe<kj::String> publicTlsCert;   // with publicTlsKey: that certificate instead
+  kj::Maybe<kj::String> publicTlsKey;
+  kj::Duration dnsDelay = 0 * kj::SECONDS;   // A/AAAA appear this long after first registration
+  uint32_t negativeTtl = 1800;               // SOA minimum of NXDOMAIN answers, seconds
+  // FrontDoorOptions::routeDelay is --route-delay.
+
   static quic::TransportConfig defaultEdgeTransport();
   // The QUIC defaults with keep-alive off (the client keeps the connection alive), the 5 s idle
   // timeout of §3.2, and a production edge's receive side: 512 KiB stream windows (auto-tuned up
@@ -54,10 +65,14 @@ struct ReadyInfo {
   kj::String admin;
   kj::String ca;                         // path of the CA certificate (PEM)
   kj::String zone;
+  kj::Maybe<kj::String> dns;             // DNS (UDP and TCP) address, when on
+  kj::Maybe<kj::String> dot;             // DNS-over-TLS address, when on
+  kj::Maybe<kj::String> publicTls;       // HTTPS front door address, when on
 
   kj::String toJson() const;
   // {"api":..,"edge":<first edge>,"edges":[..],"public":..,"admin":..,"ca":..,"zone":..,
-  //  "tcpEdges":[..],"udpBlocked":false} plus "apiTls":.. when the HTTPS API listener is on.
+  //  "tcpEdges":[..],"udpBlocked":false,"dns":..,"dot":..,"public_tls":..} (null when off) plus
+  //  "apiTls":.. when the HTTPS API listener is on.
 };
 
 class Emulator {
@@ -72,6 +87,7 @@ public:
   // everything listens. Rejects (FAILED/DISCONNECTED) if an address can't be parsed or bound.
 
   Registry& registry() { return *registryPtr; }
+  uint64_t dnsQueryCount() const;    // DNS messages answered (UDP, TCP and DoT)
   FrontDoor& frontDoor() { return *frontDoorPtr; }
 
   bool hasQuicEdge() const;

@@ -536,6 +536,11 @@ kj::Promise<void> FrontDoor::Exchange::run() {
     return sendPage(530, 1033, "Cloudflare Tunnel error",
         kj::str("There is no tunnel at ", host, ": the hostname does not resolve to a tunnel."));
   }
+  if (door.options.routeDelay > 0 * kj::SECONDS &&
+      !door.registry.registeredFor(*tunnel, door.options.routeDelay)) {
+    return sendPage(530, 1033, "Cloudflare Tunnel error",
+        kj::str("The edge does not route ", host, " to its tunnel yet."));
+  }
   ConnectionRecord* record = nullptr;
   KJ_IF_MAYBE(r, door.registry.pick(*tunnel)) {
     record = r;

@@ -36,6 +36,9 @@ struct FrontDoorOptions {
   // Scheme of the ConnectRequest dest URL and of X-Forwarded-Proto / Cf-Visitor, as the real
   // edge (which only serves HTTPS for trycloudflare) would send it.
   kj::StringPtr rayColo = "EMU";
+  kj::Duration routeDelay = 0 * kj::SECONDS;
+  // --route-delay: for this long after a tunnel's first registration the edge does not route
+  // its hostname yet (530, error 1033), as Cloudflare's edge takes a while to.
 };
 
 class FrontDoor {

@@ -325,7 +325,8 @@ KJ_TEST("cfqt-edge prints one JSON ready line with every bound address") {
           "--edge-listen", "127.0.0.1:0", "--edge-listen", "127.0.0.2:0",
           "--public-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
           "--state-dir", stateDir.cStr(), "--zone", "cli.localhost", "--loglevel", "error",
-          "--idle-timeout", "300ms", static_cast<char*>(nullptr));
+          "--idle-timeout", "300ms", "--dns-listen", "127.0.0.1:0", "--dot-listen", "127.0.0.1:0",
+          "--public-tls-listen", "127.0.0.1:0", static_cast<char*>(nullptr));
     _exit(127);
   }
   close(out[1]);
@@ -355,7 +356,7 @@ KJ_TEST("cfqt-edge prints one JSON ready line with every bound address") {
   line.add('\0');
   auto text = kj::String(line.releaseAsArray());
   auto doc = parseJson(text);
-  for (auto key: {"api", "public", "admin"}) {
+  for (auto key: {"api", "public", "admin", "dns", "dot", "public_tls"}) {
     KJ_EXPECT(field(doc->root, key).getString().startsWith("127.0.0.1:"), key, text);
     KJ_EXPECT(!field(doc->root, key).getString().endsWith(":0"), key, text);
   }
@@ -384,7 +385,7 @@ KJ_TEST("cfqt-edge prints one JSON ready line with every bound address") {
   kj::Vector<kj::String> keys;
   for (auto f: doc->root.getObject()) keys.add(kj::str(f.getName()));
   KJ_EXPECT(kj::strArray(keys, ",") ==
-            "api,edge,edges,public,admin,ca,zone,tcpEdges,udpBlocked", text);
+            "api,edge,edges,public,admin,ca,zone,tcpEdges,udpBlocked,dns,dot,public_tls", text);
 
   // The API it printed answers.
   auto io = kj::setupAsyncIo();

@@ -123,8 +123,23 @@ kj::OneOf<ConnectionRecord*, RegistrationError> Registry::registerConnection(
     ConnectionState::REGISTERED, connection, 0, connection.protocol()});
   auto result = record.get();
   records.add(kj::mv(record));
+  if (tunnel->firstRegistered == nullptr) {
+    KJ_IF_MAYBE(c, clock) {
+      tunnel->firstRegistered = c->now();
+    } else {
+      tunnel->firstRegistered = kj::origin<kj::TimePoint>();
+    }
+  }
   pruneClosed();
   return result;
+}
+
+bool Registry::registeredFor(const IssuedTunnel& tunnel, kj::Duration delay) const {
+  KJ_IF_MAYBE(first, tunnel.firstRegistered) {
+    KJ_IF_MAYBE(c, clock) return c->now() - *first >= delay;
+    return true;
+  }
+  return false;
 }
 
 void Registry::unregisterConnection(ConnectionRecord& record) {

@@ -10,6 +10,7 @@
 #include <kj/async-io.h>
 #include <kj/one-of.h>
 #include <kj/string.h>
+#include <kj/time.h>
 #include <kj/vector.h>
 
 namespace cfqt::emulator {
@@ -71,6 +72,8 @@ struct IssuedTunnel {
   kj::Array<kj::byte> secret;       // 32 bytes
   kj::String secretBase64;          // standard alphabet, padded
   kj::uint roundRobin = 0;
+  kj::Maybe<kj::TimePoint> firstRegistered;  // when its first connection registered (with a
+                                             // clock set, Registry::setClock())
 };
 
 enum class ConnectionState { REGISTERED, UNREGISTERED, CLOSED };
@@ -147,6 +150,14 @@ public:
 
   kj::Maybe<ConnectionRecord&> findConnection(kj::uint id);
 
+  void setClock(const kj::MonotonicClock& clock) { this->clock = clock; }
+  // Registrations then stamp IssuedTunnel::firstRegistered (the DNS and route delays count from
+  // it). `clock` must outlive the registry.
+
+  bool registeredFor(const IssuedTunnel& tunnel, kj::Duration delay) const;
+  // True once `delay` has passed since the tunnel's first registration (false before any; with
+  // no clock set, true once it registered).
+
   void rejectNextRegistrations(RegistrationError error, kj::uint count = 1);
   // The next `count` registerConnection calls get `error` regardless of their credentials.
 
@@ -167,6 +178,7 @@ private:
   kj::uint nextConnectionId = 1;
   kj::Maybe<RegistrationError> injectedError;
   kj::uint injectedCount = 0;
+  kj::Maybe<const kj::MonotonicClock&> clock;
 
   kj::Maybe<IssuedTunnel&> findById(kj::ArrayPtr<const kj::byte> id);
   void pruneClosed();

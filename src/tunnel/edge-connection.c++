@@ -1,6 +1,7 @@
 #include "tunnel/edge-connection.h"
 
 #include "tunnel/edge-roots.h"
+#include "tunnel/ready-probe.h"
 #include "tunnel/quic-transport.h"
 
 #include "edge/quick-tunnel-api.h"
@@ -8,6 +9,8 @@
 #include <capnp/compat/json.h>
 #include <capnp/message.h>
 #include <kj/debug.h>
+
+#include <strings.h>
 
 namespace cfqt::tunnel {
 
@@ -423,7 +426,35 @@ private:
     });
   }
 
+  bool isReadyProbe(const ProxyRequest& request) {
+    // The --wait-ready probe of this very process (READY_PROBE_HEADER with our token).
+    if (ctx.config.readyToken.size() == 0) return false;
+    KJ_IF_MAYBE(head, request.head.tryGet<wire::HttpRequestHead>()) {
+      for (auto& h: head->headers) {
+        if (h.value == ctx.config.readyToken && h.name.size() == READY_PROBE_HEADER.size() &&
+            strncasecmp(h.name.cStr(), READY_PROBE_HEADER.cStr(), h.name.size()) == 0) {
+          return true;
+        }
+      }
+    }
+    return false;
+  }
+
+  kj::Promise<void> answerReadyProbe(EdgeStream& s) {
+    static constexpr kj::StringPtr BODY = "cfqt: this tunnel serves\n"_kj;
+    wire::Header headers[] = {
+        {kj::str(READY_PROBE_HEADER), kj::str(ctx.config.readyToken)},
+        {kj::str("Content-Type"), kj::str("text/plain")},
+        {kj::str("Cache-Control"), kj::str("no-store")},
+        {kj::str("Content-Length"), kj::str(BODY.size())}};
+    ctx.logger.debug("Answered the readiness probe", fields().add("stream", s.id()));
+    return s.sink().sendHead(200, headers).then([&s]() {
+      return s.io().write(BODY.begin(), BODY.size());
+    }).then([&s]() { s.io().shutdownWrite(); });
+  }
+
   kj::Promise<void> serveData(EdgeStream& s, ProxyRequest request) {
+    if (isReadyProbe(request)) return answerReadyProbe(s);
     // total/concurrent requests are counted here, per data stream; the origin counts the
     // response codes and the failed requests (request_errors).
     ctx.status.requestStarted();

@@ -51,6 +51,10 @@ struct EdgeConnectionConfig {
   kj::Duration streamPreambleTimeout = 10 * kj::SECONDS;
   // --stream-preamble-timeout: an edge-opened stream must deliver its signature and
   // ConnectRequest within this long, or it is reset.
+  kj::String readyToken;
+  // --wait-ready (issue 16): a request carrying this value in the Cfqt-Ready-Probe header is
+  // answered by the tunnel itself (200, the header echoed), never forwarded to the origin nor
+  // counted in its metrics. Empty: no request is answered this way.
 };
 
 class TransportDialer {

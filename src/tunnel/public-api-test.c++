@@ -30,7 +30,7 @@ struct EdgeProcess {
   pid_t pid = -1;
   std::string ready;
 
-  EdgeProcess() {
+  explicit EdgeProcess(std::vector<std::string> extra = {}) {
     const char* bin = getenv("CFQT_BIN_DIR");
     if (bin == nullptr) KJ_FAIL_REQUIRE("CFQT_BIN_DIR must point at the build's bin/");
     auto path = kj::str(bin, "/cfqt-edge");
@@ -46,9 +46,13 @@ struct EdgeProcess {
       // Unwind and exit() on SIGTERM instead of _exit(): destructors and (in sanitizer builds)
       // the leak check run, and their findings show in the exit status.
       setenv("KJ_CLEAN_SHUTDOWN", "1", 1);
-      execl(path.cStr(), path.cStr(), "--state-dir", stateTemplate, "--edge-listen",
-            "127.0.0.1:0", "--edge-listen", "127.0.0.2:0", "--loglevel", "error",
-            static_cast<char*>(nullptr));
+      std::vector<std::string> args = {path.cStr(), "--state-dir", stateTemplate,
+          "--edge-listen", "127.0.0.1:0", "--edge-listen", "127.0.0.2:0", "--loglevel", "error"};
+      for (auto& e: extra) args.push_back(e);
+      std::vector<char*> argv;
+      for (auto& a: args) argv.push_back(const_cast<char*>(a.c_str()));
+      argv.push_back(nullptr);
+      execv(path.cStr(), argv.data());
       _exit(127);
     }
     close(fds[1]);
@@ -447,6 +451,109 @@ KJ_TEST("C API: the log callback with user data") {
   KJ_EXPECT(requesting, all);
   KJ_EXPECT(recorded.retried, all);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Readiness (issue 16): waitUntilServing() against cfqt-edge's DNS-over-TLS server and HTTPS
+// front door.
+
+std::vector<std::string> readyEdgeArgs(const char* dnsDelay, const char* routeDelay) {
+  return {"--dot-listen", "127.0.0.1:0", "--public-tls-listen", "127.0.0.1:0",
+          "--dns-delay", dnsDelay, "--route-delay", routeDelay};
+}
+
+cfqt::TunnelOptions readyOptions(EdgeProcess& edge) {
+  cfqt::TunnelOptions o;
+  o.helloWorld = true;
+  o.quickService = "http://" + edge.field("api");
+  o.edges = edge.edges();
+  o.edgeCaFile = edge.field("ca");
+  o.backoffBase = std::chrono::milliseconds(20);
+  o.gracePeriod = std::chrono::milliseconds(2000);
+  o.logLevel = "error";
+  o.readyResolvers = {edge.field("dot") + "#localhost"};
+  auto tls = edge.field("public_tls");
+  o.readyPort = atoi(tls.substr(tls.rfind(':') + 1).c_str());
+  o.readyCaFile = edge.field("ca");
+  return o;
+}
+
+KJ_TEST("public C++ API: waitUntilServing returns once DNS and routing work") {
+  EdgeProcess edge(readyEdgeArgs("300ms", "300ms"));
+  auto tunnel = cfqt::Tunnel::start(readyOptions(edge));
+  auto started = std::chrono::steady_clock::now();
+  tunnel->waitUntilServing(std::chrono::seconds(20));
+  auto took = std::chrono::steady_clock::now() - started;
+  // Not before both delays (counted from the first registration) have passed.
+  KJ_EXPECT(took >= std::chrono::milliseconds(300),
+            std::chrono::duration_cast<std::chrono::milliseconds>(took).count());
+  KJ_EXPECT(!tunnel->hostname().empty());
+  tunnel->waitUntilServing(std::chrono::seconds(1));   // stays true
+  KJ_EXPECT(tunnel->stop() == 0);
+}
+
+KJ_TEST("public C++ API: with waitReady, waitForUrl gives the URL only once it serves") {
+  EdgeProcess edge(readyEdgeArgs("400ms", "0"));
+  auto o = readyOptions(edge);
+  o.waitReady = true;
+  auto tunnel = cfqt::Tunnel::start(o);
+  KJ_ASSERT(tunnel->waitUntilReady(std::chrono::seconds(20)));
+  // Registered, but DNS is 400 ms away: no URL yet.
+  KJ_EXPECT(tunnel->waitForUrl(std::chrono::milliseconds(100)).empty());
+  auto url = tunnel->waitForUrl(std::chrono::seconds(20));
+  KJ_EXPECT(url.rfind("https://", 0) == 0, url);
+  tunnel->waitUntilServing(std::chrono::milliseconds(100));   // already serving
+  KJ_EXPECT(tunnel->stop() == 0);
+}
+
+KJ_TEST("public C++ and C APIs: waitUntilServing names the stage that did not succeed") {
+  EdgeProcess edge(readyEdgeArgs("1h", "0"));
+  {
+    auto tunnel = cfqt::Tunnel::start(readyOptions(edge));
+    KJ_ASSERT(tunnel->waitUntilReady(std::chrono::seconds(20)));
+    bool threw = false;
+    try {
+      tunnel->waitUntilServing(std::chrono::milliseconds(800));
+    } catch (const cfqt::NotServingError& e) {
+      threw = true;
+      KJ_EXPECT(e.stage() == cfqt::ServingStage::DNS, e.what());
+      KJ_EXPECT(std::string(e.what()).find("DNS") != std::string::npos, e.what());
+    }
+    KJ_EXPECT(threw);
+    KJ_EXPECT(tunnel->stop() == 0);
+  }
+
+  EdgeProcess routing(readyEdgeArgs("0", "1h"));
+  auto o = readyOptions(routing);
+  auto ca = o.readyCaFile;
+  auto resolver = o.readyResolvers[0];
+  auto api = o.quickService;
+  auto edges = routing.edges();
+  const char* edgeList[] = {edges[0].c_str(), edges[1].c_str()};
+  const char* resolvers[] = {resolver.c_str()};
+  cfqt_options c;
+  cfqt_options_init(&c);
+  c.hello_world = 1;
+  c.quick_service = api.c_str();
+  c.edges = edgeList;
+  c.edge_count = 2;
+  c.edge_ca_file = ca.c_str();
+  c.log_level = "error";
+  c.backoff_base_ms = 20;
+  c.ready_resolvers = resolvers;
+  c.ready_resolver_count = 1;
+  c.ready_port = o.readyPort;
+  c.ready_ca_file = ca.c_str();
+  char error[512];
+  cfqt_tunnel* t = cfqt_tunnel_start(&c, error, sizeof error);
+  KJ_ASSERT(t != nullptr, error);
+  KJ_ASSERT(cfqt_tunnel_wait_ready(t, 20000) == 1);
+  int stage = cfqt_tunnel_wait_serving(t, 1500, error, sizeof error);
+  KJ_EXPECT(stage == CFQT_STAGE_ROUTING, stage, error);
+  KJ_EXPECT(strstr(error, "routing") != nullptr, error);
+  KJ_EXPECT(cfqt_tunnel_stop(t) == 0);
+  cfqt_tunnel_free(t);
+}
+
 
 }  // namespace
 }  // namespace cfqt::tunnel

@@ -143,6 +143,51 @@ public:
     }
   }
 
+  void waitUntilServing(std::chrono::milliseconds timeout) {
+    // Starts the probe on the loop, then polls its state every few milliseconds.
+    auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (true) {
+      bool known = false;
+      tunnel::ReadyStage stage = tunnel::ReadyStage::DNS;
+      bool probing = false;
+      std::string failure;
+      bool failed = false;
+      onLoop([&]() {
+        auto runner = state.lockShared()->runner;
+        if (runner == nullptr) return;
+        known = true;
+        runner->probeServing();          // idempotent: starts the probe on the first call
+        auto serving = runner->servingState();
+        probing = serving.probing;
+        stage = serving.stage;
+        KJ_IF_MAYBE(f, serving.failure) {
+          failed = true;
+          failure = toStd(*f);
+        }
+      });
+      auto publicStage = !probing ? ServingStage::TUNNEL
+          : stage == tunnel::ReadyStage::DNS ? ServingStage::DNS : ServingStage::ROUTING;
+      if (probing && stage == tunnel::ReadyStage::SERVING && !failed) return;
+      if (failed) throw NotServingError(publicStage, "cfqt: the URL does not serve: " + failure);
+      if (!running()) {
+        throw NotServingError(ServingStage::TUNNEL, "cfqt: the tunnel is not running");
+      }
+      if (std::chrono::steady_clock::now() >= deadline) {
+        std::string what = publicStage == ServingStage::TUNNEL
+            ? "no quick tunnel with started edge connections yet"
+            : publicStage == ServingStage::DNS
+            ? "DNS stage: the hostname does not resolve via the public resolvers yet"
+            : "routing stage: the hostname resolves, but the edge does not route it to this "
+              "tunnel yet";
+        if (!known) publicStage = ServingStage::TUNNEL;
+        throw NotServingError(publicStage, "cfqt: the URL did not serve within " +
+                              std::to_string(timeout.count()) + " ms: " + what);
+      }
+      auto lock = state.lockExclusive();
+      lock.wait([](const SharedState& s) { return s.finished; }, 10 * kj::MILLISECONDS);
+    }
+  }
+
 private:
   template <typename Func>
   void onLoop(Func&& func) const {
@@ -264,6 +309,20 @@ std::unique_ptr<Tunnel> Tunnel::start(const TunnelOptions& o) {
     throw TunnelError("cfqt: protocol must be quic, http2 or auto, got \"" + o.protocol + "\"");
   }
   r.configurationFlags.add(tunnel::ConfigFlag{kj::str("protocol"), toKj(o.protocol)});
+  r.waitReady = o.waitReady;
+  if (o.readyTimeout.count() <= 0) throw TunnelError("cfqt: readyTimeout must be positive");
+  r.ready.timeout = toDuration(o.readyTimeout);
+  for (auto& resolver: o.readyResolvers) {
+    KJ_IF_MAYBE(why, tunnel::readyResolverError(toKj(resolver))) {
+      throw TunnelError("cfqt: readyResolvers: " + toStd(*why));
+    }
+    r.ready.resolvers.add(toKj(resolver));
+  }
+  if (o.readyPort < 1 || o.readyPort > 65535) {
+    throw TunnelError("cfqt: readyPort must be between 1 and 65535");
+  }
+  r.ready.port = static_cast<uint16_t>(o.readyPort);
+  if (!o.readyCaFile.empty()) r.ready.caFile = toKj(o.readyCaFile);
 
   observe::LogConfig logConfig;
   KJ_IF_MAYBE(level, observe::parseLogLevel(toKj(o.logLevel))) {
@@ -282,6 +341,9 @@ std::string Tunnel::waitForUrl(std::chrono::milliseconds timeout) {
 }
 bool Tunnel::waitUntilReady(std::chrono::milliseconds timeout) {
   return impl->waitUntilReady(timeout);
+}
+void Tunnel::waitUntilServing(std::chrono::milliseconds timeout) {
+  impl->waitUntilServing(timeout);
 }
 std::string Tunnel::publicUrl() const { return impl->publicUrl(); }
 std::string Tunnel::hostname() const { return impl->hostname(); }
@@ -353,6 +415,15 @@ cfqt_tunnel* cfqt_tunnel_start(const cfqt_options* options, char* error, size_t 
         fn(user, static_cast<int>(level), message.c_str(), list.data(), list.size());
       };
     }
+    o.waitReady = options->wait_ready != 0;
+    if (options->ready_timeout_ms > 0) {
+      o.readyTimeout = std::chrono::milliseconds(options->ready_timeout_ms);
+    }
+    for (size_t i = 0; i < options->ready_resolver_count; i++) {
+      o.readyResolvers.push_back(options->ready_resolvers[i]);
+    }
+    if (options->ready_port > 0) o.readyPort = options->ready_port;
+    if (options->ready_ca_file != nullptr) o.readyCaFile = options->ready_ca_file;
     auto handle = std::make_unique<cfqt_tunnel>();
     handle->tunnel = cfqt::Tunnel::start(o);
     return handle.release();
@@ -372,6 +443,25 @@ int cfqt_tunnel_wait_url(cfqt_tunnel* t, int timeoutMs, char* url, size_t urlSiz
 
 int cfqt_tunnel_wait_ready(cfqt_tunnel* t, int timeoutMs) {
   return t->tunnel->waitUntilReady(std::chrono::milliseconds(timeoutMs)) ? 1 : 0;
+}
+
+int cfqt_tunnel_wait_serving(cfqt_tunnel* t, int timeoutMs, char* error, size_t errorSize) {
+  try {
+    t->tunnel->waitUntilServing(std::chrono::milliseconds(timeoutMs));
+    copyOut("", error, errorSize);
+    return 0;
+  } catch (const cfqt::NotServingError& e) {
+    copyOut(e.what(), error, errorSize);
+    switch (e.stage()) {
+      case cfqt::ServingStage::TUNNEL: return CFQT_STAGE_TUNNEL;
+      case cfqt::ServingStage::DNS: return CFQT_STAGE_DNS;
+      case cfqt::ServingStage::ROUTING: return CFQT_STAGE_ROUTING;
+    }
+    return CFQT_STAGE_TUNNEL;
+  } catch (const std::exception& e) {
+    copyOut(e.what(), error, errorSize);
+    return CFQT_STAGE_TUNNEL;
+  }
 }
 
 int cfqt_tunnel_ready_connections(cfqt_tunnel* t) { return t->tunnel->readyConnections(); }

@@ -3,6 +3,7 @@
 #include "edge/address-pool.h"
 
 #include <kj/debug.h>
+#include <kj/encoding.h>
 
 #include <algorithm>
 #include <errno.h>
@@ -116,6 +117,9 @@ Runner::Runner(kj::AsyncIoContext& io, const observe::Logger& logger, RunnerOpti
   auto paf = kj::newPromiseAndFulfiller<void>();
   stopFulfiller = kj::mv(paf.fulfiller);
   stopSignal = paf.promise.fork();
+  readyToken = kj::encodeHex(newConnectorId());
+  options.edge.readyToken = kj::str(readyToken);
+  probeWanted = options.waitReady;
 }
 
 Runner::~Runner() noexcept(false) {}
@@ -136,6 +140,66 @@ void Runner::shutdown() {
     });
   } else {
     stopFulfiller->fulfill();
+  }
+}
+
+void Runner::announce() {
+  auto banner = bannerText(publicUrlText);
+  size_t start = 0;
+  for (size_t i = 0; i <= banner.size(); i++) {
+    if (i == banner.size() || banner[i] == '\n') {
+      logger.info(kj::heapString(banner.begin() + start, i - start));
+      start = i + 1;
+    }
+  }
+  callbacks.tunnelCreated(publicUrlText, hostnameText);
+}
+
+void Runner::probeServing() {
+  probeWanted = true;
+  if (edgesStarted) startProbe();
+}
+
+ServingState Runner::servingState() const {
+  ServingState state;
+  KJ_IF_MAYBE(e, probeSetupError) {
+    state.failure = kj::str(*e);
+    return state;
+  }
+  KJ_IF_MAYBE(p, readyProbe) {
+    state.probing = true;
+    state.stage = (*p)->stage();
+    KJ_IF_MAYBE(f, (*p)->failure()) {
+      state.stage = f->stage;
+      state.failure = kj::str(f->message);
+    }
+  }
+  return state;
+}
+
+void Runner::startProbe() {
+  if (readyProbe != nullptr || probeSetupError != nullptr) return;
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+    readyProbe = kj::heap<ReadyProbe>(io.provider->getTimer(), io.provider->getNetwork(), logger,
+                                      options.ready);
+  })) {
+    probeSetupError = kj::str(e->getDescription());
+    servingFailed(kj::mv(*e));
+    return;
+  }
+  auto& probe = *KJ_ASSERT_NONNULL(readyProbe);
+  readyTask = probe.run(hostnameText, readyToken).then([this]() {
+    if (options.waitReady) announce();
+  }, [this](kj::Exception&& e) { servingFailed(kj::mv(e)); }).eagerlyEvaluate(nullptr);
+}
+
+void Runner::servingFailed(kj::Exception&& e) {
+  logger.error("The URL does not serve; giving up",
+               observe::Fields().add("hostname", hostnameText).error(e)
+                   .add("registeredConnections", tunnelStatus.readyConnections()));
+  if (options.waitReady) {
+    readyFailed = true;
+    shutdown();
   }
 }
 
@@ -176,15 +240,13 @@ kj::Promise<int> Runner::tunnelIssued(edge::QuickTunnel tunnel) {
   } else {
     publicUrlText = kj::str("https://", tunnel.hostname);
   }
-  auto banner = bannerText(publicUrlText);
-  size_t start = 0;
-  for (size_t i = 0; i <= banner.size(); i++) {
-    if (i == banner.size() || banner[i] == '\n') {
-      logger.info(kj::heapString(banner.begin() + start, i - start));
-      start = i + 1;
-    }
+  hostnameText = kj::str(tunnel.hostname);
+  if (options.waitReady) {
+    logger.info("Quick tunnel issued; its URL is printed once it serves (--wait-ready)",
+                kj::str("hostname=", tunnel.hostname));
+  } else {
+    announce();
   }
-  callbacks.tunnelCreated(publicUrlText, tunnel.hostname);
   // cloudflared's SendURL: the label is the hostname with https:// (never the --local URL).
   tunnelStatus.userHostname(tunnel.hostname.startsWith("https://")
                             ? kj::str(tunnel.hostname) : kj::str("https://", tunnel.hostname));
@@ -307,6 +369,8 @@ kj::Promise<int> Runner::edgesDiscovered(edge::EdgeAddresses addresses) {
   pool = kj::mv(addressPool);
   factory = kj::mv(f);
   supervisor = kj::mv(s);
+  edgesStarted = true;
+  if (probeWanted) startProbe();
   return promise.then([this]() { return supervisorDone(); });
 }
 
@@ -338,7 +402,7 @@ int Runner::supervisorDone() {
     metricsTask = nullptr;
     logger.info("Metrics server stopped");
   }
-  return 0;
+  return readyFailed ? 1 : 0;
 }
 
 }  // namespace cfqt::tunnel

@@ -5,6 +5,7 @@
 
 #include "tunnel/edge-connection.h"
 #include "tunnel/edge-dialer.h"
+#include "tunnel/ready-probe.h"
 #include "tunnel/supervisor.h"
 
 #include "edge/discovery.h"
@@ -49,6 +50,16 @@ struct RunnerOptions {
   // 0 = never.
   kj::Maybe<kj::Function<kj::String(kj::StringPtr hostname)>> publicUrl;
   // The URL shown for a hostname; default "https://<hostname>" (--local: the front door).
+  ReadyProbeConfig ready;                // how the URL's readiness is probed (issue 16)
+  bool waitReady = false;
+  // --wait-ready: the banner and tunnelCreated() (the URL line) come only once the URL serves;
+  // if it does not within ready.timeout, run() resolves 1 after a graceful shutdown.
+};
+
+struct ServingState {
+  bool probing = false;                  // false: the probe has not started (tunnel stage)
+  ReadyStage stage = ReadyStage::DNS;
+  kj::Maybe<kj::String> failure;         // the probe gave up: why (names the stage)
 };
 
 class RunnerCallbacks {
@@ -75,6 +86,12 @@ public:
   void shutdown();
   // Starts the graceful shutdown (unregister, drain up to the grace period, close). Idempotent;
   // run() resolves when it is done.
+
+  void probeServing();
+  // Starts the readiness probe (once); if the edge connections have not started yet, it starts
+  // with them. --wait-ready and Tunnel::waitUntilServing() use it.
+
+  ServingState servingState() const;
 
   const observe::TunnelStatus& status() const { return tunnelStatus; }
   kj::StringPtr url() const { return publicUrlText; }
@@ -120,6 +137,19 @@ private:
   int supervisorDone();
   kj::Promise<void> returnMemory(uint64_t servedBefore);
   int startFailed(kj::StringPtr what, kj::Exception&& e);
+
+  // Readiness (issue 16).
+  kj::String readyToken;
+  kj::String hostnameText;
+  bool probeWanted = false;
+  bool edgesStarted = false;
+  bool readyFailed = false;
+  kj::Maybe<kj::String> probeSetupError;
+  kj::Maybe<kj::Own<ReadyProbe>> readyProbe;
+  kj::Maybe<kj::Promise<void>> readyTask;
+  void announce();
+  void startProbe();
+  void servingFailed(kj::Exception&& e);
 };
 
 kj::String localConfigurationJson(kj::StringPtr service, kj::ArrayPtr<const ConfigFlag> flags);
