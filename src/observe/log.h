@@ -1,7 +1,12 @@
 #pragma once
 // Logging for the cfqt product (PROTOCOL.md §1.4, §8.7): cloudflared-style console lines
-// `2026-11-25T10:56:58Z INF Registered tunnel connection connIndex=0 ...` on stderr and/or a log
-// file, and a kj::ExceptionCallback that routes the lower layers' KJ_LOG lines to the same place.
+// `2026-11-25T10:56:58Z INF Registered tunnel connection connIndex=0 ...` (or one JSON object per
+// line, --log-format-output json) on stderr, a log file and/or a LogSink (the library's log
+// callback). A line is one fixed sentence plus fields built with observe::Fields, which escapes
+// every value: no call site formats `key=value` by hand, and nothing a peer sends reaches the
+// terminal raw. Layers without a Logger log through observe::log() (the thread's Logger), and
+// a kj::ExceptionCallback (LogCallback) routes what still comes through KJ_LOG (capnp, KJ) to the
+// same place, without expression dumps, source locations or stacks above debug.
 //
 // Log volume is bounded (issue 13): nothing a visitor does can make cfqt write more than a fixed
 // number of lines, of a fixed maximum size, per interval.
@@ -123,7 +128,7 @@ private:
 };
 
 kj::String describeKjText(kj::StringPtr text);
-// The same for a KJ description text (`sentence; expr = value; ...`).
+// What describeException() does, for a KJ description text (`sentence; expr = value; ...`).
 
 kj::String describeException(const kj::Exception& e);
 // One readable sentence for a log field or a user-facing message: the description with KJ's
@@ -132,8 +137,8 @@ kj::String describeException(const kj::Exception& e);
 // location or stack.
 
 class LogSink {
-  // Where lines go instead of stderr when set (the library's log callback). Called with the
-  // logger's own lock held, so never by two threads at once; must not log through the same
+  // Where lines go instead of stderr when set (the library's log callback). Called under a
+  // lock of the Logger, so never by two threads at once; must not log through the same
   // Logger. Values are as given (not escaped), each cut to LogConfig::maxLineBytes.
 public:
   virtual ~LogSink() noexcept(false) = default;
@@ -156,7 +161,7 @@ struct LogConfig {
   kj::Maybe<const kj::MonotonicClock&> clock = nullptr;
   // Time source of the intervals (tests inject one); null means the system's coarse monotonic
   // clock. Must outlive the Logger and be callable from any thread that logs.
-  LogFormat format = LogFormat::TEXT;
+  LogFormat format = LogFormat::TEXT;   // --log-format-output (stderr and the file)
   kj::Maybe<kj::Own<LogSink>> sink = nullptr;
   // Replaces stderr (the file, if any, is still written).
 };

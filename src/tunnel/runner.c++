@@ -323,7 +323,10 @@ kj::Promise<int> Runner::metricsBound(kj::Maybe<kj::Own<kj::ConnectionReceiver>>
 }
 
 kj::Promise<int> Runner::edgesDiscovered(edge::EdgeAddresses addresses) {
-  for (auto& w: addresses.warnings) logger.warn(w);
+  // Discovery logged each of these as a warning with its fields already.
+  for (auto& w: addresses.warnings) {
+    logger.debug("Edge discovery warning", observe::Fields().add("warning", w));
+  }
   kj::Vector<kj::String> names;
   for (auto& region: addresses.regions) {
     for (auto& a: region.primary) names.add(a.toString());
