@@ -1,0 +1,216 @@
+"""cfqt's Python package against cfqt-edge: origin tunnels, the in-process handler, and real
+WSGI (Flask) and ASGI (Starlette) apps served with no local port."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+
+import pytest
+
+import cfqt
+from conftest import children_of_this_process, listening_sockets_of_this_process
+
+MiB = 1 << 20
+
+
+def assert_in_process(edge) -> None:
+    assert listening_sockets_of_this_process() == [], "this process listens on a TCP socket"
+    assert children_of_this_process() == [edge_pid(edge)], "a child other than cfqt-edge"
+
+
+def edge_pid(edge) -> int:
+    # conftest's cfqt-edge is this process's only child.
+    return children_of_this_process()[0]
+
+
+def test_origin_tunnel_url_ready_status_metrics(edge):
+    with cfqt.Tunnel(hello_world=True, **edge.options()) as t:
+        assert t.url.startswith("https://")
+        t.wait_ready(timeout=20)
+        assert t.running and t.ready_connections == 1
+        status, _, _ = edge.request(t.hostname, "GET", "/_health")
+        assert status == 200
+        assert "cloudflared_tunnel_total_requests 1" in t.metrics()
+        assert t.status()["ready_connections"] == 1
+        try:
+            t.wait_serving(timeout=20)
+        except NotImplementedError:
+            pass   # this libcfqt has no cfqt_tunnel_wait_serving
+        assert t.stop() == 0
+        assert not t.running
+
+
+def test_errors_carry_the_library_message():
+    with pytest.raises(cfqt.CfqtError, match="nothing to expose"):
+        cfqt.Tunnel()
+    with pytest.raises(cfqt.CfqtError, match="protocol must be quic, http2 or auto"):
+        cfqt.Tunnel(url="http://localhost:1", protocol="udp")
+
+
+def test_handler_request_and_errors(edge):
+    answered_twice = []
+
+    def handler(request: cfqt.Request) -> None:
+        if request.path == "/boom":
+            raise RuntimeError("secret detail")
+        if request.path == "/twice":
+            request.respond(200, [("Content-Type", "text/plain")], b"first")
+            try:
+                request.respond(200)
+            except cfqt.CfqtError as e:
+                answered_twice.append(str(e))
+            return
+        body = request.read_all()
+        request.respond(200, [("X-Method", request.method)],
+                        request.path.encode() + b" " + body + b" " +
+                        request.header("x-probe").encode())
+
+    with cfqt.Tunnel(handler=handler, **edge.options()) as t:
+        t.wait_ready(timeout=20)
+        status, headers, body = edge.request(t.hostname, "POST", "/echo?q=1", b"payload",
+                                             {"X-Probe": "p"})
+        assert (status, body) == (200, b"/echo?q=1 payload p")
+        assert headers["X-Method"] == "POST"
+        status, _, body = edge.request(t.hostname, "GET", "/boom")
+        assert status == 502 and b"secret" not in body
+        status, _, body = edge.request(t.hostname, "GET", "/twice")
+        assert (status, body) == (200, b"first")
+        assert answered_twice and "already answered" in answered_twice[0]
+        assert_in_process(edge)
+
+
+def flask_app():
+    flask = pytest.importorskip("flask")
+    app = flask.Flask("cfqt-test")
+
+    @app.route("/")
+    def index():
+        return "hello from flask via " + flask.request.host
+
+    @app.route("/stream")
+    def stream():
+        def generate():
+            for i in range(64):
+                yield bytes([65 + i % 26]) * (64 * 1024)
+        return flask.Response(generate(), mimetype="application/octet-stream")
+
+    @app.route("/upload", methods=["POST"])
+    def upload():
+        digest = hashlib.sha256()
+        total = 0
+        while True:
+            chunk = flask.request.stream.read(65536)
+            if not chunk:
+                break
+            digest.update(chunk)
+            total += len(chunk)
+        return f"{total} {digest.hexdigest()}"
+
+    return app
+
+
+def test_wsgi_flask_streamed_response_and_upload(edge):
+    app = flask_app()
+    with cfqt.serve_wsgi(app, **edge.options()) as t:
+        t.wait_ready(timeout=20)
+        status, _, body = edge.request(t.hostname, "GET", "/")
+        assert status == 200 and body == ("hello from flask via " + t.hostname).encode()
+
+        response = edge.stream(t.hostname, "/stream")
+        assert response.status == 200
+        total = 0
+        while True:
+            chunk = response.read(65536)
+            if not chunk:
+                break
+            total += len(chunk)
+        assert total == 4 * MiB
+
+        upload = bytes(range(256)) * (8 * 4096)   # 8 MiB
+        status, _, body = edge.request(t.hostname, "POST", "/upload", upload)
+        assert status == 200
+        assert body.decode() == f"{len(upload)} {hashlib.sha256(upload).hexdigest()}"
+        assert_in_process(edge)
+
+
+def starlette_app():
+    pytest.importorskip("starlette")
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse, StreamingResponse
+    from starlette.routing import Route
+
+    async def index(request):
+        return PlainTextResponse("hello from starlette " + request.url.path)
+
+    async def stream(request):
+        async def generate():
+            for i in range(32):
+                yield bytes([97 + i % 26]) * (64 * 1024)
+        return StreamingResponse(generate(), media_type="application/octet-stream")
+
+    async def upload(request):
+        digest = hashlib.sha256()
+        total = 0
+        async for chunk in request.stream():
+            digest.update(chunk)
+            total += len(chunk)
+        return PlainTextResponse(f"{total} {digest.hexdigest()}")
+
+    return Starlette(routes=[Route("/", index), Route("/stream", stream),
+                             Route("/upload", upload, methods=["POST"])])
+
+
+def test_asgi_starlette_streamed_response_and_upload(edge):
+    app = starlette_app()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        t = await cfqt.serve_asgi(app, **edge.options())
+        try:
+            await loop.run_in_executor(None, t.wait_ready, 20)
+            status, _, body = await loop.run_in_executor(
+                None, edge.request, t.hostname, "GET", "/", None, None)
+            assert (status, body) == (200, b"hello from starlette /")
+
+            def read_stream():
+                response = edge.stream(t.hostname, "/stream")
+                assert response.status == 200
+                return len(response.read())
+            assert await loop.run_in_executor(None, read_stream) == 2 * MiB
+
+            upload = b"x" * (4 * MiB)
+            status, _, body = await loop.run_in_executor(
+                None, edge.request, t.hostname, "POST", "/upload", upload, None)
+            assert status == 200
+            assert body.decode() == f"{len(upload)} {hashlib.sha256(upload).hexdigest()}"
+            assert_in_process(edge)
+        finally:
+            await loop.run_in_executor(None, t.close)
+
+    asyncio.run(main())
+
+
+def test_handler_sees_the_visitor_leave(edge):
+    outcome = {}
+    done = threading.Event()
+
+    def handler(request: cfqt.Request) -> None:
+        request.respond(200, [("Content-Type", "application/octet-stream")])
+        try:
+            for _ in range(100000):
+                request.write(b"z" * 65536)
+        except cfqt.RequestCancelled as e:
+            outcome["error"] = str(e)
+        outcome["cancelled"] = request.cancelled
+        done.set()
+
+    with cfqt.Tunnel(handler=handler, **edge.options()) as t:
+        t.wait_ready(timeout=20)
+        response = edge.stream(t.hostname, "/endless")
+        assert response.status == 200
+        response.read(MiB)
+        response.close()
+        assert done.wait(20), "the handler never saw the visitor leave"
+        assert outcome["cancelled"] and "cancelled" in outcome["error"]
