@@ -46,7 +46,8 @@ typedef struct cfqt_options {
   const char* protocol;         /* NULL = "auto"; "quic" or "http2" (TLS over TCP) */
   cfqt_handler_fn handler;      /* in-process serving instead of an origin (url etc. NULL) */
   void* handler_data;           /* passed to `handler` */
-  int handler_threads;          /* handler calls running at once (0 = 64) */
+  int handler_threads;          /* handler calls running at once (0 = 64; -1 = inline on the
+                                   tunnel's event-loop thread: must not block) */
 } cfqt_options;
 
 void cfqt_options_init(cfqt_options* options);
@@ -105,6 +106,10 @@ long long cfqt_request_read(cfqt_request* request, void* buffer, size_t size);
 int cfqt_request_respond(cfqt_request* request, int status, const char* const* headers,
                          size_t header_count);
 /* The response head; `headers` holds header_count (name, value) pairs: name0, value0, ... */
+
+int cfqt_request_respond_body(cfqt_request* request, int status, const char* const* headers,
+                              size_t header_count, const void* body, size_t size);
+/* Head, whole body and end in one call (one hand-off to the tunnel for a small body). */
 
 int cfqt_request_accept_websocket(cfqt_request* request);
 /* Answers a WebSocket upgrade: 101 with the Sec-WebSocket-Accept for its key. */

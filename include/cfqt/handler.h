@@ -15,6 +15,12 @@
 // from any other thread: a Request is thread-safe and lives as long as a shared_ptr to it does.
 // Nothing runs on the tunnel's event-loop thread, so blocking calls never stall other requests.
 //
+// Inline mode (TunnelOptions::handlerThreads = 0) saves the two thread hand-offs per request:
+// the handler is called on the tunnel's event-loop thread and must not block. It answers at once
+// (respond(status, headers, body) with a body up to 64 KiB never waits) or hands the request to
+// a thread of its own; a read() or write() there that would have to wait throws RequestError
+// instead of stalling every request of the tunnel.
+//
 // Streaming and back-pressure: read() hands over the request body as the visitor sends it; write()
 // blocks while 64 KiB of the response are still waiting to go out, so a slow visitor (or a slow
 // reader of an upload) never makes the tunnel buffer more than that plus its flow-control window.

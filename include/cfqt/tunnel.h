@@ -54,7 +54,9 @@ struct TunnelOptions {
   // In-process serving instead of an origin (url, helloWorld and unixSocket stay empty): each
   // request goes to `handler` on a handler thread; no socket is opened. See cfqt/handler.h.
   Handler handler;
-  int handlerThreads = 64;            // handler calls running at once (1..4096)
+  int handlerThreads = 64;            // handler calls running at once (1..4096); 0 = inline:
+                                      // called on the tunnel's event-loop thread, must not block
+                                      // (see cfqt/handler.h)
 };
 
 class TunnelError: public std::runtime_error {

@@ -8,6 +8,7 @@
 
 #include <kj/debug.h>
 
+#include <pthread.h>
 #include <string.h>
 
 namespace cfqt::origin {
@@ -63,16 +64,31 @@ namespace {
 }  // namespace
 
 InProcessRequest::InProcessRequest(wire::HttpRequestHead headParam)
-    : head(kj::mv(headParam)), state(kj::heap<kj::MutexGuarded<State>>()) {}
+    : head(kj::mv(headParam)), state(kj::heap<kj::MutexGuarded<State>>()),
+      loopThread(static_cast<unsigned long>(pthread_self())) {}
+
+namespace {
+
+void refuseToBlockLoop(unsigned long loopThread, const char* what) {
+  if (pthread_equal(pthread_self(), static_cast<pthread_t>(loopThread))) {
+    throwError(kj::Exception::Type::FAILED,
+               kj::str("cfqt: ", what, " would block the tunnel's event loop (the handler runs "
+                       "inline, handlerThreads = 0): hand the request to another thread"));
+  }
+}
+
+}  // namespace
 
 InProcessRequest::~InProcessRequest() noexcept(false) {}
 
 size_t InProcessRequest::read(kj::ArrayPtr<kj::byte> buffer) const {
   if (buffer.size() == 0) return 0;
   auto lock = state->lockExclusive();
-  lock.wait([](const State& s) {
+  auto ready = [](const State& s) {
     return s.inboundRead < s.inbound.size() || s.inboundEnd || s.cancelled || s.finished;
-  });
+  };
+  if (!ready(*lock)) refuseToBlockLoop(loopThread, "read()");
+  lock.wait(ready);
   if (lock->inboundRead < lock->inbound.size()) {
     size_t n = kj::min(buffer.size(), lock->inbound.size() - lock->inboundRead);
     memcpy(buffer.begin(), lock->inbound.begin() + lock->inboundRead, n);
@@ -89,7 +105,9 @@ size_t InProcessRequest::read(kj::ArrayPtr<kj::byte> buffer) const {
   return 0;   // the response completed: the rest of the body is not read any more
 }
 
-void InProcessRequest::respond(kj::uint status, kj::Array<wire::Header> headers) const {
+namespace {
+
+void checkHead(kj::uint status, kj::ArrayPtr<const wire::Header> headers) {
   if (status < 100 || status > 999) {
     throwError(kj::Exception::Type::FAILED, kj::str("cfqt: invalid response status ", status));
   }
@@ -99,19 +117,47 @@ void InProcessRequest::respond(kj::uint status, kj::Array<wire::Header> headers)
     }
     if (!wire::isValidHeaderValue(h.value)) {
       throwError(kj::Exception::Type::FAILED,
-           kj::str("cfqt: invalid value of response header ", h.name));
+                 kj::str("cfqt: invalid value of response header ", h.name));
     }
   }
-  auto lock = state->lockExclusive();
-  if (lock->answered) {
+}
+
+void answer(InProcessRequest::State& state, kj::uint status, kj::Array<wire::Header> headers) {
+  if (state.answered) {
     throwError(kj::Exception::Type::FAILED,
-         "cfqt: this request was already answered (respond() was called twice)");
+               "cfqt: this request was already answered (respond() was called twice)");
   }
-  if (lock->cancelled || lock->finished) failCancelled();
-  lock->answered = true;
-  lock->status = status;
-  lock->headers = kj::mv(headers);
+  if (state.cancelled || state.finished) failCancelled();
+  state.answered = true;
+  state.status = status;
+  state.headers = kj::mv(headers);
+}
+
+}  // namespace
+
+void InProcessRequest::respond(kj::uint status, kj::Array<wire::Header> headers) const {
+  checkHead(status, headers);
+  auto lock = state->lockExclusive();
+  answer(*lock, status, kj::mv(headers));
   lock->wakeWriter();
+}
+
+void InProcessRequest::respond(kj::uint status, kj::Array<wire::Header> headers,
+                               kj::ArrayPtr<const kj::byte> body) const {
+  checkHead(status, headers);
+  {
+    auto lock = state->lockExclusive();
+    answer(*lock, status, kj::mv(headers));
+    if (body.size() <= IN_PROCESS_WINDOW) {
+      lock->outbound.addAll(body);
+      lock->ended = true;
+      lock->wakeWriter();
+      return;
+    }
+    lock->wakeWriter();
+  }
+  write(body);
+  end();
 }
 
 void InProcessRequest::write(kj::ArrayPtr<const kj::byte> data) const {
@@ -119,9 +165,11 @@ void InProcessRequest::write(kj::ArrayPtr<const kj::byte> data) const {
     auto lock = state->lockExclusive();
     if (!lock->answered) throwError(kj::Exception::Type::FAILED, "cfqt: write() before respond()");
     if (lock->ended) throwError(kj::Exception::Type::FAILED, "cfqt: write() after end()");
-    lock.wait([](const State& s) {
+    auto ready = [](const State& s) {
       return s.outbound.size() < IN_PROCESS_WINDOW || s.cancelled || s.finished;
-    });
+    };
+    if (!ready(*lock)) refuseToBlockLoop(loopThread, "write()");
+    lock.wait(ready);
     if (lock->cancelled || lock->finished) failCancelled();
     size_t n = kj::min(data.size(), IN_PROCESS_WINDOW - lock->outbound.size());
     lock->outbound.addAll(data.slice(0, n));

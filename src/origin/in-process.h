@@ -38,11 +38,16 @@ public:
   size_t read(kj::ArrayPtr<kj::byte> buffer) const;
   // Request body bytes (WebSocket: the visitor's raw bytes), blocking until some arrived; 0 at
   // the body's end. Throws DISCONNECTED once the request was cancelled (visitor gone, tunnel
-  // stopped) with nothing left to read.
+  // stopped) with nothing left to read. On the loop thread (a handler called inline), a read or
+  // write that would have to wait throws FAILED instead of deadlocking the loop.
 
   void respond(kj::uint status, kj::Array<wire::Header> headers) const;
   // The response head. Throws FAILED "already answered" on a second call, DISCONNECTED if the
   // request was cancelled. A 101 to a WebSocket request makes the body a raw two-way stream.
+
+  void respond(kj::uint status, kj::Array<wire::Header> headers,
+               kj::ArrayPtr<const kj::byte> body) const;
+  // Head, whole body and end at once: one hand-off to the loop when the body fits the window.
 
   void write(kj::ArrayPtr<const kj::byte> data) const;
   // Response body bytes; blocks while IN_PROCESS_WINDOW bytes are still waiting for the loop
@@ -67,6 +72,7 @@ public:
 private:
   wire::HttpRequestHead head;
   kj::Own<kj::MutexGuarded<State>> state;
+  unsigned long loopThread;   // pthread_t of the loop: a blocking call there would deadlock
 
   friend class InProcessExchange;
 };

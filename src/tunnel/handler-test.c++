@@ -663,6 +663,36 @@ KJ_TEST("handler: stop() lets requests in flight finish within the grace period"
   KJ_EXPECT(elapsed < std::chrono::seconds(10));
 }
 
+KJ_TEST("handler: inline on the event loop (handlerThreads = 0), blocking calls refused") {
+  EdgeProcess edge;
+  Shared<std::string> refused;
+  auto o = handlerOptions(edge, [&](std::shared_ptr<cfqt::Request> r) {
+    if (r->path() == "/small") {
+      r->respond(200, {{"Content-Type", "text/plain"}}, std::string(1024, 's'));
+      return;
+    }
+    r->respond(200, {});
+    try {
+      r->write(std::string(256 * 1024, 'b'));   // more than the window: would have to wait
+    } catch (const cfqt::RequestError& e) {
+      *refused.value.lockExclusive() = e.what();
+    }
+    r->end();
+  });
+  o.handlerThreads = 0;
+  auto t = startTunnel(o);
+  Visitor v(edge, *t);
+  for (int i = 0; i < 20; i++) {
+    auto small = v.get("/small");
+    KJ_EXPECT(small.status == 200 && small.body.size() == 1024, small.status, small.body.size());
+  }
+  auto big = v.get("/big");
+  KJ_EXPECT(big.status == 200);
+  KJ_EXPECT(refused.value.lockShared()->find("would block the tunnel's event loop") !=
+            std::string::npos, *refused.value.lockShared());
+  KJ_EXPECT(t->stop() == 0);
+}
+
 // The C API: the same in-process serving through callbacks + user data.
 
 struct CState {
@@ -749,6 +779,59 @@ KJ_TEST("C API: in-process handler with blocking read/write helpers") {
   cfqt_tunnel_free(t);
 }
 
+KJ_TEST("the README's C++ example (bin/cfqt-handler-example) serves in-process") {
+  EdgeProcess edge;
+  auto edges = edge.edges();
+  auto api = "http://" + edge.field("api");
+  auto ca = edge.field("ca");
+  int out[2];
+  KJ_SYSCALL(pipe(out));
+  pid_t pid = fork();
+  KJ_ASSERT(pid >= 0);
+  if (pid == 0) {
+    dup2(out[1], 1);
+    close(out[0]);
+    setenv("CFQT_QUICK_SERVICE", api.c_str(), 1);
+    setenv("CFQT_EDGE", edges[0].c_str(), 1);
+    setenv("CFQT_EDGE_CA", ca.c_str(), 1);
+    auto path = kj::str(getenv("CFQT_BIN_DIR"), "/cfqt-handler-example");
+    execl(path.cStr(), path.cStr(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  close(out[1]);
+  std::string url;
+  char c;
+  struct pollfd p = {out[0], POLLIN, 0};
+  while (poll(&p, 1, 20000) == 1 && read(out[0], &c, 1) == 1 && c != '\n') url.push_back(c);
+  close(out[0]);
+  KJ_ASSERT(url.rfind("https://", 0) == 0, url);
+  {
+    kj::AsyncIoContext io = kj::setupAsyncIo();
+    kj::HttpHeaderTable table;
+    auto address = io.provider->getNetwork().parseAddress(edge.field("public").c_str())
+        .wait(io.waitScope);
+    auto client = kj::newHttpClient(io.provider->getTimer(), table, *address);
+    kj::HttpHeaders headers(table);
+    auto host = kj::str(url.substr(8).c_str());
+    headers.set(kj::HttpHeaderId::HOST, host);
+    auto response = client->request(kj::HttpMethod::GET, "/hi", headers).response
+        .wait(io.waitScope);
+    auto body = response.body->readAllText().wait(io.waitScope);
+    KJ_EXPECT(body == "Hello from C++, served in-process by cfqt: /hi\n", body);
+    auto post = client->request(kj::HttpMethod::POST, "/up", headers, uint64_t(100000));
+    auto bytes = kj::heapArray<kj::byte>(100000);
+    memset(bytes.begin(), 'u', bytes.size());
+    post.body->write(bytes.begin(), bytes.size()).wait(io.waitScope);
+    post.body = nullptr;
+    auto posted = post.response.wait(io.waitScope);
+    KJ_EXPECT(posted.body->readAllText().wait(io.waitScope) == "received 100000 bytes\n");
+  }
+  kill(pid, SIGTERM);
+  int status = 0;
+  KJ_EXPECT(waitpid(pid, &status, 0) == pid);
+  KJ_EXPECT(WIFEXITED(status) && WEXITSTATUS(status) == 0, status);
+}
+
 KJ_TEST("handler: invalid combinations are refused") {
   cfqt::TunnelOptions o;
   o.handler = [](std::shared_ptr<cfqt::Request>) {};
@@ -759,7 +842,7 @@ KJ_TEST("handler: invalid combinations are refused") {
   }
   KJ_EXPECT(threw);
   o.url.clear();
-  o.handlerThreads = 0;
+  o.handlerThreads = -1;
   threw = false;
   try { cfqt::Tunnel::start(o); } catch (const cfqt::TunnelError& e) { threw = true; }
   KJ_EXPECT(threw);

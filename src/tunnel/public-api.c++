@@ -144,9 +144,14 @@ void Request::respond(int status, const Headers& headers) {
 }
 
 void Request::respond(int status, const Headers& headers, std::string_view body) {
-  respond(status, headers);
-  write(body);
-  end();
+  auto list = kj::heapArrayBuilder<wire::Header>(headers.size());
+  for (auto& h: headers) list.add(wire::Header{toKj(h.first), toKj(h.second)});
+  impl->call([&]() {
+    impl->request->respond(status < 0 ? 0 : kj::uint(status), list.finish(),
+                           kj::arrayPtr(reinterpret_cast<const kj::byte*>(body.data()),
+                                        body.size()));
+  });
+  impl->answered = true;
 }
 
 void Request::acceptWebSocket(const Headers& headers) {
@@ -194,7 +199,12 @@ public:
   KJ_DISALLOW_COPY(HandlerPool);
 
   void dispatch(kj::Own<const origin::InProcessRequest> request) override {
-    // Loop thread: queue, and start a thread if every running one is busy.
+    // Loop thread: queue, and start a thread if every running one is busy; with no threads,
+    // call the handler right here.
+    if (maxThreads == 0) {
+      serve(kj::mv(request));
+      return;
+    }
     bool spawn = false;
     {
       auto lock = state.lockExclusive();
@@ -425,8 +435,8 @@ std::unique_ptr<Tunnel> Tunnel::start(const TunnelOptions& o) {
     if (o.helloWorld || !o.url.empty() || !o.unixSocket.empty()) {
       throw TunnelError("cfqt: set either handler or an origin (url, helloWorld, unixSocket)");
     }
-    if (o.handlerThreads < 1 || o.handlerThreads > 4096) {
-      throw TunnelError("cfqt: handlerThreads must be between 1 and 4096");
+    if (o.handlerThreads < 0 || o.handlerThreads > 4096) {
+      throw TunnelError("cfqt: handlerThreads must be between 0 (inline) and 4096");
     }
     auto pool = kj::heap<HandlerPool>(o.handler, size_t(o.handlerThreads));
     r.origin = origin::inProcessOrigin(*pool);
@@ -585,6 +595,7 @@ cfqt_tunnel* cfqt_tunnel_start(const cfqt_options* options, char* error, size_t 
         function(data, handle.release());
       };
       if (options->handler_threads > 0) o.handlerThreads = options->handler_threads;
+      if (options->handler_threads < 0) o.handlerThreads = 0;   // inline
     }
     auto handle = std::make_unique<cfqt_tunnel>();
     handle->tunnel = cfqt::Tunnel::start(o);
@@ -660,6 +671,21 @@ int cfqt_request_respond(cfqt_request* r, int status, const char* const* headers
       list.emplace_back(headers[2 * i], headers[2 * i + 1]);
     }
     r->request->respond(status, list);
+  });
+}
+
+int cfqt_request_respond_body(cfqt_request* r, int status, const char* const* headers,
+                              size_t headerCount, const void* body, size_t size) {
+  return requestCall([&]() {
+    cfqt::Headers list;
+    for (size_t i = 0; i < headerCount; i++) {
+      if (headers[2 * i] == nullptr || headers[2 * i + 1] == nullptr) {
+        throw cfqt::RequestError("cfqt: a response header name or value is NULL");
+      }
+      list.emplace_back(headers[2 * i], headers[2 * i + 1]);
+    }
+    r->request->respond(status, list,
+                        std::string_view(static_cast<const char*>(body), body == nullptr ? 0 : size));
   });
 }
 

@@ -216,3 +216,33 @@ test('a visitor leaving mid-response closes the response', async () => {
     await edge.stop();
   }
 });
+
+test('the README example (examples/server.js) serves in-process', async () => {
+  const edge = await startEdge();
+  // require('cfqt') from the example resolves to this package.
+  const modules = fs.mkdtempSync(path.join(os.tmpdir(), 'cfqt-node-modules-'));
+  fs.symlinkSync(path.resolve(__dirname, '..'), path.join(modules, 'cfqt'));
+  const child = spawn(process.execPath, [path.join(__dirname, '..', 'examples', 'server.js')], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+    env: { ...process.env, NODE_PATH: modules, CFQT_OPTIONS: JSON.stringify(edge.options()) },
+  });
+  try {
+    const url = await new Promise((resolve, reject) => {
+      readline.createInterface({ input: child.stdout }).once('line', resolve);
+      child.once('exit', (code) => reject(new Error(`example exited (${code})`)));
+    });
+    assert.match(url, /^https:\/\//);
+    const hostname = url.replace('https://', '');
+    const hello = await visit(edge, hostname, 'GET', '/hi');
+    assert.strictEqual(hello.body.toString(), 'Hello from Node, served in-process by cfqt: /hi\n');
+    const counted = await visit(edge, hostname, 'POST', '/count', Buffer.alloc(100000));
+    assert.strictEqual(counted.body.toString(), 'received 100000 bytes\n');
+    const exited = new Promise((resolve) => child.once('exit', resolve));
+    child.kill('SIGTERM');
+    assert.strictEqual(await exited, 0);
+  } finally {
+    if (child.exitCode === null) child.kill('SIGKILL');
+    fs.rmSync(modules, { recursive: true, force: true });
+    await edge.stop();
+  }
+});

@@ -118,11 +118,13 @@ class Request:
             flat.append(str(name).encode("latin-1"))
             flat.append(str(value).encode("latin-1"))
         array = (ctypes.c_char_p * max(len(flat), 1))(*flat)
-        _check(lib.cfqt_request_respond(self._h(), int(status), array, len(flat) // 2))
+        if body is None:
+            _check(lib.cfqt_request_respond(self._h(), int(status), array, len(flat) // 2))
+        else:
+            body = bytes(body)
+            _check(lib.cfqt_request_respond_body(self._h(), int(status), array, len(flat) // 2,
+                                                 body, len(body)))
         self.answered = True
-        if body is not None:
-            self.write(body)
-            self.end()
 
     def accept_websocket(self) -> None:
         """Answers a WebSocket upgrade (101); then read()/write() are the session's raw bytes."""

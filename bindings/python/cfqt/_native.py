@@ -76,6 +76,8 @@ def _load() -> ctypes.CDLL:
         "cfqt_request_is_websocket": (c.c_int, [p]),
         "cfqt_request_read": (c.c_longlong, [p, c.c_void_p, c.c_size_t]),
         "cfqt_request_respond": (c.c_int, [p, c.c_int, c.POINTER(c.c_char_p), c.c_size_t]),
+        "cfqt_request_respond_body": (c.c_int, [p, c.c_int, c.POINTER(c.c_char_p), c.c_size_t,
+                                              c.c_char_p, c.c_size_t]),
         "cfqt_request_accept_websocket": (c.c_int, [p]),
         "cfqt_request_write": (c.c_int, [p, c.c_char_p, c.c_size_t]),
         "cfqt_request_end": (c.c_int, [p]),

@@ -214,3 +214,32 @@ def test_handler_sees_the_visitor_leave(edge):
         response.close()
         assert done.wait(20), "the handler never saw the visitor leave"
         assert outcome["cancelled"] and "cancelled" in outcome["error"]
+
+
+def test_readme_example_flask_app(edge):
+    # The README's example, run as its own process against cfqt-edge.
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "flask_app.py")
+    env = dict(os.environ, CFQT_OPTIONS=json.dumps(edge.options()))
+    process = subprocess.Popen([sys.executable, example], stdout=subprocess.PIPE, env=env)
+    try:
+        url = process.stdout.readline().decode().strip()
+        assert url.startswith("https://"), url
+        hostname = url.split("://", 1)[1]
+        status, _, body = edge.request(hostname, "GET", "/")
+        assert (status, body) == (200, b"Hello from Flask, served in-process by cfqt\n")
+        status, _, body = edge.request(hostname, "POST", "/count", b"x" * 100000)
+        assert (status, body) == (200, b"received 100000 bytes\n")
+        status, _, body = edge.request(hostname, "GET", "/numbers")
+        assert status == 200 and body.endswith(b"99999\n")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
