@@ -49,7 +49,7 @@ struct EdgeProcess {
   pid_t pid = -1;
   std::string ready;
 
-  EdgeProcess() {
+  explicit EdgeProcess(const char* responseTimeout = "60s") {
     const char* bin = getenv("CFQT_BIN_DIR");
     if (bin == nullptr) KJ_FAIL_REQUIRE("CFQT_BIN_DIR must point at the build's bin/");
     auto path = kj::str(bin, "/cfqt-edge");
@@ -64,7 +64,7 @@ struct EdgeProcess {
       close(fds[0]);
       setenv("KJ_CLEAN_SHUTDOWN", "1", 1);
       execl(path.cStr(), path.cStr(), "--state-dir", stateTemplate, "--edge-listen",
-            "127.0.0.1:0", "--loglevel", "error", "--response-timeout", "2s",
+            "127.0.0.1:0", "--loglevel", "error", "--response-timeout", responseTimeout,
             static_cast<char*>(nullptr));
       _exit(127);
     }
@@ -497,7 +497,7 @@ KJ_TEST("handler: a visitor leaving mid-body cancels the request") {
 }
 
 KJ_TEST("handler: throwing → 502 page, answering twice → error, unanswered → 502 and 524") {
-  EdgeProcess edge;
+  EdgeProcess edge("2s");
   Shared<std::string> twice;
   Shared<int> ignoredCancelled;
   Shared<std::vector<std::shared_ptr<cfqt::Request>>> kept;
