@@ -144,8 +144,12 @@ class TunnelSocket extends Duplex {
 
   bodyRead(event) {
     this.reading = false;
+    if (event.result === -1) {
+      this.destroy();   // the visitor left: a close, as a real socket's peer going away
+      return;
+    }
     if (event.result < 0) {
-      this.destroy(new Error(event.error || 'cfqt: the request was cancelled'));
+      this.destroy(new Error(event.error || 'cfqt: reading the request failed'));
       return;
     }
     if (event.result === 0) {
@@ -266,6 +270,11 @@ class TunnelSocket extends Duplex {
       return;
     }
     const id = this.dispatcher.expect((event) => {
+      if (event.result === -1) {
+        callback();
+        this.destroy();   // the visitor left: a close, as a real socket's peer going away
+        return;
+      }
       callback(event.result < 0 ? new Error(event.error || 'cfqt: write failed') : undefined);
     });
     if (!native.write(this.req, bytes, id)) {

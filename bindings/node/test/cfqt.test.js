@@ -183,6 +183,59 @@ test('t.listen(httpServer): in-process requests, streaming, upload, no socket', 
   }
 });
 
+test('WebSocket: the server\'s upgrade event gets a two-way byte stream', async () => {
+  const edge = await startEdge();
+  try {
+    const server = http.createServer();
+    server.on('upgrade', (req, socket) => {
+      const accept = crypto.createHash('sha1')
+          .update(req.headers['sec-websocket-key'] + '258EAFA5-E914-47DA-95CA-C5AB0DC85B11')
+          .digest('base64');
+      socket.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n' +
+                   `Connection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n\r\n`);
+      socket.on('data', (frame) => socket.write(frame));   // echo the frames as they come
+    });
+    const t = await startTunnel(edge.options());
+    t.listen(server);
+    await t.waitReady(20000);
+    const key = crypto.randomBytes(16).toString('base64');
+    const echoed = await new Promise((resolve, reject) => {
+      const request = http.request({
+        host: edge.host, port: edge.port, path: '/ws',
+        headers: { Host: t.hostname, Connection: 'Upgrade', Upgrade: 'websocket',
+                   'Sec-WebSocket-Key': key, 'Sec-WebSocket-Version': '13' },
+      });
+      request.on('upgrade', (response, socket) => {
+        const payload = Buffer.from('hello through the tunnel');
+        const mask = crypto.randomBytes(4);
+        const masked = Buffer.from(payload.map((b, i) => b ^ mask[i % 4]));
+        socket.write(Buffer.concat([Buffer.from([0x81, 0x80 | payload.length]), mask, masked]));
+        let received = Buffer.alloc(0);
+        socket.on('data', (d) => {
+          // The echo is our own (masked) frame: a raw byte stream end to end, frames untouched.
+          received = Buffer.concat([received, d]);
+          const length = received.length >= 2 ? received[1] & 0x7f : 0;
+          const masked = received.length >= 2 && (received[1] & 0x80) !== 0;
+          const start = masked ? 6 : 2;
+          if (received.length >= 2 && received.length >= start + length) {
+            const body = Buffer.from(received.subarray(start, start + length));
+            if (masked) for (let i = 0; i < body.length; i++) body[i] ^= received[2 + (i % 4)];
+            resolve(body.toString());
+            socket.destroy();
+          }
+        });
+      });
+      request.on('response', (r) => reject(new Error(`no upgrade: ${r.statusCode}`)));
+      request.on('error', reject);
+      request.end();
+    });
+    assert.strictEqual(echoed, 'hello through the tunnel');
+    assert.strictEqual(await t.close(), 0);
+  } finally {
+    await edge.stop();
+  }
+});
+
 test('a visitor leaving mid-response closes the response', async () => {
   const edge = await startEdge();
   try {
