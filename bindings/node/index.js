@@ -178,7 +178,8 @@ class TunnelSocket extends Duplex {
       callback();
       return;
     }
-    this.pendingBytes = this.pendingBytes.length ? Buffer.concat([this.pendingBytes, chunk]) : chunk;
+    this.pendingBytes = this.pendingBytes.length ? Buffer.concat([this.pendingBytes, chunk])
+                                                 : chunk;
     this.consume(callback);
   }
 

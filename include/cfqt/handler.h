@@ -14,6 +14,8 @@
 // request. It may block (read the body, write a long response) or return at once and answer later
 // from any other thread: a Request is thread-safe and lives as long as a shared_ptr to it does.
 // Nothing runs on the tunnel's event-loop thread, so blocking calls never stall other requests.
+// Stopping the tunnel cancels the requests still open after the grace period (their blocked
+// calls throw RequestCancelled); ~Tunnel then waits for running handler calls to return.
 //
 // Inline mode (TunnelOptions::handlerThreads = 0) saves the two thread hand-offs per request:
 // the handler is called on the tunnel's event-loop thread and must not block. It answers at once

@@ -684,8 +684,8 @@ int cfqt_request_respond_body(cfqt_request* r, int status, const char* const* he
       }
       list.emplace_back(headers[2 * i], headers[2 * i + 1]);
     }
-    r->request->respond(status, list,
-                        std::string_view(static_cast<const char*>(body), body == nullptr ? 0 : size));
+    std::string_view text(static_cast<const char*>(body), body == nullptr ? 0 : size);
+    r->request->respond(status, list, text);
   });
 }
 
