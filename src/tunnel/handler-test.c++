@@ -701,6 +701,28 @@ KJ_TEST("handler: inline on the event loop (handlerThreads = 0), blocking calls 
   KJ_EXPECT(t->stop() == 0);
 }
 
+KJ_TEST("handler: over the HTTP/2 transport too") {
+  EdgeProcess edge;
+  auto o = handlerOptions(edge, [](std::shared_ptr<cfqt::Request> r) {
+    auto body = r->readAll(1 << 20);
+    r->respond(200, {{"Content-Type", "text/plain"}},
+               r->method() + " " + std::to_string(body.size()));
+  });
+  o.protocol = "http2";
+  auto t = startTunnel(o);
+  Visitor v(edge, *t);
+  KJ_EXPECT(v.get("/").body == "GET 0");
+  auto c = v.client();
+  auto request = c->request(kj::HttpMethod::POST, "/up", v.headers(), uint64_t(300000));
+  auto bytes = kj::heapArray<kj::byte>(300000);
+  memset(bytes.begin(), 'h', bytes.size());
+  request.body->write(bytes.begin(), bytes.size()).wait(v.io.waitScope);
+  request.body = nullptr;
+  auto response = request.response.wait(v.io.waitScope);
+  KJ_EXPECT(response.body->readAllText().wait(v.io.waitScope) == "POST 300000");
+  KJ_EXPECT(t->stop() == 0);
+}
+
 // The C API: the same in-process serving through callbacks + user data.
 
 struct CState {
