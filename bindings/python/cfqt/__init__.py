@@ -126,8 +126,18 @@ class Request:
                                                  body, len(body)))
         self.answered = True
 
-    def accept_websocket(self) -> None:
-        """Answers a WebSocket upgrade (101); then read()/write() are the session's raw bytes."""
+    def accept_websocket(self, headers: Sequence[Tuple[str, str]] = ()) -> None:
+        """Answers a WebSocket upgrade (101 with the Sec-WebSocket-Accept for its key, and
+        ``headers``); then read()/write() are the session's raw two-way bytes (frames)."""
+        if headers:
+            import base64
+            import hashlib
+            key = self.header("Sec-WebSocket-Key")
+            accept = base64.b64encode(hashlib.sha1(
+                (key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+            self.respond(101, [("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                               ("Sec-WebSocket-Accept", accept)] + list(headers))
+            return
         _check(lib.cfqt_request_accept_websocket(self._h()))
         self.answered = True
 

@@ -1,4 +1,4 @@
-"""In-process ASGI serving: ``await cfqt.serve_asgi(app)``."""
+"""In-process ASGI serving: ``await cfqt.serve_asgi(app)`` (``http`` and ``websocket`` scopes)."""
 
 from __future__ import annotations
 
@@ -85,15 +85,151 @@ async def run_asgi(app: ASGIApp, request: Request) -> None:
         finished.set()
 
 
+class _Frames:
+    """RFC 6455 framing over the request's raw two-way byte stream (after the 101)."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.buffer = b""
+
+    def _need(self, n: int) -> bool:
+        while len(self.buffer) < n:
+            chunk = self.request.read(65536)
+            if not chunk:
+                return False
+            self.buffer += chunk
+        return True
+
+    def read_frame(self):
+        """(fin, opcode, payload), or None at the end of the stream. Blocking."""
+        if not self._need(2):
+            return None
+        b0, b1 = self.buffer[0], self.buffer[1]
+        length, at = b1 & 0x7F, 2
+        if length == 126:
+            if not self._need(4):
+                return None
+            length, at = int.from_bytes(self.buffer[2:4], "big"), 4
+        elif length == 127:
+            if not self._need(10):
+                return None
+            length, at = int.from_bytes(self.buffer[2:10], "big"), 10
+        if length > 16 << 20:
+            raise ValueError("cfqt: WebSocket frame over 16 MiB")
+        mask = b""
+        if b1 & 0x80:
+            if not self._need(at + 4):
+                return None
+            mask, at = self.buffer[at:at + 4], at + 4
+        if not self._need(at + length):
+            return None
+        payload, self.buffer = self.buffer[at:at + length], self.buffer[at + length:]
+        if mask:
+            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        return bool(b0 & 0x80), b0 & 0x0F, payload
+
+    @staticmethod
+    def frame(opcode: int, payload: bytes) -> bytes:
+        n = len(payload)
+        if n < 126:
+            head = bytes([0x80 | opcode, n])
+        elif n < 1 << 16:
+            head = bytes([0x80 | opcode, 126]) + n.to_bytes(2, "big")
+        else:
+            head = bytes([0x80 | opcode, 127]) + n.to_bytes(8, "big")
+        return head + payload
+
+
+def websocket_scope_for(request: Request) -> dict:
+    """The ASGI WebSocket connection scope of an in-process upgrade request."""
+    scope = scope_for(request)
+    scope["type"] = "websocket"
+    scope["scheme"] = "wss" if scope["scheme"] == "https" else "ws"
+    del scope["method"]
+    protocols = request.header("Sec-WebSocket-Protocol")
+    scope["subprotocols"] = [p.strip() for p in protocols.split(",") if p.strip()]
+    return scope
+
+
+async def run_asgi_websocket(app: ASGIApp, request: Request) -> None:
+    """Runs ``app`` for one WebSocket session; frames are read and written off the loop."""
+    loop = asyncio.get_running_loop()
+    blocking = functools.partial(loop.run_in_executor, None)
+    frames = _Frames(request)
+    state = {"connected": False, "accepted": False, "closed": False}
+    message_parts: list = []
+
+    async def receive() -> dict:
+        if not state["connected"]:
+            state["connected"] = True
+            return {"type": "websocket.connect"}
+        while True:
+            frame = await blocking(frames.read_frame) if not state["closed"] else None
+            if frame is None:
+                state["closed"] = True
+                return {"type": "websocket.disconnect", "code": 1006}
+            fin, opcode, payload = frame
+            if opcode == 0x8:   # close: answer it, the session is over
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                if not state["closed"]:
+                    state["closed"] = True
+                    await blocking(request.write, _Frames.frame(0x8, payload[:2]))
+                    request.end()
+                return {"type": "websocket.disconnect", "code": code}
+            if opcode == 0x9:   # ping
+                await blocking(request.write, _Frames.frame(0xA, payload))
+                continue
+            if opcode == 0xA:
+                continue
+            message_parts.append((opcode, payload))
+            if not fin:
+                continue
+            first = message_parts[0][0]
+            data = b"".join(p for _, p in message_parts)
+            message_parts.clear()
+            if first == 0x1:
+                return {"type": "websocket.receive", "text": data.decode("utf-8")}
+            return {"type": "websocket.receive", "bytes": data}
+
+    async def send(message: dict) -> None:
+        kind = message["type"]
+        if kind == "websocket.accept":
+            headers = [(k.decode("latin-1"), v.decode("latin-1"))
+                       for k, v in message.get("headers", [])]
+            if message.get("subprotocol"):
+                headers.append(("Sec-WebSocket-Protocol", message["subprotocol"]))
+            request.accept_websocket(headers)
+            state["accepted"] = True
+        elif kind == "websocket.send":
+            if message.get("text") is not None:
+                data = _Frames.frame(0x1, message["text"].encode("utf-8"))
+            else:
+                data = _Frames.frame(0x2, message.get("bytes") or b"")
+            await blocking(request.write, data)
+        elif kind == "websocket.close":
+            if not state["accepted"]:
+                request.respond(403, [("Content-Type", "text/plain")], b"WebSocket refused\n")
+                state["closed"] = True
+                return
+            if not state["closed"]:
+                state["closed"] = True
+                code = int(message.get("code", 1000)).to_bytes(2, "big")
+                await blocking(request.write, _Frames.frame(0x8, code))
+                request.end()
+
+    await app(websocket_scope_for(request), receive, send)
+    if state["accepted"] and not state["closed"]:
+        request.end()
+    elif not state["accepted"] and not request.answered:
+        request.respond(403, [("Content-Type", "text/plain")], b"WebSocket refused\n")
+
+
 def asgi_handler(app: ASGIApp, loop: asyncio.AbstractEventLoop) -> Callable[[Request], None]:
     """A ``Tunnel(handler=...)`` running ``app`` on ``loop`` (the handler thread waits)."""
 
     def handle(request: Request) -> None:
-        if request.is_websocket:
-            request.respond(501, [("Content-Type", "text/plain")],
-                            b"WebSocket is not supported by cfqt.serve_asgi yet\n")
-            return
-        future = asyncio.run_coroutine_threadsafe(run_asgi(app, request), loop)
+        run = run_asgi_websocket if request.is_websocket else run_asgi
+        future = asyncio.run_coroutine_threadsafe(run(app, request), loop)
         future.result()
 
     return handle

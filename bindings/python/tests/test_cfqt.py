@@ -158,8 +158,67 @@ def starlette_app():
             total += len(chunk)
         return PlainTextResponse(f"{total} {digest.hexdigest()}")
 
+    from starlette.routing import WebSocketRoute
+    from starlette.websockets import WebSocketDisconnect
+
+    async def echo(websocket):
+        await websocket.accept()
+        while True:
+            try:
+                text = await websocket.receive_text()
+            except WebSocketDisconnect:
+                return
+            await websocket.send_text("echo: " + text)
+
     return Starlette(routes=[Route("/", index), Route("/stream", stream),
-                             Route("/upload", upload, methods=["POST"])])
+                             Route("/upload", upload, methods=["POST"]),
+                             WebSocketRoute("/ws", echo)])
+
+
+def websocket_echo(edge, hostname: str, messages) -> list:
+    """A minimal WebSocket visitor through the front door: handshake, masked text frames,
+    the server's replies, then a close handshake."""
+    import base64
+    import os
+    import socket
+
+    def read_exact(sock, n):
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            assert chunk, "connection closed"
+            data += chunk
+        return data
+
+    def send_frame(sock, opcode, payload):
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        sock.sendall(bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked)
+
+    def read_frame(sock):
+        b0, b1 = read_exact(sock, 2)
+        assert not b1 & 0x80, "the server masked its frame"
+        return b0 & 0x0F, read_exact(sock, b1 & 0x7F)
+
+    with socket.create_connection((edge.public_host, edge.public_port), timeout=30) as sock:
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall((f"GET /ws HTTP/1.1\r\nHost: {hostname}\r\nUpgrade: websocket\r\n"
+                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                      "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += read_exact(sock, 1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        replies = []
+        for text in messages:
+            send_frame(sock, 0x1, text.encode())
+            opcode, payload = read_frame(sock)
+            assert opcode == 0x1
+            replies.append(payload.decode())
+        send_frame(sock, 0x8, (1000).to_bytes(2, "big"))
+        opcode, payload = read_frame(sock)
+        assert opcode == 0x8
+        return replies
 
 
 def test_asgi_starlette_streamed_response_and_upload(edge):
@@ -185,6 +244,10 @@ def test_asgi_starlette_streamed_response_and_upload(edge):
                 None, edge.request, t.hostname, "POST", "/upload", upload, None)
             assert status == 200
             assert body.decode() == f"{len(upload)} {hashlib.sha256(upload).hexdigest()}"
+
+            replies = await loop.run_in_executor(None, websocket_echo, edge, t.hostname,
+                                                 ["hello", "in-process"])
+            assert replies == ["echo: hello", "echo: in-process"]
             assert_in_process(edge)
         finally:
             await loop.run_in_executor(None, t.close)
