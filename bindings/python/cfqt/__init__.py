@@ -191,8 +191,9 @@ class Tunnel:
     """A quick tunnel running in this process (on libcfqt's own threads).
 
     Exactly one of ``url`` (an origin: ``http://host:port``, ``unix:/path``, ...), ``handler``
-    (a callable taking a ``Request``, called on one of the tunnel's handler threads) or
-    ``hello_world=True``. Starts at once and waits up to ``url_timeout`` seconds for the public
+    (a callable taking a ``Request``, called on one of the tunnel's handler threads, which may
+    block; the request is released when it returns: unanswered → 502, answered → the body ends;
+    an exception it raises → 502, or a reset stream after the head) or ``hello_world=True``. Starts at once and waits up to ``url_timeout`` seconds for the public
     URL (CfqtError if none came). ``close()`` (or leaving the ``with`` block) shuts it down
     gracefully: unregister, let requests finish within ``grace_period``, close.
     """
