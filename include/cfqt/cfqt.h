@@ -22,6 +22,12 @@ extern "C" {
 #endif
 
 typedef struct cfqt_tunnel cfqt_tunnel;
+typedef struct cfqt_request cfqt_request;
+
+typedef void (*cfqt_handler_fn)(void* user_data, cfqt_request* request);
+/* In-process serving: called on one of the tunnel's handler threads (never its event loop) for
+ * each request, which the callee owns from then on and must release with cfqt_request_free(),
+ * from any thread, after answering it (or not). It may block or return at once. */
 
 /* Log levels of cfqt_log_fn. */
 enum { CFQT_LOG_DEBUG = 0, CFQT_LOG_INFO = 1, CFQT_LOG_WARN = 2, CFQT_LOG_ERROR = 3,
@@ -64,6 +70,10 @@ typedef struct cfqt_options {
   size_t ready_resolver_count;
   int ready_port;               /* 0 = 443 */
   const char* ready_ca_file;    /* NULL = system trust store */
+  cfqt_handler_fn handler;      /* in-process serving instead of an origin (url etc. NULL) */
+  void* handler_data;           /* passed to `handler` */
+  int handler_threads;          /* handler calls running at once (0 = 64; -1 = inline on the
+                                   tunnel's event-loop thread: must not block) */
 } cfqt_options;
 
 #define CFQT_STAGE_TUNNEL 1     /* no quick tunnel / edge connections yet */
@@ -97,6 +107,61 @@ int cfqt_tunnel_stop(cfqt_tunnel* tunnel);
 
 void cfqt_tunnel_free(cfqt_tunnel* tunnel);
 /* Stops if needed and frees. */
+
+int cfqt_tunnel_running(cfqt_tunnel* tunnel);
+/* 1 while the tunnel runs, 0 once it ended (stopped, or every connection refused for good). */
+
+size_t cfqt_tunnel_metrics(cfqt_tunnel* tunnel, char* out, size_t out_size);
+/* The /metrics page (Prometheus text) copied into `out` (NUL-terminated, cut to fit); returns the
+ * size needed including the NUL (1 once the tunnel ended). */
+
+const char* cfqt_last_error(void);
+/* The message of the last cfqt_request_* call that failed on this thread. */
+
+/* In-process requests (see cfqt/handler.h for the model). Every function is thread-safe; the
+ * blocking ones (read, write) block only the calling thread. Calls returning int give 0 on
+ * success, -1 if the request was cancelled (the visitor went away or the tunnel stopped) and -2
+ * on misuse (answered twice, write before respond or after end, invalid status or header); the
+ * message is in cfqt_last_error(). Strings stay valid until cfqt_request_free(). */
+
+const char* cfqt_request_method(const cfqt_request* request);
+const char* cfqt_request_url(const cfqt_request* request);   /* "https://host/path?query" */
+const char* cfqt_request_path(const cfqt_request* request);  /* "/path?query" */
+const char* cfqt_request_host(const cfqt_request* request);
+size_t cfqt_request_header_count(const cfqt_request* request);
+const char* cfqt_request_header_name(const cfqt_request* request, size_t index);
+const char* cfqt_request_header_value(const cfqt_request* request, size_t index);
+int cfqt_request_is_websocket(const cfqt_request* request);
+/* 1 for a WebSocket upgrade: answer 101, then read/write are the session's raw bytes. */
+
+long long cfqt_request_read(cfqt_request* request, void* buffer, size_t size);
+/* Request body bytes (blocking until some arrive): > 0 bytes, 0 at the end of the body, -1
+ * cancelled. */
+
+int cfqt_request_respond(cfqt_request* request, int status, const char* const* headers,
+                         size_t header_count);
+/* The response head; `headers` holds header_count (name, value) pairs: name0, value0, ... */
+
+int cfqt_request_respond_body(cfqt_request* request, int status, const char* const* headers,
+                              size_t header_count, const void* body, size_t size);
+/* Head, whole body and end in one call (one hand-off to the tunnel for a small body). */
+
+int cfqt_request_accept_websocket(cfqt_request* request);
+/* Answers a WebSocket upgrade: 101 with the Sec-WebSocket-Accept for its key. */
+
+int cfqt_request_write(cfqt_request* request, const void* data, size_t size);
+/* Response body bytes; blocks while 64 KiB still wait to go out (back-pressure). */
+
+int cfqt_request_end(cfqt_request* request);
+/* The response body is complete. */
+
+void cfqt_request_fail(cfqt_request* request, const char* message);
+/* The handler failed: 502 before the head, a reset stream after. `message` is logged only. */
+
+int cfqt_request_cancelled(const cfqt_request* request);
+
+void cfqt_request_free(cfqt_request* request);
+/* Releases the request: unanswered → 502, answered → the body ends. */
 
 #ifdef __cplusplus
 }

@@ -11,6 +11,8 @@
 // The tunnel runs on its own thread with its own event loop; every method is thread-safe. No
 // KJ or Cap'n Proto type appears here.
 
+#include "cfqt/handler.h"
+
 #include <chrono>
 #include <functional>
 #include <memory>
@@ -78,6 +80,12 @@ struct TunnelOptions {
   std::vector<std::string> readyResolvers;  // ip:port[#tls-name]; empty = 1.1.1.1, 1.0.0.1:853
   int readyPort = 443;                // HTTPS port of the request
   std::string readyCaFile;            // "" = system trust store (DoT and HTTPS)
+  // In-process serving instead of an origin (url, helloWorld and unixSocket stay empty): each
+  // request goes to `handler` on a handler thread; no socket is opened. See cfqt/handler.h.
+  Handler handler;
+  int handlerThreads = 64;            // handler calls running at once (1..4096); 0 = inline:
+                                      // called on the tunnel's event-loop thread, must not block
+                                      // (see cfqt/handler.h)
 };
 
 class TunnelError: public std::runtime_error {
@@ -137,6 +145,10 @@ public:
 
   int wait();
   // Waits until the tunnel ends by itself (every connection refused for good) or is stopped.
+
+  std::string metrics() const;
+  // The /metrics page (Prometheus text, cloudflared's series names) of this tunnel right now, as
+  // the metrics server would serve it; "" once the tunnel ended.
 
   class Impl;
   explicit Tunnel(std::unique_ptr<Impl> impl);

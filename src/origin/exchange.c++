@@ -9,6 +9,7 @@
 #include "origin/pool.h"
 #include "observe/log.h"
 
+#include "origin/in-process.h"
 #include "origin/text.h"
 #include "wire/data-stream.h"
 #include "wire/http-metadata.h"
@@ -766,6 +767,17 @@ kj::Own<ResponseSink> newConnectResponseSink(kj::AsyncOutputStream& out) {
 kj::Promise<void> Origin::Impl::serve(kj::AsyncIoStream& stream,
                                       kj::OneOf<wire::HttpRequestHead, kj::String> request,
                                       ResponseSink& sink, kj::String dest) {
+  if (config.kind == OriginKind::HANDLER) {
+    KJ_IF_MAYBE(head, request.tryGet<wire::HttpRequestHead>()) {
+      if (head->type == schema::ConnectionType::HTTP ||
+          head->type == schema::ConnectionType::WEBSOCKET) {
+        return serveInProcess(KJ_ASSERT_NONNULL(config.handler), stream, kj::mv(*head), sink,
+                              observer);
+      }
+    }
+    // Malformed or unsupported (tcp) requests: answered with an error by the Exchange below,
+    // which never reaches an origin for them.
+  }
   auto exchange = kj::heap<Exchange>(*this, stream, kj::mv(request), sink, kj::mv(dest));
   auto promise = exchange->run();
   return promise.attach(kj::mv(exchange));

@@ -67,8 +67,16 @@ kj::String OriginConfig::toString() const {
     case OriginKind::UNIX: return kj::str("unix:", unixPath);
     case OriginKind::HELLO_WORLD: return kj::str("hello-world");
     case OriginKind::HTTP_STATUS: return kj::str("http_status:", status);
+    case OriginKind::HANDLER: return kj::str("in-process");
   }
   KJ_UNREACHABLE;
+}
+
+OriginConfig inProcessOrigin(InProcessHandler& handler) {
+  OriginConfig config;
+  config.kind = OriginKind::HANDLER;
+  config.handler = handler;
+  return config;
 }
 
 OriginConfig helloWorldOrigin() {

@@ -26,7 +26,10 @@ enum class OriginKind {
   UNIX,         // HTTP/1.1 over a unix socket (`unix:/path`, `--unix-socket`)
   HELLO_WORLD,  // built-in test origin, served in-process
   HTTP_STATUS,  // `http_status:NNN`: answers NNN with an empty body
+  HANDLER,      // in-process: each request goes to `OriginConfig::handler` (in-process.h)
 };
+
+class InProcessHandler;
 
 struct OriginConfig {
   OriginKind kind = OriginKind::HTTP;
@@ -34,6 +37,7 @@ struct OriginConfig {
   kj::uint port = 80;        // HTTP/HTTPS
   kj::String unixPath;   // UNIX
   kj::uint status = 503;     // HTTP_STATUS
+  kj::Maybe<InProcessHandler&> handler;    // HANDLER: borrowed, outlives the Origin
 
   kj::Maybe<kj::String> httpHostHeader;    // --http-host-header: Host sent to the origin
   kj::Maybe<kj::String> connectorId;       // sent as Cf-Warp-Tag-Id (§9.2), the connector UUID
@@ -49,7 +53,7 @@ struct OriginConfig {
   kj::Duration helloSseInterval = 1 * kj::SECONDS;   // hello-world /sse event interval
 
   kj::String toString() const;
-  // "http://localhost:8080", "unix:/run/x.sock", "hello-world", "http_status:404".
+  // "http://localhost:8080", "unix:/run/x.sock", "hello-world", "http_status:404", "in-process".
 };
 
 kj::OneOf<OriginConfig, kj::String> parseOriginUrl(kj::StringPtr url);
@@ -61,6 +65,7 @@ kj::OneOf<OriginConfig, kj::String> parseOriginUrl(kj::StringPtr url);
 OriginConfig helloWorldOrigin();
 OriginConfig unixSocketOrigin(kj::StringPtr path);
 OriginConfig httpStatusOrigin(kj::uint status);
+OriginConfig inProcessOrigin(InProcessHandler& handler);
 
 struct OriginStats {
   uint64_t connectionsOpened = 0;  // origin connections dialled (TCP/unix/in-process)

@@ -7,6 +7,7 @@
 #include "origin/tls-roots.h"
 
 #include "origin/hello-world.h"
+#include "origin/in-process.h"
 #include "origin/text.h"
 #include "observe/log.h"
 
@@ -268,6 +269,7 @@ Origin::Impl::Impl(const OriginConfig& config, kj::Timer& timer, kj::Network& ne
       break;
     }
     case OriginKind::HTTP_STATUS:
+    case OriginKind::HANDLER:
       break;
   }
 }
@@ -377,6 +379,9 @@ Origin::~Origin() noexcept(false) {}
 kj::OneOf<kj::Own<Origin>, kj::String> Origin::create(OriginConfig config, kj::Timer& timer,
                                                       kj::Network& network,
                                                       const kj::HttpHeaderTable& headerTable) {
+  if (config.kind == OriginKind::HANDLER && config.handler == nullptr) {
+    return kj::str("an in-process origin needs a handler");
+  }
   if (config.noTlsVerify) {
     return kj::str("--no-tls-verify is not supported yet: kj-tls cannot skip certificate "
                    "verification (use --origin-ca-pool to trust the origin's certificate)");

@@ -9,15 +9,24 @@
 
 #include "edge/discovery.h"
 #include "observe/log.h"
+#include "observe/metrics-server.h"
+#include "origin/in-process.h"
 #include "origin/origin.h"
+
+#include <gnutls/crypto.h>
 
 #include <kj/async-io.h>
 #include <kj/debug.h>
+#include <kj/encoding.h>
 #include <kj/mutex.h>
 #include <kj/thread.h>
 
 #include <sched.h>
 #include <string.h>
+#include <strings.h>
+
+#include <atomic>
+#include <deque>
 
 namespace cfqt {
 
@@ -74,10 +83,228 @@ private:
 
 }  // namespace
 
+// =============================================================================================
+// In-process requests (include/cfqt/handler.h)
+
+class Request::Impl {
+public:
+  explicit Impl(kj::Own<const origin::InProcessRequest> requestParam)
+      : request(kj::mv(requestParam)), method(toStd(request->method())),
+        url(toStd(request->dest())), host(toStd(request->host())) {
+    // path: the URL without scheme and authority.
+    auto scheme = url.find("://");
+    if (scheme == std::string::npos) {
+      path = url;
+    } else {
+      auto slash = url.find_first_of("/?", scheme + 3);
+      path = slash == std::string::npos ? "/" : url.substr(slash);
+      if (!path.empty() && path[0] == '?') path = "/" + path;
+    }
+    if (path.empty()) path = "/";
+    for (auto& h: request->headers()) headers.emplace_back(toStd(h.name), toStd(h.value));
+  }
+
+  template <typename Func>
+  auto call(Func&& func) {
+    // Library failures as the public exception types.
+    try {
+      return func();
+    } catch (const kj::Exception& e) {
+      auto text = toStd(e.getDescription());
+      if (e.getType() == kj::Exception::Type::DISCONNECTED) throw RequestCancelled(text);
+      throw RequestError(text);
+    }
+  }
+
+  kj::Own<const origin::InProcessRequest> request;
+  std::string method;
+  std::string url;
+  std::string host;
+  std::string path;
+  Headers headers;
+  std::atomic<bool> answered{false};
+};
+
+Request::Request(std::unique_ptr<Impl> implParam): impl(std::move(implParam)) {}
+Request::~Request() { impl->request->release(); }
+
+const std::string& Request::method() const { return impl->method; }
+const std::string& Request::url() const { return impl->url; }
+const std::string& Request::path() const { return impl->path; }
+const std::string& Request::host() const { return impl->host; }
+const Headers& Request::headers() const { return impl->headers; }
+bool Request::isWebSocket() const { return impl->request->isWebSocket(); }
+
+std::string Request::header(std::string_view name) const {
+  for (auto& h: impl->headers) {
+    if (h.first.size() == name.size() &&
+        strncasecmp(h.first.data(), name.data(), name.size()) == 0) {
+      return h.second;
+    }
+  }
+  return std::string();
+}
+
+size_t Request::read(void* buffer, size_t size) {
+  return impl->call([&]() {
+    return impl->request->read(kj::arrayPtr(static_cast<kj::byte*>(buffer), size));
+  });
+}
+
+std::string Request::readAll(size_t limit) {
+  std::string out;
+  char buffer[16384];
+  while (true) {
+    size_t n = read(buffer, sizeof(buffer));
+    if (n == 0) return out;
+    if (out.size() + n > limit) {
+      throw RequestError("cfqt: the request body is longer than " + std::to_string(limit) +
+                         " bytes");
+    }
+    out.append(buffer, n);
+  }
+}
+
+void Request::respond(int status, const Headers& headers) {
+  auto list = kj::heapArrayBuilder<wire::Header>(headers.size());
+  for (auto& h: headers) list.add(wire::Header{toKj(h.first), toKj(h.second)});
+  impl->call([&]() {
+    impl->request->respond(status < 0 ? 0 : kj::uint(status), list.finish());
+  });
+  impl->answered = true;
+}
+
+void Request::respond(int status, const Headers& headers, std::string_view body) {
+  auto list = kj::heapArrayBuilder<wire::Header>(headers.size());
+  for (auto& h: headers) list.add(wire::Header{toKj(h.first), toKj(h.second)});
+  impl->call([&]() {
+    impl->request->respond(status < 0 ? 0 : kj::uint(status), list.finish(),
+                           kj::arrayPtr(reinterpret_cast<const kj::byte*>(body.data()),
+                                        body.size()));
+  });
+  impl->answered = true;
+}
+
+void Request::acceptWebSocket(const Headers& headers) {
+  auto key = header("Sec-WebSocket-Key");
+  if (!isWebSocket() || key.empty()) {
+    throw RequestError("cfqt: acceptWebSocket() on a request that is no WebSocket upgrade");
+  }
+  auto input = key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+  kj::byte digest[20];
+  if (gnutls_hash_fast(GNUTLS_DIG_SHA1, input.data(), input.size(), digest) != 0) {
+    throw RequestError("cfqt: SHA-1 is not available");
+  }
+  Headers all = {{"Upgrade", "websocket"}, {"Connection", "Upgrade"},
+                 {"Sec-WebSocket-Accept", toStd(kj::encodeBase64(kj::arrayPtr(digest, 20)))}};
+  all.insert(all.end(), headers.begin(), headers.end());
+  respond(101, all);
+}
+
+void Request::write(const void* data, size_t size) {
+  impl->call([&]() {
+    impl->request->write(kj::arrayPtr(static_cast<const kj::byte*>(data), size));
+  });
+}
+
+void Request::end() {
+  impl->call([&]() { impl->request->end(); });
+}
+
+void Request::fail(const std::string& message) { impl->request->fail(toKj(message)); }
+bool Request::cancelled() const { return impl->request->isCancelled(); }
+bool Request::answered() const { return impl->answered; }
+
+namespace {
+
+class HandlerPool final: public origin::InProcessHandler {
+  // Runs the application's handler on up to `maxThreads` threads, started as requests come.
+public:
+  HandlerPool(Handler handlerParam, size_t maxThreads)
+      : handler(std::move(handlerParam)), maxThreads(maxThreads) {}
+
+  ~HandlerPool() noexcept(false) {
+    state.lockExclusive()->stopping = true;
+    threads.lockExclusive()->clear();   // joins; requests still queued are released unanswered
+  }
+  KJ_DISALLOW_COPY(HandlerPool);
+
+  void dispatch(kj::Own<const origin::InProcessRequest> request) override {
+    // Loop thread: queue, and start a thread if every running one is busy; with no threads,
+    // call the handler right here.
+    if (maxThreads == 0) {
+      serve(kj::mv(request));
+      return;
+    }
+    bool spawn = false;
+    {
+      auto lock = state.lockExclusive();
+      lock->queue.push_back(kj::mv(request));
+      if (lock->queue.size() > lock->idle && lock->threads < maxThreads) {
+        lock->threads++;
+        spawn = true;
+      }
+    }
+    if (spawn) {
+      threads.lockExclusive()->add(kj::heap<kj::Thread>([this]() { work(); }));
+    }
+  }
+
+private:
+  struct State {
+    std::deque<kj::Own<const origin::InProcessRequest>> queue;
+    size_t idle = 0;
+    size_t threads = 0;
+    bool stopping = false;
+  };
+  Handler handler;
+  size_t maxThreads;
+  kj::MutexGuarded<State> state;
+  kj::MutexGuarded<kj::Vector<kj::Own<kj::Thread>>> threads;   // last: joined first
+
+  void work() {
+    while (true) {
+      kj::Own<const origin::InProcessRequest> next;
+      {
+        auto lock = state.lockExclusive();
+        lock->idle++;
+        lock.wait([](const State& s) { return !s.queue.empty() || s.stopping; });
+        lock->idle--;
+        if (lock->stopping) {
+          for (auto& r: lock->queue) r->release();
+          lock->queue.clear();
+          return;
+        }
+        next = kj::mv(lock->queue.front());
+        lock->queue.pop_front();
+      }
+      serve(kj::mv(next));
+    }
+  }
+
+  void serve(kj::Own<const origin::InProcessRequest> request) {
+    auto keep = kj::atomicAddRef(*request);
+    try {
+      auto shared = std::make_shared<Request>(std::make_unique<Request::Impl>(kj::mv(request)));
+      handler(std::move(shared));
+    } catch (const kj::Exception& e) {
+      keep->fail(e.getDescription());
+    } catch (const std::exception& e) {
+      keep->fail(kj::StringPtr(e.what()));
+    } catch (...) {
+      keep->fail("the handler threw a non-standard exception");
+    }
+  }
+};
+
+}  // namespace
+
 class Tunnel::Impl final: private tunnel::RunnerCallbacks {
 public:
-  Impl(tunnel::RunnerOptions runnerOptions, observe::LogConfig logConfig)
-      : options(kj::mv(runnerOptions)), logConfig(kj::mv(logConfig)) {
+  Impl(tunnel::RunnerOptions runnerOptions, observe::LogConfig logConfig,
+       kj::Maybe<kj::Own<HandlerPool>> handlers)
+      : handlers(kj::mv(handlers)), options(kj::mv(runnerOptions)),
+        logConfig(kj::mv(logConfig)) {
     thread = kj::heap<kj::Thread>([this]() { threadMain(); });
   }
 
@@ -112,6 +339,15 @@ public:
   }
 
   bool running() const { return !state.lockShared()->finished; }
+
+  std::string metrics() const {
+    std::string text;
+    onLoop([&]() {
+      auto runner = state.lockShared()->runner;
+      if (runner != nullptr) text = toStd(observe::metricsBody(runner->status()));
+    });
+    return text;
+  }
 
   int stop() {
     {
@@ -208,6 +444,7 @@ private:
     kj::runCatchingExceptions([&]() { executor->executeSync(kj::fwd<Func>(func)); });
   }
 
+  kj::Maybe<kj::Own<HandlerPool>> handlers;   // first: outlives the loop thread dispatching to it
   tunnel::RunnerOptions options;
   observe::LogConfig logConfig;
   kj::MutexGuarded<SharedState> state;
@@ -269,7 +506,19 @@ Tunnel::~Tunnel() {}
 
 std::unique_ptr<Tunnel> Tunnel::start(const TunnelOptions& o) {
   tunnel::RunnerOptions r;
-  if (o.helloWorld) {
+  kj::Maybe<kj::Own<HandlerPool>> handlers;
+  if (o.handler) {
+    if (o.helloWorld || !o.url.empty() || !o.unixSocket.empty()) {
+      throw TunnelError("cfqt: set either handler or an origin (url, helloWorld, unixSocket)");
+    }
+    if (o.handlerThreads < 0 || o.handlerThreads > 4096) {
+      throw TunnelError("cfqt: handlerThreads must be between 0 (inline) and 4096");
+    }
+    auto pool = kj::heap<HandlerPool>(o.handler, size_t(o.handlerThreads));
+    r.origin = origin::inProcessOrigin(*pool);
+    r.service = kj::str("http://localhost");   // no origin URL; the edge only records it
+    handlers = kj::mv(pool);
+  } else if (o.helloWorld) {
     r.origin = origin::helloWorldOrigin();
     r.service = kj::str("hello_world");
   } else if (!o.url.empty()) {
@@ -284,7 +533,7 @@ std::unique_ptr<Tunnel> Tunnel::start(const TunnelOptions& o) {
     r.origin = origin::unixSocketOrigin(toKj(o.unixSocket));
     r.service = kj::str("unix:", toKj(o.unixSocket));
   } else {
-    throw TunnelError("cfqt: nothing to expose: set url, helloWorld or unixSocket");
+    throw TunnelError("cfqt: nothing to expose: set url, helloWorld, unixSocket or handler");
   }
   if (!o.httpHostHeader.empty()) r.origin.httpHostHeader = toKj(o.httpHostHeader);
   if (o.haConnections < 1 || o.haConnections > 4) {
@@ -333,7 +582,8 @@ std::unique_ptr<Tunnel> Tunnel::start(const TunnelOptions& o) {
   if (!o.logFile.empty()) logConfig.file = toKj(o.logFile);
   logConfig.toStderr = o.logToStderr;
   if (o.logCallback) logConfig.sink = kj::heap<CallbackSink>(o.logCallback);
-  return std::make_unique<Tunnel>(std::make_unique<Impl>(kj::mv(r), kj::mv(logConfig)));
+  return std::make_unique<Tunnel>(
+      std::make_unique<Impl>(kj::mv(r), kj::mv(logConfig), kj::mv(handlers)));
 }
 
 std::string Tunnel::waitForUrl(std::chrono::milliseconds timeout) {
@@ -351,6 +601,7 @@ int Tunnel::readyConnections() const { return impl->readyConnections(); }
 bool Tunnel::running() const { return impl->running(); }
 int Tunnel::stop() { return impl->stop(); }
 int Tunnel::wait() { return impl->wait(); }
+std::string Tunnel::metrics() const { return impl->metrics(); }
 
 }  // namespace cfqt
 
@@ -361,7 +612,32 @@ struct cfqt_tunnel {
   std::unique_ptr<cfqt::Tunnel> tunnel;
 };
 
+struct cfqt_request {
+  std::shared_ptr<cfqt::Request> request;
+};
+
 namespace {
+
+thread_local std::string lastError;
+
+int failWith(const std::exception& e, int code) {
+  lastError = e.what();
+  return code;
+}
+
+template <typename Func>
+int requestCall(Func&& func) {
+  // 0, or -1 (cancelled: the visitor went away or the tunnel stopped) / -2 (misuse) with the
+  // message for cfqt_last_error().
+  try {
+    func();
+    return 0;
+  } catch (const cfqt::RequestCancelled& e) {
+    return failWith(e, -1);
+  } catch (const std::exception& e) {
+    return failWith(e, -2);
+  }
+}
 
 void copyOut(const std::string& text, char* out, size_t size) {
   if (out == nullptr || size == 0) return;
@@ -424,6 +700,17 @@ cfqt_tunnel* cfqt_tunnel_start(const cfqt_options* options, char* error, size_t 
     }
     if (options->ready_port > 0) o.readyPort = options->ready_port;
     if (options->ready_ca_file != nullptr) o.readyCaFile = options->ready_ca_file;
+    if (options->handler != nullptr) {
+      auto function = options->handler;
+      auto data = options->handler_data;
+      o.handler = [function, data](std::shared_ptr<cfqt::Request> request) {
+        auto handle = std::make_unique<cfqt_request>();
+        handle->request = std::move(request);
+        function(data, handle.release());
+      };
+      if (options->handler_threads > 0) o.handlerThreads = options->handler_threads;
+      if (options->handler_threads < 0) o.handlerThreads = 0;   // inline
+    }
     auto handle = std::make_unique<cfqt_tunnel>();
     handle->tunnel = cfqt::Tunnel::start(o);
     return handle.release();
@@ -470,6 +757,91 @@ int cfqt_tunnel_stop(cfqt_tunnel* t) { return t->tunnel->stop(); }
 
 void cfqt_tunnel_free(cfqt_tunnel* t) {
   std::unique_ptr<cfqt_tunnel> owned(t);   // stops and joins in ~Tunnel
+}
+
+int cfqt_tunnel_running(cfqt_tunnel* t) { return t->tunnel->running() ? 1 : 0; }
+
+size_t cfqt_tunnel_metrics(cfqt_tunnel* t, char* out, size_t size) {
+  auto text = t->tunnel->metrics();
+  copyOut(text, out, size);
+  return text.size() + 1;
+}
+
+const char* cfqt_last_error(void) { return lastError.c_str(); }
+
+const char* cfqt_request_method(const cfqt_request* r) { return r->request->method().c_str(); }
+const char* cfqt_request_url(const cfqt_request* r) { return r->request->url().c_str(); }
+const char* cfqt_request_path(const cfqt_request* r) { return r->request->path().c_str(); }
+const char* cfqt_request_host(const cfqt_request* r) { return r->request->host().c_str(); }
+size_t cfqt_request_header_count(const cfqt_request* r) { return r->request->headers().size(); }
+
+const char* cfqt_request_header_name(const cfqt_request* r, size_t index) {
+  auto& headers = r->request->headers();
+  return index < headers.size() ? headers[index].first.c_str() : nullptr;
+}
+
+const char* cfqt_request_header_value(const cfqt_request* r, size_t index) {
+  auto& headers = r->request->headers();
+  return index < headers.size() ? headers[index].second.c_str() : nullptr;
+}
+
+int cfqt_request_is_websocket(const cfqt_request* r) { return r->request->isWebSocket() ? 1 : 0; }
+
+long long cfqt_request_read(cfqt_request* r, void* buffer, size_t size) {
+  size_t n = 0;
+  int code = requestCall([&]() { n = r->request->read(buffer, size); });
+  return code == 0 ? static_cast<long long>(n) : code;
+}
+
+int cfqt_request_respond(cfqt_request* r, int status, const char* const* headers,
+                         size_t headerCount) {
+  return requestCall([&]() {
+    cfqt::Headers list;
+    for (size_t i = 0; i < headerCount; i++) {
+      if (headers[2 * i] == nullptr || headers[2 * i + 1] == nullptr) {
+        throw cfqt::RequestError("cfqt: a response header name or value is NULL");
+      }
+      list.emplace_back(headers[2 * i], headers[2 * i + 1]);
+    }
+    r->request->respond(status, list);
+  });
+}
+
+int cfqt_request_respond_body(cfqt_request* r, int status, const char* const* headers,
+                              size_t headerCount, const void* body, size_t size) {
+  return requestCall([&]() {
+    cfqt::Headers list;
+    for (size_t i = 0; i < headerCount; i++) {
+      if (headers[2 * i] == nullptr || headers[2 * i + 1] == nullptr) {
+        throw cfqt::RequestError("cfqt: a response header name or value is NULL");
+      }
+      list.emplace_back(headers[2 * i], headers[2 * i + 1]);
+    }
+    std::string_view text(static_cast<const char*>(body), body == nullptr ? 0 : size);
+    r->request->respond(status, list, text);
+  });
+}
+
+int cfqt_request_accept_websocket(cfqt_request* r) {
+  return requestCall([&]() { r->request->acceptWebSocket(); });
+}
+
+int cfqt_request_write(cfqt_request* r, const void* data, size_t size) {
+  return requestCall([&]() { r->request->write(data, size); });
+}
+
+int cfqt_request_end(cfqt_request* r) {
+  return requestCall([&]() { r->request->end(); });
+}
+
+void cfqt_request_fail(cfqt_request* r, const char* message) {
+  r->request->fail(message == nullptr ? "handler failed" : message);
+}
+
+int cfqt_request_cancelled(const cfqt_request* r) { return r->request->cancelled() ? 1 : 0; }
+
+void cfqt_request_free(cfqt_request* r) {
+  std::unique_ptr<cfqt_request> owned(r);   // unanswered: 502; answered: the body ends
 }
 
 }  // extern "C"
