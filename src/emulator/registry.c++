@@ -119,7 +119,12 @@ kj::OneOf<ConnectionRecord*, RegistrationError> Registry::registerConnection(
   auto result = record.get();
   records.add(kj::mv(record));
   pruneClosed();
+  KJ_IF_MAYBE(observer, registrationObserver) (*observer)(*result);
   return result;
+}
+
+void Registry::observeRegistrations(kj::Function<void(ConnectionRecord&)> observer) {
+  registrationObserver = kj::mv(observer);
 }
 
 void Registry::unregisterConnection(ConnectionRecord& record) {
