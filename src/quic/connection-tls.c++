@@ -27,14 +27,42 @@ void checkGnutls(int rv, kj::StringPtr what) {
   }
 }
 
-void ConnectionImpl::initClient(const ClientConfig& cfg) {
-  alpnWanted = kj::heapString(cfg.alpn);
-  serverName = kj::heapString(cfg.serverName);
+// ---- trust roots, shared per thread
 
-  checkGnutls(gnutls_certificate_allocate_credentials(&clientCredentials), "credentials");
+namespace {
+thread_local ClientCredentials* liveCredentials = nullptr;
+}
+
+kj::Own<ClientCredentials> ClientCredentials::get(const ClientConfig& cfg) {
+  for (auto c = liveCredentials; c != nullptr; c = c->next) {
+    if (c->matches(cfg)) return kj::addRef(*c);
+  }
+  return kj::refcounted<ClientCredentials>(cfg);
+}
+
+bool ClientCredentials::matches(const ClientConfig& cfg) const {
+  auto same = [](const kj::Maybe<kj::String>& a, const kj::Maybe<kj::String>& b) {
+    KJ_IF_MAYBE(x, a) {
+      KJ_IF_MAYBE(y, b) return *x == *y;
+      return false;
+    }
+    return b == nullptr;
+  };
+  // A file is named, not read, here: a --edge-ca file that changes is read again only once no
+  // connection holds the old one (as before, when every dial read it).
+  return same(caFile, cfg.caFile) && same(caPem, cfg.caPem) &&
+         useSystemTrust == cfg.useSystemTrust && verify == cfg.verifyCertificate;
+}
+
+ClientCredentials::ClientCredentials(const ClientConfig& cfg)
+    : caFile(cfg.caFile.map([](const kj::String& s) { return kj::heapString(s); })),
+      caPem(cfg.caPem.map([](const kj::String& s) { return kj::heapString(s); })),
+      useSystemTrust(cfg.useSystemTrust), verify(cfg.verifyCertificate) {
+  checkGnutls(gnutls_certificate_allocate_credentials(&credentials), "credentials");
+  KJ_ON_SCOPE_FAILURE(gnutls_certificate_free_credentials(credentials));
   bool anyTrust = false;
   KJ_IF_MAYBE(file, cfg.caFile) {
-    int n = gnutls_certificate_set_x509_trust_file(clientCredentials, file->cStr(),
+    int n = gnutls_certificate_set_x509_trust_file(credentials, file->cStr(),
                                                    GNUTLS_X509_FMT_PEM);
     if (n <= 0) {
       kj::throwFatalException(failed(kj::str(
@@ -46,14 +74,14 @@ void ConnectionImpl::initClient(const ClientConfig& cfg) {
   KJ_IF_MAYBE(pem, cfg.caPem) {
     gnutls_datum_t datum = {reinterpret_cast<unsigned char*>(const_cast<char*>(pem->cStr())),
                             static_cast<unsigned>(pem->size())};
-    int n = gnutls_certificate_set_x509_trust_mem(clientCredentials, &datum, GNUTLS_X509_FMT_PEM);
+    int n = gnutls_certificate_set_x509_trust_mem(credentials, &datum, GNUTLS_X509_FMT_PEM);
     if (n <= 0) {
       kj::throwFatalException(failed(kj::str("QUIC TLS setup: CA PEM holds no certificate")));
     }
     anyTrust = true;
   }
   if (cfg.useSystemTrust) {
-    int n = gnutls_certificate_set_x509_system_trust(clientCredentials);
+    int n = gnutls_certificate_set_x509_system_trust(credentials);
     if (n > 0) anyTrust = true;
   }
   if (cfg.verifyCertificate && !anyTrust) {
@@ -61,6 +89,27 @@ void ConnectionImpl::initClient(const ClientConfig& cfg) {
         "QUIC TLS setup: certificate verification is on but no trust roots were given "
         "(set caFile, caPem or useSystemTrust)")));
   }
+  next = liveCredentials;
+  if (next != nullptr) next->prev = &next;
+  prev = &liveCredentials;
+  liveCredentials = this;
+}
+
+ClientCredentials::~ClientCredentials() noexcept(false) {
+  if (prev != nullptr) {
+    *prev = next;
+    if (next != nullptr) next->prev = prev;
+  }
+  gnutls_certificate_free_credentials(credentials);
+}
+
+// ---- client and server sessions
+
+void ConnectionImpl::initClient(const ClientConfig& cfg) {
+  alpnWanted = kj::heapString(cfg.alpn);
+  serverName = kj::heapString(cfg.serverName);
+
+  clientCredentials = ClientCredentials::get(cfg);
 
   checkGnutls(gnutls_init(&session, GNUTLS_CLIENT | GNUTLS_NO_END_OF_EARLY_DATA), "gnutls_init");
   checkGnutls(ngtcp2_crypto_gnutls_configure_client_session(session) == 0 ? 0 : -1,
@@ -69,7 +118,7 @@ void ConnectionImpl::initClient(const ClientConfig& cfg) {
   kj::StringPtr prio = DEFAULT_CLIENT_PRIORITY;
   KJ_IF_MAYBE(p, cfg.tlsPriority) prio = *p;
   checkGnutls(gnutls_priority_set_direct(session, prio.cStr(), &errPos), "priority string");
-  checkGnutls(gnutls_credentials_set(session, GNUTLS_CRD_CERTIFICATE, clientCredentials),
+  checkGnutls(gnutls_credentials_set(session, GNUTLS_CRD_CERTIFICATE, clientCredentials->get()),
               "credentials");
   gnutls_datum_t proto = {reinterpret_cast<unsigned char*>(alpnWanted.begin()),
                           static_cast<unsigned>(alpnWanted.size())};
