@@ -44,6 +44,7 @@ ConnectionImpl::~ConnectionImpl() noexcept(false) {
   if (conn != nullptr) ngtcp2_conn_del(conn);
   if (session != nullptr) gnutls_deinit(session);
   clientCredentials = nullptr;
+  if (emptyCredentials != nullptr) gnutls_certificate_free_credentials(emptyCredentials);
 }
 
 void ConnectionImpl::setup(const ngtcp2_cid& dcid, const ngtcp2_cid& scid, uint32_t version,

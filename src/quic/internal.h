@@ -408,10 +408,10 @@ class StreamHandle;
 
 class ClientCredentials final: public kj::Refcounted {
   // A client's trust roots in GnuTLS (the system store alone is ~140 certificates, ~4 MiB of
-  // heap and 5-15 ms to parse). Shared by every connection of this thread whose ClientConfig
-  // names the same roots, so they are parsed once while any such connection lives, and freed
-  // with the last one. The constructor throws FAILED (the dial's error) when the roots cannot
-  // be loaded.
+  // heap and 5-15 ms to parse). Shared by every handshake of this thread whose ClientConfig
+  // names the same roots, so concurrent dials parse them once; freed when the last of them
+  // completed (ConnectionImpl::releaseTrustRoots()) or failed. The constructor throws FAILED
+  // (the dial's error) when the roots cannot be loaded.
 public:
   static kj::Own<ClientCredentials> get(const ClientConfig& cfg);
   explicit ClientCredentials(const ClientConfig& cfg);
@@ -494,7 +494,9 @@ private:
   TransportConfig config;
   ngtcp2_conn* conn = nullptr;
   gnutls_session_t session = nullptr;
-  kj::Own<ClientCredentials> clientCredentials;   // client only; outlives `session`
+  kj::Own<ClientCredentials> clientCredentials;   // client, until the handshake is done
+  gnutls_certificate_credentials_t emptyCredentials = nullptr;  // the session's after that
+  void releaseTrustRoots();
   ngtcp2_crypto_conn_ref connRef;
   ngtcp2_path_storage pathStorage;
   kj::String alpnWanted;
