@@ -56,6 +56,7 @@ namespace _ __attribute__((visibility("hidden"))) {  // private
 constexpr size_t SCID_LEN = 18;
 constexpr size_t MAX_PACKET = 1500;             // per-packet buffer (max_udp_payload_size <= it)
 constexpr size_t TX_BATCH_PACKETS = 64;         // packets per flush batch
+constexpr uint64_t INITIAL_BURST_PACKETS = 10;  // first packets of a connection sent unpaced
 constexpr size_t GSO_MAX_SEGMENTS = 44;         // 44 x 1452 < 64 KiB
 constexpr size_t RX_MSGS = 8;                   // recvmmsg batch (x RX_BUFFER: 512 KiB per endpoint)
 constexpr size_t RX_BUFFER = 65536;             // one GRO super-datagram
