@@ -31,6 +31,22 @@ void checkGnutls(int rv, kj::StringPtr what) {
 
 namespace {
 thread_local ClientCredentials* liveCredentials = nullptr;
+thread_local uint64_t systemLoads = 0;
+}
+
+uint64_t ClientCredentials::systemStoreLoads() { return systemLoads; }
+
+kj::Maybe<gnutls_x509_trust_list_t> ClientCredentials::systemTrust() {
+  KJ_IF_MAYBE(list, systemList) return *list;
+  gnutls_x509_trust_list_t list;
+  if (gnutls_x509_trust_list_init(&list, 0) < 0) return nullptr;
+  ++systemLoads;
+  if (gnutls_x509_trust_list_add_system_trust(list, 0, 0) <= 0) {
+    gnutls_x509_trust_list_deinit(list, 1);
+    return nullptr;
+  }
+  systemList = list;
+  return list;
 }
 
 kj::Own<ClientCredentials> ClientCredentials::get(const ClientConfig& cfg) {
@@ -80,7 +96,12 @@ ClientCredentials::ClientCredentials(const ClientConfig& cfg)
     }
     anyTrust = true;
   }
-  if (cfg.useSystemTrust) {
+  if (cfg.useSystemTrust && anyTrust && cfg.verifyCertificate) {
+    // The given roots first (cfqt: the embedded Cloudflare roots, which the real edge chains
+    // to); the system store (~140 certificates, ~4 MiB, 5-15 ms) is parsed only when a chain
+    // needs it.
+    lazySystem = true;
+  } else if (cfg.useSystemTrust) {
     int n = gnutls_certificate_set_x509_system_trust(credentials);
     if (n > 0) anyTrust = true;
   }
@@ -100,6 +121,7 @@ ClientCredentials::~ClientCredentials() noexcept(false) {
     *prev = next;
     if (next != nullptr) next->prev = prev;
   }
+  KJ_IF_MAYBE(list, systemList) gnutls_x509_trust_list_deinit(*list, 1);
   gnutls_certificate_free_credentials(credentials);
 }
 
@@ -127,7 +149,11 @@ void ConnectionImpl::initClient(const ClientConfig& cfg) {
     checkGnutls(gnutls_server_name_set(session, GNUTLS_NAME_DNS, serverName.begin(),
                                        serverName.size()), "SNI");
   }
-  if (cfg.verifyCertificate) {
+  if (cfg.verifyCertificate && clientCredentials->lazySystemTrust()) {
+    gnutls_session_set_verify_function(session, &ConnectionImpl::verifyCallback);
+    ownVerify = true;
+    verifyName = true;
+  } else if (cfg.verifyCertificate) {
     gnutls_session_set_verify_cert(session, serverName.size() > 0 ? serverName.cStr() : nullptr,
                                    0);
     verifyName = true;
@@ -172,13 +198,61 @@ void ConnectionImpl::initServer(const ngtcp2_pkt_hd& hd, const ServerConfig& cfg
   ngtcp2_conn_set_tls_native_handle(conn, session);
 }
 
+int ConnectionImpl::verifyCallback(gnutls_session_t session) {
+  auto ref = static_cast<ngtcp2_crypto_conn_ref*>(gnutls_session_get_ptr(session));
+  return static_cast<ConnectionImpl*>(ref->user_data)->verifyPeer();
+}
+
+int ConnectionImpl::verifyPeer() {
+  // What gnutls_session_set_verify_cert() does (chain + host name), against the given roots and,
+  // only if they know no signer, against the system store.
+  gnutls_typed_vdata_st data[1];
+  unsigned count = 0;
+  if (serverName.size() > 0) {
+    data[0].type = GNUTLS_DT_DNS_HOSTNAME;
+    data[0].data = reinterpret_cast<unsigned char*>(const_cast<char*>(serverName.cStr()));
+    data[0].size = 0;
+    count = 1;
+  }
+  unsigned status = 0;
+  if (gnutls_certificate_verify_peers(session, data, count, &status) < 0) {
+    verifyStatus = GNUTLS_CERT_INVALID;
+    return GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR;
+  }
+  if ((status & GNUTLS_CERT_SIGNER_NOT_FOUND) && clientCredentials.get() != nullptr) {
+    KJ_IF_MAYBE(list, clientCredentials->systemTrust()) {
+      unsigned n = 0;
+      const gnutls_datum_t* raw = gnutls_certificate_get_peers(session, &n);
+      kj::Vector<gnutls_x509_crt_t> chain(n);
+      bool ok = raw != nullptr && n > 0;
+      for (unsigned i = 0; ok && i < n; i++) {
+        gnutls_x509_crt_t crt;
+        if (gnutls_x509_crt_init(&crt) < 0) {
+          ok = false;
+          break;
+        }
+        chain.add(crt);
+        ok = gnutls_x509_crt_import(crt, &raw[i], GNUTLS_X509_FMT_DER) >= 0;
+      }
+      unsigned systemStatus = 0;
+      if (ok && gnutls_x509_trust_list_verify_crt2(*list, chain.begin(), chain.size(), data,
+                                                   count, 0, &systemStatus, nullptr) >= 0) {
+        status = systemStatus;
+      }
+      for (auto crt: chain) gnutls_x509_crt_deinit(crt);
+    }
+  }
+  verifyStatus = status;
+  return status == 0 ? 0 : GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR;
+}
+
 // ---- handshake outcome, local TLS failures
 
 CloseInfo ConnectionImpl::tlsFailure() {
   uint8_t alert = ngtcp2_conn_get_tls_alert(conn);
   kj::String what;
   if (!server && verifyName) {
-    unsigned status = gnutls_session_get_verify_cert_status(session);
+    unsigned status = ownVerify ? verifyStatus : gnutls_session_get_verify_cert_status(session);
     if (status & GNUTLS_CERT_SIGNER_NOT_FOUND) {
       what = kj::str("the server's certificate is not signed by a trusted CA; pass the CA that "
                      "signed it (caFile/caPem) or check that you reach the right server");

@@ -36,6 +36,7 @@
 #include <ngtcp2/ngtcp2_crypto.h>
 #include <gnutls/crypto.h>
 #include <gnutls/gnutls.h>
+#include <gnutls/x509.h>
 
 #include <kj/debug.h>
 #include <kj/map.h>
@@ -425,8 +426,22 @@ public:
 
   gnutls_certificate_credentials_t get() const { return credentials; }
 
+  bool lazySystemTrust() const { return lazySystem; }
+  // True when the system store is consulted only for a chain that caFile/caPem (for cfqt: the
+  // embedded Cloudflare roots) cannot verify: the session then verifies with
+  // ConnectionImpl::verifyPeer() instead of gnutls_session_set_verify_cert().
+
+  kj::Maybe<gnutls_x509_trust_list_t> systemTrust();
+  // The system store, parsed on first use and kept with these credentials; null if it cannot be
+  // loaded.
+
+  static uint64_t systemStoreLoads();
+  // How many times this thread parsed the system store (tests).
+
 private:
   gnutls_certificate_credentials_t credentials = nullptr;
+  bool lazySystem = false;
+  kj::Maybe<gnutls_x509_trust_list_t> systemList;
   kj::Maybe<kj::String> caFile;
   kj::Maybe<kj::String> caPem;
   bool useSystemTrust;
@@ -501,7 +516,11 @@ private:
   gnutls_session_t session = nullptr;
   kj::Own<ClientCredentials> clientCredentials;   // client, until the handshake is done
   gnutls_certificate_credentials_t emptyCredentials = nullptr;  // the session's after that
+  unsigned verifyStatus = 0;   // of the last verifyPeer(), for tlsFailure()
+  bool ownVerify = false;      // verifyPeer() verifies (lazy system store), not GnuTLS itself
   void releaseTrustRoots();
+  static int verifyCallback(gnutls_session_t session);
+  int verifyPeer();
   ngtcp2_crypto_conn_ref connRef;
   ngtcp2_path_storage pathStorage;
   kj::String alpnWanted;
