@@ -383,8 +383,8 @@ void runTunnelBench(Reporter& reporter) {
           systemBundle == nullptr ? "--cacert" : "default (system store + emulator CA)");
   kj::Vector<kj::StringPtr> argv;
   argv.addAll(std::initializer_list<kj::StringPtr>{
-      cfqtPath, "--url", originUrl, "--quick-service", api, "--metrics", "127.0.0.1:0", "--protocol", options.protocol, "--ha-connections", ha,
-      "--loglevel", "warn"});
+      cfqtPath, "--url", originUrl, "--quick-service", api, "--metrics", "127.0.0.1:0",
+      "--protocol", options.protocol, "--ha-connections", ha, "--loglevel", "warn"});
   for (auto& edge: ready.edges) {
     argv.add("--edge");
     argv.add(edge);

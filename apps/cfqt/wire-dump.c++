@@ -1,6 +1,7 @@
-// `cfqt-wire-dump <vectors-file>` (once the hidden `cfqt wire-dump` subcommand): decodes every vector of a wire test-vector
-// file (data/tunnel-wire-vectors-2023.7.3.txt) with the wire layer and prints each decoded value in
-// capnp text form. All the work is in src/wire (testing::renderVectorFile); this is the glue only.
+// `cfqt-wire-dump <vectors-file>` (once the hidden `cfqt wire-dump` subcommand): decodes every
+// vector of a wire test-vector file (data/tunnel-wire-vectors-2023.7.3.txt) with the wire layer
+// and prints each decoded value in capnp text form. All the work is in src/wire
+// (testing::renderVectorFile); this is the glue only.
 
 #include "wire/test-vectors.h"
 
