@@ -1,13 +1,26 @@
 #pragma once
 // Shared plumbing of cfqt-bench: how a suite prints its figures, and the suites' entry points.
 
+#include <kj/common.h>
 #include <kj/string.h>
+#include <stdint.h>
 #include <stdio.h>
 
 namespace cfqt::bench {
 
+struct Options {
+  // Command-line options; a suite reads those it knows and ignores the rest.
+  kj::String protocol = kj::str("quic");   // tunnel: --protocol quic|http2
+  unsigned haConnections = 2;              // tunnel: --ha-connections N
+  uint64_t requests = 20000;               // tunnel: --requests N (concurrency-64 phase)
+  bool cacert = false;                     // tunnel: --cacert (not the default trust roots)
+  kj::Maybe<kj::String> cfqt;              // tunnel: --cfqt PATH (default: next to cfqt-bench)
+};
+
 class Reporter {
 public:
+  Options options;
+
   void figure(kj::StringPtr name, double value, kj::StringPtr unit) {
     // One line per figure, `name value unit`, flushed at once so a long suite shows progress.
     printf("%s %.6g %s\n", name.cStr(), value, unit.cStr());
@@ -19,5 +32,6 @@ public:
 void runWireBench(Reporter& reporter);
 void runOriginBench(Reporter& reporter);
 void runQuicBench(Reporter& reporter);
+void runTunnelBench(Reporter& reporter);
 
 }  // namespace cfqt::bench

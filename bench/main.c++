@@ -21,6 +21,7 @@ const Suite SUITES[] = {
     {"wire", runWireBench, "encode+decode of ConnectRequest (20 headers) / ConnectResponse (10)"},
     {"origin", runOriginBench, "Origin::serveStream to a loopback kj HTTP server: req/s, MB/s"},
     {"quic", runQuicBench, "QUIC loopback: 1 GiB bulk vs TLS/TCP, streams/s, serial RTT"},
+    {"tunnel", runTunnelBench, "the cfqt client alone: in-process edge -> cfqt child -> origin"},
 };
 
 class BenchMain {
@@ -29,6 +30,18 @@ public:
 
   kj::MainFunc getMain() {
     return kj::MainBuilder(context, "cfqt-bench 0.1", "Runs cfqt's benchmarks.")
+        .addOptionWithArg({"protocol"}, KJ_BIND_METHOD(*this, setProtocol), "<quic|http2>",
+                          "tunnel: the client's --protocol (default quic).")
+        .addOptionWithArg({"ha-connections"}, KJ_BIND_METHOD(*this, setHa), "<n>",
+                          "tunnel: the client's --ha-connections (default 2).")
+        .addOptionWithArg({"requests"}, KJ_BIND_METHOD(*this, setRequests), "<n>",
+                          "tunnel: requests of the concurrency-64 phase (default 20000).")
+        .addOption({"cacert"}, [this]() { options.cacert = true; return true; },
+                   "tunnel: give the client --cacert instead of its default trust roots "
+                   "(the default needs root: a mount namespace adds the emulator's CA to the "
+                   "system store).")
+        .addOptionWithArg({"cfqt"}, KJ_BIND_METHOD(*this, setCfqt), "<path>",
+                          "tunnel: the client binary (default: cfqt next to cfqt-bench).")
         .expectZeroOrMoreArgs("<suite>", KJ_BIND_METHOD(*this, addSuite))
         .callAfterParsing(KJ_BIND_METHOD(*this, run))
         .build();
@@ -37,6 +50,44 @@ public:
 private:
   kj::ProcessContext& context;
   kj::Vector<const Suite*> selected;
+  Options options;
+
+  kj::MainBuilder::Validity setProtocol(kj::StringPtr value) {
+    if (value != "quic" && value != "http2") return "--protocol is quic or http2";
+    options.protocol = kj::str(value);
+    return true;
+  }
+  kj::MainBuilder::Validity setHa(kj::StringPtr value) {
+    KJ_IF_MAYBE(n, parseCount(value)) {
+      if (*n >= 1 && *n <= 4) {
+        options.haConnections = *n;
+        return true;
+      }
+    }
+    return "--ha-connections is 1 to 4";
+  }
+  kj::MainBuilder::Validity setRequests(kj::StringPtr value) {
+    KJ_IF_MAYBE(n, parseCount(value)) {
+      if (*n >= 64) {
+        options.requests = *n;
+        return true;
+      }
+    }
+    return "--requests is a number >= 64";
+  }
+  kj::MainBuilder::Validity setCfqt(kj::StringPtr value) {
+    options.cfqt = kj::str(value);
+    return true;
+  }
+  static kj::Maybe<uint64_t> parseCount(kj::StringPtr value) {
+    if (value.size() == 0 || value.size() > 12) return nullptr;
+    uint64_t n = 0;
+    for (char c: value) {
+      if (c < '0' || c > '9') return nullptr;
+      n = n * 10 + (c - '0');
+    }
+    return n;
+  }
 
   kj::MainBuilder::Validity addSuite(kj::StringPtr name) {
     for (auto& suite: SUITES) {
@@ -55,6 +106,7 @@ private:
       for (auto& suite: SUITES) selected.add(&suite);
     }
     Reporter reporter;
+    reporter.options = kj::mv(options);
     for (auto suite: selected) suite->run(reporter);
     return true;
   }

@@ -1,6 +1,7 @@
-// The hidden `cfqt wire-dump <vectors-file>` subcommand: decodes every vector of a wire test-vector
-// file (data/tunnel-wire-vectors-2023.7.3.txt) with the wire layer and prints each decoded value in
-// capnp text form. All the work is in src/wire (testing::renderVectorFile); this is the glue only.
+// `cfqt-wire-dump <vectors-file>` (once the hidden `cfqt wire-dump` subcommand): decodes every
+// vector of a wire test-vector file (data/tunnel-wire-vectors-2023.7.3.txt) with the wire layer
+// and prints each decoded value in capnp text form. All the work is in src/wire
+// (testing::renderVectorFile); this is the glue only.
 
 #include "wire/test-vectors.h"
 
@@ -53,3 +54,15 @@ int cfqtWireDumpMain(int argc, char** argv) {
   writeAll(STDOUT_FILENO, output);
   return 0;
 }
+
+#if CFQT_WIRE_DUMP_STANDALONE
+int main(int argc, char** argv) {
+  if (argc != 2) {
+    writeAll(STDERR_FILENO, "usage: cfqt-wire-dump <vectors-file>\n");
+    return 2;
+  }
+  char name[] = "wire-dump";
+  char* args[] = {argv[0], name, argv[1], nullptr};
+  return cfqtWireDumpMain(3, args);
+}
+#endif

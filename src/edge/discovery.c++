@@ -123,27 +123,37 @@ class Discovery {
 public:
   Discovery(kj::UnixEventPort& eventPort, kj::Timer& timer, kj::Network& network,
             DiscoveryConfig configParam, DotServer dotParam)
-      : timer(timer), network(network), config(kj::mv(configParam)), dot(kj::mv(dotParam)),
-        resolver(eventPort, timer, resolverOptions(config)),
+      : eventPort(eventPort), timer(timer), network(network), config(kj::mv(configParam)),
+        dot(kj::mv(dotParam)),
         srvName(srvQueryName(
             config.region.map([](kj::String& r) -> kj::StringPtr { return r; }))) {}
 
   kj::Promise<EdgeAddresses> run() {
     if (config.edges.size() > 0) return resolveEdgeFlags();
-    return resolver.querySrv(srvName).then(
+    return resolver().querySrv(srvName).then(
         [this](kj::Array<SrvRecord> records) { return onSrv(kj::mv(records)); },
         [this](kj::Exception&& e) { return fallBackToDot(kj::mv(e)); });
   }
 
 private:
+  kj::UnixEventPort& eventPort;
   kj::Timer& timer;
   kj::Network& network;
   DiscoveryConfig config;
   DotServer dot;
-  DnsResolver resolver;
+  kj::Maybe<kj::Own<DnsResolver>> dnsResolver;   // created on first use: literal --edge
+                                                 // addresses need no c-ares channel
   kj::String srvName;
   kj::String plainDnsError;
   EdgeAddresses result;
+
+  DnsResolver& resolver() {
+    KJ_IF_MAYBE(r, dnsResolver) return **r;
+    auto created = kj::heap<DnsResolver>(eventPort, timer, resolverOptions(config));
+    auto& ref = *created;
+    dnsResolver = kj::mv(created);
+    return ref;
+  }
 
   static DnsResolverOptions resolverOptions(const DiscoveryConfig& config) {
     DnsResolverOptions options;
@@ -189,7 +199,7 @@ private:
     for (uint i = 0; i < 2; i++) {
       auto target = kj::str(records[i].target);
       auto errorTarget = kj::str(records[i].target);
-      auto promise = resolver.resolveHost(target, records[i].port);
+      auto promise = resolver().resolveHost(target, records[i].port);
       targets.add(promise.then(
           [this, target = kj::mv(target)](kj::Array<EdgeAddress> addresses) mutable
               -> kj::Promise<EdgeRegion> {
@@ -268,7 +278,7 @@ private:
     }
     auto host = kj::heapString(entry.slice(0, KJ_ASSERT_NONNULL(colon)));
     auto entryCopy = kj::str(entry);
-    return resolver.resolveHost(host, port).then(
+    return resolver().resolveHost(host, port).then(
         [](kj::Array<EdgeAddress> addresses) -> kj::Maybe<EdgeAddress> {
       return addresses[0];    // like Go's ResolveUDPAddr: one IP per entry
     }, [this, entryCopy = kj::mv(entryCopy)](kj::Exception&& e) -> kj::Maybe<EdgeAddress> {

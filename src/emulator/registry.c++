@@ -131,6 +131,7 @@ kj::OneOf<ConnectionRecord*, RegistrationError> Registry::registerConnection(
     }
   }
   pruneClosed();
+  KJ_IF_MAYBE(observer, registrationObserver) (*observer)(*result);
   return result;
 }
 
@@ -140,6 +141,10 @@ bool Registry::registeredFor(const IssuedTunnel& tunnel, kj::Duration delay) con
     return true;
   }
   return false;
+}
+
+void Registry::observeRegistrations(kj::Function<void(ConnectionRecord&)> observer) {
+  registrationObserver = kj::mv(observer);
 }
 
 void Registry::unregisterConnection(ConnectionRecord& record) {

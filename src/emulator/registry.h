@@ -8,6 +8,7 @@
 
 #include <kj/array.h>
 #include <kj/async-io.h>
+#include <kj/function.h>
 #include <kj/one-of.h>
 #include <kj/string.h>
 #include <kj/time.h>
@@ -161,6 +162,10 @@ public:
   void rejectNextRegistrations(RegistrationError error, kj::uint count = 1);
   // The next `count` registerConnection calls get `error` regardless of their credentials.
 
+  void observeRegistrations(kj::Function<void(ConnectionRecord&)> observer);
+  // `observer` runs on every accepted registration, just before the edge sends its answer
+  // (cfqt-bench times exec -> first registration with it). Replaces any previous observer.
+
   kj::ArrayPtr<kj::Own<IssuedTunnel>> tunnels() { return tunnelList; }
   kj::ArrayPtr<kj::Own<ConnectionRecord>> connections() { return records; }
   kj::StringPtr zone() const { return zoneName; }
@@ -179,6 +184,7 @@ private:
   kj::Maybe<RegistrationError> injectedError;
   kj::uint injectedCount = 0;
   kj::Maybe<const kj::MonotonicClock&> clock;
+  kj::Maybe<kj::Function<void(ConnectionRecord&)>> registrationObserver;
 
   kj::Maybe<IssuedTunnel&> findById(kj::ArrayPtr<const kj::byte> id);
   void pruneClosed();

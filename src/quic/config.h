@@ -49,6 +49,12 @@ struct TransportConfig {
   // Give up a handshake that has not completed after this long (quic-go/cloudflared: 2 x 5 s).
   // Fails the dial with an OVERLOADED exception (CloseKind::HANDSHAKE_TIMEOUT).
 
+  kj::Duration initialRtt = 100 * kj::MILLISECONDS;
+  // The RTT assumed before the first sample (ngtcp2's default is RFC 9002's 333 ms). Pacing spreads
+  // the first flights over it, so at 333 ms the client's Finished + registerConnection waited
+  // ~20 ms behind a pacing timer even on loopback; 100 ms is quic-go's (cloudflared's) value.
+  // Also sets the first probe timeout (3x).
+
   kj::Duration maxIdleTimeout = 5 * kj::SECONDS;
   // Transport parameter max_idle_timeout. The effective idle timeout is the smaller of both peers'
   // values. 0 disables it (not recommended).

@@ -43,7 +43,8 @@ ConnectionImpl::~ConnectionImpl() noexcept(false) {
   }
   if (conn != nullptr) ngtcp2_conn_del(conn);
   if (session != nullptr) gnutls_deinit(session);
-  if (clientCredentials != nullptr) gnutls_certificate_free_credentials(clientCredentials);
+  clientCredentials = nullptr;
+  if (emptyCredentials != nullptr) gnutls_certificate_free_credentials(emptyCredentials);
 }
 
 void ConnectionImpl::setup(const ngtcp2_cid& dcid, const ngtcp2_cid& scid, uint32_t version,
@@ -86,6 +87,7 @@ void ConnectionImpl::setup(const ngtcp2_cid& dcid, const ngtcp2_cid& scid, uint3
   settings.max_window = config.maxConnectionWindow;
   settings.max_stream_window = config.maxStreamWindow;
   settings.handshake_timeout = toNs(config.handshakeTimeout);
+  if (config.initialRtt > 0 * kj::NANOSECONDS) settings.initial_rtt = toNs(config.initialRtt);
   if (settings.handshake_timeout == 0) settings.handshake_timeout = UINT64_MAX;
 
   ngtcp2_transport_params params;
@@ -167,7 +169,14 @@ void ConnectionImpl::onTimer() {
     if (stat.pto_count > lastPto) ptoTotal += stat.pto_count - lastPto;
     lastPto = stat.pto_count;
     if (rv != 0) {
-      if (rv == NGTCP2_ERR_IDLE_CLOSE) {
+      if (rv == NGTCP2_ERR_IDLE_CLOSE && !ngtcp2_conn_get_handshake_completed(conn)) {
+        // Silence before the handshake completed is an unfinished handshake, whichever timer
+        // noticed it first (with a short idle timeout and a 100 ms initial RTT, the idle one).
+        die(makeClose(CloseKind::HANDSHAKE_TIMEOUT, 0, "", kj::str(
+            ": no answer from ", remote, " to the handshake for the idle timeout ",
+            "(max_idle_timeout ", config.maxIdleTimeout, "); check that a QUIC server listens "
+            "there and UDP is not blocked")));
+      } else if (rv == NGTCP2_ERR_IDLE_CLOSE) {
         die(makeClose(CloseKind::IDLE_TIMEOUT, 0, "", kj::str(
             ": no packet from ", remote, " for the idle timeout (max_idle_timeout ",
             config.maxIdleTimeout, "); the peer vanished or the path is broken")));

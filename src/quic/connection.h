@@ -20,7 +20,8 @@ enum class CloseKind: uint8_t {
   PEER_APPLICATION_CLOSE, // peer sent CONNECTION_CLOSE with an application code: DISCONNECTED
   PEER_TRANSPORT_CLOSE,   // peer sent CONNECTION_CLOSE with a transport error: DISCONNECTED
   IDLE_TIMEOUT,           // no packet from the peer for the idle timeout: DISCONNECTED
-  HANDSHAKE_TIMEOUT,      // handshake not finished in TransportConfig::handshakeTimeout: OVERLOADED
+  HANDSHAKE_TIMEOUT,      // handshake not finished in TransportConfig::handshakeTimeout, or the
+                          // idle timeout passed during the handshake: OVERLOADED
   TLS_LOCAL_FAILURE,      // our TLS stack rejected the handshake (certificate untrusted, name
                           // mismatch, no common ALPN/cipher...): FAILED
   TLS_PEER_ALERT,         // the peer aborted the handshake with a TLS alert: FAILED

@@ -2,6 +2,7 @@
 // integrity, back-pressure, many connections, closes.
 
 #include "quic/endpoint.h"
+#include "quic/internal.h"   // ClientCredentials::systemStoreLoads()
 
 #include <kj/async-io.h>
 #include <kj/debug.h>
@@ -388,6 +389,39 @@ KJ_TEST("unknown CA: clear TLS error") {
     KJ_FAIL_EXPECT("dial with an unknown CA succeeded");
   }
   KJ_EXPECT(!accepted.poll(env.io.waitScope));
+}
+
+KJ_TEST("trust roots: the system store is parsed only for a chain the given roots can't verify") {
+  Env env;
+  auto before = _::ClientCredentials::systemStoreLoads();
+  {
+    auto config = clientConfig();          // caFile: the CA that signed the server
+    config.useSystemTrust = true;
+    auto pair = env.connect(kj::mv(config));
+    KJ_EXPECT(pair.client->alpn() == "argotunnel");
+  }
+  KJ_EXPECT(_::ClientCredentials::systemStoreLoads() == before);
+  {
+    auto config = clientConfig();
+    config.caFile = testdata("other-ca.pem");
+    config.useSystemTrust = true;          // consulted, and it does not know the test CA either
+    KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+      env.wait(env.client->dial(env.server->localAddress(), kj::mv(config)));
+    })) {
+      KJ_EXPECT(classifyException(*e) == CloseKind::TLS_LOCAL_FAILURE, *e);
+      KJ_EXPECT(contains(e->getDescription(), "not signed by a trusted CA"), *e);
+    } else {
+      KJ_FAIL_EXPECT("dial with an unknown CA succeeded");
+    }
+  }
+  KJ_EXPECT(_::ClientCredentials::systemStoreLoads() == before + 1);
+  {
+    auto config = clientConfig();
+    config.useSystemTrust = true;
+    config.serverName = kj::str("other.example.com");   // the name is checked on this path too
+    KJ_EXPECT_THROW_MESSAGE("not valid for the name 'other.example.com'",
+        env.wait(env.client->dial(env.server->localAddress(), kj::mv(config))));
+  }
 }
 
 KJ_TEST("certificate name mismatch: clear TLS error") {

@@ -337,4 +337,26 @@ kj::Promise<uint64_t> StreamHandle::pumpFromLoop(kj::AsyncInputStream& input, ui
   });
 }
 
+StreamState::~StreamState() noexcept(false) {
+  auto waiting = [](kj::PromiseRejector& f) {
+    return f.isWaiting();
+  };
+  auto reason = []() {
+    return kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__,
+                         kj::str("PromiseFulfiller was destroyed without fulfilling the promise."));
+  };
+  KJ_IF_MAYBE(f, abortedFulfiller) {
+    if (waiting(**f)) (*f)->reject(reason());
+  }
+  KJ_IF_MAYBE(f, writeDisconnectedFulfiller) {
+    if (waiting(**f)) (*f)->reject(reason());
+  }
+  KJ_IF_MAYBE(w, pendingWrite) {
+    if (waiting(*w->fulfiller)) w->fulfiller->reject(reason());
+  }
+  KJ_IF_MAYBE(r, pendingRead) {
+    if (waiting(*r->fulfiller)) r->fulfiller->reject(reason());
+  }
+}
+
 }  // namespace cfqt::quic::_

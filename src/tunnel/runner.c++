@@ -364,7 +364,10 @@ kj::Promise<int> Runner::edgesDiscovered(edge::EdgeAddresses addresses) {
   config.backoff = options.backoff;
   config.haStagger = options.haStagger;
   auto s = kj::heap<Supervisor>(timer, *f, *addressPool, logger, tunnelStatus, config, jitter);
-  s->onRegistered([this](uint connIndex) { callbacks.connectionRegistered(connIndex); });
+  s->onRegistered([this](uint connIndex) {
+    trimPending = true;   // the dial's transient memory (trust roots, handshake) is free now
+    callbacks.connectionRegistered(connIndex);
+  });
   auto promise = s->run();
   if (options.memoryReturnInterval > 0 * kj::SECONDS) {
     memoryTask = returnMemory(0).eagerlyEvaluate(nullptr);
@@ -384,7 +387,8 @@ kj::Promise<void> Runner::returnMemory(uint64_t servedBefore) {
   auto& timer = io.provider->getTimer();
   return timer.afterDelay(options.memoryReturnInterval).then([this, servedBefore]() {
     uint64_t served = tunnelStatus.totalRequests();
-    if (served != servedBefore && tunnelStatus.concurrentRequests() == 0) {
+    if ((served != servedBefore || trimPending) && tunnelStatus.concurrentRequests() == 0) {
+      trimPending = false;
       malloc_trim(0);
       return returnMemory(served);
     }

@@ -129,6 +129,7 @@ private:
   kj::Maybe<kj::Promise<void>> metricsTask;
   kj::Maybe<kj::Promise<void>> shutdownTask;
   kj::Maybe<kj::Promise<void>> memoryTask;
+  bool trimPending = false;   // a connection registered since the last malloc_trim()
 
   kj::Promise<int> start();
   kj::Promise<int> tunnelIssued(edge::QuickTunnel tunnel);
