@@ -5,6 +5,7 @@
 #include "origin/in-process.h"
 
 #include "origin/text.h"
+#include "observe/log.h"
 
 #include <kj/debug.h>
 
@@ -343,7 +344,8 @@ private:
         countFailure();
         auto dest = request->dest();
         kj::StringPtr cause = message;
-        KJ_LOG(WARNING, "In-process handler failed after its response head", dest, cause);
+        observe::logWarn("In-process handler failed after its response head",
+                         observe::Fields().add("dest", dest).add("error", cause));
         return originException(kj::Exception::Type::DISCONNECTED,
                                kj::str("stream must be reset: handler failed: ", message));
       }
@@ -377,7 +379,8 @@ private:
     // Before the head: the visitor gets the edge's 502 page; the handler's message is logged
     // only (it may hold details not meant for the Internet).
     auto dest = request->dest();
-    KJ_LOG(WARNING, "In-process handler failed", dest, cause);
+    observe::logWarn("In-process handler failed",
+                     observe::Fields().add("dest", dest).add("error", cause));
     return answerError(originErrorText("the in-process handler failed"));
   }
 
