@@ -65,6 +65,17 @@ struct CliOptions {
   uint quicFailureLimit = 3;                            // --quic-failure-limit (auto)
   kj::Duration quicFailureWindow = 60 * kj::SECONDS;    // --quic-failure-window (auto)
 
+  // Named tunnels (issue 19): `cfqt tunnel [--config FILE] run [NAME|UUID]`, `cfqt tunnel
+  // ingress validate|rule URL`.
+  enum class Command { QUICK, RUN, INGRESS_VALIDATE, INGRESS_RULE };
+  Command command = Command::QUICK;
+  kj::Maybe<kj::String> runTarget;           // run's NAME or UUID argument
+  kj::Maybe<kj::String> ingressRuleUrl;      // ingress rule's URL argument
+  kj::Maybe<kj::String> token;               // --token / TUNNEL_TOKEN (run only)
+  kj::Maybe<kj::String> credentialsFile;     // --credentials-file / TUNNEL_CRED_FILE
+  kj::Maybe<kj::String> credentialsContents; // --credentials-contents / TUNNEL_CRED_CONTENTS
+  kj::Maybe<kj::String> configFile;          // --config: YAML configuration file
+
   kj::Vector<kj::String> explicitlySet;
   // Canonical names of the flags given on the command line or taken from the environment.
 

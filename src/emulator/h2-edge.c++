@@ -387,7 +387,7 @@ public:
                record->connIndex, remote, record->version);
         return wire::RegistrationResult(wire::ConnectionDetails{
             kj::heapArray(record->uuid.asPtr()), kj::heapString(server.registry.locationName()),
-            false});
+            record->tunnel.remotelyManaged});
       }
       KJ_CASE_ONEOF(error, RegistrationError) {
         KJ_LOG(INFO, "registration refused", remote, error.cause);

@@ -71,6 +71,10 @@ struct IssuedTunnel {
   kj::Array<kj::byte> secret;       // 32 bytes
   kj::String secretBase64;          // standard alphabet, padded
   kj::uint roundRobin = 0;
+  bool named = false;               // made by POST /named-tunnels (not the quick-tunnel API)
+  bool remotelyManaged = false;     // registrations answer tunnelIsRemotelyManaged
+  kj::Vector<kj::String> routes;    // extra public hostnames (POST /named-tunnels/ID/routes)
+  kj::Maybe<kj::String> remoteConfig;  // the last pushed {"version":N,"config":...} (admin view)
 };
 
 enum class ConnectionState { REGISTERED, UNREGISTERED, CLOSED };
@@ -122,8 +126,18 @@ public:
   IssuedTunnel& issueTunnel();
   // Creates a tunnel: random UUID, 32-byte secret, 32-hex account tag, unique hostname in the zone.
 
+  IssuedTunnel& issueNamedTunnel(kj::StringPtr name, bool remotelyManaged);
+  // A named tunnel: like issueTunnel(), its hostname is "<id>.<zone>"; more hostnames come from
+  // addRoute(). Many connectors (client IDs) may register, each with its own connIndex set.
+
+  kj::Maybe<kj::String> addRoute(IssuedTunnel& tunnel, kj::StringPtr hostname);
+  // Routes a public hostname to the tunnel; returns the error text (taken, invalid) or null.
+
   kj::Maybe<IssuedTunnel&> findByHostname(kj::StringPtr host);
-  // Case-insensitive; `host` must already be stripped of any port.
+  // Case-insensitive, over tunnel hostnames and routes; `host` must already be stripped of any
+  // port.
+
+  kj::Maybe<IssuedTunnel&> findByIdText(kj::StringPtr id);
 
   kj::OneOf<ConnectionRecord*, RegistrationError> registerConnection(
       ClientConnection& connection, const RegistrationRequest& request);

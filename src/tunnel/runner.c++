@@ -159,6 +159,11 @@ kj::Promise<int> Runner::start() {
       originService = kj::mv(service);
     }
   }
+  KJ_IF_MAYBE(c, options.namedTunnel) {
+    auto credentials = kj::mv(*c);
+    options.namedTunnel = nullptr;
+    return namedTunnelStart(kj::mv(credentials));
+  }
   logger.info(DISCLAIMER);
   logger.info("Requesting new quick Tunnel on trycloudflare.com...");
   return edge::requestQuickTunnel(timer, io.provider->getNetwork(), kj::mv(options.api))
@@ -190,6 +195,22 @@ kj::Promise<int> Runner::tunnelIssued(edge::QuickTunnel tunnel) {
   tunnelStatus.userHostname(tunnel.hostname.startsWith("https://")
                             ? kj::str(tunnel.hostname) : kj::str("https://", tunnel.hostname));
 
+  logger.debug("Quick tunnel issued", kj::str("tunnelID=", tunnel.id, " accountTag=",
+                                              tunnel.accountTag, " hostname=", tunnel.hostname));
+  return identityReady(kj::mv(tunnel.accountTag), kj::mv(tunnel.secret),
+                       kj::mv(tunnel.tunnelId));
+}
+
+kj::Promise<int> Runner::namedTunnelStart(named::TunnelCredentials credentials) {
+  // cloudflared `tunnel run`: the tunnel exists already; its hostnames are routed to it at the
+  // edge (DNS or the dashboard), so there is no URL to show.
+  logger.info("Starting tunnel", kj::str("tunnelID=", credentials.tunnelIdText()));
+  return identityReady(kj::mv(credentials.accountTag), kj::mv(credentials.tunnelSecret),
+                       kj::mv(credentials.tunnelId));
+}
+
+kj::Promise<int> Runner::identityReady(kj::String accountTag, kj::Array<kj::byte> secret,
+                                       kj::Array<kj::byte> tunnelId) {
   auto connectorId = newConnectorId();
   auto connectorText = edge::formatUuid(connectorId);
   tunnelStatus.setConnectorId(connectorText);
@@ -199,12 +220,10 @@ kj::Promise<int> Runner::tunnelIssued(edge::QuickTunnel tunnel) {
                              kj::str("unknown"), kj::str(options.clientVersion)});
   logger.info(kj::str("Version ", options.clientVersion, " (cfqt ", edge::cfqtVersion(), ")"));
   logger.info(kj::str("Generated Connector ID: ", connectorText));
-  logger.debug("Quick tunnel issued", kj::str("tunnelID=", tunnel.id, " accountTag=",
-                                              tunnel.accountTag, " hostname=", tunnel.hostname));
   EdgeIdentity id;
-  id.accountTag = kj::mv(tunnel.accountTag);
-  id.tunnelSecret = kj::mv(tunnel.secret);
-  id.tunnelId = kj::mv(tunnel.tunnelId);
+  id.accountTag = kj::mv(accountTag);
+  id.tunnelSecret = kj::mv(secret);
+  id.tunnelId = kj::mv(tunnelId);
   id.connectorId = kj::mv(connectorId);
   id.version = kj::str(options.clientVersion);
   id.arch = connectorArch();

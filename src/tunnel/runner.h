@@ -9,6 +9,7 @@
 
 #include "edge/discovery.h"
 #include "edge/quick-tunnel-api.h"
+#include "named/credentials.h"
 #include "observe/log.h"
 #include "observe/metrics-server.h"
 #include "observe/status.h"
@@ -47,6 +48,9 @@ struct RunnerOptions {
   // How often to check whether requests were served and none is in flight; then free heap
   // memory is returned to the system (malloc_trim), so RSS comes back down after a load.
   // 0 = never.
+  kj::Maybe<named::TunnelCredentials> namedTunnel;
+  // A named tunnel (--token, --credentials-file/-contents): registered with these credentials,
+  // no quick-tunnel request, no banner. Null: a quick tunnel from `api`.
   kj::Maybe<kj::Function<kj::String(kj::StringPtr hostname)>> publicUrl;
   // The URL shown for a hostname; default "https://<hostname>" (--local: the front door).
 };
@@ -115,6 +119,9 @@ private:
 
   kj::Promise<int> start();
   kj::Promise<int> tunnelIssued(edge::QuickTunnel tunnel);
+  kj::Promise<int> namedTunnelStart(named::TunnelCredentials credentials);
+  kj::Promise<int> identityReady(kj::String accountTag, kj::Array<kj::byte> secret,
+                                 kj::Array<kj::byte> tunnelId);
   kj::Promise<int> metricsBound(kj::Maybe<kj::Own<kj::ConnectionReceiver>> receiver);
   kj::Promise<int> edgesDiscovered(edge::EdgeAddresses addresses);
   int supervisorDone();
