@@ -4,6 +4,7 @@
 // down gracefully, a second exits at once.
 
 #include "cli.h"
+#include "named.h"
 
 #include "emulator/emulator.h"
 #include "observe/log.h"
@@ -266,6 +267,13 @@ int realMain(int argc, char** argv) {
     auto exit = cli::configError(*error);
     writeOut(STDERR_FILENO, exit.text);
     return exit.code;
+  }
+  if (options.command != cli::CliOptions::Command::QUICK || options.configFile != nullptr) {
+    // Named tunnels (issue 19): the config file, the credentials, `ingress validate|rule`.
+    KJ_IF_MAYBE(exit, cli::prepareNamedTunnel(options, runnerOptions)) {
+      writeOut(exit->code == 0 ? STDOUT_FILENO : STDERR_FILENO, exit->text);
+      return exit->code;
+    }
   }
 
   observe::LogConfig logConfig;

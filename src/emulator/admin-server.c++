@@ -143,6 +143,7 @@ kj::String connectionJson(ConnectionRecord& record) {
       ",\"remote\":", jsonString(record.remoteAddress),
       ",\"protocol\":", jsonString(record.protocol),
       ",\"requests\":", record.requests,
+      ",\"failed\":", record.failed,
       ",\"configuration\":", config,
       ",\"stats\":", stats, '}');
 }
@@ -219,10 +220,11 @@ kj::Promise<kj::String> AdminService::pushToTunnel(IssuedTunnel& tunnel, int32_t
     KJ_IF_MAYBE(connection, record->connection) {
       auto prefix = kj::str("{\"connection\":", record->id, ",\"connector\":",
                             jsonString(record->clientId), ",\"connIndex\":", record->connIndex);
+      auto errorPrefix = kj::str(prefix);
       pushes.add(connection->pushConfiguration(version, kj::str(json))
-          .then([prefix = kj::str(prefix)](kj::String answer) {
+          .then([prefix = kj::mv(prefix)](kj::String answer) {
             return kj::str(prefix, ",\"result\":", answer, '}');
-          }, [prefix = kj::mv(prefix)](kj::Exception&& e) {
+          }, [prefix = kj::mv(errorPrefix)](kj::Exception&& e) {
             return kj::str(prefix, ",\"error\":", jsonString(e.getDescription()), '}');
           }));
     }

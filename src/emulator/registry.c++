@@ -154,7 +154,7 @@ kj::OneOf<ConnectionRecord*, RegistrationError> Registry::registerConnection(
     kj::mv(clientId), kj::heapString(request.version),
     kj::heapString(request.arch), KJ_MAP(f, request.features) { return kj::heapString(f); },
     request.numPreviousAttempts, connection.remoteAddress(), nullptr,
-    ConnectionState::REGISTERED, connection, 0, connection.protocol()});
+    ConnectionState::REGISTERED, connection, 0, 0, connection.protocol()});
   auto result = record.get();
   records.add(kj::mv(record));
   pruneClosed();

@@ -115,6 +115,7 @@ struct ConnectionRecord {
   ConnectionState state = ConnectionState::REGISTERED;
   kj::Maybe<ClientConnection&> connection;   // null once closed
   uint64_t requests = 0;
+  uint64_t failed = 0;                       // of those, answered 502 by the front door
   kj::StringPtr protocol = "quic";           // ClientConnection::protocol(), a literal
 };
 

@@ -152,6 +152,31 @@ void applyOriginRequest(origin::OriginConfig& c, const OriginRequest& r) {
   KJ_IF_MAYBE(v, r.noTLSVerify) c.noTlsVerify = *v;
 }
 
+}  // namespace
+
+origin::OriginConfig cloneOriginConfig(const origin::OriginConfig& base) {
+  origin::OriginConfig c;
+  c.kind = base.kind;
+  c.host = kj::str(base.host);
+  c.port = base.port;
+  c.unixPath = kj::str(base.unixPath);
+  c.status = base.status;
+  KJ_IF_MAYBE(v, base.httpHostHeader) c.httpHostHeader = kj::str(*v);
+  KJ_IF_MAYBE(v, base.connectorId) c.connectorId = kj::str(*v);
+  KJ_IF_MAYBE(v, base.originServerName) c.originServerName = kj::str(*v);
+  KJ_IF_MAYBE(v, base.caPool) c.caPool = kj::str(*v);
+  c.noTlsVerify = base.noTlsVerify;
+  c.connectTimeout = base.connectTimeout;
+  c.tlsTimeout = base.tlsTimeout;
+  c.tcpKeepAlive = base.tcpKeepAlive;
+  c.keepAliveConnections = base.keepAliveConnections;
+  c.keepAliveTimeout = base.keepAliveTimeout;
+  c.helloSseInterval = base.helloSseInterval;
+  return c;
+}
+
+namespace {
+
 origin::OriginConfig copyBase(const origin::OriginConfig& base) {
   origin::OriginConfig c;
   KJ_IF_MAYBE(v, base.httpHostHeader) c.httpHostHeader = kj::str(*v);
@@ -319,12 +344,7 @@ const Ingress& Router::ingress() const {
 kj::Maybe<kj::String> Router::apply(kj::Own<Ingress> ingress) {
   auto origins = kj::heapArrayBuilder<kj::Own<origin::Origin>>(ingress->rules().size());
   for (auto& rule: ingress->rules()) {
-    auto config = copyBase(rule.origin);
-    config.kind = rule.origin.kind;
-    config.host = kj::str(rule.origin.host);
-    config.port = rule.origin.port;
-    config.unixPath = kj::str(rule.origin.unixPath);
-    config.status = rule.origin.status;
+    auto config = cloneOriginConfig(rule.origin);
     KJ_SWITCH_ONEOF(origin::Origin::create(kj::mv(config), timer, network, headerTable)) {
       KJ_CASE_ONEOF(error, kj::String) {
         return kj::str("ingress rule for ", rule.service, ": ", error);

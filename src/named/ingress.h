@@ -100,6 +100,8 @@ private:
   uint64_t applied = 0;
 };
 
+origin::OriginConfig cloneOriginConfig(const origin::OriginConfig& config);
+
 kj::String requestPath(kj::StringPtr dest);
 // The path of a ConnectRequest dest ("https://host/a/b?q" or "/a/b?q" -> "/a/b").
 

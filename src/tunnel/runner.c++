@@ -51,6 +51,12 @@ kj::String jsonString(kj::StringPtr text) {
 }  // namespace
 
 kj::String localConfigurationJson(kj::StringPtr service, kj::ArrayPtr<const ConfigFlag> flags) {
+  return localConfigurationJsonWithIngress(
+      kj::str("[{\"service\":", jsonString(service), ",\"originRequest\":{}}]"), flags);
+}
+
+kj::String localConfigurationJsonWithIngress(kj::StringPtr ingressArray,
+                                             kj::ArrayPtr<const ConfigFlag> flags) {
   // Keys sorted, as Go's encoding/json writes maps.
   kj::Vector<const ConfigFlag*> sorted;
   for (auto& f: flags) sorted.add(&f);
@@ -59,8 +65,7 @@ kj::String localConfigurationJson(kj::StringPtr service, kj::ArrayPtr<const Conf
   kj::Vector<kj::String> entries;
   for (auto f: sorted) entries.add(kj::str(jsonString(f->name), ':', jsonString(f->value)));
   return kj::str("{\"__configuration_flags\":{", kj::strArray(entries, ","), "},"
-                 "\"ingress\":[{\"service\":", jsonString(service), ",\"originRequest\":{}}],"
-                 "\"warp-routing\":{}}");
+                 "\"ingress\":", ingressArray, ",\"warp-routing\":{}}");
 }
 
 kj::String connectorArch() {
@@ -111,7 +116,11 @@ kj::String bannerText(kj::StringPtr url) {
 Runner::Runner(kj::AsyncIoContext& io, const observe::Logger& logger, RunnerOptions optionsParam,
                RunnerCallbacks& callbacks)
     : io(io), logger(logger), options(kj::mv(optionsParam)), callbacks(callbacks),
-      configHandler(logger), remoteConfig(configHandler), jitter(randomJitter()),
+      configHandler(logger),
+      remoteConfig(options.namedTunnel != nullptr
+                   ? static_cast<wire::ConfigurationHandler&>(ingressHandler)
+                   : static_cast<wire::ConfigurationHandler&>(configHandler)),
+      jitter(randomJitter()),
       stopSignal(nullptr) {
   auto paf = kj::newPromiseAndFulfiller<void>();
   stopFulfiller = kj::mv(paf.fulfiller);
@@ -139,6 +148,42 @@ void Runner::shutdown() {
   }
 }
 
+kj::Maybe<kj::String> Runner::IngressConfigHandler::applyConfiguration(
+    int32_t version, kj::ArrayPtr<const kj::byte> json) {
+  // cloudflared's orchestrator: parse, build every origin, then switch; on any error the current
+  // rules keep serving and the edge gets the error.
+  auto& r = runner;
+  auto text = kj::heapString(json.asChars());
+  auto parsed = named::parseConfig(text, "remote configuration");
+  kj::Maybe<kj::String> error;
+  KJ_SWITCH_ONEOF(parsed) {
+    KJ_CASE_ONEOF(e, kj::String) error = kj::mv(e);
+    KJ_CASE_ONEOF(config, named::TunnelConfig) {
+      auto built = named::Ingress::build(config.ingress, config.originRequest,
+                                         KJ_ASSERT_NONNULL(r.baseOrigin));
+      KJ_SWITCH_ONEOF(built) {
+        KJ_CASE_ONEOF(e, kj::String) error = kj::mv(e);
+        KJ_CASE_ONEOF(ingress, kj::Own<named::Ingress>) {
+          KJ_IF_MAYBE(router, r.router) {
+            error = (*router)->apply(kj::mv(ingress));
+          } else {
+            error = kj::str("no ingress router");
+          }
+        }
+      }
+    }
+  }
+  KJ_IF_MAYBE(e, error) {
+    r.logger.error("Failed to update ingress; the current configuration keeps serving",
+                   kj::str("version=", version, " error=\"", *e, "\""));
+    return kj::str(*e);
+  }
+  r.tunnelStatus.setConfigVersion(version);
+  r.logger.info("Updated to new configuration", kj::str("version=", version, " bytes=",
+                                                        json.size()));
+  return nullptr;
+}
+
 int Runner::startFailed(kj::StringPtr what, kj::Exception&& e) {
   logger.error(kj::str("Couldn't start tunnel: ", what),
                kj::str("error=\"", e.getDescription(), "\""));
@@ -147,6 +192,35 @@ int Runner::startFailed(kj::StringPtr what, kj::Exception&& e) {
 
 kj::Promise<int> Runner::start() {
   auto& timer = io.provider->getTimer();
+  if (options.namedTunnel != nullptr) {
+    // Named tunnels route through ingress rules (from --config, or one catch-all rule).
+    auto r = kj::heap<named::Router>(timer, io.provider->getNetwork(), headerTable,
+                                     originObserver);
+    kj::Own<named::Ingress> ingress;
+    KJ_IF_MAYBE(config, options.ingressConfig) {
+      auto built = named::Ingress::build((*config)->ingress, (*config)->originRequest,
+                                         options.origin);
+      KJ_SWITCH_ONEOF(built) {
+        KJ_CASE_ONEOF(error, kj::String) {
+          logger.error(kj::str("Couldn't start tunnel: invalid ingress rules in ",
+                               (*config)->source, ": ", error));
+          return 1;
+        }
+        KJ_CASE_ONEOF(i, kj::Own<named::Ingress>) ingress = kj::mv(i);
+      }
+    } else {
+      ingress = named::Ingress::single(named::cloneOriginConfig(options.origin), options.service);
+    }
+    auto ingressJson = ingress->localConfigJson();
+    KJ_IF_MAYBE(error, r->apply(kj::mv(ingress))) {
+      logger.error(kj::str("Couldn't start tunnel: invalid origin: ", *error));
+      return 1;
+    }
+    options.edge.localConfigJson = localConfigurationJsonWithIngress(ingressJson,
+                                                                     options.configurationFlags);
+    baseOrigin = named::cloneOriginConfig(options.origin);
+    router = kj::mv(r);
+  }
   auto created = origin::Origin::create(kj::mv(options.origin), timer,
                                         io.provider->getNetwork(), headerTable);
   KJ_SWITCH_ONEOF(created) {
@@ -300,8 +374,10 @@ kj::Promise<int> Runner::edgesDiscovered(edge::EdgeAddresses addresses) {
     logger.warn(kj::str("You requested ", options.haConnections,
                         " HA connections but I can give you at most ", n, "."));
   }
-  options.edge.localConfigJson = localConfigurationJson(options.service,
-                                                        options.configurationFlags);
+  if (router == nullptr) {
+    options.edge.localConfigJson = localConfigurationJson(options.service,
+                                                          options.configurationFlags);
+  }
   auto& timer = io.provider->getTimer();
   kj::Own<EdgeDialer> d;
   KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
@@ -312,7 +388,8 @@ kj::Promise<int> Runner::edgesDiscovered(edge::EdgeAddresses addresses) {
   }
   auto f = kj::heap<EdgeConnectionFactory>(EdgeContext{
       timer, io.unixEventPort, *KJ_ASSERT_NONNULL(originService), logger, tunnelStatus,
-      remoteConfig, KJ_ASSERT_NONNULL(identity), options.edge, *d});
+      remoteConfig, KJ_ASSERT_NONNULL(identity), options.edge, *d,
+      router.map([](kj::Own<named::Router>& r) -> named::Router& { return *r; })});
   dialer = kj::mv(d);
   SupervisorConfig config;
   config.haConnections = n;

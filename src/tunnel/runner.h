@@ -9,7 +9,9 @@
 
 #include "edge/discovery.h"
 #include "edge/quick-tunnel-api.h"
+#include "named/config.h"
 #include "named/credentials.h"
+#include "named/ingress.h"
 #include "observe/log.h"
 #include "observe/metrics-server.h"
 #include "observe/status.h"
@@ -51,6 +53,9 @@ struct RunnerOptions {
   kj::Maybe<named::TunnelCredentials> namedTunnel;
   // A named tunnel (--token, --credentials-file/-contents): registered with these credentials,
   // no quick-tunnel request, no banner. Null: a quick tunnel from `api`.
+  kj::Maybe<kj::Own<named::TunnelConfig>> ingressConfig;
+  // Named tunnels: the config file's ingress rules and originRequest defaults (`origin` is then
+  // the base their originRequest keys override). Null: one catch-all rule to `origin`/`service`.
   kj::Maybe<kj::Function<kj::String(kj::StringPtr hostname)>> publicUrl;
   // The URL shown for a hostname; default "https://<hostname>" (--local: the front door).
 };
@@ -100,10 +105,22 @@ private:
   };
   StatusOriginObserver originObserver{tunnelStatus};
   AcknowledgingConfigHandler configHandler;
+  class IngressConfigHandler final: public wire::ConfigurationHandler {
+    // Remote configuration of a named tunnel: parsed and applied to the router at once.
+  public:
+    explicit IngressConfigHandler(Runner& runner): runner(runner) {}
+    kj::Maybe<kj::String> applyConfiguration(int32_t version,
+                                             kj::ArrayPtr<const kj::byte> json) override;
+  private:
+    Runner& runner;
+  };
+  IngressConfigHandler ingressHandler{*this};
   wire::RemoteConfigState remoteConfig;
   JitterSource jitter;
   kj::String publicUrlText;
   kj::Maybe<kj::Own<origin::Origin>> originService;
+  kj::Maybe<kj::Own<named::Router>> router;     // named tunnels
+  kj::Maybe<origin::OriginConfig> baseOrigin;   // named tunnels: what remote rules build on
   kj::Maybe<EdgeIdentity> identity;
   kj::Maybe<kj::Own<observe::MetricsServer>> metricsServer;
   kj::Maybe<kj::Own<edge::AddressPool>> pool;
@@ -130,6 +147,9 @@ private:
 };
 
 kj::String localConfigurationJson(kj::StringPtr service, kj::ArrayPtr<const ConfigFlag> flags);
+kj::String localConfigurationJsonWithIngress(kj::StringPtr ingressArray,
+                                             kj::ArrayPtr<const ConfigFlag> flags);
+// The same with the "ingress" array given as JSON text (named tunnels).
 // {"__configuration_flags":{...},"ingress":[{"service":"...","originRequest":{}}],"warp-routing":{}}
 
 kj::String connectorArch();
