@@ -23,6 +23,12 @@ extern "C" {
 
 typedef struct cfqt_tunnel cfqt_tunnel;
 
+typedef struct cfqt_ingress_rule {
+  const char* hostname;         /* NULL or "" = any; "*.example.com" = any subdomain */
+  const char* path;             /* NULL or "" = any; else a POSIX extended regex */
+  const char* service;          /* http://..., unix:/path, http_status:NNN, hello_world */
+} cfqt_ingress_rule;
+
 typedef struct cfqt_options {
   const char* url;              /* origin URL, or NULL with hello_world = 1 */
   int hello_world;
@@ -38,6 +44,13 @@ typedef struct cfqt_options {
   const char* unix_socket;      /* origin: an HTTP server on this unix socket (url NULL) */
   int backoff_base_ms;          /* reconnect backoff base (default 1000) */
   const char* protocol;         /* NULL = "auto"; "quic" or "http2" (TLS over TCP) */
+  /* Named tunnel (instead of a quick tunnel): its token, or its credentials file's JSON or
+   * path; then cfqt_tunnel_wait_url() has no URL to give (use cfqt_tunnel_wait_ready()). */
+  const char* token;
+  const char* credentials_json;
+  const char* credentials_file;
+  const cfqt_ingress_rule* ingress;  /* named tunnels: first match wins, the last rule must */
+  size_t ingress_count;              /* match everything */
 } cfqt_options;
 
 void cfqt_options_init(cfqt_options* options);
