@@ -10,6 +10,8 @@
 #include <kj/debug.h>
 #include <kj/encoding.h>
 
+#include <string.h>
+
 namespace cfqt::emulator {
 
 namespace {
@@ -312,9 +314,23 @@ kj::Promise<void> AdminService::namedTunnels(kj::HttpMethod method, const kj::Ur
     } else {
       return reply.error(400, "Bad Request", "the body must be {\"version\":N,\"config\":{...}}");
     }
-    tunnel->remoteConfig = kj::str("{\"version\":", version, ",\"config\":", config, '}');
+    auto stored = kj::str(config);
     return pushToTunnel(*tunnel, static_cast<int32_t>(version), kj::mv(config))
-        .then([reply](kj::String answer) mutable { return reply.ok(kj::mv(answer)); });
+        .then([reply, tunnel, version, stored = kj::mv(stored)](kj::String answer) mutable {
+      // What joining connectors get (as Cloudflare's edge, which keeps the tunnel's
+      // configuration): the newest version that a connection applied, or any newer one while no
+      // connection is live. A lower or refused one is not kept.
+      auto applied = kj::str("\"result\":{\"latestAppliedVersion\":", version,
+                             ",\"err\":\"\"}");
+      bool none = answer.endsWith("\"connections\":[]}");
+      bool accepted = strstr(answer.cStr(), applied.cStr()) != nullptr;
+      if ((none || accepted) &&
+          (tunnel->remoteConfig == nullptr || version > tunnel->remoteVersion)) {
+        tunnel->remoteConfig = kj::mv(stored);
+        tunnel->remoteVersion = static_cast<int32_t>(version);
+      }
+      return reply.ok(kj::mv(answer));
+    });
   });
 }
 

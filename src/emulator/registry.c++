@@ -158,6 +158,7 @@ kj::OneOf<ConnectionRecord*, RegistrationError> Registry::registerConnection(
   auto result = record.get();
   records.add(kj::mv(record));
   pruneClosed();
+  KJ_IF_MAYBE(callback, registeredCallback) (*callback)(*result);
   return result;
 }
 

@@ -8,6 +8,7 @@
 
 #include <kj/array.h>
 #include <kj/async-io.h>
+#include <kj/function.h>
 #include <kj/one-of.h>
 #include <kj/string.h>
 #include <kj/vector.h>
@@ -74,7 +75,8 @@ struct IssuedTunnel {
   bool named = false;               // made by POST /named-tunnels (not the quick-tunnel API)
   bool remotelyManaged = false;     // registrations answer tunnelIsRemotelyManaged
   kj::Vector<kj::String> routes;    // extra public hostnames (POST /named-tunnels/ID/routes)
-  kj::Maybe<kj::String> remoteConfig;  // the last pushed {"version":N,"config":...} (admin view)
+  kj::Maybe<kj::String> remoteConfig;  // the last pushed config (JSON), for connectors that join
+  int32_t remoteVersion = 0;           // ... and its version
 };
 
 enum class ConnectionState { REGISTERED, UNREGISTERED, CLOSED };
@@ -158,6 +160,11 @@ public:
 
   kj::Maybe<ConnectionRecord&> findConnection(kj::uint id);
 
+  void onRegistered(kj::Function<void(ConnectionRecord&)> callback) {
+    registeredCallback = kj::mv(callback);
+  }
+  // Called after every successful registration, before the answer goes back.
+
   void rejectNextRegistrations(RegistrationError error, kj::uint count = 1);
   // The next `count` registerConnection calls get `error` regardless of their credentials.
 
@@ -176,6 +183,7 @@ private:
   kj::Vector<kj::Own<ConnectionRecord>> records;
   kj::uint nextConnectionId = 1;
   kj::Maybe<RegistrationError> injectedError;
+  kj::Maybe<kj::Function<void(ConnectionRecord&)>> registeredCallback;
   kj::uint injectedCount = 0;
 
   kj::Maybe<IssuedTunnel&> findById(kj::ArrayPtr<const kj::byte> id);

@@ -9,7 +9,7 @@ answer with their own name.
 Cases (`-k NAME` runs the cases whose name contains NAME):
   ingress_routing   --credentials-file + --config: two hostnames and a path rule to three origins,
                     http_status:404 for anything else; `ingress validate` and `ingress rule`
-  remote_config     a remotely managed tunnel (TUNNEL_TOKEN): 503 before any configuration; push
+  remote_config[_http2]  (QUIC, and HTTP/2) a remotely managed tunnel (TUNNEL_TOKEN): 503 before any configuration; push
                     v1, requests follow it; push v2 while a slow request is in flight (it finishes
                     on v1's origin, new ones use v2's); an invalid v3 is refused and v2 keeps
                     serving; v1 again is ignored; cloudflared_orchestration_config_version
@@ -71,6 +71,9 @@ class Origin:
 
         class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
             daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                pass   # a killed replica resets its origin connections: expected here
 
         self.server = Server(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
@@ -220,11 +223,20 @@ ingress:
 
 
 def test_remote_config(env):
+    remote_config_case(env, [])
+
+
+def test_remote_config_http2(env):
+    # The same over HTTP/2: the edge's update-configuration request instead of the RPC stream.
+    remote_config_case(env, ["--protocol", "http2"])
+
+
+def remote_config_case(env, extra):
     t = env.named_tunnel("remote", remotely_managed=True)
     host = "%s.%s" % (t["id"], env.edge.ready["zone"])
     o0, o1, o2 = env.origins
     child_env = dict(os.environ, TUNNEL_TOKEN=t["token"])
-    proc, log = env.cfqt(["tunnel", "run", "--ha-connections", "1"], env=child_env)
+    proc, log = env.cfqt(["tunnel", "run", "--ha-connections", "1"] + extra, env=child_env)
     log.wait_for(r"Registered tunnel connection")
     metrics = metrics_address(log)
     check(env.get(host, "/")[0] == 503, "before any configuration the tunnel answers 503")
@@ -264,6 +276,15 @@ def test_remote_config(env):
     r = push(1, {"ingress": [{"service": o2.url}]})
     check(r == {"latestAppliedVersion": 2, "err": ""}, "v1 again is ignored", r)
     check(env.get(host, "/w") == (200, "origin-1 /w"), "still v2")
+
+    # A connector that joins later gets the current configuration from the edge.
+    proc2, log2 = env.cfqt(["tunnel", "run", "--ha-connections", "1"] + extra, env=child_env)
+    log2.wait_for(r"Updated to new configuration version=2")
+    answers = [env.get(host, "/j%d" % i) for i in range(6)]
+    check(all(a[0] == 200 and a[1].startswith("origin-1 ") for a in answers),
+          "both connectors serve v2", answers)
+    stop(proc2)
+    check(proc2.returncode == 0, "second cfqt exited", proc2.returncode)
 
     h, p = metrics.rsplit(":", 1)
     c = http.client.HTTPConnection(h, int(p), timeout=DEADLINE_S)
@@ -416,7 +437,7 @@ def test_replicas(env):
             check(proc.returncode == 0, "replica exited", proc.returncode)
 
 
-TESTS = [test_ingress_routing, test_remote_config, test_replicas]
+TESTS = [test_ingress_routing, test_remote_config, test_remote_config_http2, test_replicas]
 
 
 def main():
