@@ -109,6 +109,26 @@ KJ_TEST("cli: named tunnels: tunnel run, ingress validate/rule, TUNNEL_TOKEN") {
   KJ_EXPECT(parseCommandLine(quickArgs, kj::mv(env2)).get<CliOptions>().token == nullptr);
 }
 
+KJ_TEST("cli: top-level keys of the configuration file apply like flags, the command line wins") {
+  auto o = ok({"tunnel", "run", "--protocol", "quic"});
+  KJ_EXPECT(applyConfigFileFlag(o, "protocol", "http2") == nullptr);
+  KJ_EXPECT(o.protocol == "quic");                       // given on the command line
+  KJ_EXPECT(applyConfigFileFlag(o, "loglevel", "debug") == nullptr);
+  KJ_EXPECT(o.logLevel == "debug");
+  KJ_EXPECT(applyConfigFileFlag(o, "ha-connections", "2") == nullptr);
+  KJ_EXPECT(o.haConnections == 2);
+  KJ_EXPECT(applyConfigFileFlag(o, "edge", "127.0.0.1:1") == nullptr);
+  KJ_EXPECT(applyConfigFileFlag(o, "edge", "127.0.0.2:1") == nullptr);
+  KJ_EXPECT(o.edges.size() == 2);
+  KJ_EXPECT(applyConfigFileFlag(o, "cacert", "/ca.pem") == nullptr);
+  KJ_EXPECT(KJ_ASSERT_NONNULL(o.edgeCa) == "/ca.pem");
+  auto fresh = ok({"tunnel", "run"});
+  KJ_EXPECT(has(KJ_ASSERT_NONNULL(applyConfigFileFlag(fresh, "ha-connections", "9")),
+                "between 1 and 4"));
+  KJ_EXPECT(has(KJ_ASSERT_NONNULL(applyConfigFileFlag(fresh, "no-autoupdate", "maybe")),
+                "true or false"));
+}
+
 KJ_TEST("cli: errors are clear") {
   KJ_EXPECT(has(err({"--protocol", "h2mux", "--url", "x:1"}), "not supported"));
   KJ_EXPECT(has(err({"--protocol", "udp", "--url", "x:1"}), "quic, http2 or auto"));

@@ -585,6 +585,23 @@ kj::String usage() {
   return kj::str(kj::strArray(lines, "\n"), "\n");
 }
 
+kj::Maybe<kj::String> applyConfigFileFlag(CliOptions& o, kj::StringPtr name,
+                                          kj::StringPtr value) {
+  const Flag* flag = findFlag(name);
+  if (flag == nullptr) return kj::str("unknown flag ", name);
+  if (isSet(o, flag->name)) {
+    // The command line and the environment win over the file, except for a repeatable flag
+    // given only by the file so far.
+    return nullptr;
+  }
+  if (flag->kind == Kind::BOOL && parseBool(value) == nullptr) {
+    return kj::str(name, " expects true or false, got \"", value, "\"");
+  }
+  KJ_IF_MAYBE(error, apply(o, *flag, value)) return kj::mv(*error);
+  if (flag->kind != Kind::MULTI) o.explicitlySet.add(kj::str(flag->name));
+  return nullptr;
+}
+
 CliExit configError(kj::StringPtr reason) {
   return CliExit{2, kj::str("cfqt: ", reason, "\nRun `cfqt --help` for usage.\n")};
 }

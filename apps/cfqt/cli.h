@@ -102,6 +102,12 @@ kj::OneOf<CliOptions, CliExit> parseCommandLine(kj::ArrayPtr<const kj::StringPtr
 // urfave/cli splits a slice flag's variable). Only the syntax of values is checked here; the
 // caller runs validate() next.
 
+kj::Maybe<kj::String> applyConfigFileFlag(CliOptions& options, kj::StringPtr name,
+                                          kj::StringPtr value);
+// A top-level key of the YAML configuration file that is also a flag (`url`, `protocol`,
+// `loglevel`, `ha-connections`, `edge`, ...): applied as the flag would be, unless the command
+// line or the environment gave it. Returns the error text of a bad value, or an unknown name.
+
 CliExit configError(kj::StringPtr reason);
 // Exit code 2 and "cfqt: <reason>" plus a pointer to --help: how every bad flag ends.
 

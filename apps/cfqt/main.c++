@@ -252,6 +252,16 @@ int realMain(int argc, char** argv) {
   }
 
   // Every file, address and timeout is checked before anything touches the network.
+  cli::NamedConfig namedConfig;
+  bool namedCommand = options.command != cli::CliOptions::Command::QUICK ||
+                      options.configFile != nullptr;
+  if (namedCommand) {
+    // Named tunnels (issue 19): the configuration file's flags count as given.
+    KJ_IF_MAYBE(exit, cli::loadNamedConfig(options, namedConfig)) {
+      writeOut(STDERR_FILENO, exit->text);
+      return exit->code;
+    }
+  }
   cli::SystemFileChecks files{cli::CertificateParser(parseCertificates)};
   kj::Vector<cli::ConfigWarning> warnings;
   auto validated = cli::validate(options, files);
@@ -268,9 +278,9 @@ int realMain(int argc, char** argv) {
     writeOut(STDERR_FILENO, exit.text);
     return exit.code;
   }
-  if (options.command != cli::CliOptions::Command::QUICK || options.configFile != nullptr) {
-    // Named tunnels (issue 19): the config file, the credentials, `ingress validate|rule`.
-    KJ_IF_MAYBE(exit, cli::prepareNamedTunnel(options, runnerOptions)) {
+  if (namedCommand) {
+    // Named tunnels (issue 19): the credentials, the ingress rules, `ingress validate|rule`.
+    KJ_IF_MAYBE(exit, cli::prepareNamedTunnel(options, namedConfig, runnerOptions)) {
       writeOut(exit->code == 0 ? STDOUT_FILENO : STDERR_FILENO, exit->text);
       return exit->code;
     }

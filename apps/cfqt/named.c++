@@ -15,6 +15,11 @@ namespace cfqt::cli {
 
 namespace {
 
+bool isSetByName(const CliOptions& o, kj::StringPtr flag) {
+  for (auto& s: o.explicitlySet) if (s == flag) return true;
+  return false;
+}
+
 bool isFile(kj::StringPtr path) {
   struct stat st;
   return ::stat(path.cStr(), &st) == 0 && S_ISREG(st.st_mode);
@@ -62,7 +67,7 @@ kj::OneOf<named::TunnelCredentials, kj::String> resolveCredentials(
 
 }  // namespace
 
-kj::Maybe<CliExit> prepareNamedTunnel(CliOptions& o, tunnel::RunnerOptions& r) {
+kj::Maybe<CliExit> loadNamedConfig(CliOptions& o, NamedConfig& loaded) {
   using Command = CliOptions::Command;
   kj::Maybe<kj::String> configPath;
   KJ_IF_MAYBE(c, o.configFile) configPath = kj::str(*c);
@@ -70,13 +75,26 @@ kj::Maybe<CliExit> prepareNamedTunnel(CliOptions& o, tunnel::RunnerOptions& r) {
                                          o.credentialsContents == nullptr)) {
     configPath = named::findDefaultConfigFile();
   }
-  kj::Maybe<named::TunnelConfig> config;
   KJ_IF_MAYBE(path, configPath) {
     KJ_SWITCH_ONEOF(named::loadConfigFile(*path)) {
       KJ_CASE_ONEOF(error, kj::String) return configError(error);
-      KJ_CASE_ONEOF(c, named::TunnelConfig) config = kj::mv(c);
+      KJ_CASE_ONEOF(c, named::TunnelConfig) {
+        for (auto& flag: c.flags) {
+          KJ_IF_MAYBE(error, applyConfigFileFlag(o, flag.name, flag.value)) {
+            return configError(kj::str(*path, ":", flag.line, ": ", *error));
+          }
+        }
+        loaded.config = kj::mv(c);
+      }
     }
   }
+  return nullptr;
+}
+
+kj::Maybe<CliExit> prepareNamedTunnel(CliOptions& o, NamedConfig& loaded,
+                                      tunnel::RunnerOptions& r) {
+  using Command = CliOptions::Command;
+  auto& config = loaded.config;
 
   if (o.command == Command::INGRESS_VALIDATE || o.command == Command::INGRESS_RULE) {
     named::TunnelConfig* c = nullptr;
@@ -117,6 +135,21 @@ kj::Maybe<CliExit> prepareNamedTunnel(CliOptions& o, tunnel::RunnerOptions& r) {
       }
     }
     KJ_UNREACHABLE;
+  }
+
+  if (o.command == Command::QUICK) {
+    // `cfqt tunnel --config FILE` without `run`: cloudflared runs the file's tunnel if it names
+    // one, else a quick tunnel with the file's flags.
+    bool namesTunnel = false;
+    KJ_IF_MAYBE(c, config) namesTunnel = c->tunnel != nullptr || c->credentialsFile != nullptr;
+    if (!namesTunnel) {
+      if (!o.helloWorld && o.url == nullptr && o.unixSocket == nullptr) {
+        return configError("nothing to expose: give an origin URL (cfqt http://localhost:8080), "
+                           "--hello-world, --unix-socket PATH, or url: in the configuration file");
+      }
+      return nullptr;
+    }
+    if (!isSetByName(o, "ha-connections")) r.haConnections = 4;
   }
 
   // tunnel run

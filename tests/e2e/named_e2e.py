@@ -185,6 +185,8 @@ def test_ingress_routing(env):
     o0, o1, o2 = env.origins
     config = write_file(env, "routing.yml", """tunnel: %s
 credentials-file: %s
+protocol: http2
+loglevel: debug
 ingress:
   - hostname: a.example.localhost
     path: ^/api/
@@ -208,6 +210,8 @@ ingress:
 
     proc, log = env.cfqt(["tunnel", "--config", config, "run"])
     log.wait_for(r"Registered tunnel connection", count=2)
+    check(log.count(r"Initial protocol http2") == 1, "the file's protocol: http2 was not applied")
+    check(log.count(r" DBG ") > 0, "the file's loglevel: debug was not applied")
     cases = [("a.example.localhost", "/", 200, "origin-0 /"),
              ("a.example.localhost", "/api/v1", 200, "origin-2 /api/v1"),
              ("b.example.localhost", "/b/x", 200, "origin-1 /b/x"),
