@@ -175,7 +175,7 @@ kj::Maybe<kj::String> Runner::IngressConfigHandler::applyConfiguration(
   }
   KJ_IF_MAYBE(e, error) {
     r.logger.error("Failed to update ingress; the current configuration keeps serving",
-                   kj::str("version=", version, " error=\"", *e, "\""));
+                   kj::str("version=", version, " error=", observe::quoteFieldValue(*e)));
     return kj::str(*e);
   }
   r.tunnelStatus.setConfigVersion(version);

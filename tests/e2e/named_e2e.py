@@ -19,7 +19,9 @@ Cases (`-k NAME` runs the cases whose name contains NAME):
                     mid-load: every failure is on the killed replica's connections (from the
                     edge's per-connection "failed" count) and none starts after the edge saw its
                     connections closed. (c) a new replica takes traffic soon after registering
-                    (bound 5 s). The counts and times are printed.
+                    (bound 5 s). (d) the edge goes silent on a replica's connections: no
+                    failure starts after the edge's idle timeout closed them. The counts and
+                    times are printed.
 
 Usage: named_e2e.py --bin BUILD/bin [-k NAME]     (exit 0 = all passed)
 """
@@ -426,15 +428,34 @@ def test_replicas(env):
         print("    (c) new replica: first request %.3fs after its first registration "
               "(bound 5s)" % took)
         replicas.append((proc_c, log_c, cid_c))
+
+        # (d) the edge goes silent on one replica's connections (a black hole): failures only
+        # until the edge's idle timeout closed them; the replica reconnects and serves again.
+        proc_d, log_d, cid_d = replicas[2]
+        silenced = [c["id"] for c in connections_of(cid_d) if c["state"] == "registered"]
+        d_start = time.monotonic()
+        for cid in silenced:
+            env.edge.admin("POST", "/connections/%d/silence" % cid)
+        wait_until("the edge closing the silenced connections",
+                   lambda: all(c["state"] == "closed" for c in connections_of(cid_d)
+                               if c["id"] in silenced), interval=0.01)
+        d_closed = time.monotonic()
+        wait_until("load after the silence", lambda: load.count(d_closed + 0.5) > 20)
+        print("    (d) silence: the edge closed the silenced connections after %.2fs; visitors "
+              "saw %d failures before that, %d after" % (
+                  d_closed - d_start, len(load.failures(d_start, d_closed)),
+                  len(load.failures(d_closed + 0.05))))
+        check(not load.failures(d_closed + 0.05), "requests failed after the idle timeout")
     finally:
         load.stop()
     everything = load.failures()
     print("    load: %d requests, %d failed in total (statuses %s)" % (
         load.count(), len(everything), sorted(set(r[3] for r in everything))))
-    # Every failure was in flight on the killed replica: none ended before the kill, none
-    # started after the edge saw its connections closed.
-    check(all(r[1] >= b_start and r[0] < b_closed + 0.05 for r in everything),
-          "a failure outside the kill -9 window:", everything[:5])
+    # Every failure was in flight on the killed (or silenced) replica: none ended before the
+    # fault, none started after the edge saw the connections closed.
+    check(all((r[1] >= b_start and r[0] < b_closed + 0.05) or
+              (r[1] >= d_start and r[0] < d_closed + 0.05) for r in everything),
+          "a failure outside the kill -9 and silence windows:", everything[:5])
     for proc, _, _ in replicas:
         if proc.poll() is None:
             stop(proc)
