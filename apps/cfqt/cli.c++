@@ -571,7 +571,9 @@ kj::String usage() {
   lines.add(kj::str(
       "Usage: cfqt [tunnel] [--url] URL [flags]\n"
       "       cfqt [tunnel] --hello-world [flags]\n"
-      "       cfqt --local --hello-world          (offline, through an in-process edge)\n\n"
+      "       cfqt --local --hello-world          (offline, through an in-process edge)\n"
+      "       cfqt tunnel [--config FILE] run [--token T | --credentials-file F] [NAME|UUID]\n"
+      "       cfqt tunnel [--config FILE] ingress validate | ingress rule URL\n\n"
       "Creates a Cloudflare quick tunnel (https://<words>.trycloudflare.com) to a local origin,\n"
       "like `cloudflared tunnel --url URL`. The URL is printed alone on the first stdout line.\n\n"
       "Flags (--flag value, --flag=value, -flag value):"));
