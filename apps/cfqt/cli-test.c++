@@ -76,6 +76,59 @@ KJ_TEST("cli: cloudflared invocation forms") {
   KJ_EXPECT(KJ_ASSERT_NONNULL(g.url) == "tunnel2:80");
 }
 
+KJ_TEST("cli: named tunnels: tunnel run, ingress validate/rule, TUNNEL_TOKEN") {
+  auto run = ok({"tunnel", "run", "--token", "T"});
+  KJ_EXPECT(run.command == CliOptions::Command::RUN);
+  KJ_EXPECT(KJ_ASSERT_NONNULL(run.token) == "T");
+  KJ_EXPECT(run.haConnections == 4);                 // cloudflared's default for named tunnels
+  KJ_EXPECT(ok({"tunnel", "run", "--ha-connections", "2"}).haConnections == 2);
+  auto withConfig = ok({"tunnel", "--config", "c.yml", "run", "my-tunnel"});
+  KJ_EXPECT(KJ_ASSERT_NONNULL(withConfig.configFile) == "c.yml");
+  KJ_EXPECT(KJ_ASSERT_NONNULL(withConfig.runTarget) == "my-tunnel");
+  auto creds = ok({"tunnel", "run", "--cred-file", "/x.json"});
+  KJ_EXPECT(KJ_ASSERT_NONNULL(creds.credentialsFile) == "/x.json");
+  KJ_EXPECT(ok({"tunnel", "ingress", "validate"}).command ==
+            CliOptions::Command::INGRESS_VALIDATE);
+  auto rule = ok({"tunnel", "--config", "c.yml", "ingress", "rule", "https://a.example/x"});
+  KJ_EXPECT(rule.command == CliOptions::Command::INGRESS_RULE);
+  KJ_EXPECT(KJ_ASSERT_NONNULL(rule.ingressRuleUrl) == "https://a.example/x");
+
+  EnvLookup env = [](kj::StringPtr name) -> kj::Maybe<kj::String> {
+    if (name == "TUNNEL_TOKEN") return kj::str("from-env");
+    return nullptr;
+  };
+  kj::StringPtr runArgs[] = {"tunnel", "run"};
+  auto fromEnv = parseCommandLine(runArgs, kj::mv(env));
+  KJ_EXPECT(KJ_ASSERT_NONNULL(fromEnv.get<CliOptions>().token) == "from-env");
+  // A quick tunnel ignores TUNNEL_TOKEN, as cloudflared binds it to `tunnel run` only.
+  EnvLookup env2 = [](kj::StringPtr name) -> kj::Maybe<kj::String> {
+    if (name == "TUNNEL_TOKEN") return kj::str("from-env");
+    return nullptr;
+  };
+  kj::StringPtr quickArgs[] = {"--url", "x:1"};
+  KJ_EXPECT(parseCommandLine(quickArgs, kj::mv(env2)).get<CliOptions>().token == nullptr);
+}
+
+KJ_TEST("cli: top-level keys of the configuration file apply like flags, the command line wins") {
+  auto o = ok({"tunnel", "run", "--protocol", "quic"});
+  KJ_EXPECT(applyConfigFileFlag(o, "protocol", "http2") == nullptr);
+  KJ_EXPECT(o.protocol == "quic");                       // given on the command line
+  KJ_EXPECT(applyConfigFileFlag(o, "loglevel", "debug") == nullptr);
+  KJ_EXPECT(o.logLevel == "debug");
+  KJ_EXPECT(applyConfigFileFlag(o, "ha-connections", "2") == nullptr);
+  KJ_EXPECT(o.haConnections == 2);
+  KJ_EXPECT(applyConfigFileFlag(o, "edge", "127.0.0.1:1") == nullptr);
+  KJ_EXPECT(applyConfigFileFlag(o, "edge", "127.0.0.2:1") == nullptr);
+  KJ_EXPECT(o.edges.size() == 2);
+  KJ_EXPECT(applyConfigFileFlag(o, "cacert", "/ca.pem") == nullptr);
+  KJ_EXPECT(KJ_ASSERT_NONNULL(o.edgeCa) == "/ca.pem");
+  auto fresh = ok({"tunnel", "run"});
+  KJ_EXPECT(has(KJ_ASSERT_NONNULL(applyConfigFileFlag(fresh, "ha-connections", "9")),
+                "between 1 and 4"));
+  KJ_EXPECT(has(KJ_ASSERT_NONNULL(applyConfigFileFlag(fresh, "no-autoupdate", "maybe")),
+                "true or false"));
+}
+
 KJ_TEST("cli: errors are clear") {
   KJ_EXPECT(has(err({"--protocol", "h2mux", "--url", "x:1"}), "not supported"));
   KJ_EXPECT(has(err({"--protocol", "udp", "--url", "x:1"}), "quic, http2 or auto"));
@@ -93,7 +146,10 @@ KJ_TEST("cli: errors are clear") {
   KJ_EXPECT(has(err({"--ha-connections", "5", "--url", "x:1"}), "between 1 and 4"));
   KJ_EXPECT(has(err({"a:1", "b:2"}), "only one origin URL"));
   KJ_EXPECT(has(err({"--grace-period", "soon", "--url", "x:1"}), "duration"));
-  KJ_EXPECT(has(err({"tunnel", "run", "mytunnel"}), "only runs quick tunnels"));
+  KJ_EXPECT(has(err({"tunnel", "create", "mytunnel"}), "needs an account certificate"));
+  KJ_EXPECT(has(err({"tunnel", "run", "a", "b"}), "at most one NAME or UUID"));
+  KJ_EXPECT(has(err({"tunnel", "ingress", "bogus"}), "ingress validate"));
+  KJ_EXPECT(has(err({"--token", "T", "--url", "x:1"}), "is for named tunnels"));
   KJ_EXPECT(parse({"version"}).get<CliExit>().code == 0);
   auto help = parse({"--help"});
   KJ_EXPECT(help.get<CliExit>().code == 0);

@@ -45,6 +45,9 @@ const EnvName ENV_NAMES[] = {
     {"loglevel", "TUNNEL_LOGLEVEL"}, {"logfile", "TUNNEL_LOGFILE"},
     {"protocol", "TUNNEL_TRANSPORT_PROTOCOL"}, {"no-autoupdate", "NO_AUTOUPDATE"},
     {"log-format-output", "TUNNEL_MANAGEMENT_OUTPUT"}, {"log-format-output", "TUNNEL_LOG_OUTPUT"},
+    // `tunnel run` only (named tunnels).
+    {"token", "TUNNEL_TOKEN"}, {"credentials-file", "TUNNEL_CRED_FILE"},
+    {"credentials-contents", "TUNNEL_CRED_CONTENTS"},
 };
 
 // Visible flags first; the hidden ones (timeouts) are listed under "test and tuning".
@@ -122,6 +125,13 @@ const Flag FLAGS[] = {
                                           "(default 100ms)."},
     {"ready-attempt-timeout", "", Kind::DURATION,
      "--wait-ready: one DoT query or HTTPS request (default 5s)."},
+    {"token", "", Kind::STRING, "tunnel run: the named tunnel's token (env TUNNEL_TOKEN)."},
+    {"credentials-file", "cred-file", Kind::STRING,
+     "tunnel run: the named tunnel's credentials file (<UUID>.json)."},
+    {"credentials-contents", "", Kind::STRING,
+     "tunnel run: the credentials file's JSON itself."},
+    {"config", "", Kind::STRING,
+     "YAML configuration file (tunnel, credentials-file, ingress, originRequest)."},
 };
 
 const Flag* findFlag(kj::StringPtr name) {
@@ -233,6 +243,10 @@ kj::Maybe<kj::String> apply(CliOptions& o, const Flag& flag, kj::StringPtr value
   else if (n == "unix-socket") o.unixSocket = kj::mv(v);
   else if (n == "http-host-header") o.httpHostHeader = kj::mv(v);
   else if (n == "origin-ca-pool") o.originCaPool = kj::mv(v);
+  else if (n == "token") o.token = kj::mv(v);
+  else if (n == "credentials-file") o.credentialsFile = kj::mv(v);
+  else if (n == "credentials-contents") o.credentialsContents = kj::mv(v);
+  else if (n == "config") o.configFile = kj::mv(v);
   else if (n == "origin-server-name") o.originServerName = kj::mv(v);
   else if (n == "quick-service") o.quickService = kj::mv(v);
   else if (n == "edge-ca") o.edgeCa = kj::mv(v);
@@ -601,7 +615,9 @@ kj::String usage() {
   lines.add(kj::str(
       "Usage: cfqt [tunnel] [--url] URL [flags]\n"
       "       cfqt [tunnel] --hello-world [flags]\n"
-      "       cfqt --local --hello-world          (offline, through an in-process edge)\n\n"
+      "       cfqt --local --hello-world          (offline, through an in-process edge)\n"
+      "       cfqt tunnel [--config FILE] run [--token T | --credentials-file F] [NAME|UUID]\n"
+      "       cfqt tunnel [--config FILE] ingress validate | ingress rule URL\n\n"
       "Creates a Cloudflare quick tunnel (https://<words>.trycloudflare.com) to a local origin,\n"
       "like `cloudflared tunnel --url URL`. The URL is printed alone on the first stdout line.\n\n"
       "Flags (--flag value, --flag=value, -flag value):"));
@@ -614,6 +630,23 @@ kj::String usage() {
   }
   lines.add(kj::str("  --help, --version"));
   return kj::str(kj::strArray(lines, "\n"), "\n");
+}
+
+kj::Maybe<kj::String> applyConfigFileFlag(CliOptions& o, kj::StringPtr name,
+                                          kj::StringPtr value) {
+  const Flag* flag = findFlag(name);
+  if (flag == nullptr) return kj::str("unknown flag ", name);
+  if (isSet(o, flag->name)) {
+    // The command line and the environment win over the file, except for a repeatable flag
+    // given only by the file so far.
+    return nullptr;
+  }
+  if (flag->kind == Kind::BOOL && parseBool(value) == nullptr) {
+    return kj::str(name, " expects true or false, got \"", value, "\"");
+  }
+  KJ_IF_MAYBE(error, apply(o, *flag, value)) return kj::mv(*error);
+  if (flag->kind != Kind::MULTI) o.explicitlySet.add(kj::str(flag->name));
+  return nullptr;
 }
 
 CliExit configError(kj::StringPtr reason) {
@@ -813,12 +846,35 @@ kj::OneOf<CliOptions, CliExit> parseCommandLine(kj::ArrayPtr<const kj::StringPtr
     if (first == "version") {
       return CliExit{0, kj::str("cfqt version 0.1.0 (cloudflared-compatible 2026.8.2)\n")};
     }
-    kj::StringPtr named[] = {"run", "login", "create", "list", "route", "delete", "info",
-                             "cleanup", "token", "ingress", "update", "service", "access"};
-    for (auto word: named) {
-      if (first == word) {
-        return fail(kj::str("`", first, "` is a cloudflared command for named tunnels or "
-                            "accounts; cfqt only runs quick tunnels (cfqt --url URL)"));
+    if (first == "run") {
+      if (positional.size() > 2) {
+        return fail(kj::str("unexpected argument \"", positional[2], "\" (tunnel run takes at "
+                            "most one NAME or UUID)"));
+      }
+      o.command = CliOptions::Command::RUN;
+      if (positional.size() == 2) o.runTarget = kj::mv(positional[1]);
+      positional.clear();
+    } else if (first == "ingress") {
+      if (positional.size() == 2 && positional[1] == "validate") {
+        o.command = CliOptions::Command::INGRESS_VALIDATE;
+      } else if (positional.size() == 3 && positional[1] == "rule") {
+        o.command = CliOptions::Command::INGRESS_RULE;
+        o.ingressRuleUrl = kj::mv(positional[2]);
+      } else {
+        return fail(kj::str("use `cfqt tunnel [--config FILE] ingress validate` or "
+                            "`cfqt tunnel [--config FILE] ingress rule URL`"));
+      }
+      positional.clear();
+    } else {
+      kj::StringPtr named[] = {"login", "create", "list", "route", "delete", "info",
+                               "cleanup", "token", "update", "service", "access"};
+      for (auto word: named) {
+        if (first == word) {
+          return fail(kj::str("`", first, "` is a cloudflared command that needs an account "
+                              "certificate (cloudflared tunnel login) and Cloudflare's API, "
+                              "which cfqt does not use; create the tunnel in the dashboard or "
+                              "with cloudflared, then run it with `cfqt tunnel run --token T`"));
+        }
       }
     }
   }
@@ -833,6 +889,11 @@ kj::OneOf<CliOptions, CliExit> parseCommandLine(kj::ArrayPtr<const kj::StringPtr
   }
   KJ_IF_MAYBE(lookup, env) {
     for (auto& e: ENV_NAMES) {
+      kj::StringPtr flagName = e.flag;
+      if (o.command != CliOptions::Command::RUN &&
+          (flagName == "token" || flagName.startsWith("credentials-"))) {
+        continue;   // cloudflared binds these variables to `tunnel run` only
+      }
       bool given = false;
       for (auto& set: o.explicitlySet) if (set == e.flag) given = true;
       if (given) continue;
@@ -857,7 +918,20 @@ kj::OneOf<CliOptions, CliExit> parseCommandLine(kj::ArrayPtr<const kj::StringPtr
       }
     }
   }
-  if (o.url == nullptr && !o.helloWorld && o.unixSocket == nullptr) {
+  if (o.command == CliOptions::Command::QUICK) {
+    kj::StringPtr runOnly[] = {"token", "credentials-file", "credentials-contents"};
+    for (auto name: runOnly) {
+      if (isSet(o, name)) {
+        return fail(kj::str("--", name, " is for named tunnels: `cfqt tunnel run --", name,
+                            " ...`"));
+      }
+    }
+  } else if (o.command == CliOptions::Command::RUN) {
+    // cloudflared's default for named tunnels.
+    if (!isSet(o, "ha-connections")) o.haConnections = 4;
+  }
+  if (o.command == CliOptions::Command::QUICK && o.configFile == nullptr &&
+      o.url == nullptr && !o.helloWorld && o.unixSocket == nullptr) {
     return fail(kj::str("nothing to expose: give an origin URL (cfqt http://localhost:8080), "
                         "--hello-world or --unix-socket PATH"));
   }

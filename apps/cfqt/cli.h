@@ -77,6 +77,16 @@ struct CliOptions {
   kj::Duration readyAttemptTimeout = 5 * kj::SECONDS;  // --ready-attempt-timeout
   kj::Duration localDnsDelay = 0 * kj::SECONDS;        // --local-dns-delay
   kj::Duration localRouteDelay = 0 * kj::SECONDS;      // --local-route-delay
+  // Named tunnels (issue 19): `cfqt tunnel [--config FILE] run [NAME|UUID]`, `cfqt tunnel
+  // ingress validate|rule URL`.
+  enum class Command { QUICK, RUN, INGRESS_VALIDATE, INGRESS_RULE };
+  Command command = Command::QUICK;
+  kj::Maybe<kj::String> runTarget;           // run's NAME or UUID argument
+  kj::Maybe<kj::String> ingressRuleUrl;      // ingress rule's URL argument
+  kj::Maybe<kj::String> token;               // --token / TUNNEL_TOKEN (run only)
+  kj::Maybe<kj::String> credentialsFile;     // --credentials-file / TUNNEL_CRED_FILE
+  kj::Maybe<kj::String> credentialsContents; // --credentials-contents / TUNNEL_CRED_CONTENTS
+  kj::Maybe<kj::String> configFile;          // --config: YAML configuration file
 
   kj::Vector<kj::String> explicitlySet;
   // Canonical names of the flags given on the command line or taken from the environment.
@@ -103,6 +113,12 @@ kj::OneOf<CliOptions, CliExit> parseCommandLine(kj::ArrayPtr<const kj::StringPtr
 // TUNNEL_METRICS, TUNNEL_GRACE_PERIOD, TUNNEL_LOGLEVEL, ...; TUNNEL_EDGE is comma-separated, as
 // urfave/cli splits a slice flag's variable). Only the syntax of values is checked here; the
 // caller runs validate() next.
+
+kj::Maybe<kj::String> applyConfigFileFlag(CliOptions& options, kj::StringPtr name,
+                                          kj::StringPtr value);
+// A top-level key of the YAML configuration file that is also a flag (`url`, `protocol`,
+// `loglevel`, `ha-connections`, `edge`, ...): applied as the flag would be, unless the command
+// line or the environment gave it. Returns the error text of a bad value, or an unknown name.
 
 CliExit configError(kj::StringPtr reason);
 // Exit code 2 and "cfqt: <reason>" plus a pointer to --help: how every bad flag ends.

@@ -4,6 +4,7 @@
 // down gracefully, a second exits at once.
 
 #include "cli.h"
+#include "named.h"
 
 #include "emulator/emulator.h"
 #include "observe/log.h"
@@ -289,6 +290,16 @@ int realMain(int argc, char** argv) {
   }
 
   // Every file, address and timeout is checked before anything touches the network.
+  cli::NamedConfig namedConfig;
+  bool namedCommand = options.command != cli::CliOptions::Command::QUICK ||
+                      options.configFile != nullptr;
+  if (namedCommand) {
+    // Named tunnels (issue 19): the configuration file's flags count as given.
+    KJ_IF_MAYBE(exit, cli::loadNamedConfig(options, namedConfig)) {
+      writeOut(STDERR_FILENO, exit->text);
+      return exit->code;
+    }
+  }
   cli::SystemFileChecks files{cli::CertificateParser(parseCertificates)};
   kj::Vector<cli::ConfigWarning> warnings;
   auto validated = cli::validate(options, files);
@@ -304,6 +315,13 @@ int realMain(int argc, char** argv) {
     auto exit = cli::configError(*error);
     writeOut(STDERR_FILENO, exit.text);
     return exit.code;
+  }
+  if (namedCommand) {
+    // Named tunnels (issue 19): the credentials, the ingress rules, `ingress validate|rule`.
+    KJ_IF_MAYBE(exit, cli::prepareNamedTunnel(options, namedConfig, runnerOptions)) {
+      writeOut(exit->code == 0 ? STDOUT_FILENO : STDERR_FILENO, exit->text);
+      return exit->code;
+    }
   }
 
   observe::LogConfig logConfig;

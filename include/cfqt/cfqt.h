@@ -45,6 +45,12 @@ typedef void (*cfqt_log_fn)(void* user_data, int level, const char* message,
  * the tunnel's own threads, never by two threads at once; it must return quickly and must not
  * call cfqt_tunnel_* functions on the same tunnel. */
 
+typedef struct cfqt_ingress_rule {
+  const char* hostname;         /* NULL or "" = any; "*.example.com" = any subdomain */
+  const char* path;             /* NULL or "" = any; else a POSIX extended regex */
+  const char* service;          /* http://..., unix:/path, http_status:NNN, hello_world */
+} cfqt_ingress_rule;
+
 typedef struct cfqt_options {
   const char* url;              /* origin URL, or NULL with hello_world = 1 */
   int hello_world;
@@ -74,6 +80,13 @@ typedef struct cfqt_options {
   void* handler_data;           /* passed to `handler` */
   int handler_threads;          /* handler calls running at once (0 = 64; -1 = inline on the
                                    tunnel's event-loop thread: must not block) */
+  /* Named tunnel (instead of a quick tunnel): its token, or its credentials file's JSON or
+   * path; then cfqt_tunnel_wait_url() has no URL to give (use cfqt_tunnel_wait_ready()). */
+  const char* token;
+  const char* credentials_json;
+  const char* credentials_file;
+  const cfqt_ingress_rule* ingress;  /* named tunnels: first match wins, the last rule must */
+  size_t ingress_count;              /* match everything */
 } cfqt_options;
 
 #define CFQT_STAGE_TUNNEL 1     /* no quick tunnel / edge connections yet */
@@ -83,6 +96,10 @@ typedef struct cfqt_options {
 void cfqt_options_init(cfqt_options* options);
 /* Fills the defaults (2 HA connections, 30 s grace period, 1 s backoff base, info logs, no
  * metrics). */
+
+size_t cfqt_options_size(void);
+/* sizeof(cfqt_options) in this library: bindings that mirror the struct (ctypes, FFI) check
+ * their layout against it before calling cfqt_options_init(). */
 
 cfqt_tunnel* cfqt_tunnel_start(const cfqt_options* options, char* error, size_t error_size);
 /* NULL on invalid options (message copied into `error`, NUL-terminated, if given). `options`

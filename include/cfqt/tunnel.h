@@ -8,6 +8,16 @@
 //   ...
 //   int code = tunnel->stop();                                          // graceful: unregister, drain
 //
+// A named tunnel (a fixed hostname, ingress rules, replicas):
+//
+//   cfqt::TunnelOptions options;
+//   options.token = getenv("TUNNEL_TOKEN");
+//   options.haConnections = 4;
+//   options.ingress = {{"app.example.com", "", "http://localhost:8080"},
+//                      {"", "", "http_status:404"}};
+//   auto tunnel = cfqt::Tunnel::start(options);
+//   tunnel->waitUntilReady(std::chrono::seconds(30));
+//
 // The tunnel runs on its own thread with its own event loop; every method is thread-safe. No
 // KJ or Cap'n Proto type appears here.
 
@@ -86,6 +96,23 @@ struct TunnelOptions {
   int handlerThreads = 64;            // handler calls running at once (1..4096); 0 = inline:
                                       // called on the tunnel's event-loop thread, must not block
                                       // (see cfqt/handler.h)
+  // Named tunnel (instead of a quick tunnel): the tunnel's token (from the dashboard), or its
+  // credentials file's JSON or path. The quick-tunnel API is then not used, waitForUrl() returns
+  // "" (a named tunnel's hostnames are routed to it at the edge), and `haConnections` should be 4
+  // like cloudflared's. A remotely managed tunnel takes its ingress rules from the edge.
+  std::string token;
+  std::string credentialsJson;
+  std::string credentialsFile;
+
+  struct IngressRule {
+    std::string hostname;   // "" = any; "*.example.com" = any subdomain
+    std::string path;       // POSIX extended regex searched in the request path; "" = any
+    std::string service;    // http://..., https://..., unix:/path, http_status:NNN, hello_world
+  };
+  std::vector<IngressRule> ingress;
+  // Named tunnels: the first rule matching a request's hostname and path serves it; the last rule
+  // must match everything (no hostname, no path). Empty: `url`/`helloWorld`/`unixSocket` for
+  // every request, or 503 until a remotely managed tunnel gets its configuration.
 };
 
 class TunnelError: public std::runtime_error {

@@ -4,9 +4,13 @@
 #include "json.h"
 #include "random.h"
 
+#include <capnp/compat/json.h>
+#include <capnp/message.h>
 #include <kj/compat/url.h>
 #include <kj/debug.h>
 #include <kj/encoding.h>
+
+#include <string.h>
 
 namespace cfqt::emulator {
 
@@ -74,6 +78,51 @@ private:
   const kj::HttpHeaderTable& table;
 };
 
+// Decodes an untrusted JSON body; null when it is not a JSON object.
+kj::Maybe<kj::Own<capnp::MallocMessageBuilder>> parseJsonObject(kj::StringPtr text) {
+  auto message = kj::heap<capnp::MallocMessageBuilder>();
+  bool ok = false;
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+    capnp::JsonCodec codec;
+    codec.setMaxNestingDepth(32);
+    auto root = message->initRoot<capnp::JsonValue>();
+    codec.decodeRaw(text, root);
+    ok = root.isObject();
+  })) {
+    return nullptr;
+  }
+  if (!ok) return nullptr;
+  return kj::mv(message);
+}
+
+kj::Maybe<capnp::JsonValue::Reader> member(capnp::JsonValue::Reader object, kj::StringPtr name) {
+  if (!object.isObject()) return nullptr;
+  kj::Maybe<capnp::JsonValue::Reader> found;
+  for (auto field: object.getObject()) {
+    if (field.getName() == name) found = field.getValue();
+  }
+  return found;
+}
+
+kj::String namedTunnelJson(IssuedTunnel& tunnel) {
+  auto credentials = kj::str(
+      "{\"AccountTag\":", jsonString(tunnel.accountTag),
+      ",\"TunnelSecret\":", jsonString(tunnel.secretBase64),
+      ",\"TunnelID\":", jsonString(tunnel.id), '}');
+  // cloudflared's TunnelToken: {"a": account tag, "s": base64 secret, "t": tunnel ID}, base64.
+  auto tokenJson = kj::str("{\"a\":", jsonString(tunnel.accountTag),
+                           ",\"s\":", jsonString(tunnel.secretBase64),
+                           ",\"t\":", jsonString(tunnel.id), '}');
+  kj::Vector<kj::String> routes;
+  for (auto& r: tunnel.routes) routes.add(jsonString(r));
+  return kj::str("{\"id\":", jsonString(tunnel.id), ",\"name\":", jsonString(tunnel.name),
+                 ",\"hostname\":", jsonString(tunnel.hostname),
+                 ",\"remotelyManaged\":", tunnel.remotelyManaged ? "true" : "false",
+                 ",\"routes\":[", kj::strArray(routes, ","), ']',
+                 ",\"token\":", jsonString(kj::encodeBase64(tokenJson.asBytes())),
+                 ",\"credentials\":", credentials, '}');
+}
+
 }  // namespace
 
 kj::String connectionJson(ConnectionRecord& record) {
@@ -96,6 +145,7 @@ kj::String connectionJson(ConnectionRecord& record) {
       ",\"remote\":", jsonString(record.remoteAddress),
       ",\"protocol\":", jsonString(record.protocol),
       ",\"requests\":", record.requests,
+      ",\"failed\":", record.failed,
       ",\"configuration\":", config,
       ",\"stats\":", stats, '}');
 }
@@ -113,11 +163,41 @@ kj::String tunnelsJson(Registry& registry) {
     for (auto& record: registry.connections()) {
       if (&record->tunnel == tunnel.get()) connections.add(connectionJson(*record));
     }
+    // Connectors: one per client ID (a replica), with its live connections' admin ids.
+    kj::Vector<kj::String> connectorIds;
+    kj::Vector<kj::Vector<kj::uint>> connectorLive;
+    kj::Vector<kj::Vector<kj::uint>> connectorAll;
+    for (auto& record: registry.connections()) {
+      if (&record->tunnel != tunnel.get()) continue;
+      size_t i = 0;
+      while (i < connectorIds.size() && connectorIds[i] != record->clientId) i++;
+      if (i == connectorIds.size()) {
+        connectorIds.add(kj::heapString(record->clientId));
+        connectorLive.add();
+        connectorAll.add();
+      }
+      connectorAll[i].add(record->id);
+      if (record->state == ConnectionState::REGISTERED && record->connection != nullptr) {
+        connectorLive[i].add(record->id);
+      }
+    }
+    kj::Vector<kj::String> connectors;
+    for (size_t i = 0; i < connectorIds.size(); i++) {
+      connectors.add(kj::str("{\"id\":", jsonString(connectorIds[i]),
+                             ",\"liveConnections\":[", kj::strArray(connectorLive[i], ","),
+                             "],\"connections\":[", kj::strArray(connectorAll[i], ","), "]}"));
+    }
+    kj::Vector<kj::String> routes;
+    for (auto& r: tunnel->routes) routes.add(jsonString(r));
     tunnels.add(kj::str(
         "{\"id\":", jsonString(tunnel->id),
         ",\"name\":", jsonString(tunnel->name),
         ",\"hostname\":", jsonString(tunnel->hostname),
         ",\"account_tag\":", jsonString(tunnel->accountTag),
+        ",\"named\":", tunnel->named ? "true" : "false",
+        ",\"remotelyManaged\":", tunnel->remotelyManaged ? "true" : "false",
+        ",\"routes\":[", kj::strArray(routes, ","), ']',
+        ",\"connectors\":[", kj::strArray(connectors, ","), ']',
         ",\"connections\":[", kj::strArray(connections, ","), "]}"));
   }
   return kj::str("{\"tunnels\":[", kj::strArray(tunnels, ","), "]}");
@@ -131,6 +211,127 @@ kj::Promise<kj::String> AdminService::pushConfiguration(kj::uint id, int32_t ver
     }
   }
   return KJ_EXCEPTION(DISCONNECTED, "the connection closed");
+}
+
+kj::Promise<kj::String> AdminService::pushToTunnel(IssuedTunnel& tunnel, int32_t version,
+                                                  kj::String json) {
+  // Every live connection of every connector gets the push; the answer lists what each said.
+  kj::Vector<kj::Promise<kj::String>> pushes;
+  for (auto& record: registry.connections()) {
+    if (&record->tunnel != &tunnel || record->state != ConnectionState::REGISTERED) continue;
+    KJ_IF_MAYBE(connection, record->connection) {
+      auto prefix = kj::str("{\"connection\":", record->id, ",\"connector\":",
+                            jsonString(record->clientId), ",\"connIndex\":", record->connIndex);
+      auto errorPrefix = kj::str(prefix);
+      pushes.add(connection->pushConfiguration(version, kj::str(json))
+          .then([prefix = kj::mv(prefix)](kj::String answer) {
+            return kj::str(prefix, ",\"result\":", answer, '}');
+          }, [prefix = kj::mv(errorPrefix)](kj::Exception&& e) {
+            return kj::str(prefix, ",\"error\":", jsonString(e.getDescription()), '}');
+          }));
+    }
+  }
+  return kj::joinPromises(pushes.releaseAsArray()).then([version](kj::Array<kj::String> all) {
+    return kj::str("{\"version\":", version, ",\"connections\":[", kj::strArray(all, ","),
+                   "]}");
+  });
+}
+
+kj::Promise<void> AdminService::namedTunnels(kj::HttpMethod method, const kj::Url& url,
+                                             kj::AsyncInputStream& requestBody,
+                                             Response& response) {
+  Reply reply(response, table);
+  if (method != kj::HttpMethod::POST) return reply.error(405, "Method Not Allowed", "use POST");
+  auto& path = url.path;
+  IssuedTunnel* tunnel = nullptr;
+  if (path.size() >= 2) {
+    KJ_IF_MAYBE(t, registry.findByIdText(path[1])) tunnel = t;
+    if (tunnel == nullptr || !tunnel->named) {
+      return reply.error(404, "Not Found", "no such named tunnel");
+    }
+  }
+  if (path.size() == 2) return reply.error(404, "Not Found", "use /routes or /configuration");
+  kj::String action = path.size() == 3 ? kj::str(path[2]) : kj::str("");
+  if (path.size() == 3 && action != "routes" && action != "configuration") {
+    return reply.error(404, "Not Found", "unknown named-tunnel action");
+  }
+  return requestBody.readAllText(MAX_CONFIG_BYTES)
+      .then([this, tunnel, reply, action = kj::mv(action)](kj::String body) mutable
+                -> kj::Promise<void> {
+    kj::Own<capnp::MallocMessageBuilder> message;
+    KJ_IF_MAYBE(m, parseJsonObject(body.size() == 0 && tunnel == nullptr ? "{}"_kj : body)) {
+      message = kj::mv(*m);
+    } else {
+      return reply.error(400, "Bad Request", "the body must be a JSON object");
+    }
+    auto root = message->getRoot<capnp::JsonValue>().asReader();
+    if (tunnel == nullptr) {
+      kj::String name = kj::str("");
+      bool remotelyManaged = false;
+      KJ_IF_MAYBE(v, member(root, "name")) {
+        if (!v->isString()) return reply.error(400, "Bad Request", "name must be a string");
+        name = kj::str(v->getString());
+      }
+      KJ_IF_MAYBE(v, member(root, "remotelyManaged")) {
+        if (!v->isBoolean()) {
+          return reply.error(400, "Bad Request", "remotelyManaged must be true or false");
+        }
+        remotelyManaged = v->getBoolean();
+      }
+      if (name.size() > 255) return reply.error(400, "Bad Request", "name is too long");
+      if (registry.tunnels().size() >= Registry::MAX_TUNNELS) {
+        return reply.error(409, "Conflict", "too many tunnels");
+      }
+      return reply.ok(namedTunnelJson(registry.issueNamedTunnel(name, remotelyManaged)));
+    }
+    if (action == "routes") {
+      KJ_IF_MAYBE(v, member(root, "hostname")) {
+        if (v->isString()) {
+          KJ_IF_MAYBE(error, registry.addRoute(*tunnel, v->getString())) {
+            return reply.error(409, "Conflict", *error);
+          }
+          return reply.ok(namedTunnelJson(*tunnel));
+        }
+      }
+      return reply.error(400, "Bad Request", "the body must be {\"hostname\":\"...\"}");
+    }
+    // configuration: {"version":N,"config":{...}}
+    int64_t version = 0;
+    KJ_IF_MAYBE(v, member(root, "version")) {
+      if (!v->isNumber() || v->getNumber() != static_cast<double>(static_cast<int64_t>(
+                                                  v->getNumber())) ||
+          v->getNumber() < INT32_MIN || v->getNumber() > INT32_MAX) {
+        return reply.error(400, "Bad Request", "version must be a 32-bit integer");
+      }
+      version = static_cast<int64_t>(v->getNumber());
+    } else {
+      return reply.error(400, "Bad Request", "the body must be {\"version\":N,\"config\":{...}}");
+    }
+    kj::String config;
+    KJ_IF_MAYBE(v, member(root, "config")) {
+      capnp::JsonCodec codec;
+      config = codec.encodeRaw(*v);
+    } else {
+      return reply.error(400, "Bad Request", "the body must be {\"version\":N,\"config\":{...}}");
+    }
+    auto stored = kj::str(config);
+    return pushToTunnel(*tunnel, static_cast<int32_t>(version), kj::mv(config))
+        .then([reply, tunnel, version, stored = kj::mv(stored)](kj::String answer) mutable {
+      // What joining connectors get (as Cloudflare's edge, which keeps the tunnel's
+      // configuration): the newest version that a connection applied, or any newer one while no
+      // connection is live. A lower or refused one is not kept.
+      auto applied = kj::str("\"result\":{\"latestAppliedVersion\":", version,
+                             ",\"err\":\"\"}");
+      bool none = answer.endsWith("\"connections\":[]}");
+      bool accepted = strstr(answer.cStr(), applied.cStr()) != nullptr;
+      if ((none || accepted) &&
+          (tunnel->remoteConfig == nullptr || version > tunnel->remoteVersion)) {
+        tunnel->remoteConfig = kj::mv(stored);
+        tunnel->remoteVersion = static_cast<int32_t>(version);
+      }
+      return reply.ok(kj::mv(answer));
+    });
+  });
 }
 
 kj::Promise<void> AdminService::request(kj::HttpMethod method, kj::StringPtr url,
@@ -157,6 +358,9 @@ kj::Promise<void> AdminService::request(kj::HttpMethod method, kj::StringPtr url
       return reply.ok(kj::str("{\"nextHostname\":", jsonString(*hostname), '}'));
     }
     return reply.error(400, "Bad Request", "hostname is required");
+  }
+  if (path.size() >= 1 && path.size() <= 3 && path[0] == "named-tunnels") {
+    return namedTunnels(method, parsed, requestBody, response);
   }
   if (path.size() == 1 && path[0] == "connections") {
     if (method != kj::HttpMethod::GET) return reply.error(405, "Method Not Allowed", "use GET");

@@ -20,6 +20,16 @@
 //   POST /registrations/reject-next?cause=C&retryAfter=NANOS&shouldRetry=BOOL&count=K
 //                                          the next K registrations get this ConnectionError
 //                                          (count=0 clears)
+//   POST /named-tunnels                    body {"name":N,"remotelyManaged":B} (both optional):
+//                                          {"id","name","hostname","remotelyManaged","routes",
+//                                          "token","credentials":{"AccountTag","TunnelSecret",
+//                                          "TunnelID"}}; its hostname is <id>.<zone>
+//   POST /named-tunnels/ID/routes          body {"hostname":H}: H is routed to the tunnel too
+//   POST /named-tunnels/ID/configuration   body {"version":N,"config":{...}}: pushed
+//                                          (updateConfiguration) to every live connection of
+//                                          every connector; answers {"version":N,"connections":
+//                                          [{"connection","connector","connIndex","result"|
+//                                          "error"}]}
 //   GET  /udp                              {"udpBlocked":false}
 //   POST /udp/block, POST /udp/unblock     the UDP (QUIC) side drops every datagram, as behind a
 //                                          firewall, or serves again (answers {"udpBlocked":B};
@@ -31,6 +41,7 @@
 #include "registry.h"
 
 #include <kj/compat/http.h>
+#include <kj/compat/url.h>
 
 namespace cfqt::emulator {
 
@@ -58,6 +69,9 @@ private:
   kj::Maybe<UdpSwitch&> udp;
 
   kj::Promise<kj::String> pushConfiguration(kj::uint id, int32_t version, kj::String json);
+  kj::Promise<kj::String> pushToTunnel(IssuedTunnel& tunnel, int32_t version, kj::String json);
+  kj::Promise<void> namedTunnels(kj::HttpMethod method, const kj::Url& url,
+                                 kj::AsyncInputStream& requestBody, Response& response);
 };
 
 kj::String connectionJson(ConnectionRecord& record);

@@ -186,7 +186,7 @@ public:
             .add("remote", remote).add("version", record->version));
         return wire::RegistrationResult(wire::ConnectionDetails{
             kj::heapArray(record->uuid.asPtr()), kj::heapString(server.registry.locationName()),
-            false});
+            record->tunnel.remotelyManaged});
       }
       KJ_CASE_ONEOF(error, RegistrationError) {
         observe::logDebug("registration refused", observe::Fields().add("remote", remote)

@@ -125,6 +125,25 @@ public:
         adminServer(io.provider->getTimer(), headerTable, adminService, httpSettings()),
         tasks(errorHandler) {
     registry.setClock(kj::systemPreciseMonotonicClock());
+    // As Cloudflare's edge does: a connector joining a remotely managed tunnel gets the
+    // tunnel's current configuration pushed once it registered.
+    registry.onRegistered([this](ConnectionRecord& record) {
+      if (!record.tunnel.remotelyManaged) return;
+      KJ_IF_MAYBE(json, record.tunnel.remoteConfig) {
+        auto id = record.id;
+        auto version = record.tunnel.remoteVersion;
+        tasks.add(kj::evalLater([this, id, version, config = kj::str(*json)]() mutable
+                                    -> kj::Promise<void> {
+          KJ_IF_MAYBE(r, registry.findConnection(id)) {
+            KJ_IF_MAYBE(connection, r->connection) {
+              return connection->pushConfiguration(version, kj::mv(config))
+                  .then([](kj::String) {}, [](kj::Exception&&) {});
+            }
+          }
+          return kj::READY_NOW;
+        }));
+      }
+    });
   }
 
   kj::Promise<ReadyInfo> start() {

@@ -443,6 +443,7 @@ private:
   kj::HttpService::Response& response;
   kj::String ray;
   kj::String host;
+  kj::uint recordId = 0;   // the tunnel connection chosen (admin id), 0 before
   bool websocket = false;
   kj::String webSocketKey;
   kj::Own<TunnelExchange> stream;
@@ -508,6 +509,10 @@ bool FrontDoor::Exchange::clientWantsClose() const {
 
 kj::Promise<void> FrontDoor::Exchange::sendPage(kj::uint status, kj::uint code, kj::StringPtr title,
                                                 kj::StringPtr detail) {
+  if (status == 502 && recordId != 0) {
+    // Counted per tunnel connection (admin API "failed"): what replicas tests read.
+    KJ_IF_MAYBE(r, door.registry.findConnection(recordId)) r->failed++;
+  }
   auto page = errorPage(code, title, escapeHtml(detail), ray);
   kj::HttpHeaders pageHeaders(door.headerTable);
   pageHeaders.set(kj::HttpHeaderId::CONTENT_TYPE, "text/html; charset=UTF-8");
@@ -549,6 +554,7 @@ kj::Promise<void> FrontDoor::Exchange::run() {
         kj::str("The tunnel for ", host, " has no live connection to the edge."));
   }
   auto& connection = KJ_ASSERT_NONNULL(record->connection);
+  recordId = record->id;
   websocket = headers.isWebSocket();
   return door.timer.timeoutAfter(door.options.openStreamTimeout, connection.openExchange())
       .then([this](kj::Own<TunnelExchange> opened) { return proxy(kj::mv(opened)); },

@@ -166,5 +166,52 @@ KJ_TEST("pick is round-robin over registered live connections") {
   KJ_EXPECT(registry.findConnection(9999) == nullptr);
 }
 
+KJ_TEST("named tunnels: routes, many connectors per tunnel, round robin over all of them") {
+  Registry registry("trycloudflare.localhost");
+  auto& tunnel = registry.issueNamedTunnel("prod", true);
+  KJ_EXPECT(tunnel.named && tunnel.remotelyManaged && tunnel.name == "prod");
+  KJ_EXPECT(tunnel.hostname == kj::str(tunnel.id, ".trycloudflare.localhost"));
+  KJ_EXPECT(registry.addRoute(tunnel, "App.Example.localhost") == nullptr);
+  KJ_EXPECT(registry.addRoute(tunnel, "app.example.localhost") == nullptr);   // idempotent
+  KJ_EXPECT(registry.addRoute(tunnel, "bad host") != nullptr);
+  auto& other = registry.issueNamedTunnel("other", false);
+  KJ_EXPECT(registry.addRoute(other, "app.example.localhost") != nullptr);   // taken
+  KJ_EXPECT(&KJ_ASSERT_NONNULL(registry.findByHostname("app.example.localhost")) == &tunnel);
+  KJ_EXPECT(&KJ_ASSERT_NONNULL(registry.findByIdText(tunnel.id)) == &tunnel);
+
+  // Three connectors, two connections each: index 0 and 1 per connector are not duplicates.
+  FakeConnection conns[6];
+  kj::Vector<ConnectionRecord*> records;
+  for (int connector = 0; connector < 3; connector++) {
+    auto clientId = randomUuidBytes();
+    for (uint8_t index = 0; index < 2; index++) {
+      auto request = requestFor(tunnel, index);
+      request.clientId = kj::heapArray(clientId.asPtr());
+      auto result = registry.registerConnection(conns[connector * 2 + index], request);
+      KJ_ASSERT(result.is<ConnectionRecord*>());
+      records.add(result.get<ConnectionRecord*>());
+    }
+    // The same connector registering index 0 again is a duplicate.
+    auto again = requestFor(tunnel, 0);
+    again.clientId = kj::heapArray(clientId.asPtr());
+    auto dup = registry.registerConnection(conns[connector * 2], again);
+    KJ_ASSERT(dup.is<RegistrationError>());
+    KJ_EXPECT(dup.get<RegistrationError>().cause == "EDUPCONN");
+  }
+  kj::uint counts[6] = {0, 0, 0, 0, 0, 0};
+  for (int i = 0; i < 60; i++) {
+    auto& picked = KJ_ASSERT_NONNULL(registry.pick(tunnel));
+    for (int k = 0; k < 6; k++) if (records[k] == &picked) counts[k]++;
+  }
+  for (auto c: counts) KJ_EXPECT(c == 10, c);
+  // A connector that goes away leaves the rotation at once.
+  registry.connectionClosed(conns[2]);
+  registry.unregisterConnection(*records[3]);
+  for (int i = 0; i < 20; i++) {
+    auto& picked = KJ_ASSERT_NONNULL(registry.pick(tunnel));
+    KJ_EXPECT(&picked != records[2] && &picked != records[3]);
+  }
+}
+
 }  // namespace
 }  // namespace cfqt::emulator

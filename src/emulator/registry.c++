@@ -68,10 +68,45 @@ IssuedTunnel& Registry::issueTunnel() {
   return result;
 }
 
+IssuedTunnel& Registry::issueNamedTunnel(kj::StringPtr name, bool remotelyManaged) {
+  auto& tunnel = issueTunnel();
+  tunnel.named = true;
+  tunnel.remotelyManaged = remotelyManaged;
+  if (name.size() > 0) tunnel.name = kj::str(name);
+  tunnel.hostname = kj::str(tunnel.id, '.', zoneName);
+  return tunnel;
+}
+
+kj::Maybe<kj::String> Registry::addRoute(IssuedTunnel& tunnel, kj::StringPtr hostname) {
+  if (hostname.size() == 0 || hostname.size() > 253) {
+    return kj::str("hostname must be 1 to 253 characters");
+  }
+  for (char c: hostname) {
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '-' || c == '.';
+    if (!ok) return kj::str("hostname may hold only letters, digits, '-' and '.'");
+  }
+  KJ_IF_MAYBE(other, findByHostname(hostname)) {
+    if (other == &tunnel) return nullptr;
+    return kj::str("hostname is routed to another tunnel");
+  }
+  if (tunnel.routes.size() >= 1000) return kj::str("too many routes for this tunnel");
+  tunnel.routes.add(toLower(hostname));
+  return nullptr;
+}
+
 kj::Maybe<IssuedTunnel&> Registry::findByHostname(kj::StringPtr host) {
   for (auto& tunnel: tunnelList) {
     if (equalsIgnoreCase(tunnel->hostname, host)) return *tunnel;
+    for (auto& route: tunnel->routes) {
+      if (equalsIgnoreCase(route, host)) return *tunnel;
+    }
   }
+  return nullptr;
+}
+
+kj::Maybe<IssuedTunnel&> Registry::findByIdText(kj::StringPtr id) {
+  KJ_IF_MAYBE(bytes, parseUuid(id)) return findById(*bytes);
   return nullptr;
 }
 
@@ -102,9 +137,13 @@ kj::OneOf<ConnectionRecord*, RegistrationError> Registry::registerConnection(
     return RegistrationError{kj::str("Unauthorized: tunnel credentials do not match"), 0, false};
   }
 
+  // A named tunnel has many connectors (replicas), each with its own connection indices: a
+  // duplicate is the same connector registering an index it already holds. A quick tunnel has one
+  // connector: any second registration of an index is a duplicate.
+  auto clientId = describeClientId(request.clientId);
   for (auto& record: records) {
     if (&record->tunnel == tunnel && record->connIndex == request.connIndex &&
-        record->state == ConnectionState::REGISTERED) {
+        (!tunnel->named || record->clientId == clientId) && record->state == ConnectionState::REGISTERED) {
       if (!request.replaceExisting) {
         return RegistrationError{kj::str("EDUPCONN"), 0, true};
       }
@@ -117,10 +156,10 @@ kj::OneOf<ConnectionRecord*, RegistrationError> Registry::registerConnection(
 
   auto record = kj::heap<ConnectionRecord>(ConnectionRecord{
     nextConnectionId++, *tunnel, request.connIndex, randomUuidBytes(),
-    describeClientId(request.clientId), kj::heapString(request.version),
+    kj::mv(clientId), kj::heapString(request.version),
     kj::heapString(request.arch), KJ_MAP(f, request.features) { return kj::heapString(f); },
     request.numPreviousAttempts, connection.remoteAddress(), nullptr,
-    ConnectionState::REGISTERED, connection, 0, connection.protocol()});
+    ConnectionState::REGISTERED, connection, 0, 0, connection.protocol()});
   auto result = record.get();
   records.add(kj::mv(record));
   if (tunnel->firstRegistered == nullptr) {
@@ -132,6 +171,7 @@ kj::OneOf<ConnectionRecord*, RegistrationError> Registry::registerConnection(
   }
   pruneClosed();
   KJ_IF_MAYBE(observer, registrationObserver) (*observer)(*result);
+  KJ_IF_MAYBE(callback, registeredCallback) (*callback)(*result);
   return result;
 }
 

@@ -75,6 +75,11 @@ struct IssuedTunnel {
   kj::uint roundRobin = 0;
   kj::Maybe<kj::TimePoint> firstRegistered;  // when its first connection registered (with a
                                              // clock set, Registry::setClock())
+  bool named = false;               // made by POST /named-tunnels (not the quick-tunnel API)
+  bool remotelyManaged = false;     // registrations answer tunnelIsRemotelyManaged
+  kj::Vector<kj::String> routes;    // extra public hostnames (POST /named-tunnels/ID/routes)
+  kj::Maybe<kj::String> remoteConfig;  // the last pushed config (JSON), for connectors that join
+  int32_t remoteVersion = 0;           // ... and its version
 };
 
 enum class ConnectionState { REGISTERED, UNREGISTERED, CLOSED };
@@ -115,6 +120,7 @@ struct ConnectionRecord {
   ConnectionState state = ConnectionState::REGISTERED;
   kj::Maybe<ClientConnection&> connection;   // null once closed
   uint64_t requests = 0;
+  uint64_t failed = 0;                       // of those, answered 502 by the front door
   kj::StringPtr protocol = "quic";           // ClientConnection::protocol(), a literal
 };
 
@@ -129,9 +135,18 @@ public:
   void setNextHostname(kj::String hostname) { nextHostname = kj::mv(hostname); }
   // Fault injection (admin API): the next issued tunnel gets exactly this hostname, whatever its
   // bytes (a client must refuse one that is not a DNS name).
+  IssuedTunnel& issueNamedTunnel(kj::StringPtr name, bool remotelyManaged);
+  // A named tunnel: like issueTunnel(), its hostname is "<id>.<zone>"; more hostnames come from
+  // addRoute(). Many connectors (client IDs) may register, each with its own connIndex set.
+
+  kj::Maybe<kj::String> addRoute(IssuedTunnel& tunnel, kj::StringPtr hostname);
+  // Routes a public hostname to the tunnel; returns the error text (taken, invalid) or null.
 
   kj::Maybe<IssuedTunnel&> findByHostname(kj::StringPtr host);
-  // Case-insensitive; `host` must already be stripped of any port.
+  // Case-insensitive, over tunnel hostnames and routes; `host` must already be stripped of any
+  // port.
+
+  kj::Maybe<IssuedTunnel&> findByIdText(kj::StringPtr id);
 
   kj::OneOf<ConnectionRecord*, RegistrationError> registerConnection(
       ClientConnection& connection, const RegistrationRequest& request);
@@ -158,6 +173,10 @@ public:
   bool registeredFor(const IssuedTunnel& tunnel, kj::Duration delay) const;
   // True once `delay` has passed since the tunnel's first registration (false before any; with
   // no clock set, true once it registered).
+  void onRegistered(kj::Function<void(ConnectionRecord&)> callback) {
+    registeredCallback = kj::mv(callback);
+  }
+  // Called after every successful registration, before the answer goes back.
 
   void rejectNextRegistrations(RegistrationError error, kj::uint count = 1);
   // The next `count` registerConnection calls get `error` regardless of their credentials.
@@ -182,6 +201,7 @@ private:
   kj::Vector<kj::Own<ConnectionRecord>> records;
   kj::uint nextConnectionId = 1;
   kj::Maybe<RegistrationError> injectedError;
+  kj::Maybe<kj::Function<void(ConnectionRecord&)>> registeredCallback;
   kj::uint injectedCount = 0;
   kj::Maybe<const kj::MonotonicClock&> clock;
   kj::Maybe<kj::Function<void(ConnectionRecord&)>> registrationObserver;

@@ -144,6 +144,8 @@ kj::String metricsBody(const TunnelStatus& status) {
   e.single("cloudflared_config_local_config_pushes_errors", "counter",
            "Number of errors occurred during local configuration pushes",
            status.localConfigPushErrors());
+  e.single("cloudflared_orchestration_config_version", "gauge",
+           "Configuration Version", status.configVersion());
   e.single("cloudflared_tunnel_concurrent_requests_per_tunnel", "gauge",
            "Concurrent requests proxied through each tunnel", status.concurrentRequests());
   // cloudflared counts the connection indices inside EdgeTunnelServer.Serve (dialling or

@@ -79,6 +79,11 @@ public:
   // updateLocalConfiguration sent on connection 0; like cloudflared, a failed push counts in
   // both series.
 
+  int64_t configVersion() const { return orchestrationVersion; }
+  void setConfigVersion(int64_t version) { orchestrationVersion = version; }
+  // The configuration version serving (cloudflared_orchestration_config_version): -1 for the
+  // local configuration, then the last remote version applied.
+
   struct Location {
     kj::uint connIndex;
     kj::String location;
@@ -156,6 +161,7 @@ private:
   uint64_t byCode[MAX_STATUS_CODE - MIN_STATUS_CODE + 1] = {};
   uint64_t registerDuplicate = 0;
   uint64_t configPushes = 0;
+  int64_t orchestrationVersion = -1;
   uint64_t configPushErrors = 0;
   kj::Vector<Location> locations;
   kj::Vector<Protocol> protocols;

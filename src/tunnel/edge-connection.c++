@@ -471,7 +471,13 @@ private:
       ctx.logger.debug("Edge abandoned the request; origin exchange cancelled",
                        fields().add("stream", s.id()));
     });
-    return ctx.origin.serve(s.io(), kj::mv(request.head), s.sink())
+    kj::Promise<void> served = nullptr;
+    KJ_IF_MAYBE(router, ctx.router) {
+      served = router->serve(s.io(), kj::mv(request.head), s.sink());
+    } else {
+      served = ctx.origin.serve(s.io(), kj::mv(request.head), s.sink());
+    }
+    return served
         .then([this, &done]() {
                 if (!done) ctx.status.requestFinished();
                 done = true;

@@ -9,6 +9,7 @@
 #include "tunnel/supervisor.h"
 #include "tunnel/transport.h"
 
+#include "named/ingress.h"
 #include "observe/log.h"
 #include "observe/status.h"
 #include "origin/origin.h"
@@ -87,6 +88,8 @@ struct EdgeContext {
   const EdgeIdentity& identity;
   const EdgeConnectionConfig& config;
   kj::Maybe<TransportDialer&> dialer = nullptr;
+  kj::Maybe<named::Router&> router = nullptr;
+  // Named tunnels: requests go through the ingress rules (instead of `origin`).
 };
 
 class EdgeConnectionFactory final: public SessionFactory {

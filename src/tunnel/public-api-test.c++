@@ -555,5 +555,113 @@ KJ_TEST("public C++ and C APIs: waitUntilServing names the stage that did not su
 }
 
 
+std::string httpPost(const std::string& address, const std::string& path,
+                     const std::string& body) {
+  // A small admin API client: the response body (Connection: close, read to EOF).
+  auto colon = address.rfind(':');
+  struct sockaddr_in sa = {};
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons(atoi(address.substr(colon + 1).c_str()));
+  inet_pton(AF_INET, address.substr(0, colon).c_str(), &sa.sin_addr);
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  KJ_ASSERT(connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) == 0);
+  std::string request = "POST " + path + " HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n"
+                        "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
+  KJ_ASSERT(write(fd, request.data(), request.size()) == ssize_t(request.size()));
+  std::string response;
+  char buf[4096];
+  struct pollfd p = {fd, POLLIN, 0};
+  while (poll(&p, 1, 20000) == 1) {
+    ssize_t n = read(fd, buf, sizeof(buf));
+    if (n <= 0) break;
+    response.append(buf, n);
+  }
+  close(fd);
+  auto end = response.find("\r\n\r\n");
+  KJ_ASSERT(end != std::string::npos && response.compare(9, 3, "200") == 0, response);
+  return response.substr(end + 4);
+}
+
+std::string jsonField(const std::string& json, const std::string& key) {
+  auto at = json.find("\"" + key + "\":\"");
+  KJ_ASSERT(at != std::string::npos, key, json);
+  at += key.size() + 4;
+  return json.substr(at, json.find('"', at) - at);
+}
+
+KJ_TEST("public C++ and C APIs: a named tunnel by token or credentials, ingress rules in code") {
+  EdgeProcess edge;
+  auto created = httpPost(edge.field("admin"), "/named-tunnels", "{\"name\":\"lib\"}");
+  auto id = jsonField(created, "id");
+  auto token = jsonField(created, "token");
+  httpPost(edge.field("admin"), "/named-tunnels/" + id + "/routes",
+           "{\"hostname\":\"lib.named.localhost\"}");
+
+  cfqt::TunnelOptions o;
+  o.token = token;
+  o.ingress = {{"lib.named.localhost", "^/teapot", "http_status:418"},
+               {"lib.named.localhost", "", "hello_world"},
+               {"", "", "http_status:404"}};
+  o.edges = edge.edges();
+  o.edgeCaFile = edge.field("ca");
+  o.backoffBase = std::chrono::milliseconds(20);
+  o.gracePeriod = std::chrono::milliseconds(2000);
+  o.logLevel = "error";
+  {
+    auto tunnel = cfqt::Tunnel::start(o);
+    KJ_ASSERT(tunnel->waitUntilReady(std::chrono::seconds(20)));
+    auto front = edge.field("public");
+    KJ_EXPECT(httpStatus(front, "lib.named.localhost", "/teapot/x") == 418);
+    KJ_EXPECT(httpStatus(front, "lib.named.localhost", "/_health") == 200);
+    KJ_EXPECT(httpStatus(front, id + ".trycloudflare.localhost", "/") == 404);
+    KJ_EXPECT(tunnel->waitForUrl(std::chrono::milliseconds(1)).empty());
+    KJ_EXPECT(tunnel->stop() == 0);
+  }
+
+  // The C API with the credentials file's JSON.
+  auto credentialsAt = created.find("\"credentials\":");
+  KJ_ASSERT(credentialsAt != std::string::npos);
+  auto credentials = created.substr(credentialsAt + 14, created.find('}', credentialsAt) -
+                                                        credentialsAt - 13);
+  auto edges = edge.edges();
+  std::vector<const char*> edgePtrs;
+  for (auto& e: edges) edgePtrs.push_back(e.c_str());
+  auto ca = edge.field("ca");
+  cfqt_ingress_rule rules[] = {{"lib.named.localhost", nullptr, "http_status:418"},
+                               {nullptr, nullptr, "http_status:404"}};
+  cfqt_options c;
+  cfqt_options_init(&c);
+  c.credentials_json = credentials.c_str();
+  c.ingress = rules;
+  c.ingress_count = 2;
+  c.edges = edgePtrs.data();
+  c.edge_count = edgePtrs.size();
+  c.edge_ca_file = ca.c_str();
+  c.backoff_base_ms = 20;
+  c.grace_period_ms = 2000;
+  c.log_level = "error";
+  char error[256] = "";
+  auto t = cfqt_tunnel_start(&c, error, sizeof error);
+  KJ_ASSERT(t != nullptr, error);
+  KJ_EXPECT(cfqt_tunnel_wait_ready(t, 20000) == 1);
+  KJ_EXPECT(httpStatus(edge.field("public"), "lib.named.localhost", "/") == 418);
+  KJ_EXPECT(cfqt_tunnel_stop(t) == 0);
+  cfqt_tunnel_free(t);
+
+  // Bad credentials and rules fail at start, with the reason and never the secret.
+  rules[1].service = "localhost:8080";
+  KJ_EXPECT(cfqt_tunnel_start(&c, error, sizeof error) == nullptr);
+  KJ_EXPECT(strstr(error, "please make sure it has a scheme") != nullptr, error);
+  cfqt::TunnelOptions bad;
+  bad.token = token.substr(0, token.size() / 2);
+  try {
+    cfqt::Tunnel::start(bad);
+    KJ_FAIL_EXPECT("a truncated token was accepted");
+  } catch (const cfqt::TunnelError& e) {
+    KJ_EXPECT(strstr(e.what(), "Provided Tunnel token is not valid") != nullptr, e.what());
+  }
+}
+
+
 }  // namespace
 }  // namespace cfqt::tunnel

@@ -8,6 +8,9 @@
 #include "tunnel/runner.h"
 
 #include "edge/discovery.h"
+#include "named/config.h"
+#include "named/credentials.h"
+#include "named/ingress.h"
 #include "observe/log.h"
 #include "observe/metrics-server.h"
 #include "origin/in-process.h"
@@ -532,8 +535,39 @@ std::unique_ptr<Tunnel> Tunnel::start(const TunnelOptions& o) {
   } else if (!o.unixSocket.empty()) {
     r.origin = origin::unixSocketOrigin(toKj(o.unixSocket));
     r.service = kj::str("unix:", toKj(o.unixSocket));
+  } else if (!o.token.empty() || !o.credentialsJson.empty() || !o.credentialsFile.empty()) {
+    // A named tunnel without a single origin: its ingress rules, or 503 until a remote one.
+    r.origin = origin::httpStatusOrigin(503);
+    r.service = kj::str("http_status:503");
   } else {
     throw TunnelError("cfqt: nothing to expose: set url, helloWorld, unixSocket or handler");
+  }
+  if (!o.token.empty() || !o.credentialsJson.empty() || !o.credentialsFile.empty()) {
+    auto credentials = !o.token.empty() ? named::parseToken(toKj(o.token))
+        : !o.credentialsJson.empty()
+            ? named::parseCredentialsJson(toKj(o.credentialsJson), "credentialsJson")
+            : named::readCredentialsFile(toKj(o.credentialsFile));
+    KJ_SWITCH_ONEOF(credentials) {
+      KJ_CASE_ONEOF(error, kj::String) throw TunnelError("cfqt: " + toStd(error));
+      KJ_CASE_ONEOF(c, named::TunnelCredentials) r.namedTunnel = kj::mv(c);
+    }
+    if (!o.ingress.empty()) {
+      auto config = kj::heap<named::TunnelConfig>();
+      config->source = kj::str("TunnelOptions::ingress");
+      for (auto& rule: o.ingress) {
+        named::IngressRuleConfig c;
+        c.hostname = toKj(rule.hostname);
+        c.path = toKj(rule.path);
+        c.service = toKj(rule.service);
+        config->ingress.add(kj::mv(c));
+      }
+      KJ_IF_MAYBE(error, named::validateIngress(config->ingress)) {
+        throw TunnelError("cfqt: invalid ingress rules: " + toStd(*error));
+      }
+      r.ingressConfig = kj::mv(config);
+    }
+  } else if (!o.ingress.empty()) {
+    throw TunnelError("cfqt: ingress rules are for named tunnels: set token or credentials");
   }
   if (!o.httpHostHeader.empty()) r.origin.httpHostHeader = toKj(o.httpHostHeader);
   if (o.haConnections < 1 || o.haConnections > 4) {
@@ -650,6 +684,8 @@ void copyOut(const std::string& text, char* out, size_t size) {
 
 extern "C" {
 
+size_t cfqt_options_size(void) { return sizeof(cfqt_options); }
+
 void cfqt_options_init(cfqt_options* options) {
   memset(options, 0, sizeof(*options));
   options->ha_connections = 2;
@@ -710,6 +746,15 @@ cfqt_tunnel* cfqt_tunnel_start(const cfqt_options* options, char* error, size_t 
       };
       if (options->handler_threads > 0) o.handlerThreads = options->handler_threads;
       if (options->handler_threads < 0) o.handlerThreads = 0;   // inline
+    }
+    if (options->token != nullptr) o.token = options->token;
+    if (options->credentials_json != nullptr) o.credentialsJson = options->credentials_json;
+    if (options->credentials_file != nullptr) o.credentialsFile = options->credentials_file;
+    for (size_t i = 0; i < options->ingress_count; i++) {
+      auto& rule = options->ingress[i];
+      o.ingress.push_back({rule.hostname != nullptr ? rule.hostname : "",
+                           rule.path != nullptr ? rule.path : "",
+                           rule.service != nullptr ? rule.service : ""});
     }
     auto handle = std::make_unique<cfqt_tunnel>();
     handle->tunnel = cfqt::Tunnel::start(o);

@@ -211,8 +211,8 @@ kj::Promise<void> ReadyProbe::run(kj::StringPtr hostnameParam, kj::StringPtr tok
   for (auto& r: resolvers) names.add(kj::str(r.address.toString(), '#', r.tlsName));
   logger.info("Waiting until the URL serves: asking public resolvers directly (never the system "
               "resolver), then the edge",
-              kj::str("hostname=", hostname, " resolvers=", kj::strArray(names, ","),
-                      " port=", config.port));
+              observe::Fields().add("hostname", hostname)
+                  .add("resolvers", kj::strArray(names, ",")).add("port", config.port));
   auto deadline = timer.afterDelay(config.timeout).then([this]() -> kj::Promise<void> {
     return timedOut();
   });
@@ -249,7 +249,7 @@ kj::Promise<void> ReadyProbe::dnsAnswered(kj::Array<kj::String> addresses, kj::D
     currentStage = ReadyStage::ROUTING;
     lastAnswer = kj::str("no answer yet");
     logger.info(kj::str("DNS for ", hostname, " visible after ", elapsed(started)),
-                kj::str("addresses=", kj::strArray(addresses, ",")));
+                observe::Fields().add("addresses", kj::strArray(addresses, ",")));
     return pollRoute(kj::mv(addresses), config.initialBackoff);
   }
   return timer.afterDelay(delay).then([this, delay]() { return pollDns(nextDelay(delay)); });
@@ -285,7 +285,7 @@ kj::Array<kj::String> ReadyProbe::addresses(edge::AddressAnswer v4, edge::Addres
   if (all.empty()) {
     lastAnswer = kj::str(v4.error.size() > 0 ? v4.error : v6.error);
     logger.debug("DNS not visible yet",
-                 kj::str("hostname=", hostname, " answer=\"", lastAnswer, "\""));
+                 observe::Fields().add("hostname", hostname).add("answer", lastAnswer.asPtr()));
   }
   return all.releaseAsArray();
 }
@@ -308,7 +308,7 @@ kj::Promise<void> ReadyProbe::routeAnswered(bool served, kj::Array<kj::String> a
   if (served) {
     currentStage = ReadyStage::SERVING;
     logger.info(kj::str("edge routes ", hostname, " to this tunnel after ", elapsed(dnsVisibleAt)),
-                kj::str("total=\"", elapsed(started), "\""));
+                observe::Fields().add("total", elapsed(started)));
     return kj::READY_NOW;
   }
   return timer.afterDelay(delay).then(

@@ -52,6 +52,12 @@ kj::String jsonString(kj::StringPtr text) {
 }  // namespace
 
 kj::String localConfigurationJson(kj::StringPtr service, kj::ArrayPtr<const ConfigFlag> flags) {
+  return localConfigurationJsonWithIngress(
+      kj::str("[{\"service\":", jsonString(service), ",\"originRequest\":{}}]"), flags);
+}
+
+kj::String localConfigurationJsonWithIngress(kj::StringPtr ingressArray,
+                                             kj::ArrayPtr<const ConfigFlag> flags) {
   // Keys sorted, as Go's encoding/json writes maps.
   kj::Vector<const ConfigFlag*> sorted;
   for (auto& f: flags) sorted.add(&f);
@@ -60,8 +66,7 @@ kj::String localConfigurationJson(kj::StringPtr service, kj::ArrayPtr<const Conf
   kj::Vector<kj::String> entries;
   for (auto f: sorted) entries.add(kj::str(jsonString(f->name), ':', jsonString(f->value)));
   return kj::str("{\"__configuration_flags\":{", kj::strArray(entries, ","), "},"
-                 "\"ingress\":[{\"service\":", jsonString(service), ",\"originRequest\":{}}],"
-                 "\"warp-routing\":{}}");
+                 "\"ingress\":", ingressArray, ",\"warp-routing\":{}}");
 }
 
 kj::String connectorArch() {
@@ -112,7 +117,11 @@ kj::String bannerText(kj::StringPtr url) {
 Runner::Runner(kj::AsyncIoContext& io, const observe::Logger& logger, RunnerOptions optionsParam,
                RunnerCallbacks& callbacks)
     : io(io), logger(logger), options(kj::mv(optionsParam)), callbacks(callbacks),
-      configHandler(logger), remoteConfig(configHandler), jitter(randomJitter()),
+      configHandler(logger),
+      remoteConfig(options.namedTunnel != nullptr
+                   ? static_cast<wire::ConfigurationHandler&>(ingressHandler)
+                   : static_cast<wire::ConfigurationHandler&>(configHandler)),
+      jitter(randomJitter()),
       stopSignal(nullptr) {
   auto paf = kj::newPromiseAndFulfiller<void>();
   stopFulfiller = kj::mv(paf.fulfiller);
@@ -203,6 +212,42 @@ void Runner::servingFailed(kj::Exception&& e) {
   }
 }
 
+kj::Maybe<kj::String> Runner::IngressConfigHandler::applyConfiguration(
+    int32_t version, kj::ArrayPtr<const kj::byte> json) {
+  // cloudflared's orchestrator: parse, build every origin, then switch; on any error the current
+  // rules keep serving and the edge gets the error.
+  auto& r = runner;
+  auto text = kj::heapString(json.asChars());
+  auto parsed = named::parseConfig(text, "remote configuration");
+  kj::Maybe<kj::String> error;
+  KJ_SWITCH_ONEOF(parsed) {
+    KJ_CASE_ONEOF(e, kj::String) error = kj::mv(e);
+    KJ_CASE_ONEOF(config, named::TunnelConfig) {
+      auto built = named::Ingress::build(config.ingress, config.originRequest,
+                                         KJ_ASSERT_NONNULL(r.baseOrigin));
+      KJ_SWITCH_ONEOF(built) {
+        KJ_CASE_ONEOF(e, kj::String) error = kj::mv(e);
+        KJ_CASE_ONEOF(ingress, kj::Own<named::Ingress>) {
+          KJ_IF_MAYBE(router, r.router) {
+            error = (*router)->apply(kj::mv(ingress));
+          } else {
+            error = kj::str("no ingress router");
+          }
+        }
+      }
+    }
+  }
+  KJ_IF_MAYBE(e, error) {
+    r.logger.error("Failed to update ingress; the current configuration keeps serving",
+                   observe::Fields().add("version", version).add("error", e->asPtr()));
+    return kj::str(*e);
+  }
+  r.tunnelStatus.setConfigVersion(version);
+  r.logger.info("Updated to new configuration",
+                observe::Fields().add("version", version).add("bytes", json.size()));
+  return nullptr;
+}
+
 int Runner::startFailed(kj::StringPtr what, kj::Exception&& e) {
   logger.error(kj::str("Couldn't start tunnel: ", what), observe::Fields().error(e));
   return 1;
@@ -210,6 +255,35 @@ int Runner::startFailed(kj::StringPtr what, kj::Exception&& e) {
 
 kj::Promise<int> Runner::start() {
   auto& timer = io.provider->getTimer();
+  if (options.namedTunnel != nullptr) {
+    // Named tunnels route through ingress rules (from --config, or one catch-all rule).
+    auto r = kj::heap<named::Router>(timer, io.provider->getNetwork(), headerTable,
+                                     originObserver);
+    kj::Own<named::Ingress> ingress;
+    KJ_IF_MAYBE(config, options.ingressConfig) {
+      auto built = named::Ingress::build((*config)->ingress, (*config)->originRequest,
+                                         options.origin);
+      KJ_SWITCH_ONEOF(built) {
+        KJ_CASE_ONEOF(error, kj::String) {
+          logger.error(kj::str("Couldn't start tunnel: invalid ingress rules in ",
+                               (*config)->source, ": ", error));
+          return 1;
+        }
+        KJ_CASE_ONEOF(i, kj::Own<named::Ingress>) ingress = kj::mv(i);
+      }
+    } else {
+      ingress = named::Ingress::single(named::cloneOriginConfig(options.origin), options.service);
+    }
+    auto ingressJson = ingress->localConfigJson();
+    KJ_IF_MAYBE(error, r->apply(kj::mv(ingress))) {
+      logger.error(kj::str("Couldn't start tunnel: invalid origin: ", *error));
+      return 1;
+    }
+    options.edge.localConfigJson = localConfigurationJsonWithIngress(ingressJson,
+                                                                     options.configurationFlags);
+    baseOrigin = named::cloneOriginConfig(options.origin);
+    router = kj::mv(r);
+  }
   auto created = origin::Origin::create(kj::mv(options.origin), timer,
                                         io.provider->getNetwork(), headerTable);
   KJ_SWITCH_ONEOF(created) {
@@ -221,6 +295,11 @@ kj::Promise<int> Runner::start() {
       service->setObserver(originObserver);
       originService = kj::mv(service);
     }
+  }
+  KJ_IF_MAYBE(c, options.namedTunnel) {
+    auto credentials = kj::mv(*c);
+    options.namedTunnel = nullptr;
+    return namedTunnelStart(kj::mv(credentials));
   }
   logger.info(DISCLAIMER);
   logger.info("Requesting new quick Tunnel on trycloudflare.com...");
@@ -243,7 +322,7 @@ kj::Promise<int> Runner::tunnelIssued(edge::QuickTunnel tunnel) {
   hostnameText = kj::str(tunnel.hostname);
   if (options.waitReady) {
     logger.info("Quick tunnel issued; its URL is printed once it serves (--wait-ready)",
-                kj::str("hostname=", tunnel.hostname));
+                observe::Fields().add("hostname", tunnel.hostname));
   } else {
     announce();
   }
@@ -251,6 +330,22 @@ kj::Promise<int> Runner::tunnelIssued(edge::QuickTunnel tunnel) {
   tunnelStatus.userHostname(tunnel.hostname.startsWith("https://")
                             ? kj::str(tunnel.hostname) : kj::str("https://", tunnel.hostname));
 
+  logger.debug("Quick tunnel issued", observe::Fields().add("tunnelID", tunnel.id)
+      .add("accountTag", tunnel.accountTag).add("hostname", tunnel.hostname));
+  return identityReady(kj::mv(tunnel.accountTag), kj::mv(tunnel.secret),
+                       kj::mv(tunnel.tunnelId));
+}
+
+kj::Promise<int> Runner::namedTunnelStart(named::TunnelCredentials credentials) {
+  // cloudflared `tunnel run`: the tunnel exists already; its hostnames are routed to it at the
+  // edge (DNS or the dashboard), so there is no URL to show.
+  logger.info("Starting tunnel", observe::Fields().add("tunnelID", credentials.tunnelIdText()));
+  return identityReady(kj::mv(credentials.accountTag), kj::mv(credentials.tunnelSecret),
+                       kj::mv(credentials.tunnelId));
+}
+
+kj::Promise<int> Runner::identityReady(kj::String accountTag, kj::Array<kj::byte> secret,
+                                       kj::Array<kj::byte> tunnelId) {
   auto connectorId = newConnectorId();
   auto connectorText = edge::formatUuid(connectorId);
   tunnelStatus.setConnectorId(connectorText);
@@ -260,12 +355,10 @@ kj::Promise<int> Runner::tunnelIssued(edge::QuickTunnel tunnel) {
                              kj::str("unknown"), kj::str(options.clientVersion)});
   logger.info(kj::str("Version ", options.clientVersion, " (cfqt ", edge::cfqtVersion(), ")"));
   logger.info(kj::str("Generated Connector ID: ", connectorText));
-  logger.debug("Quick tunnel issued", observe::Fields().add("tunnelID", tunnel.id)
-      .add("accountTag", tunnel.accountTag).add("hostname", tunnel.hostname));
   EdgeIdentity id;
-  id.accountTag = kj::mv(tunnel.accountTag);
-  id.tunnelSecret = kj::mv(tunnel.secret);
-  id.tunnelId = kj::mv(tunnel.tunnelId);
+  id.accountTag = kj::mv(accountTag);
+  id.tunnelSecret = kj::mv(secret);
+  id.tunnelId = kj::mv(tunnelId);
   id.connectorId = kj::mv(connectorId);
   id.version = kj::str(options.clientVersion);
   id.arch = connectorArch();
@@ -345,8 +438,10 @@ kj::Promise<int> Runner::edgesDiscovered(edge::EdgeAddresses addresses) {
     logger.warn(kj::str("You requested ", options.haConnections,
                         " HA connections but I can give you at most ", n, "."));
   }
-  options.edge.localConfigJson = localConfigurationJson(options.service,
-                                                        options.configurationFlags);
+  if (router == nullptr) {
+    options.edge.localConfigJson = localConfigurationJson(options.service,
+                                                          options.configurationFlags);
+  }
   auto& timer = io.provider->getTimer();
   kj::Own<EdgeDialer> d;
   KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
@@ -357,7 +452,8 @@ kj::Promise<int> Runner::edgesDiscovered(edge::EdgeAddresses addresses) {
   }
   auto f = kj::heap<EdgeConnectionFactory>(EdgeContext{
       timer, io.unixEventPort, *KJ_ASSERT_NONNULL(originService), logger, tunnelStatus,
-      remoteConfig, KJ_ASSERT_NONNULL(identity), options.edge, *d});
+      remoteConfig, KJ_ASSERT_NONNULL(identity), options.edge, *d,
+      router.map([](kj::Own<named::Router>& r) -> named::Router& { return *r; })});
   dialer = kj::mv(d);
   SupervisorConfig config;
   config.haConnections = n;

@@ -10,6 +10,9 @@
 
 #include "edge/discovery.h"
 #include "edge/quick-tunnel-api.h"
+#include "named/config.h"
+#include "named/credentials.h"
+#include "named/ingress.h"
 #include "observe/log.h"
 #include "observe/metrics-server.h"
 #include "observe/status.h"
@@ -48,6 +51,12 @@ struct RunnerOptions {
   // How often to check whether requests were served and none is in flight; then free heap
   // memory is returned to the system (malloc_trim), so RSS comes back down after a load.
   // 0 = never.
+  kj::Maybe<named::TunnelCredentials> namedTunnel;
+  // A named tunnel (--token, --credentials-file/-contents): registered with these credentials,
+  // no quick-tunnel request, no banner. Null: a quick tunnel from `api`.
+  kj::Maybe<kj::Own<named::TunnelConfig>> ingressConfig;
+  // Named tunnels: the config file's ingress rules and originRequest defaults (`origin` is then
+  // the base their originRequest keys override). Null: one catch-all rule to `origin`/`service`.
   kj::Maybe<kj::Function<kj::String(kj::StringPtr hostname)>> publicUrl;
   // The URL shown for a hostname; default "https://<hostname>" (--local: the front door).
   ReadyProbeConfig ready;                // how the URL's readiness is probed (issue 16)
@@ -113,10 +122,22 @@ private:
   };
   StatusOriginObserver originObserver{tunnelStatus};
   AcknowledgingConfigHandler configHandler;
+  class IngressConfigHandler final: public wire::ConfigurationHandler {
+    // Remote configuration of a named tunnel: parsed and applied to the router at once.
+  public:
+    explicit IngressConfigHandler(Runner& runner): runner(runner) {}
+    kj::Maybe<kj::String> applyConfiguration(int32_t version,
+                                             kj::ArrayPtr<const kj::byte> json) override;
+  private:
+    Runner& runner;
+  };
+  IngressConfigHandler ingressHandler{*this};
   wire::RemoteConfigState remoteConfig;
   JitterSource jitter;
   kj::String publicUrlText;
   kj::Maybe<kj::Own<origin::Origin>> originService;
+  kj::Maybe<kj::Own<named::Router>> router;     // named tunnels
+  kj::Maybe<origin::OriginConfig> baseOrigin;   // named tunnels: what remote rules build on
   kj::Maybe<EdgeIdentity> identity;
   kj::Maybe<kj::Own<observe::MetricsServer>> metricsServer;
   kj::Maybe<kj::Own<edge::AddressPool>> pool;
@@ -133,6 +154,9 @@ private:
 
   kj::Promise<int> start();
   kj::Promise<int> tunnelIssued(edge::QuickTunnel tunnel);
+  kj::Promise<int> namedTunnelStart(named::TunnelCredentials credentials);
+  kj::Promise<int> identityReady(kj::String accountTag, kj::Array<kj::byte> secret,
+                                 kj::Array<kj::byte> tunnelId);
   kj::Promise<int> metricsBound(kj::Maybe<kj::Own<kj::ConnectionReceiver>> receiver);
   kj::Promise<int> edgesDiscovered(edge::EdgeAddresses addresses);
   int supervisorDone();
@@ -154,6 +178,9 @@ private:
 };
 
 kj::String localConfigurationJson(kj::StringPtr service, kj::ArrayPtr<const ConfigFlag> flags);
+kj::String localConfigurationJsonWithIngress(kj::StringPtr ingressArray,
+                                             kj::ArrayPtr<const ConfigFlag> flags);
+// The same with the "ingress" array given as JSON text (named tunnels).
 // {"__configuration_flags":{...},"ingress":[{"service":"...","originRequest":{}}],"warp-routing":{}}
 
 kj::String connectorArch();

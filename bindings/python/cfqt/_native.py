@@ -53,6 +53,12 @@ class Options(ctypes.Structure):
         ("handler", HANDLER),
         ("handler_data", ctypes.c_void_p),
         ("handler_threads", ctypes.c_int),
+        # Named tunnels (not exposed by this package yet; the layout must still match).
+        ("token", ctypes.c_char_p),
+        ("credentials_json", ctypes.c_char_p),
+        ("credentials_file", ctypes.c_char_p),
+        ("ingress", ctypes.c_void_p),
+        ("ingress_count", ctypes.c_size_t),
     ]
 
 
@@ -75,6 +81,7 @@ def _load() -> ctypes.CDLL:
     p = c.c_void_p
     sigs = {
         "cfqt_options_init": (None, [c.POINTER(Options)]),
+        "cfqt_options_size": (c.c_size_t, []),
         "cfqt_tunnel_start": (p, [c.POINTER(Options), c.c_char_p, c.c_size_t]),
         "cfqt_tunnel_wait_url": (c.c_int, [p, c.c_int, c.c_char_p, c.c_size_t]),
         "cfqt_tunnel_wait_ready": (c.c_int, [p, c.c_int]),
@@ -108,6 +115,10 @@ def _load() -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.restype = restype
         fn.argtypes = argtypes
+    if lib.cfqt_options_size() != ctypes.sizeof(Options):
+        raise ImportError(
+            f"cfqt: {path} has a struct cfqt_options of {lib.cfqt_options_size()} bytes, this "
+            f"package expects {ctypes.sizeof(Options)}: the package and libcfqt do not match")
     return lib
 
 
