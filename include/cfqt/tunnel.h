@@ -59,6 +59,15 @@ struct TunnelOptions {
   std::string clientVersion = "2026.8.2";
   std::string protocol = "auto";      // "auto" (QUIC, HTTP/2 for an edge address whose UDP gets
                                       // no answer), "quic" or "http2" (TLS over TCP)
+  // protocol "auto" (as the CLI's --fallback-after, --quic-retry-interval,
+  // --quic-failure-limit, --quic-failure-window): HTTP/2 when QUIC has no handshake within
+  // fallbackAfter, when this host refuses UDP, or when QUIC connections to an address end
+  // quicFailureLimit times within quicFailureWindow (0 = never); QUIC is tried again after
+  // quicRetryInterval.
+  std::chrono::milliseconds fallbackAfter{2000};
+  std::chrono::milliseconds quicRetryInterval{300000};
+  int quicFailureLimit = 3;
+  std::chrono::milliseconds quicFailureWindow{60000};
 
   int haConnections = 2;              // 1..4
   std::chrono::milliseconds gracePeriod{30000};
@@ -81,6 +90,7 @@ struct TunnelOptions {
   // cfqt's sake. It must return quickly (it holds up the tunnel), must not throw (exceptions
   // are dropped), and must not call this Tunnel's methods (they wait on the tunnel's thread).
   // It may be called until stop() or the destructor returns.
+
   // Readiness (waitUntilServing(), and waitForUrl() with waitReady): the hostname is resolved by
   // public resolvers asked directly over DNS-over-TLS (never the system resolver, whose cache an
   // early NXDOMAIN would poison), then an HTTPS request must come back through the edge to this
@@ -90,12 +100,14 @@ struct TunnelOptions {
   std::vector<std::string> readyResolvers;  // ip:port[#tls-name]; empty = 1.1.1.1, 1.0.0.1:853
   int readyPort = 443;                // HTTPS port of the request
   std::string readyCaFile;            // "" = system trust store (DoT and HTTPS)
+
   // In-process serving instead of an origin (url, helloWorld and unixSocket stay empty): each
   // request goes to `handler` on a handler thread; no socket is opened. See cfqt/handler.h.
   Handler handler;
   int handlerThreads = 64;            // handler calls running at once (1..4096); 0 = inline:
                                       // called on the tunnel's event-loop thread, must not block
                                       // (see cfqt/handler.h)
+
   // Named tunnel (instead of a quick tunnel): the tunnel's token (from the dashboard), or its
   // credentials file's JSON or path. The quick-tunnel API is then not used, waitForUrl() returns
   // "" (a named tunnel's hostnames are routed to it at the edge), and `haConnections` should be 4

@@ -175,6 +175,20 @@ KJ_TEST("public C++ API: invalid options throw TunnelError") {
       KJ_FAIL_ASSERT(e.what());
     }
   });
+  o.protocol = "auto";
+  o.fallbackAfter = std::chrono::milliseconds(0);
+  KJ_EXPECT_THROW_MESSAGE("fallbackAfter, quicRetryInterval and quicFailureWindow must be", {
+    try { cfqt::Tunnel::start(o); } catch (const cfqt::TunnelError& e) {
+      KJ_FAIL_ASSERT(e.what());
+    }
+  });
+  o.fallbackAfter = std::chrono::milliseconds(500);
+  o.quicFailureLimit = -1;
+  KJ_EXPECT_THROW_MESSAGE("quicFailureLimit must not be negative", {
+    try { cfqt::Tunnel::start(o); } catch (const cfqt::TunnelError& e) {
+      KJ_FAIL_ASSERT(e.what());
+    }
+  });
 }
 
 KJ_TEST("public C++ API: protocol http2 serves through cfqt-edge's HTTP/2 edge") {

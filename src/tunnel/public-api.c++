@@ -592,6 +592,16 @@ std::unique_ptr<Tunnel> Tunnel::start(const TunnelOptions& o) {
     throw TunnelError("cfqt: protocol must be quic, http2 or auto, got \"" + o.protocol + "\"");
   }
   r.configurationFlags.add(tunnel::ConfigFlag{kj::str("protocol"), toKj(o.protocol)});
+  if (o.fallbackAfter.count() <= 0 || o.quicRetryInterval.count() <= 0 ||
+      o.quicFailureWindow.count() <= 0) {
+    throw TunnelError("cfqt: fallbackAfter, quicRetryInterval and quicFailureWindow must be "
+                      "positive");
+  }
+  if (o.quicFailureLimit < 0) throw TunnelError("cfqt: quicFailureLimit must not be negative");
+  r.dialer.fallbackAfter = toDuration(o.fallbackAfter);
+  r.dialer.quicRetryInterval = toDuration(o.quicRetryInterval);
+  r.dialer.quicFailureLimit = o.quicFailureLimit;
+  r.dialer.quicFailureWindow = toDuration(o.quicFailureWindow);
   r.waitReady = o.waitReady;
   if (o.readyTimeout.count() <= 0) throw TunnelError("cfqt: readyTimeout must be positive");
   r.ready.timeout = toDuration(o.readyTimeout);
