@@ -37,8 +37,9 @@ struct FrontDoorOptions {
   // edge (which only serves HTTPS for trycloudflare) would send it.
   kj::StringPtr rayColo = "EMU";
   // Request head limits (like Cloudflare's, which answers 431/400 rather than resetting):
-  size_t maxRequestHeadBytes = 32 * 1024;
-  // Request line + header fields of one request. Above: 431, connection closed.
+  size_t maxRequestHeadBytes = 128000;
+  // Request line + header fields of one request (Cloudflare documents 128 KB; kj::HttpServer's
+  // own buffer ends at 128 KiB). Above: 431, connection closed.
   size_t maxHeaderFieldBytes = 16 * 1024;
   // One header field (name + value). Above: 431, connection closed.
   size_t maxHeaderCount = 100;
