@@ -4,7 +4,7 @@ JOBS ?= $(shell nproc)
 BUILD_TYPE ?= RelWithDebInfo
 CMAKE_FLAGS ?=
 
-.PHONY: all setup setup-test build build-asan run test test-unit test-asan bench install clean
+.PHONY: all setup setup-test build build-asan run test test-unit test-asan bench install clean fuzz
 
 all: build
 
@@ -49,5 +49,20 @@ install: build
 	@cmake --install build --prefix $(PREFIX) --strip 1>&2
 	@if [ "$$(id -u)" = 0 ] && command -v ldconfig >/dev/null; then ldconfig; fi
 
+# libFuzzer campaigns (issue 18; not part of `make test`, which replays the committed corpora):
+# clang-14 + libfuzzer-14-dev, every library with -fsanitize=fuzzer-no-link,address,undefined in
+# build-fuzz/, then scripts/fuzz runs each target FUZZ_SECONDS under nice -n 19 and merges what
+# it found into fuzz/corpus/.
+FUZZ_SECONDS ?= 60
+build-fuzz/build.ninja:
+	@cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_C_COMPILER=clang-14 \
+	    -DCMAKE_CXX_COMPILER=clang++-14 -DCFQT_FUZZ=ON -DCFQT_BUILD_TESTS=OFF $(CMAKE_FLAGS) 1>&2
+
+fuzz:
+	@CFQT_SETUP_FUZZ=1 scripts/setup
+	@$(MAKE) --no-print-directory build-fuzz/build.ninja
+	@cmake --build build-fuzz -j $(JOBS) --target fuzz-targets 1>&2
+	@scripts/fuzz --seconds $(FUZZ_SECONDS)
+
 clean:
-	rm -rf build build-asan
+	rm -rf build build-asan build-fuzz

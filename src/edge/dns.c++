@@ -34,6 +34,24 @@ kj::Exception aresException(int status, kj::String what) {
   return kj::Exception(type, __FILE__, __LINE__, kj::str(what, ": ", reason));
 }
 
+bool isHostname(kj::StringPtr name) {
+  // Letters, digits, '-' and '_' in non-empty labels of at most 63, 253 in all. c-ares hands
+  // out a label holding other bytes escaped (backslash sequences), which no edge name has.
+  if (name.size() == 0 || name.size() > 253) return false;
+  size_t label = 0;
+  for (char c: name) {
+    if (c == '.') {
+      if (label == 0) return false;
+      label = 0;
+      continue;
+    }
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '-' || c == '_';
+    if (!ok || ++label > 63) return false;
+  }
+  return label > 0;
+}
+
 kj::Maybe<kj::Array<SrvRecord>> parseSrvAnswer(const unsigned char* buf, int len,
                                                int* statusOut) {
   struct ares_srv_reply* reply = nullptr;
@@ -42,14 +60,22 @@ kj::Maybe<kj::Array<SrvRecord>> parseSrvAnswer(const unsigned char* buf, int len
   if (status != ARES_SUCCESS) return nullptr;
   KJ_DEFER(ares_free_data(reply));
   kj::Vector<SrvRecord> records;
+  size_t dropped = 0;
   for (auto r = reply; r != nullptr; r = r->next) {
     kj::StringPtr host = r->host == nullptr ? "" : r->host;
-    if (host.endsWith(".")) {
-      records.add(SrvRecord{kj::heapString(host.slice(0, host.size() - 1)), r->port, r->priority,
-                            r->weight});
-    } else {
-      records.add(SrvRecord{kj::heapString(host), r->port, r->priority, r->weight});
+    auto name = host.endsWith(".") ? kj::heapString(host.slice(0, host.size() - 1))
+                                   : kj::heapString(host);
+    if (!isHostname(name)) {
+      // Not a host name (the "." of "no service here", or bytes no DNS name of the edge has,
+      // found by fuzz/dns_answer): the record is of no use.
+      dropped++;
+      continue;
     }
+    records.add(SrvRecord{kj::mv(name), r->port, r->priority, r->weight});
+  }
+  if (records.size() == 0 && dropped > 0) {
+    *statusOut = ARES_EBADRESP;
+    return nullptr;
   }
   if (records.size() == 0) {
     // c-ares can succeed without a single SRV record (answers of other types only); to callers

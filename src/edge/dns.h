@@ -84,6 +84,8 @@ SrvAnswer decodeSrvResponse(kj::ArrayPtr<const kj::byte> message, uint16_t query
 // One DNS response message (without the 2-byte TCP length prefix) to the SRV query `queryId`:
 // checks id, QR bit and rcode, then parses the answers with c-ares. Untrusted input: never
 // throws; `error` says why ("malformed answer: ...", "no records of that type (NODATA)", ...).
+// Records whose target is not a host name (letters, digits, '-', '_' in dot-separated labels;
+// the "." of "no service" included) are dropped; none left is a malformed answer.
 // Used by querySrvOverTls(); exposed for tests.
 
 struct AddressAnswer {

@@ -355,5 +355,40 @@ KJ_TEST("fuzz: decodeAddressResponse (A/AAAA over DNS-over-TLS) on mutated respo
   }
 }
 
+KJ_TEST("decodeSrvResponse: targets that are no host name are dropped (found by fuzz/dns_answer)") {
+  // The libFuzzer crash input (fuzz/corpus/dns_answer/crash-0e7ac1cf...): the first answer's
+  // target has a label of raw bytes ending in '.', which c-ares hands out escaped; it was
+  // returned as a target ending with '.' (and holding backslash escapes).
+  auto crash = kj::decodeBase64(
+      "EjSBgAABAAIDY29tAAAhAAHADAAhAAEAAAEsACEAAQABHqQHcmVnaW9uMQJ2Mgphk/V94zR/AAAuAQAAAADADAAhAAEA"
+      "AAEsABAAAgABHqQHcmVnaW9uNMAj");
+  auto answer = decodeSrvResponse(crash, 0x1234);
+  KJ_EXPECT(answer.records.size() == 0);   // the second target is garbage too
+  KJ_EXPECT(answer.error.startsWith("malformed answer"), answer.error);
+
+  // A "." target (RFC 2782: no service at this name) next to good ones is dropped alone.
+  auto seed = srvResponse();
+  kj::Vector<kj::byte> mixed;
+  mixed.addAll(seed);
+  mixed[7] = 3;                                              // ANCOUNT 3
+  kj::byte dot[] = {0xc0, 0x0c, 0, 33, 0, 1, 0, 0, 1, 44, 0, 7,
+                    0, 1, 0, 1, 0x1e, 0xa4, 0};              // prio 1, weight 1, 7844, "."
+  mixed.addAll(kj::arrayPtr(dot, sizeof(dot)));
+  auto two = decodeSrvResponse(mixed, 0x1234);
+  KJ_EXPECT(two.error == "", two.error);
+  KJ_EXPECT(two.records.size() == 2, two.records.size());
+
+  // Only unusable targets: a malformed answer, not records.
+  kj::Vector<kj::byte> dotTarget;
+  dotTarget.addAll(seed.slice(0, 12));
+  dotTarget[7] = 1;                                          // ANCOUNT 1
+  kj::byte question[] = {3, 'c', 'o', 'm', 0, 0, 33, 0, 1};  // com. SRV IN
+  dotTarget.addAll(kj::arrayPtr(question, sizeof(question)));
+  dotTarget.addAll(kj::arrayPtr(dot, sizeof(dot)));
+  auto none = decodeSrvResponse(dotTarget, 0x1234);
+  KJ_EXPECT(none.records.size() == 0);
+  KJ_EXPECT(none.error.startsWith("malformed answer"), none.error);
+}
+
 }  // namespace
 }  // namespace cfqt::edge

@@ -1194,5 +1194,162 @@ KJ_TEST("many concurrent requests over keep-alive connections") {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Parsing like the real edge (issue 18): what the front door cannot or must not parse gets a
+// 4xx page and `Connection: close`, never a 500 and never a bare reset.
+
+struct Refusal {
+  kj::String head;
+  kj::String rest;   // page, until EOF
+};
+
+Refusal sendRaw(Harness& h, kj::AsyncIoStream& connection, kj::StringPtr text) {
+  // Writes without waiting (the front door may stop reading), then reads the answer to EOF.
+  auto writing = writeText(connection, text).catch_([](kj::Exception&&) {}).eagerlyEvaluate(nullptr);
+  auto head = readHead(connection, h.io.waitScope);
+  auto rest = readToEof(connection, h.io.waitScope);
+  writing.wait(h.io.waitScope);
+  return {kj::mv(head), kj::mv(rest)};
+}
+
+void expectRefused(const Refusal& r, kj::StringPtr status) {
+  KJ_EXPECT(r.head.startsWith(kj::str("HTTP/1.1 ", status, " ")), r.head);
+  KJ_EXPECT(contains(r.head, "Connection: close"), r.head);
+  KJ_EXPECT(contains(r.rest, kj::str("error code: ", status)), r.rest);
+}
+
+KJ_TEST("Content-Length with Transfer-Encoding: 400 and closed, the trailing bytes never served") {
+  Harness h;
+  auto& t = h.tunnel();
+  auto& c = h.connect(t);
+  auto connection = h.dial();
+  // A front end trusting Content-Length would forward "0\r\n\r\nGET /smuggled..." as the body;
+  // one trusting the chunks would serve GET /smuggled as a second request.
+  auto r = sendRaw(h, *connection, kj::str(
+      "POST /a HTTP/1.1\r\nHost: ", t.hostname, "\r\nContent-Length: 44\r\n"
+      "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: ", t.hostname,
+      "\r\n\r\n"));
+  expectRefused(r, "400");
+  KJ_EXPECT(contains(r.rest, "both Content-Length and Transfer-Encoding"), r.rest);
+  KJ_EXPECT(c.opened == 0, c.opened);
+}
+
+KJ_TEST("conflicting or invalid Content-Length: 400, not 500; unknown Transfer-Encoding: 501") {
+  Harness h;
+  auto& t = h.tunnel();
+  auto& c = h.connect(t);
+  for (auto lengths: {"Content-Length: 5\r\nContent-Length: 6\r\n"_kj,
+                      "Content-Length: 5\r\nContent-Length: 5\r\n"_kj,
+                      "Content-Length: 5x\r\n"_kj, "Content-Length: -1\r\n"_kj}) {
+    KJ_CONTEXT(lengths);
+    auto connection = h.dial();
+    auto r = sendRaw(h, *connection, kj::str("POST / HTTP/1.1\r\nHost: ", t.hostname, "\r\n",
+                                             lengths, "\r\nhello"));
+    expectRefused(r, "400");
+  }
+  {
+    auto connection = h.dial();
+    auto r = sendRaw(h, *connection, kj::str("POST / HTTP/1.1\r\nHost: ", t.hostname,
+                                             "\r\nTransfer-Encoding: gzip\r\n\r\nhello"));
+    expectRefused(r, "501");
+  }
+  KJ_EXPECT(c.opened == 0, c.opened);
+}
+
+KJ_TEST("an invalid chunk size gets 400, not 500, and the tunnel stream is dropped") {
+  Harness h;
+  auto& t = h.tunnel();
+  auto& c = h.connect(t);
+  // (Not covered: kj 0.9.2 lets an over-long hex chunk size wrap around instead of refusing it.)
+  kj::String chunks[] = {kj::str("zz\r\nhello\r\n0\r\n\r\n"),
+                         kj::str("5\r\nhello\r\n-3\r\nabc\r\n0\r\n\r\n")};
+  for (auto& chunk: chunks) {
+    KJ_CONTEXT(chunk);
+    auto connection = h.dial();
+    auto writing = writeText(*connection, kj::str("POST /up HTTP/1.1\r\nHost: ", t.hostname,
+        "\r\nTransfer-Encoding: chunked\r\n\r\n", chunk))
+        .catch_([](kj::Exception&&) {}).eagerlyEvaluate(nullptr);
+    auto stream = c.nextStream().wait(h.io.waitScope);
+    readTunnelRequest(*stream).wait(h.io.waitScope);
+    auto draining = stream->readAllBytes().ignoreResult()
+        .catch_([](kj::Exception&&) {}).eagerlyEvaluate(nullptr);
+    auto head = readHead(*connection, h.io.waitScope);
+    auto rest = readToEof(*connection, h.io.waitScope);
+    writing.wait(h.io.waitScope);
+    expectRefused(Refusal{kj::mv(head), kj::mv(rest)}, "400");
+    KJ_EXPECT(c.lastProbe->dropped && !c.lastProbe->finished);   // reset, never a clean FIN
+  }
+}
+
+KJ_TEST("header limits: 431 for a head or a field too large, 400 for too many fields, never a reset") {
+  FrontDoorOptions options = testOptions();
+  options.maxRequestHeadBytes = 8192;
+  options.maxHeaderFieldBytes = 2048;
+  options.maxHeaderCount = 20;
+  Harness h(options);
+  auto& t = h.tunnel();
+  auto& c = h.connect(t);
+  auto fields = [](size_t count, size_t size) {
+    kj::Vector<char> out;
+    for (size_t i = 0; i < count; i++) {
+      out.addAll(kj::str("X-F", i, ": "));
+      for (size_t j = 0; j < size; j++) out.add('a');
+      out.addAll("\r\n"_kj);
+    }
+    out.add('\0');
+    return kj::String(out.releaseAsArray());
+  };
+  auto request = [&](kj::StringPtr extra) {
+    return kj::str("GET / HTTP/1.1\r\nHost: ", t.hostname, "\r\n", extra, "\r\n");
+  };
+  {
+    // Just under every limit: served, and the connection stays usable.
+    auto connection = h.dial();
+    for (int i = 0; i < 2; i++) {
+      writeText(*connection, request(fields(3, 2000))).wait(h.io.waitScope);
+      auto stream = c.nextStream().wait(h.io.waitScope);
+      readTunnelRequest(*stream).wait(h.io.waitScope);
+      writeBytes(*stream, encodeResponse(200, {{"Content-Length", "2"}})).wait(h.io.waitScope);
+      writeText(*stream, "ok").wait(h.io.waitScope);
+      stream->shutdownWrite();
+      auto head = readHead(*connection, h.io.waitScope);
+      KJ_EXPECT(head.startsWith("HTTP/1.1 200 OK"), head);
+      auto body = kj::heapArray<char>(2);
+      connection->read(body.begin(), 2).wait(h.io.waitScope);
+    }
+  }
+  kj::uint opened = c.opened;
+  {
+    auto connection = h.dial();
+    expectRefused(sendRaw(h, *connection, request(fields(5, 2000))), "431");   // head > 8 KiB
+  }
+  {
+    auto connection = h.dial();   // far over kj's own 128 KiB buffer
+    expectRefused(sendRaw(h, *connection, request(fields(100, 2000))), "431");
+  }
+  {
+    auto connection = h.dial();
+    expectRefused(sendRaw(h, *connection, request(fields(1, 3000))), "431");   // field > 2 KiB
+  }
+  {
+    auto connection = h.dial();
+    expectRefused(sendRaw(h, *connection, request(fields(25, 10))), "400");    // 26 fields
+  }
+  {
+    // The limit holds for the second request of a connection too.
+    auto connection = h.dial();
+    writeText(*connection, request("")).wait(h.io.waitScope);
+    auto stream = c.nextStream().wait(h.io.waitScope);
+    readTunnelRequest(*stream).wait(h.io.waitScope);
+    writeBytes(*stream, encodeResponse(204, {})).wait(h.io.waitScope);
+    stream->shutdownWrite();
+    auto head = readHead(*connection, h.io.waitScope);
+    KJ_EXPECT(head.startsWith("HTTP/1.1 204"), head);
+    expectRefused(sendRaw(h, *connection, request(fields(5, 2000))), "431");
+    opened++;
+  }
+  KJ_EXPECT(c.opened == opened, c.opened, opened);
+}
+
 }  // namespace
 }  // namespace cfqt::emulator

@@ -50,6 +50,20 @@ constexpr kj::StringPtr SKIPPED_RESPONSE_HEADERS[] = {
   "Sec-Websocket-Extensions"_kj, "Sec-Websocket-Key"_kj, "Sec-Websocket-Version"_kj,
 };
 
+bool hasNoBody(kj::AsyncInputStream& body) {
+  KJ_IF_MAYBE(length, body.tryGetLength()) return *length == 0;
+  return false;
+}
+
+kj::Maybe<uint64_t> parseDecimal(kj::StringPtr text);
+
+bool hasInvalidLength(const kj::HttpHeaders& headers) {
+  KJ_IF_MAYBE(value, headers.get(kj::HttpHeaderId::CONTENT_LENGTH)) {
+    return parseDecimal(*value) == nullptr;
+  }
+  return false;
+}
+
 template <size_t N>
 bool nameIn(kj::StringPtr name, const kj::StringPtr (&list)[N]) {
   for (auto& candidate: list) {
@@ -172,6 +186,10 @@ kj::String escapeHtml(kj::StringPtr text) {
   return kj::String(out.releaseAsArray());
 }
 
+kj::Promise<void> sendErrorPage(kj::HttpService::Response& response,
+                                const kj::HttpHeaderTable& headerTable, kj::uint status,
+                                kj::StringPtr title, kj::StringPtr detail, kj::StringPtr ray);
+
 }  // namespace
 
 kj::StringPtr statusText(kj::uint status) {
@@ -206,6 +224,7 @@ kj::StringPtr statusText(kj::uint status) {
     case 418: return "I'm a teapot";
     case 422: return "Unprocessable Entity";
     case 429: return "Too Many Requests";
+    case 431: return "Request Header Fields Too Large";
     case 500: return "Internal Server Error";
     case 501: return "Not Implemented";
     case 502: return "Bad Gateway";
@@ -216,6 +235,23 @@ kj::StringPtr statusText(kj::uint status) {
     default: return "Unknown";
   }
 }
+
+namespace {
+
+kj::Promise<void> sendErrorPage(kj::HttpService::Response& response,
+                                const kj::HttpHeaderTable& headerTable, kj::uint status,
+                                kj::StringPtr title, kj::StringPtr detail, kj::StringPtr ray) {
+  auto page = errorPage(status, title, escapeHtml(detail), ray);
+  kj::HttpHeaders pageHeaders(headerTable);
+  pageHeaders.set(kj::HttpHeaderId::CONTENT_TYPE, "text/html; charset=UTF-8");
+  pageHeaders.add("Cf-Ray", ray);
+  pageHeaders.add("Server", "cloudflare");
+  auto out = response.send(status, statusText(status), pageHeaders, page.size());
+  auto promise = out->write(page.begin(), page.size());
+  return promise.attach(kj::mv(out), kj::mv(page));
+}
+
+}  // namespace
 
 void RandomEntropySource::generate(kj::ArrayPtr<kj::byte> buffer) {
   if (buffer.size() == 0) return;
@@ -232,10 +268,36 @@ class FrontDoor::Visitor final: public kj::AsyncIoStream {
   // an idle SSE stream) would go unnoticed until a write fails, maybe never. whenLeft() reads
   // ahead: EOF or a read error means the visitor left; bytes that arrive instead (a pipelined
   // request) are kept for the server's next read, and the read-ahead stops there.
+  //
+  // It also bounds request heads: between requests (and before the first) it hands the server
+  // at most maxRequestHeadBytes; a server that asks for more is reading a head over the limit,
+  // which is answered 431 here, on the raw connection, and the connection closed (kj's own limit
+  // is 128 KiB, past which it would close without a response).
 public:
-  explicit Visitor(kj::Own<kj::AsyncIoStream> innerParam)
-      : inner(kj::mv(innerParam)), left(makeLeft()) {}
+  Visitor(kj::Own<kj::AsyncIoStream> innerParam, kj::Timer& timer,
+          const FrontDoorOptions& options)
+      : timer(timer), options(options), inner(kj::mv(innerParam)), left(makeLeft()) {}
   KJ_DISALLOW_COPY(Visitor);
+
+  void requestStarted() { inHead = false; }
+  // The server parsed a request head: what it reads next is the body (unbounded here).
+
+  void expectHead() {
+    // The previous request is complete, body included: the next bytes are a request head.
+    inHead = true;
+    headBytes = 0;
+  }
+
+  kj::Promise<size_t> tryRead(void* buffer, size_t minBytes, size_t maxBytes) override {
+    if (!inHead) return readAny(buffer, minBytes, maxBytes);
+    if (headBytes >= options.maxRequestHeadBytes) return refuseHead();
+    maxBytes = kj::min(maxBytes, options.maxRequestHeadBytes - headBytes);
+    minBytes = kj::min(minBytes, maxBytes);
+    return readAny(buffer, minBytes, maxBytes).then([this](size_t n) {
+      if (inHead) headBytes += n;
+      return n;
+    });
+  }
 
   kj::Promise<void> whenLeft() {
     // Resolves once the visitor closed (EOF) or reset its connection. Call it only when nobody
@@ -244,7 +306,7 @@ public:
     return left.addBranch().exclusiveJoin(inner->whenWriteDisconnected());
   }
 
-  kj::Promise<size_t> tryRead(void* buffer, size_t minBytes, size_t maxBytes) override {
+  kj::Promise<size_t> readAny(void* buffer, size_t minBytes, size_t maxBytes) {
     if (aheadStart < aheadEnd) {
       size_t n = kj::min(maxBytes, aheadEnd - aheadStart);
       memcpy(buffer, ahead.begin() + aheadStart, n);
@@ -256,7 +318,7 @@ public:
     if (aheadInFlight) {
       return KJ_ASSERT_NONNULL(readingAhead).addBranch()
           .then([this, buffer, minBytes, maxBytes]() {
-        return tryRead(buffer, minBytes, maxBytes);
+        return readAny(buffer, minBytes, maxBytes);
       });
     }
     KJ_IF_MAYBE(e, failure) return kj::cp(*e);
@@ -304,6 +366,11 @@ public:
 private:
   static constexpr size_t AHEAD_SIZE = 4096;
 
+  kj::Timer& timer;
+  const FrontDoorOptions& options;
+  bool inHead = true;                  // the server is reading a request head
+  size_t headBytes = 0;                // bytes of that head handed to the server so far
+  kj::Array<kj::byte> lingerBuffer;    // reads dropped after a 431
   kj::Own<kj::AsyncIoStream> inner;
   kj::Array<kj::byte> ahead;           // read-ahead bytes [aheadStart, aheadEnd)
   size_t aheadStart = 0;
@@ -321,6 +388,42 @@ private:
     auto paf = kj::newPromiseAndFulfiller<void>();
     leftFulfiller = kj::mv(paf.fulfiller);
     return paf.promise.fork();
+  }
+
+  kj::Promise<size_t> refuseHead() {
+    // Nothing else is written while the server waits for a head (the previous response was
+    // flushed first), so the answer goes straight onto the connection. The DISCONNECTED error
+    // then ends the server's loop without a log line or a second response.
+    auto ray = kj::str(randomHex(8), '-', options.rayColo);
+    auto page = errorPage(431, "Request header fields too large",
+        kj::str("The request head is over ", options.maxRequestHeadBytes, " bytes."), ray);
+    auto text = kj::str("HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                        "Content-Type: text/html; charset=UTF-8\r\nContent-Length: ", page.size(),
+                        "\r\nConnection: close\r\nServer: cloudflare\r\nCf-Ray: ", ray,
+                        "\r\n\r\n", page);
+    auto promise = inner->write(text.begin(), text.size());
+    return promise.attach(kj::mv(text)).then([this]() {
+      shutdownWrite();
+      // Read (and drop) what the visitor still sends for a while, as nginx's lingering close
+      // does: closing with unread bytes would reset the connection, and a reset can destroy the
+      // answer before the visitor read it.
+      lingerBuffer = kj::heapArray<kj::byte>(4096);
+      return timer.timeoutAfter(LINGER_TIME, discard(LINGER_BYTES))
+          .catch_([](kj::Exception&&) {});
+    }).then([]() -> size_t {
+      kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED, "request head over the limit; answered 431"));
+    });
+  }
+
+  static constexpr size_t LINGER_BYTES = 1 << 20;
+  static constexpr kj::Duration LINGER_TIME = 1 * kj::SECONDS;
+
+  kj::Promise<void> discard(size_t budget) {
+    return readAny(lingerBuffer.begin(), 1, lingerBuffer.size())
+        .then([this, budget](size_t n) -> kj::Promise<void> {
+      if (n == 0 || n >= budget) return kj::READY_NOW;
+      return discard(budget - n);
+    });
   }
 
   kj::Promise<size_t> readInner(void* buffer, size_t minBytes, size_t maxBytes) {
@@ -428,7 +531,7 @@ public:
            kj::HttpService::Response& response)
       : door(service.door), service(service), method(method), url(url), headers(headers),
         requestBody(requestBody), response(response), ray(kj::str(randomHex(8), '-',
-        door.options.rayColo)) {}
+        door.options.rayColo)), bodyComplete(hasNoBody(requestBody)) {}
   KJ_DISALLOW_COPY(Exchange);
 
   kj::Promise<void> run();
@@ -445,6 +548,7 @@ private:
   kj::String host;
   kj::uint recordId = 0;   // the tunnel connection chosen (admin id), 0 before
   bool websocket = false;
+  bool bodyComplete = false;                 // the request body was read to its end
   kj::String webSocketKey;
   kj::Own<TunnelExchange> stream;
   kj::Array<kj::byte> upBuffer;
@@ -483,20 +587,72 @@ private:
 
 public:
   bool clientWantsClose() const;
+  bool mustClose() const;
+  // The connection ends after this exchange (Connection: close, or the body was not read).
+  kj::Promise<void> refuse(kj::uint status, kj::StringPtr title, kj::StringPtr detail);
+  // Sends an error page with Connection: close and ends the connection.
 };
 
 kj::Promise<void> FrontDoor::Service::request(
     kj::HttpMethod method, kj::StringPtr url, const kj::HttpHeaders& headers,
     kj::AsyncInputStream& requestBody, Response& response) {
   door.requests++;
+  connection.requestStarted();
   auto exchange = kj::heap<Exchange>(*this, method, url, headers, requestBody, response);
-  bool close = exchange->clientWantsClose();
-  auto promise = exchange->run().attach(kj::mv(exchange));
-  if (!close) return promise;
-  // kj::HttpServer 0.9.2 sends `Connection: close` (see CloseRequested) but then waits for another
-  // request anyway. Shutting down our read side makes that wait see EOF once the response is
-  // flushed, so the server ends the connection.
-  return promise.then([this]() { connection.abortRead(); });
+  size_t count = 0;
+  size_t largest = 0;
+  headers.forEach([&](kj::StringPtr name, kj::StringPtr value) {
+    count++;
+    largest = kj::max(largest, name.size() + value.size());
+  });
+  kj::Promise<void> promise = nullptr;
+  if (count > door.options.maxHeaderCount) {
+    promise = exchange->refuse(400, "Bad request", kj::str("The request has ", count,
+        " header fields; at most ", door.options.maxHeaderCount, " are accepted."));
+  } else if (largest > door.options.maxHeaderFieldBytes) {
+    promise = exchange->refuse(431, "Request header fields too large",
+        kj::str("A request header field is over ", door.options.maxHeaderFieldBytes, " bytes."));
+  } else if (hasInvalidLength(headers)) {
+    // kj reads "-1" as 2^64-1 (strtoull); the real edge wants digits only.
+    promise = exchange->refuse(400, "Bad request", "The request has an invalid Content-Length.");
+  } else if (headers.get(kj::HttpHeaderId::CONTENT_LENGTH) != nullptr &&
+             headers.get(kj::HttpHeaderId::TRANSFER_ENCODING) != nullptr) {
+    // Where the body ends is ambiguous: a server behind that trusts Content-Length would take the
+    // rest of a chunked body for a second request (request smuggling).
+    promise = exchange->refuse(400, "Bad request",
+        "The request has both Content-Length and Transfer-Encoding.");
+  } else {
+    promise = exchange->run();
+  }
+  auto& ex = *exchange;
+  return promise.then([this, &ex]() {
+    if (ex.mustClose()) {
+      // kj::HttpServer 0.9.2 sends `Connection: close` (see CloseRequested) but then waits for
+      // another request anyway. Shutting down our read side makes that wait see EOF once the
+      // response is flushed, so the server ends the connection. Also taken when the request
+      // body was not read to its end: kj would discard the rest and read the next head, which
+      // the head limit could not tell from body bytes.
+      connection.abortRead();
+    } else {
+      connection.expectHead();
+    }
+  }).attach(kj::mv(exchange));
+}
+
+bool FrontDoor::Exchange::mustClose() const {
+  return clientWantsClose() || !bodyComplete;
+}
+
+kj::Promise<void> FrontDoor::Exchange::refuse(kj::uint status, kj::StringPtr title,
+                                              kj::StringPtr detail) {
+  // Answers and closes: DISCONNECTED ends kj::HttpServer's loop after the flush, silently, so no
+  // byte after this head is ever read as a request.
+  observe::logDebug("refusing a public request", observe::Fields().add("status", status)
+      .add("detail", detail).add("ray", ray));
+  bodyComplete = false;
+  return sendPage(status, status, title, detail).then([]() -> kj::Promise<void> {
+    return KJ_EXCEPTION(DISCONNECTED, "request refused; closing the connection");
+  });
 }
 
 bool FrontDoor::Exchange::clientWantsClose() const {
@@ -518,7 +674,7 @@ kj::Promise<void> FrontDoor::Exchange::sendPage(kj::uint status, kj::uint code, 
   pageHeaders.set(kj::HttpHeaderId::CONTENT_TYPE, "text/html; charset=UTF-8");
   pageHeaders.add("Cf-Ray", ray);
   pageHeaders.add("Server", "cloudflare");
-  door.closeRequested.closeNext = clientWantsClose();
+  door.closeRequested.closeNext = mustClose();
   auto out = response.send(status, statusText(status), pageHeaders, page.size());
   auto promise = out->write(page.begin(), page.size());
   return promise.attach(kj::mv(out), kj::mv(page));
@@ -664,6 +820,7 @@ kj::Promise<void> FrontDoor::Exchange::pumpRequestBody() {
 
 kj::Promise<void> FrontDoor::Exchange::onRequestChunk(size_t n) {
   if (n == 0) {
+    bodyComplete = true;
     stream->shutdownWrite();
     return requestComplete();
   }
@@ -859,6 +1016,7 @@ kj::Promise<void> FrontDoor::Exchange::webSocketFailed(kj::Exception&& e) {
 FrontDoor::FrontDoor(kj::Timer& timer, const kj::HttpHeaderTable& headerTable,
                      Registry& registry, FrontDoorOptions options)
     : timer(timer), headerTable(headerTable), registry(registry), options(options),
+      parseErrors(*this),
       server(timer, headerTable,
              [this](kj::AsyncIoStream& connection) -> kj::Own<kj::HttpService> {
                // serve() hands kj::HttpServer nothing but Visitors.
@@ -869,9 +1027,48 @@ FrontDoor::FrontDoor(kj::Timer& timer, const kj::HttpHeaderTable& headerTable,
                settings.headerTimeout = options.headerTimeout;
                settings.pipelineTimeout = options.pipelineTimeout;
                settings.callbacks = closeRequested;
+               settings.errorHandler = parseErrors;
                return settings;
              }()),
       connections(errorHandler) {}
+
+kj::Promise<void> FrontDoor::ParseErrors::handleClientProtocolError(
+    kj::HttpHeaders::ProtocolError protocolError, kj::HttpService::Response& response) {
+  auto ray = kj::str(randomHex(8), '-', door.options.rayColo);
+  return sendErrorPage(response, door.headerTable, protocolError.statusCode,
+                       protocolError.statusMessage, protocolError.description, ray);
+}
+
+kj::Promise<void> FrontDoor::ParseErrors::handleApplicationError(
+    kj::Exception exception, kj::Maybe<kj::HttpService::Response&> response) {
+  struct Known {
+    kj::StringPtr needle;   // in kj 0.9.2's exception description
+    kj::uint status;
+    kj::StringPtr detail;
+  };
+  static constexpr Known KNOWN[] = {
+    {"invalid HTTP chunk size"_kj, 400, "The request body has an invalid chunk size."_kj},
+    {"invalid Content-Length"_kj, 400,
+     "The request has an invalid Content-Length, or more than one."_kj},
+    {"unknown transfer encoding"_kj, 501, "The request's Transfer-Encoding is not supported."_kj},
+    {"request body cannot have Transfer-Encoding"_kj, 501,
+     "The request's Transfer-Encoding is not supported."_kj},
+    {"request headers too large"_kj, 431, "The request head is too large."_kj},
+  };
+  if (exception.getType() != kj::Exception::Type::DISCONNECTED) {
+    KJ_IF_MAYBE(r, response) {
+      for (auto& known: KNOWN) {
+        if (containsIgnoreCase(exception.getDescription(), known.needle)) {
+          auto ray = kj::str(randomHex(8), '-', door.options.rayColo);
+          auto promise = sendErrorPage(*r, door.headerTable, known.status,
+                                       statusText(known.status), known.detail, ray);
+          return promise.attach(kj::mv(ray));
+        }
+      }
+    }
+  }
+  return kj::HttpServerErrorHandler::handleApplicationError(kj::mv(exception), response);
+}
 
 FrontDoor::~FrontDoor() noexcept(false) {}
 
@@ -892,7 +1089,7 @@ void FrontDoor::ErrorHandler::taskFailed(kj::Exception&& exception) {
 }
 
 kj::Promise<void> FrontDoor::serve(kj::Own<kj::AsyncIoStream> connection) {
-  return server.listenHttp(kj::heap<Visitor>(kj::mv(connection)));
+  return server.listenHttp(kj::heap<Visitor>(kj::mv(connection), timer, options));
 }
 
 kj::Promise<void> FrontDoor::drain() {

@@ -39,6 +39,14 @@ struct FrontDoorOptions {
   kj::Duration routeDelay = 0 * kj::SECONDS;
   // --route-delay: for this long after a tunnel's first registration the edge does not route
   // its hostname yet (530, error 1033), as Cloudflare's edge takes a while to.
+  // Request head limits (like Cloudflare's, which answers 431/400 rather than resetting):
+  size_t maxRequestHeadBytes = 128000;
+  // Request line + header fields of one request (Cloudflare documents 128 KB; kj::HttpServer's
+  // own buffer ends at 128 KiB). Above: 431, connection closed.
+  size_t maxHeaderFieldBytes = 16 * 1024;
+  // One header field (name + value). Above: 431, connection closed.
+  size_t maxHeaderCount = 100;
+  // Header fields of one request. Above: 400, connection closed.
 };
 
 class FrontDoor {
@@ -71,6 +79,22 @@ private:
     void taskFailed(kj::Exception&& exception) override;
   };
 
+  class ParseErrors final: public kj::HttpServerErrorHandler {
+    // Answers what kj::HttpServer could not parse (and the requests the front door refuses) with
+    // the status the real edge gives, an error page and `Connection: close`: 400 for a bad chunk
+    // size, an invalid or repeated Content-Length and Content-Length with Transfer-Encoding, 501
+    // for an unknown Transfer-Encoding, 431 for a head over kj's own buffer. kj's default would be
+    // a 500 for these.
+  public:
+    explicit ParseErrors(FrontDoor& door): door(door) {}
+    kj::Promise<void> handleClientProtocolError(
+        kj::HttpHeaders::ProtocolError protocolError, kj::HttpService::Response& response) override;
+    kj::Promise<void> handleApplicationError(
+        kj::Exception exception, kj::Maybe<kj::HttpService::Response&> response) override;
+  private:
+    FrontDoor& door;
+  };
+
   class CloseRequested final: public kj::HttpServerCallbacks {
     // kj::HttpServer 0.9.2 ignores a client's `Connection: close`; it asks shouldClose()
     // synchronously inside Response::send(), so the front door arms this just before each send.
@@ -89,6 +113,7 @@ private:
   FrontDoorOptions options;
   uint64_t requests = 0;
   CloseRequested closeRequested;
+  ParseErrors parseErrors;
   kj::HttpServer server;
   ErrorHandler errorHandler;
   kj::TaskSet connections;    // public connections accepted by listen()

@@ -31,33 +31,6 @@ schema::RegistrationServer::Client bootstrapEdge(
   return rpcSystem.bootstrap(vatId).castAs<schema::RegistrationServer>();
 }
 
-RegistrationResult interpretResponse(schema::ConnectionResponse::Reader response) {
-  // Runs inside a continuation: throwing rejects the registration promise.
-  auto result = response.getResult();
-  switch (result.which()) {
-    case schema::ConnectionResponse::Result::ERROR: {
-      auto error = result.getError();
-      return RegistrationError{kj::str(error.getCause()), error.getRetryAfter() * kj::NANOSECONDS,
-                               error.getShouldRetry()};
-    }
-    case schema::ConnectionResponse::Result::CONNECTION_DETAILS: {
-      auto details = result.getConnectionDetails();
-      if (details.getUuid().size() != 16) {
-        kj::throwFatalException(
-            wireError(WireErrorCode::MALFORMED,
-                      kj::str("connection details with a uuid of ", details.getUuid().size(),
-                              " bytes"))
-                .toException());
-      }
-      return ConnectionDetails{kj::heapArray(details.getUuid()), kj::str(details.getLocationName()),
-                               details.getTunnelIsRemotelyManaged()};
-    }
-  }
-  kj::throwFatalException(
-      wireError(WireErrorCode::MALFORMED, kj::str("unknown ConnectionResponse.result variant"))
-          .toException());
-}
-
 void fillResponse(schema::ConnectionResponse::Builder response, const RegistrationResult& result) {
   auto union_ = response.initResult();
   KJ_SWITCH_ONEOF(result) {
@@ -131,6 +104,33 @@ private:
 }  // namespace
 
 // =============================================================================================
+
+RegistrationResult decodeRegistrationResponse(schema::ConnectionResponse::Reader response) {
+  // Runs inside a continuation: throwing rejects the registration promise.
+  auto result = response.getResult();
+  switch (result.which()) {
+    case schema::ConnectionResponse::Result::ERROR: {
+      auto error = result.getError();
+      return RegistrationError{kj::str(error.getCause()), error.getRetryAfter() * kj::NANOSECONDS,
+                               error.getShouldRetry()};
+    }
+    case schema::ConnectionResponse::Result::CONNECTION_DETAILS: {
+      auto details = result.getConnectionDetails();
+      if (details.getUuid().size() != 16) {
+        kj::throwFatalException(
+            wireError(WireErrorCode::MALFORMED,
+                      kj::str("connection details with a uuid of ", details.getUuid().size(),
+                              " bytes"))
+                .toException());
+      }
+      return ConnectionDetails{kj::heapArray(details.getUuid()), kj::str(details.getLocationName()),
+                               details.getTunnelIsRemotelyManaged()};
+    }
+  }
+  kj::throwFatalException(
+      wireError(WireErrorCode::MALFORMED, kj::str("unknown ConnectionResponse.result variant"))
+          .toException());
+}
 
 kj::Array<kj::String> defaultFeatures() {
   return kj::arr(kj::str("allow_remote_config"), kj::str("serialized_headers"),
@@ -209,7 +209,7 @@ kj::Promise<RegistrationResult> ControlClient::registerConnection(
   params.writeTo(request);
   auto promise = request.send().then(
       [](capnp::Response<schema::RegistrationServer::RegisterConnectionResults>&& response) {
-        return interpretResponse(response.getResult());
+        return decodeRegistrationResponse(response.getResult());
       });
   return withTimeout("registerConnection", kj::mv(promise));
 }

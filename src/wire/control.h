@@ -69,6 +69,11 @@ using RegistrationResult = kj::OneOf<ConnectionDetails, RegistrationError>;
 // =============================================================================================
 // Client side
 
+RegistrationResult decodeRegistrationResponse(schema::ConnectionResponse::Reader response);
+// The edge's answer to registerConnection (what ControlClient resolves with). Throws a
+// kj::Exception (wire MALFORMED) for a uuid that is not 16 bytes or an unknown variant, and
+// whatever capnp throws for malformed bytes.
+
 struct ControlClientOptions {
   kj::Duration callTimeout = 15 * kj::SECONDS;
   // Per call. On expiry the call is cancelled (Finish sent) and the promise rejects with
