@@ -279,6 +279,24 @@ kj::Promise<kj::Array<kj::String>> ReadyProbe::lookupAaaa(const edge::DotServer&
 }
 
 kj::Array<kj::String> ReadyProbe::addresses(edge::AddressAnswer v4, edge::AddressAnswer v6) {
+  // One of the two questions failed (no answer, a refused or garbled one; not NXDOMAIN/NODATA):
+  // the name's addresses are not known yet, so ask both again rather than probing only the
+  // family that answered (an A lost this way left only ::1 to probe, forever).
+  // An NXDOMAIN next to the other family's addresses means the name was published between the
+  // two questions (the A question answered before it existed): ask both again too.
+  auto nxdomain = [](const edge::AddressAnswer& a) {
+    return a.notFound && a.error.findFirst('(') != nullptr &&
+           a.error.slice(KJ_ASSERT_NONNULL(a.error.findFirst('('))).startsWith("(NXDOMAIN)");
+  };
+  bool published = v4.addresses.size() > 0 || v6.addresses.size() > 0;
+  for (auto answer: {&v4, &v6}) {
+    if ((answer->error.size() > 0 && !answer->notFound) || (published && nxdomain(*answer))) {
+      lastAnswer = kj::str(answer->error);
+      logger.debug("DNS answer incomplete; asking again",
+                   observe::Fields().add("hostname", hostname).add("answer", lastAnswer.asPtr()));
+      return nullptr;
+    }
+  }
   kj::Vector<kj::String> all;
   for (auto& a: v4.addresses) all.add(kj::mv(a));
   for (auto& a: v6.addresses) all.add(kj::mv(a));
