@@ -17,7 +17,8 @@ Cases (`-k NAME` runs the cases whose name contains NAME):
   remote_config[_http2]  (QUIC, and HTTP/2) a remotely managed tunnel (TUNNEL_TOKEN): 503 before any configuration; push
                     v1, requests follow it; push v2 while a slow request is in flight (it finishes
                     on v1's origin, new ones use v2's); an invalid v3 is refused and v2 keeps
-                    serving; v1 again is ignored; cloudflared_orchestration_config_version
+                    serving; v1 again is ignored; cloudflared_orchestration_config_version; an
+                    originRequest key cfqt does not apply (noHappyEyeballs) is warned about
   replicas          3 cfqt processes run one named tunnel; a bounded load (8 visitors with
                     keep-alive) through the front door; the edge shows 3 connectors serving.
                     (a) SIGTERM one mid-load: zero failed requests, it exits 0. (b) kill -9 one
@@ -379,9 +380,11 @@ def remote_config_case(env, extra):
         check(len(answer["connections"]) == 1, answer)
         return answer["connections"][0]["result"]
 
-    r = push(1, {"ingress": [{"service": o0.url}]})
+    r = push(1, {"ingress": [{"service": o0.url, "originRequest": {"noHappyEyeballs": True}}]})
     check(r == {"latestAppliedVersion": 1, "err": ""}, r)
     check(env.get(host, "/x") == (200, "origin-0 /x"), "v1 routes to origin-0")
+    warning = log.wait_for(r"An originRequest key is not supported by cfqt and is ignored")
+    check("key=noHappyEyeballs" in warning and "remote configuration" in warning, warning)
 
     # A slow request on v1's origin stays there while v2 is applied.
     o0.slow_started.clear()
