@@ -125,7 +125,7 @@ kj::OneOf<OriginChoice, kj::String> chooseOrigin(cli::CliOptions& o) {
       KJ_CASE_ONEOF(config, origin::OriginConfig) choice.config = kj::mv(config);
     }
     choice.service = url->startsWith("http://") || url->startsWith("https://") ||
-                     url->startsWith("unix:") ||
+                     url->startsWith("unix:") || url->startsWith("unix+tls:") ||
                      url->startsWith("http_status:") || *url == "hello-world"
         ? kj::str(*url) : kj::str("http://", *url);
   } else KJ_IF_MAYBE(path, o.unixSocket) {

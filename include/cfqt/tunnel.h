@@ -45,7 +45,8 @@ using LogCallback = std::function<void(LogLevel level, const std::string& messag
 // Rate-limit summaries come as lines with the fields "suppressed" and "interval".
 
 struct TunnelOptions {
-  // Origin (one of): `url` (http://, https://, host:port, unix:/path), `helloWorld`, `unixSocket`.
+  // Origin (one of): `url` (http://, https://, host:port, unix:/path, unix+tls:/path),
+  // `helloWorld`, `unixSocket`.
   std::string url;
   bool helloWorld = false;
   std::string unixSocket;
@@ -119,7 +120,9 @@ struct TunnelOptions {
   struct IngressRule {
     std::string hostname;   // "" = any; "*.example.com" = any subdomain
     std::string path;       // POSIX extended regex searched in the request path; "" = any
-    std::string service;    // http://..., https://..., unix:/path, http_status:NNN, hello_world
+    std::string service;    // http://..., https://..., unix:/path, unix+tls:/path, http_status:NNN,
+                            // hello_world (an https/unix+tls origin is verified against the
+                            // system store: the library has no caPool option)
   };
   std::vector<IngressRule> ingress;
   // Named tunnels: the first rule matching a request's hostname and path serves it; the last rule

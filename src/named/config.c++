@@ -97,7 +97,7 @@ kj::Duration duration(const YAML::Node& node, kj::StringPtr key) {
   fail(node, kj::str(key, " must be a duration such as 30s, 1m or 500ms"));
 }
 
-OriginRequest originRequest(const YAML::Node& node) {
+OriginRequest originRequest(const YAML::Node& node, kj::Vector<IgnoredKey>& ignored) {
   OriginRequest r;
   if (node.IsNull()) return r;
   if (!node.IsMap()) fail(node, "originRequest must be a mapping");
@@ -123,12 +123,14 @@ OriginRequest originRequest(const YAML::Node& node) {
     else if (key == "originServerName") r.originServerName = scalar(value, key);
     else if (key == "caPool") r.caPool = scalar(value, key);
     else if (key == "noTLSVerify") r.noTLSVerify = boolean(value, key);
-    // Other cloudflared keys (proxyAddress, bastionMode, access, ...) are ignored.
+    // Other cloudflared keys (proxyAddress, bastionMode, http2Origin, access, ...) are not
+    // applied; the runner warns about each.
+    else ignored.add(IgnoredKey{kj::mv(key), lineOf(YAML::Node(it->first))});
   }
   return r;
 }
 
-IngressRuleConfig ingressRule(const YAML::Node& node) {
+IngressRuleConfig ingressRule(const YAML::Node& node, kj::Vector<IgnoredKey>& ignored) {
   if (!node.IsMap()) fail(node, "an ingress rule must be a mapping (- hostname: ..., service: ...)");
   IngressRuleConfig rule;
   rule.line = lineOf(node);
@@ -144,7 +146,7 @@ IngressRuleConfig ingressRule(const YAML::Node& node) {
       rule.service = scalar(value, key);
       haveService = true;
     }
-    else if (key == "originRequest") rule.originRequest = originRequest(value);
+    else if (key == "originRequest") rule.originRequest = originRequest(value, ignored);
   }
   if (!haveService || rule.service.size() == 0) {
     fail(node, "this ingress rule has no service (e.g. service: http://localhost:8080)");
@@ -168,10 +170,10 @@ TunnelConfig parseRoot(const YAML::Node& root) {
       if (!value.IsSequence()) fail(value, "ingress must be a list of rules");
       if (value.size() > MAX_RULES) fail(value, "too many ingress rules");
       for (auto rule = value.begin(); rule != value.end(); ++rule) {
-        config.ingress.add(ingressRule(*rule));
+        config.ingress.add(ingressRule(*rule, config.ignored));
       }
     } else if (key == "originRequest") {
-      config.originRequest = originRequest(value);
+      config.originRequest = originRequest(value, config.ignored);
     } else {
       for (auto flag: FLAG_KEYS) {
         if (key != flag) continue;

@@ -46,6 +46,13 @@ struct ConfigFlag {
   kj::uint line = 0;
 };
 
+struct IgnoredKey {
+  // An originRequest key cfqt does not apply (proxyAddress, http2Origin, matchSNItoHost, access,
+  // ...): accepted as cloudflared does, and reported so that it is not silently ignored.
+  kj::String key;
+  kj::uint line = 0;       // 1-based line in the source (0: unknown)
+};
+
 struct TunnelConfig {
   kj::String source;                          // the file name, or "remote configuration"
   kj::Maybe<kj::String> tunnel;               // `tunnel:` NAME or UUID
@@ -53,10 +60,12 @@ struct TunnelConfig {
   kj::Vector<IngressRuleConfig> ingress;
   OriginRequest originRequest;                // top-level defaults
   kj::Vector<ConfigFlag> flags;               // other known top-level keys, for the CLI
+  kj::Vector<IgnoredKey> ignored;             // originRequest keys not applied, in file order
 };
 
 kj::OneOf<TunnelConfig, kj::String> parseConfig(kj::StringPtr text, kj::StringPtr source);
-// Parses YAML or JSON text. Unknown keys are ignored (as cloudflared does); wrong types, bad
+// Parses YAML or JSON text. Unknown keys are ignored (as cloudflared does; an unknown
+// originRequest key, top-level or in a rule, is listed in `ignored` for a warning); wrong types, bad
 // durations and YAML syntax errors give "<source>:<line>: <what>". Never throws.
 
 kj::OneOf<TunnelConfig, kj::String> loadConfigFile(kj::StringPtr path);

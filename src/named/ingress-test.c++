@@ -148,6 +148,71 @@ KJ_TEST("ingress validation: cloudflared's documented rules") {
   KJ_EXPECT(contains(e, "http_status"), e);
 }
 
+KJ_TEST("unix+tls: services take originServerName and caPool like https services") {
+  auto config = parsed(R"(originRequest:
+  caPool: /etc/ssl/origin-ca.pem
+ingress:
+  - hostname: secure.example.com
+    service: unix+tls:/run/secure.sock
+    originRequest:
+      originServerName: origin.internal
+  - hostname: other.example.com
+    service: unix+tls:/run/other.sock
+  - service: http_status:404
+)");
+  KJ_EXPECT(validateIngress(config.ingress) == nullptr);
+  auto built = Ingress::build(config.ingress, config.originRequest, origin::OriginConfig());
+  KJ_IF_MAYBE(e, built.tryGet<kj::String>()) KJ_FAIL_ASSERT(*e);
+  auto& ingress = *built.get<kj::Own<Ingress>>();
+  auto rules = ingress.rules();
+  KJ_EXPECT(rules[0].origin.kind == origin::OriginKind::UNIX_TLS);
+  KJ_EXPECT(rules[0].origin.unixPath == "/run/secure.sock");
+  KJ_EXPECT(KJ_ASSERT_NONNULL(rules[0].origin.originServerName) == "origin.internal");
+  KJ_EXPECT(KJ_ASSERT_NONNULL(rules[0].origin.caPool) == "/etc/ssl/origin-ca.pem");
+  KJ_EXPECT(rules[0].origin.toString() == "unix+tls:/run/secure.sock");
+  // Without originServerName the request's host is the TLS name (decided per request).
+  KJ_EXPECT(rules[1].origin.kind == origin::OriginKind::UNIX_TLS);
+  KJ_EXPECT(rules[1].origin.originServerName == nullptr);
+  KJ_EXPECT(KJ_ASSERT_NONNULL(rules[1].origin.caPool) == "/etc/ssl/origin-ca.pem");
+  KJ_EXPECT(ingress.describe(0) ==
+            "\thostname: secure.example.com\n\tservice: unix+tls:/run/secure.sock\n");
+
+  auto e = ingressError("ingress:\n  - service: \"unix+tls:\"\n");
+  KJ_EXPECT(e == "line 2: unix+tls: origin needs a socket path (unix+tls:/path/to.sock)", e);
+  e = ingressError("ingress:\n  - service: tcp://localhost:22\n");
+  KJ_EXPECT(contains(e, "unix+tls:"), e);
+}
+
+KJ_TEST("originRequest keys cfqt does not apply are listed with their line") {
+  auto config = parsed(R"(originRequest:
+  connectTimeout: 5s
+  http2Origin: true
+ingress:
+  - hostname: a.example.com
+    service: https://localhost:8443
+    originRequest:
+      matchSNItoHost: true
+      noHappyEyeballs: true
+      caPool: /tmp/ca.pem
+  - service: http_status:404
+    originRequest:
+      proxyAddress: 127.0.0.1
+)");
+  KJ_ASSERT(config.ignored.size() == 4, config.ignored.size());
+  KJ_EXPECT(config.ignored[0].key == "http2Origin" && config.ignored[0].line == 3);
+  KJ_EXPECT(config.ignored[1].key == "matchSNItoHost" && config.ignored[1].line == 8);
+  KJ_EXPECT(config.ignored[2].key == "noHappyEyeballs" && config.ignored[2].line == 9);
+  KJ_EXPECT(config.ignored[3].key == "proxyAddress" && config.ignored[3].line == 13);
+  // The applied ones are not listed, and unknown keys elsewhere are not originRequest keys.
+  KJ_EXPECT(parsed("originRequest: {connectTimeout: 1s, caPool: x, noTLSVerify: false}\n"
+                   "foo: bar\n").ignored.size() == 0);
+  // The remote (JSON) configuration too.
+  auto remote = parsed(R"({"ingress":[{"service":"http_status:503"}],)"
+                       R"("originRequest":{"bastionMode":false,"access":{"required":false}}})");
+  KJ_ASSERT(remote.ignored.size() == 2);
+  KJ_EXPECT(remote.ignored[0].key == "bastionMode" && remote.ignored[1].key == "access");
+}
+
 KJ_TEST("requestPath takes the path of a dest") {
   KJ_EXPECT(requestPath("https://a.example/x/y?q=1") == "/x/y");
   KJ_EXPECT(requestPath("https://a.example") == "/");

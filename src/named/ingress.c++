@@ -134,7 +134,8 @@ kj::OneOf<origin::OriginConfig, kj::String> parseService(kj::StringPtr service) 
     if (scheme == "ws") return origin::parseOriginUrl(kj::str("http://", rest));
     if (scheme == "wss") return origin::parseOriginUrl(kj::str("https://", rest));
     return kj::str(service, ": ", scheme, ":// services (TCP over WebSocket) are not supported by "
-                   "cfqt; use an http://, https://, unix:, http_status: or hello_world service");
+                   "cfqt; use an http://, https://, unix:, unix+tls:, http_status: or hello_world "
+                   "service");
   }
   return kj::str(service, " is an invalid address, please make sure it has a scheme and a "
                  "hostname");

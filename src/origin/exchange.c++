@@ -110,6 +110,7 @@ private:
   kj::String target;
   bool websocket = false;
   kj::String hostStorage;  // Host when the request carried no HttpHost
+  kj::String tlsName;      // UNIX_TLS without originServerName: the request's host, else ""
   kj::HttpHeaders headers;  // points into `head`, `hostStorage` and the config
   RequestBody requestMode = RequestBody::NONE;
   uint64_t requestRemaining = 0;
@@ -207,6 +208,16 @@ private:
       hostValue = hostStorage;
     }
     if (!wire::isValidHeaderValue(hostValue)) return kj::str("malformed Host");
+    if (impl.config.kind == OriginKind::UNIX_TLS && impl.config.originServerName == nullptr) {
+      // Go's transport verifies a unix+tls origin against the request URL's host (cloudflared
+      // rewrites it only for http(s) services): the visitor's hostname, port dropped.
+      auto urlHost = destHost(h.dest);
+      tlsName = hostWithoutPort(urlHost.size() > 0 ? urlHost.asPtr() : h.host.asPtr());
+      if (tlsName.size() == 0) {
+        return kj::str("no TLS server name for the unix+tls origin (the request has no host; "
+                       "set originServerName)");
+      }
+    }
     if (hostValue.size() > 0) headers.set(kj::HttpHeaderId::HOST, hostValue);
     if (impl.config.httpHostHeader != nullptr && h.host.size() > 0) {
       headers.add("X-Forwarded-Host", h.host);
@@ -281,6 +292,21 @@ private:
     return nullptr;
   }
 
+  static kj::String hostWithoutPort(kj::StringPtr host) {
+    // "a.example:443" -> "a.example", "[::1]:8443" -> "::1"; lower case.
+    kj::ArrayPtr<const char> name = host;
+    if (host.startsWith("[")) {
+      name = host.slice(1, host.findFirst(']').orDefault(host.size()));
+    } else KJ_IF_MAYBE(colon, host.findFirst(':')) {
+      name = host.slice(0, *colon);
+    }
+    auto out = kj::heapString(name);
+    for (char& c: out) {
+      if (c >= 'A' && c <= 'Z') c += 'a' - 'A';
+    }
+    return out;
+  }
+
   static kj::String destHost(kj::StringPtr dest) {
     KJ_IF_MAYBE(pos, dest.findFirst(':')) {
       if (dest.slice(*pos).startsWith("://")) {
@@ -329,7 +355,7 @@ private:
   // ------------------------------------------------------------------------------------------
 
   kj::Promise<void> attempt() {
-    return impl.acquire(retried).then([this](Acquired acquired) {
+    return impl.acquire(retried, tlsName).then([this](Acquired acquired) {
       conn = kj::mv(acquired.conn);
       reused = acquired.reused;
       return exchange();

@@ -109,6 +109,12 @@ struct PyOrigin {
     } else if (path == nullptr) {
       kj::StringPtr argv[] = {python, script, mode};
       child = kj::heap<Child>(argv);
+    } else if (mode == "--unix-tls") {
+      auto cert = kj::str(sourceDir(), "/src/origin/testdata/tls-server.pem");
+      auto key = kj::str(sourceDir(), "/src/origin/testdata/tls-server-key.pem");
+      kj::StringPtr argv[] = {python, script, mode, path, cert, key};
+      child = kj::heap<Child>(argv);
+      unixPath = kj::str(path);
     } else {
       kj::StringPtr argv[] = {python, script, mode, path};
       child = kj::heap<Child>(argv);
@@ -455,6 +461,11 @@ KJ_TEST("parseOriginUrl normalises --url like cloudflared") {
   bad("http_status:abc");
   bad("http_status:999");
   bad("unix:");
+  bad("unix+tls:");
+  auto ut = ok("unix+tls:/run/app.sock");
+  KJ_EXPECT(ut.kind == OriginKind::UNIX_TLS);
+  KJ_EXPECT(ut.unixPath == "/run/app.sock");
+  KJ_EXPECT(ut.toString() == "unix+tls:/run/app.sock");
 }
 
 KJ_TEST("start-up errors: --no-tls-verify, unreadable --origin-ca-pool") {
@@ -976,6 +987,65 @@ KJ_TEST("unix socket origin") {
     KJ_EXPECT(jsonNumber(body, "length") == 5, body);
   }
   KJ_EXPECT(origin->getStats().connectionsOpened == 1);
+  unlink(path.cStr());
+}
+
+KJ_TEST("unix+tls origin: verified like https, named by originServerName or the request's host") {
+  Env env;
+  auto& ws = env.io.waitScope;
+  auto path = kj::str("/tmp/cfqt-origin-test-tls-", getpid(), ".sock");
+  PyOrigin py("--unix-tls", path);
+  auto caPool = kj::str(sourceDir(), "/src/origin/testdata/tls-ca.pem");
+  auto upload = [&](Origin& origin, kj::StringPtr dest) {
+    Call call(origin, "POST", dest, hdrs({{"Content-Length", "5"}}));
+    call.writeBody(ws, "\x00\x01\x02\x03\x04"_kj);
+    auto r = call.reply(ws);
+    KJ_EXPECT(r.status == 200, r.errorText());
+    auto body = call.body(ws);
+    call.done(ws);
+    KJ_EXPECT(jsonNumber(body, "length") == 5, body);
+  };
+  auto failure = [&](Origin& origin, kj::StringPtr dest) {
+    Call call(origin, "GET", dest, nullptr);
+    auto r = call.reply(ws);
+    call.done(ws);
+    return kj::str(r.errorText());
+  };
+  {
+    // No originServerName: the certificate (for "localhost") is checked against the request
+    // URL's host; connections are pooled per name.
+    auto config = configFor(kj::str("unix+tls:", path));
+    KJ_EXPECT(config.kind == OriginKind::UNIX_TLS);
+    config.caPool = kj::str(caPool);
+    auto origin = env.origin(kj::mv(config));
+    for (int i = 0; i < 3; i++) upload(*origin, "https://LocalHost:8443/upload");
+    KJ_EXPECT(origin->getStats().connectionsOpened == 1);
+    auto e = failure(*origin, "https://app.example.com/headers");
+    KJ_EXPECT(contains(e, "tls handshake"), e);
+    KJ_EXPECT(origin->getStats().connectionsOpened == 2);
+    upload(*origin, "https://localhost/upload");
+    KJ_EXPECT(origin->getStats().connectionsReused == 3);
+  }
+  {
+    // originServerName names the origin whatever the visitor's host.
+    auto config = configFor(kj::str("unix+tls:", path));
+    config.caPool = kj::str(caPool);
+    config.originServerName = kj::str("localhost");
+    auto origin = env.origin(kj::mv(config));
+    upload(*origin, "https://app.example.com/upload");
+  }
+  {
+    // Without the CA: the system store does not know the test CA.
+    auto origin = env.origin(kj::str("unix+tls:", path));
+    auto e = failure(*origin, "https://localhost/headers");
+    KJ_EXPECT(contains(e, "tls handshake"), e);
+  }
+  {
+    auto config = configFor(kj::str("unix+tls:", path));
+    config.caPool = kj::str("/nonexistent/ca.pem");
+    auto created = Origin::create(kj::mv(config), env.timer, env.network, env.table);
+    KJ_EXPECT(contains(KJ_ASSERT_NONNULL(created.tryGet<kj::String>()), "/nonexistent/ca.pem"));
+  }
   unlink(path.cStr());
 }
 

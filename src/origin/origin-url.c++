@@ -65,6 +65,7 @@ kj::String OriginConfig::toString() const {
       return kj::str(scheme, host, ':', port);
     }
     case OriginKind::UNIX: return kj::str("unix:", unixPath);
+    case OriginKind::UNIX_TLS: return kj::str("unix+tls:", unixPath);
     case OriginKind::HELLO_WORLD: return kj::str("hello-world");
     case OriginKind::HTTP_STATUS: return kj::str("http_status:", status);
     case OriginKind::HANDLER: return kj::str("in-process");
@@ -86,9 +87,9 @@ OriginConfig helloWorldOrigin() {
   return config;
 }
 
-OriginConfig unixSocketOrigin(kj::StringPtr path) {
+OriginConfig unixSocketOrigin(kj::StringPtr path, bool tls) {
   OriginConfig config;
-  config.kind = OriginKind::UNIX;
+  config.kind = tls ? OriginKind::UNIX_TLS : OriginKind::UNIX;
   config.unixPath = kj::str(path);
   return config;
 }
@@ -118,7 +119,11 @@ kj::OneOf<OriginConfig, kj::String> parseOriginUrl(kj::StringPtr url) {
     return httpStatusOrigin(status);
   }
   if (url.startsWith("unix+tls:")) {
-    return kj::str("unix+tls: origins are not supported by cfqt yet");
+    auto path = url.slice(strlen("unix+tls:"));
+    if (path.size() == 0) {
+      return kj::str("unix+tls: origin needs a socket path (unix+tls:/path/to.sock)");
+    }
+    return unixSocketOrigin(path, true);
   }
   if (url.startsWith("unix:")) {
     auto path = url.slice(strlen("unix:"));
@@ -150,7 +155,7 @@ kj::OneOf<OriginConfig, kj::String> parseOriginUrl(kj::StringPtr url) {
     config.port = 443;
   } else if (scheme == "tcp" || scheme == "ssh" || scheme == "rdp" || scheme == "smb") {
     return kj::str(scheme, ":// origins are not supported by cfqt yet (only http, https, unix, "
-                   "hello-world and http_status origins are)");
+                   "unix+tls, hello-world and http_status origins are)");
   } else {
     return kj::str("origin URL \"", url, "\" has unsupported scheme \"", scheme,
                    "\" (expected http or https)");

@@ -24,6 +24,8 @@ enum class OriginKind {
   HTTP,         // http://host:port
   HTTPS,        // https://host:port, certificate verified (system store or caPool)
   UNIX,         // HTTP/1.1 over a unix socket (`unix:/path`, `--unix-socket`)
+  UNIX_TLS,     // HTTPS over a unix socket (`unix+tls:/path`), verified as HTTPS; the TLS name
+                // is originServerName, else the request's host (cloudflared's Go transport)
   HELLO_WORLD,  // built-in test origin, served in-process
   HTTP_STATUS,  // `http_status:NNN`: answers NNN with an empty body
   HANDLER,      // in-process: each request goes to `OriginConfig::handler` (in-process.h)
@@ -35,7 +37,7 @@ struct OriginConfig {
   OriginKind kind = OriginKind::HTTP;
   kj::String host;       // HTTP/HTTPS: host name or IP literal, without [] brackets
   kj::uint port = 80;        // HTTP/HTTPS
-  kj::String unixPath;   // UNIX
+  kj::String unixPath;   // UNIX, UNIX_TLS
   kj::uint status = 503;     // HTTP_STATUS
   kj::Maybe<InProcessHandler&> handler;    // HANDLER: borrowed, outlives the Origin
 
@@ -58,12 +60,14 @@ struct OriginConfig {
 
 kj::OneOf<OriginConfig, kj::String> parseOriginUrl(kj::StringPtr url);
 // Parses `--url` as cloudflared does (§9.1): no scheme → `http://` prepended; http/https
-// accepted (default ports 80/443), path/query ignored; `unix:/path`; `http_status:NNN`;
+// accepted (default ports 80/443), path/query ignored; `unix:/path`; `unix+tls:/path`;
+// `http_status:NNN`;
 // `hello-world`; tcp/ssh/rdp/smb → "... not supported" error. Never throws on bad input:
 // returns the error text.
 
 OriginConfig helloWorldOrigin();
-OriginConfig unixSocketOrigin(kj::StringPtr path);
+OriginConfig unixSocketOrigin(kj::StringPtr path, bool tls = false);
+// `unix:path`, or `unix+tls:path` when `tls`.
 OriginConfig httpStatusOrigin(kj::uint status);
 OriginConfig inProcessOrigin(InProcessHandler& handler);
 

@@ -254,7 +254,8 @@ Origin::Impl::Impl(const OriginConfig& config, kj::Timer& timer, kj::Network& ne
                                       config.connectTimeout, config.tcpKeepAlive);
       break;
     }
-    case OriginKind::UNIX: {
+    case OriginKind::UNIX:
+    case OriginKind::UNIX_TLS: {
       auto candidates = kj::heapArray<kj::String>(1);
       candidates[0] = kj::str("unix:", config.unixPath);
       address = kj::heap<DialAddress>(timer, network, kj::str("unix ", config.unixPath),
@@ -278,13 +279,23 @@ Origin::Impl::~Impl() noexcept(false) {
   idle.clear();
 }
 
-kj::Promise<Acquired> Origin::Impl::acquire(bool fresh) {
+kj::Promise<Acquired> Origin::Impl::acquire(bool fresh, kj::StringPtr tlsName) {
   sweep();
-  while (!fresh && !idle.empty()) {
-    auto entry = kj::mv(idle.back());
-    idle.removeLast();
-    if (entry->dead) continue;
+  // The newest idle connection made for the same TLS name ("" for every connection of an
+  // origin whose name does not depend on the request).
+  for (size_t i = idle.size(); !fresh && i > 0; i--) {
+    if (idle[i - 1]->dead || idle[i - 1]->conn->tlsName != tlsName) continue;
+    auto entry = kj::mv(idle[i - 1]);
     entry->watch = nullptr;  // cancels the close-watch read before the conn is used again
+    if (i == idle.size()) {
+      idle.removeLast();  // the usual case: one name, the newest connection
+    } else {
+      kj::Vector<kj::Own<IdleEntry>> kept(idle.size());
+      for (auto& other: idle) {
+        if (other.get() != nullptr) kept.add(kj::mv(other));
+      }
+      idle = kj::mv(kept);
+    }
     ++stats.connectionsReused;
     entry->conn->receivedAny = false;
     return Acquired{kj::mv(entry->conn), true};
@@ -293,11 +304,16 @@ kj::Promise<Acquired> Origin::Impl::acquire(bool fresh) {
   auto& addr = *KJ_ASSERT_NONNULL(address);
   auto connecting = addr.connect();
   KJ_IF_MAYBE(t, tls) {
-    connecting = connecting.then([this, t](kj::Own<kj::AsyncIoStream> raw) {
-      kj::StringPtr name = config.host;
+    auto name = kj::str(tlsName);
+    if (name.size() == 0) {
       KJ_IF_MAYBE(n, config.originServerName) {
-        name = *n;
+        name = kj::str(*n);
+      } else {
+        name = kj::str(config.host);
       }
+    }
+    connecting = connecting.then([this, t, name = kj::mv(name)](
+        kj::Own<kj::AsyncIoStream> raw) mutable {
       return timer.timeoutAfter(config.tlsTimeout, (*t)->wrapClient(kj::mv(raw), name))
           .catch_([this](kj::Exception&& e) -> kj::Promise<kj::Own<kj::AsyncIoStream>> {
         return kj::Exception(e.getType(), __FILE__, __LINE__,
@@ -306,8 +322,10 @@ kj::Promise<Acquired> Origin::Impl::acquire(bool fresh) {
       });
     });
   }
-  return connecting.then([](kj::Own<kj::AsyncIoStream> stream) {
-    return Acquired{kj::heap<Conn>(kj::mv(stream)), false};
+  return connecting.then([name = kj::str(tlsName)](kj::Own<kj::AsyncIoStream> stream) mutable {
+    auto conn = kj::heap<Conn>(kj::mv(stream));
+    conn->tlsName = kj::mv(name);
+    return Acquired{kj::mv(conn), false};
   });
 }
 
@@ -387,7 +405,7 @@ kj::OneOf<kj::Own<Origin>, kj::String> Origin::create(OriginConfig config, kj::T
                    "verification (use --origin-ca-pool to trust the origin's certificate)");
   }
   kj::Maybe<kj::Own<kj::TlsContext>> tls;
-  if (config.kind == OriginKind::HTTPS) {
+  if (config.kind == OriginKind::HTTPS || config.kind == OriginKind::UNIX_TLS) {
     kj::Array<kj::TlsCertificate> roots;
     KJ_IF_MAYBE(path, config.caPool) {
       auto loaded = loadPemCertificates(*path, "--origin-ca-pool");

@@ -35,6 +35,7 @@ public:
   size_t begin = 0;
   size_t end = 0;
   bool receivedAny = false;  // any byte received for the current exchange
+  kj::String tlsName;        // acquire()'s `tlsName`: reused only for the same one
 
   size_t leftover() const { return end - begin; }
 
@@ -80,7 +81,10 @@ public:
                                 wire::schema::ConnectRequest::Reader request);
   // Origin::serveStream(): one Exchange per data stream (exchange.c++).
 
-  kj::Promise<Acquired> acquire(bool fresh);
+  kj::Promise<Acquired> acquire(bool fresh, kj::StringPtr tlsName);
+  // An idle connection made for `tlsName`, unless `fresh`, else a new one. `tlsName` is the TLS
+  // server name when it depends on the request (UNIX_TLS without originServerName), else "":
+  // the origin's own (originServerName, else the host).
 
   void release(kj::Own<Conn> conn);
   // Returns a connection whose exchange completed cleanly to the idle pool.

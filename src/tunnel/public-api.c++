@@ -530,7 +530,8 @@ std::unique_ptr<Tunnel> Tunnel::start(const TunnelOptions& o) {
       KJ_CASE_ONEOF(error, kj::String) throw TunnelError("cfqt: invalid origin: " + toStd(error));
       KJ_CASE_ONEOF(config, origin::OriginConfig) r.origin = kj::mv(config);
     }
-    r.service = o.url.find("://") == std::string::npos && o.url.rfind("unix:", 0) != 0
+    r.service = o.url.find("://") == std::string::npos && o.url.rfind("unix:", 0) != 0 &&
+                    o.url.rfind("unix+tls:", 0) != 0
         ? kj::str("http://", toKj(o.url)) : toKj(o.url);
   } else if (!o.unixSocket.empty()) {
     r.origin = origin::unixSocketOrigin(toKj(o.unixSocket));

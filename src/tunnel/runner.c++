@@ -223,6 +223,7 @@ kj::Maybe<kj::String> Runner::IngressConfigHandler::applyConfiguration(
   KJ_SWITCH_ONEOF(parsed) {
     KJ_CASE_ONEOF(e, kj::String) error = kj::mv(e);
     KJ_CASE_ONEOF(config, named::TunnelConfig) {
+      r.warnIgnoredKeys(config);
       auto built = named::Ingress::build(config.ingress, config.originRequest,
                                          KJ_ASSERT_NONNULL(r.baseOrigin));
       KJ_SWITCH_ONEOF(built) {
@@ -248,6 +249,15 @@ kj::Maybe<kj::String> Runner::IngressConfigHandler::applyConfiguration(
   return nullptr;
 }
 
+void Runner::warnIgnoredKeys(const named::TunnelConfig& config) {
+  for (auto& ignored: config.ignored) {
+    observe::Fields fields;
+    fields.add("key", ignored.key).add("source", config.source);
+    if (ignored.line > 0) fields.add("line", ignored.line);
+    logger.warn("An originRequest key is not supported by cfqt and is ignored", fields);
+  }
+}
+
 int Runner::startFailed(kj::StringPtr what, kj::Exception&& e) {
   logger.error(kj::str("Couldn't start tunnel: ", what), observe::Fields().error(e));
   return 1;
@@ -261,6 +271,7 @@ kj::Promise<int> Runner::start() {
                                      originObserver);
     kj::Own<named::Ingress> ingress;
     KJ_IF_MAYBE(config, options.ingressConfig) {
+      warnIgnoredKeys(**config);
       auto built = named::Ingress::build((*config)->ingress, (*config)->originRequest,
                                          options.origin);
       KJ_SWITCH_ONEOF(built) {

@@ -162,6 +162,8 @@ private:
   int supervisorDone();
   kj::Promise<void> returnMemory(uint64_t servedBefore);
   int startFailed(kj::StringPtr what, kj::Exception&& e);
+  void warnIgnoredKeys(const named::TunnelConfig& config);
+  // One warning per originRequest key of `config` that cfqt does not apply.
 
   // Readiness (issue 16).
   kj::String readyToken;

@@ -9,10 +9,16 @@ answer with their own name.
 Cases (`-k NAME` runs the cases whose name contains NAME):
   ingress_routing   --credentials-file + --config: two hostnames and a path rule to three origins,
                     http_status:404 for anything else; `ingress validate` and `ingress rule`
+  ingress_unix_tls  unix+tls: services: an HTTPS origin on a unix socket (certificate from a CA
+                    made with openssl in the temp dir, trusted through originRequest caPool),
+                    verified against the visitor's hostname or originServerName; a name the
+                    certificate does not carry gets 502; an originRequest key cfqt does not
+                    apply (http2Origin) is warned about at start
   remote_config[_http2]  (QUIC, and HTTP/2) a remotely managed tunnel (TUNNEL_TOKEN): 503 before any configuration; push
                     v1, requests follow it; push v2 while a slow request is in flight (it finishes
                     on v1's origin, new ones use v2's); an invalid v3 is refused and v2 keeps
-                    serving; v1 again is ignored; cloudflared_orchestration_config_version
+                    serving; v1 again is ignored; cloudflared_orchestration_config_version; an
+                    originRequest key cfqt does not apply (noHappyEyeballs) is warned about
   replicas          3 cfqt processes run one named tunnel; a bounded load (8 visitors with
                     keep-alive) through the front door; the edge shows 3 connectors serving.
                     (a) SIGTERM one mid-load: zero failed requests, it exits 0. (b) kill -9 one
@@ -34,6 +40,8 @@ import re
 import shutil
 import signal
 import socketserver
+import ssl
+import subprocess
 import sys
 import tempfile
 import threading
@@ -85,6 +93,75 @@ class Origin:
     def close(self):
         self.slow_release.set()
         self.server.shutdown()
+
+
+class UnixTlsOrigin:
+    """An HTTPS/1.1 origin on a unix socket answering "<name> <path>", with `cert`/`key`."""
+
+    def __init__(self, name, path, cert, key):
+        origin = self
+        self.name = name
+        self.path = path
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                body = ("%s %s" % (origin.name, self.path)).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def address_string(self):
+                return "unix"
+
+            def log_message(self, *args):
+                pass
+
+        class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+            daemon_threads = True
+
+            def get_request(self):
+                # The handshake runs in the connection's thread, on its first read.
+                sock, addr = self.socket.accept()
+                return context.wrap_socket(sock, server_side=True,
+                                           do_handshake_on_connect=False), addr
+
+            def handle_error(self, request, client_address):
+                pass   # a client refusing the certificate aborts the handshake: expected here
+
+        self.server = Server(path, Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def make_certificates(workdir, hostnames):
+    """(ca.pem, server.pem, server-key.pem) made with openssl: a CA and a server certificate
+    for `hostnames`, all in `workdir`."""
+    ca_key, ca = os.path.join(workdir, "ca-key.pem"), os.path.join(workdir, "ca.pem")
+    key, csr = os.path.join(workdir, "server-key.pem"), os.path.join(workdir, "server.csr")
+    cert, ext = os.path.join(workdir, "server.pem"), os.path.join(workdir, "server.ext")
+    with open(ext, "w") as f:
+        f.write("subjectAltName=%s\n" % ",".join("DNS:" + h for h in hostnames))
+    steps = [
+        ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-keyout", ca_key, "-out", ca, "-days", "2", "-subj", "/CN=cfqt e2e origin CA"],
+        ["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-keyout", key, "-out", csr, "-subj", "/CN=%s" % hostnames[0]],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", cert, "-days", "2", "-extfile", ext],
+    ]
+    for step in steps:
+        r = subprocess.run(["openssl"] + step, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           timeout=DEADLINE_S)
+        check(r.returncode == 0, "openssl", step[0], "failed:", r.stdout.decode(errors="replace"))
+    return ca, cert, key
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +305,54 @@ ingress:
     check(proc.returncode == 0, "cfqt exited", proc.returncode)
 
 
+def test_ingress_unix_tls(env):
+    hosts = ["secure.example.localhost", "named.example.localhost", "wrong.example.localhost"]
+    t = env.named_tunnel("unix-tls", routes=hosts)
+    creds = write_file(env, "creds-tls.json", json.dumps(t["credentials"]))
+    certdir = os.path.join(env.workdir, "tls")
+    os.mkdir(certdir)
+    ca, cert, key = make_certificates(certdir, ["secure.example.localhost", "origin.internal"])
+    sock = os.path.join(certdir, "origin.sock")
+    origin = UnixTlsOrigin("tls-origin", sock, cert, key)
+    try:
+        config = write_file(env, "unix-tls.yml", """tunnel: %s
+credentials-file: %s
+originRequest:
+  caPool: %s
+  http2Origin: true
+ingress:
+  - hostname: secure.example.localhost
+    service: unix+tls:%s
+  - hostname: named.example.localhost
+    service: unix+tls:%s
+    originRequest:
+      originServerName: origin.internal
+  - hostname: wrong.example.localhost
+    service: unix+tls:%s
+  - service: http_status:404
+""" % (t["id"], creds, ca, sock, sock, sock))
+        out = os.popen("%s tunnel --config %s ingress validate" % (
+            os.path.join(env.bindir, "cfqt"), config)).read()
+        check(out == "Validating rules from %s\nOK\n" % config, repr(out))
+
+        proc, log = env.cfqt(["tunnel", "--config", config, "run"])
+        log.wait_for(r"Registered tunnel connection", count=2)
+        warning = log.wait_for(r"An originRequest key is not supported by cfqt and is ignored")
+        check("key=http2Origin" in warning and "line=5" in warning, warning)
+        cases = [("secure.example.localhost", "/a", 200, "tls-origin /a"),   # the visitor's name
+                 ("named.example.localhost", "/b", 200, "tls-origin /b"),    # originServerName
+                 ("wrong.example.localhost", "/c", 502, None),               # not in the cert
+                 ("secure.example.localhost", "/d?x=1", 200, "tls-origin /d?x=1")]
+        for host, path, status, body in cases:
+            got = env.get(host, path)
+            check(got[0] == status and (body is None or got[1] == body), host, path, "->", got)
+            print("    %s%s -> %d %s" % (host, path, got[0], got[1] if body else ""))
+        stop(proc)
+        check(proc.returncode == 0, "cfqt exited", proc.returncode)
+    finally:
+        origin.close()
+
+
 def test_remote_config(env):
     remote_config_case(env, [])
 
@@ -255,9 +380,11 @@ def remote_config_case(env, extra):
         check(len(answer["connections"]) == 1, answer)
         return answer["connections"][0]["result"]
 
-    r = push(1, {"ingress": [{"service": o0.url}]})
+    r = push(1, {"ingress": [{"service": o0.url, "originRequest": {"noHappyEyeballs": True}}]})
     check(r == {"latestAppliedVersion": 1, "err": ""}, r)
     check(env.get(host, "/x") == (200, "origin-0 /x"), "v1 routes to origin-0")
+    warning = log.wait_for(r"An originRequest key is not supported by cfqt and is ignored")
+    check("key=noHappyEyeballs" in warning and "remote configuration" in warning, warning)
 
     # A slow request on v1's origin stays there while v2 is applied.
     o0.slow_started.clear()
@@ -462,7 +589,7 @@ def test_replicas(env):
             check(proc.returncode == 0, "replica exited", proc.returncode)
 
 
-TESTS = [test_ingress_routing, test_remote_config, test_remote_config_http2, test_replicas]
+TESTS = [test_ingress_routing, test_ingress_unix_tls, test_remote_config, test_remote_config_http2, test_replicas]
 
 
 def main():

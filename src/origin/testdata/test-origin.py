@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 # Test origin for src/origin/origin-test.c++. HTTP/1.1 with keep-alive, one thread per
-# connection. Listens on 127.0.0.1:0 (or --unix PATH, or --ipv6) and prints "PORT <n>" (or
-# "READY") on stdout once listening.
+# connection. Listens on 127.0.0.1:0 (or --unix PATH, or --unix-tls PATH CERT KEY: HTTPS on a
+# unix socket, or --ipv6) and prints "PORT <n>" (or "READY") on stdout once listening.
 #
 # Bodies use a fixed pattern: byte i of a body is (i % 251). Endpoints:
 #   GET  /bytes?n=N[&chunked=1][&chunk=S]  N pattern bytes (Content-Length, or chunked in S-byte chunks)
@@ -324,9 +324,30 @@ class UnixServer(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
 
 
+class UnixTlsServer(UnixServer):
+    # The TLS handshake runs in the connection's thread (on its first read), not in accept().
+    def __init__(self, path, handler, context):
+        self.context = context
+        super().__init__(path, handler)
+
+    def get_request(self):
+        sock, addr = self.socket.accept()
+        return self.context.wrap_socket(sock, server_side=True,
+                                        do_handshake_on_connect=False), addr
+
+
 def main():
     args = sys.argv[1:]
-    if args[:1] == ["--unix"]:
+    if args[:1] == ["--unix-tls"]:
+        import ssl
+        path = args[1]
+        if os.path.exists(path):
+            os.unlink(path)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args[2], args[3])
+        server = UnixTlsServer(path, Handler, context)
+        print("READY", flush=True)
+    elif args[:1] == ["--unix"]:
         path = args[1]
         if os.path.exists(path):
             os.unlink(path)
