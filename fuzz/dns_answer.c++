@@ -1,8 +1,7 @@
 // libFuzzer target: a DNS answer as the client's DNS-over-TLS discovery decodes it
 // (decodeSrvResponse: header checks, then c-ares parses the SRV answers), for the query id in
 // the input's first two bytes most of the time, so the answers get parsed. (Debian's c-ares is
-// not instrumented; the checks around it are cfqt's.) A/AAAA answers have no decoder of cfqt's
-// own on this branch: c-ares resolves them.
+// not instrumented; the checks around it are cfqt's.) A/AAAA answers: fuzz/dns_address.c++.
 
 #include "fuzz/fuzz-support.h"
 
