@@ -867,7 +867,9 @@ def test_make_run_demo(env):
         check(b"cfqt hello world" in body, body[:300])
         p.send_signal(signal.SIGTERM)   # the script forwards it; cfqt shuts down gracefully
         check(p.wait(DEADLINE_S) == 0, "run-demo exit code", log.text()[-2000:])
-        check(re.search(r"Tunnel server stopped", log.text()), "no graceful stop")
+        log.wait_closed()   # the reader thread may not have taken the last lines yet
+        check(re.search(r"Tunnel server stopped", log.text()), "no graceful stop",
+              log.text()[-2000:])
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
