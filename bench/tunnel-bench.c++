@@ -210,7 +210,7 @@ public:
 class Harness {
 public:
   Harness(kj::AsyncIoContext& io, emulator::Emulator& emu): io(io), emu(emu) {
-    emu.registry().observeRegistrations([this](emulator::ConnectionRecord& record) {
+    emu.registry().onRegistered([this](emulator::ConnectionRecord& record) {
       if (registered++ == 0) firstRegistration = nowSeconds();
       tunnel = &record.tunnel;
       if (registered >= target) {

@@ -170,8 +170,7 @@ kj::OneOf<ConnectionRecord*, RegistrationError> Registry::registerConnection(
     }
   }
   pruneClosed();
-  KJ_IF_MAYBE(observer, registrationObserver) (*observer)(*result);
-  KJ_IF_MAYBE(callback, registeredCallback) (*callback)(*result);
+  for (auto& callback: registeredCallbacks) callback(*result);
   return result;
 }
 
@@ -181,10 +180,6 @@ bool Registry::registeredFor(const IssuedTunnel& tunnel, kj::Duration delay) con
     return true;
   }
   return false;
-}
-
-void Registry::observeRegistrations(kj::Function<void(ConnectionRecord&)> observer) {
-  registrationObserver = kj::mv(observer);
 }
 
 void Registry::unregisterConnection(ConnectionRecord& record) {

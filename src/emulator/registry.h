@@ -174,16 +174,14 @@ public:
   // True once `delay` has passed since the tunnel's first registration (false before any; with
   // no clock set, true once it registered).
   void onRegistered(kj::Function<void(ConnectionRecord&)> callback) {
-    registeredCallback = kj::mv(callback);
+    registeredCallbacks.add(kj::mv(callback));
   }
-  // Called after every successful registration, before the answer goes back.
+  // Adds a callback run on every accepted registration, in the order added, just before the
+  // edge sends its answer (the emulator pushes a remotely managed tunnel's configuration with
+  // one; cfqt-bench times exec -> first registration with another).
 
   void rejectNextRegistrations(RegistrationError error, kj::uint count = 1);
   // The next `count` registerConnection calls get `error` regardless of their credentials.
-
-  void observeRegistrations(kj::Function<void(ConnectionRecord&)> observer);
-  // `observer` runs on every accepted registration, just before the edge sends its answer
-  // (cfqt-bench times exec -> first registration with it). Replaces any previous observer.
 
   kj::ArrayPtr<kj::Own<IssuedTunnel>> tunnels() { return tunnelList; }
   kj::ArrayPtr<kj::Own<ConnectionRecord>> connections() { return records; }
@@ -201,10 +199,9 @@ private:
   kj::Vector<kj::Own<ConnectionRecord>> records;
   kj::uint nextConnectionId = 1;
   kj::Maybe<RegistrationError> injectedError;
-  kj::Maybe<kj::Function<void(ConnectionRecord&)>> registeredCallback;
+  kj::Vector<kj::Function<void(ConnectionRecord&)>> registeredCallbacks;
   kj::uint injectedCount = 0;
   kj::Maybe<const kj::MonotonicClock&> clock;
-  kj::Maybe<kj::Function<void(ConnectionRecord&)>> registrationObserver;
 
   kj::Maybe<IssuedTunnel&> findById(kj::ArrayPtr<const kj::byte> id);
   void pruneClosed();
