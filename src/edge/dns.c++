@@ -561,8 +561,8 @@ kj::Promise<kj::Array<SrvRecord>> querySrvOverTls(
 
 AddressAnswer decodeAddressResponse(kj::ArrayPtr<const kj::byte> message, uint16_t queryId,
                                     bool ipv6) {
-  auto failed = [](kj::String reason, bool notFound = false) {
-    return AddressAnswer{nullptr, kj::mv(reason), notFound};
+  auto failed = [](kj::String reason, bool notFound = false, bool nxdomain = false) {
+    return AddressAnswer{nullptr, kj::mv(reason), notFound, nxdomain};
   };
   if (message.size() < 12) return failed(kj::str("malformed answer (", message.size(), " bytes)"));
   uint16_t id = (uint16_t(message[0]) << 8) | message[1];
@@ -570,7 +570,7 @@ AddressAnswer decodeAddressResponse(kj::ArrayPtr<const kj::byte> message, uint16
   if ((message[2] & 0x80) == 0) return failed(kj::str("malformed answer (not a response)"));
   if ((message[2] & 0x02) != 0) return failed(kj::str("truncated answer (TC)"));
   uint rcode = message[3] & 0x0f;
-  if (rcode == 3) return failed(kj::str("domain name not found (NXDOMAIN)"), true);
+  if (rcode == 3) return failed(kj::str("domain name not found (NXDOMAIN)"), true, true);
   if (rcode != 0) return failed(kj::str("the DNS server answered rcode ", rcode));
   if (message.size() > MAX_DNS_MESSAGE) return failed(kj::str("malformed answer (too long)"));
   constexpr int MAX_ADDRESSES = 32;

@@ -92,6 +92,7 @@ struct AddressAnswer {
   kj::Array<kj::String> addresses;  // IP addresses as text, in answer order; empty on error
   kj::String error;                 // "" on success, else why there is no usable address
   bool notFound = false;            // NXDOMAIN or NODATA: the name has no such record (yet)
+  bool nxdomain = false;            // NXDOMAIN: the name itself does not exist (yet)
 };
 
 AddressAnswer decodeAddressResponse(kj::ArrayPtr<const kj::byte> message, uint16_t queryId,

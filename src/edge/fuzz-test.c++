@@ -311,6 +311,7 @@ KJ_TEST("decodeAddressResponse: A and AAAA answers, NXDOMAIN, NODATA") {
   nx[3] = (nx[3] & 0xf0) | 3;
   auto nxAnswer = decodeAddressResponse(nx, 0x4242, false);
   KJ_EXPECT(nxAnswer.notFound && nxAnswer.error == "domain name not found (NXDOMAIN)");
+  KJ_EXPECT(nxAnswer.nxdomain && !wrongType.nxdomain);
   auto servfail = addressResponse(false);
   servfail[3] = (servfail[3] & 0xf0) | 2;
   auto sf = decodeAddressResponse(servfail, 0x4242, false);

@@ -284,13 +284,9 @@ kj::Array<kj::String> ReadyProbe::addresses(edge::AddressAnswer v4, edge::Addres
   // family that answered (an A lost this way left only ::1 to probe, forever).
   // An NXDOMAIN next to the other family's addresses means the name was published between the
   // two questions (the A question answered before it existed): ask both again too.
-  auto nxdomain = [](const edge::AddressAnswer& a) {
-    return a.notFound && a.error.findFirst('(') != nullptr &&
-           a.error.slice(KJ_ASSERT_NONNULL(a.error.findFirst('('))).startsWith("(NXDOMAIN)");
-  };
   bool published = v4.addresses.size() > 0 || v6.addresses.size() > 0;
   for (auto answer: {&v4, &v6}) {
-    if ((answer->error.size() > 0 && !answer->notFound) || (published && nxdomain(*answer))) {
+    if ((answer->error.size() > 0 && !answer->notFound) || (published && answer->nxdomain)) {
       lastAnswer = kj::str(answer->error);
       logger.debug("DNS answer incomplete; asking again",
                    observe::Fields().add("hostname", hostname).add("answer", lastAnswer.asPtr()));
