@@ -126,6 +126,23 @@ class LogFollower:
             return "\n".join(self.lines)
 
 
+def wait_until(what, predicate, timeout=DEADLINE_S, interval=0.02, ignore=()):
+    """Polls predicate() (state with no event to wait on, e.g. an admin API) until it returns a
+    true value, which is returned; exceptions of the types in `ignore` count as "not yet". Fail
+    after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except ignore:
+            pass
+        if time.monotonic() > deadline:
+            raise Fail("timed out waiting for " + what)
+        time.sleep(interval)
+
+
 def start_process(cmd, env=None, sink=None, follow_log=True):
     """Starts cmd with its stdout piped and lists it in PROCS: (process, LogFollower of its
     stderr), or (process, None) with follow_log=False (stderr then goes nowhere)."""

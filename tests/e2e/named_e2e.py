@@ -48,7 +48,8 @@ import threading
 import time
 
 from e2e_support import (DEADLINE_S, Edge, Fail, argument_parser, check, exit_failure, kill,
-                         prepare_run, run_tests, sanitizer_failures, set_up, start_process, stop)
+                         prepare_run, run_tests, sanitizer_failures, set_up, start_process, stop,
+                         wait_until)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,17 +225,6 @@ class Env:
         finally:
             if own:
                 conn.close()
-
-
-def wait_until(what, predicate, timeout=DEADLINE_S, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise Fail("timed out waiting for " + what)
-        time.sleep(interval)
 
 
 def connector_id(log):

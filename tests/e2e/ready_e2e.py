@@ -32,7 +32,8 @@ import threading
 import time
 
 from e2e_support import (DEADLINE_S, PROCS, Edge, Fail, Skip, argument_parser, check, kill,
-                         prepare_run, run_tests, sanitizer_failures, start_process, stop)
+                         prepare_run, run_tests, sanitizer_failures, start_process, stop,
+                         wait_until)
 
 PROBE_HEADER = "cfqt-ready-probe"
 
@@ -194,14 +195,8 @@ def url_after_delays(env, dns_delay, route_delay):
     try:
         proc, log, started = cfqt(env, e, origin.port, "20s")
         # The first registration starts both delays; note when it was logged.
-        registered_at = None
-        deadline = time.monotonic() + DEADLINE_S
-        while registered_at is None and time.monotonic() < deadline:
-            if log.count(r"INF Registered tunnel connection") > 0:
-                registered_at = time.monotonic()
-            else:
-                time.sleep(0.005)
-        check(registered_at is not None, "no registration logged")
+        log.wait_for(r"INF Registered tunnel connection")
+        registered_at = time.monotonic()
         url, url_at = read_url(proc, DEADLINE_S)
         check(url and url.startswith("https://") and url.endswith(".trycloudflare.localhost"),
               "URL line:", url)
@@ -408,8 +403,8 @@ def inner_no_poisoned_cache(bindir, workdir):
               (len(re.findall(r"query\[A+\] api\.ready\.test", text)), hostname), flush=True)
         # The check could fail: a system lookup of the hostname does show up in that log.
         socket.getaddrinfo(hostname, 443)
-        time.sleep(0.2)
-        check(hostname in open(querylog).read(), "dnsmasq does not log a lookup of", hostname)
+        wait_until("dnsmasq logging a lookup of " + hostname,
+                   lambda: hostname in open(querylog).read())
         stop(proc)
         check(proc.returncode == 0, "cfqt exited with", proc.returncode)
     finally:

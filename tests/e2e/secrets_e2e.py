@@ -30,6 +30,7 @@ import time
 
 from e2e_support import (DEADLINE_S, PROCS, SANITIZER, Edge, argument_parser, check,
                          prepare_run, stop, unused_port)
+from e2e_support import wait_until as poll_until
 
 
 class ApiProxy(http.server.ThreadingHTTPServer):
@@ -100,17 +101,21 @@ class RawStderr:
 
     def __init__(self, stream):
         self.data = bytearray()
-        self.lock = threading.Lock()
+        self.closed = False
+        self.lock = threading.Condition()
         self.thread = threading.Thread(target=self.run, args=(stream,), daemon=True)
         self.thread.start()
 
     def run(self, stream):
         while True:
             chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
-            if not chunk:
-                return
             with self.lock:
+                if not chunk:
+                    self.closed = True
+                    self.lock.notify_all()
+                    return
                 self.data += chunk
+                self.lock.notify_all()
 
     def text(self):
         with self.lock:
@@ -119,12 +124,13 @@ class RawStderr:
     def wait_for(self, pattern, start=0, timeout=DEADLINE_S):
         rx = re.compile(pattern)
         end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if rx.search(self.text()[start:]):
-                return
-            time.sleep(0.02)
-        raise AssertionError("cfqt's log never showed %r; tail:\n%s" %
-                             (pattern, self.text()[-3000:]))
+        with self.lock:
+            while not rx.search(self.data.decode(errors="replace")[start:]):
+                left = end - time.monotonic()
+                if left <= 0 or self.closed:
+                    raise AssertionError("cfqt's log never showed %r; tail:\n%s" %
+                                         (pattern, self.data.decode(errors="replace")[-3000:]))
+                self.lock.wait(left)
 
 
 def get(addr, path, host=None):
@@ -138,15 +144,9 @@ def get(addr, path, host=None):
 
 
 def wait_until(what, fn, timeout=DEADLINE_S):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if fn():
-                return
-        except (OSError, http.client.HTTPException, ValueError):
-            pass
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting for " + what)
+    # While cfqt and the edge come up, their pages may refuse or answer half: "not yet".
+    return poll_until(what, fn, timeout, interval=0.05,
+                                  ignore=(OSError, http.client.HTTPException, ValueError))
 
 
 def run(bindir, workdir, protocol):
