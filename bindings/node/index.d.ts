@@ -14,6 +14,10 @@ export interface TunnelOptions {
   edges?: string[];
   /** PEM file trusted alone for the edge's certificate. */
   edgeCaFile?: string;
+  /** https:// origins: PEM file of roots trusted besides the system store. */
+  originCaPool?: string;
+  /** https:// origins: the name their certificate is checked against (default: the URL's host). */
+  originServerName?: string;
   /** "auto" (default), "quic" or "http2". */
   protocol?: 'auto' | 'quic' | 'http2';
   /** debug, info (default), warn, error, fatal. */

@@ -371,6 +371,8 @@ async function startTunnel(options = {}) {
     quickService: options.quickService,
     edges: options.edges,
     edgeCaFile: options.edgeCaFile,
+    originCaPool: options.originCaPool,
+    originServerName: options.originServerName,
     protocol: options.protocol,
     logLevel: options.logLevel,
     metrics: options.metrics === true,

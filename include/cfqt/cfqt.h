@@ -87,6 +87,15 @@ typedef struct cfqt_options {
   const char* credentials_file;
   const cfqt_ingress_rule* ingress;  /* named tunnels: first match wins, the last rule must */
   size_t ingress_count;              /* match everything */
+  /* https:// and unix+tls: origins (as --origin-ca-pool, --origin-server-name). */
+  const char* origin_ca_pool;        /* NULL = the system trust store only */
+  const char* origin_server_name;    /* NULL = the origin URL's host */
+  /* protocol "auto" (as --fallback-after, --quic-retry-interval, --quic-failure-limit,
+   * --quic-failure-window); 0 = the default. */
+  int fallback_after_ms;             /* 0 = 2000 */
+  int quic_retry_interval_ms;        /* 0 = 300000 */
+  int quic_failure_limit;            /* 0 = 3; -1 = never move to HTTP/2 for QUIC failures */
+  int quic_failure_window_ms;        /* 0 = 60000 */
 } cfqt_options;
 
 #define CFQT_STAGE_TUNNEL 1     /* no quick tunnel / edge connections yet */

@@ -51,6 +51,11 @@ struct TunnelOptions {
   bool helloWorld = false;
   std::string unixSocket;
   std::string httpHostHeader;
+  // https:// and unix+tls: origins (as --origin-ca-pool, --origin-server-name; for named tunnels
+  // also the defaults of every ingress rule): a PEM file of roots trusted besides the system
+  // store, and the name the origin's certificate is checked against ("" = the URL's host).
+  std::string originCaPool;
+  std::string originServerName;
 
   // Edge access. Empty = production defaults (api.trycloudflare.com, SRV discovery, the
   // Cloudflare roots embedded in cfqt plus the system store).
@@ -122,7 +127,7 @@ struct TunnelOptions {
     std::string path;       // POSIX extended regex searched in the request path; "" = any
     std::string service;    // http://..., https://..., unix:/path, unix+tls:/path, http_status:NNN,
                             // hello_world (an https/unix+tls origin is verified against the
-                            // system store: the library has no caPool option)
+                            // system store and originCaPool)
   };
   std::vector<IngressRule> ingress;
   // Named tunnels: the first rule matching a request's hostname and path serves it; the last rule

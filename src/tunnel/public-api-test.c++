@@ -189,6 +189,21 @@ KJ_TEST("public C++ API: invalid options throw TunnelError") {
       KJ_FAIL_ASSERT(e.what());
     }
   });
+  o.quicFailureLimit = 3;
+  // Certificate files are checked by start(), not by each dial.
+  o.originCaPool = "/nonexistent/origin-ca.pem";
+  KJ_EXPECT_THROW_MESSAGE("originCaPool /nonexistent/origin-ca.pem: cannot read", {
+    try { cfqt::Tunnel::start(o); } catch (const cfqt::TunnelError& e) {
+      KJ_FAIL_ASSERT(e.what());
+    }
+  });
+  o.originCaPool = "";
+  o.edgeCaFile = "/proc/self/status";   // readable, not PEM
+  KJ_EXPECT_THROW_MESSAGE("edgeCaFile /proc/self/status", {
+    try { cfqt::Tunnel::start(o); } catch (const cfqt::TunnelError& e) {
+      KJ_FAIL_ASSERT(e.what());
+    }
+  });
 }
 
 KJ_TEST("public C++ API: protocol http2 serves through cfqt-edge's HTTP/2 edge") {
@@ -246,6 +261,23 @@ KJ_TEST("C API: start, wait for URL, stop, free") {
   error[0] = '\0';
   KJ_EXPECT(cfqt_tunnel_start(nullptr, error, sizeof(error)) == nullptr);
   KJ_EXPECT(strstr(error, "nothing to expose") != nullptr, error);
+
+  // The fields after ingress_count: 0 keeps a default, other values reach the C++ options.
+  cfqt_options timing;
+  cfqt_options_init(&timing);
+  timing.hello_world = 1;
+  timing.fallback_after_ms = -5;
+  KJ_EXPECT(cfqt_tunnel_start(&timing, error, sizeof(error)) == nullptr);
+  KJ_EXPECT(strstr(error, "fallbackAfter, quicRetryInterval and quicFailureWindow must be") !=
+            nullptr, error);
+  timing.fallback_after_ms = 0;
+  timing.quic_failure_limit = -2;
+  KJ_EXPECT(cfqt_tunnel_start(&timing, error, sizeof(error)) == nullptr);
+  KJ_EXPECT(strstr(error, "quicFailureLimit must not be negative") != nullptr, error);
+  timing.quic_failure_limit = 0;
+  timing.origin_ca_pool = "/nonexistent/origin-ca.pem";
+  KJ_EXPECT(cfqt_tunnel_start(&timing, error, sizeof(error)) == nullptr);
+  KJ_EXPECT(strstr(error, "originCaPool /nonexistent/origin-ca.pem") != nullptr, error);
 }
 
 KJ_TEST("public C++ API: stop or destroy at awkward moments, calls from several threads") {

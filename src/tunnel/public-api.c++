@@ -15,6 +15,7 @@
 #include "observe/metrics-server.h"
 #include "origin/in-process.h"
 #include "origin/origin.h"
+#include "origin/tls-roots.h"
 
 #include <gnutls/crypto.h>
 
@@ -51,6 +52,15 @@ struct SharedState {
 };
 
 kj::String toKj(const std::string& s) { return kj::heapString(s.data(), s.size()); }
+
+void checkPemFile(const std::string& path, kj::StringPtr option) {
+  // Throws TunnelError unless `path` is empty or a readable PEM file with a certificate.
+  if (path.empty()) return;
+  auto loaded = origin::loadPemCertificates(toKj(path), option);
+  KJ_IF_MAYBE(error, loaded.tryGet<kj::String>()) {
+    throw TunnelError(std::string("cfqt: ") + error->cStr());
+  }
+}
 std::string toStd(kj::StringPtr s) { return std::string(s.begin(), s.size()); }
 
 LogLevel publicLevel(observe::LogLevel level) {
@@ -555,6 +565,10 @@ std::unique_ptr<Tunnel> Tunnel::start(const TunnelOptions& o) {
     if (!o.ingress.empty()) {
       auto config = kj::heap<named::TunnelConfig>();
       config->source = kj::str("TunnelOptions::ingress");
+      if (!o.originServerName.empty()) {
+        config->originRequest.originServerName = toKj(o.originServerName);
+      }
+      if (!o.originCaPool.empty()) config->originRequest.caPool = toKj(o.originCaPool);
       for (auto& rule: o.ingress) {
         named::IngressRuleConfig c;
         c.hostname = toKj(rule.hostname);
@@ -571,6 +585,12 @@ std::unique_ptr<Tunnel> Tunnel::start(const TunnelOptions& o) {
     throw TunnelError("cfqt: ingress rules are for named tunnels: set token or credentials");
   }
   if (!o.httpHostHeader.empty()) r.origin.httpHostHeader = toKj(o.httpHostHeader);
+  if (!o.originServerName.empty()) r.origin.originServerName = toKj(o.originServerName);
+  if (!o.originCaPool.empty()) r.origin.caPool = toKj(o.originCaPool);
+  // Certificate files are read now, so that a wrong path fails start() rather than every dial.
+  checkPemFile(o.edgeCaFile, "edgeCaFile");
+  checkPemFile(o.originCaPool, "originCaPool");
+  checkPemFile(o.readyCaFile, "readyCaFile");
   if (o.haConnections < 1 || o.haConnections > 4) {
     throw TunnelError("cfqt: haConnections must be between 1 and 4");
   }
@@ -757,6 +777,20 @@ cfqt_tunnel* cfqt_tunnel_start(const cfqt_options* options, char* error, size_t 
       };
       if (options->handler_threads > 0) o.handlerThreads = options->handler_threads;
       if (options->handler_threads < 0) o.handlerThreads = 0;   // inline
+    }
+    if (options->origin_ca_pool != nullptr) o.originCaPool = options->origin_ca_pool;
+    if (options->origin_server_name != nullptr) o.originServerName = options->origin_server_name;
+    if (options->fallback_after_ms != 0) {
+      o.fallbackAfter = std::chrono::milliseconds(options->fallback_after_ms);
+    }
+    if (options->quic_retry_interval_ms != 0) {
+      o.quicRetryInterval = std::chrono::milliseconds(options->quic_retry_interval_ms);
+    }
+    if (options->quic_failure_limit > 0) o.quicFailureLimit = options->quic_failure_limit;
+    if (options->quic_failure_limit == -1) o.quicFailureLimit = 0;
+    if (options->quic_failure_limit < -1) o.quicFailureLimit = options->quic_failure_limit;
+    if (options->quic_failure_window_ms != 0) {
+      o.quicFailureWindow = std::chrono::milliseconds(options->quic_failure_window_ms);
     }
     if (options->token != nullptr) o.token = options->token;
     if (options->credentials_json != nullptr) o.credentialsJson = options->credentials_json;

@@ -316,6 +316,8 @@ Napi::Value Start(const Napi::CallbackInfo& info) {
   options.hello_world = o.Get("helloWorld").ToBoolean() ? 1 : 0;
   options.quick_service = keep(optString(o, "quickService"));
   options.edge_ca_file = keep(optString(o, "edgeCaFile"));
+  options.origin_ca_pool = keep(optString(o, "originCaPool"));
+  options.origin_server_name = keep(optString(o, "originServerName"));
   options.protocol = keep(optString(o, "protocol"));
   options.log_level = keep(optString(o, "logLevel"));
   options.metrics_address = keep(optString(o, "metricsAddress"));

@@ -235,6 +235,8 @@ class Tunnel:
                  quick_service: Optional[str] = None,
                  edges: Optional[Iterable[str]] = None,
                  edge_ca_file: Optional[str] = None,
+                 origin_ca_pool: Optional[str] = None,
+                 origin_server_name: Optional[str] = None,
                  ha_connections: int = 2,
                  grace_period: float = 30.0,
                  backoff_base: float = 1.0,
@@ -274,6 +276,8 @@ class Tunnel:
             options.edges = array
             options.edge_count = len(edge_list)
         options.edge_ca_file = s(edge_ca_file)
+        options.origin_ca_pool = s(origin_ca_pool)
+        options.origin_server_name = s(origin_server_name)
         options.ha_connections = int(ha_connections)
         options.grace_period_ms = int(grace_period * 1000)
         options.backoff_base_ms = int(backoff_base * 1000)

@@ -59,6 +59,12 @@ class Options(ctypes.Structure):
         ("credentials_file", ctypes.c_char_p),
         ("ingress", ctypes.c_void_p),
         ("ingress_count", ctypes.c_size_t),
+        ("origin_ca_pool", ctypes.c_char_p),
+        ("origin_server_name", ctypes.c_char_p),
+        ("fallback_after_ms", ctypes.c_int),
+        ("quic_retry_interval_ms", ctypes.c_int),
+        ("quic_failure_limit", ctypes.c_int),
+        ("quic_failure_window_ms", ctypes.c_int),
     ]
 
 

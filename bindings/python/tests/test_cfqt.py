@@ -39,6 +39,45 @@ def test_origin_tunnel_url_ready_status_metrics(edge):
         assert not t.running
 
 
+def test_https_origin_trusted_through_origin_ca_pool(edge):
+    """An https origin whose certificate only origin_ca_pool vouches for."""
+    import http.server
+    import os
+    import ssl
+
+    testdata = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..",
+                            "src", "origin", "testdata")
+
+    class Hello(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = b"over tls"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # noqa: ANN002
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(os.path.join(testdata, "tls-server.pem"),
+                            os.path.join(testdata, "tls-server-key.pem"))
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = "https://127.0.0.1:%d" % server.server_address[1]
+        with pytest.raises(cfqt.CfqtError, match="originCaPool"):
+            cfqt.Tunnel(url, origin_ca_pool="/nonexistent/ca.pem", **edge.options())
+        with cfqt.Tunnel(url, origin_ca_pool=os.path.join(testdata, "tls-ca.pem"),
+                         origin_server_name="localhost", **edge.options()) as t:
+            t.wait_ready(timeout=20)
+            status, _, body = edge.request(t.hostname, "GET", "/")
+            assert (status, body) == (200, b"over tls")
+    finally:
+        server.shutdown()
+
+
 def test_wait_serving_names_the_stage_and_logs_go_to_the_callback(edge):
     lines = []
     options = edge.options(log_level="info")
