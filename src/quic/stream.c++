@@ -40,8 +40,9 @@ void ConnectionImpl::releaseCredit(StreamState& state) {
   uint64_t connOwed = state.connCreditOwed;
   state.creditOwed = 0;
   state.connCreditOwed = 0;
+  if (owed == 0 && connOwed == 0) return;
   credit(state, owed, connOwed);
-  scheduleFlush();
+  scheduleAckFlush();   // window updates: they may wait for data, like ACKs (deferFlush())
 }
 
 uint64_t ConnectionImpl::discardUnread(StreamState& state) {
@@ -66,8 +67,10 @@ void ConnectionImpl::shutdownRead(StreamState& state, uint64_t code) {
     if (unread > 0) ngtcp2_conn_extend_max_offset(conn, unread);
     if (!state.closedByNgtcp2 && !state.rxFin) {
       ngtcp2_conn_shutdown_stream_read(conn, state.id, code);
+      scheduleFlush();      // STOP_SENDING goes out now
+    } else if (unread > 0) {
+      scheduleAckFlush();   // only credit
     }
-    scheduleFlush();
   }
 }
 
@@ -226,7 +229,7 @@ kj::Promise<size_t> StreamHandle::tryRead(void* buffer, size_t minBytes, size_t 
   conn->recvBuffered -= n;
   if (n > 0) {
     conn->consumed(s, n);
-    conn->scheduleFlush();
+    conn->scheduleAckFlush();
   }
   if (n >= minBytes || (s.rxFin && s.rxBuffered == 0)) return n;
   if (!conn->isOpen()) return conn->closeException();
