@@ -57,6 +57,13 @@ int ConnectionImpl::cbHandshakeCompleted(ngtcp2_conn*, void* ud) {
   return 0;
 }
 
+int ConnectionImpl::cbHandshakeConfirmed(ngtcp2_conn*, void* ud) {
+  auto& self = *static_cast<ConnectionImpl*>(ud);
+  self.handshakeConfirmed = true;
+  self.urgentFlush = true;   // HANDSHAKE_DONE, the handshake's last ACKs: not deferred
+  return 0;
+}
+
 int ConnectionImpl::cbRecvStreamData(ngtcp2_conn*, uint32_t flags, int64_t id, uint64_t offset,
                                      const uint8_t* data, size_t len, void* ud, void* sud) {
   static_cast<ConnectionImpl*>(ud)->rxEliciting = true;

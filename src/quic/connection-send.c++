@@ -116,7 +116,7 @@ bool ConnectionImpl::deferFlush(uint64_t ts) {
   // packet, and one wake-up of the peer, instead of two. A second packet received, data or a
   // datagram to send, any other request for a flush, or a timer event flush at once; the
   // connection's timer ends the wait (rearm()).
-  if (ackDelayNs == 0 || urgentFlush || !handshakeCompleted || rxSinceSend >= 2 ||
+  if (ackDelayNs == 0 || urgentFlush || !handshakeConfirmed || rxSinceSend >= 2 ||
       !sendQueue.empty() || !datagramQueue.empty()) {
     return false;
   }

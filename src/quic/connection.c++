@@ -70,6 +70,7 @@ void ConnectionImpl::setup(const ngtcp2_cid& dcid, const ngtcp2_cid& scid, uint3
   cb.get_new_connection_id = cbGetNewConnectionId;
   cb.remove_connection_id = cbRemoveConnectionId;
   cb.handshake_completed = cbHandshakeCompleted;
+  cb.handshake_confirmed = cbHandshakeConfirmed;
   cb.recv_stream_data = cbRecvStreamData;
   cb.stream_open = cbStreamOpen;
   cb.stream_close = cbStreamClose;

@@ -567,6 +567,7 @@ private:
   uint64_t armedExpiry = UINT64_MAX;
   uint64_t ackDelayNs = 0;      // TransportConfig::ackDelay, capped at max_ack_delay
   bool urgentFlush = false;     // a flush was asked for something other than an ACK or credit
+  bool handshakeConfirmed = false;  // no flush is deferred before (deferFlush())
   uint32_t rxSinceSend = 0;     // data-bearing packets received since a flush last sent one
   bool rxEliciting = false;     // the packet being read brought stream data, a reset, credit...
   uint64_t deferredSince = 0;   // ns: a flush is being deferred (deferFlush()) since
@@ -634,6 +635,7 @@ private:
                                   void* ud);
   static int cbRemoveConnectionId(ngtcp2_conn*, const ngtcp2_cid* cid, void* ud);
   static int cbHandshakeCompleted(ngtcp2_conn*, void* ud);
+  static int cbHandshakeConfirmed(ngtcp2_conn*, void* ud);
   static int cbRecvStreamData(ngtcp2_conn*, uint32_t flags, int64_t id, uint64_t offset,
                               const uint8_t* data, size_t len, void* ud, void* sud);
   static int cbStreamOpen(ngtcp2_conn*, int64_t id, void* ud);
