@@ -53,7 +53,14 @@ int ConnectionImpl::cbRemoveConnectionId(ngtcp2_conn*, const ngtcp2_cid* cid, vo
 }
 
 int ConnectionImpl::cbHandshakeCompleted(ngtcp2_conn*, void* ud) {
-  static_cast<ConnectionImpl*>(ud)->handshakeCompleted = true;
+  auto& self = *static_cast<ConnectionImpl*>(ud);
+  self.handshakeCompleted = true;
+  if (self.server) {
+    // A server's handshake is confirmed when it completes; ngtcp2 0.12 calls
+    // handshake_confirmed only on the client.
+    self.handshakeConfirmed = true;
+    self.urgentFlush = true;
+  }
   return 0;
 }
 
