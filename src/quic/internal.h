@@ -196,7 +196,7 @@ public:
   uint64_t rxBuffered = 0;
   bool rxFin = false;           // FIN received (all data is in `rx`)
   bool readShut = false;        // we sent STOP_SENDING or the handle is gone: discard data
-  kj::Maybe<kj::Exception> rxError;
+  kj::Maybe<kj::Own<kj::Exception>> rxError;   // on the heap: a kj::Exception is 368 bytes
   uint64_t rxPrepaid = 0;        // of rxBuffered: connection credit already returned at receipt
   bool creditWithheld = false;
   uint64_t creditOwed = 0;      // consumed while withheld: stream credit owed to the peer
@@ -225,7 +225,7 @@ public:
   bool flowBlocked = false;
   bool writeWatched = false;    // in ConnectionImpl::writeWatch
   bool budgetWaiting = false;   // in ConnectionImpl::budgetWaiters
-  kj::Maybe<kj::Exception> txError;
+  kj::Maybe<kj::Own<kj::Exception>> txError;
   kj::Maybe<kj::ForkedPromise<void>> writeDisconnected;
   kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> writeDisconnectedFulfiller;
   bool aborted = false;         // see Stream::whenAborted()
