@@ -13,6 +13,7 @@ struct Options {
   kj::String protocol = kj::str("quic");   // tunnel: --protocol quic|http2
   unsigned haConnections = 2;              // tunnel: --ha-connections N
   uint64_t requests = 20000;               // tunnel: --requests N (concurrency-64 phase)
+  unsigned serialRounds = 20;              // tunnel: --serial-rounds N (x 100 serial GETs each way)
   bool cacert = false;                     // tunnel: --cacert (not the default trust roots)
   kj::Maybe<kj::String> cfqt;              // tunnel: --cfqt PATH (default: next to cfqt-bench)
 };

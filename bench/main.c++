@@ -36,6 +36,9 @@ public:
                           "tunnel: the client's --ha-connections (default 2).")
         .addOptionWithArg({"requests"}, KJ_BIND_METHOD(*this, setRequests), "<n>",
                           "tunnel: requests of the concurrency-64 phase (default 20000).")
+        .addOptionWithArg({"serial-rounds"}, KJ_BIND_METHOD(*this, setSerialRounds), "<n>",
+                          "tunnel: rounds of 100 serial GETs through the tunnel and 100 "
+                          "straight to the origin (default 20; more to profile that phase).")
         .addOption({"cacert"}, [this]() { options.cacert = true; return true; },
                    "tunnel: give the client --cacert instead of its default trust roots "
                    "(the default needs root: a mount namespace adds the emulator's CA to the "
@@ -74,6 +77,15 @@ private:
       }
     }
     return "--requests is a number >= 64";
+  }
+  kj::MainBuilder::Validity setSerialRounds(kj::StringPtr value) {
+    KJ_IF_MAYBE(n, parseCount(value)) {
+      if (*n >= 1 && *n <= 100000) {
+        options.serialRounds = *n;
+        return true;
+      }
+    }
+    return "--serial-rounds is 1 to 100000";
   }
   kj::MainBuilder::Validity setCfqt(kj::StringPtr value) {
     options.cfqt = kj::str(value);

@@ -430,7 +430,7 @@ void runTunnelBench(Reporter& reporter) {
     auto direct = kj::newHttpClient(table, *connection);
     kj::Vector<double> tunnelUs, directUs;
     double tunnelTotal = 0;
-    for (unsigned round = 0; round < 20; round++) {
+    for (unsigned round = 0; round < options.serialRounds; round++) {
       for (unsigned i = 0; i < 100; i++) {
         double start = nowSeconds();
         auto response = direct->request(kj::HttpMethod::GET, "/small", kj::HttpHeaders(table))

@@ -53,12 +53,27 @@ int ConnectionImpl::cbRemoveConnectionId(ngtcp2_conn*, const ngtcp2_cid* cid, vo
 }
 
 int ConnectionImpl::cbHandshakeCompleted(ngtcp2_conn*, void* ud) {
-  static_cast<ConnectionImpl*>(ud)->handshakeCompleted = true;
+  auto& self = *static_cast<ConnectionImpl*>(ud);
+  self.handshakeCompleted = true;
+  if (self.server) {
+    // A server's handshake is confirmed when it completes; ngtcp2 0.12 calls
+    // handshake_confirmed only on the client.
+    self.handshakeConfirmed = true;
+    self.urgentFlush = true;
+  }
+  return 0;
+}
+
+int ConnectionImpl::cbHandshakeConfirmed(ngtcp2_conn*, void* ud) {
+  auto& self = *static_cast<ConnectionImpl*>(ud);
+  self.handshakeConfirmed = true;
+  self.urgentFlush = true;   // HANDSHAKE_DONE, the handshake's last ACKs: not deferred
   return 0;
 }
 
 int ConnectionImpl::cbRecvStreamData(ngtcp2_conn*, uint32_t flags, int64_t id, uint64_t offset,
                                      const uint8_t* data, size_t len, void* ud, void* sud) {
+  static_cast<ConnectionImpl*>(ud)->rxEliciting = true;
   auto& self = *static_cast<ConnectionImpl*>(ud);
   return self.guard([&]() {
     if (sud == nullptr) {
@@ -166,14 +181,38 @@ int ConnectionImpl::cbStreamClose(ngtcp2_conn*, uint32_t flags, int64_t id, uint
   return self.guard([&]() {
     if (sud != nullptr) self.onStreamClose(*static_cast<StreamState*>(sud), flags, code);
     bool remoteStream = self.server ? (id & 1) == 0 : (id & 1) == 1;
-    if (remoteStream) {
-      if (id & 2) {
-        ngtcp2_conn_extend_max_streams_uni(self.conn, 1);
-      } else {
-        ngtcp2_conn_extend_max_streams_bidi(self.conn, 1);
-      }
-    }
+    if (remoteStream) self.creditClosedStream((id & 2) == 0);
   });
+}
+
+namespace {
+
+uint64_t streamCreditBatch(uint64_t limit) {
+  // How much closed-stream credit may wait for a packet that carries data: 1/16 of the limit
+  // (64 of the tunnel's 1024), so the peer can always open at least 15/16 of it; 1 (at once)
+  // for limits under 32.
+  return kj::max(limit / 16, uint64_t(1));
+}
+
+}  // namespace
+
+void ConnectionImpl::creditClosedStream(bool bidi) {
+  if (bidi) {
+    ++unsentBidiCredit;
+  } else {
+    ++unsentUniCredit;
+  }
+  if (unsentBidiCredit >= streamCreditBatch(config.maxIncomingBidiStreams) ||
+      unsentUniCredit >= streamCreditBatch(config.maxIncomingUniStreams)) {
+    grantStreamCredit();
+  }
+}
+
+void ConnectionImpl::grantStreamCredit() {
+  if (unsentBidiCredit > 0) ngtcp2_conn_extend_max_streams_bidi(conn, unsentBidiCredit);
+  if (unsentUniCredit > 0) ngtcp2_conn_extend_max_streams_uni(conn, unsentUniCredit);
+  unsentBidiCredit = 0;
+  unsentUniCredit = 0;
 }
 
 void ConnectionImpl::onStreamClose(StreamState& state, uint32_t flags, uint64_t code) {
@@ -211,6 +250,7 @@ void ConnectionImpl::onStreamClose(StreamState& state, uint32_t flags, uint64_t 
 
 int ConnectionImpl::cbStreamReset(ngtcp2_conn*, int64_t id, uint64_t finalSize, uint64_t code,
                                   void* ud, void* sud) {
+  static_cast<ConnectionImpl*>(ud)->rxEliciting = true;
   auto& self = *static_cast<ConnectionImpl*>(ud);
   return self.guard([&]() {
     if (sud == nullptr) return;
@@ -239,6 +279,7 @@ int ConnectionImpl::cbAcked(ngtcp2_conn*, int64_t id, uint64_t offset, uint64_t 
 }
 
 int ConnectionImpl::cbExtendMaxLocalStreamsBidi(ngtcp2_conn*, uint64_t, void* ud) {
+  static_cast<ConnectionImpl*>(ud)->rxEliciting = true;
   auto& self = *static_cast<ConnectionImpl*>(ud);
   return self.guard([&]() {
     if (self.openWaiters.empty() || self.openScheduled) return;
@@ -248,6 +289,7 @@ int ConnectionImpl::cbExtendMaxLocalStreamsBidi(ngtcp2_conn*, uint64_t, void* ud
 }
 
 int ConnectionImpl::cbExtendMaxStreamData(ngtcp2_conn*, int64_t, uint64_t, void* ud, void* sud) {
+  static_cast<ConnectionImpl*>(ud)->rxEliciting = true;
   auto& self = *static_cast<ConnectionImpl*>(ud);
   return self.guard([&]() {
     if (sud == nullptr) return;
@@ -264,6 +306,7 @@ int ConnectionImpl::cbRecvStatelessReset(ngtcp2_conn*, const ngtcp2_pkt_stateles
 }
 
 int ConnectionImpl::cbRecvDatagram(ngtcp2_conn*, uint32_t, const uint8_t*, size_t, void* ud) {
+  static_cast<ConnectionImpl*>(ud)->rxEliciting = true;
   ++static_cast<ConnectionImpl*>(ud)->datagramsDropped;
   return 0;
 }

@@ -63,10 +63,19 @@ struct TransportConfig {
   // Send a PING after this much silence, so an idle connection survives the idle timeout.
   // 0 disables keep-alive.
 
+  kj::Duration ackDelay = 1 * kj::MILLISECONDS;
+  // How long a lone ack-eliciting packet may wait for its acknowledgement, so that the ACK rides
+  // on the answer instead of going alone. ngtcp2 0.12 waits only min(max_ack_delay, RTT/8):
+  // microseconds on loopback, i.e. an ACK-only packet (and a wake-up of the peer) per request
+  // and per response. While nothing waits to be sent, the connection's timer is not armed
+  // sooner than this from now (time-threshold loss detection, microseconds on such a path,
+  // waits as long). Two ack-eliciting packets are still acknowledged at once. At most 25 ms
+  // (the max_ack_delay we advertise); quic-go waits max_ack_delay. 0 = ngtcp2's timing.
+
   uint64_t maxIncomingBidiStreams = 1ull << 60;   // initial_max_streams_bidi (peer may open)
   uint64_t maxIncomingUniStreams = 1ull << 60;    // initial_max_streams_uni (data is discarded)
-  // The peer's limit is extended by one each time one of its streams closes, so these are
-  // concurrency limits, not totals.
+  // Concurrency limits, not totals: the peer gets a stream back once one of its streams closes,
+  // with the next packet that carries stream data, or at once when 1/16 of the limit is owed.
 
   uint64_t initialStreamWindow = 512 * 1024;      // initial_max_stream_data_bidi_local/remote/uni
   uint64_t initialConnectionWindow = 768 * 1024;  // initial_max_data

@@ -28,6 +28,10 @@ void ConnectionImpl::flush() {
     return;
   }
   uint64_t ts = nowNs();
+  if (deferFlush(ts)) {
+    rearm();
+    return;
+  }
   if (sendQueue.empty()) connBlockedSince = 0;
   if (receivedSinceProbe) {
     receivedSinceProbe = false;
@@ -35,6 +39,10 @@ void ConnectionImpl::flush() {
       probeWrites(ts);
       if (closeInfo != nullptr) return;
     }
+  }
+  if ((unsentBidiCredit | unsentUniCredit) != 0 &&
+      (!sendQueue.empty() || !datagramQueue.empty())) {
+    grantStreamCredit();   // MAX_STREAMS rides with this data
   }
   size_t maxUdp = ngtcp2_conn_get_max_tx_udp_payload_size(conn);
   size_t quantum = ngtcp2_conn_get_send_quantum(conn);
@@ -90,12 +98,30 @@ void ConnectionImpl::flush() {
   // Before the first RTT sample, ngtcp2 paces at cwnd / initialRtt, which held the client's
   // registration ~8 ms (at a 100 ms initial RTT; ~25 ms at 333 ms) behind its ClientHello.
   if (packetsSent >= INITIAL_BURST_PACKETS) ngtcp2_conn_update_pkt_tx_time(conn, ts);
+  urgentFlush = false;
+  deferredSince = 0;
+  if (packets > 0) rxSinceSend = 0;
   if (ep.txBlocked()) {
     ep.waitWritable(*this);
   } else if (more) {
     scheduleFlush();
   }
   rearm();
+}
+
+bool ConnectionImpl::deferFlush(uint64_t ts) {
+  // True if this flush should wait: all it could send is the ACK of a single packet (or credit
+  // for bytes read), which ngtcp2 0.12 considers due after RTT/8 (microseconds on loopback).
+  // Waiting up to ackDelay lets the answer the application is about to write carry it: one
+  // packet, and one wake-up of the peer, instead of two. A second packet received, data or a
+  // datagram to send, any other request for a flush, or a timer event flush at once; the
+  // connection's timer ends the wait (rearm()).
+  if (ackDelayNs == 0 || urgentFlush || !handshakeConfirmed || rxSinceSend >= 2 ||
+      !sendQueue.empty() || !datagramQueue.empty()) {
+    return false;
+  }
+  if (deferredSince == 0) deferredSince = ts;
+  return ts < deferredSince + ackDelayNs;
 }
 
 ngtcp2_ssize ConnectionImpl::writePacket(kj::byte* out, size_t outLen, uint64_t ts,

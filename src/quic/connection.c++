@@ -70,6 +70,7 @@ void ConnectionImpl::setup(const ngtcp2_cid& dcid, const ngtcp2_cid& scid, uint3
   cb.get_new_connection_id = cbGetNewConnectionId;
   cb.remove_connection_id = cbRemoveConnectionId;
   cb.handshake_completed = cbHandshakeCompleted;
+  cb.handshake_confirmed = cbHandshakeConfirmed;
   cb.recv_stream_data = cbRecvStreamData;
   cb.stream_open = cbStreamOpen;
   cb.stream_close = cbStreamClose;
@@ -89,6 +90,7 @@ void ConnectionImpl::setup(const ngtcp2_cid& dcid, const ngtcp2_cid& scid, uint3
   settings.handshake_timeout = toNs(config.handshakeTimeout);
   if (config.initialRtt > 0 * kj::NANOSECONDS) settings.initial_rtt = toNs(config.initialRtt);
   if (settings.handshake_timeout == 0) settings.handshake_timeout = UINT64_MAX;
+  ackDelayNs = kj::min(toNs(config.ackDelay), uint64_t(NGTCP2_DEFAULT_MAX_ACK_DELAY));
 
   ngtcp2_transport_params params;
   ngtcp2_transport_params_default(&params);
@@ -163,6 +165,7 @@ void ConnectionImpl::onTimer() {
   if (closeInfo != nullptr || conn == nullptr) return;
   uint64_t ts = nowNs();
   if (ngtcp2_conn_get_expiry(conn) <= ts) {
+    urgentFlush = true;   // probes, keep-alive: not to be deferred
     int rv = ngtcp2_conn_handle_expiry(conn, ts);
     ngtcp2_conn_stat stat;
     ngtcp2_conn_get_conn_stat(conn, &stat);
@@ -199,6 +202,31 @@ void ConnectionImpl::rearm() {
   // timerfd_settime costs ~10 us on this kind of VM: re-arm only to fire earlier. A timer armed
   // too early just fires, finds nothing expired and re-arms.
   if (expiry >= armedExpiry) return;
+  if (sendQueue.empty() && datagramQueue.empty()) {
+    uint64_t now = nowNs();
+    if (expiry > now && expiry <= now + PACING_SLACK_NS) {
+      // After a flush that sent packets this is ngtcp2's pacing time for the next one: ngtcp2
+      // lets a packet leave up to 1 ms before it (NGTCP2_PKT_PACING_OVERHEAD) and its expiry
+      // handling drops such a time. With nothing to send, handle it now rather than arm a timer
+      // that wakes the loop microseconds later to do just that (two timerfd_settime calls and an
+      // epoll wake-up per flush). ngtcp2_conn_handle_expiry() acts only on what is due at `now`
+      // (pacing: within its slack), like the timer firing early.
+      if (ngtcp2_conn_handle_expiry(conn, now) == 0) {
+        expiry = ngtcp2_conn_get_expiry(conn);
+        if (expiry >= armedExpiry) return;
+      } else {
+        expiry = now;   // let onTimer() see the error
+      }
+    }
+    uint64_t floor = now + ackDelayNs;
+    if (expiry < floor && expiry > now - ackDelayNs) {
+      // Due within the ACK delay (or just due): an ACK of a lone packet, which then leaves with
+      // the answer if one comes in time (TransportConfig::ackDelay).
+      expiry = floor;
+    }
+  }
+  if (deferredSince != 0) expiry = kj::min(expiry, deferredSince + ackDelayNs);
+  if (expiry >= armedExpiry) return;
   if (endpoint != nullptr && endpoint->txBlocked() && expiry <= nowNs()) return;
   armedExpiry = expiry;
   struct itimerspec its;
@@ -212,6 +240,11 @@ void ConnectionImpl::rearm() {
 }
 
 void ConnectionImpl::scheduleFlush() {
+  urgentFlush = true;
+  scheduleAckFlush();
+}
+
+void ConnectionImpl::scheduleAckFlush() {
   if (flushScheduled || closeInfo != nullptr) return;
   flushScheduled = true;
   // evalLast: after every continuation that is ready has run, so that the data, FIN and ACKs
@@ -248,6 +281,12 @@ void ConnectionImpl::onPacket(const SocketAddress& from, kj::ArrayPtr<const kj::
   memset(&pi, 0, sizeof(pi));
   int rv = ngtcp2_conn_read_pkt(conn, &path, &pi, packet.begin(), packet.size(), ts);
   receivedSinceProbe = true;
+  if (rxEliciting) {
+    // Counted like ngtcp2's ack threshold, but only packets whose frames reached a callback
+    // (an ACK-only packet does not: counting those, each side's ACKs kept the other's at 2).
+    rxEliciting = false;
+    ++rxSinceSend;
+  }
   afterRead(rv);
 }
 

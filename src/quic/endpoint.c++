@@ -273,7 +273,7 @@ void EndpointImpl::receiveBatch(size_t n) {
     if (c == nullptr) continue;
     c->touched = false;
     c->deliverReads();
-    c->scheduleFlush();
+    c->scheduleAckFlush();
   }
   touched.clear();
 }

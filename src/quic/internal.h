@@ -67,6 +67,7 @@ constexpr size_t RX_BLOCK = 64 * 1024;          // receive buffer block
 constexpr size_t TX_BLOCK = 16 * 1024;          // send buffer block (a stalled stream holds few)
 constexpr size_t MAX_IOV = 16;
 constexpr size_t MAX_QUEUED_DATAGRAMS = 256;    // sendDatagram() payloads waiting for a packet
+constexpr uint64_t PACING_SLACK_NS = 1000000;     // ngtcp2 0.12's NGTCP2_PKT_PACING_OVERHEAD
 // Bytes of a short-header packet that are not frames: first byte, destination CID (<= 20),
 // packet number (<= 4), AEAD tag (16). And of a DATAGRAM frame around its payload: type +
 // length varint (2 bytes for any payload that fits a packet).
@@ -195,7 +196,7 @@ public:
   uint64_t rxBuffered = 0;
   bool rxFin = false;           // FIN received (all data is in `rx`)
   bool readShut = false;        // we sent STOP_SENDING or the handle is gone: discard data
-  kj::Maybe<kj::Exception> rxError;
+  kj::Maybe<kj::Own<kj::Exception>> rxError;   // on the heap: a kj::Exception is 368 bytes
   uint64_t rxPrepaid = 0;        // of rxBuffered: connection credit already returned at receipt
   bool creditWithheld = false;
   uint64_t creditOwed = 0;      // consumed while withheld: stream credit owed to the peer
@@ -224,7 +225,7 @@ public:
   bool flowBlocked = false;
   bool writeWatched = false;    // in ConnectionImpl::writeWatch
   bool budgetWaiting = false;   // in ConnectionImpl::budgetWaiters
-  kj::Maybe<kj::Exception> txError;
+  kj::Maybe<kj::Own<kj::Exception>> txError;
   kj::Maybe<kj::ForkedPromise<void>> writeDisconnected;
   kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> writeDisconnectedFulfiller;
   bool aborted = false;         // see Stream::whenAborted()
@@ -507,6 +508,10 @@ public:
   void shutdownRead(StreamState& state, uint64_t code);
   void shutdownWrite(StreamState& state, uint64_t code);
   void scheduleFlush();
+  // Flushes at the end of this turn (evalLast).
+  void scheduleAckFlush();
+  // The same for what only acknowledges or returns read credit (the receive path, reads): such
+  // a flush may wait up to TransportConfig::ackDelay for data to ride with (see deferFlush()).
   void deliverReads();   // completes the reads that onStreamData() filled during a batch
   void watchWrites(StreamState& state);
   uint64_t recvBuffered = 0;
@@ -560,7 +565,23 @@ private:
   kj::AutoCloseFd timerFd;
   kj::Own<kj::UnixEventPort::FdObserver> timerObserver;
   uint64_t armedExpiry = UINT64_MAX;
+  uint64_t ackDelayNs = 0;      // TransportConfig::ackDelay, capped at max_ack_delay
+  bool urgentFlush = false;     // a flush was asked for something other than an ACK or credit
+  bool handshakeConfirmed = false;  // no flush is deferred before (deferFlush())
+  uint32_t rxSinceSend = 0;     // data-bearing packets received since a flush last sent one
+  bool rxEliciting = false;     // the packet being read brought stream data, a reset, credit...
+  uint64_t deferredSince = 0;   // ns: a flush is being deferred (deferFlush()) since
+  bool deferFlush(uint64_t ts);
   bool flushScheduled = false;
+
+  // Stream credit for streams the peer opened and that have closed, not yet given back with
+  // ngtcp2_conn_extend_max_streams_*: it rides in the next packet that carries stream data, or
+  // goes out on its own once it reaches streamCreditBatch(), so that a closed stream does not
+  // cost a packet (and a wake-up of the peer) of its own.
+  uint64_t unsentBidiCredit = 0;
+  uint64_t unsentUniCredit = 0;
+  void creditClosedStream(bool bidi);
+  void grantStreamCredit();
 
   // stats
   uint64_t bytesSent = 0, bytesReceived = 0, packetsSent = 0, packetsReceived = 0;
@@ -614,6 +635,7 @@ private:
                                   void* ud);
   static int cbRemoveConnectionId(ngtcp2_conn*, const ngtcp2_cid* cid, void* ud);
   static int cbHandshakeCompleted(ngtcp2_conn*, void* ud);
+  static int cbHandshakeConfirmed(ngtcp2_conn*, void* ud);
   static int cbRecvStreamData(ngtcp2_conn*, uint32_t flags, int64_t id, uint64_t offset,
                               const uint8_t* data, size_t len, void* ud, void* sud);
   static int cbStreamOpen(ngtcp2_conn*, int64_t id, void* ud);

@@ -712,6 +712,59 @@ KJ_TEST("streamSendQuantum: streams take turns of that many bytes") {
   }
 }
 
+KJ_TEST("serial exchanges: one packet each way; ACKs and stream credit ride with data") {
+  // The server (the edge's role) opens a stream per request; the client answers 2 ms later (an
+  // origin's round trip). ngtcp2 0.12 alone acknowledges after RTT/8 (microseconds here), and
+  // the credit of each closed stream went out at once: 2-3 packets from the client per
+  // exchange. With TransportConfig::ackDelay and batched stream credit, both ride with the
+  // answer.
+  auto transport = fastTransport();
+  transport.ackDelay = 20 * kj::MILLISECONDS;
+  auto clientTransport = transport;
+  clientTransport.maxIncomingBidiStreams = 64;   // credit owed at once: 4 (1/16)
+  Env env(transport);
+  auto pair = env.connect(clientConfig(clientTransport));
+
+  struct SlowEchoer: private kj::TaskSet::ErrorHandler {
+    Env& env;
+    Connection& conn;
+    kj::TaskSet tasks{*this};
+    SlowEchoer(Env& env, Connection& conn): env(env), conn(conn) { tasks.add(loop()); }
+    kj::Promise<void> loop() {
+      return conn.acceptStream().then([this](kj::Own<Stream> stream) {
+        auto& ref = *stream;
+        tasks.add(ref.readAllBytes(1024).then([this, &ref](kj::Array<kj::byte> data) {
+          return env.timer.afterDelay(2 * kj::MILLISECONDS).then(
+              [&ref, data = kj::mv(data)]() mutable {
+            auto written = ref.write(data.begin(), data.size());
+            return written.attach(kj::mv(data)).then([&ref]() { ref.shutdownWrite(); });
+          });
+        }).attach(kj::mv(stream)));
+        return loop();
+      });
+    }
+    void taskFailed(kj::Exception&& e) override {
+      if (e.getType() != kj::Exception::Type::DISCONNECTED) KJ_LOG(ERROR, "echo failed", e);
+    }
+  };
+  SlowEchoer echo(env, *pair.client);
+  for (int i = 0; i < 5; i++) env.wait(roundTrip(*pair.server, kj::str("warm-up")));
+  auto client0 = pair.client->stats().packetsSent;
+  auto server0 = pair.server->stats().packetsSent;
+  constexpr uint64_t EXCHANGES = 100;
+  for (uint64_t i = 0; i < EXCHANGES; i++) {
+    auto text = kj::str("request ", i);
+    KJ_EXPECT(env.wait(roundTrip(*pair.server, kj::heapString(text))) == text);
+  }
+  auto client = pair.client->stats().packetsSent - client0;
+  auto server = pair.server->stats().packetsSent - server0;
+  // 1 each way when nothing is late; a margin for a loaded machine.
+  KJ_EXPECT(client <= EXCHANGES * 3 / 2, client, server);
+  KJ_EXPECT(server <= EXCHANGES * 3 / 2, client, server);
+  // More streams than the client's limit went through: the credit was given back.
+  KJ_EXPECT(pair.server->stats().streamsOpenedLocal == EXCHANGES + 5);
+}
+
 KJ_TEST("10 000 server-opened echo streams at concurrency 100") {
   auto clientTransport = fastTransport();
   clientTransport.maxIncomingBidiStreams = 100;

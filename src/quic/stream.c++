@@ -40,8 +40,9 @@ void ConnectionImpl::releaseCredit(StreamState& state) {
   uint64_t connOwed = state.connCreditOwed;
   state.creditOwed = 0;
   state.connCreditOwed = 0;
+  if (owed == 0 && connOwed == 0) return;
   credit(state, owed, connOwed);
-  scheduleFlush();
+  scheduleAckFlush();   // window updates: they may wait for data, like ACKs (deferFlush())
 }
 
 uint64_t ConnectionImpl::discardUnread(StreamState& state) {
@@ -66,8 +67,10 @@ void ConnectionImpl::shutdownRead(StreamState& state, uint64_t code) {
     if (unread > 0) ngtcp2_conn_extend_max_offset(conn, unread);
     if (!state.closedByNgtcp2 && !state.rxFin) {
       ngtcp2_conn_shutdown_stream_read(conn, state.id, code);
+      scheduleFlush();      // STOP_SENDING goes out now
+    } else if (unread > 0) {
+      scheduleAckFlush();   // only credit
     }
-    scheduleFlush();
   }
 }
 
@@ -79,7 +82,7 @@ void ConnectionImpl::shutdownWrite(StreamState& state, uint64_t code) {
 }
 
 void ConnectionImpl::failRead(StreamState& state, kj::Exception e) {
-  if (state.rxError == nullptr) state.rxError = kj::cp(e);
+  if (state.rxError == nullptr) state.rxError = kj::heap(kj::cp(e));
   KJ_IF_MAYBE(r, state.pendingRead) {
     if (state.readReady) {
       // The read was completed earlier in this receive batch (data or FIN before the reset or
@@ -94,7 +97,7 @@ void ConnectionImpl::failRead(StreamState& state, kj::Exception e) {
 
 void ConnectionImpl::failWrite(StreamState& state, kj::Exception e) {
   state.signalAborted();
-  if (state.txError == nullptr) state.txError = kj::cp(e);
+  if (state.txError == nullptr) state.txError = kj::heap(kj::cp(e));
   KJ_IF_MAYBE(f, state.writeDisconnectedFulfiller) {
     (*f)->fulfill();
     state.writeDisconnectedFulfiller = nullptr;
@@ -168,7 +171,7 @@ StreamHandle::~StreamHandle() noexcept(false) {
   }
   if (s.conn == nullptr) return;
   if (!s.finRequested && s.txError == nullptr) {
-    s.txError = disconnected(kj::str("QUIC stream dropped"));
+    s.txError = kj::heap(disconnected(kj::str("QUIC stream dropped")));
     conn->shutdownWrite(s, 0);
   } else if (s.finRequested && !s.finSent) {
     conn->queueSend(s);   // the FIN still goes out (e.g. after a pending write was rejected)
@@ -205,7 +208,7 @@ void StreamHandle::setCreditWithheld(bool withheld) {
 
 kj::Promise<size_t> StreamHandle::tryRead(void* buffer, size_t minBytes, size_t maxBytes) {
   auto& s = *state;
-  KJ_IF_MAYBE(e, s.rxError) return kj::cp(*e);
+  KJ_IF_MAYBE(e, s.rxError) return kj::cp(**e);
   KJ_REQUIRE(s.pendingRead == nullptr, "one read at a time");
   auto out = static_cast<kj::byte*>(buffer);
   size_t n = 0;
@@ -226,7 +229,7 @@ kj::Promise<size_t> StreamHandle::tryRead(void* buffer, size_t minBytes, size_t 
   conn->recvBuffered -= n;
   if (n > 0) {
     conn->consumed(s, n);
-    conn->scheduleFlush();
+    conn->scheduleAckFlush();
   }
   if (n >= minBytes || (s.rxFin && s.rxBuffered == 0)) return n;
   if (!conn->isOpen()) return conn->closeException();
@@ -249,7 +252,7 @@ kj::Promise<void> StreamHandle::write(kj::ArrayPtr<const kj::ArrayPtr<const kj::
 
 kj::Promise<void> StreamHandle::startWrite(StreamState::PendingWrite pending) {
   auto& s = *state;
-  KJ_IF_MAYBE(e, s.txError) return kj::cp(*e);
+  KJ_IF_MAYBE(e, s.txError) return kj::cp(**e);
   if (!conn->isOpen()) return conn->closeException();
   KJ_REQUIRE(!s.finRequested, "write() after shutdownWrite()");
   KJ_REQUIRE(s.pendingWrite == nullptr, "one write at a time");
