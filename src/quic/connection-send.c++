@@ -305,8 +305,27 @@ void ConnectionImpl::subSendBuffered(uint64_t n) {
   }
 }
 
+void ConnectionImpl::releasePromise(StreamState& state) {
+  // Returns what writableBytes() reserved and no write used.
+  if (state.promised == 0) return;
+  uint64_t n = state.promised;
+  state.promised = 0;
+  subSendBuffered(n);
+}
+
 void ConnectionImpl::pumpPendingWrite(StreamState& state) {
   KJ_IF_MAYBE(w, state.pendingWrite) {
+    if (w->spaceOnly) {
+      // Stream::whenWritable(): done once a write may add writeThreshold() bytes.
+      if (sendSpace(state) >= writeThreshold()) {
+        w->fulfiller->fulfill();
+        state.pendingWrite = nullptr;
+      } else if (sendOverBudget && !state.budgetWaiting) {
+        state.budgetWaiting = true;
+        budgetWaiters.push_back(kj::addRef(state));
+      }
+      return;
+    }
     auto pieces = w->pieces.size() == 0 ? kj::arrayPtr(&w->single, 1) : w->pieces;
     uint64_t before = state.txBuffered();
     while (w->piece < pieces.size()) {

@@ -224,6 +224,7 @@ public:
   bool flowBlocked = false;
   bool writeWatched = false;    // in ConnectionImpl::writeWatch
   bool budgetWaiting = false;   // in ConnectionImpl::budgetWaiters
+  uint64_t promised = 0;        // writableBytes(): reserved (in sendBuffered) for the next write
   kj::Maybe<kj::Exception> txError;
   kj::Maybe<kj::ForkedPromise<void>> writeDisconnected;
   kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> writeDisconnectedFulfiller;
@@ -246,6 +247,7 @@ public:
     size_t piece = 0;
     size_t offset = 0;
     kj::Own<kj::PromiseFulfiller<void>> fulfiller;
+    bool spaceOnly = false;   // Stream::whenWritable(): no bytes, waits for writeThreshold()
   };
   kj::Maybe<PendingWrite> pendingWrite;
 
@@ -261,10 +263,12 @@ public:
     while (done < n) {
       if (tx.empty() || tx.back().end == tx.back().data.size()) {
         // Blocks grow from the size of the first write up to TX_BLOCK, so that a stream carrying
-        // 100 bytes does not cost a 64 KiB allocation.
+        // 100 bytes does not cost a 64 KiB allocation. A write cut short by `space` (the stream
+        // is blocked: the peer's credit, the send budget) gets a block of just what it may add.
         size_t last = tx.empty() ? 0 : tx.back().data.size();
+        size_t cap = n < bytes.size() ? kj::max(n - done, size_t(256)) : TX_BLOCK;
         Block block;
-        block.data = kj::heapArray<kj::byte>(blockSize(n - done, last, TX_BLOCK));
+        block.data = kj::heapArray<kj::byte>(blockSize(n - done, last, kj::min(cap, TX_BLOCK)));
         tx.push_back(kj::mv(block));
       }
       auto& back = tx.back();
@@ -301,7 +305,10 @@ public:
     while (!tx.empty()) {
       auto& front = tx.front();
       bool full = front.end == front.data.size();
-      if (!full || txBase + front.end > txAcked) break;
+      if (txBase + front.end > txAcked) break;
+      if (!full && tx.size() == 1 && txAcked < txEnd) break;
+      // Acknowledged: freed, the last (partly filled) block too once everything written was
+      // acknowledged, so that a stream waiting on its peer or its origin holds no buffer.
       txBase += front.end;
       tx.pop_front();
     }
@@ -502,8 +509,10 @@ public:
   void releaseCredit(StreamState& state);
   uint64_t discardUnread(StreamState& state);
   uint64_t sendSpace(const StreamState& state) const;
+  uint64_t writeThreshold() const;
   void addSendBuffered(uint64_t n);
   void subSendBuffered(uint64_t n);
+  void releasePromise(StreamState& state);
   void shutdownRead(StreamState& state, uint64_t code);
   void shutdownWrite(StreamState& state, uint64_t code);
   void scheduleFlush();
@@ -688,6 +697,8 @@ public:
   kj::Promise<void> whenAborted() override;
   uint64_t bufferedReadBytes() const override { return state->rxBuffered; }
   uint64_t bufferedWriteBytes() const override { return state->txBuffered(); }
+  size_t writableBytes(size_t wanted) override;
+  kj::Promise<void> whenWritable() override;
 
   kj::Promise<size_t> tryRead(void* buffer, size_t minBytes, size_t maxBytes) override;
   kj::Promise<void> write(const void* buffer, size_t size) override;
@@ -717,14 +728,26 @@ private:
 inline uint64_t ConnectionImpl::sendSpace(const StreamState& state) const {
   // What the stream may add to its send buffer now. Normally: up to streamSendBuffer bytes not
   // yet sent (bytes in flight are bounded by the congestion window and the peer's credit, so a
-  // fast stream is not slowed by this buffer, and a stalled one holds at most this much). Over
-  // the connection's budget: only up to streamSendReserve bytes unacknowledged.
+  // fast stream is not slowed by this buffer), but no more than the peer's stream credit lets
+  // out plus streamSendReserve: a stream whose peer stopped reading holds at most the reserve
+  // unsent (its sent bytes are acknowledged and freed). Over the connection's budget: only up
+  // to streamSendReserve bytes unacknowledged.
+  uint64_t reserve = kj::min(config.streamSendReserve, config.streamSendBuffer);
   if (sendOverBudget) {
-    uint64_t reserve = kj::min(config.streamSendReserve, config.streamSendBuffer);
     return reserve > state.txBuffered() ? reserve - state.txBuffered() : 0;
   }
   uint64_t unsent = state.txUnsent();
-  return config.streamSendBuffer > unsent ? config.streamSendBuffer - unsent : 0;
+  uint64_t credit = (conn == nullptr || state.closedByNgtcp2)
+      ? 0 : ngtcp2_conn_get_max_stream_data_left(conn, state.id);
+  uint64_t limit = kj::min(config.streamSendBuffer, credit + reserve);
+  return limit > unsent ? limit - unsent : 0;
+}
+
+inline uint64_t ConnectionImpl::writeThreshold() const {
+  // Stream::whenWritable() waits until a write may add at least this much: the reserve, which
+  // every state of a live stream eventually allows (so a waiter is never stranded), and large
+  // enough that a writer gated on it does not take a packet's worth at a time.
+  return kj::max(kj::min(config.streamSendReserve, config.streamSendBuffer), uint64_t(1));
 }
 
 inline void ConnectionImpl::addSendBuffered(uint64_t n) {
