@@ -290,9 +290,26 @@ size_t ConnectionImpl::maxDatagramPayload() const {
 
 // ---- send budget
 
+uint64_t ConnectionImpl::sendBudgetHigh() const {
+  uint64_t high = kj::max(config.connectionSendHigh, uint64_t(1));
+  if (config.connectionSendMin >= high || conn == nullptr) return high;
+  ngtcp2_conn_stat stat;
+  ngtcp2_conn_get_conn_stat(conn, &stat);
+  return kj::min(high, kj::max(config.connectionSendMin, SEND_BUDGET_CWNDS * stat.cwnd));
+}
+
+uint64_t ConnectionImpl::sendBudgetLow() const {
+  // The low mark: connectionSendLow scaled as the high mark is.
+  uint64_t high = kj::max(config.connectionSendHigh, uint64_t(1));
+  uint64_t now = sendBudgetHigh();
+  if (now == high) return config.connectionSendLow;
+  return uint64_t(double(now) * double(config.connectionSendLow) / double(high));
+}
+
 void ConnectionImpl::subSendBuffered(uint64_t n) {
   sendBuffered -= n;
-  if (sendOverBudget && sendBuffered <= config.connectionSendLow) {
+  if (sendOverBudget && sendBuffered <= config.connectionSendLow &&
+      sendBuffered <= sendBudgetLow()) {
     sendOverBudget = false;
     // Waiting writers resume in the order they started waiting; one that fills the budget again
     // waits at the back.

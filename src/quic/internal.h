@@ -65,6 +65,8 @@ constexpr size_t RX_BUFFER = 65536;             // one GRO super-datagram
 constexpr size_t RX_BATCHES_PER_TURN = 8;
 constexpr size_t RX_BLOCK = 64 * 1024;          // receive buffer block
 constexpr size_t TX_BLOCK = 16 * 1024;          // send buffer block (a stalled stream holds few)
+constexpr size_t TX_GROWTH = 4 * 1024;          // small writes' blocks double up to this size
+constexpr uint64_t SEND_BUDGET_CWNDS = 4;       // send budget high mark: 4 cwnd (config.h)
 constexpr size_t MAX_IOV = 16;
 constexpr size_t MAX_QUEUED_DATAGRAMS = 256;    // sendDatagram() payloads waiting for a packet
 // Bytes of a short-header packet that are not frames: first byte, destination CID (<= 20),
@@ -262,10 +264,12 @@ public:
     size_t done = 0;
     while (done < n) {
       if (tx.empty() || tx.back().end == tx.back().data.size()) {
-        // Blocks grow from the size of the first write up to TX_BLOCK, so that a stream carrying
-        // 100 bytes does not cost a 64 KiB allocation. A write cut short by `space` (the stream
-        // is blocked: the peer's credit, the send budget) gets a block of just what it may add.
-        size_t last = tx.empty() ? 0 : tx.back().data.size();
+        // A block holds the write (up to TX_BLOCK), so that a stream carrying 100 bytes does not
+        // cost a 16 KiB allocation, nor a 4 KiB write a 16 KiB block that stays mostly empty
+        // while the stream waits; blocks of small writes double up to TX_GROWTH. A write cut
+        // short by `space` (the stream is blocked: the peer's credit, the send budget) gets a
+        // block of just what it may add.
+        size_t last = tx.empty() ? 0 : kj::min(tx.back().data.size(), TX_GROWTH / 2);
         size_t cap = n < bytes.size() ? kj::max(n - done, size_t(256)) : TX_BLOCK;
         Block block;
         block.data = kj::heapArray<kj::byte>(blockSize(n - done, last, kj::min(cap, TX_BLOCK)));
@@ -513,6 +517,8 @@ public:
   void addSendBuffered(uint64_t n);
   void subSendBuffered(uint64_t n);
   void releasePromise(StreamState& state);
+  uint64_t sendBudgetHigh() const;   // the high mark now (follows the congestion window)
+  uint64_t sendBudgetLow() const;
   void shutdownRead(StreamState& state, uint64_t code);
   void shutdownWrite(StreamState& state, uint64_t code);
   void scheduleFlush();
@@ -752,8 +758,9 @@ inline uint64_t ConnectionImpl::writeThreshold() const {
 
 inline void ConnectionImpl::addSendBuffered(uint64_t n) {
   sendBuffered += n;
-  if (!sendOverBudget && sendBuffered >= kj::max(config.connectionSendHigh, uint64_t(1))) {
-    sendOverBudget = true;
+  if (!sendOverBudget && sendBuffered >= kj::min(config.connectionSendMin,
+                                                 config.connectionSendHigh)) {
+    if (sendBuffered >= sendBudgetHigh()) sendOverBudget = true;
   }
 }
 

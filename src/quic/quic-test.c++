@@ -1185,6 +1185,48 @@ KJ_TEST("writableBytes() reserves its bytes in the send budget until the write")
   KJ_EXPECT(!pair.server->stats().sendOverBudget);
 }
 
+KJ_TEST("the send budget follows the congestion window, between connectionSendMin and High") {
+  // A fresh connection's window is ~14 KiB (10 packets): four of it are below connectionSendMin,
+  // so the budget is connectionSendMin, not connectionSendHigh.
+  auto serverTransport = fastTransport();
+  serverTransport.streamSendBuffer = 256 * 1024;
+  serverTransport.streamSendReserve = 4 * 1024;
+  serverTransport.connectionSendHigh = 8 * MiB;
+  serverTransport.connectionSendLow = 4 * MiB;
+  serverTransport.connectionSendMin = 128 * 1024;
+  Env env(serverTransport);
+  auto pair = env.connect();
+  KJ_EXPECT(pair.server->stats().congestionWindow < 32 * 1024,
+            pair.server->stats().congestionWindow);
+
+  constexpr size_t WANT = 48 * 1024;
+  kj::Vector<kj::Own<Stream>> outs;
+  for (int i = 0; i < 4; i++) outs.add(env.wait(pair.server->openStream()));
+  KJ_EXPECT(outs[0]->writableBytes(WANT) == WANT);
+  KJ_EXPECT(outs[1]->writableBytes(WANT) == WANT);
+  KJ_EXPECT(!pair.server->stats().sendOverBudget);
+  KJ_EXPECT(outs[2]->writableBytes(WANT) == WANT);   // 144 KiB >= 128 KiB: over
+  KJ_EXPECT(pair.server->stats().sendOverBudget);
+  KJ_EXPECT(outs[3]->writableBytes(WANT) == 4 * 1024);
+  // Dropping the reservations brings the budget back under the low mark (64 KiB, scaled).
+  for (int i = 0; i < 3; i++) outs[i] = nullptr;
+  KJ_EXPECT(!pair.server->stats().sendOverBudget);
+
+  // connectionSendMin >= connectionSendHigh: a fixed budget, as before.
+  serverTransport.connectionSendMin = serverTransport.connectionSendHigh;
+  auto fixedServer = newEndpoint(env.io.unixEventPort, loopback());
+  fixedServer->listen(serverConfig(serverTransport));
+  auto accepted = fixedServer->accept();
+  auto client2 = env.wait(env.client->dial(fixedServer->localAddress(), clientConfig()));
+  auto server2 = env.wait(kj::mv(accepted));
+  kj::Vector<kj::Own<Stream>> more;
+  for (int i = 0; i < 4; i++) {
+    more.add(env.wait(server2->openStream()));
+    KJ_EXPECT(more.back()->writableBytes(WANT) == WANT, i);
+  }
+  KJ_EXPECT(!server2->stats().sendOverBudget);
+}
+
 KJ_TEST("whenAborted: the peer dropping a stream is seen without writing; completion is not") {
   Env env;
   auto pair = env.connect();
