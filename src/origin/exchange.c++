@@ -593,14 +593,21 @@ private:
   // what the edge stream takes at once is read: while it is blocked (a visitor that stopped
   // reading, the connection's send budget) the buffer is freed and nothing is read.
   kj::Promise<void> pumpResponse() {
+    bool fixed = responseMode == ResponseBody::FIXED;
+    if (responseMode == ResponseBody::NONE || (fixed && responseRemaining == 0)) {
+      return kj::READY_NOW;
+    }
     size_t wanted = responseBuffer != nullptr ? responseBuffer.size()
-        : pumpBufferSize(responseMode == ResponseBody::FIXED, responseRemaining);
+        : pumpBufferSize(fixed, responseRemaining);
+    if (fixed) wanted = kj::min(uint64_t(wanted), responseRemaining);
     size_t writable = sink.bodyWritable(wanted);
     if (writable == 0) {
       responseBuffer = nullptr;
       return sink.whenBodyWritable().then([this]() { return pumpResponse(); });
     }
-    if (responseBuffer == nullptr) responseBuffer = kj::heapArray<kj::byte>(wanted);
+    if (responseBuffer == nullptr) {
+      responseBuffer = kj::heapArray<kj::byte>(pumpBufferSize(fixed, responseRemaining));
+    }
     return readResponseBody(kj::min(writable, responseBuffer.size()))
         .then([this](size_t n) -> kj::Promise<void> {
       if (n == 0) return kj::READY_NOW;

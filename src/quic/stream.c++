@@ -335,6 +335,7 @@ void StreamHandle::shutdownWrite() {
   auto& s = *state;
   if (s.finRequested || s.txError != nullptr) return;
   s.finRequested = true;
+  if (s.conn != nullptr) conn->releasePromise(s);
   if (s.conn != nullptr) conn->queueSend(s);
 }
 
