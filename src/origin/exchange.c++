@@ -589,13 +589,27 @@ private:
     return kj::mv(sent);
   }
 
-  // Response body: origin → edge, one buffer, each chunk written as soon as it was read.
+  // Response body: origin → edge, one buffer, each chunk written as soon as it was read. Only
+  // what the edge stream takes at once is read: while it is blocked (a visitor that stopped
+  // reading, the connection's send budget) the buffer is freed and nothing is read.
   kj::Promise<void> pumpResponse() {
-    if (responseBuffer == nullptr) {
-      responseBuffer = kj::heapArray<kj::byte>(
-          pumpBufferSize(responseMode == ResponseBody::FIXED, responseRemaining));
+    bool fixed = responseMode == ResponseBody::FIXED;
+    if (responseMode == ResponseBody::NONE || (fixed && responseRemaining == 0)) {
+      return kj::READY_NOW;
     }
-    return readResponseBody().then([this](size_t n) -> kj::Promise<void> {
+    size_t wanted = responseBuffer != nullptr ? responseBuffer.size()
+        : pumpBufferSize(fixed, responseRemaining);
+    if (fixed) wanted = kj::min(uint64_t(wanted), responseRemaining);
+    size_t writable = sink.bodyWritable(wanted);
+    if (writable == 0) {
+      responseBuffer = nullptr;
+      return sink.whenBodyWritable().then([this]() { return pumpResponse(); });
+    }
+    if (responseBuffer == nullptr) {
+      responseBuffer = kj::heapArray<kj::byte>(pumpBufferSize(fixed, responseRemaining));
+    }
+    return readResponseBody(kj::min(writable, responseBuffer.size()))
+        .then([this](size_t n) -> kj::Promise<void> {
       if (n == 0) return kj::READY_NOW;
       heldResponse += n;
       impl.gaugeAdd(n);
@@ -607,16 +621,18 @@ private:
     });
   }
 
-  kj::Promise<size_t> readResponseBody() {
-    // Next piece of the de-framed body into responseBuffer; 0 at its end.
-    auto buffer = responseBuffer.asPtr();
+  kj::Promise<size_t> readResponseBody(size_t limit) {
+    // Next piece of the de-framed body (at most `limit` bytes) into responseBuffer; 0 at its end.
+    auto buffer = responseBuffer.slice(0, limit);
     switch (responseMode) {
       case ResponseBody::NONE:
         return size_t(0);
       case ResponseBody::UNTIL_EOF:
+        conn->shrink();   // the read-ahead, once the bytes after the head are consumed
         return conn->read(buffer);
       case ResponseBody::FIXED:
         if (responseRemaining == 0) return size_t(0);
+        conn->shrink();
         return conn->read(buffer.slice(0, kj::min<uint64_t>(uint64_t(buffer.size()), responseRemaining)))
             .then([this](size_t n) -> kj::Promise<size_t> {
           if (n == 0) {
@@ -647,11 +663,11 @@ private:
           });
         }
         if (chunkedDone) return size_t(0);
-        return conn->readLine().then([this](kj::String line) -> kj::Promise<size_t> {
+        return conn->readLine().then([this, limit](kj::String line) -> kj::Promise<size_t> {
           KJ_IF_MAYBE(size, parseChunkSize(line)) {
             if (*size == 0) return readTrailers();
             responseRemaining = *size;
-            return readResponseBody();
+            return readResponseBody(limit);
           }
           return originException(kj::Exception::Type::FAILED,
                                  "origin sent a malformed chunk size");

@@ -1375,6 +1375,91 @@ KJ_TEST("Origin::serve: any transport's sink gets the head, the stream the body"
   }
 }
 
+KJ_TEST("the response pump reads from the origin only what the sink says the stream takes") {
+  // A QUIC stream blocked by its peer's window (a visitor that stopped reading) reports 0
+  // writable bytes: the exchange then reads nothing more from the origin and holds no buffer.
+  struct CountingStream final: public kj::AsyncIoStream {
+    explicit CountingStream(kj::AsyncIoStream& inner): inner(inner) {}
+    kj::AsyncIoStream& inner;
+    size_t written = 0;
+    kj::Promise<size_t> tryRead(void* buffer, size_t minBytes, size_t maxBytes) override {
+      return inner.tryRead(buffer, minBytes, maxBytes);
+    }
+    kj::Promise<void> write(const void* buffer, size_t size) override {
+      written += size;
+      return inner.write(buffer, size);
+    }
+    kj::Promise<void> write(kj::ArrayPtr<const kj::ArrayPtr<const kj::byte>> pieces) override {
+      for (auto& p: pieces) written += p.size();
+      return inner.write(pieces);
+    }
+    kj::Promise<void> whenWriteDisconnected() override { return inner.whenWriteDisconnected(); }
+    void shutdownWrite() override { inner.shutdownWrite(); }
+    void abortRead() override { inner.abortRead(); }
+  };
+  struct GatedSink final: public ResponseSink {
+    explicit GatedSink(CountingStream& stream): stream(stream) {}
+    CountingStream& stream;
+    size_t limit = 5000;   // body bytes the "stream" takes in all
+    kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> waiter;
+    kj::uint status = 0;
+    kj::Promise<void> sendHead(kj::uint s, kj::ArrayPtr<const wire::Header>) override {
+      status = s;
+      return kj::READY_NOW;
+    }
+    kj::Promise<void> sendError(kj::StringPtr) override { return kj::READY_NOW; }
+    size_t bodyWritable(size_t wanted) override {
+      return kj::min(wanted, limit - kj::min(limit, stream.written));
+    }
+    kj::Promise<void> whenBodyWritable() override {
+      auto paf = kj::newPromiseAndFulfiller<void>();
+      waiter = kj::mv(paf.fulfiller);
+      return kj::mv(paf.promise);
+    }
+  };
+  constexpr size_t SIZE = 100000;
+  Env env;
+  auto& ws = env.io.waitScope;
+  CannedOrigin canned(env);
+  canned.response = kj::str("HTTP/1.1 200 OK\r\nContent-Length: ", SIZE, "\r\n\r\n",
+                            kj::repeat('x', SIZE));
+  auto origin = env.origin(kj::str("http://127.0.0.1:", canned.port));
+  auto pipe = kj::newTwoWayPipe();
+  CountingStream edge(*pipe.ends[0]);
+  GatedSink sink(edge);
+  wire::HttpRequestHead head;
+  head.dest = kj::str("http://t.example/big");
+  head.method = kj::str("GET");
+  head.host = kj::str("t.example");
+  auto served = origin->serve(edge, kj::mv(head), sink).eagerlyEvaluate(nullptr);
+  pipe.ends[1]->shutdownWrite();
+  auto buffer = kj::heapArray<kj::byte>(SIZE);
+  auto readSome = [&](size_t got) {
+    return env.timer.timeoutAfter(5 * kj::SECONDS,
+        pipe.ends[1]->tryRead(buffer.begin() + got, 1, SIZE - got)).wait(ws);
+  };
+  size_t got = 0;
+  while (got < 5000) got += readSome(got);
+  KJ_EXPECT(sink.status == 200);
+  KJ_EXPECT(got == 5000, got);
+  auto more = pipe.ends[1]->tryRead(buffer.begin() + got, 1, SIZE - got);
+  env.timer.afterDelay(50 * kj::MILLISECONDS).wait(ws);
+  KJ_EXPECT(!more.poll(ws), "the exchange wrote more than the sink allowed");
+  KJ_EXPECT(sink.waiter != nullptr, "the exchange does not wait for the sink");
+  KJ_EXPECT(origin->bufferedBytes() == 0, origin->bufferedBytes());
+  // The stream takes everything again: the rest arrives and the exchange completes.
+  sink.limit = kj::maxValue;
+  KJ_ASSERT_NONNULL(sink.waiter)->fulfill();
+  got += more.wait(ws);
+  while (got < SIZE) {
+    size_t n = readSome(got);
+    if (n == 0) break;
+    got += n;
+  }
+  KJ_EXPECT(got == SIZE, got);
+  served.wait(ws);
+}
+
 KJ_TEST("hello-world origin: page, /_health, /ws echo, /sse") {
   Env env;
   auto& ws = env.io.waitScope;

@@ -104,6 +104,16 @@ public:
   virtual kj::Promise<void> sendError(kj::StringPtr text) = 0;
   // The request failed before any head: the edge answers its visitor with a 502 carrying
   // `text` (ConnectResponse.error on QUIC).
+
+  virtual size_t bodyWritable(size_t wanted) { return wanted; }
+  virtual kj::Promise<void> whenBodyWritable() { return kj::READY_NOW; }
+  // The exchange's stream, seen by the response body pump: how many bytes (at most `wanted`)
+  // the next write takes at once, kept for that write (0: the stream is blocked by its peer's
+  // window or the connection's send budget; more than `wanted`: a write would fail at once), and
+  // a promise that resolves once it may no longer be 0. The pump reads from the origin only what
+  // the stream takes at once and frees its buffer while the stream is blocked, so a visitor that
+  // stops reading costs no pump buffer. The default (a transport that cannot tell): always
+  // writable.
 };
 
 kj::Own<ResponseSink> newConnectResponseSink(kj::AsyncOutputStream& out);
@@ -112,9 +122,10 @@ kj::Own<ResponseSink> newConnectResponseSink(kj::AsyncOutputStream& out);
 
 constexpr size_t PUMP_BUFFER_SIZE = 16 * 1024;
 // Per direction and stream, at most this many bytes are held between a read and its write
-// (allocated for the exchange's life: with the transport's own send buffer, this is what a
-// visitor costs while it downloads, so it stays small; at 16 KiB the origin layer alone still
-// moves ~1.8 GB/s per stream (cfqt-bench origin), several times what QUIC carries).
+// (with the transport's own send buffer, this is what a visitor costs while it downloads, so it
+// stays small; at 16 KiB the origin layer alone still moves ~1.8 GB/s per stream (cfqt-bench
+// origin), several times what QUIC carries). The response buffer is freed while the sink says
+// the stream is blocked (ResponseSink::bodyWritable()) and allocated again when it is not.
 
 class Origin {
 public:

@@ -230,8 +230,9 @@ void ConnectionImpl::onStreamClose(StreamState& state, uint32_t flags, uint64_t 
           " closed before its end: the peer reset it or stopped reading (STOP_SENDING)")));
     }
   }
-  uint64_t released = state.txBuffered();
+  uint64_t released = state.txBuffered() + state.promised;
   state.releaseTx();
+  state.promised = 0;
   subSendBuffered(released);
   KJ_IF_MAYBE(w, state.pendingWrite) {
     w->fulfiller->reject(disconnected(kj::str("QUIC stream ", state.id, " closed")));
@@ -296,6 +297,8 @@ int ConnectionImpl::cbExtendMaxStreamData(ngtcp2_conn*, int64_t, uint64_t, void*
     auto& state = *static_cast<StreamState*>(sud);
     state.flowBlocked = false;
     self.queueSend(state);
+    // More credit lets a waiting writer add more (sendSpace() follows the peer's credit).
+    if (state.pendingWrite != nullptr) self.pumpPendingWrite(state);
   });
 }
 

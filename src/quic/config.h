@@ -94,12 +94,18 @@ struct TransportConfig {
   uint64_t streamSendReserve = 4 * 1024;
   uint64_t connectionSendHigh = 2 * 1024 * 1024;
   uint64_t connectionSendLow = 1024 * 1024;
+  uint64_t connectionSendMin = 256 * 1024;
   // The send budget of the whole connection (back-pressure): once the bytes buffered for sending
-  // over all streams reach `connectionSendHigh`, writes wait until acknowledgements bring the
-  // total down to `connectionSendLow` (waiting writers then resume in arrival order). A stream
-  // holding less than `streamSendReserve` bytes may always buffer up to that much, so a fresh
-  // stream (a small response) never waits behind streams whose readers stalled. Memory for
-  // sending is thus at most connectionSendHigh + streams x streamSendReserve.
+  // over all streams reach the high mark, writes wait until acknowledgements bring the total down
+  // to the low mark (waiting writers then resume in arrival order). The high mark follows the
+  // congestion window: four windows (what is in flight, plus enough ready to go that the window
+  // never waits for a writer), at least `connectionSendMin`, at most `connectionSendHigh`; the
+  // low mark keeps the ratio connectionSendLow / connectionSendHigh to it (two windows). More
+  // would only wait in memory, not leave sooner. A stream holding less than `streamSendReserve`
+  // bytes may always buffer up to that much, so a fresh stream (a small response) never waits
+  // behind streams whose readers stalled. Memory for sending is thus at most
+  // connectionSendHigh + streams x streamSendReserve. connectionSendMin >= connectionSendHigh
+  // makes the budget fixed.
 
   uint64_t recvCreditBudget = 8 * 1024 * 1024;
   // Connection-level flow-control credit for received stream bytes is returned as soon as they

@@ -316,9 +316,26 @@ size_t ConnectionImpl::maxDatagramPayload() const {
 
 // ---- send budget
 
+uint64_t ConnectionImpl::sendBudgetHigh() const {
+  uint64_t high = kj::max(config.connectionSendHigh, uint64_t(1));
+  if (config.connectionSendMin >= high || conn == nullptr) return high;
+  ngtcp2_conn_stat stat;
+  ngtcp2_conn_get_conn_stat(conn, &stat);
+  return kj::min(high, kj::max(config.connectionSendMin, SEND_BUDGET_CWNDS * stat.cwnd));
+}
+
+uint64_t ConnectionImpl::sendBudgetLow() const {
+  // The low mark: connectionSendLow scaled as the high mark is.
+  uint64_t high = kj::max(config.connectionSendHigh, uint64_t(1));
+  uint64_t now = sendBudgetHigh();
+  if (now == high) return config.connectionSendLow;
+  return uint64_t(double(now) * double(config.connectionSendLow) / double(high));
+}
+
 void ConnectionImpl::subSendBuffered(uint64_t n) {
   sendBuffered -= n;
-  if (sendOverBudget && sendBuffered <= config.connectionSendLow) {
+  if (sendOverBudget && sendBuffered <= config.connectionSendLow &&
+      sendBuffered <= sendBudgetLow()) {
     sendOverBudget = false;
     // Waiting writers resume in the order they started waiting; one that fills the budget again
     // waits at the back.
@@ -331,8 +348,27 @@ void ConnectionImpl::subSendBuffered(uint64_t n) {
   }
 }
 
+void ConnectionImpl::releasePromise(StreamState& state) {
+  // Returns what writableBytes() reserved and no write used.
+  if (state.promised == 0) return;
+  uint64_t n = state.promised;
+  state.promised = 0;
+  subSendBuffered(n);
+}
+
 void ConnectionImpl::pumpPendingWrite(StreamState& state) {
   KJ_IF_MAYBE(w, state.pendingWrite) {
+    if (w->spaceOnly) {
+      // Stream::whenWritable(): done once a write may add writeThreshold() bytes.
+      if (sendSpace(state) >= writeThreshold()) {
+        w->fulfiller->fulfill();
+        state.pendingWrite = nullptr;
+      } else if (sendOverBudget && !state.budgetWaiting) {
+        state.budgetWaiting = true;
+        budgetWaiters.push_back(kj::addRef(state));
+      }
+      return;
+    }
     auto pieces = w->pieces.size() == 0 ? kj::arrayPtr(&w->single, 1) : w->pieces;
     uint64_t before = state.txBuffered();
     while (w->piece < pieces.size()) {

@@ -65,6 +65,8 @@ constexpr size_t RX_BUFFER = 65536;             // one GRO super-datagram
 constexpr size_t RX_BATCHES_PER_TURN = 8;
 constexpr size_t RX_BLOCK = 64 * 1024;          // receive buffer block
 constexpr size_t TX_BLOCK = 16 * 1024;          // send buffer block (a stalled stream holds few)
+constexpr size_t TX_GROWTH = 4 * 1024;          // small writes' blocks double up to this size
+constexpr uint64_t SEND_BUDGET_CWNDS = 4;       // send budget high mark: 4 cwnd (config.h)
 constexpr size_t MAX_IOV = 16;
 constexpr size_t MAX_QUEUED_DATAGRAMS = 256;    // sendDatagram() payloads waiting for a packet
 constexpr uint64_t PACING_SLACK_NS = 1000000;     // ngtcp2 0.12's NGTCP2_PKT_PACING_OVERHEAD
@@ -225,6 +227,7 @@ public:
   bool flowBlocked = false;
   bool writeWatched = false;    // in ConnectionImpl::writeWatch
   bool budgetWaiting = false;   // in ConnectionImpl::budgetWaiters
+  uint64_t promised = 0;        // writableBytes(): reserved (in sendBuffered) for the next write
   kj::Maybe<kj::Own<kj::Exception>> txError;
   kj::Maybe<kj::ForkedPromise<void>> writeDisconnected;
   kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> writeDisconnectedFulfiller;
@@ -247,6 +250,7 @@ public:
     size_t piece = 0;
     size_t offset = 0;
     kj::Own<kj::PromiseFulfiller<void>> fulfiller;
+    bool spaceOnly = false;   // Stream::whenWritable(): no bytes, waits for writeThreshold()
   };
   kj::Maybe<PendingWrite> pendingWrite;
 
@@ -261,11 +265,15 @@ public:
     size_t done = 0;
     while (done < n) {
       if (tx.empty() || tx.back().end == tx.back().data.size()) {
-        // Blocks grow from the size of the first write up to TX_BLOCK, so that a stream carrying
-        // 100 bytes does not cost a 64 KiB allocation.
-        size_t last = tx.empty() ? 0 : tx.back().data.size();
+        // A block holds the write (up to TX_BLOCK), so that a stream carrying 100 bytes does not
+        // cost a 16 KiB allocation, nor a 4 KiB write a 16 KiB block that stays mostly empty
+        // while the stream waits; blocks of small writes double up to TX_GROWTH. A write cut
+        // short by `space` (the stream is blocked: the peer's credit, the send budget) gets a
+        // block of just what it may add.
+        size_t last = tx.empty() ? 0 : kj::min(tx.back().data.size(), TX_GROWTH / 2);
+        size_t cap = n < bytes.size() ? kj::max(n - done, size_t(256)) : TX_BLOCK;
         Block block;
-        block.data = kj::heapArray<kj::byte>(blockSize(n - done, last, TX_BLOCK));
+        block.data = kj::heapArray<kj::byte>(blockSize(n - done, last, kj::min(cap, TX_BLOCK)));
         tx.push_back(kj::mv(block));
       }
       auto& back = tx.back();
@@ -302,7 +310,10 @@ public:
     while (!tx.empty()) {
       auto& front = tx.front();
       bool full = front.end == front.data.size();
-      if (!full || txBase + front.end > txAcked) break;
+      if (txBase + front.end > txAcked) break;
+      if (!full && tx.size() == 1 && txAcked < txEnd) break;
+      // Acknowledged: freed, the last (partly filled) block too once everything written was
+      // acknowledged, so that a stream waiting on its peer or its origin holds no buffer.
       txBase += front.end;
       tx.pop_front();
     }
@@ -503,8 +514,12 @@ public:
   void releaseCredit(StreamState& state);
   uint64_t discardUnread(StreamState& state);
   uint64_t sendSpace(const StreamState& state) const;
+  uint64_t writeThreshold() const;
   void addSendBuffered(uint64_t n);
   void subSendBuffered(uint64_t n);
+  void releasePromise(StreamState& state);
+  uint64_t sendBudgetHigh() const;   // the high mark now (follows the congestion window)
+  uint64_t sendBudgetLow() const;
   void shutdownRead(StreamState& state, uint64_t code);
   void shutdownWrite(StreamState& state, uint64_t code);
   void scheduleFlush();
@@ -710,6 +725,8 @@ public:
   kj::Promise<void> whenAborted() override;
   uint64_t bufferedReadBytes() const override { return state->rxBuffered; }
   uint64_t bufferedWriteBytes() const override { return state->txBuffered(); }
+  size_t writableBytes(size_t wanted) override;
+  kj::Promise<void> whenWritable() override;
 
   kj::Promise<size_t> tryRead(void* buffer, size_t minBytes, size_t maxBytes) override;
   kj::Promise<void> write(const void* buffer, size_t size) override;
@@ -739,20 +756,33 @@ private:
 inline uint64_t ConnectionImpl::sendSpace(const StreamState& state) const {
   // What the stream may add to its send buffer now. Normally: up to streamSendBuffer bytes not
   // yet sent (bytes in flight are bounded by the congestion window and the peer's credit, so a
-  // fast stream is not slowed by this buffer, and a stalled one holds at most this much). Over
-  // the connection's budget: only up to streamSendReserve bytes unacknowledged.
+  // fast stream is not slowed by this buffer), but no more than the peer's stream credit lets
+  // out plus streamSendReserve: a stream whose peer stopped reading holds at most the reserve
+  // unsent (its sent bytes are acknowledged and freed). Over the connection's budget: only up
+  // to streamSendReserve bytes unacknowledged.
+  uint64_t reserve = kj::min(config.streamSendReserve, config.streamSendBuffer);
   if (sendOverBudget) {
-    uint64_t reserve = kj::min(config.streamSendReserve, config.streamSendBuffer);
     return reserve > state.txBuffered() ? reserve - state.txBuffered() : 0;
   }
   uint64_t unsent = state.txUnsent();
-  return config.streamSendBuffer > unsent ? config.streamSendBuffer - unsent : 0;
+  uint64_t credit = (conn == nullptr || state.closedByNgtcp2)
+      ? 0 : ngtcp2_conn_get_max_stream_data_left(conn, state.id);
+  uint64_t limit = kj::min(config.streamSendBuffer, credit + reserve);
+  return limit > unsent ? limit - unsent : 0;
+}
+
+inline uint64_t ConnectionImpl::writeThreshold() const {
+  // Stream::whenWritable() waits until a write may add at least this much: the reserve, which
+  // every state of a live stream eventually allows (so a waiter is never stranded), and large
+  // enough that a writer gated on it does not take a packet's worth at a time.
+  return kj::max(kj::min(config.streamSendReserve, config.streamSendBuffer), uint64_t(1));
 }
 
 inline void ConnectionImpl::addSendBuffered(uint64_t n) {
   sendBuffered += n;
-  if (!sendOverBudget && sendBuffered >= kj::max(config.connectionSendHigh, uint64_t(1))) {
-    sendOverBudget = true;
+  if (!sendOverBudget && sendBuffered >= kj::min(config.connectionSendMin,
+                                                 config.connectionSendHigh)) {
+    if (sendBuffered >= sendBudgetHigh()) sendOverBudget = true;
   }
 }
 

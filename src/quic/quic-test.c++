@@ -1145,6 +1145,141 @@ KJ_TEST("send budget: stalled streams are bounded and never delay a fresh stream
   KJ_EXPECT(!pair.server->stats().sendOverBudget);
 }
 
+KJ_TEST("a stream blocked on its peer's window holds only streamSendReserve; writableBytes()") {
+  auto clientTransport = fastTransport();
+  clientTransport.initialStreamWindow = 64 * 1024;
+  clientTransport.maxStreamWindow = 64 * 1024;
+  auto serverTransport = fastTransport();
+  serverTransport.streamSendBuffer = 256 * 1024;
+  serverTransport.streamSendReserve = 4 * 1024;
+  Env env(serverTransport);
+  auto pair = env.connect(clientConfig(clientTransport));
+
+  // A writer whose peer does not read: once the window's bytes are acknowledged, the stream holds
+  // the reserve, not streamSendBuffer.
+  auto out = env.wait(pair.server->openStream());
+  auto writing = writePattern(*out, 1 * MiB, 31).eagerlyEvaluate(nullptr);
+  auto in = env.wait(pair.client->acceptStream());
+  KJ_EXPECT(eventually(env, [&]() {
+    return in->bufferedReadBytes() == 64 * 1024 && out->bufferedWriteBytes() <= 4 * 1024;
+  }), in->bufferedReadBytes(), out->bufferedWriteBytes());
+  KJ_EXPECT(!writing.poll(env.io.waitScope), "writer was not halted");
+
+  // writableBytes(): what a write takes at once. A fresh stream takes its window plus the reserve
+  // in writes that never wait, then reports 0 until the peer reads.
+  auto out2 = env.wait(pair.server->openStream());
+  kj::byte chunk[16 * 1024];
+  fillPattern(chunk, 0, sizeof(chunk), 32);
+  uint64_t total = 0;
+  for (int i = 0; i < 100; i++) {
+    size_t n = out2->writableBytes(sizeof(chunk));
+    if (n == 0) break;
+    KJ_ASSERT(n <= sizeof(chunk), n);
+    auto written = out2->write(chunk, n);
+    KJ_EXPECT(written.poll(env.io.waitScope), "a write of what writableBytes() said waited");
+    written.wait(env.io.waitScope);
+    total += n;
+  }
+  KJ_EXPECT(total == 64 * 1024 + 4 * 1024, total);
+  auto writable = out2->whenWritable();
+  env.timer.afterDelay(50 * kj::MILLISECONDS).wait(env.io.waitScope);
+  KJ_EXPECT(!writable.poll(env.io.waitScope), "whenWritable() resolved without credit");
+  kj::Vector<kj::Own<Stream>> others;
+  auto in2 = env.wait(acceptId(*pair.client, out2->id(), others));
+  kj::byte sink[96 * 1024];
+  uint64_t read = 0;
+  while (read < total) read += env.wait(in2->tryRead(sink, 1, sizeof(sink)));
+  env.wait(kj::mv(writable), 2 * kj::SECONDS);
+  KJ_EXPECT(out2->writableBytes(sizeof(chunk)) == sizeof(chunk));
+}
+
+KJ_TEST("writableBytes() reserves its bytes in the send budget until the write") {
+  auto serverTransport = fastTransport();
+  serverTransport.streamSendBuffer = 256 * 1024;
+  serverTransport.streamSendReserve = 4 * 1024;
+  serverTransport.connectionSendHigh = 64 * 1024;
+  serverTransport.connectionSendLow = 32 * 1024;
+  Env env(serverTransport);
+  auto pair = env.connect();
+
+  constexpr size_t WANT = 48 * 1024;
+  kj::Vector<kj::Own<Stream>> outs;
+  for (int i = 0; i < 4; i++) outs.add(env.wait(pair.server->openStream()));
+  // Two reservations fill the budget: the third stream gets only its reserve, though nothing
+  // was written yet.
+  KJ_EXPECT(outs[0]->writableBytes(WANT) == WANT);
+  KJ_EXPECT(outs[1]->writableBytes(WANT) == WANT);
+  KJ_EXPECT(pair.server->stats().sendOverBudget);
+  KJ_EXPECT(outs[2]->writableBytes(WANT) == 4 * 1024);
+  // What was reserved is taken at once, over the budget or not.
+  auto data = kj::heapArray<kj::byte>(WANT);
+  for (int i = 0; i < 3; i++) {
+    size_t n = i < 2 ? WANT : 4 * 1024;
+    fillPattern(data.begin(), 0, n, 40 + i);
+    auto written = outs[i]->write(data.begin(), n);
+    KJ_EXPECT(written.poll(env.io.waitScope), "a reserved write waited", i);
+    written.wait(env.io.waitScope);
+    outs[i]->shutdownWrite();
+  }
+  // A reservation nobody uses is returned when the stream goes.
+  uint64_t before = pair.server->stats().sendBufferedBytes;
+  size_t reserved = outs[3]->writableBytes(WANT);
+  KJ_EXPECT(pair.server->stats().sendBufferedBytes == before + reserved);
+  outs[3] = nullptr;
+  KJ_EXPECT(pair.server->stats().sendBufferedBytes == before);
+
+  kj::Vector<kj::Own<Stream>> others;   // the dropped stream, if it arrives first
+  for (int i = 0; i < 3; i++) {
+    auto in = env.wait(acceptId(*pair.client, outs[i]->id(), others));
+    KJ_EXPECT(env.wait(readPattern(*in, 40 + i)) == (i < 2 ? WANT : 4 * 1024), i);
+  }
+  KJ_EXPECT(eventually(env, [&]() { return pair.server->stats().sendBufferedBytes == 0; }),
+            pair.server->stats().sendBufferedBytes);
+  KJ_EXPECT(!pair.server->stats().sendOverBudget);
+}
+
+KJ_TEST("the send budget follows the congestion window, between connectionSendMin and High") {
+  // A fresh connection's window is ~14 KiB (10 packets): four of it are below connectionSendMin,
+  // so the budget is connectionSendMin, not connectionSendHigh.
+  auto serverTransport = fastTransport();
+  serverTransport.streamSendBuffer = 256 * 1024;
+  serverTransport.streamSendReserve = 4 * 1024;
+  serverTransport.connectionSendHigh = 8 * MiB;
+  serverTransport.connectionSendLow = 4 * MiB;
+  serverTransport.connectionSendMin = 128 * 1024;
+  Env env(serverTransport);
+  auto pair = env.connect();
+  KJ_EXPECT(pair.server->stats().congestionWindow < 32 * 1024,
+            pair.server->stats().congestionWindow);
+
+  constexpr size_t WANT = 48 * 1024;
+  kj::Vector<kj::Own<Stream>> outs;
+  for (int i = 0; i < 4; i++) outs.add(env.wait(pair.server->openStream()));
+  KJ_EXPECT(outs[0]->writableBytes(WANT) == WANT);
+  KJ_EXPECT(outs[1]->writableBytes(WANT) == WANT);
+  KJ_EXPECT(!pair.server->stats().sendOverBudget);
+  KJ_EXPECT(outs[2]->writableBytes(WANT) == WANT);   // 144 KiB >= 128 KiB: over
+  KJ_EXPECT(pair.server->stats().sendOverBudget);
+  KJ_EXPECT(outs[3]->writableBytes(WANT) == 4 * 1024);
+  // Dropping the reservations brings the budget back under the low mark (64 KiB, scaled).
+  for (int i = 0; i < 3; i++) outs[i] = nullptr;
+  KJ_EXPECT(!pair.server->stats().sendOverBudget);
+
+  // connectionSendMin >= connectionSendHigh: a fixed budget, as before.
+  serverTransport.connectionSendMin = serverTransport.connectionSendHigh;
+  auto fixedServer = newEndpoint(env.io.unixEventPort, loopback());
+  fixedServer->listen(serverConfig(serverTransport));
+  auto accepted = fixedServer->accept();
+  auto client2 = env.wait(env.client->dial(fixedServer->localAddress(), clientConfig()));
+  auto server2 = env.wait(kj::mv(accepted));
+  kj::Vector<kj::Own<Stream>> more;
+  for (int i = 0; i < 4; i++) {
+    more.add(env.wait(server2->openStream()));
+    KJ_EXPECT(more.back()->writableBytes(WANT) == WANT, i);
+  }
+  KJ_EXPECT(!server2->stats().sendOverBudget);
+}
+
 KJ_TEST("whenAborted: the peer dropping a stream is seen without writing; completion is not") {
   Env env;
   auto pair = env.connect();

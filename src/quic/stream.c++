@@ -161,6 +161,7 @@ void ConnectionImpl::probeWrites(uint64_t ts) {
 StreamHandle::~StreamHandle() noexcept(false) {
   auto& s = *state;
   s.handleAlive = false;
+  if (s.conn != nullptr) conn->releasePromise(s);
   KJ_IF_MAYBE(r, s.pendingRead) {
     r->fulfiller->reject(disconnected(kj::str("QUIC stream dropped")));
     s.pendingRead = nullptr;
@@ -256,10 +257,16 @@ kj::Promise<void> StreamHandle::startWrite(StreamState::PendingWrite pending) {
   if (!conn->isOpen()) return conn->closeException();
   KJ_REQUIRE(!s.finRequested, "write() after shutdownWrite()");
   KJ_REQUIRE(s.pendingWrite == nullptr, "one write at a time");
+  uint64_t promised = s.promised;
+  if (promised > 0) {
+    // The room writableBytes() reserved: taken whatever the budget says now.
+    s.promised = 0;
+    conn->subSendBuffered(promised);
+  }
   if (pending.pieces.size() == 0) {
-    // Fast path: everything fits in the send buffer.
+    // Fast path: everything fits in the send buffer (or in what writableBytes() reserved).
     uint64_t before = s.txBuffered();
-    size_t n = s.appendTx(pending.single, conn->sendSpace(s));
+    size_t n = s.appendTx(pending.single, kj::max(conn->sendSpace(s), promised));
     conn->addSendBuffered(s.txBuffered() - before);
     conn->queueSend(s);
     if (n == pending.single.size()) return kj::READY_NOW;
@@ -271,6 +278,39 @@ kj::Promise<void> StreamHandle::startWrite(StreamState::PendingWrite pending) {
   conn->pumpPendingWrite(s);
   if (s.pendingWrite != nullptr) conn->watchWrites(s);
   return kj::mv(paf.promise);
+}
+
+size_t StreamHandle::writableBytes(size_t wanted) {
+  auto& s = *state;
+  // A write that would fail at once is not held back: the writer learns the failure from it.
+  if (s.txError != nullptr || s.conn == nullptr || !conn->isOpen() || s.finRequested) {
+    return kj::maxValue;
+  }
+  conn->releasePromise(s);
+  uint64_t space = conn->sendSpace(s);
+  if (space < kj::min(uint64_t(wanted), conn->writeThreshold())) return 0;
+  size_t n = kj::min(space, uint64_t(wanted));
+  // Counted in the budget now, so that streams asking one after another do not all get the
+  // same room; the write converts it to buffered bytes.
+  s.promised = n;
+  conn->addSendBuffered(n);
+  return n;
+}
+
+kj::Promise<void> StreamHandle::whenWritable() {
+  auto& s = *state;
+  if (s.txError != nullptr || s.conn == nullptr || !conn->isOpen()) return kj::READY_NOW;
+  KJ_REQUIRE(s.pendingWrite == nullptr, "whenWritable() while a write is pending");
+  if (conn->sendSpace(s) >= conn->writeThreshold()) return kj::READY_NOW;
+  auto paf = kj::newPromiseAndFulfiller<void>();
+  StreamState::PendingWrite pending;
+  pending.spaceOnly = true;
+  pending.fulfiller = kj::mv(paf.fulfiller);
+  s.pendingWrite = kj::mv(pending);
+  conn->pumpPendingWrite(s);   // joins the budget's waiters if that is what it waits for
+  if (s.pendingWrite != nullptr) conn->watchWrites(s);
+  // A failure rejects it like a write; the caller's next write reports the failure instead.
+  return paf.promise.catch_([](kj::Exception&&) {});
 }
 
 kj::Promise<void> StreamHandle::whenWriteDisconnected() {
@@ -298,6 +338,7 @@ void StreamHandle::shutdownWrite() {
   auto& s = *state;
   if (s.finRequested || s.txError != nullptr) return;
   s.finRequested = true;
+  if (s.conn != nullptr) conn->releasePromise(s);
   if (s.conn != nullptr) conn->queueSend(s);
 }
 

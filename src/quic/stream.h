@@ -50,6 +50,18 @@ public:
   // Written bytes held for this stream until acknowledged: at most streamSendBuffer not yet
   // sent, plus those in flight.
 
+  virtual size_t writableBytes(size_t wanted) = 0;
+  virtual kj::Promise<void> whenWritable() = 0;
+  // Flow control for writers that should not hold bytes the stream cannot take (a proxy's pump
+  // buffer). writableBytes() returns how many bytes, at most `wanted`, the next write() takes
+  // at once, and reserves them in the connection's send budget until that write (or the next
+  // call, or the stream's end), so a writer that first reads that much from elsewhere never
+  // waits with it. It returns 0 while the stream could take less than `wanted` and less than
+  // TransportConfig::streamSendReserve (it waits for the peer's credit, acknowledgements or the
+  // connection's send budget), and kj::maxValue once a write would fail at once (it then
+  // throws). whenWritable() resolves once at least streamSendReserve bytes could be taken, or
+  // the write side failed (never rejects); not to be called while a write is pending.
+
   virtual kj::Promise<void> whenAborted() = 0;
   // Resolves (never rejects) once the stream was abandoned before it completed: the peer reset
   // its sending side (RESET_STREAM), the stream ended before our FIN was acknowledged (the

@@ -26,10 +26,29 @@ kj::String describeClose(const quic::CloseInfo& info) {
 
 namespace {
 
+class QuicResponseSink final: public origin::ResponseSink {
+  // The ConnectResponse sink of a data stream, plus the stream's send state for the origin's
+  // body pump (it reads only what the stream takes at once, see ResponseSink::bodyWritable()).
+public:
+  explicit QuicResponseSink(quic::Stream& stream)
+      : stream(stream), head(origin::newConnectResponseSink(stream)) {}
+
+  kj::Promise<void> sendHead(kj::uint status, kj::ArrayPtr<const wire::Header> headers) override {
+    return head->sendHead(status, headers);
+  }
+  kj::Promise<void> sendError(kj::StringPtr text) override { return head->sendError(text); }
+  size_t bodyWritable(size_t wanted) override { return stream.writableBytes(wanted); }
+  kj::Promise<void> whenBodyWritable() override { return stream.whenWritable(); }
+
+private:
+  quic::Stream& stream;
+  kj::Own<origin::ResponseSink> head;
+};
+
 class QuicEdgeStream final: public EdgeStream {
 public:
   explicit QuicEdgeStream(kj::Own<quic::Stream> streamParam)
-      : stream(kj::mv(streamParam)), responseSink(origin::newConnectResponseSink(*stream)) {}
+      : stream(kj::mv(streamParam)), responseSink(kj::heap<QuicResponseSink>(*stream)) {}
 
   int64_t id() const override { return stream->id(); }
 
