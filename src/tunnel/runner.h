@@ -114,13 +114,15 @@ private:
   observe::TunnelStatus tunnelStatus;
   class StatusOriginObserver final: public origin::OriginObserver {
   public:
-    explicit StatusOriginObserver(observe::TunnelStatus& status): status(status) {}
-    void responseHead(kj::uint statusCode) override { status.responseSent(statusCode); }
-    void requestFailed() override { status.requestFailed(); }
+    explicit StatusOriginObserver(observe::TunnelStatus::Shard& stats): stats(stats) {}
+    void responseHead(kj::uint statusCode) override { stats.responseSent(statusCode); }
+    void requestFailed() override { stats.requestFailed(); }
   private:
-    observe::TunnelStatus& status;
+    observe::TunnelStatus::Shard& stats;
   };
-  StatusOriginObserver originObserver{tunnelStatus};
+  StatusOriginObserver originObserver{tunnelStatus.shard(0)};
+  // The origin shared by every index on this loop (--threads 1, named tunnels): this loop is the
+  // only writer of shard 0, where its outcomes are counted.
   AcknowledgingConfigHandler configHandler;
   class IngressConfigHandler final: public wire::ConfigurationHandler {
     // Remote configuration of a named tunnel: parsed and applied to the router at once.
