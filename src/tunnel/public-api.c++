@@ -519,6 +519,10 @@ std::unique_ptr<Tunnel> Tunnel::start(const TunnelOptions& o) {
     }
     auto pool = kj::heap<HandlerPool>(o.handler, size_t(o.handlerThreads));
     r.origin = origin::inProcessOrigin(*pool);
+    // An inline handler (0 threads) is called on the tunnel's loop thread: keep that one thread
+    // rather than one per connection, so that the application's handler is never called
+    // concurrently.
+    if (o.handlerThreads == 0) r.threads = 1;
     r.service = kj::str("http://localhost");   // no origin URL; the edge only records it
     handlers = kj::mv(pool);
   } else if (o.helloWorld) {

@@ -7,6 +7,7 @@
 #include "tunnel/edge-dialer.h"
 #include "tunnel/ready-probe.h"
 #include "tunnel/supervisor.h"
+#include "tunnel/worker.h"
 
 #include "edge/discovery.h"
 #include "edge/quick-tunnel-api.h"
@@ -59,6 +60,10 @@ struct RunnerOptions {
   // the base their originRequest keys override). Null: one catch-all rule to `origin`/`service`.
   kj::Maybe<kj::Function<kj::String(kj::StringPtr hostname)>> publicUrl;
   // The URL shown for a hostname; default "https://<hostname>" (--local: the front door).
+  uint threads = 0;
+  // --threads: 1 runs everything on the runner's loop; 0 (auto) gives each HA connection index
+  // its own thread and event loop (worker.h) when there is more than one connection (quick
+  // tunnels; named tunnels stay on one loop: their ingress router is applied in place).
   ReadyProbeConfig ready;                // how the URL's readiness is probed (issue 16)
   bool waitReady = false;
   // --wait-ready: the banner and tunnelCreated() (the URL line) come only once the URL serves;
@@ -145,6 +150,8 @@ private:
   kj::Maybe<kj::Own<edge::AddressPool>> pool;
   kj::Maybe<kj::Own<EdgeDialer>> dialer;
   kj::Maybe<kj::Own<EdgeConnectionFactory>> factory;
+  DialerShared dialerShared;
+  kj::Maybe<kj::Own<WorkerPool>> workers;       // destroyed after the supervisor (~Runner)
   kj::Maybe<kj::Own<Supervisor>> supervisor;
   bool stopping = false;
   kj::Own<kj::PromiseFulfiller<void>> stopFulfiller;
@@ -161,6 +168,7 @@ private:
                                  kj::Array<kj::byte> tunnelId);
   kj::Promise<int> metricsBound(kj::Maybe<kj::Own<kj::ConnectionReceiver>> receiver);
   kj::Promise<int> edgesDiscovered(edge::EdgeAddresses addresses);
+  kj::Promise<int> startSupervisor(SessionFactory& sessions, uint connections);
   int supervisorDone();
   kj::Promise<void> returnMemory(uint64_t servedBefore);
   int startFailed(kj::StringPtr what, kj::Exception&& e);
