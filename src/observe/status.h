@@ -94,6 +94,9 @@ public:
   // The shard of a connection index (< MAX_SHARDS); its thread is the only writer.
 
   uint64_t totalRequests() const { return sum(&Shard::requests); }
+  uint64_t requestsOf(kj::uint connIndex) const {
+    return connIndex < MAX_SHARDS ? shards[connIndex].requests.load(std::memory_order_relaxed) : 0;
+  }
   uint64_t concurrentRequests() const { return sum(&Shard::concurrent); }
   uint64_t requestErrors() const { return sum(&Shard::errors); }
   uint64_t cancelledRequests() const { return sum(&Shard::cancelled); }
