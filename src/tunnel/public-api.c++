@@ -1,6 +1,6 @@
 // The public API (include/cfqt/tunnel.h, include/cfqt/cfqt.h): a tunnel::Runner on its own
 // thread and event loop. Other threads reach it only through the loop's kj::Executor and a
-// kj::MutexGuarded state.
+// mutex-guarded state (observe::Guarded: std::mutex, which ThreadSanitizer sees).
 
 #include "cfqt/tunnel.h"
 #include "cfqt/cfqt.h"
@@ -11,6 +11,7 @@
 #include "named/config.h"
 #include "named/credentials.h"
 #include "named/ingress.h"
+#include "observe/guarded.h"
 #include "observe/log.h"
 #include "observe/metrics-server.h"
 #include "origin/in-process.h"
@@ -262,8 +263,8 @@ private:
   };
   Handler handler;
   size_t maxThreads;
-  kj::MutexGuarded<State> state;
-  kj::MutexGuarded<kj::Vector<kj::Own<kj::Thread>>> threads;   // last: joined first
+  observe::Guarded<State> state;
+  observe::Guarded<kj::Vector<kj::Own<kj::Thread>>> threads;   // last: joined first
 
   void work() {
     while (true) {
@@ -450,7 +451,7 @@ private:
   kj::Maybe<kj::Own<HandlerPool>> handlers;   // first: outlives the loop thread dispatching to it
   tunnel::RunnerOptions options;
   observe::LogConfig logConfig;
-  kj::MutexGuarded<SharedState> state;
+  observe::Guarded<SharedState> state;
   kj::Own<kj::Thread> thread;   // last: joined first
 
   void tunnelCreated(kj::StringPtr url, kj::StringPtr host) override {
