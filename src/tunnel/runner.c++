@@ -221,6 +221,22 @@ kj::Maybe<kj::String> Runner::IngressConfigHandler::applyConfiguration(
   // cloudflared's orchestrator: parse, build every origin, then switch; on any error the current
   // rules keep serving and the edge gets the error.
   auto& r = runner;
+  KJ_IF_MAYBE(source, r.ingressSource) {
+    // Connection workers: any worker's thread. Checked here, applied by every worker's router.
+    KJ_IF_MAYBE(config, named::parseConfig(kj::heapString(json.asChars()), "remote configuration")
+                            .tryGet<named::TunnelConfig>()) {
+      r.warnIgnoredKeys(*config);
+    }
+    KJ_IF_MAYBE(error, (*source)->publish(version, json)) {
+      r.logger.error("Failed to update ingress; the current configuration keeps serving",
+                     observe::Fields().add("version", version).add("error", error->asPtr()));
+      return kj::mv(*error);
+    }
+    r.tunnelStatus.setConfigVersion(version);
+    r.logger.info("Updated to new configuration",
+                  observe::Fields().add("version", version).add("bytes", json.size()));
+    return nullptr;
+  }
   auto text = kj::heapString(json.asChars());
   auto parsed = named::parseConfig(text, "remote configuration");
   kj::Maybe<kj::String> error;
@@ -460,11 +476,20 @@ kj::Promise<int> Runner::edgesDiscovered(edge::EdgeAddresses addresses) {
                                                           options.configurationFlags);
   }
   pool = kj::mv(addressPool);
-  if (options.threads != 1 && n > 1 && router == nullptr) {
-    // One thread and loop per connection index; the origin of this loop is not used.
+  if (options.threads != 1 && n > 1) {
+    // One thread and loop per connection index; the origin (and router) of this loop are not
+    // used.
     originService = nullptr;
     WorkerSetup setup{options.origin, headerTable, logger, tunnelStatus, remoteConfig,
                       KJ_ASSERT_NONNULL(identity), options.edge, options.dialer, dialerShared};
+    if (router != nullptr) {
+      kj::Maybe<const named::TunnelConfig&> local;
+      KJ_IF_MAYBE(c, options.ingressConfig) local = **c;
+      auto& source = *ingressSource.emplace(
+          kj::heap<IngressSource>(options.origin, options.service, local));
+      setup.named = source;
+      router = nullptr;
+    }
     return WorkerPool::start(n, setup).then([this, n](kj::Own<WorkerPool> started) {
       auto& w = *started;
       workers = kj::mv(started);

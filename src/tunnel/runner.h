@@ -62,8 +62,7 @@ struct RunnerOptions {
   // The URL shown for a hostname; default "https://<hostname>" (--local: the front door).
   uint threads = 0;
   // --threads: 1 runs everything on the runner's loop; 0 (auto) gives each HA connection index
-  // its own thread and event loop (worker.h) when there is more than one connection (quick
-  // tunnels; named tunnels stay on one loop: their ingress router is applied in place).
+  // its own thread and event loop (worker.h) when there is more than one connection.
   ReadyProbeConfig ready;                // how the URL's readiness is probed (issue 16)
   bool waitReady = false;
   // --wait-ready: the banner and tunnelCreated() (the URL line) come only once the URL serves;
@@ -151,6 +150,7 @@ private:
   kj::Maybe<kj::Own<EdgeDialer>> dialer;
   kj::Maybe<kj::Own<EdgeConnectionFactory>> factory;
   DialerShared dialerShared;
+  kj::Maybe<kj::Own<IngressSource>> ingressSource;   // named tunnels on workers
   kj::Maybe<kj::Own<WorkerPool>> workers;       // destroyed after the supervisor (~Runner)
   kj::Maybe<kj::Own<Supervisor>> supervisor;
   bool stopping = false;

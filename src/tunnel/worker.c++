@@ -17,6 +17,62 @@ void capMallocArenas(uint threads) {
 }
 
 // =======================================================================================
+// IngressSource
+
+kj::OneOf<kj::Own<named::Ingress>, kj::String> IngressSource::build(uint64_t& seen) const {
+  kj::Maybe<kj::String> json;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    seen = generation;
+    KJ_IF_MAYBE(r, remote) json = kj::str(*r);
+  }
+  KJ_IF_MAYBE(text, json) {
+    KJ_SWITCH_ONEOF(named::parseConfig(*text, "remote configuration")) {
+      KJ_CASE_ONEOF(error, kj::String) return kj::mv(error);
+      KJ_CASE_ONEOF(config, named::TunnelConfig) {
+        return named::Ingress::build(config.ingress, config.originRequest, base);
+      }
+    }
+    KJ_UNREACHABLE;
+  }
+  KJ_IF_MAYBE(config, local) {
+    return named::Ingress::build(config->ingress, config->originRequest, base);
+  }
+  auto single = named::cloneOriginConfig(base);
+  single.handler = base.handler;
+  return named::Ingress::single(kj::mv(single), service);
+}
+
+kj::Maybe<kj::String> IngressSource::publish(int32_t version, kj::ArrayPtr<const kj::byte> json) {
+  auto text = kj::heapString(json.asChars());
+  KJ_SWITCH_ONEOF(named::parseConfig(text, "remote configuration")) {
+    KJ_CASE_ONEOF(error, kj::String) return kj::mv(error);
+    KJ_CASE_ONEOF(config, named::TunnelConfig) {
+      KJ_SWITCH_ONEOF(named::Ingress::build(config.ingress, config.originRequest, base)) {
+        KJ_CASE_ONEOF(error, kj::String) return kj::mv(error);
+        KJ_CASE_ONEOF(ingress, kj::Own<named::Ingress>) {}
+      }
+    }
+  }
+  std::lock_guard<std::mutex> lock(mutex);
+  remote = kj::mv(text);
+  ++generation;
+  for (auto& w: waiters) {
+    if (w->isWaiting()) w->fulfill();
+  }
+  waiters.clear();
+  return nullptr;
+}
+
+kj::Promise<void> IngressSource::whenChanged(uint64_t seen) {
+  auto paf = kj::newPromiseAndCrossThreadFulfiller<void>();
+  std::lock_guard<std::mutex> lock(mutex);
+  if (generation != seen) return kj::READY_NOW;
+  waiters.add(kj::mv(paf.fulfiller));
+  return kj::mv(paf.promise);
+}
+
+// =======================================================================================
 // Events: worker -> supervisor loop
 
 struct WorkerPool::Event {
@@ -177,6 +233,9 @@ struct WorkerPool::Worker::Loop {
   ShardObserver observer;
   kj::Own<origin::Origin> origin;
   kj::Own<EdgeDialer> dialer;
+  kj::Maybe<kj::Own<named::Router>> router;   // named tunnels
+  uint64_t routerGeneration = 0;
+  kj::Maybe<kj::Promise<void>> routerTask;
   kj::Own<EdgeConnectionFactory> factory;
   struct Live {
     uint64_t id;
@@ -186,7 +245,7 @@ struct WorkerPool::Worker::Loop {
   kj::Maybe<Live> current;     // the latest attempt (kept after its run() resolved)
   kj::Own<kj::PromiseFulfiller<void>> exit;
 
-  Loop(const WorkerSetup& setup, uint index, kj::AsyncIoContext& io)
+  Loop(WorkerSetup& setup, uint index, kj::AsyncIoContext& io)
       : io(io), observer(setup.status.shard(index)) {
     auto& timer = io.provider->getTimer();
     auto& network = io.provider->getNetwork();
@@ -201,12 +260,43 @@ struct WorkerPool::Worker::Loop {
     origin->setObserver(observer);
     dialer = kj::heap<EdgeDialer>(io.unixEventPort, network, timer, setup.logger, setup.edge,
                                   cloneDialer(setup.dialer), setup.dialerShared);
+    kj::Maybe<named::Router&> routerRef;
+    KJ_IF_MAYBE(source, setup.named) {
+      auto r = kj::heap<named::Router>(timer, network, setup.headerTable, observer);
+      KJ_IF_MAYBE(error, applyIngress(*source, *r)) {
+        kj::throwFatalException(kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__,
+                                              kj::str("invalid ingress rules: ", *error)));
+      }
+      routerRef = *r;
+      router = kj::mv(r);
+      routerTask = followIngress(*source, setup.logger).eagerlyEvaluate(nullptr);
+    }
     factory = kj::heap<EdgeConnectionFactory>(EdgeContext{
         timer, io.unixEventPort, *origin, setup.logger, setup.status, setup.remoteConfig,
-        setup.identity, setup.edge, *dialer, nullptr});
+        setup.identity, setup.edge, *dialer, routerRef});
+  }
+
+  kj::Maybe<kj::String> applyIngress(IngressSource& source, named::Router& r) {
+    KJ_SWITCH_ONEOF(source.build(routerGeneration)) {
+      KJ_CASE_ONEOF(error, kj::String) return kj::mv(error);
+      KJ_CASE_ONEOF(ingress, kj::Own<named::Ingress>) return r.apply(kj::mv(ingress));
+    }
+    KJ_UNREACHABLE;
+  }
+
+  kj::Promise<void> followIngress(IngressSource& source, const observe::Logger& logger) {
+    // A remote configuration was published (checked already): this worker's router takes it.
+    return source.whenChanged(routerGeneration).then([this, &source, &logger]() {
+      KJ_IF_MAYBE(error, applyIngress(source, *KJ_ASSERT_NONNULL(router))) {
+        logger.error("Failed to update ingress on a connection worker; its current rules keep "
+                     "serving", observe::Fields().add("error", *error));
+      }
+      return followIngress(source, logger);
+    });
   }
   ~Loop() noexcept(false) {
-    current = nullptr;   // sessions before the origin and dialer they use
+    current = nullptr;   // sessions before the origin, router and dialer they use
+    routerTask = nullptr;
   }
 };
 

@@ -16,6 +16,7 @@
 #include "tunnel/edge-dialer.h"
 #include "tunnel/supervisor.h"
 
+#include "named/ingress.h"
 #include "observe/log.h"
 #include "observe/status.h"
 #include "origin/origin.h"
@@ -24,7 +25,40 @@
 #include <kj/async.h>
 #include <kj/compat/http.h>
 
+#include <mutex>
+
 namespace cfqt::tunnel {
+
+class IngressSource {
+  // Named tunnels across workers: where each worker's named::Router gets its rules, the local
+  // configuration's until the edge pushed a remote one. Thread-safe (a std::mutex); workers are
+  // woken by cross-thread fulfillers when a new configuration is published.
+public:
+  IngressSource(origin::OriginConfig& base, kj::StringPtr service,
+                kj::Maybe<const named::TunnelConfig&> local)
+      : base(base), service(service), local(local) {}
+  // Borrows everything (read-only).
+  KJ_DISALLOW_COPY(IngressSource);
+
+  kj::OneOf<kj::Own<named::Ingress>, kj::String> build(uint64_t& generation) const;
+  // The current rules, built for the calling thread's router, and their generation.
+
+  kj::Maybe<kj::String> publish(int32_t version, kj::ArrayPtr<const kj::byte> json);
+  // A remote configuration: checked (parsed, rules validated: the error is returned and nothing
+  // changes), then every worker rebuilds its router from it.
+
+  kj::Promise<void> whenChanged(uint64_t seen);
+  // Resolves once the generation is no longer `seen`. On the caller's loop.
+
+private:
+  origin::OriginConfig& base;
+  kj::StringPtr service;
+  kj::Maybe<const named::TunnelConfig&> local;
+  mutable std::mutex mutex;                 // guards the three below
+  kj::Maybe<kj::String> remote;             // the last remote configuration's JSON
+  uint64_t generation = 0;
+  kj::Vector<kj::Own<kj::CrossThreadPromiseFulfiller<void>>> waiters;
+};
 
 struct WorkerSetup {
   // What every worker builds its connection stack from. Borrowed: read-only (or thread-safe) and
@@ -38,6 +72,7 @@ struct WorkerSetup {
   const EdgeConnectionConfig& edge;
   const DialerConfig& dialer;
   DialerShared& dialerShared;             // thread-safe
+  kj::Maybe<IngressSource&> named = nullptr;   // named tunnels: requests through ingress rules
 };
 
 class WorkerPool final: public SessionFactory {
