@@ -67,8 +67,8 @@ const Flag FLAGS[] = {
     {"dns-server", "", Kind::STRING, "DNS server ip:port for edge discovery."},
     {"dot-server", "", Kind::STRING, "DNS-over-TLS fallback ip:port[#name]."},
     {"ha-connections", "", Kind::UINT, "Connections to the edge (1-4, default 2)."},
-    {"threads", "", Kind::STRING, "auto (default: a thread and event loop per HA connection) "
-                                  "or 1 (everything on one event loop)."},
+    {"threads", "", Kind::STRING, "auto (default: a thread and event loop per HA connection "
+                                  "when more than one CPU is usable) or 1 (one event loop)."},
     {"retries", "", Kind::UINT, "Caps the backoff exponent (default 5); retrying never stops."},
     {"grace-period", "", Kind::DURATION, "Shutdown grace period (default 30s)."},
     {"metrics", "", Kind::STRING, "Metrics/readiness address (default localhost:20241..5)."},

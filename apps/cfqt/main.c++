@@ -355,7 +355,9 @@ int realMain(int argc, char** argv) {
 
   Callbacks callbacks(options.local && options.waitReady == nullptr);
   // Before any worker thread starts (issue 15): an arena per connection thread, no more.
-  if (options.threads != 1) tunnel::capMallocArenas(options.haConnections);
+  if (options.threads != 1 && tunnel::usableCpus() > 1) {
+    tunnel::capMallocArenas(options.haConnections);
+  }
   tunnel::Runner runner(io, logger, kj::mv(runnerOptions), callbacks);
   auto signals = waitForSignal(io.unixEventPort).then([&](int sig) {
     logger.info(kj::str("Initiating graceful shutdown due to signal ", signalName(sig), " ..."));

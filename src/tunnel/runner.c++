@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <malloc.h>
 #include <stdlib.h>
+#include <sched.h>
 #include <sys/random.h>
 
 namespace cfqt::tunnel {
@@ -67,6 +68,13 @@ kj::String localConfigurationJsonWithIngress(kj::StringPtr ingressArray,
   for (auto f: sorted) entries.add(kj::str(jsonString(f->name), ':', jsonString(f->value)));
   return kj::str("{\"__configuration_flags\":{", kj::strArray(entries, ","), "},"
                  "\"ingress\":", ingressArray, ",\"warp-routing\":{}}");
+}
+
+uint usableCpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return 1;
+  return static_cast<uint>(CPU_COUNT(&set));
 }
 
 kj::String connectorArch() {
@@ -476,7 +484,7 @@ kj::Promise<int> Runner::edgesDiscovered(edge::EdgeAddresses addresses) {
                                                           options.configurationFlags);
   }
   pool = kj::mv(addressPool);
-  if (options.threads != 1 && n > 1) {
+  if (options.threads != 1 && n > 1 && usableCpus() > 1) {
     // One thread and loop per connection index; the origin (and router) of this loop are not
     // used.
     originService = nullptr;

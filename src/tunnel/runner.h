@@ -62,7 +62,8 @@ struct RunnerOptions {
   // The URL shown for a hostname; default "https://<hostname>" (--local: the front door).
   uint threads = 0;
   // --threads: 1 runs everything on the runner's loop; 0 (auto) gives each HA connection index
-  // its own thread and event loop (worker.h) when there is more than one connection.
+  // its own thread and event loop (worker.h) when there is more than one connection and this
+  // process may run on more than one CPU (sched_getaffinity).
   ReadyProbeConfig ready;                // how the URL's readiness is probed (issue 16)
   bool waitReady = false;
   // --wait-ready: the banner and tunnelCreated() (the URL line) come only once the URL serves;
@@ -194,6 +195,9 @@ kj::String localConfigurationJsonWithIngress(kj::StringPtr ingressArray,
                                              kj::ArrayPtr<const ConfigFlag> flags);
 // The same with the "ingress" array given as JSON text (named tunnels).
 // {"__configuration_flags":{...},"ingress":[{"service":"...","originRequest":{}}],"warp-routing":{}}
+
+uint usableCpus();
+// The CPUs this process may run on (its affinity mask; 1 if unknown).
 
 kj::String connectorArch();
 // "linux_amd64", "linux_arm64", ... (GOOS_GOARCH style).

@@ -98,6 +98,8 @@ struct Fixture {
 
 KJ_TEST("workers: --threads auto runs each HA connection on its own thread") {
   Fixture f;
+  // auto uses one loop when this process may run on one CPU only (e.g. under taskset -c 0).
+  uint workers = usableCpus() > 1 ? 2 : 0;
   uint before = threadCount();
   Callbacks callbacks;
   auto paf = kj::newPromiseAndFulfiller<void>();
@@ -112,7 +114,7 @@ KJ_TEST("workers: --threads auto runs each HA connection on its own thread") {
     paf.promise.exclusiveJoin(kj::mv(timeout)).wait(f.io.waitScope);
     // (A sanitizer's runtime may have started a thread of its own meanwhile.)
     during = threadCount();
-    KJ_EXPECT(during >= before + 2, before, during);
+    KJ_EXPECT(during >= before + workers, before, during);
 
     // The front door takes turns between the two connections.
     kj::HttpHeaderTable table;
@@ -133,7 +135,7 @@ KJ_TEST("workers: --threads auto runs each HA connection on its own thread") {
     KJ_EXPECT(kj::mv(done).wait(f.io.waitScope) == 0);
     KJ_EXPECT(status.readyConnections() == 0);
   }
-  KJ_EXPECT(threadCount() == during - 2, during, threadCount());
+  KJ_EXPECT(threadCount() == during - workers, during, threadCount());
 }
 
 KJ_TEST("workers: --threads 1 keeps both connections on the runner's loop") {
