@@ -218,8 +218,9 @@ private:
   struct Loop;
   WorkerPool& pool;
   uint index;
-  std::mutex mutex;   // guards `exec`
+  std::mutex mutex;   // guards `exec` and `stopping`
   kj::Maybe<kj::Own<const kj::Executor>> exec;   // set while the worker's loop runs
+  bool stopping = false;
   Loop* loop = nullptr;   // worker thread only
   kj::Own<kj::Thread> thread;   // last: joined first
 
@@ -309,6 +310,10 @@ void WorkerPool::Worker::threadMain(const kj::CrossThreadPromiseFulfiller<void>&
     loop = &state;
     {
       std::lock_guard<std::mutex> lock(mutex);
+      if (stopping) {
+        loop = nullptr;
+        return;   // stopped while starting: nothing to wait for
+      }
       exec = kj::getCurrentThreadExecutor().addRef();
     }
     started.fulfill();
@@ -329,7 +334,14 @@ void WorkerPool::Worker::threadMain(const kj::CrossThreadPromiseFulfiller<void>&
 }
 
 void WorkerPool::Worker::stop() {
-  KJ_IF_MAYBE(e, executor()) {
+  kj::Maybe<kj::Own<const kj::Executor>> running;
+  {
+    // A worker still starting sees `stopping` before it would wait for its exit.
+    std::lock_guard<std::mutex> lock(mutex);
+    stopping = true;
+    KJ_IF_MAYBE(e, exec) running = (*e)->addRef();
+  }
+  KJ_IF_MAYBE(e, running) {
     // Ends the worker's loop; its sessions are destroyed on its thread. A loop that already
     // ended makes executeSync() throw DISCONNECTED.
     kj::runCatchingExceptions([&]() {
