@@ -231,10 +231,9 @@ kj::Maybe<kj::String> Runner::IngressConfigHandler::applyConfiguration(
   auto& r = runner;
   KJ_IF_MAYBE(source, r.ingressSource) {
     // Connection workers: any worker's thread. Checked here, applied by every worker's router.
-    KJ_IF_MAYBE(config, named::parseConfig(kj::heapString(json.asChars()), "remote configuration")
-                            .tryGet<named::TunnelConfig>()) {
-      r.warnIgnoredKeys(*config);
-    }
+    auto text = kj::heapString(json.asChars());
+    auto parsed = named::parseConfig(text, "remote configuration");
+    KJ_IF_MAYBE(config, parsed.tryGet<named::TunnelConfig>()) r.warnIgnoredKeys(*config);
     KJ_IF_MAYBE(error, (*source)->publish(version, json)) {
       r.logger.error("Failed to update ingress; the current configuration keeps serving",
                      observe::Fields().add("version", version).add("error", error->asPtr()));
