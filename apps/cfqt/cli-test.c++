@@ -144,6 +144,9 @@ KJ_TEST("cli: errors are clear") {
   KJ_EXPECT(has(err({}), "nothing to expose"));
   KJ_EXPECT(has(err({"--url"}), "needs a value"));
   KJ_EXPECT(has(err({"--ha-connections", "5", "--url", "x:1"}), "between 1 and 4"));
+  KJ_EXPECT(has(err({"--threads", "3", "--url", "x:1"}), "--threads must be auto or 1"));
+  KJ_EXPECT(ok({"--threads", "1", "--url", "x:1"}).threads == 1);
+  KJ_EXPECT(ok({"--threads", "auto", "--url", "x:1"}).threads == 0);
   KJ_EXPECT(has(err({"a:1", "b:2"}), "only one origin URL"));
   KJ_EXPECT(has(err({"--grace-period", "soon", "--url", "x:1"}), "duration"));
   KJ_EXPECT(has(err({"tunnel", "create", "mytunnel"}), "needs an account certificate"));

@@ -67,6 +67,8 @@ const Flag FLAGS[] = {
     {"dns-server", "", Kind::STRING, "DNS server ip:port for edge discovery."},
     {"dot-server", "", Kind::STRING, "DNS-over-TLS fallback ip:port[#name]."},
     {"ha-connections", "", Kind::UINT, "Connections to the edge (1-4, default 2)."},
+    {"threads", "", Kind::STRING, "auto (default: a thread and event loop per HA connection "
+                                  "when more than one CPU is usable) or 1 (one event loop)."},
     {"retries", "", Kind::UINT, "Caps the backoff exponent (default 5); retrying never stops."},
     {"grace-period", "", Kind::DURATION, "Shutdown grace period (default 30s)."},
     {"metrics", "", Kind::STRING, "Metrics/readiness address (default localhost:20241..5)."},
@@ -251,6 +253,11 @@ kj::Maybe<kj::String> apply(CliOptions& o, const Flag& flag, kj::StringPtr value
   else if (n == "quick-service") o.quickService = kj::mv(v);
   else if (n == "edge-ca") o.edgeCa = kj::mv(v);
   else if (n == "region") o.region = kj::mv(v);
+  else if (n == "threads") {
+    if (v == "auto") o.threads = 0;
+    else if (v == "1") o.threads = 1;
+    else return kj::str("--threads must be auto or 1, got \"", v, "\"");
+  }
   else if (n == "edge-ip-version") {
     if (v != "auto" && v != "4" && v != "6") {
       return kj::str("--edge-ip-version must be auto, 4 or 6, got \"", v, "\"");

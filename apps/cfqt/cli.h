@@ -29,6 +29,7 @@ struct CliOptions {
   kj::Maybe<kj::String> dnsServer;
   kj::Maybe<kj::String> dotServer;
   uint haConnections = 2;
+  uint threads = 0;                      // --threads: 0 = auto (a loop per connection), 1 = one
   uint retries = 5;
   kj::Duration gracePeriod = 30 * kj::SECONDS;
   kj::Maybe<kj::String> metrics;

@@ -182,6 +182,7 @@ kj::Maybe<kj::String> buildOptions(cli::CliOptions& o, tunnel::RunnerOptions& r)
 
   r.clientVersion = kj::str(o.clientVersion);
   r.haConnections = o.haConnections;
+  r.threads = o.threads;
   r.backoff = tunnel::BackoffConfig{o.backoffBase, o.retries};
   r.haStagger = o.haStagger;
   r.gracePeriod = o.gracePeriod;
@@ -353,6 +354,10 @@ int realMain(int argc, char** argv) {
   }
 
   Callbacks callbacks(options.local && options.waitReady == nullptr);
+  // Before any worker thread starts (issue 15): an arena per connection thread, no more.
+  if (options.threads != 1 && tunnel::usableCpus() > 1) {
+    tunnel::capMallocArenas(options.haConnections);
+  }
   tunnel::Runner runner(io, logger, kj::mv(runnerOptions), callbacks);
   auto signals = waitForSignal(io.unixEventPort).then([&](int sig) {
     logger.info(kj::str("Initiating graceful shutdown due to signal ", signalName(sig), " ..."));

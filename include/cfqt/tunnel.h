@@ -76,6 +76,8 @@ struct TunnelOptions {
   std::chrono::milliseconds quicFailureWindow{60000};
 
   int haConnections = 2;              // 1..4
+  int threads = 0;                    // 0 = auto: a thread and event loop per HA connection when
+                                      // more than one CPU is usable; 1 = one event loop
   std::chrono::milliseconds gracePeriod{30000};
   std::chrono::milliseconds backoffBase{1000};
   int retries = 5;

@@ -33,6 +33,8 @@
 // This applies to every level, DEBUG included: `--loglevel debug` is used on live tunnels to
 // diagnose them, and per-request debug lines are as visitor-driven as the warnings.
 
+#include "observe/guarded.h"
+
 #include <kj/exception.h>
 #include <kj/io.h>
 #include <kj/map.h>
@@ -240,8 +242,8 @@ private:
   LogConfig config;
   const kj::MonotonicClock& clock;
   kj::Maybe<kj::AutoCloseFd> file;
-  kj::MutexGuarded<RateState> rate;
-  kj::MutexGuarded<kj::Maybe<kj::Own<LogSink>>> sink;   // the lock serializes its calls
+  Guarded<RateState> rate;
+  Guarded<kj::Maybe<kj::Own<LogSink>>> sink;   // the lock serializes its calls
 
   void write(kj::ArrayPtr<Entry> entries) const;
   kj::String render(const Entry& entry) const;

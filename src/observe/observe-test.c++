@@ -74,7 +74,7 @@ KJ_TEST("metrics server: /ready, /quicktunnel, /healthcheck shapes") {
   KJ_EXPECT(r.body == "OK\n");
   KJ_EXPECT(fetch(io, timer, table, port, "/nope").status == 404);
 
-  status.requestStarted();
+  status.shard(0).requestStarted();
   r = fetch(io, timer, table, port, "/metrics");
   KJ_EXPECT(r.status == 200);
   KJ_EXPECT(r.contentType == "text/plain; version=0.0.4; charset=utf-8", r.contentType);
@@ -91,11 +91,6 @@ KJ_TEST("metrics: label values escape backslash, double quote and newline") {
   KJ_EXPECT(escapeLabelValue("tab\tstays") == "tab\tstays");   // only the three are escaped
   KJ_EXPECT(escapeLabelValue("") == "");
 }
-
-struct FakeSampler final: public TunnelStatus::QuicSampler {
-  TunnelStatus::QuicSample value;
-  TunnelStatus::QuicSample sample() const override { return value; }
-};
 
 bool hasLine(kj::StringPtr body, kj::StringPtr line) {
   size_t start = 0;
@@ -126,9 +121,9 @@ KJ_TEST("metrics: /metrics text exposition with cloudflared's names") {
   status.registrationSucceeded();
   status.registrationSucceeded();
   status.registrationSucceeded();
-  status.registrationFailed(true);
-  status.registrationFailed(false);
-  status.registrationFailed(false);
+  status.shard(0).registrationFailed(true);
+  status.shard(1).registrationFailed(false);
+  status.shard(0).registrationFailed(false);
   status.serverLocation(0, "lhr01");
   status.serverLocation(1, "ams02");
   status.serverLocation(0, "lhr01");
@@ -136,28 +131,31 @@ KJ_TEST("metrics: /metrics text exposition with cloudflared's names") {
   status.connectionProtocol(1, "http2");
   status.connectionProtocol(0, "http2");
   status.connectionProtocol(0, "quic");
-  for (int i = 0; i < 3; i++) status.requestStarted();
-  status.requestFinished();
-  status.requestFailed();
-  status.responseSent(200);
-  status.responseSent(200);
-  status.responseSent(404);
-  status.responseSent(42);   // out of range: ignored
-  status.localConfigPushed(true);
+  // Per-request counters are sharded by connection index and summed.
+  for (int i = 0; i < 3; i++) status.shard(i % 2).requestStarted();
+  status.shard(1).requestFinished();
+  status.shard(0).requestFailed();
+  status.shard(0).responseSent(200);
+  status.shard(1).responseSent(200);
+  status.shard(1).responseSent(404);
+  status.shard(1).responseSent(42);   // out of range: ignored
+  status.shard(0).localConfigPushed(true);
 
-  FakeSampler first;
-  first.value.smoothedRtt = 1500 * kj::MICROSECONDS;
-  first.value.minRtt = 250 * kj::MICROSECONDS;
-  first.value.latestRtt = 2 * kj::MILLISECONDS;
-  first.value.bytesSent = 1000;
-  first.value.bytesReceived = 2000;
-  first.value.congestionWindow = 12000;
-  status.quicConnectionStarted(1, first);
-  FakeSampler second;
-  second.value.bytesSent = 10;
-  second.value.bytesReceived = 20;
-  second.value.smoothedRtt = 3 * kj::MILLISECONDS;
-  status.quicConnectionStarted(0, second);
+  TunnelStatus::QuicSample first;
+  first.smoothedRtt = 1500 * kj::MICROSECONDS;
+  first.minRtt = 250 * kj::MICROSECONDS;
+  first.latestRtt = 2 * kj::MILLISECONDS;
+  first.bytesSent = 1000;
+  first.bytesReceived = 2000;
+  first.congestionWindow = 12000;
+  status.quicConnectionStarted(1);
+  status.quicSampled(1, first);
+  TunnelStatus::QuicSample second;
+  second.bytesSent = 10;
+  second.bytesReceived = 20;
+  second.smoothedRtt = 3 * kj::MILLISECONDS;
+  status.quicConnectionStarted(0);
+  status.quicSampled(0, second);
 
   auto body = metricsBody(status);
   kj::StringPtr expected[] = {
@@ -216,23 +214,25 @@ KJ_TEST("metrics: /metrics text exposition with cloudflared's names") {
   }
 
   // Counters of an index survive a reconnect; gauges keep the last values.
-  first.value.bytesSent = 1500;
-  status.quicConnectionEnded(1);
-  first.value.bytesSent = 999999;   // no longer read
-  FakeSampler third;
-  third.value.bytesSent = 5;
-  third.value.smoothedRtt = 4 * kj::MILLISECONDS;
+  first.bytesSent = 1500;
+  status.quicConnectionEnded(1, first);
+  first.bytesSent = 999999;
+  status.quicSampled(1, first);     // not live any more: ignored
+  TunnelStatus::QuicSample third;
+  third.bytesSent = 5;
+  third.smoothedRtt = 4 * kj::MILLISECONDS;
   body = metricsBody(status);
   KJ_EXPECT(hasLine(body, "quic_client_sent_bytes{conn_index=\"1\"} 1500"), body);
   KJ_EXPECT(hasLine(body, "quic_client_smoothed_rtt{conn_index=\"1\"} 1.5"), body);
   KJ_EXPECT(hasLine(body, "quic_client_closed_connections 1"), body);
-  status.quicConnectionStarted(1, third);
+  status.quicConnectionStarted(1);
+  status.quicSampled(1, third);
   body = metricsBody(status);
   KJ_EXPECT(hasLine(body, "quic_client_sent_bytes{conn_index=\"1\"} 1505"), body);
   KJ_EXPECT(hasLine(body, "quic_client_smoothed_rtt{conn_index=\"1\"} 4"), body);
   KJ_EXPECT(hasLine(body, "quic_client_total_connections 3"), body);
-  status.quicConnectionEnded(1);
-  status.quicConnectionEnded(0);
+  status.quicConnectionEnded(1, third);
+  status.quicConnectionEnded(0, second);
 }
 
 KJ_TEST("metrics: default address takes the first free port of 20241..20245 or falls back") {

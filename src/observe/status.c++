@@ -1,5 +1,7 @@
 #include "observe/status.h"
 
+#include <kj/debug.h>
+
 #include <algorithm>
 
 namespace cfqt::observe {
@@ -58,6 +60,20 @@ void TunnelStatus::userHostname(kj::StringPtr url) {
   hostnames.add(UserHostname{kj::str(url), 1});
 }
 
+TunnelStatus::Shard& TunnelStatus::shard(kj::uint connIndex) {
+  KJ_REQUIRE(connIndex < MAX_SHARDS, "connection index out of range", connIndex);
+  return shards[connIndex];
+}
+
+uint64_t TunnelStatus::responsesWithCode(kj::uint statusCode) const {
+  if (statusCode < MIN_STATUS_CODE || statusCode > MAX_STATUS_CODE) return 0;
+  uint64_t total = 0;
+  for (auto& s: shards) {
+    total += s.byCode[statusCode - MIN_STATUS_CODE].load(std::memory_order_relaxed);
+  }
+  return total;
+}
+
 TunnelStatus::QuicSlot& TunnelStatus::quicSlot(kj::uint connIndex) {
   for (auto& slot: quicSlots) {
     if (slot.connIndex == connIndex) return slot;
@@ -67,27 +83,52 @@ TunnelStatus::QuicSlot& TunnelStatus::quicSlot(kj::uint connIndex) {
   return slot;
 }
 
-void TunnelStatus::quicConnectionStarted(kj::uint connIndex, const QuicSampler& sampler) {
+void TunnelStatus::quicConnectionStarted(kj::uint connIndex) {
+  std::lock_guard<std::mutex> lock(quicMutex);
   auto& slot = quicSlot(connIndex);
-  if (slot.live != nullptr) quicConnectionEnded(connIndex);
-  slot.live = &sampler;
+  if (slot.live) {
+    addSample(slot.base, slot.latest);
+    slot.base.streamsActive = 0;
+    ++quicClosed;
+  }
+  slot.live = true;
+  slot.latest = {};
   ++quicStarted;
 }
 
-void TunnelStatus::quicConnectionEnded(kj::uint connIndex) {
+void TunnelStatus::quicSampled(kj::uint connIndex, const QuicSample& sample) {
+  std::lock_guard<std::mutex> lock(quicMutex);
   auto& slot = quicSlot(connIndex);
-  if (slot.live == nullptr) return;
-  addSample(slot.base, slot.live->sample());
+  if (slot.live) slot.latest = sample;
+}
+
+void TunnelStatus::quicConnectionEnded(kj::uint connIndex, const QuicSample& last) {
+  std::lock_guard<std::mutex> lock(quicMutex);
+  auto& slot = quicSlot(connIndex);
+  if (!slot.live) return;
+  addSample(slot.base, last);
   slot.base.streamsActive = 0;
-  slot.live = nullptr;
+  slot.latest = {};
+  slot.live = false;
   ++quicClosed;
 }
 
+uint64_t TunnelStatus::quicConnectionsStarted() const {
+  std::lock_guard<std::mutex> lock(quicMutex);
+  return quicStarted;
+}
+
+uint64_t TunnelStatus::quicConnectionsClosed() const {
+  std::lock_guard<std::mutex> lock(quicMutex);
+  return quicClosed;
+}
+
 kj::Array<TunnelStatus::QuicIndex> TunnelStatus::quicIndices() const {
+  std::lock_guard<std::mutex> lock(quicMutex);
   auto out = kj::heapArrayBuilder<QuicIndex>(quicSlots.size());
   for (auto& slot: quicSlots) {
-    QuicIndex index{slot.connIndex, slot.base, slot.live != nullptr};
-    if (slot.live != nullptr) addSample(index.sample, slot.live->sample());
+    QuicIndex index{slot.connIndex, slot.base, slot.live};
+    if (slot.live) addSample(index.sample, slot.latest);
     out.add(index);
   }
   auto result = out.finish();

@@ -65,7 +65,7 @@ namespace {
 }  // namespace
 
 InProcessRequest::InProcessRequest(wire::HttpRequestHead headParam)
-    : head(kj::mv(headParam)), state(kj::heap<kj::MutexGuarded<State>>()),
+    : head(kj::mv(headParam)), state(kj::heap<observe::Guarded<State>>()),
       loopThread(static_cast<unsigned long>(pthread_self())) {}
 
 namespace {

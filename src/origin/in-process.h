@@ -6,6 +6,7 @@
 
 #pragma once
 
+#include "observe/guarded.h"
 #include "origin/origin.h"
 
 #include <kj/async.h>
@@ -71,7 +72,7 @@ public:
 
 private:
   wire::HttpRequestHead head;
-  kj::Own<kj::MutexGuarded<State>> state;
+  kj::Own<observe::Guarded<State>> state;
   unsigned long loopThread;   // pthread_t of the loop: a blocking call there would deadlock
 
   friend class InProcessExchange;

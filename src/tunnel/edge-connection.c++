@@ -50,12 +50,11 @@ kj::Maybe<kj::String> AcknowledgingConfigHandler::applyConfiguration(
 
 namespace {
 
-class EdgeConnection final: public Session, private kj::TaskSet::ErrorHandler,
-                            private observe::TunnelStatus::QuicSampler {
+class EdgeConnection final: public Session, private kj::TaskSet::ErrorHandler {
 public:
   EdgeConnection(EdgeContext& context, AttemptInfo info, SessionEvents& events)
       : ctx(context), info(kj::mv(info)), events(events), ip(this->info.address.ipString()),
-        streams(*this) {}
+        stats(ctx.status.shard(this->info.connIndex)), streams(*this) {}
 
   ~EdgeConnection() noexcept(false) { quicEnded(); }
 
@@ -82,6 +81,7 @@ private:
   AttemptInfo info;
   SessionEvents& events;
   kj::String ip;
+  observe::TunnelStatus::Shard& stats;   // this index's counters: this thread is their writer
   kj::Own<EdgeTransport> transport;
   kj::Maybe<kj::ForkedPromise<void>> closed;
   kj::Own<kj::AsyncIoStream> controlStream;
@@ -101,6 +101,7 @@ private:
   kj::Maybe<kj::Promise<void>> moveTask;
   kj::Maybe<kj::Promise<void>> goAwayWatch;
   kj::Maybe<kj::Promise<void>> leaveTask;
+  kj::Maybe<kj::Promise<void>> sampleTask;
   kj::TaskSet streams;   // in-flight edge-opened streams; last, so they die first
 
   kj::String closeReason() {
@@ -113,16 +114,24 @@ private:
     return kj::mv(observe::Fields().add("connIndex", info.connIndex).add("ip", ip));
   }
 
-  // The /metrics quic_client_* series read the live connection's statistics on demand.
-  observe::TunnelStatus::QuicSample sample() const override {
-    if (transport.get() == nullptr) return {};
-    return transport->sample();
+  // The /metrics quic_client_* series: this connection publishes its statistics (the metrics
+  // server may run on another thread, and ngtcp2 is not thread-safe).
+  void publishSample() {
+    if (quicSampled) ctx.status.quicSampled(info.connIndex, transport->sample());
+  }
+
+  kj::Promise<void> sampleLoop() {
+    return ctx.timer.afterDelay(ctx.config.statsInterval).then([this]() {
+      publishSample();
+      return sampleLoop();
+    });
   }
 
   void quicEnded() {
     if (!quicSampled) return;
     quicSampled = false;
-    ctx.status.quicConnectionEnded(info.connIndex);
+    sampleTask = nullptr;
+    ctx.status.quicConnectionEnded(info.connIndex, transport->sample());
   }
 
   // ---------------------------------------------------------------------------------------
@@ -144,8 +153,12 @@ private:
 
   kj::Promise<SessionEnd> connected(kj::Own<EdgeTransport> t) {
     transport = kj::mv(t);
-    ctx.status.quicConnectionStarted(info.connIndex, *this);
+    ctx.status.quicConnectionStarted(info.connIndex);
     quicSampled = true;
+    publishSample();
+    if (ctx.config.statsInterval > 0 * kj::SECONDS) {
+      sampleTask = sampleLoop().eagerlyEvaluate(nullptr);
+    }
     closed = transport->onClosed().fork();
     auto lost = KJ_ASSERT_NONNULL(closed).addBranch().then([this]() {
       return SessionEnd{EndKind::LOST, closeReason(), true, registered};
@@ -201,7 +214,7 @@ private:
         return registeredOk(kj::mv(details));
       }
       KJ_CASE_ONEOF(error, wire::RegistrationError) {
-        ctx.status.registrationFailed(error.isDuplicate());
+        stats.registrationFailed(error.isDuplicate());
         closeWhenDone = true;   // closed in finished(): closing here would race `lost`
         if (error.isDuplicate()) {
           return SessionEnd{EndKind::DUPLICATE,
@@ -214,7 +227,7 @@ private:
   }
 
   kj::Promise<SessionEnd> registrationFailed(kj::Exception&& e) {
-    ctx.status.registrationFailed(false);
+    stats.registrationFailed(false);
     if (transport->isClosed()) return SessionEnd{EndKind::LOST, transport->closeDescription()};
     closeWhenDone = true;
     return SessionEnd{EndKind::REGISTRATION_FAILED, kj::str(e.getDescription())};
@@ -222,6 +235,7 @@ private:
 
   kj::Promise<SessionEnd> registeredOk(wire::ConnectionDetails details) {
     registered = true;
+    publishSample();
     auto uuid = edge::formatUuid(details.uuid);
     events.registered(info.connIndex, {uuid, details.locationName, ip, transport->protocol()});
     KJ_IF_MAYBE(dialer, ctx.dialer) dialer->registered(info.address, *transport);
@@ -285,8 +299,8 @@ private:
     auto& json = ctx.config.localConfigJson;
     ctx.logger.debug("Sending local configuration", fields().add("config", json));
     return KJ_ASSERT_NONNULL(control)->updateLocalConfiguration(json.asBytes())
-        .then([this]() { ctx.status.localConfigPushed(true); }, [this](kj::Exception&& e) {
-          ctx.status.localConfigPushed(false);
+        .then([this]() { stats.localConfigPushed(true); }, [this](kj::Exception&& e) {
+          stats.localConfigPushed(false);
           ctx.logger.error("Unable to send the local configuration", fields().error(e));
         });
   }
@@ -409,9 +423,9 @@ private:
   kj::Promise<void> refuse(EdgeStream& s, kj::String reason, kj::TimePoint deadline) {
     // A request we refuse to decode: the edge (and the visitor) get a clear 502 instead of a
     // reset stream.
-    ctx.status.requestStarted();
-    ctx.status.requestFailed();
-    ctx.status.requestFinished();
+    stats.requestStarted();
+    stats.requestFailed();
+    stats.requestFinished();
     ctx.logger.warn("Refused a request from the edge: its metadata is over cfqt's limits or "
                     "malformed", fields().add("stream", s.id()).add("error", reason));
     auto text = kj::str("malformed request: ", reason);
@@ -457,7 +471,7 @@ private:
     if (isReadyProbe(request)) return answerReadyProbe(s);
     // total/concurrent requests are counted here, per data stream; the origin counts the
     // response codes and the failed requests (request_errors).
-    ctx.status.requestStarted();
+    stats.requestStarted();
     // The edge abandons a stream when its visitor goes away (RESET_STREAM/STOP_SENDING): the
     // exchange is then cancelled at once, which closes its origin connection and frees its
     // buffers, even while it waits on a silent origin (an SSE stream between events).
@@ -466,8 +480,8 @@ private:
     auto abandoned = s.whenAborted().then([this, &s, &done]() {
       if (done) return;
       done = true;
-      ctx.status.requestFinished();
-      ctx.status.requestCancelled();
+      stats.requestFinished();
+      stats.requestCancelled();
       ctx.logger.debug("Edge abandoned the request; origin exchange cancelled",
                        fields().add("stream", s.id()));
     });
@@ -479,11 +493,11 @@ private:
     }
     return served
         .then([this, &done]() {
-                if (!done) ctx.status.requestFinished();
+                if (!done) stats.requestFinished();
                 done = true;
               },
               [this, &s, &done](kj::Exception&& e) {
-                if (!done) ctx.status.requestFinished();
+                if (!done) stats.requestFinished();
                 done = true;
                 s.reset();
                 ctx.logger.debug("Request failed after the response head",

@@ -52,6 +52,9 @@ struct EdgeConnectionConfig {
   kj::Duration streamPreambleTimeout = 10 * kj::SECONDS;
   // --stream-preamble-timeout: an edge-opened stream must deliver its signature and
   // ConnectRequest within this long, or it is reset.
+  kj::Duration statsInterval = 500 * kj::MILLISECONDS;
+  // How often a connection publishes its transport's statistics (RTT, bytes) for /metrics, also
+  // published at registration and at its end. 0 = only then.
   kj::String readyToken;
   // --wait-ready (issue 16): a request carrying this value in the Cfqt-Ready-Probe header is
   // answered by the tunnel itself (200, the header echoed), never forwarded to the origin nor

@@ -30,11 +30,22 @@ kj::StringPtr KJ_STRINGIFY(Protocol protocol) {
   return "?";
 }
 
+namespace {
+
+DialerShared& pickShared(kj::Maybe<DialerShared&> given,
+                         kj::Maybe<kj::Own<DialerShared>>& own) {
+  KJ_IF_MAYBE(s, given) return *s;
+  return *own.emplace(kj::heap<DialerShared>());
+}
+
+}  // namespace
+
 EdgeDialer::EdgeDialer(kj::UnixEventPort& eventPort, kj::Network& network, kj::Timer& timer,
                        const observe::Logger& logger, const EdgeConnectionConfig& edgeConfig,
-                       DialerConfig configParam)
+                       DialerConfig configParam, kj::Maybe<DialerShared&> sharedParam)
     : eventPort(eventPort), network(network), timer(timer), logger(logger),
-      edgeConfig(edgeConfig), config(kj::mv(configParam)), tasks(*this) {
+      edgeConfig(edgeConfig), config(kj::mv(configParam)),
+      shared(pickShared(sharedParam, ownShared)), tasks(*this) {
   // http2 needs its TLS context at once (and fails fast); auto sets it up the first time an
   // address needs HTTP/2, so that the common case (QUIC works) pays nothing at start-up.
   if (config.protocol == Protocol::HTTP2) tlsContext();
@@ -107,13 +118,14 @@ kj::Promise<kj::Own<EdgeTransport>> EdgeDialer::dialQuicOnly(const edge::EdgeAdd
 
 void EdgeDialer::useHttp2For(kj::StringPtr address) {
   auto until = timer.now() + config.quicRetryInterval;
-  for (auto& f: fallbacks) {
+  std::lock_guard<std::mutex> lock(shared.mutex);
+  for (auto& f: shared.fallbacks) {
     if (f.address == address) {
       f.until = until;
       return;
     }
   }
-  fallbacks.add(Fallback{kj::str(address), until});
+  shared.fallbacks.add(DialerShared::Fallback{kj::str(address), until});
 }
 
 kj::Promise<kj::Own<EdgeTransport>> EdgeDialer::dialHttp2(const edge::EdgeAddress& address) {
@@ -155,43 +167,49 @@ kj::Promise<void> EdgeDialer::probeQuic(const edge::EdgeAddress& address) {
         return probeQuic(address);
       }
       auto name = address.toString();
-      kj::Vector<Fallback> kept;
-      for (auto& f: fallbacks) {
-        if (f.address != name) kept.add(kj::mv(f));
+      {
+        std::lock_guard<std::mutex> lock(shared.mutex);
+        kj::Vector<DialerShared::Fallback> kept;
+        for (auto& f: shared.fallbacks) {
+          if (f.address != name) kept.add(kj::mv(f));
+        }
+        shared.fallbacks = kj::mv(kept);
       }
-      fallbacks = kj::mv(kept);
       return acquireMove(kj::mv(name));
     });
   });
 }
 
 kj::Promise<void> EdgeDialer::acquireMove(kj::String address) {
-  if (moving == nullptr) {
+  std::lock_guard<std::mutex> lock(shared.mutex);
+  if (shared.moving == nullptr) {
     grantMove(kj::mv(address));
     return kj::READY_NOW;
   }
-  auto paf = kj::newPromiseAndFulfiller<void>();
-  moveQueue.push_back(MoveWaiter{kj::mv(address), kj::mv(paf.fulfiller)});
+  // The waiter may be woken by the dialer of another thread.
+  auto paf = kj::newPromiseAndCrossThreadFulfiller<void>();
+  shared.moveQueue.push_back(DialerShared::MoveWaiter{kj::mv(address), kj::mv(paf.fulfiller)});
   return kj::mv(paf.promise);
 }
 
 void EdgeDialer::grantMove(kj::String address) {
   // Held until the moved connection registered again (or, should it never, for as long as a
   // move may take), so that the other connections carry the traffic meanwhile.
-  moving = kj::mv(address);
-  uint64_t generation = ++moveGeneration;
+  shared.moving = kj::mv(address);
+  uint64_t generation = ++shared.moveGeneration;
   tasks.add(timer.afterDelay(edgeConfig.moveDrainTimeout + config.tcpConnectTimeout +
                              edgeConfig.transport.handshakeTimeout)
       .then([this, generation]() {
-    if (generation == moveGeneration && moving != nullptr) releaseMove();
+    std::lock_guard<std::mutex> lock(shared.mutex);
+    if (generation == shared.moveGeneration && shared.moving != nullptr) releaseMove();
   }));
 }
 
 void EdgeDialer::releaseMove() {
-  moving = nullptr;
-  while (!moveQueue.empty()) {
-    auto next = kj::mv(moveQueue.front());
-    moveQueue.pop_front();
+  shared.moving = nullptr;
+  while (!shared.moveQueue.empty()) {
+    auto next = kj::mv(shared.moveQueue.front());
+    shared.moveQueue.pop_front();
     if (next.fulfiller->isWaiting()) {
       auto address = kj::mv(next.address);
       next.fulfiller->fulfill();
@@ -206,7 +224,8 @@ void EdgeDialer::taskFailed(kj::Exception&& e) {
 }
 
 void EdgeDialer::registered(const edge::EdgeAddress& address, const EdgeTransport& transport) {
-  KJ_IF_MAYBE(m, moving) {
+  std::lock_guard<std::mutex> lock(shared.mutex);
+  KJ_IF_MAYBE(m, shared.moving) {
     if (*m == address.toString() && transport.protocol() == "quic") releaseMove();
   }
 }
@@ -222,20 +241,26 @@ void EdgeDialer::lost(const edge::EdgeAddress& address, const EdgeTransport& tra
   }
   auto name = address.toString();
   auto now = timer.now();
-  QuicFailures* entry = nullptr;
-  for (auto& f: quicFailures) {
-    if (f.address == name) entry = &f;
+  size_t count;
+  {
+    std::lock_guard<std::mutex> lock(shared.mutex);
+    DialerShared::QuicFailures* entry = nullptr;
+    for (auto& f: shared.quicFailures) {
+      if (f.address == name) entry = &f;
+    }
+    if (entry == nullptr) {
+      entry = &shared.quicFailures.add(DialerShared::QuicFailures{kj::str(name), {}});
+    }
+    kj::Vector<kj::TimePoint> recent;
+    for (auto t: entry->times) {
+      if (now - t <= config.quicFailureWindow) recent.add(t);
+    }
+    recent.add(now);
+    entry->times = kj::mv(recent);
+    if (entry->times.size() < config.quicFailureLimit) return;
+    count = entry->times.size();
+    entry->times.clear();
   }
-  if (entry == nullptr) entry = &quicFailures.add(QuicFailures{kj::str(name), {}});
-  kj::Vector<kj::TimePoint> recent;
-  for (auto t: entry->times) {
-    if (now - t <= config.quicFailureWindow) recent.add(t);
-  }
-  recent.add(now);
-  entry->times = kj::mv(recent);
-  if (entry->times.size() < config.quicFailureLimit) return;
-  auto count = entry->times.size();
-  entry->times.clear();
   logger.warn(kj::str("QUIC connections to ", name, " ended ", count, " times within ",
                       formatDuration(config.quicFailureWindow), "; using HTTP/2 over TCP. UDP ",
                       address.port, " to the edge seems filtered or unreliable on this network; "
@@ -248,9 +273,14 @@ void EdgeDialer::lost(const edge::EdgeAddress& address, const EdgeTransport& tra
 kj::Promise<kj::Own<EdgeTransport>> EdgeDialer::dialAuto(const edge::EdgeAddress& address) {
   auto name = address.toString();
   auto now = timer.now();
-  for (auto& f: fallbacks) {
-    if (f.address == name && now < f.until) return dialHttp2(address);
+  bool useHttp2 = false;
+  {
+    std::lock_guard<std::mutex> lock(shared.mutex);
+    for (auto& f: shared.fallbacks) {
+      if (f.address == name && now < f.until) useHttp2 = true;
+    }
   }
+  if (useHttp2) return dialHttp2(address);
   return dialQuic(address, config.fallbackAfter)
       .then([this, address, name = kj::mv(name)](QuicDialResult result) mutable
             -> kj::Promise<kj::Own<EdgeTransport>> {

@@ -8,6 +8,7 @@
 #include <kj/async-io.h>
 
 #include <deque>
+#include <mutex>
 
 namespace kj {
 class TlsContext;
@@ -38,14 +39,45 @@ struct DialerConfig {
   // use HTTP/2 until QUIC is tried again (quicRetryInterval). 0 = never on this ground.
 };
 
+class DialerShared {
+  // What the dialers of every connection (one per worker thread, --threads) know together, for
+  // `auto`: the addresses using HTTP/2 for now, QUIC's recent deaths per address, and the right
+  // to move back to QUIC (one connection at a time). Thread-safe (a std::mutex).
+public:
+  DialerShared() = default;
+  KJ_DISALLOW_COPY(DialerShared);
+
+private:
+  friend class EdgeDialer;
+  struct Fallback {
+    kj::String address;
+    kj::TimePoint until;   // CLOCK_MONOTONIC, as every loop's timer
+  };
+  struct QuicFailures {
+    kj::String address;
+    kj::Vector<kj::TimePoint> times;   // within quicFailureWindow, oldest first
+  };
+  struct MoveWaiter {
+    kj::String address;
+    kj::Own<kj::CrossThreadPromiseFulfiller<void>> fulfiller;
+  };
+  std::mutex mutex;                  // guards everything below
+  kj::Vector<Fallback> fallbacks;    // auto: addresses using HTTP/2 for now
+  kj::Vector<QuicFailures> quicFailures;   // auto: QUIC connections that died, per address
+  kj::Maybe<kj::String> moving;      // the address whose connection is moving back to QUIC
+  std::deque<MoveWaiter> moveQueue;  // connections waiting for the right to move
+  uint64_t moveGeneration = 0;       // a grant's timeout only releases its own grant
+};
+
 class EdgeDialer final: public TransportDialer, private kj::TaskSet::ErrorHandler {
 public:
   EdgeDialer(kj::UnixEventPort& eventPort, kj::Network& network, kj::Timer& timer,
              const observe::Logger& logger, const EdgeConnectionConfig& edgeConfig,
-             DialerConfig config);
+             DialerConfig config, kj::Maybe<DialerShared&> shared = nullptr);
   // Borrows everything but `config`. With `http2`, throws FAILED with a one-line reason when the
   // trust roots (--edge-ca, or the embedded Cloudflare roots) cannot be loaded; with `auto` that
-  // is found (and the roots loaded) the first time an address needs HTTP/2.
+  // is found (and the roots loaded) the first time an address needs HTTP/2. Dialers on several
+  // threads share what `auto` learnt through `shared` (default: this dialer's own).
   ~EdgeDialer() noexcept(false);
   KJ_DISALLOW_COPY(EdgeDialer);
 
@@ -63,29 +95,14 @@ private:
   const EdgeConnectionConfig& edgeConfig;
   DialerConfig config;
   kj::Maybe<kj::Own<kj::TlsContext>> tls;
-  struct Fallback {
-    kj::String address;
-    kj::TimePoint until;
-  };
-  kj::Vector<Fallback> fallbacks;   // auto: addresses using HTTP/2 for now
-  struct QuicFailures {
-    kj::String address;
-    kj::Vector<kj::TimePoint> times;   // within quicFailureWindow, oldest first
-  };
-  kj::Vector<QuicFailures> quicFailures;   // auto: QUIC connections that died, per address
-  kj::Maybe<kj::String> moving;     // the address whose connection is moving back to QUIC
-  struct MoveWaiter {
-    kj::String address;
-    kj::Own<kj::PromiseFulfiller<void>> fulfiller;
-  };
-  std::deque<MoveWaiter> moveQueue;  // connections waiting for the right to move
-  uint64_t moveGeneration = 0;       // a grant's timeout only releases its own grant
+  kj::Maybe<kj::Own<DialerShared>> ownShared;
+  DialerShared& shared;
   kj::TaskSet tasks;                 // last: the grants' timeouts
 
   kj::Promise<void> probeQuic(const edge::EdgeAddress& address);
   kj::Promise<void> acquireMove(kj::String address);
-  void grantMove(kj::String address);
-  void releaseMove();
+  void grantMove(kj::String address);     // with shared.mutex held
+  void releaseMove();                     // with shared.mutex held
   void taskFailed(kj::Exception&& e) override;
 
   kj::Promise<QuicDialResult> dialQuic(const edge::EdgeAddress& address,

@@ -5,6 +5,8 @@
 #include "cfqt/cfqt.h"
 #include "cfqt/tunnel.h"
 
+#include "observe/guarded.h"
+
 #include <kj/async-io.h>
 #include <kj/compat/http.h>
 #include <kj/debug.h>
@@ -185,7 +187,7 @@ struct Visitor {
 template <typename T>
 struct Shared {
   // A value handed between the handler threads and the test thread.
-  kj::MutexGuarded<T> value;
+  observe::Guarded<T> value;   // std::mutex: ThreadSanitizer sees it (make test-tsan)
 
   template <typename Cond>
   bool waitFor(Cond&& cond, std::chrono::milliseconds timeout = WAIT) {

@@ -204,6 +204,13 @@ KJ_TEST("public C++ API: invalid options throw TunnelError") {
       KJ_FAIL_ASSERT(e.what());
     }
   });
+  o.edgeCaFile = "";
+  o.threads = 2;
+  KJ_EXPECT_THROW_MESSAGE("threads must be 0 (auto) or 1", {
+    try { cfqt::Tunnel::start(o); } catch (const cfqt::TunnelError& e) {
+      KJ_FAIL_ASSERT(e.what());
+    }
+  });
 }
 
 KJ_TEST("public C++ API: protocol http2 serves through cfqt-edge's HTTP/2 edge") {

@@ -1,6 +1,6 @@
 // The public API (include/cfqt/tunnel.h, include/cfqt/cfqt.h): a tunnel::Runner on its own
 // thread and event loop. Other threads reach it only through the loop's kj::Executor and a
-// kj::MutexGuarded state.
+// mutex-guarded state (observe::Guarded: std::mutex, which ThreadSanitizer sees).
 
 #include "cfqt/tunnel.h"
 #include "cfqt/cfqt.h"
@@ -11,6 +11,7 @@
 #include "named/config.h"
 #include "named/credentials.h"
 #include "named/ingress.h"
+#include "observe/guarded.h"
 #include "observe/log.h"
 #include "observe/metrics-server.h"
 #include "origin/in-process.h"
@@ -272,8 +273,8 @@ private:
   };
   Handler handler;
   size_t maxThreads;
-  kj::MutexGuarded<State> state;
-  kj::MutexGuarded<kj::Vector<kj::Own<kj::Thread>>> threads;   // last: joined first
+  observe::Guarded<State> state;
+  observe::Guarded<kj::Vector<kj::Own<kj::Thread>>> threads;   // last: joined first
 
   void work() {
     while (true) {
@@ -460,7 +461,7 @@ private:
   kj::Maybe<kj::Own<HandlerPool>> handlers;   // first: outlives the loop thread dispatching to it
   tunnel::RunnerOptions options;
   observe::LogConfig logConfig;
-  kj::MutexGuarded<SharedState> state;
+  observe::Guarded<SharedState> state;
   kj::Own<kj::Thread> thread;   // last: joined first
 
   void tunnelCreated(kj::StringPtr url, kj::StringPtr host) override {
@@ -529,6 +530,10 @@ std::unique_ptr<Tunnel> Tunnel::start(const TunnelOptions& o) {
     }
     auto pool = kj::heap<HandlerPool>(o.handler, size_t(o.handlerThreads));
     r.origin = origin::inProcessOrigin(*pool);
+    // An inline handler (0 threads) is called on the tunnel's loop thread: keep that one thread
+    // rather than one per connection, so that the application's handler is never called
+    // concurrently.
+    if (o.handlerThreads == 0) r.threads = 1;
     r.service = kj::str("http://localhost");   // no origin URL; the edge only records it
     handlers = kj::mv(pool);
   } else if (o.helloWorld) {
@@ -601,6 +606,8 @@ std::unique_ptr<Tunnel> Tunnel::start(const TunnelOptions& o) {
   r.edge.transport.keepAlivePeriod = toDuration(o.quicKeepAlivePeriod);
   r.clientVersion = toKj(o.clientVersion);
   r.haConnections = o.haConnections;
+  if (o.threads != 0 && o.threads != 1) throw TunnelError("cfqt: threads must be 0 (auto) or 1");
+  if (o.threads == 1) r.threads = 1;
   r.backoff = tunnel::BackoffConfig{toDuration(o.backoffBase),
                                     static_cast<kj::uint>(o.retries < 0 ? 0 : o.retries)};
   r.haStagger = kj::min(1 * kj::SECONDS, toDuration(o.backoffBase));

@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <malloc.h>
 #include <stdlib.h>
+#include <sched.h>
 #include <sys/random.h>
 
 namespace cfqt::tunnel {
@@ -67,6 +68,13 @@ kj::String localConfigurationJsonWithIngress(kj::StringPtr ingressArray,
   for (auto f: sorted) entries.add(kj::str(jsonString(f->name), ':', jsonString(f->value)));
   return kj::str("{\"__configuration_flags\":{", kj::strArray(entries, ","), "},"
                  "\"ingress\":", ingressArray, ",\"warp-routing\":{}}");
+}
+
+uint usableCpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return 1;
+  return static_cast<uint>(CPU_COUNT(&set));
 }
 
 kj::String connectorArch() {
@@ -131,7 +139,11 @@ Runner::Runner(kj::AsyncIoContext& io, const observe::Logger& logger, RunnerOpti
   probeWanted = options.waitReady;
 }
 
-Runner::~Runner() noexcept(false) {}
+Runner::~Runner() noexcept(false) {
+  // The supervisor cancels its sessions (on the workers' loops) before the workers stop.
+  supervisor = nullptr;
+  workers = nullptr;
+}
 
 kj::Promise<int> Runner::run() {
   return start().exclusiveJoin(stopSignal.addBranch().then([this]() {
@@ -217,6 +229,21 @@ kj::Maybe<kj::String> Runner::IngressConfigHandler::applyConfiguration(
   // cloudflared's orchestrator: parse, build every origin, then switch; on any error the current
   // rules keep serving and the edge gets the error.
   auto& r = runner;
+  KJ_IF_MAYBE(source, r.ingressSource) {
+    // Connection workers: any worker's thread. Checked here, applied by every worker's router.
+    auto text = kj::heapString(json.asChars());
+    auto parsed = named::parseConfig(text, "remote configuration");
+    KJ_IF_MAYBE(config, parsed.tryGet<named::TunnelConfig>()) r.warnIgnoredKeys(*config);
+    KJ_IF_MAYBE(error, (*source)->publish(version, json)) {
+      r.logger.error("Failed to update ingress; the current configuration keeps serving",
+                     observe::Fields().add("version", version).add("error", error->asPtr()));
+      return kj::mv(*error);
+    }
+    r.tunnelStatus.setConfigVersion(version);
+    r.logger.info("Updated to new configuration",
+                  observe::Fields().add("version", version).add("bytes", json.size()));
+    return nullptr;
+  }
   auto text = kj::heapString(json.asChars());
   auto parsed = named::parseConfig(text, "remote configuration");
   kj::Maybe<kj::String> error;
@@ -295,7 +322,9 @@ kj::Promise<int> Runner::start() {
     baseOrigin = named::cloneOriginConfig(options.origin);
     router = kj::mv(r);
   }
-  auto created = origin::Origin::create(kj::mv(options.origin), timer,
+  auto originConfig = named::cloneOriginConfig(options.origin);
+  originConfig.handler = options.origin.handler;   // kept in `options` for the workers
+  auto created = origin::Origin::create(kj::mv(originConfig), timer,
                                         io.provider->getNetwork(), headerTable);
   KJ_SWITCH_ONEOF(created) {
     KJ_CASE_ONEOF(error, kj::String) {
@@ -453,11 +482,34 @@ kj::Promise<int> Runner::edgesDiscovered(edge::EdgeAddresses addresses) {
     options.edge.localConfigJson = localConfigurationJson(options.service,
                                                           options.configurationFlags);
   }
+  pool = kj::mv(addressPool);
+  if (options.threads != 1 && n > 1 && usableCpus() > 1) {
+    // One thread and loop per connection index; the origin (and router) of this loop are not
+    // used.
+    originService = nullptr;
+    WorkerSetup setup{options.origin, headerTable, logger, tunnelStatus, remoteConfig,
+                      KJ_ASSERT_NONNULL(identity), options.edge, options.dialer, dialerShared};
+    if (router != nullptr) {
+      kj::Maybe<const named::TunnelConfig&> local;
+      KJ_IF_MAYBE(c, options.ingressConfig) local = **c;
+      auto& source = *ingressSource.emplace(
+          kj::heap<IngressSource>(options.origin, options.service, local));
+      setup.named = source;
+      router = nullptr;
+    }
+    return WorkerPool::start(n, setup).then([this, n](kj::Own<WorkerPool> started) {
+      auto& w = *started;
+      workers = kj::mv(started);
+      return startSupervisor(w, n);
+    }, [this](kj::Exception&& e) -> kj::Promise<int> {
+      return startFailed("cannot set up the connection to the edge", kj::mv(e));
+    });
+  }
   auto& timer = io.provider->getTimer();
   kj::Own<EdgeDialer> d;
   KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
     d = kj::heap<EdgeDialer>(io.unixEventPort, io.provider->getNetwork(), timer, logger,
-                             options.edge, kj::mv(options.dialer));
+                             options.edge, kj::mv(options.dialer), dialerShared);
   })) {
     return startFailed("cannot set up the connection to the edge", kj::mv(*e));
   }
@@ -466,11 +518,19 @@ kj::Promise<int> Runner::edgesDiscovered(edge::EdgeAddresses addresses) {
       remoteConfig, KJ_ASSERT_NONNULL(identity), options.edge, *d,
       router.map([](kj::Own<named::Router>& r) -> named::Router& { return *r; })});
   dialer = kj::mv(d);
+  auto& sessions = *f;
+  factory = kj::mv(f);
+  return startSupervisor(sessions, n);
+}
+
+kj::Promise<int> Runner::startSupervisor(SessionFactory& sessions, uint n) {
+  auto& timer = io.provider->getTimer();
   SupervisorConfig config;
   config.haConnections = n;
   config.backoff = options.backoff;
   config.haStagger = options.haStagger;
-  auto s = kj::heap<Supervisor>(timer, *f, *addressPool, logger, tunnelStatus, config, jitter);
+  auto s = kj::heap<Supervisor>(timer, sessions, *KJ_ASSERT_NONNULL(pool), logger, tunnelStatus,
+                                config, jitter);
   s->onRegistered([this](uint connIndex) {
     trimPending = true;   // the dial's transient memory (trust roots, handshake) is free now
     callbacks.connectionRegistered(connIndex);
@@ -479,8 +539,6 @@ kj::Promise<int> Runner::edgesDiscovered(edge::EdgeAddresses addresses) {
   if (options.memoryReturnInterval > 0 * kj::SECONDS) {
     memoryTask = returnMemory(0).eagerlyEvaluate(nullptr);
   }
-  pool = kj::mv(addressPool);
-  factory = kj::mv(f);
   supervisor = kj::mv(s);
   edgesStarted = true;
   if (probeWanted) startProbe();

@@ -7,6 +7,7 @@
 #include "tunnel/edge-dialer.h"
 #include "tunnel/ready-probe.h"
 #include "tunnel/supervisor.h"
+#include "tunnel/worker.h"
 
 #include "edge/discovery.h"
 #include "edge/quick-tunnel-api.h"
@@ -59,6 +60,10 @@ struct RunnerOptions {
   // the base their originRequest keys override). Null: one catch-all rule to `origin`/`service`.
   kj::Maybe<kj::Function<kj::String(kj::StringPtr hostname)>> publicUrl;
   // The URL shown for a hostname; default "https://<hostname>" (--local: the front door).
+  uint threads = 0;
+  // --threads: 1 runs everything on the runner's loop; 0 (auto) gives each HA connection index
+  // its own thread and event loop (worker.h) when there is more than one connection and this
+  // process may run on more than one CPU (sched_getaffinity).
   ReadyProbeConfig ready;                // how the URL's readiness is probed (issue 16)
   bool waitReady = false;
   // --wait-ready: the banner and tunnelCreated() (the URL line) come only once the URL serves;
@@ -114,13 +119,15 @@ private:
   observe::TunnelStatus tunnelStatus;
   class StatusOriginObserver final: public origin::OriginObserver {
   public:
-    explicit StatusOriginObserver(observe::TunnelStatus& status): status(status) {}
-    void responseHead(kj::uint statusCode) override { status.responseSent(statusCode); }
-    void requestFailed() override { status.requestFailed(); }
+    explicit StatusOriginObserver(observe::TunnelStatus::Shard& stats): stats(stats) {}
+    void responseHead(kj::uint statusCode) override { stats.responseSent(statusCode); }
+    void requestFailed() override { stats.requestFailed(); }
   private:
-    observe::TunnelStatus& status;
+    observe::TunnelStatus::Shard& stats;
   };
-  StatusOriginObserver originObserver{tunnelStatus};
+  StatusOriginObserver originObserver{tunnelStatus.shard(0)};
+  // The origin shared by every index on this loop (--threads 1, named tunnels): this loop is the
+  // only writer of shard 0, where its outcomes are counted.
   AcknowledgingConfigHandler configHandler;
   class IngressConfigHandler final: public wire::ConfigurationHandler {
     // Remote configuration of a named tunnel: parsed and applied to the router at once.
@@ -143,6 +150,9 @@ private:
   kj::Maybe<kj::Own<edge::AddressPool>> pool;
   kj::Maybe<kj::Own<EdgeDialer>> dialer;
   kj::Maybe<kj::Own<EdgeConnectionFactory>> factory;
+  DialerShared dialerShared;
+  kj::Maybe<kj::Own<IngressSource>> ingressSource;   // named tunnels on workers
+  kj::Maybe<kj::Own<WorkerPool>> workers;       // destroyed after the supervisor (~Runner)
   kj::Maybe<kj::Own<Supervisor>> supervisor;
   bool stopping = false;
   kj::Own<kj::PromiseFulfiller<void>> stopFulfiller;
@@ -159,6 +169,7 @@ private:
                                  kj::Array<kj::byte> tunnelId);
   kj::Promise<int> metricsBound(kj::Maybe<kj::Own<kj::ConnectionReceiver>> receiver);
   kj::Promise<int> edgesDiscovered(edge::EdgeAddresses addresses);
+  kj::Promise<int> startSupervisor(SessionFactory& sessions, uint connections);
   int supervisorDone();
   kj::Promise<void> returnMemory(uint64_t servedBefore);
   int startFailed(kj::StringPtr what, kj::Exception&& e);
@@ -184,6 +195,9 @@ kj::String localConfigurationJsonWithIngress(kj::StringPtr ingressArray,
                                              kj::ArrayPtr<const ConfigFlag> flags);
 // The same with the "ingress" array given as JSON text (named tunnels).
 // {"__configuration_flags":{...},"ingress":[{"service":"...","originRequest":{}}],"warp-routing":{}}
+
+uint usableCpus();
+// The CPUs this process may run on (its affinity mask; 1 if unknown).
 
 kj::String connectorArch();
 // "linux_amd64", "linux_arm64", ... (GOOS_GOARCH style).

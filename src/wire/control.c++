@@ -263,8 +263,14 @@ kj::Promise<void> ControlServer::onDisconnect() { return network.onDisconnect();
 RemoteConfigState::RemoteConfigState(kj::Maybe<ConfigurationHandler&> handler)
     : handler(handler) {}
 
+int32_t RemoteConfigState::currentVersion() const {
+  std::lock_guard<std::mutex> lock(mutex);
+  return current;
+}
+
 RemoteConfigState::Result RemoteConfigState::update(int32_t version,
                                                     kj::ArrayPtr<const kj::byte> json) {
+  std::lock_guard<std::mutex> lock(mutex);
   if (version <= current) return Result{current, kj::str()};
   KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
     capnp::JsonCodec codec;

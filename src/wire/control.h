@@ -19,6 +19,8 @@
 #include <kj/time.h>
 #include <kj/timer.h>
 
+#include <mutex>
+
 namespace cfqt::wire {
 
 constexpr kj::StringPtr DUPLICATE_CONNECTION_CAUSE = "EDUPCONN"_kj;
@@ -198,10 +200,13 @@ public:
   // {current, "<parse error>"}); then the handler applies it ({version, ""} or {current, err}).
   // Without a handler: {current, "remote configuration is not supported"}.
 
-  int32_t currentVersion() const { return current; }
+  int32_t currentVersion() const;
+  // Both thread-safe: connections on several threads (--threads) share one state; updates are
+  // applied one at a time.
 
 private:
   kj::Maybe<ConfigurationHandler&> handler;
+  mutable std::mutex mutex;   // guards `current` and serializes update()
   int32_t current = -1;
 };
 

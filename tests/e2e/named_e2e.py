@@ -14,7 +14,7 @@ Cases (`-k NAME` runs the cases whose name contains NAME):
                     verified against the visitor's hostname or originServerName; a name the
                     certificate does not carry gets 502; an originRequest key cfqt does not
                     apply (http2Origin) is warned about at start
-  remote_config[_http2]  (QUIC, and HTTP/2) a remotely managed tunnel (TUNNEL_TOKEN): 503 before any configuration; push
+  remote_config[_http2|_workers]  (QUIC, HTTP/2, two connections on two worker threads) a remotely managed tunnel (TUNNEL_TOKEN): 503 before any configuration; push
                     v1, requests follow it; push v2 while a slow request is in flight (it finishes
                     on v1's origin, new ones use v2's); an invalid v3 is refused and v2 keeps
                     serving; v1 again is ignored; cloudflared_orchestration_config_version; an
@@ -352,13 +352,19 @@ def test_remote_config_http2(env):
     remote_config_case(env, ["--protocol", "http2"])
 
 
-def remote_config_case(env, extra):
+def test_remote_config_workers(env):
+    # Two connections, each on its own worker thread (--threads auto): every worker's router
+    # follows the configuration, whichever connection the edge pushed it to.
+    remote_config_case(env, [], ha=2)
+
+
+def remote_config_case(env, extra, ha=1):
     t = env.named_tunnel("remote", remotely_managed=True)
     host = "%s.%s" % (t["id"], env.edge.ready["zone"])
     o0, o1, o2 = env.origins
     child_env = dict(os.environ, TUNNEL_TOKEN=t["token"])
-    proc, log = env.cfqt(["tunnel", "run", "--ha-connections", "1"] + extra, env=child_env)
-    log.wait_for(r"Registered tunnel connection")
+    proc, log = env.cfqt(["tunnel", "run", "--ha-connections", str(ha)] + extra, env=child_env)
+    log.wait_for(r"Registered tunnel connection", count=ha)
     metrics = metrics_address(log)
     check(env.get(host, "/")[0] == 503, "before any configuration the tunnel answers 503")
     check(log.count(r"updateLocalConfiguration|local configuration pushed") == 0,
@@ -367,12 +373,15 @@ def remote_config_case(env, extra):
     def push(version, config):
         answer = env.admin_post("/named-tunnels/%s/configuration" % t["id"],
                                 {"version": version, "config": config})
-        check(len(answer["connections"]) == 1, answer)
-        return answer["connections"][0]["result"]
+        check(len(answer["connections"]) == ha, answer)
+        results = [c["result"] for c in answer["connections"]]
+        check(all(r == results[0] for r in results), "every connection answers alike", answer)
+        return results[0]
 
     r = push(1, {"ingress": [{"service": o0.url, "originRequest": {"noHappyEyeballs": True}}]})
     check(r == {"latestAppliedVersion": 1, "err": ""}, r)
-    check(env.get(host, "/x") == (200, "origin-0 /x"), "v1 routes to origin-0")
+    for i in range(2 * ha):   # the front door takes turns between the connections
+        check(env.get(host, "/x") == (200, "origin-0 /x"), "v1 routes to origin-0")
     warning = log.wait_for(r"An originRequest key is not supported by cfqt and is ignored")
     check("key=noHappyEyeballs" in warning and "remote configuration" in warning, warning)
 
@@ -386,7 +395,8 @@ def remote_config_case(env, extra):
     r = push(2, {"ingress": [{"hostname": "nothing.example", "service": o2.url},
                              {"service": o1.url}]})
     check(r == {"latestAppliedVersion": 2, "err": ""}, r)
-    check(env.get(host, "/y") == (200, "origin-1 /y"), "v2 routes to origin-1")
+    for i in range(2 * ha):
+        check(env.get(host, "/y") == (200, "origin-1 /y"), "v2 routes to origin-1")
     o0.slow_release.set()
     th.join(DEADLINE_S)
     check(slow.get("r") == (200, "origin-0 /slow"), "the in-flight request finished on v1",
@@ -579,7 +589,8 @@ def test_replicas(env):
             check(proc.returncode == 0, "replica exited", proc.returncode)
 
 
-TESTS = [test_ingress_routing, test_ingress_unix_tls, test_remote_config, test_remote_config_http2, test_replicas]
+TESTS = [test_ingress_routing, test_ingress_unix_tls, test_remote_config, test_remote_config_http2,
+         test_remote_config_workers, test_replicas]
 
 
 def main():
