@@ -96,6 +96,8 @@ typedef struct cfqt_options {
   int quic_retry_interval_ms;        /* 0 = 300000 */
   int quic_failure_limit;            /* 0 = 3; -1 = never move to HTTP/2 for QUIC failures */
   int quic_failure_window_ms;        /* 0 = 60000 */
+  int threads;                       /* 0 = auto (an event loop per HA connection when more than
+                                        one CPU is usable), 1 = one event loop */
 } cfqt_options;
 
 #define CFQT_STAGE_TUNNEL 1     /* no quick tunnel / edge connections yet */

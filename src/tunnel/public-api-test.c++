@@ -282,6 +282,10 @@ KJ_TEST("C API: start, wait for URL, stop, free") {
   KJ_EXPECT(cfqt_tunnel_start(&timing, error, sizeof(error)) == nullptr);
   KJ_EXPECT(strstr(error, "quicFailureLimit must not be negative") != nullptr, error);
   timing.quic_failure_limit = 0;
+  timing.threads = 3;
+  KJ_EXPECT(cfqt_tunnel_start(&timing, error, sizeof(error)) == nullptr);
+  KJ_EXPECT(strstr(error, "threads must be 0 (auto) or 1") != nullptr, error);
+  timing.threads = 0;
   timing.origin_ca_pool = "/nonexistent/origin-ca.pem";
   KJ_EXPECT(cfqt_tunnel_start(&timing, error, sizeof(error)) == nullptr);
   KJ_EXPECT(strstr(error, "originCaPool /nonexistent/origin-ca.pem") != nullptr, error);

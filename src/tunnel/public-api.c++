@@ -799,6 +799,7 @@ cfqt_tunnel* cfqt_tunnel_start(const cfqt_options* options, char* error, size_t 
     if (options->quic_failure_window_ms != 0) {
       o.quicFailureWindow = std::chrono::milliseconds(options->quic_failure_window_ms);
     }
+    o.threads = options->threads;
     if (options->token != nullptr) o.token = options->token;
     if (options->credentials_json != nullptr) o.credentialsJson = options->credentials_json;
     if (options->credentials_file != nullptr) o.credentialsFile = options->credentials_file;

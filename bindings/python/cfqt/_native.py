@@ -65,6 +65,7 @@ class Options(ctypes.Structure):
         ("quic_retry_interval_ms", ctypes.c_int),
         ("quic_failure_limit", ctypes.c_int),
         ("quic_failure_window_ms", ctypes.c_int),
+        ("threads", ctypes.c_int),
     ]
 
 
