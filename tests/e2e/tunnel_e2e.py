@@ -38,7 +38,8 @@ import urllib.parse
 from e2e_support import (DEADLINE_S, Edge, Fail, LogFollower, Skip, argument_parser, check,
                          check_no_sanitizer_report, exit_failure, prepare_run, readline,
                          run_tests, sanitizer_failures, set_up, start_process, stop,
-                         unused_port, ws_accept, ws_frame_head, ws_mask, ws_read_frame)
+                         unused_port, wait_until, ws_accept, ws_frame_head, ws_mask,
+                         ws_read_frame)
 
 
 PROTOCOL = "quic"   # --protocol: the transport of every cfqt started here (Cfqt adds it)
@@ -777,6 +778,39 @@ def test_local_mode(env):
             p.wait()
 
 
+def test_local_edge_is_a_child_process(env):
+    # --local runs bin/cfqt-edge as a child (issue 15): it dies with cfqt even when cfqt is
+    # killed outright, and a missing cfqt-edge is a clear error.
+    p = subprocess.Popen([os.path.join(env.bindir, "cfqt"), "--local", "--hello-world",
+                          "--metrics", "127.0.0.1:0", "--ha-connections", "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = LogFollower(p.stderr)
+    try:
+        readline(p.stdout)
+        started = log.wait_for(r"Local edge emulator started .*pid=(\d+)")
+        child = int(re.search(r"pid=(\d+)", started).group(1))
+        with open("/proc/%d/cmdline" % child, "rb") as f:
+            argv0 = f.read().split(b"\0")[0]
+        check(os.path.basename(argv0) == b"cfqt-edge", argv0)
+        with open("/proc/%d/stat" % child) as f:
+            check(int(f.read().rsplit(")", 1)[1].split()[1]) == p.pid, "not cfqt's child")
+        p.kill()
+        p.wait(DEADLINE_S)
+        wait_until("cfqt-edge to exit after cfqt was killed",
+                   lambda: not os.path.exists("/proc/%d/cmdline" % child) or
+                   open("/proc/%d/stat" % child).read().rsplit(")", 1)[1].split()[0] == "Z")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    missing = subprocess.run([os.path.join(env.bindir, "cfqt"), "--local", "--hello-world",
+                              "--metrics", "127.0.0.1:0"],
+                             env=dict(os.environ, CFQT_EDGE=os.path.join(env.workdir, "nope")),
+                             capture_output=True, text=True, timeout=DEADLINE_S)
+    check(missing.returncode == 1 and "set CFQT_EDGE" in missing.stderr and
+          missing.stdout == "", missing.returncode, missing.stderr)
+
+
 def test_unix_socket_keylog_client_flags(env):
     # --unix-socket origin, --client-version, --edge-ip-version, SSLKEYLOGFILE.
     sock = os.path.join(env.workdir, "origin.sock")
@@ -1188,6 +1222,7 @@ TESTS = [
     test_grace_period_expires,
     test_second_signal_exits_at_once,
     test_local_mode,
+    test_local_edge_is_a_child_process,
     test_unix_socket_keylog_client_flags,
     test_c_api_example,
     test_make_run_demo,
