@@ -811,6 +811,74 @@ def test_local_edge_is_a_child_process(env):
           missing.stdout == "", missing.returncode, missing.stderr)
 
 
+def test_dial_overlaps_the_api_request(env):
+    # Issue 15: discovery, the dial and the handshake run while the quick-tunnel request is out;
+    # only registration waits for its answer. A failed request is still reported alone (exit 1,
+    # the same line) and ends the connections dialled meanwhile.
+    api_host, api_port = env.edge.ready["api"].rsplit(":", 1)
+    state = {"fail": False, "requests": 0}
+
+    class SlowApi(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            state["requests"] += 1
+            time.sleep(0.3)
+            if state["fail"]:
+                self.send_response(500)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            c = http.client.HTTPConnection(api_host, int(api_port), timeout=DEADLINE_S)
+            c.request("POST", self.path, body, {k: v for k, v in self.headers.items()
+                                                if k.lower() not in ("host", "connection")})
+            r = c.getresponse()
+            data = r.read()
+            c.close()
+            self.send_response(r.status)
+            self.send_header("Content-Type", r.getheader("Content-Type", "application/json"))
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cmd = [os.path.join(env.bindir, "cfqt"), "--url", "http://127.0.0.1:1",
+           "--protocol", PROTOCOL, "--quick-service", "http://127.0.0.1:%d" % server.server_port,
+           "--edge-ca", env.edge.ready["ca"], "--edge", env.edge.ready["edges"][0],
+           "--ha-connections", "1", "--metrics", "127.0.0.1:0", "--api-retry-delay", "10ms",
+           "--loglevel", "debug"]
+    try:
+        proc, log = start_process(cmd)
+        try:
+            log.wait_for(r"Registered tunnel connection connIndex=0")
+            text = log.text()
+            dialed = text.find("Dialing edge")
+            check(0 <= dialed < text.find("Your quick Tunnel has been created"),
+                  "the dial did not start before the API answered", text[-3000:])
+        finally:
+            stop(proc)
+        state["fail"] = True
+        proc, log = start_process(cmd)
+        try:
+            code = proc.wait(DEADLINE_S)
+            text = log.text()
+            check(code == 1, "exit code", code)
+            failed = text.find("ERR Couldn't start tunnel: failed to request quick Tunnel")
+            check(0 <= text.find("Dialing edge") < failed, "no dial during the request",
+                  text[-3000:])
+            check(text.count(" ERR ") == 1, "more than the API's error reported", text[-3000:])
+        finally:
+            stop(proc)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_unix_socket_keylog_client_flags(env):
     # --unix-socket origin, --client-version, --edge-ip-version, SSLKEYLOGFILE.
     sock = os.path.join(env.workdir, "origin.sock")
@@ -1223,6 +1291,7 @@ TESTS = [
     test_second_signal_exits_at_once,
     test_local_mode,
     test_local_edge_is_a_child_process,
+    test_dial_overlaps_the_api_request,
     test_unix_socket_keylog_client_flags,
     test_c_api_example,
     test_make_run_demo,
