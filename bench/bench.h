@@ -15,6 +15,8 @@ struct Options {
   uint64_t requests = 20000;               // tunnel: --requests N (concurrency-64 phase)
   bool cacert = false;                     // tunnel: --cacert (not the default trust roots)
   kj::Maybe<kj::String> cfqt;              // tunnel: --cfqt PATH (default: next to cfqt-bench)
+  bool startupOnly = false;                // tunnel: --startup-only (reg_ms and idle RSS only)
+  unsigned launches = 5;                   // tunnel: --launches N (reg_ms is their median)
 };
 
 class Reporter {
