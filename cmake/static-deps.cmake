@@ -57,6 +57,11 @@ function(cfqt_use_static_deps target)
   if(NOT CFQT_STATIC_DEPS)
     return()
   endif()
+  get_directory_property(options COMPILE_OPTIONS)
+  if("${CMAKE_CXX_FLAGS};${options}" MATCHES "-fsanitize=thread")
+    # A ThreadSanitizer build's suppressions name Debian's shared KJ/capnp libraries.
+    return()
+  endif()
   set_target_properties(${target} PROPERTIES CFQT_STATIC_DEPS ON)
   target_link_options(${target} PRIVATE -Wl,--gc-sections -Wl,-z,pack-relative-relocs -Wl,-O1
       -pthread)
