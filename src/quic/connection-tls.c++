@@ -38,9 +38,16 @@ void checkGnutls(int rv, kj::StringPtr what) {
 namespace {
 thread_local ClientCredentials* liveCredentials = nullptr;
 thread_local uint64_t systemLoads = 0;
+thread_local kj::Maybe<kj::String>* bundleOverride = nullptr;
 }
 
 uint64_t ClientCredentials::systemStoreLoads() { return systemLoads; }
+
+void ClientCredentials::setSystemBundleForTests(kj::Maybe<kj::String> path) {
+  static thread_local kj::Maybe<kj::String> holder;
+  holder = kj::mv(path);
+  bundleOverride = holder == nullptr ? nullptr : &holder;
+}
 
 namespace {
 
@@ -50,7 +57,11 @@ constexpr const char* SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt";
 constexpr size_t MAX_SYSTEM_BUNDLE = 16 << 20;
 
 kj::Maybe<kj::Array<kj::byte>> readSystemBundle() {
-  int fd = open(SYSTEM_BUNDLE, O_RDONLY | O_CLOEXEC);
+  const char* path = SYSTEM_BUNDLE;
+  if (bundleOverride != nullptr) {
+    KJ_IF_MAYBE(p, *bundleOverride) path = p->cStr();
+  }
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
   if (fd < 0) return nullptr;
   kj::AutoCloseFd owned(fd);
   kj::Vector<kj::byte> bytes(256 * 1024);

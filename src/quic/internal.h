@@ -442,6 +442,9 @@ public:
   static uint64_t systemStoreLoads();
   // How many times this thread parsed the system store (tests).
 
+  static void setSystemBundleForTests(kj::Maybe<kj::String> path);
+  // Reads this file instead of Debian's bundle on this thread (tests); null restores it.
+
 private:
   gnutls_certificate_credentials_t credentials = nullptr;
   bool lazySystem = false;
