@@ -45,6 +45,10 @@ public:
                    "system store).")
         .addOptionWithArg({"cfqt"}, KJ_BIND_METHOD(*this, setCfqt), "<path>",
                           "tunnel: the client binary (default: cfqt next to cfqt-bench).")
+        .addOption({"startup-only"}, [this]() { options.startupOnly = true; return true; },
+                   "tunnel: only the start-up figures (reg_ms, idle RSS), no load phases.")
+        .addOptionWithArg({"launches"}, KJ_BIND_METHOD(*this, setLaunches), "<n>",
+                          "tunnel: client launches whose median is reg_ms (default 5).")
         .expectZeroOrMoreArgs("<suite>", KJ_BIND_METHOD(*this, addSuite))
         .callAfterParsing(KJ_BIND_METHOD(*this, run))
         .build();
@@ -86,6 +90,15 @@ private:
       }
     }
     return "--serial-rounds is 1 to 100000";
+  }
+  kj::MainBuilder::Validity setLaunches(kj::StringPtr value) {
+    KJ_IF_MAYBE(n, parseCount(value)) {
+      if (*n >= 1 && *n <= 1000) {
+        options.launches = *n;
+        return true;
+      }
+    }
+    return "--launches is 1 to 1000";
   }
   kj::MainBuilder::Validity setCfqt(kj::StringPtr value) {
     options.cfqt = kj::str(value);

@@ -5,13 +5,13 @@
 // edge's with getrusage(), so one can see the edge is not the bottleneck.
 //
 // Figures (issue 15): tunnel.reg_ms (fork/exec of the client -> the edge's answer to its first
-// registerConnection, CLOCK_MONOTONIC, median of 5 launches), tunnel.rps_c1, tunnel.rps_c64,
-// tunnel.serial_p50_us, tunnel.serial_p99_us, tunnel.added_p50_us (tunnel minus direct to the
-// origin, measured interleaved), tunnel.cpu_s_per_10k (client, 1 KiB responses at concurrency
-// 64), tunnel.bulk_MBps and tunnel.cpu_s_per_GB (one 1 GiB response), tunnel.rss_idle_MiB,
-// tunnel.rss_anon_idle_MiB (idle with every HA connection registered), tunnel.rss_peak_MiB
-// (VmHWM at the end), tunnel.edge_cpu_s (this process during the concurrency-64 phase; compare
-// with tunnel.c64_s, its wall time).
+// registerConnection, CLOCK_MONOTONIC, median of 5 launches or --launches N), tunnel.rps_c1,
+// tunnel.rps_c64, tunnel.serial_p50_us, tunnel.serial_p99_us, tunnel.added_p50_us (tunnel minus
+// direct to the origin, measured interleaved), tunnel.cpu_s_per_10k (client, 1 KiB responses at
+// concurrency 64), tunnel.bulk_MBps and tunnel.cpu_s_per_GB (one 1 GiB response),
+// tunnel.rss_idle_MiB, tunnel.rss_anon_idle_MiB (idle with every HA connection registered),
+// tunnel.rss_peak_MiB (VmHWM at the end), tunnel.edge_cpu_s (this process during the
+// concurrency-64 phase; compare with tunnel.c64_s, its wall time).
 
 #include "bench.h"
 
@@ -45,7 +45,6 @@ constexpr size_t SMALL = 1024;            // the small response: 1 KiB
 constexpr size_t CHUNK = 64 * 1024;
 constexpr uint64_t BULK = uint64_t(1) << 30;
 constexpr unsigned CONCURRENCY = 64;
-constexpr unsigned REG_RUNS = 5;
 constexpr const char* SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt";
 
 double nowSeconds() {
@@ -395,10 +394,10 @@ void runTunnelBench(Reporter& reporter) {
   }
   auto bundleArg = systemBundle.map([](kj::String& s) -> kj::StringPtr { return s; });
 
-  // exec -> first registration, median of REG_RUNS launches.
+  // exec -> first registration, median of options.launches launches.
   {
     kj::Vector<double> times;
-    for (unsigned i = 0; i < REG_RUNS; i++) {
+    for (unsigned i = 0; i < options.launches; i++) {
       harness.expect(1);
       double start = nowSeconds();
       Client client(argv, logPath, bundleArg);
@@ -419,6 +418,7 @@ void runTunnelBench(Reporter& reporter) {
                   "MiB");
   reporter.figure(kj::str(prefix, "pss_idle_MiB"),
                   statusKiB(client.pid, "Pss", "smaps_rollup") / 1024, "MiB");
+  if (options.startupOnly) return;
 
   // Warm-up, then serial requests, interleaved with the same requests straight to the origin.
   for (unsigned i = 0; i < 200; i++) harness.fetch("/small").wait(io.waitScope);

@@ -1,12 +1,12 @@
 // cfqt: Cloudflare quick tunnels without cloudflared. Parses and validates the command line
-// (cli.h; a bad flag exits 2 before anything is requested), optionally starts an in-process edge
-// emulator (--local), runs a tunnel::Runner and handles signals: the first SIGINT/SIGTERM shuts
-// down gracefully, a second exits at once.
+// (cli.h; a bad flag exits 2 before anything is requested), optionally starts the edge emulator
+// `cfqt-edge` as a child process (--local), runs a tunnel::Runner and handles signals: the first
+// SIGINT/SIGTERM shuts down gracefully, a second exits at once.
 
 #include "cli.h"
 #include "named.h"
 
-#include "emulator/emulator.h"
+#include "edge/json.h"
 #include "observe/log.h"
 #include "origin/origin.h"
 #include "tunnel/runner.h"
@@ -19,8 +19,13 @@
 #include <kj/debug.h>
 
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #if CFQT_HAVE_WIRE_DUMP
@@ -217,60 +222,249 @@ kj::Maybe<kj::String> buildOptions(cli::CliOptions& o, tunnel::RunnerOptions& r)
   return nullptr;
 }
 
+// ---- --local: cfqt-edge as a child process ----------------------------------------------------
+//
+// The emulator is not linked into cfqt (it would make every cfqt process map its code): --local
+// starts bin/cfqt-edge (next to this executable, or $CFQT_EDGE) with loopback listeners, reads
+// its JSON ready line and points the runner at it. The child runs in its own process group, so a
+// Ctrl-C in the terminal reaches only cfqt, which then shuts down gracefully against a live edge;
+// it is stopped (SIGTERM, then reaped) when cfqt returns, and PR_SET_PDEATHSIG stops it when cfqt
+// dies any other way.
+
+constexpr size_t MAX_READY_LINE = 64 * 1024;
+
+class LocalEdgeProcess {
+  // Owns the child: SIGTERM and waitpid() on destruction.
+public:
+  explicit LocalEdgeProcess(pid_t pid): pid(pid) {}
+  KJ_DISALLOW_COPY(LocalEdgeProcess);
+  ~LocalEdgeProcess() noexcept(false) {
+    if (pid <= 0) return;
+    kill(pid, SIGTERM);
+    int status;
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
+  }
+
+  kj::String exitDescription() {
+    // The child closed its stdout without a ready line: reap it and say how it ended.
+    int status = 0;
+    pid_t got;
+    while ((got = waitpid(pid, &status, 0)) < 0 && errno == EINTR) {}
+    if (got != pid) return kj::str("cfqt-edge closed its output");
+    pid = 0;
+    if (WIFEXITED(status)) return kj::str("cfqt-edge exited with status ", WEXITSTATUS(status));
+    if (WIFSIGNALED(status)) return kj::str("cfqt-edge was killed by signal ", WTERMSIG(status));
+    return kj::str("cfqt-edge stopped");
+  }
+
+private:
+  pid_t pid;
+};
+
+kj::Maybe<kj::String> findEdgeBinary(kj::String& looked) {
+  // $CFQT_EDGE, else cfqt-edge in this executable's directory.
+  const char* env = getenv("CFQT_EDGE");
+  if (env != nullptr && env[0] != '\0') {
+    looked = kj::str(env, " ($CFQT_EDGE)");
+    if (access(env, X_OK) == 0) return kj::str(env);
+    return nullptr;
+  }
+  char self[PATH_MAX];
+  ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+  if (n <= 0) {
+    looked = kj::str("the directory of cfqt (/proc/self/exe unreadable)");
+    return nullptr;
+  }
+  kj::StringPtr exe(self, n);
+  self[n] = '\0';
+  kj::String dir = kj::str(".");
+  KJ_IF_MAYBE(slash, exe.findLast('/')) dir = kj::heapString(self, *slash);
+  auto path = kj::str(dir, "/cfqt-edge");
+  looked = kj::str(path);
+  if (access(path.cStr(), X_OK) == 0) return kj::mv(path);
+  return nullptr;
+}
+
+kj::StringPtr edgeLogLevel(kj::StringPtr cfqtLevel) {
+  // cfqt-edge's own lines are debug lines ("info" shows them all); cfqt's default info level
+  // showed none of them when the emulator ran in-process.
+  if (cfqtLevel == "debug") return "debug";
+  if (cfqtLevel == "error" || cfqtLevel == "fatal") return "error";
+  return "warn";
+}
+
+kj::Maybe<pid_t> spawnEdge(kj::StringPtr path, kj::ArrayPtr<const kj::String> args, int stdoutFd,
+                           kj::String& error) {
+  kj::Vector<const char*> argv;
+  argv.add(path.cStr());
+  for (auto& a: args) argv.add(a.cStr());
+  argv.add(nullptr);
+  pid_t parent = getpid();
+  pid_t pid = fork();
+  if (pid < 0) {
+    error = kj::str("fork: ", strerror(errno));
+    return nullptr;
+  }
+  if (pid == 0) {
+    // Only async-signal-safe calls from here to exec.
+    setpgid(0, 0);
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() != parent) _exit(1);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, nullptr);
+    signal(SIGPIPE, SIG_DFL);
+    if (dup2(stdoutFd, STDOUT_FILENO) < 0) _exit(127);
+    execv(path.cStr(), const_cast<char* const*>(argv.begin()));
+    _exit(127);
+  }
+  return pid;
+}
+
+kj::Promise<kj::String> readReadyLine(kj::AsyncInputStream& in, kj::Vector<char>& buffer) {
+  // Resolves with the first line (without '\n'); an empty string means end of stream first.
+  size_t old = buffer.size();
+  buffer.resize(old + 4096);
+  return in.tryRead(buffer.begin() + old, 1, 4096).then(
+      [&in, &buffer, old](size_t n) -> kj::Promise<kj::String> {
+    buffer.resize(old + n);
+    if (n == 0) return kj::str();
+    for (size_t i = old; i < buffer.size(); i++) {
+      if (buffer[i] == '\n') return kj::heapString(buffer.begin(), i);
+    }
+    if (buffer.size() > MAX_READY_LINE) return kj::str();
+    return readReadyLine(in, buffer);
+  });
+}
+
+kj::Maybe<kj::String> jsonText(const edge::JsonValue& v, kj::StringPtr key) {
+  KJ_IF_MAYBE(field, v.get(key)) {
+    if (field->kind == edge::JsonValue::Kind::STRING) return kj::str(field->string);
+  }
+  return nullptr;
+}
+
+kj::Maybe<uint16_t> parsePort(kj::StringPtr text) {
+  if (text.size() == 0 || text.size() > 5) return nullptr;
+  uint value = 0;
+  for (char c: text) {
+    if (c < '0' || c > '9') return nullptr;
+    value = value * 10 + (c - '0');
+  }
+  if (value > 65535) return nullptr;
+  return static_cast<uint16_t>(value);
+}
+
 int runLocalEmulator(kj::AsyncIoContext& io, const observe::Logger& logger,
-                     cli::CliOptions& options, kj::Maybe<kj::Own<emulator::Emulator>>& holder,
+                     cli::CliOptions& options, kj::Maybe<kj::Own<LocalEdgeProcess>>& holder,
                      tunnel::RunnerOptions& r) {
-  emulator::EmulatorOptions eo;
-  eo.edgeListen.add(kj::str("127.0.0.1:0"));
-  if (options.haConnections > 1) eo.edgeListen.add(kj::str("127.0.0.2:0"));
-  eo.certificates.stateDir = localStateDir();
+  auto fail = [&](kj::StringPtr why) {
+    logger.error("Couldn't start the local edge emulator", observe::Fields().add("error", why));
+    return 1;
+  };
+  kj::String looked;
+  kj::String path;
+  KJ_IF_MAYBE(p, findEdgeBinary(looked)) {
+    path = kj::mv(*p);
+  } else {
+    return fail(kj::str("no executable cfqt-edge at ", looked,
+                        "; install cfqt-edge next to cfqt or set CFQT_EDGE to its path"));
+  }
+  kj::Vector<kj::String> args;
+  auto arg = [&](kj::StringPtr name, kj::StringPtr value) {
+    args.add(kj::str(name));
+    args.add(kj::str(value));
+  };
+  arg("--edge-listen", "127.0.0.1:0");
+  if (options.haConnections > 1) arg("--edge-listen", "127.0.0.2:0");
+  arg("--state-dir", localStateDir());
   // The public Internet's part too (issue 16), so that --wait-ready probes it as it would the
   // real one: the zone's DNS (over DoT), the HTTPS front door, and the delays that show the wait.
   if (options.waitReady != nullptr) {
-    eo.dnsListen = kj::str("127.0.0.1:0");
-    eo.dotListen = kj::str("127.0.0.1:0");
-    eo.publicTlsListen = kj::str("127.0.0.1:0");
+    arg("--dns-listen", "127.0.0.1:0");
+    arg("--dot-listen", "127.0.0.1:0");
+    arg("--public-tls-listen", "127.0.0.1:0");
   }
-  eo.dnsDelay = options.localDnsDelay;
-  eo.frontDoor.routeDelay = options.localRouteDelay;
-  auto emu = kj::heap<emulator::Emulator>(io, kj::mv(eo));
-  emulator::ReadyInfo ready;
-  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { ready = emu->start().wait(io.waitScope); })) {
-    logger.error("Couldn't start the local edge emulator", observe::Fields().error(*e));
-    return 1;
+  arg("--dns-delay", kj::str(options.localDnsDelay / kj::MICROSECONDS, "us"));
+  arg("--route-delay", kj::str(options.localRouteDelay / kj::MICROSECONDS, "us"));
+  arg("--loglevel", edgeLogLevel(options.logLevel));
+
+  int fds[2];
+  if (pipe2(fds, O_CLOEXEC) != 0) return fail(kj::str("pipe: ", strerror(errno)));
+  kj::AutoCloseFd readEnd(fds[0]);
+  kj::String spawnError;
+  kj::Maybe<pid_t> spawned;
+  {
+    kj::AutoCloseFd writeEnd(fds[1]);
+    spawned = spawnEdge(path, args, writeEnd, spawnError);
+  }
+  pid_t pid;
+  KJ_IF_MAYBE(p, spawned) {
+    pid = *p;
+  } else {
+    return fail(spawnError);
+  }
+  auto child = kj::heap<LocalEdgeProcess>(pid);
+  auto in = io.lowLevelProvider->wrapInputFd(kj::mv(readEnd));
+  kj::Vector<char> buffer;
+  // No time limit of its own: it ends when cfqt-edge prints its line, exits, or a signal comes.
+  auto line = readReadyLine(*in, buffer).exclusiveJoin(waitForSignal(io.unixEventPort).then(
+      [](int) { return kj::str("\x01"); })).wait(io.waitScope);
+  if (line == "\x01") return fail("interrupted by a signal while cfqt-edge started");
+  if (line.size() == 0) return fail(child->exitDescription());
+  auto parsed = edge::parseJson(line.asBytes());
+  kj::String api, publicAddress, admin, ca;
+  kj::Vector<kj::String> edges;
+  kj::Maybe<kj::String> dns, dot, publicTls;
+  KJ_IF_MAYBE(v, parsed) {
+    KJ_IF_MAYBE(a, jsonText(*v, "api")) api = kj::mv(*a);
+    KJ_IF_MAYBE(a, jsonText(*v, "public")) publicAddress = kj::mv(*a);
+    KJ_IF_MAYBE(a, jsonText(*v, "admin")) admin = kj::mv(*a);
+    KJ_IF_MAYBE(a, jsonText(*v, "ca")) ca = kj::mv(*a);
+    dns = jsonText(*v, "dns");
+    dot = jsonText(*v, "dot");
+    publicTls = jsonText(*v, "public_tls");
+    KJ_IF_MAYBE(list, v->get("edges")) {
+      for (auto& e: list->array) {
+        if (e.kind == edge::JsonValue::Kind::STRING) edges.add(kj::str(e.string));
+      }
+    }
+  }
+  if (api.size() == 0 || publicAddress.size() == 0 || ca.size() == 0 || edges.empty() ||
+      (options.waitReady != nullptr && (dot == nullptr || publicTls == nullptr))) {
+    return fail("cfqt-edge printed a ready line cfqt does not understand (another version?)");
   }
   observe::Fields started;
-  started.add("api", ready.api).add("edges", kj::strArray(ready.edges, ","))
-      .add("public", ready.publicAddress).add("admin", ready.admin);
-  KJ_IF_MAYBE(tls, ready.publicTls) {
+  started.add("api", api).add("edges", kj::strArray(edges, ","))
+      .add("public", publicAddress).add("admin", admin).add("pid", pid);
+  KJ_IF_MAYBE(tls, publicTls) {
     // --wait-ready: the public Internet's part too.
-    KJ_IF_MAYBE(dns, ready.dns) started.add("dns", *dns);
-    KJ_IF_MAYBE(dot, ready.dot) started.add("dot", *dot);
+    KJ_IF_MAYBE(d, dns) started.add("dns", *d);
+    KJ_IF_MAYBE(d, dot) started.add("dot", *d);
     started.add("public_tls", *tls);
   }
   logger.info("Local edge emulator started", started);
-  r.api.serviceUrl = kj::str("http://", ready.api);
+  r.api.serviceUrl = kj::str("http://", api);
   r.discovery.edges.clear();
-  for (auto& e: ready.edges) r.discovery.edges.add(kj::str(e));
-  r.edge.edgeCaFile = kj::str(ready.ca);
+  for (auto& e: edges) r.discovery.edges.add(kj::str(e));
+  r.edge.edgeCaFile = kj::str(ca);
   if (options.waitReady != nullptr) {
     // Unless told otherwise, the probe asks the emulator's DoT server and its HTTPS front door,
     // trusting the emulator's CA.
     if (r.ready.resolvers.empty()) {
-      r.ready.resolvers.add(kj::str(KJ_ASSERT_NONNULL(ready.dot), "#localhost"));
+      r.ready.resolvers.add(kj::str(KJ_ASSERT_NONNULL(dot), "#localhost"));
     }
-    if (options.readyCa == nullptr) r.ready.caFile = kj::str(ready.ca);
+    if (options.readyCa == nullptr) r.ready.caFile = kj::str(ca);
     bool portGiven = false;
     for (auto& flag: options.explicitlySet) if (flag == "ready-port") portGiven = true;
     if (!portGiven) {
-      r.ready.port = static_cast<uint16_t>(
-          portOf(KJ_ASSERT_NONNULL(ready.publicTls)).parseAs<uint>());
+      KJ_IF_MAYBE(port, parsePort(portOf(KJ_ASSERT_NONNULL(publicTls)))) r.ready.port = *port;
     }
   }
-  auto port = portOf(ready.publicAddress);
+  auto port = portOf(publicAddress);
   r.publicUrl = kj::Function<kj::String(kj::StringPtr)>(
       [port = kj::mv(port)](kj::StringPtr host) { return kj::str("http://", host, ':', port, '/'); });
-  holder = kj::mv(emu);
+  holder = kj::mv(child);
   return 0;
 }
 
@@ -347,7 +541,7 @@ int realMain(int argc, char** argv) {
   signal(SIGPIPE, SIG_IGN);
   auto io = kj::setupAsyncIo();
 
-  kj::Maybe<kj::Own<emulator::Emulator>> localEdge;
+  kj::Maybe<kj::Own<LocalEdgeProcess>> localEdge;
   if (options.local) {
     int rc = runLocalEmulator(io, logger, options, localEdge, runnerOptions);
     if (rc != 0) return rc;

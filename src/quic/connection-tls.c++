@@ -10,6 +10,12 @@
 #include <gnutls/x509.h>
 
 #include <kj/debug.h>
+#include <kj/vector.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <unistd.h>
 
 namespace cfqt::quic::_ {
 
@@ -32,16 +38,118 @@ void checkGnutls(int rv, kj::StringPtr what) {
 namespace {
 thread_local ClientCredentials* liveCredentials = nullptr;
 thread_local uint64_t systemLoads = 0;
+thread_local kj::Maybe<kj::String>* bundleOverride = nullptr;
 }
 
 uint64_t ClientCredentials::systemStoreLoads() { return systemLoads; }
 
-kj::Maybe<gnutls_x509_trust_list_t> ClientCredentials::systemTrust() {
-  KJ_IF_MAYBE(list, systemList) return *list;
+void ClientCredentials::setSystemBundleForTests(kj::Maybe<kj::String> path) {
+  static thread_local kj::Maybe<kj::String> holder;
+  holder = kj::mv(path);
+  bundleOverride = holder == nullptr ? nullptr : &holder;
+}
+
+namespace {
+
+// GnuTLS's system trust store on Debian (--with-default-trust-store-file), the bundle
+// ca-certificates maintains.
+constexpr const char* SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt";
+constexpr size_t MAX_SYSTEM_BUNDLE = 16 << 20;
+
+kj::Maybe<kj::Array<kj::byte>> readSystemBundle() {
+  const char* path = SYSTEM_BUNDLE;
+  if (bundleOverride != nullptr) {
+    KJ_IF_MAYBE(p, *bundleOverride) path = p->cStr();
+  }
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return nullptr;
+  kj::AutoCloseFd owned(fd);
+  kj::Vector<kj::byte> bytes(256 * 1024);
+  for (;;) {
+    if (bytes.size() > MAX_SYSTEM_BUNDLE) return nullptr;
+    size_t old = bytes.size();
+    bytes.resize(old + 64 * 1024);
+    ssize_t n = read(fd, bytes.begin() + old, 64 * 1024);
+    if (n < 0) {
+      bytes.resize(old);
+      if (errno == EINTR) continue;
+      return nullptr;
+    }
+    bytes.resize(old + n);
+    if (n == 0) break;
+  }
+  return bytes.releaseAsArray();
+}
+
+bool containsBytes(kj::ArrayPtr<const kj::byte> haystack, kj::ArrayPtr<const kj::byte> needle) {
+  if (needle.size() == 0 || needle.size() > haystack.size()) return false;
+  return memmem(haystack.begin(), haystack.size(), needle.begin(), needle.size()) != nullptr;
+}
+
+int addSystemRootsFor(gnutls_x509_trust_list_t list, kj::ArrayPtr<const gnutls_x509_crt_t> chain) {
+  // -1 when the bundle cannot be read; else how many of its certificates were added.
+  KJ_IF_MAYBE(bundle, readSystemBundle()) {
+    // The DER names to look for: a signer's subject is the raw issuer name of what it signed.
+    kj::Vector<gnutls_datum_t> names;
+    KJ_DEFER(for (auto& n: names) gnutls_free(n.data));
+    for (auto crt: chain) {
+      gnutls_datum_t name = {nullptr, 0};
+      if (gnutls_x509_crt_get_raw_issuer_dn(crt, &name) >= 0) names.add(name);
+      name = {nullptr, 0};
+      if (gnutls_x509_crt_get_raw_dn(crt, &name) >= 0) names.add(name);
+    }
+    static constexpr kj::StringPtr BEGIN = "-----BEGIN CERTIFICATE-----"_kj;
+    static constexpr kj::StringPtr END = "-----END CERTIFICATE-----"_kj;
+    auto text = bundle->asChars();
+    int added = 0;
+    size_t pos = 0;
+    for (;;) {
+      auto rest = text.slice(pos, text.size());
+      auto begin = static_cast<const char*>(memmem(rest.begin(), rest.size(), BEGIN.begin(),
+                                                   BEGIN.size()));
+      if (begin == nullptr) break;
+      size_t from = begin - text.begin();
+      auto afterBegin = text.slice(from, text.size());
+      auto end = static_cast<const char*>(memmem(afterBegin.begin(), afterBegin.size(),
+                                                 END.begin(), END.size()));
+      if (end == nullptr) break;
+      size_t to = (end - text.begin()) + END.size();
+      pos = to;
+      gnutls_datum_t pem = {reinterpret_cast<unsigned char*>(const_cast<char*>(begin)),
+                            static_cast<unsigned>(to - from)};
+      gnutls_datum_t der = {nullptr, 0};
+      if (gnutls_pem_base64_decode2("CERTIFICATE", &pem, &der) < 0) continue;
+      KJ_DEFER(gnutls_free(der.data));
+      kj::ArrayPtr<const kj::byte> derBytes(der.data, der.size);
+      bool wanted = false;
+      for (auto& n: names) {
+        if (containsBytes(derBytes, kj::arrayPtr(n.data, n.size))) {
+          wanted = true;
+          break;
+        }
+      }
+      if (!wanted) continue;
+      int n = gnutls_x509_trust_list_add_trust_mem(list, &der, nullptr, GNUTLS_X509_FMT_DER,
+                                                    0, 0);
+      if (n > 0) added += n;
+    }
+    return added;
+  }
+  return -1;
+}
+
+}  // namespace
+
+kj::Maybe<gnutls_x509_trust_list_t> ClientCredentials::systemTrust(
+    kj::ArrayPtr<const gnutls_x509_crt_t> chain) {
+  KJ_IF_MAYBE(old, systemList) gnutls_x509_trust_list_deinit(*old, 1);
+  systemList = nullptr;
   gnutls_x509_trust_list_t list;
   if (gnutls_x509_trust_list_init(&list, 0) < 0) return nullptr;
   ++systemLoads;
-  if (gnutls_x509_trust_list_add_system_trust(list, 0, 0) <= 0) {
+  int added = addSystemRootsFor(list, chain);
+  if (added < 0) added = gnutls_x509_trust_list_add_system_trust(list, 0, 0);
+  if (added <= 0) {
     gnutls_x509_trust_list_deinit(list, 1);
     return nullptr;
   }
@@ -220,26 +328,28 @@ int ConnectionImpl::verifyPeer() {
     return GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR;
   }
   if ((status & GNUTLS_CERT_SIGNER_NOT_FOUND) && clientCredentials.get() != nullptr) {
-    KJ_IF_MAYBE(list, clientCredentials->systemTrust()) {
-      unsigned n = 0;
-      const gnutls_datum_t* raw = gnutls_certificate_get_peers(session, &n);
-      kj::Vector<gnutls_x509_crt_t> chain(n);
-      bool ok = raw != nullptr && n > 0;
-      for (unsigned i = 0; ok && i < n; i++) {
-        gnutls_x509_crt_t crt;
-        if (gnutls_x509_crt_init(&crt) < 0) {
-          ok = false;
-          break;
+    unsigned n = 0;
+    const gnutls_datum_t* raw = gnutls_certificate_get_peers(session, &n);
+    kj::Vector<gnutls_x509_crt_t> chain(n);
+    KJ_DEFER(for (auto crt: chain) gnutls_x509_crt_deinit(crt));
+    bool ok = raw != nullptr && n > 0;
+    for (unsigned i = 0; ok && i < n; i++) {
+      gnutls_x509_crt_t crt;
+      if (gnutls_x509_crt_init(&crt) < 0) {
+        ok = false;
+        break;
+      }
+      chain.add(crt);
+      ok = gnutls_x509_crt_import(crt, &raw[i], GNUTLS_X509_FMT_DER) >= 0;
+    }
+    if (ok) {
+      KJ_IF_MAYBE(list, clientCredentials->systemTrust(chain.asPtr())) {
+        unsigned systemStatus = 0;
+        if (gnutls_x509_trust_list_verify_crt2(*list, chain.begin(), chain.size(), data, count,
+                                               0, &systemStatus, nullptr) >= 0) {
+          status = systemStatus;
         }
-        chain.add(crt);
-        ok = gnutls_x509_crt_import(crt, &raw[i], GNUTLS_X509_FMT_DER) >= 0;
       }
-      unsigned systemStatus = 0;
-      if (ok && gnutls_x509_trust_list_verify_crt2(*list, chain.begin(), chain.size(), data,
-                                                   count, 0, &systemStatus, nullptr) >= 0) {
-        status = systemStatus;
-      }
-      for (auto crt: chain) gnutls_x509_crt_deinit(crt);
     }
   }
   verifyStatus = status;

@@ -444,12 +444,18 @@ public:
   // embedded Cloudflare roots) cannot verify: the session then verifies with
   // ConnectionImpl::verifyPeer() instead of gnutls_session_set_verify_cert().
 
-  kj::Maybe<gnutls_x509_trust_list_t> systemTrust();
-  // The system store, parsed on first use and kept with these credentials; null if it cannot be
-  // loaded.
+  kj::Maybe<gnutls_x509_trust_list_t> systemTrust(kj::ArrayPtr<const gnutls_x509_crt_t> chain);
+  // The system store's certificates that can matter for `chain` (those holding the subject or
+  // issuer name of one of its certificates: every possible signer, and the chain's own members),
+  // parsed for this call and kept with these credentials until the next; null if none or if the
+  // store cannot be loaded. Parsing only those, not all ~140, is what makes a dial that needs
+  // the store cheap (issue 15). Where Debian's bundle file is missing, the whole store.
 
   static uint64_t systemStoreLoads();
   // How many times this thread parsed the system store (tests).
+
+  static void setSystemBundleForTests(kj::Maybe<kj::String> path);
+  // Reads this file instead of Debian's bundle on this thread (tests); null restores it.
 
 private:
   gnutls_certificate_credentials_t credentials = nullptr;

@@ -14,6 +14,7 @@
 #include <netinet/in.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 namespace cfqt::quic {
@@ -421,6 +422,52 @@ KJ_TEST("trust roots: the system store is parsed only for a chain the given root
     config.serverName = kj::str("other.example.com");   // the name is checked on this path too
     KJ_EXPECT_THROW_MESSAGE("not valid for the name 'other.example.com'",
         env.wait(env.client->dial(env.server->localAddress(), kj::mv(config))));
+  }
+}
+
+KJ_TEST("trust roots: only the system store's certificates that can sign the chain are parsed") {
+  // A store of many unrelated CAs plus the one that signed the server: the dial verifies through
+  // it (the filtered load keeps the signer), and the same store without it still fails.
+  Env env;
+  auto fs = kj::newDiskFilesystem();
+  auto& root = fs->getRoot();
+  auto read = [&](kj::StringPtr path) {
+    return root.openFile(fs->getCurrentPath().evalNative(path))->readAllText();
+  };
+  kj::String others = kj::str(read(testdata("other-ca.pem")));
+  KJ_IF_MAYBE(store, root.tryOpenFile(kj::Path::parse("etc/ssl/certs/ca-certificates.crt"))) {
+    others = kj::str((*store)->readAllText(), "\n", others);
+  }
+  auto dir = kj::str("/tmp/cfqt-quic-test-", getpid());
+  KJ_SYSCALL(mkdir(dir.cStr(), 0700));
+  KJ_DEFER({
+    auto command = kj::str("rm -rf '", dir, "'");
+    if (system(command.cStr()) != 0) {}
+  });
+  auto withSigner = kj::str(dir, "/with-signer.pem");
+  auto withoutSigner = kj::str(dir, "/without-signer.pem");
+  root.openFile(kj::Path::parse(withSigner.slice(1)), kj::WriteMode::CREATE)
+      ->writeAll(kj::str(others, "\n", read(testdata("ca.pem"))));
+  root.openFile(kj::Path::parse(withoutSigner.slice(1)), kj::WriteMode::CREATE)->writeAll(others);
+  KJ_DEFER(_::ClientCredentials::setSystemBundleForTests(nullptr));
+
+  auto configVia = [&](kj::StringPtr bundle) {
+    _::ClientCredentials::setSystemBundleForTests(kj::str(bundle));
+    auto config = clientConfig();
+    config.caFile = testdata("other-ca.pem");   // the "embedded" roots do not know the signer
+    config.useSystemTrust = true;
+    return config;
+  };
+  {
+    auto pair = env.connect(configVia(withSigner));
+    KJ_EXPECT(pair.client->alpn() == "argotunnel");
+  }
+  KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() {
+    env.wait(env.client->dial(env.server->localAddress(), configVia(withoutSigner)));
+  })) {
+    KJ_EXPECT(contains(e->getDescription(), "not signed by a trusted CA"), *e);
+  } else {
+    KJ_FAIL_EXPECT("verified without the signer in the store");
   }
 }
 

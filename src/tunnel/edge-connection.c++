@@ -163,7 +163,10 @@ private:
     auto lost = KJ_ASSERT_NONNULL(closed).addBranch().then([this]() {
       return SessionEnd{EndKind::LOST, closeReason(), true, registered};
     });
-    auto registration = transport->openControlStream()
+    kj::Promise<void> identityReady = kj::READY_NOW;
+    KJ_IF_MAYBE(ready, ctx.identityReady) identityReady = ready->addBranch();
+    auto registration = identityReady
+        .then([this]() { return transport->openControlStream(); })
         .then([this](kj::Own<kj::AsyncIoStream> s) { return registerConnection(kj::mv(s)); })
         .then([this](wire::RegistrationResult r) { return onRegistration(kj::mv(r)); },
               [this](kj::Exception&& e) { return registrationFailed(kj::mv(e)); });

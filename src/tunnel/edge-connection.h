@@ -93,6 +93,10 @@ struct EdgeContext {
   kj::Maybe<TransportDialer&> dialer = nullptr;
   kj::Maybe<named::Router&> router = nullptr;
   // Named tunnels: requests go through the ingress rules (instead of `origin`).
+  kj::Maybe<kj::ForkedPromise<void>&> identityReady = nullptr;
+  // Quick tunnels (issue 15): the dial and handshake start while the quick-tunnel API request is
+  // still out; registerConnection waits for this, after which `identity` is complete. Null: it
+  // is complete already.
 };
 
 class EdgeConnectionFactory final: public SessionFactory {

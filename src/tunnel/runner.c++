@@ -155,6 +155,13 @@ kj::Promise<int> Runner::run() {
 void Runner::shutdown() {
   if (stopping) return;
   stopping = true;
+  if (apiPending) {
+    // Nothing can have registered yet: start-up is cancelled, as it was before the dial started
+    // early.
+    abandonEdges();
+    stopFulfiller->fulfill();
+    return;
+  }
   KJ_IF_MAYBE(s, supervisor) {
     shutdownTask = (*s)->shutdown(options.gracePeriod).eagerlyEvaluate([this](kj::Exception&& e) {
       logger.error("Shutdown failed", observe::Fields().error(e));
@@ -178,7 +185,7 @@ void Runner::announce() {
 
 void Runner::probeServing() {
   probeWanted = true;
-  if (edgesStarted) startProbe();
+  if (edgesStarted && !apiPending) startProbe();
 }
 
 ServingState Runner::servingState() const {
@@ -290,6 +297,26 @@ int Runner::startFailed(kj::StringPtr what, kj::Exception&& e) {
   return 1;
 }
 
+kj::Promise<int> Runner::failAfterApi(kj::Function<int()> report) {
+  if (!apiPending) return report();
+  deferredFailure = kj::mv(report);
+  return kj::NEVER_DONE;   // tunnelIssued() reports it
+}
+
+void Runner::abandonEdges() {
+  apiPending = false;
+  deferredFailure = nullptr;
+  edgeStart = nullptr;   // first: its continuations use what follows
+  memoryTask = nullptr;
+  supervisor = nullptr;  // closes every connection it dialled
+  factory = nullptr;
+  dialer = nullptr;
+  pool = nullptr;
+  metricsTask = nullptr;
+  metricsServer = nullptr;
+  identityFulfiller = nullptr;
+}
+
 kj::Promise<int> Runner::start() {
   auto& timer = io.provider->getTimer();
   if (options.namedTunnel != nullptr) {
@@ -343,9 +370,17 @@ kj::Promise<int> Runner::start() {
   }
   logger.info(DISCLAIMER);
   logger.info("Requesting new quick Tunnel on trycloudflare.com...");
+  // Only registerConnection needs the API's answer (the tunnel's credentials): the metrics
+  // server, edge discovery, the dial and the handshake go ahead meanwhile (issue 15).
+  apiPending = true;
+  auto gate = kj::newPromiseAndFulfiller<void>();
+  identityFulfiller = kj::mv(gate.fulfiller);
+  identityGate = gate.promise.fork();
+  edgeStart = identityReady(kj::str(), nullptr, nullptr).eagerlyEvaluate(nullptr);
   return edge::requestQuickTunnel(timer, io.provider->getNetwork(), kj::mv(options.api))
       .then([this](edge::QuickTunnel t) { return tunnelIssued(kj::mv(t)); },
             [this](kj::Exception&& e) -> kj::Promise<int> {
+              abandonEdges();
               return startFailed("failed to request quick Tunnel", kj::mv(e));
             });
 }
@@ -372,8 +407,24 @@ kj::Promise<int> Runner::tunnelIssued(edge::QuickTunnel tunnel) {
 
   logger.debug("Quick tunnel issued", observe::Fields().add("tunnelID", tunnel.id)
       .add("accountTag", tunnel.accountTag).add("hostname", tunnel.hostname));
-  return identityReady(kj::mv(tunnel.accountTag), kj::mv(tunnel.secret),
-                       kj::mv(tunnel.tunnelId));
+  apiPending = false;
+  auto& id = KJ_ASSERT_NONNULL(identity);
+  id.accountTag = kj::mv(tunnel.accountTag);
+  id.tunnelSecret = kj::mv(tunnel.secret);
+  id.tunnelId = kj::mv(tunnel.tunnelId);
+  KJ_IF_MAYBE(f, identityFulfiller) (*f)->fulfill();   // registrations may go ahead
+  KJ_IF_MAYBE(report, deferredFailure) {
+    auto code = (*report)();
+    abandonEdges();
+    return code;
+  }
+  if (edgesStarted && probeWanted) startProbe();
+  KJ_IF_MAYBE(e, edgeStart) {
+    auto promise = kj::mv(*e);
+    edgeStart = nullptr;
+    return kj::mv(promise);
+  }
+  return kj::NEVER_DONE;   // unreachable: edgeStart is only taken here or by abandonEdges()
 }
 
 kj::Promise<int> Runner::namedTunnelStart(named::TunnelCredentials credentials) {
@@ -410,7 +461,9 @@ kj::Promise<int> Runner::identityReady(kj::String accountTag, kj::Array<kj::byte
   return observe::bindMetrics(io.provider->getNetwork(), address)
       .then([this](kj::Own<kj::ConnectionReceiver> r) { return metricsBound(kj::mv(r)); },
             [this](kj::Exception&& e) -> kj::Promise<int> {
-              return startFailed("failed to bind the metrics server", kj::mv(e));
+              return failAfterApi([this, e = kj::mv(e)]() mutable {
+                return startFailed("failed to bind the metrics server", kj::mv(e));
+              });
             });
 }
 
@@ -451,7 +504,9 @@ kj::Promise<int> Runner::metricsBound(kj::Maybe<kj::Own<kj::ConnectionReceiver>>
                              kj::mv(options.discovery))
       .then([this](edge::EdgeAddresses a) { return edgesDiscovered(kj::mv(a)); },
             [this](kj::Exception&& e) -> kj::Promise<int> {
-              return startFailed("edge discovery failed", kj::mv(e));
+              return failAfterApi([this, e = kj::mv(e)]() mutable {
+                return startFailed("edge discovery failed", kj::mv(e));
+              });
             });
 }
 
@@ -471,8 +526,10 @@ kj::Promise<int> Runner::edgesDiscovered(edge::EdgeAddresses addresses) {
   auto addressPool = kj::heap<edge::AddressPool>(kj::mv(addresses));
   uint n = addressPool->limitConnections(options.haConnections);
   if (n == 0) {
-    logger.error("Couldn't start tunnel: no edge address to connect to");
-    return 1;
+    return failAfterApi([this]() {
+      logger.error("Couldn't start tunnel: no edge address to connect to");
+      return 1;
+    });
   }
   if (n < options.haConnections) {
     logger.warn(kj::str("You requested ", options.haConnections,
@@ -511,12 +568,16 @@ kj::Promise<int> Runner::edgesDiscovered(edge::EdgeAddresses addresses) {
     d = kj::heap<EdgeDialer>(io.unixEventPort, io.provider->getNetwork(), timer, logger,
                              options.edge, kj::mv(options.dialer), dialerShared);
   })) {
-    return startFailed("cannot set up the connection to the edge", kj::mv(*e));
+    return failAfterApi([this, e = kj::mv(*e)]() mutable {
+      return startFailed("cannot set up the connection to the edge", kj::mv(e));
+    });
   }
-  auto f = kj::heap<EdgeConnectionFactory>(EdgeContext{
+  EdgeContext context{
       timer, io.unixEventPort, *KJ_ASSERT_NONNULL(originService), logger, tunnelStatus,
       remoteConfig, KJ_ASSERT_NONNULL(identity), options.edge, *d,
-      router.map([](kj::Own<named::Router>& r) -> named::Router& { return *r; })});
+      router.map([](kj::Own<named::Router>& r) -> named::Router& { return *r; })};
+  KJ_IF_MAYBE(gate, identityGate) context.identityReady = *gate;
+  auto f = kj::heap<EdgeConnectionFactory>(kj::mv(context));
   dialer = kj::mv(d);
   auto& sessions = *f;
   factory = kj::mv(f);
@@ -541,7 +602,7 @@ kj::Promise<int> Runner::startSupervisor(SessionFactory& sessions, uint n) {
   }
   supervisor = kj::mv(s);
   edgesStarted = true;
-  if (probeWanted) startProbe();
+  if (probeWanted && !apiPending) startProbe();
   return promise.then([this]() { return supervisorDone(); });
 }
 

@@ -146,6 +146,12 @@ private:
   kj::Maybe<kj::Own<named::Router>> router;     // named tunnels
   kj::Maybe<origin::OriginConfig> baseOrigin;   // named tunnels: what remote rules build on
   kj::Maybe<EdgeIdentity> identity;
+  // Quick tunnels (issue 15): metrics, discovery, the dial and the handshake start while the API
+  // request is out; only registerConnection waits for its answer (identityGate).
+  bool apiPending = false;
+  kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> identityFulfiller;
+  kj::Maybe<kj::ForkedPromise<void>> identityGate;
+  kj::Maybe<kj::Function<int()>> deferredFailure;   // the edge side's, reported after the API's
   kj::Maybe<kj::Own<observe::MetricsServer>> metricsServer;
   kj::Maybe<kj::Own<edge::AddressPool>> pool;
   kj::Maybe<kj::Own<EdgeDialer>> dialer;
@@ -157,6 +163,7 @@ private:
   bool stopping = false;
   kj::Own<kj::PromiseFulfiller<void>> stopFulfiller;
   kj::ForkedPromise<void> stopSignal;
+  kj::Maybe<kj::Promise<int>> edgeStart;   // quick tunnels: the edge side, started early
   kj::Maybe<kj::Promise<void>> metricsTask;
   kj::Maybe<kj::Promise<void>> shutdownTask;
   kj::Maybe<kj::Promise<void>> memoryTask;
@@ -173,6 +180,12 @@ private:
   int supervisorDone();
   kj::Promise<void> returnMemory(uint64_t servedBefore);
   int startFailed(kj::StringPtr what, kj::Exception&& e);
+  kj::Promise<int> failAfterApi(kj::Function<int()> report);
+  // The edge side's start-up failure: reported (`report` logs, returns the exit code) at once,
+  // or, while the quick-tunnel request is out, once it succeeded, so that an API failure is
+  // reported first and alone, as when the two ran one after the other.
+  void abandonEdges();
+  // The quick-tunnel request failed or start-up was cancelled: close what the edge side opened.
   void warnIgnoredKeys(const named::TunnelConfig& config);
   // One warning per originRequest key of `config` that cfqt does not apply.
 

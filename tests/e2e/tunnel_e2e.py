@@ -38,7 +38,8 @@ import urllib.parse
 from e2e_support import (DEADLINE_S, Edge, Fail, LogFollower, Skip, argument_parser, check,
                          check_no_sanitizer_report, exit_failure, prepare_run, readline,
                          run_tests, sanitizer_failures, set_up, start_process, stop,
-                         unused_port, ws_accept, ws_frame_head, ws_mask, ws_read_frame)
+                         unused_port, wait_until, ws_accept, ws_frame_head, ws_mask,
+                         ws_read_frame)
 
 
 PROTOCOL = "quic"   # --protocol: the transport of every cfqt started here (Cfqt adds it)
@@ -777,6 +778,107 @@ def test_local_mode(env):
             p.wait()
 
 
+def test_local_edge_is_a_child_process(env):
+    # --local runs bin/cfqt-edge as a child (issue 15): it dies with cfqt even when cfqt is
+    # killed outright, and a missing cfqt-edge is a clear error.
+    p = subprocess.Popen([os.path.join(env.bindir, "cfqt"), "--local", "--hello-world",
+                          "--metrics", "127.0.0.1:0", "--ha-connections", "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = LogFollower(p.stderr)
+    try:
+        readline(p.stdout)
+        started = log.wait_for(r"Local edge emulator started .*pid=(\d+)")
+        child = int(re.search(r"pid=(\d+)", started).group(1))
+        with open("/proc/%d/cmdline" % child, "rb") as f:
+            argv0 = f.read().split(b"\0")[0]
+        check(os.path.basename(argv0) == b"cfqt-edge", argv0)
+        with open("/proc/%d/stat" % child) as f:
+            check(int(f.read().rsplit(")", 1)[1].split()[1]) == p.pid, "not cfqt's child")
+        p.kill()
+        p.wait(DEADLINE_S)
+        wait_until("cfqt-edge to exit after cfqt was killed",
+                   lambda: not os.path.exists("/proc/%d/cmdline" % child) or
+                   open("/proc/%d/stat" % child).read().rsplit(")", 1)[1].split()[0] == "Z")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    missing = subprocess.run([os.path.join(env.bindir, "cfqt"), "--local", "--hello-world",
+                              "--metrics", "127.0.0.1:0"],
+                             env=dict(os.environ, CFQT_EDGE=os.path.join(env.workdir, "nope")),
+                             capture_output=True, text=True, timeout=DEADLINE_S)
+    check(missing.returncode == 1 and "set CFQT_EDGE" in missing.stderr and
+          missing.stdout == "", missing.returncode, missing.stderr)
+
+
+def test_dial_overlaps_the_api_request(env):
+    # Issue 15: discovery, the dial and the handshake run while the quick-tunnel request is out;
+    # only registration waits for its answer. A failed request is still reported alone (exit 1,
+    # the same line) and ends the connections dialled meanwhile.
+    api_host, api_port = env.edge.ready["api"].rsplit(":", 1)
+    state = {"fail": False, "requests": 0}
+
+    class SlowApi(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            state["requests"] += 1
+            time.sleep(0.3)
+            if state["fail"]:
+                self.send_response(500)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            c = http.client.HTTPConnection(api_host, int(api_port), timeout=DEADLINE_S)
+            c.request("POST", self.path, body, {k: v for k, v in self.headers.items()
+                                                if k.lower() not in ("host", "connection")})
+            r = c.getresponse()
+            data = r.read()
+            c.close()
+            self.send_response(r.status)
+            self.send_header("Content-Type", r.getheader("Content-Type", "application/json"))
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cmd = [os.path.join(env.bindir, "cfqt"), "--url", "http://127.0.0.1:1",
+           "--protocol", PROTOCOL, "--quick-service", "http://127.0.0.1:%d" % server.server_port,
+           "--edge-ca", env.edge.ready["ca"], "--edge", env.edge.ready["edges"][0],
+           "--ha-connections", "1", "--metrics", "127.0.0.1:0", "--api-retry-delay", "10ms",
+           "--loglevel", "debug"]
+    try:
+        proc, log = start_process(cmd)
+        try:
+            log.wait_for(r"Registered tunnel connection connIndex=0")
+            text = log.text()
+            dialed = text.find("Dialing edge")
+            check(0 <= dialed < text.find("Your quick Tunnel has been created"),
+                  "the dial did not start before the API answered", text[-3000:])
+        finally:
+            stop(proc)
+        state["fail"] = True
+        proc, log = start_process(cmd)
+        try:
+            code = proc.wait(DEADLINE_S)
+            text = log.text()
+            check(code == 1, "exit code", code)
+            failed = text.find("ERR Couldn't start tunnel: failed to request quick Tunnel")
+            check(0 <= text.find("Dialing edge") < failed, "no dial during the request",
+                  text[-3000:])
+            check(text.count(" ERR ") == 1, "more than the API's error reported", text[-3000:])
+        finally:
+            stop(proc)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_unix_socket_keylog_client_flags(env):
     # --unix-socket origin, --client-version, --edge-ip-version, SSLKEYLOGFILE.
     sock = os.path.join(env.workdir, "origin.sock")
@@ -1188,6 +1290,8 @@ TESTS = [
     test_grace_period_expires,
     test_second_signal_exits_at_once,
     test_local_mode,
+    test_local_edge_is_a_child_process,
+    test_dial_overlaps_the_api_request,
     test_unix_socket_keylog_client_flags,
     test_c_api_example,
     test_make_run_demo,
