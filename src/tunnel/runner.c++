@@ -413,6 +413,7 @@ kj::Promise<int> Runner::tunnelIssued(edge::QuickTunnel tunnel) {
   id.tunnelSecret = kj::mv(tunnel.secret);
   id.tunnelId = kj::mv(tunnel.tunnelId);
   KJ_IF_MAYBE(f, identityFulfiller) (*f)->fulfill();   // registrations may go ahead
+  KJ_IF_MAYBE(g, workerIdentityGate) (*g)->open();      // on the workers too
   KJ_IF_MAYBE(report, deferredFailure) {
     auto code = (*report)();
     abandonEdges();
@@ -553,6 +554,12 @@ kj::Promise<int> Runner::edgesDiscovered(edge::EdgeAddresses addresses) {
           kj::heap<IngressSource>(options.origin, options.service, local));
       setup.named = source;
       router = nullptr;
+    }
+    if (identityGate != nullptr) {
+      // A quick tunnel: workers register once tunnelIssued() opened this (at once if it ran).
+      auto& gate = *workerIdentityGate.emplace(kj::heap<IdentityGate>());
+      if (!apiPending) gate.open();
+      setup.identityGate = gate;
     }
     return WorkerPool::start(n, setup).then([this, n](kj::Own<WorkerPool> started) {
       auto& w = *started;

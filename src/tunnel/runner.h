@@ -158,6 +158,7 @@ private:
   kj::Maybe<kj::Own<EdgeConnectionFactory>> factory;
   DialerShared dialerShared;
   kj::Maybe<kj::Own<IngressSource>> ingressSource;   // named tunnels on workers
+  kj::Maybe<kj::Own<IdentityGate>> workerIdentityGate;   // identityGate for workers
   kj::Maybe<kj::Own<WorkerPool>> workers;       // destroyed after the supervisor (~Runner)
   kj::Maybe<kj::Own<Supervisor>> supervisor;
   bool stopping = false;

@@ -73,6 +73,26 @@ kj::Promise<void> IngressSource::whenChanged(uint64_t seen) {
 }
 
 // =======================================================================================
+// IdentityGate
+
+void IdentityGate::open() {
+  std::lock_guard<std::mutex> lock(mutex);
+  isOpen = true;
+  for (auto& w: waiters) {
+    if (w->isWaiting()) w->fulfill();
+  }
+  waiters.clear();
+}
+
+kj::Promise<void> IdentityGate::whenOpen() {
+  auto paf = kj::newPromiseAndCrossThreadFulfiller<void>();
+  std::lock_guard<std::mutex> lock(mutex);
+  if (isOpen) return kj::READY_NOW;
+  waiters.add(kj::mv(paf.fulfiller));
+  return kj::mv(paf.promise);
+}
+
+// =======================================================================================
 // Events: worker -> supervisor loop
 
 struct WorkerPool::Event {
@@ -237,6 +257,7 @@ struct WorkerPool::Worker::Loop {
   kj::Maybe<kj::Own<named::Router>> router;   // named tunnels
   uint64_t routerGeneration = 0;
   kj::Maybe<kj::Promise<void>> routerTask;
+  kj::Maybe<kj::ForkedPromise<void>> identityReady;   // setup.identityGate, on this loop
   kj::Own<EdgeConnectionFactory> factory;
   struct Live {
     uint64_t id;
@@ -272,9 +293,13 @@ struct WorkerPool::Worker::Loop {
       router = kj::mv(r);
       routerTask = followIngress(*source, setup.logger).eagerlyEvaluate(nullptr);
     }
-    factory = kj::heap<EdgeConnectionFactory>(EdgeContext{
+    EdgeContext context{
         timer, io.unixEventPort, *origin, setup.logger, setup.status, setup.remoteConfig,
-        setup.identity, setup.edge, *dialer, routerRef});
+        setup.identity, setup.edge, *dialer, routerRef};
+    KJ_IF_MAYBE(gate, setup.identityGate) {
+      context.identityReady = identityReady.emplace(gate->whenOpen().fork());
+    }
+    factory = kj::heap<EdgeConnectionFactory>(kj::mv(context));
   }
 
   kj::Maybe<kj::String> applyIngress(IngressSource& source, named::Router& r) {

@@ -60,6 +60,22 @@ private:
   kj::Vector<kj::Own<kj::CrossThreadPromiseFulfiller<void>>> waiters;
 };
 
+class IdentityGate {
+  // A quick tunnel's credentials arrive while its connections dial (the API request overlaps the
+  // dial and handshake): a worker's registerConnection waits for open(), which the supervisor's
+  // loop calls once EdgeIdentity is complete. Thread-safe (a std::mutex, which also orders the
+  // identity's fields before the workers read them).
+public:
+  void open();
+  kj::Promise<void> whenOpen();
+  // Resolves once open() was called. On the caller's loop.
+
+private:
+  std::mutex mutex;   // guards both below
+  bool isOpen = false;
+  kj::Vector<kj::Own<kj::CrossThreadPromiseFulfiller<void>>> waiters;
+};
+
 struct WorkerSetup {
   // What every worker builds its connection stack from. Borrowed: read-only (or thread-safe) and
   // alive until the pool is destroyed.
@@ -73,6 +89,7 @@ struct WorkerSetup {
   const DialerConfig& dialer;
   DialerShared& dialerShared;             // thread-safe
   kj::Maybe<IngressSource&> named = nullptr;   // named tunnels: requests through ingress rules
+  kj::Maybe<IdentityGate&> identityGate = nullptr;   // quick tunnels whose API request is out
 };
 
 class WorkerPool final: public SessionFactory {

@@ -862,6 +862,17 @@ def test_dial_overlaps_the_api_request(env):
                   "the dial did not start before the API answered", text[-3000:])
         finally:
             stop(proc)
+        # Two connections: with more than one CPU, each on its own worker thread, whose
+        # registration must wait for the API's answer too (the credentials cross threads).
+        two = [a if a != "1" else "2" for a in cmd]
+        two += ["--edge", env.edge.ready["edges"][1]]
+        proc, log = start_process(two)
+        try:
+            log.wait_for(r"Registered tunnel connection connIndex=0")
+            log.wait_for(r"Registered tunnel connection connIndex=1")
+            check(" ERR " not in log.text(), "an error with two connections", log.text()[-3000:])
+        finally:
+            stop(proc)
         state["fail"] = True
         proc, log = start_process(cmd)
         try:
