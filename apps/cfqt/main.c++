@@ -275,8 +275,8 @@ kj::Maybe<kj::String> findEdgeBinary(kj::String& looked) {
     looked = kj::str("the directory of cfqt (/proc/self/exe unreadable)");
     return nullptr;
   }
-  kj::StringPtr exe(self, n);
   self[n] = '\0';
+  kj::StringPtr exe(self, n);
   kj::String dir = kj::str(".");
   KJ_IF_MAYBE(slash, exe.findLast('/')) dir = kj::heapString(self, *slash);
   auto path = kj::str(dir, "/cfqt-edge");
