@@ -89,7 +89,9 @@ kj::Promise<void> IdentityGate::whenOpen() {
   std::lock_guard<std::mutex> lock(mutex);
   if (isOpen) return kj::READY_NOW;
   waiters.add(kj::mv(paf.fulfiller));
-  return kj::mv(paf.promise);
+  // Woken through KJ's cross-thread fulfiller (a futex ThreadSanitizer cannot see): taking the
+  // mutex again orders open()'s writes (the identity) before what the caller reads next.
+  return paf.promise.then([this]() { std::lock_guard<std::mutex> relock(mutex); });
 }
 
 // =======================================================================================
