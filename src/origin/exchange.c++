@@ -101,23 +101,22 @@ private:
   Origin::Impl& impl;
   kj::AsyncIoStream& edge;
   ResponseSink& sink;
-  kj::OneOf<wire::HttpRequestHead, kj::String> request;   // until prepare(): decoded, or why not
+  kj::OneOf<wire::HttpRequestHead, kj::String> request;   // decoded, or why not; "" once the
+                                                         // response head came (not resent)
   kj::String dest;                                       // for the logs
 
   // Request towards the origin.
-  kj::Maybe<wire::HttpRequestHead> head;
   kj::HttpMethod method = kj::HttpMethod::GET;
   kj::String target;
   bool websocket = false;
   kj::String hostStorage;  // Host when the request carried no HttpHost
   kj::String tlsName;      // UNIX_TLS without originServerName: the request's host, else ""
-  kj::HttpHeaders headers;  // points into `head`, `hostStorage` and the config
+  kj::HttpHeaders headers;  // points into `request`, `hostStorage` and the config
   RequestBody requestMode = RequestBody::NONE;
   uint64_t requestRemaining = 0;
   bool requestDone = true;
   bool requestBroken = false;
   kj::String connectionHeaders[kj::HttpHeaders::WEBSOCKET_CONNECTION_HEADERS_COUNT];
-  kj::StringPtr connectionHeaderPtrs[kj::HttpHeaders::WEBSOCKET_CONNECTION_HEADERS_COUNT];
 
   // Origin connection.
   kj::Own<Conn> conn;
@@ -162,7 +161,7 @@ private:
     // Builds the origin request head from the decoded request. Returns the error text of a
     // request that cannot be served.
     KJ_IF_MAYBE(error, request.tryGet<kj::String>()) return kj::mv(*error);
-    auto& h = head.emplace(kj::mv(request.get<wire::HttpRequestHead>()));
+    auto& h = request.get<wire::HttpRequestHead>();
     auto type = h.type;
     if (type == schema::ConnectionType::TCP) {
       return kj::str("TCP streams (ConnectionType tcp) are not supported by quick tunnels");
@@ -242,7 +241,7 @@ private:
       }
       // Connection-level headers (Connection, Keep-Alive, TE, Trailer, Upgrade, Content-Length,
       // Transfer-Encoding, Sec-WebSocket-*) are overridden by `connectionHeaders` below.
-      headers.add(name, header.value);  // `head` outlives `headers`: both are members
+      headers.add(name, header.value);  // `request` outlives `headers`: both are members
     }
 
     // Connection-level headers, in KJ_HTTP_FOR_EACH_BUILTIN_HEADER order.
@@ -373,9 +372,13 @@ private:
   }
 
   kj::Promise<void> exchange() {
+    // The connection headers' pointers live on the stack: serializeRequest() copies them.
+    kj::StringPtr connectionHeaderPtrs[kj::HttpHeaders::WEBSOCKET_CONNECTION_HEADERS_COUNT];
+    for (size_t i = 0; i < kj::size(connectionHeaders); i++) {
+      if (connectionHeaders[i] != nullptr) connectionHeaderPtrs[i] = connectionHeaders[i];
+    }
     auto text = headers.serializeRequest(
-        method, target,
-        kj::arrayPtr(connectionHeadersPtrs(), kj::HttpHeaders::WEBSOCKET_CONNECTION_HEADERS_COUNT));
+        method, target, kj::arrayPtr(connectionHeaderPtrs, kj::size(connectionHeaderPtrs)));
     auto written = conn->stream->write(text.begin(), text.size()).attach(kj::mv(text));
     return written.then([this]() -> kj::Promise<void> {
       if (websocket) return readFinalHead();  // the edge's bytes flow only after a 101
@@ -384,14 +387,6 @@ private:
       auto requestSide = pumpRequest().then([]() -> kj::Promise<void> { return kj::NEVER_DONE; });
       return readFinalHead().exclusiveJoin(kj::mv(requestSide));
     }).then([this]() { finish(); });
-  }
-
-  const kj::StringPtr* connectionHeadersPtrs() {
-    for (size_t i = 0; i < kj::size(connectionHeaders); i++) {
-      connectionHeaderPtrs[i] = connectionHeaders[i] == nullptr ? kj::StringPtr(nullptr)
-                                                                : kj::StringPtr(connectionHeaders[i]);
-    }
-    return connectionHeaderPtrs;
   }
 
   // Request body: edge → origin, one buffer, next read only after the write resolved. Origin
@@ -523,7 +518,7 @@ private:
     }
     // The request will not be sent again (no retry once a response head came): its head goes.
     headers.clear();
-    head = nullptr;
+    request = kj::String();
     if (status == 101) return startWebSocket();
     KJ_IF_MAYBE(error, chooseResponseBody()) {
       return originException(kj::Exception::Type::FAILED, *error);
@@ -597,6 +592,9 @@ private:
     if (responseMode == ResponseBody::NONE || (fixed && responseRemaining == 0)) {
       return kj::READY_NOW;
     }
+    if ((fixed || responseMode == ResponseBody::UNTIL_EOF) && conn->leftover() > 0) {
+      return pumpUnread(fixed);
+    }
     size_t wanted = responseBuffer != nullptr ? responseBuffer.size()
         : pumpBufferSize(fixed, responseRemaining);
     if (fixed) wanted = kj::min(uint64_t(wanted), responseRemaining);
@@ -618,6 +616,29 @@ private:
         heldResponse = 0;
         return pumpResponse();
       });
+    });
+  }
+
+  kj::Promise<void> pumpUnread(bool fixed) {
+    // Body bytes that came in with the head (a small response is usually whole there): written
+    // to the edge straight from the connection's read-ahead, without a pump buffer or a copy.
+    // The read-ahead is not touched until the write resolved (shrink() keeps unread bytes).
+    auto unread = conn->unread();
+    size_t wanted = fixed ? size_t(kj::min<uint64_t>(unread.size(), responseRemaining))
+                          : unread.size();
+    size_t writable = sink.bodyWritable(wanted);
+    if (writable == 0) {
+      return sink.whenBodyWritable().then([this]() { return pumpResponse(); });
+    }
+    size_t n = kj::min(writable, wanted);
+    heldResponse += n;
+    impl.gaugeAdd(n);
+    return edge.write(unread.begin(), n).then([this, n, fixed]() {
+      conn->consume(n);
+      if (fixed) responseRemaining -= n;
+      impl.gaugeSub(heldResponse);
+      heldResponse = 0;
+      return pumpResponse();
     });
   }
 

@@ -1509,5 +1509,118 @@ KJ_TEST("hello-world origin: page, /_health, /ws echo, /sse") {
   }
 }
 
+KJ_TEST("bodies that come with the head: written from the read-ahead, in order, when the sink "
+        "blocks, and over one reused connection") {
+  // A small response usually arrives whole with its head: the exchange writes those bytes from
+  // the connection's read-ahead buffer (no pump buffer), which then goes back to the origin's
+  // spare for the next exchange. The sink takes 3 bytes, then blocks, then takes the rest.
+  class KeepAliveOrigin final: private kj::TaskSet::ErrorHandler {
+  public:
+    explicit KeepAliveOrigin(Env& env): tasks(*this) {
+      listener = env.network.parseAddress("127.0.0.1", 0).wait(env.io.waitScope)->listen();
+      port = listener->getPort();
+      tasks.add(acceptLoop());
+    }
+    uint port;
+    uint accepted = 0;
+    uint answered = 0;
+
+  private:
+    kj::Own<kj::ConnectionReceiver> listener;
+    kj::TaskSet tasks;
+
+    kj::Promise<void> acceptLoop() {
+      return listener->accept().then([this](kj::Own<kj::AsyncIoStream> conn) {
+        ++accepted;
+        auto& ref = *conn;
+        tasks.add(serve(ref).attach(kj::mv(conn)));
+        return acceptLoop();
+      });
+    }
+    kj::Promise<void> serve(kj::AsyncIoStream& conn) {
+      // One answer per request head (GETs without bodies: one read each), head and body in one
+      // write; the body differs from one request to the next.
+      auto buffer = kj::heapArray<kj::byte>(4096);
+      auto read = conn.tryRead(buffer.begin(), 1, buffer.size());
+      return read.then([this, &conn](size_t n) -> kj::Promise<void> {
+        if (n == 0) return kj::READY_NOW;
+        uint k = answered++;
+        auto body = kj::str("answer-", k, "-", kj::repeat('b', (k + 1) % 7));
+        auto text = kj::str("HTTP/1.1 200 OK\r\nContent-Length: ", body.size(), "\r\n\r\n", body);
+        auto written = conn.write(text.begin(), text.size()).attach(kj::mv(text));
+        return written.then([this, &conn]() { return serve(conn); });
+      }).attach(kj::mv(buffer));
+    }
+    void taskFailed(kj::Exception&& e) override {}
+  };
+  struct StepSink final: public ResponseSink {
+    size_t allowed = kj::maxValue;  // body bytes the next write may take
+    kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>> waiter;
+    kj::uint status = 0;
+    kj::Promise<void> sendHead(kj::uint s, kj::ArrayPtr<const wire::Header>) override {
+      status = s;
+      return kj::READY_NOW;
+    }
+    kj::Promise<void> sendError(kj::StringPtr) override { return kj::READY_NOW; }
+    size_t bodyWritable(size_t wanted) override {
+      size_t n = kj::min(wanted, allowed);
+      if (allowed != kj::maxValue) allowed -= n;
+      return n;
+    }
+    kj::Promise<void> whenBodyWritable() override {
+      auto paf = kj::newPromiseAndFulfiller<void>();
+      waiter = kj::mv(paf.fulfiller);
+      return kj::mv(paf.promise);
+    }
+  };
+  Env env;
+  auto& ws = env.io.waitScope;
+  KeepAliveOrigin server(env);
+  auto origin = env.origin(kj::str("http://127.0.0.1:", server.port));
+  auto request = [&](StepSink& sink, kj::AsyncIoStream& edge) {
+    wire::HttpRequestHead head;
+    head.dest = kj::str("http://t.example/small");
+    head.method = kj::str("GET");
+    head.host = kj::str("t.example");
+    return origin->serve(edge, kj::mv(head), sink).eagerlyEvaluate(nullptr);
+  };
+  auto readAll = [&](kj::AsyncIoStream& end) {
+    return env.timer.timeoutAfter(5 * kj::SECONDS, end.readAllText()).wait(ws);
+  };
+  {
+    StepSink sink;
+    sink.allowed = 3;
+    auto pipe = kj::newTwoWayPipe();
+    auto served = request(sink, *pipe.ends[0]);
+    pipe.ends[1]->shutdownWrite();
+    kj::byte first[16];
+    size_t got = env.timer.timeoutAfter(5 * kj::SECONDS,
+        pipe.ends[1]->tryRead(first, 3, sizeof(first))).wait(ws);
+    KJ_EXPECT(got == 3, got);
+    KJ_EXPECT(kj::heapString(reinterpret_cast<char*>(first), got) == "ans");
+    env.timer.afterDelay(20 * kj::MILLISECONDS).wait(ws);
+    KJ_ASSERT(sink.waiter != nullptr, "the exchange does not wait for a blocked sink");
+    KJ_EXPECT(origin->bufferedBytes() == 0, origin->bufferedBytes());
+    sink.allowed = kj::maxValue;
+    KJ_ASSERT_NONNULL(sink.waiter)->fulfill();
+    auto rest = readAll(*pipe.ends[1]);
+    served.wait(ws);
+    KJ_EXPECT(sink.status == 200);
+    KJ_EXPECT(kj::str("ans", rest) == "answer-0-b", rest);
+  }
+  for (uint i = 1; i <= 20; i++) {
+    StepSink sink;
+    auto pipe = kj::newTwoWayPipe();
+    auto served = request(sink, *pipe.ends[0]);
+    pipe.ends[1]->shutdownWrite();
+    auto body = readAll(*pipe.ends[1]);
+    served.wait(ws);
+    KJ_EXPECT(body == kj::str("answer-", i, "-", kj::repeat('b', (i + 1) % 7)), body, i);
+  }
+  KJ_EXPECT(server.accepted == 1, server.accepted);
+  KJ_EXPECT(origin->getStats().connectionsReused == 20, origin->getStats().connectionsReused);
+  KJ_EXPECT(origin->bufferedBytes() == 0, origin->bufferedBytes());
+}
+
 }  // namespace
 }  // namespace cfqt::origin

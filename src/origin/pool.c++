@@ -40,11 +40,23 @@ constexpr kj::Duration FALLBACK_DELAY = 300 * kj::MILLISECONDS;  // Go's happy-e
 // ---------------------------------------------------------------------------------------------
 // Connection to the origin (Conn, see pool.h).
 
-Conn::Conn(kj::Own<kj::AsyncIoStream> streamParam)
-    : stream(kj::mv(streamParam)) {}
+kj::Array<kj::byte> SpareBuffer::take(size_t size) {
+  if (spare.size() == size) return kj::mv(spare);
+  return kj::heapArray<kj::byte>(size);
+}
+
+void SpareBuffer::give(kj::Array<kj::byte> buffer) {
+  if (buffer.size() == CONN_BUFFER_INITIAL && spare == nullptr) spare = kj::mv(buffer);
+}
+
+Conn::Conn(kj::Own<kj::AsyncIoStream> streamParam, kj::Maybe<SpareBuffer&> spare)
+    : stream(kj::mv(streamParam)), spare(spare) {}
 
 void Conn::shrink() {
   if (begin == end) {
+    KJ_IF_MAYBE(s, spare) {
+      s->give(kj::mv(buffer));
+    }
     buffer = nullptr;
     begin = end = 0;
   }
@@ -109,7 +121,11 @@ kj::Promise<bool> Conn::fill(size_t limit) {
     begin = 0;
   }
   if (buffer.size() == 0) {
-    buffer = kj::heapArray<kj::byte>(CONN_BUFFER_INITIAL);
+    KJ_IF_MAYBE(s, spare) {
+      buffer = s->take(CONN_BUFFER_INITIAL);
+    } else {
+      buffer = kj::heapArray<kj::byte>(CONN_BUFFER_INITIAL);
+    }
   } else if (end == buffer.size()) {
     // A head (or line) longer than the buffer: grow it, up to the limit.
     auto bigger = kj::heapArray<kj::byte>(kj::min(buffer.size() * 2, kj::max(limit, buffer.size())));
@@ -322,8 +338,9 @@ kj::Promise<Acquired> Origin::Impl::acquire(bool fresh, kj::StringPtr tlsName) {
       });
     });
   }
-  return connecting.then([name = kj::str(tlsName)](kj::Own<kj::AsyncIoStream> stream) mutable {
-    auto conn = kj::heap<Conn>(kj::mv(stream));
+  return connecting.then([this, name = kj::str(tlsName)](
+      kj::Own<kj::AsyncIoStream> stream) mutable {
+    auto conn = kj::heap<Conn>(kj::mv(stream), spareBuffer);
     conn->tlsName = kj::mv(name);
     return Acquired{kj::mv(conn), false};
   });

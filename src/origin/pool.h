@@ -25,9 +25,21 @@ namespace cfqt::origin {
 // Connection to the origin: the stream plus a read-ahead buffer, so that a response head can be
 // read and the bytes after it kept.
 
+class SpareBuffer {
+  // One read-ahead buffer of the initial size kept per origin (that is, per event loop) while no
+  // connection needs it: serial exchanges take it and give it back instead of allocating 4 KiB
+  // per request. Bounded: one buffer; larger (grown) buffers are freed, not kept.
+public:
+  kj::Array<kj::byte> take(size_t size);
+  void give(kj::Array<kj::byte> buffer);
+
+private:
+  kj::Array<kj::byte> spare;
+};
+
 class Conn {
 public:
-  explicit Conn(kj::Own<kj::AsyncIoStream> streamParam);
+  Conn(kj::Own<kj::AsyncIoStream> streamParam, kj::Maybe<SpareBuffer&> spare = nullptr);
   KJ_DISALLOW_COPY(Conn);
 
   kj::Own<kj::AsyncIoStream> stream;
@@ -41,8 +53,13 @@ public:
 
   void shrink();
   // Frees the read-ahead buffer if it holds no unread byte (it is allocated again, 4 KiB, by the
-  // next head or chunk line): a body read straight into the exchange's pump buffer and a pooled
-  // connection need none.
+  // next head or chunk line, or taken from the SpareBuffer it goes back to): a body read straight
+  // into the exchange's pump buffer and a pooled connection need none.
+
+  kj::ArrayPtr<const kj::byte> unread() const { return buffer.slice(begin, end); }
+  void consume(size_t n) { begin += kj::min(n, end - begin); }
+  // The read-ahead's unread bytes, and dropping the first `n` of them once used (the response
+  // body bytes that came with the head are written to the edge from here, not copied).
 
   kj::Promise<size_t> read(kj::ArrayPtr<kj::byte> out);
   // Up to out.size() bytes (at least 1 unless EOF, then 0), leftover first.
@@ -55,6 +72,8 @@ public:
   kj::Promise<kj::String> readLine();
 
 private:
+  kj::Maybe<SpareBuffer&> spare;  // the origin's (outlives every Conn it made)
+
   kj::Promise<bool> fill(size_t limit);
   // Reads more bytes after the unread ones; false on EOF. Fails once `limit` unread bytes
   // hold no complete line/head.
@@ -115,6 +134,7 @@ private:
   kj::Maybe<kj::Own<kj::HttpService>> helloService;
   kj::Maybe<kj::Own<kj::HttpServer>> helloServer;
   kj::Maybe<kj::Own<kj::NetworkAddress>> address;
+  SpareBuffer spareBuffer;  // Conns use it in fill() and shrink() only, never when destroyed
   kj::Vector<kj::Own<IdleEntry>> idle;
   kj::TaskSet tasks;  // last: hello-world connections, pool sweeps
 
