@@ -247,6 +247,14 @@ def write_file(env, name, text):
 # ---------------------------------------------------------------------------------------------
 # Cases
 
+def check_routes(env, cases):
+    # Each (host, path, status, body) through the front door; body None: not checked.
+    for host, path, status, body in cases:
+        got = env.get(host, path)
+        check(got[0] == status and (body is None or got[1] == body), host, path, "->", got)
+        print("    %s%s -> %d %s" % (host, path, got[0], got[1] if body else ""))
+
+
 def test_ingress_routing(env):
     t = env.named_tunnel("routing", routes=["a.example.localhost", "b.example.localhost",
                                             "c.example.localhost"])
@@ -287,10 +295,7 @@ ingress:
              ("b.example.localhost", "/other", 404, None),
              ("c.example.localhost", "/", 404, None),
              ("%s.%s" % (t["id"], env.edge.ready["zone"]), "/api/v1", 404, None)]
-    for host, path, status, body in cases:
-        got = env.get(host, path)
-        check(got[0] == status and (body is None or got[1] == body), host, path, "->", got)
-        print("    %s%s -> %d %s" % (host, path, got[0], got[1] if body else ""))
+    check_routes(env, cases)
     stop(proc)
     check(proc.returncode == 0, "cfqt exited", proc.returncode)
 
@@ -333,10 +338,7 @@ ingress:
                  ("named.example.localhost", "/b", 200, "tls-origin /b"),    # originServerName
                  ("wrong.example.localhost", "/c", 502, None),               # not in the cert
                  ("secure.example.localhost", "/d?x=1", 200, "tls-origin /d?x=1")]
-        for host, path, status, body in cases:
-            got = env.get(host, path)
-            check(got[0] == status and (body is None or got[1] == body), host, path, "->", got)
-            print("    %s%s -> %d %s" % (host, path, got[0], got[1] if body else ""))
+        check_routes(env, cases)
         stop(proc)
         check(proc.returncode == 0, "cfqt exited", proc.returncode)
     finally:
