@@ -23,7 +23,7 @@ kj::OneOf<kj::Own<named::Ingress>, kj::String> IngressSource::build(uint64_t& se
   kj::Maybe<kj::String> json;
   {
     std::lock_guard<std::mutex> lock(mutex);
-    seen = generation;
+    seen = published.generation();
     KJ_IF_MAYBE(r, remote) json = kj::str(*r);
   }
   KJ_IF_MAYBE(text, json) {
@@ -56,42 +56,12 @@ kj::Maybe<kj::String> IngressSource::publish(int32_t version, kj::ArrayPtr<const
   }
   std::lock_guard<std::mutex> lock(mutex);
   remote = kj::mv(text);
-  ++generation;
-  for (auto& w: waiters) {
-    if (w->isWaiting()) w->fulfill();
-  }
-  waiters.clear();
+  published.notify();
   return nullptr;
 }
 
-kj::Promise<void> IngressSource::whenChanged(uint64_t seen) {
-  auto paf = kj::newPromiseAndCrossThreadFulfiller<void>();
-  std::lock_guard<std::mutex> lock(mutex);
-  if (generation != seen) return kj::READY_NOW;
-  waiters.add(kj::mv(paf.fulfiller));
-  return kj::mv(paf.promise);
-}
-
-// =======================================================================================
-// IdentityGate
-
-void IdentityGate::open() {
-  std::lock_guard<std::mutex> lock(mutex);
-  isOpen = true;
-  for (auto& w: waiters) {
-    if (w->isWaiting()) w->fulfill();
-  }
-  waiters.clear();
-}
-
-kj::Promise<void> IdentityGate::whenOpen() {
-  auto paf = kj::newPromiseAndCrossThreadFulfiller<void>();
-  std::lock_guard<std::mutex> lock(mutex);
-  if (isOpen) return kj::READY_NOW;
-  waiters.add(kj::mv(paf.fulfiller));
-  // Woken through KJ's cross-thread fulfiller (a futex ThreadSanitizer cannot see): taking the
-  // mutex again orders open()'s writes (the identity) before what the caller reads next.
-  return paf.promise.then([this]() { std::lock_guard<std::mutex> relock(mutex); });
+kj::Promise<void> IngressSource::whenChanged(uint64_t seen) const {
+  return published.whenChangedFrom(seen);
 }
 
 // =======================================================================================
@@ -108,23 +78,24 @@ struct WorkerPool::Event {
 };
 
 class WorkerPool::EventQueue {
-  // Filled by the workers, emptied on the supervisor's loop, which a cross-thread fulfiller wakes.
+  // Filled by the workers, emptied on the supervisor's loop, which a Notifier wakes.
 public:
   void push(Event event) {
-    std::lock_guard<std::mutex> lock(mutex);
-    queue.push_back(kj::mv(event));
-    KJ_IF_MAYBE(w, wake) {
-      if ((*w)->isWaiting()) (*w)->fulfill();
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      queue.push_back(kj::mv(event));
     }
+    pushed.notify();
   }
 
   kj::Promise<void> whenNotEmpty() {
     // Supervisor loop.
-    auto paf = kj::newPromiseAndCrossThreadFulfiller<void>();
-    std::lock_guard<std::mutex> lock(mutex);
-    if (!queue.empty()) paf.fulfiller->fulfill();
-    wake = kj::mv(paf.fulfiller);
-    return kj::mv(paf.promise);
+    uint64_t seen = pushed.generation();   // before looking: a later push() wakes the wait
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      if (!queue.empty()) return kj::READY_NOW;
+    }
+    return pushed.whenChangedFrom(seen);
   }
 
   std::deque<Event> take() {
@@ -135,9 +106,9 @@ public:
   }
 
 private:
-  std::mutex mutex;   // guards both below
+  std::mutex mutex;   // guards `queue`
   std::deque<Event> queue;
-  kj::Maybe<kj::Own<kj::CrossThreadPromiseFulfiller<void>>> wake;
+  Notifier pushed;
 };
 
 namespace {

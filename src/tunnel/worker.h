@@ -9,11 +9,12 @@
 // WorkerPool is the supervisor's SessionFactory: the Session it returns is a proxy on the
 // supervisor's loop whose run() and shutdown() run the real EdgeConnection on the worker through
 // its kj::Executor; the connection's SessionEvents come back through a std::mutex-guarded queue
-// that wakes the supervisor's loop with a cross-thread fulfiller. Statistics go to the index's
+// that wakes the supervisor's loop through a Notifier. Statistics go to the index's
 // TunnelStatus shard (this worker is its only writer).
 
 #include "tunnel/edge-connection.h"
 #include "tunnel/edge-dialer.h"
+#include "tunnel/notifier.h"
 #include "tunnel/supervisor.h"
 
 #include "named/ingress.h"
@@ -32,7 +33,7 @@ namespace cfqt::tunnel {
 class IngressSource {
   // Named tunnels across workers: where each worker's named::Router gets its rules, the local
   // configuration's until the edge pushed a remote one. Thread-safe (a std::mutex); workers are
-  // woken by cross-thread fulfillers when a new configuration is published.
+  // woken through a Notifier when a new configuration is published.
 public:
   IngressSource(origin::OriginConfig& base, kj::StringPtr service,
                 kj::Maybe<const named::TunnelConfig&> local)
@@ -47,33 +48,30 @@ public:
   // A remote configuration: checked (parsed, rules validated: the error is returned and nothing
   // changes), then every worker rebuilds its router from it.
 
-  kj::Promise<void> whenChanged(uint64_t seen);
+  kj::Promise<void> whenChanged(uint64_t seen) const;
   // Resolves once the generation is no longer `seen`. On the caller's loop.
 
 private:
   origin::OriginConfig& base;
   kj::StringPtr service;
   kj::Maybe<const named::TunnelConfig&> local;
-  mutable std::mutex mutex;                 // guards the three below
+  mutable std::mutex mutex;                 // guards `remote`, and pairs it with the generation
   kj::Maybe<kj::String> remote;             // the last remote configuration's JSON
-  uint64_t generation = 0;
-  kj::Vector<kj::Own<kj::CrossThreadPromiseFulfiller<void>>> waiters;
+  Notifier published;                       // its generation is the configuration's
 };
 
 class IdentityGate {
   // A quick tunnel's credentials arrive while its connections dial (the API request overlaps the
   // dial and handshake): a worker's registerConnection waits for open(), which the supervisor's
-  // loop calls once EdgeIdentity is complete. Thread-safe (a std::mutex, which also orders the
+  // loop calls once EdgeIdentity is complete. Thread-safe (a Notifier, which also orders the
   // identity's fields before the workers read them).
 public:
-  void open();
-  kj::Promise<void> whenOpen();
+  void open() const { opened.notify(); }
+  kj::Promise<void> whenOpen() const { return opened.whenChangedFrom(0); }
   // Resolves once open() was called. On the caller's loop.
 
 private:
-  std::mutex mutex;   // guards both below
-  bool isOpen = false;
-  kj::Vector<kj::Own<kj::CrossThreadPromiseFulfiller<void>>> waiters;
+  Notifier opened;
 };
 
 struct WorkerSetup {
