@@ -181,15 +181,19 @@ kj::Promise<void> EdgeDialer::probeQuic(const edge::EdgeAddress& address) {
 }
 
 kj::Promise<void> EdgeDialer::acquireMove(kj::String address) {
-  std::lock_guard<std::mutex> lock(shared.mutex);
-  if (shared.moving == nullptr) {
-    grantMove(kj::mv(address));
-    return kj::READY_NOW;
+  uint64_t seen;
+  {
+    std::lock_guard<std::mutex> lock(shared.mutex);
+    if (shared.moving == nullptr) {
+      grantMove(kj::mv(address));
+      return kj::READY_NOW;
+    }
+    seen = shared.moveReleased.generation();   // releases bump it under shared.mutex
   }
-  // The waiter may be woken by the dialer of another thread.
-  auto paf = kj::newPromiseAndCrossThreadFulfiller<void>();
-  shared.moveQueue.push_back(DialerShared::MoveWaiter{kj::mv(address), kj::mv(paf.fulfiller)});
-  return kj::mv(paf.promise);
+  // Woken (maybe by the dialer of another thread) when the move under way ends; the first
+  // waiter to come back takes the next one.
+  return shared.moveReleased.whenChangedFrom(seen)
+      .then([this, address = kj::mv(address)]() mutable { return acquireMove(kj::mv(address)); });
 }
 
 void EdgeDialer::grantMove(kj::String address) {
@@ -207,16 +211,7 @@ void EdgeDialer::grantMove(kj::String address) {
 
 void EdgeDialer::releaseMove() {
   shared.moving = nullptr;
-  while (!shared.moveQueue.empty()) {
-    auto next = kj::mv(shared.moveQueue.front());
-    shared.moveQueue.pop_front();
-    if (next.fulfiller->isWaiting()) {
-      auto address = kj::mv(next.address);
-      next.fulfiller->fulfill();
-      grantMove(kj::mv(address));
-      return;
-    }
-  }
+  shared.moveReleased.notify();
 }
 
 void EdgeDialer::taskFailed(kj::Exception&& e) {

@@ -3,11 +3,11 @@
 // when QUIC cannot reach the edge). The TransportDialer the runner gives every EdgeConnection.
 
 #include "tunnel/edge-connection.h"
+#include "tunnel/notifier.h"
 #include "tunnel/quic-transport.h"
 
 #include <kj/async-io.h>
 
-#include <deque>
 #include <mutex>
 
 namespace kj {
@@ -57,15 +57,11 @@ private:
     kj::String address;
     kj::Vector<kj::TimePoint> times;   // within quicFailureWindow, oldest first
   };
-  struct MoveWaiter {
-    kj::String address;
-    kj::Own<kj::CrossThreadPromiseFulfiller<void>> fulfiller;
-  };
   std::mutex mutex;                  // guards everything below
   kj::Vector<Fallback> fallbacks;    // auto: addresses using HTTP/2 for now
   kj::Vector<QuicFailures> quicFailures;   // auto: QUIC connections that died, per address
   kj::Maybe<kj::String> moving;      // the address whose connection is moving back to QUIC
-  std::deque<MoveWaiter> moveQueue;  // connections waiting for the right to move
+  Notifier moveReleased;             // wakes the connections waiting for the right to move
   uint64_t moveGeneration = 0;       // a grant's timeout only releases its own grant
 };
 
