@@ -376,3 +376,37 @@ def exit_failure(proc, what, ok=(0,)):
         return 0
     print("[ FAIL ] %s exited with %s after SIGTERM" % (what, proc.returncode))
     return 1
+
+
+def finish_suite(run, close, exits=(), tails=(), summary=lambda failed: "%d failed" % failed):
+    """How every suite's run ends. run() runs the tests and returns how many failed; close()
+    stops the suite's processes (also when run() raised, which then propagates). Then what
+    shows only once they ended fails the run too: sanitizer reports (sanitizer_failures()), and
+    each of `exits`, (what, process, ok) where process has .proc and .log, whose exit status
+    after SIGTERM is not in ok (exit_failure(), then the last 3000 characters of its log). When
+    anything failed, the tails of `tails`, (what, log, chars), are printed, taken before close()
+    if a test failed (so that they end where it failed, not with the shutdown). Prints
+    summary(failed) and exits 1 if anything failed, else 0."""
+    def texts(logs):
+        return [(what, log.text()[-chars:] if log else "(not followed)")
+                for what, log, chars in logs]
+
+    failed, before = 0, None
+    try:
+        failed = run()
+    finally:
+        if failed:
+            before = texts(tails)
+        close()
+    failed += sanitizer_failures()
+    exit_tails = []
+    for what, process, ok in exits:
+        if exit_failure(process.proc, what, ok):
+            failed += 1
+            if not any(log is process.log for _, log, _ in tails):
+                exit_tails += texts([(what, process.log, 3000)])
+    if failed:
+        for what, text in (before if before is not None else texts(tails)) + exit_tails:
+            print("---- %s log tail ----\n%s" % (what, text))
+    print(summary(failed), flush=True)
+    sys.exit(1 if failed else 0)

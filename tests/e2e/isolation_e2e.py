@@ -67,9 +67,9 @@ import threading
 import time
 import urllib.parse
 
-from e2e_support import (DEADLINE_S, PROCS, Edge, Fail, argument_parser, check, exit_failure,
-                         prepare_run, readline, run_tests, sanitizer_failures, set_up,
-                         start_process, stop, ws_accept, ws_frame_head, ws_mask, ws_read_frame)
+from e2e_support import (DEADLINE_S, PROCS, Edge, Fail, argument_parser, check, finish_suite,
+                         prepare_run, readline, run_tests, set_up, start_process, stop, ws_accept,
+                         ws_frame_head, ws_mask, ws_read_frame)
 
 MIB = 1 << 20
 
@@ -1639,16 +1639,12 @@ def main():
     env = set_up(Env, os.path.abspath(args.bin), sizes)
     print("build: %s" % ("sanitized (bounds not asserted, smaller sizes)" if args.sanitized
                          else "normal (bounds asserted)"), flush=True)
-    try:
-        # Each case starts its own cfqt (and prober): killed after the case if still running.
-        failed = run_tests(TESTS, env, args.k, alarm_s=150 if args.sanitized else 90,
-                           name=lambda t: t.__name__[len("test_"):], per_case=True)
-    finally:
-        env.close()
-    failed += sanitizer_failures()
-    failed += exit_failure(env.edge.proc, "cfqt-edge")
-    print("%d failed (%.1fs)" % (failed, time.monotonic() - started))
-    sys.exit(1 if failed else 0)
+    # Each case starts its own cfqt (and prober): killed after the case if still running.
+    finish_suite(lambda: run_tests(TESTS, env, args.k, alarm_s=150 if args.sanitized else 90,
+                                   name=lambda t: t.__name__[len("test_"):], per_case=True),
+                 env.close, exits=[("cfqt-edge", env.edge, (0,))],
+                 summary=lambda failed: "%d failed (%.1fs)" % (failed,
+                                                              time.monotonic() - started))
 
 
 if __name__ == "__main__":

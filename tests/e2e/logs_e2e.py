@@ -19,13 +19,11 @@ import os
 import re
 import shutil
 import signal
-import sys
 import tempfile
 import urllib.parse
 
-from e2e_support import (DEADLINE_S, Edge, argument_parser, check, exit_failure, prepare_run,
-                         readline, run_tests, sanitizer_failures, set_up, start_process, stop,
-                         unused_port)
+from e2e_support import (DEADLINE_S, Edge, argument_parser, check, finish_suite, prepare_run,
+                         readline, run_tests, set_up, start_process, stop, unused_port)
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ (DBG|INF|WRN|ERR|FTL) \S")
 
@@ -190,16 +188,14 @@ def main():
     prepare_run("test timed out")
     workdir = tempfile.mkdtemp(prefix="cfqt-logs-")
     env = set_up(Env, os.path.abspath(args.bin), workdir)
-    failed = 0
-    try:
-        failed = run_tests(TESTS, env, args.k, 60, per_case=True)
-    finally:
+
+    def close():
         env.edge.stop()
-        failed += exit_failure(env.edge.proc, "cfqt-edge")
-        failed += sanitizer_failures()
         shutil.rmtree(workdir, ignore_errors=True)
-    print("%d failed" % failed if failed else "all passed", flush=True)
-    sys.exit(1 if failed else 0)
+
+    finish_suite(lambda: run_tests(TESTS, env, args.k, 60, per_case=True), close,
+                 exits=[("cfqt-edge", env.edge, (0,))],
+                 summary=lambda failed: "%d failed" % failed if failed else "all passed")
 
 
 if __name__ == "__main__":

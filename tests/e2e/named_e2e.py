@@ -42,14 +42,12 @@ import signal
 import socketserver
 import ssl
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 
-from e2e_support import (DEADLINE_S, Edge, Fail, argument_parser, check, exit_failure, kill,
-                         prepare_run, run_tests, sanitizer_failures, set_up, start_process, stop,
-                         wait_until)
+from e2e_support import (DEADLINE_S, Edge, Fail, argument_parser, check, finish_suite, kill,
+                         prepare_run, run_tests, set_up, start_process, stop, wait_until)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -602,15 +600,11 @@ def main():
     prepare_run("case timed out")
     started = time.monotonic()
     env = set_up(Env, os.path.abspath(args.bin))
-    try:
-        failed = run_tests(TESTS, env, args.k, alarm_s=90,
-                           name=lambda t: t.__name__[len("test_"):], per_case=True)
-    finally:
-        env.close()
-    failed += sanitizer_failures()
-    failed += exit_failure(env.edge.proc, "cfqt-edge")
-    print("%d failed (%.1fs)" % (failed, time.monotonic() - started))
-    sys.exit(1 if failed else 0)
+    finish_suite(lambda: run_tests(TESTS, env, args.k, alarm_s=90,
+                                   name=lambda t: t.__name__[len("test_"):], per_case=True),
+                 env.close, exits=[("cfqt-edge", env.edge, (0,))],
+                 summary=lambda failed: "%d failed (%.1fs)" % (failed,
+                                                              time.monotonic() - started))
 
 
 if __name__ == "__main__":

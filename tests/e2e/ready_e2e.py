@@ -31,9 +31,8 @@ import tempfile
 import threading
 import time
 
-from e2e_support import (DEADLINE_S, PROCS, Edge, Fail, Skip, argument_parser, check, kill,
-                         prepare_run, run_tests, sanitizer_failures, start_process, stop,
-                         wait_until)
+from e2e_support import (DEADLINE_S, PROCS, Edge, Fail, Skip, argument_parser, check, finish_suite,
+                         kill, prepare_run, run_tests, start_process, stop, wait_until)
 
 PROBE_HEADER = "cfqt-ready-probe"
 
@@ -434,14 +433,15 @@ def main():
             kill(PROCS)
         sys.exit(code)
     workdir = tempfile.mkdtemp(prefix="cfqt-ready-")
-    try:
-        failed = run_tests(TESTS, Env(bindir, workdir), args.k, 120, per_case=True)
-    finally:
+
+    def close():
         kill(PROCS)
         shutil.rmtree(workdir, ignore_errors=True)
-    failed += sanitizer_failures()
-    print("%s: %d failed" % ("FAIL" if failed else "PASS", failed), flush=True)
-    sys.exit(1 if failed else 0)
+
+    # Each case starts its own edge and cfqt: only sanitizer reports are left to check.
+    finish_suite(lambda: run_tests(TESTS, Env(bindir, workdir), args.k, 120, per_case=True),
+                 close, summary=lambda failed: "%s: %d failed" % ("FAIL" if failed else "PASS",
+                                                                   failed))
 
 
 if __name__ == "__main__":

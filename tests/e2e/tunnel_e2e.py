@@ -29,17 +29,15 @@ import signal
 import socket
 import socketserver
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import urllib.parse
 
 from e2e_support import (DEADLINE_S, Edge, Fail, LogFollower, Skip, argument_parser, check,
-                         check_no_sanitizer_report, exit_failure, prepare_run, readline,
-                         run_tests, sanitizer_failures, set_up, start_process, stop,
-                         unused_port, wait_until, ws_accept, ws_frame_head, ws_mask,
-                         ws_read_frame)
+                         check_no_sanitizer_report, finish_suite, prepare_run, readline, run_tests,
+                         set_up, start_process, stop, unused_port, wait_until, ws_accept,
+                         ws_frame_head, ws_mask, ws_read_frame)
 
 
 PROTOCOL = "quic"   # --protocol: the transport of every cfqt started here (Cfqt adds it)
@@ -1329,19 +1327,9 @@ def main():
     prepare_run("test run timed out")
     env = set_up(Env, os.path.abspath(args.bin))
     env.c_example = args.c_example or os.path.join(env.bindir, "cfqt-c-example")
-    failed = 0
-    try:
-        failed = run_tests(TESTS, env, args.k, alarm_s=180)
-    finally:
-        if failed:
-            print("---- cfqt (main) log tail ----\n" + env.main.log.text()[-4000:])
-            print("---- cfqt-edge log tail ----\n" + env.edge.log.text()[-3000:])
-        env.close()
-    failed += sanitizer_failures()
-    failed += exit_failure(env.main.proc, "main cfqt", ok=(0, None))
-    failed += exit_failure(env.edge.proc, "cfqt-edge")
-    print("%d failed" % failed)
-    sys.exit(1 if failed else 0)
+    finish_suite(lambda: run_tests(TESTS, env, args.k, alarm_s=180), env.close,
+                 exits=[("main cfqt", env.main, (0, None)), ("cfqt-edge", env.edge, (0,))],
+                 tails=[("cfqt (main)", env.main.log, 4000), ("cfqt-edge", env.edge.log, 3000)])
 
 
 if __name__ == "__main__":

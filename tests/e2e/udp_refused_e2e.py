@@ -24,8 +24,8 @@ import sys
 import tempfile
 import time
 
-from e2e_support import (DEADLINE_S, Edge, Fail, argument_parser, check, exit_failure,
-                         prepare_run, run_tests, sanitizer_failures, set_up)
+from e2e_support import (DEADLINE_S, Edge, Fail, argument_parser, check, finish_suite, prepare_run,
+                         run_tests, set_up)
 import tunnel_e2e
 from tunnel_e2e import Cfqt, Origin, blob, front
 
@@ -210,17 +210,9 @@ def main():
     prepare_run("test run timed out")
     set_up_namespace()
     env = set_up(Env, os.path.abspath(args.bin))
-    failed = 0
-    try:
-        failed = run_tests(TESTS, env, args.k, alarm_s=60)
-    finally:
-        if failed:
-            print("---- cfqt-edge log tail ----\n" + env.edge.log.text()[-3000:])
-        env.close()
-    failed += sanitizer_failures()
-    failed += exit_failure(env.edge.proc, "cfqt-edge")
-    print("%d failed" % failed)
-    sys.exit(1 if failed else 0)
+    finish_suite(lambda: run_tests(TESTS, env, args.k, alarm_s=60), env.close,
+                 exits=[("cfqt-edge", env.edge, (0,))],
+                 tails=[("cfqt-edge", env.edge.log, 3000)])
 
 
 if __name__ == "__main__":
