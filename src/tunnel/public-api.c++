@@ -593,6 +593,10 @@ std::unique_ptr<Tunnel> Tunnel::start(const TunnelOptions& o) {
   if (!o.originServerName.empty()) r.origin.originServerName = toKj(o.originServerName);
   if (!o.originCaPool.empty()) r.origin.caPool = toKj(o.originCaPool);
   // Certificate files are read now, so that a wrong path fails start() rather than every dial.
+  // They are read again where they are used, on purpose: each user parses them into its own
+  // library's structures (GnuTLS for QUIC, OpenSSL for HTTP/2 and https origins) on its own
+  // thread, ingress rules name CA files of their own, and a replaced --edge-ca file is taken up
+  // by later dials (quic/connection-tls.c++); only a small file's read() would be saved.
   checkPemFile(o.edgeCaFile, "edgeCaFile");
   checkPemFile(o.originCaPool, "originCaPool");
   checkPemFile(o.readyCaFile, "readyCaFile");
