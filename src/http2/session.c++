@@ -12,6 +12,8 @@
 
 #include "http2/session.h"
 
+#include "loop/spinner.h"
+
 #include <nghttp2/nghttp2.h>
 
 #include <kj/debug.h>
@@ -697,6 +699,7 @@ kj::Promise<void> SessionImpl::onRead(size_t n) {
     return kj::READY_NOW;
   }
   bytesReceived += n;
+  loop::kick();   // a busy-polling loop (loop/spinner.h) polls for what follows
   feed(readBuffer.slice(0, n));
   return readLoop();
 }
