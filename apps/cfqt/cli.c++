@@ -70,7 +70,7 @@ const Flag FLAGS[] = {
     {"threads", "", Kind::STRING, "auto (default: a thread and event loop per HA connection "
                                   "when more than one CPU is usable) or 1 (one event loop)."},
     {"busy-poll", "", Kind::DURATION,
-     "Keep polling the event loop this long after each packet from the edge instead of "
+     "Keep polling the event loop this long after each packet to or from the edge instead of "
      "sleeping (e.g. 50us): lower latency on VMs, costs up to that much CPU per packet "
      "(default 0: off)."},
     {"retries", "", Kind::UINT, "Caps the backoff exponent (default 5); retrying never stops."},

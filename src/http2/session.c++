@@ -808,6 +808,7 @@ kj::Promise<void> SessionImpl::writeLoop() {
   writePieces[0] = writeBuffer.slice(0, used);
   writePieces[1] = tail;
   auto pieces = kj::arrayPtr(writePieces, tail.size() > 0 ? 2 : 1);
+  loop::kick();   // an answer often follows (loop/spinner.h)
   return transport.write(pieces).then([this]() { return writeLoop(); },
                                       [this](kj::Exception&& e) {
     writing = false;

@@ -5,11 +5,12 @@
 // through the hypervisor, 14-25 µs on the development machine (bench/wakeup-pingpong), and a
 // tunnelled request makes several such wake-ups. A Spinner keeps polling the loop
 // (WaitScope::poll(): ready events, then epoll_wait() with a zero timeout) for a short window
-// after work arrived from the edge, so that what follows within that window (the origin's answer,
-// the edge's next request) is picked up without a sleep and a wake-up. Go's runtime, and so
+// after each exchange with the edge (a packet or frame received from it, or sent to it), so that
+// what follows within that window (the origin's answer to a request, the edge's next request
+// after a response) is picked up without a sleep and a wake-up. Go's runtime, and so
 // cloudflared, spins idle Ps before parking them for the same reason.
 //
-// Cost: up to `window` of CPU per kick that finds the loop idle. Window 0 (the default) is off:
+// Cost: up to `window` of CPU each time the loop goes idle after a kick. Window 0 (the default) is off:
 // drive() is a plain wait().
 //
 // Usage, at the top of a thread (instead of `promise.wait(waitScope)`):
@@ -24,8 +25,8 @@
 namespace cfqt::loop {
 
 void kick();
-// Work arrived (a datagram or frame from the edge): if this thread's loop is being driven by a
-// Spinner, it polls instead of sleeping for the spinner's window from now. Otherwise nothing
+// Traffic with the edge (datagrams or frames received, or sent): if this thread's loop is being
+// driven by a Spinner, it polls instead of sleeping for the spinner's window from now. Otherwise nothing
 // (one thread-local load). Call on the loop's thread, from event callbacks.
 //
 // The current spinner is thread-local, like KJ's own current EventLoop: the kick sites sit deep

@@ -433,6 +433,7 @@ bool EndpointImpl::sendBatch() {
       n = sendmmsg(fd, msgs, nmsgs, 0);
       if (n < 0) error = errno;
     }
+    if (n > 0) loop::kick();   // an answer often follows (loop/spinner.h)
     if (n < 0) {
       if (error == EINTR) continue;
       if (error == EAGAIN || error == EWOULDBLOCK || error == ENOBUFS) {
