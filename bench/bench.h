@@ -16,6 +16,7 @@ struct Options {
   unsigned serialRounds = 20;              // tunnel: --serial-rounds N (x 100 serial GETs each way)
   bool cacert = false;                     // tunnel: --cacert (not the default trust roots)
   kj::Maybe<kj::String> cfqt;              // tunnel: --cfqt PATH (default: next to cfqt-bench)
+  bool spin = false;                       // tunnel: --spin (the serial phase's waits poll)
   bool startupOnly = false;                // tunnel: --startup-only (reg_ms and idle RSS only)
   unsigned launches = 5;                   // tunnel: --launches N (reg_ms is their median)
 };

@@ -45,6 +45,11 @@ public:
                    "system store).")
         .addOptionWithArg({"cfqt"}, KJ_BIND_METHOD(*this, setCfqt), "<path>",
                           "tunnel: the client binary (default: cfqt next to cfqt-bench).")
+        .addOption({"spin"}, [this]() { options.spin = true; return true; },
+                   "tunnel: while the serial phase waits for each answer (tunnelled or direct), "
+                   "this process polls instead of sleeping, so the edge side never pays a "
+                   "wake-up of this VM's idle CPU, as a real edge on another machine would not "
+                   "(a measurement aid; the origin process still sleeps).")
         .addOption({"startup-only"}, [this]() { options.startupOnly = true; return true; },
                    "tunnel: only the start-up figures (reg_ms, idle RSS), no load phases.")
         .addOptionWithArg({"launches"}, KJ_BIND_METHOD(*this, setLaunches), "<n>",

@@ -11,7 +11,10 @@
 // concurrency 64), tunnel.bulk_MBps and tunnel.cpu_s_per_GB (one 1 GiB response),
 // tunnel.rss_idle_MiB, tunnel.rss_anon_idle_MiB (idle with every HA connection registered),
 // tunnel.rss_peak_MiB (VmHWM at the end), tunnel.edge_cpu_s (this process during the
-// concurrency-64 phase; compare with tunnel.c64_s, its wall time).
+// concurrency-64 phase; compare with tunnel.c64_s, its wall time). Session 7 (serial latency):
+// tunnel.serial_cpu_us (the client's CPU over the serial phase per tunnelled request; with
+// --busy-poll it includes the polling that follows each request), tunnel.idle_cpu_ms_per_s (the
+// client's CPU while idle, registered, per second of wall time).
 
 #include "bench.h"
 
@@ -304,6 +307,15 @@ private:
   }
 };
 
+template <typename T>
+T settle(kj::Promise<T>&& promise, kj::WaitScope& waitScope, bool spin) {
+  // --spin: poll (run what is ready, epoll_wait with no timeout) until it settles.
+  if (spin) {
+    while (!promise.poll(waitScope)) {}
+  }
+  return promise.wait(waitScope);
+}
+
 double percentile(kj::Vector<double>& values, double p) {
   std::sort(values.begin(), values.end());
   size_t index = kj::min(values.size() - 1, size_t(p * values.size()));
@@ -412,7 +424,12 @@ void runTunnelBench(Reporter& reporter) {
   harness.wait("every HA connection", logPath);
 
   // Idle: every connection registered, nothing served yet.
+  double idleCpu0 = clientCpuSeconds(client.pid);
+  double idleStart = nowSeconds();
   timer.afterDelay(1500 * kj::MILLISECONDS).wait(io.waitScope);
+  reporter.figure(kj::str(prefix, "idle_cpu_ms_per_s"),
+                  (clientCpuSeconds(client.pid) - idleCpu0) * 1e3 / (nowSeconds() - idleStart),
+                  "ms");
   reporter.figure(kj::str(prefix, "rss_idle_MiB"), statusKiB(client.pid, "VmRSS") / 1024, "MiB");
   reporter.figure(kj::str(prefix, "rss_anon_idle_MiB"), statusKiB(client.pid, "RssAnon") / 1024,
                   "MiB");
@@ -430,24 +447,27 @@ void runTunnelBench(Reporter& reporter) {
     auto direct = kj::newHttpClient(table, *connection);
     kj::Vector<double> tunnelUs, directUs;
     double tunnelTotal = 0;
+    double serialCpu0 = clientCpuSeconds(client.pid);
     for (unsigned round = 0; round < options.serialRounds; round++) {
       for (unsigned i = 0; i < 100; i++) {
         double start = nowSeconds();
-        auto response = direct->request(kj::HttpMethod::GET, "/small", kj::HttpHeaders(table))
-            .response.wait(io.waitScope);
-        auto body = response.body->readAllBytes().wait(io.waitScope);
+        auto response = settle(direct->request(kj::HttpMethod::GET, "/small",
+                                               kj::HttpHeaders(table)).response,
+                               io.waitScope, options.spin);
+        auto body = settle(response.body->readAllBytes(), io.waitScope, options.spin);
         KJ_ASSERT(response.statusCode == 200 && body.size() == SMALL);
         directUs.add((nowSeconds() - start) * 1e6);
       }
       for (unsigned i = 0; i < 100; i++) {
         double start = nowSeconds();
-        auto size = harness.fetch("/small").wait(io.waitScope);
+        auto size = settle(harness.fetch("/small"), io.waitScope, options.spin);
         KJ_ASSERT(size == SMALL);
         double elapsed = nowSeconds() - start;
         tunnelTotal += elapsed;
         tunnelUs.add(elapsed * 1e6);
       }
     }
+    double serialCpu = clientCpuSeconds(client.pid) - serialCpu0;
     reporter.figure(kj::str(prefix, "rps_c1"), tunnelUs.size() / tunnelTotal, "req/s");
     double directP50 = percentile(directUs, 0.5);
     reporter.figure(kj::str(prefix, "serial_p50_us"), percentile(tunnelUs, 0.5), "us");
@@ -455,6 +475,7 @@ void runTunnelBench(Reporter& reporter) {
     reporter.figure(kj::str(prefix, "direct_p50_us"), directP50, "us");
     reporter.figure(kj::str(prefix, "added_p50_us"), percentile(tunnelUs, 0.5) - directP50,
                     "us");
+    reporter.figure(kj::str(prefix, "serial_cpu_us"), serialCpu / tunnelUs.size() * 1e6, "us");
   }
 
   // Concurrency 64.

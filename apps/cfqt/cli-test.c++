@@ -147,6 +147,14 @@ KJ_TEST("cli: errors are clear") {
   KJ_EXPECT(has(err({"--threads", "3", "--url", "x:1"}), "--threads must be auto or 1"));
   KJ_EXPECT(ok({"--threads", "1", "--url", "x:1"}).threads == 1);
   KJ_EXPECT(ok({"--threads", "auto", "--url", "x:1"}).threads == 0);
+  KJ_EXPECT(ok({"--url", "x:1"}).busyPoll == 0 * kj::NANOSECONDS);
+  KJ_EXPECT(ok({"--busy-poll", "50us", "--url", "x:1"}).busyPoll == 50 * kj::MICROSECONDS);
+  KJ_EXPECT(ok({"--busy-poll=0", "--url", "x:1"}).busyPoll == 0 * kj::NANOSECONDS);
+  KJ_EXPECT(ok({"--busy-poll", "10ms", "--url", "x:1"}).busyPoll == 10 * kj::MILLISECONDS);
+  KJ_EXPECT(has(err({"--busy-poll", "11ms", "--url", "x:1"}), "--busy-poll must be at most 10ms"));
+  KJ_EXPECT(has(err({"--busy-poll", "fast", "--url", "x:1"}),
+                "--busy-poll expects a duration such as 30s, 500ms or 1m, got \"fast\""));
+  KJ_EXPECT(has(err({"--url", "x:1", "--busy-poll"}), "needs a value"));
   KJ_EXPECT(has(err({"a:1", "b:2"}), "only one origin URL"));
   KJ_EXPECT(has(err({"--grace-period", "soon", "--url", "x:1"}), "duration"));
   KJ_EXPECT(has(err({"tunnel", "create", "mytunnel"}), "needs an account certificate"));

@@ -30,6 +30,7 @@ struct CliOptions {
   kj::Maybe<kj::String> dotServer;
   uint haConnections = 2;
   uint threads = 0;                      // --threads: 0 = auto (a loop per connection), 1 = one
+  kj::Duration busyPoll = 0 * kj::NANOSECONDS;   // --busy-poll: 0 = off (loop/spinner.h)
   uint retries = 5;
   kj::Duration gracePeriod = 30 * kj::SECONDS;
   kj::Maybe<kj::String> metrics;

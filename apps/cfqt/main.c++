@@ -7,6 +7,7 @@
 #include "named.h"
 
 #include "edge/json.h"
+#include "loop/spinner.h"
 #include "observe/log.h"
 #include "origin/origin.h"
 #include "tunnel/runner.h"
@@ -188,6 +189,7 @@ kj::Maybe<kj::String> buildOptions(cli::CliOptions& o, tunnel::RunnerOptions& r)
   r.clientVersion = kj::str(o.clientVersion);
   r.haConnections = o.haConnections;
   r.threads = o.threads;
+  r.busyPoll = o.busyPoll;
   r.backoff = tunnel::BackoffConfig{o.backoffBase, o.retries};
   r.haStagger = o.haStagger;
   r.gracePeriod = o.gracePeriod;
@@ -552,6 +554,7 @@ int realMain(int argc, char** argv) {
   if (options.threads != 1 && tunnel::usableCpus() > 1) {
     tunnel::capMallocArenas(options.haConnections);
   }
+  loop::Spinner spinner(runnerOptions.busyPoll);   // --busy-poll: this loop's driver
   tunnel::Runner runner(io, logger, kj::mv(runnerOptions), callbacks);
   auto signals = waitForSignal(io.unixEventPort).then([&](int sig) {
     logger.info(kj::str("Initiating graceful shutdown due to signal ", signalName(sig), " ..."));
@@ -561,7 +564,7 @@ int realMain(int argc, char** argv) {
     logger.warn(kj::str("Received signal ", signalName(sig), " again; exiting immediately"));
     _exit(1);
   });
-  int code = runner.run().exclusiveJoin(kj::mv(signals)).wait(io.waitScope);
+  int code = spinner.drive(runner.run().exclusiveJoin(kj::mv(signals)), io.waitScope);
   return code;
 }
 

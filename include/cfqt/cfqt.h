@@ -98,6 +98,9 @@ typedef struct cfqt_options {
   int quic_failure_window_ms;        /* 0 = 60000 */
   int threads;                       /* 0 = auto (an event loop per HA connection when more than
                                         one CPU is usable), 1 = one event loop */
+  int busy_poll_us;                  /* as --busy-poll: poll this long after each packet to or
+                                        from the edge instead of sleeping (0 = off, at most
+                                        10000) */
 } cfqt_options;
 
 #define CFQT_STAGE_TUNNEL 1     /* no quick tunnel / edge connections yet */

@@ -78,6 +78,10 @@ struct TunnelOptions {
   int haConnections = 2;              // 1..4
   int threads = 0;                    // 0 = auto: a thread and event loop per HA connection when
                                       // more than one CPU is usable; 1 = one event loop
+  std::chrono::microseconds busyPoll{0};
+  // (as --busy-poll) after each packet to or from the edge, the tunnel's event loops keep
+  // polling this long instead of sleeping: lower serial latency on VMs, where waking an idle CPU
+  // is slow, for up to this much CPU each time a loop goes idle. 0 = off; at most 10 ms.
   std::chrono::milliseconds gracePeriod{30000};
   std::chrono::milliseconds backoffBase{1000};
   int retries = 5;

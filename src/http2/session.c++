@@ -12,6 +12,8 @@
 
 #include "http2/session.h"
 
+#include "loop/spinner.h"
+
 #include <nghttp2/nghttp2.h>
 
 #include <kj/debug.h>
@@ -697,6 +699,7 @@ kj::Promise<void> SessionImpl::onRead(size_t n) {
     return kj::READY_NOW;
   }
   bytesReceived += n;
+  loop::kick();   // a busy-polling loop (loop/spinner.h) polls for what follows
   feed(readBuffer.slice(0, n));
   return readLoop();
 }
@@ -805,6 +808,7 @@ kj::Promise<void> SessionImpl::writeLoop() {
   writePieces[0] = writeBuffer.slice(0, used);
   writePieces[1] = tail;
   auto pieces = kj::arrayPtr(writePieces, tail.size() > 0 ? 2 : 1);
+  loop::kick();   // an answer often follows (loop/spinner.h)
   return transport.write(pieces).then([this]() { return writeLoop(); },
                                       [this](kj::Exception&& e) {
     writing = false;

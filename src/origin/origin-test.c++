@@ -1172,6 +1172,41 @@ KJ_TEST("keep-alive: connections reused (visible in the origin's count), idle ti
   KJ_EXPECT(origin->getStats().connectionsOpened == opened + 1);
 }
 
+KJ_TEST("keep-alive: an idle connection the origin closes leaves the pool (close-watch)") {
+  // The close-watch starts once the connection was idle for a millisecond (serial requests
+  // reuse it sooner without a probe read); a close after that is seen and the entry dropped.
+  Env env;
+  auto& ws = env.io.waitScope;
+  PyOrigin py;
+  auto config = configFor(kj::str("127.0.0.1:", py.port));
+  config.keepAliveTimeout = 60 * kj::SECONDS;
+  config.keepAliveConnections = 1;
+  auto origin = env.origin(kj::mv(config));
+  for (int i = 0; i < 5; i++) {
+    Call call(*origin, "GET", "/headers", nullptr);
+    KJ_EXPECT(call.reply(ws).status == 200);
+    call.body(ws);
+    call.done(ws);
+  }
+  KJ_EXPECT(origin->getStats().connectionsOpened == 1);
+  KJ_EXPECT(origin->getStats().connectionsReused == 4);
+  {
+    Call call(*origin, "GET", "/close-after-response?delay=0.02", nullptr);
+    KJ_EXPECT(call.reply(ws).status == 200);
+    call.body(ws);
+    call.done(ws);
+  }
+  KJ_EXPECT(origin->getStats().idleConnections == 1);
+  env.timer.afterDelay(300 * kj::MILLISECONDS).wait(ws);   // the origin closed it at 20 ms
+  KJ_EXPECT(origin->getStats().idleConnections == 0, "the close-watch missed the origin's close");
+  Call call(*origin, "GET", "/headers", nullptr);
+  KJ_EXPECT(call.reply(ws).status == 200);
+  call.body(ws);
+  call.done(ws);
+  KJ_EXPECT(origin->getStats().connectionsOpened == 2);
+  KJ_EXPECT(origin->getStats().connectionsReused == 5);
+}
+
 KJ_TEST("nginx: 64 MiB file, keep-alive reuse visible in stub_status") {
   Env env;
   auto& ws = env.io.waitScope;

@@ -360,12 +360,22 @@ void Origin::Impl::release(kj::Own<Conn> conn) {
   auto entry = kj::heap<IdleEntry>();
   entry->conn = kj::mv(conn);
   IdleEntry* e = entry.get();
-  auto closed = e->conn->stream->tryRead(e->probe, 1, 1).ignoreResult();
-  e->watch = timer.afterDelay(config.keepAliveTimeout)
-      .exclusiveJoin(kj::mv(closed))
+  e->watch = watchIdle(*e)
       .then([this, e]() { retire(*e); }, [this, e](kj::Exception&&) { retire(*e); })
       .eagerlyEvaluate(nullptr);
   idle.add(kj::mv(entry));
+}
+
+kj::Promise<void> Origin::Impl::watchIdle(IdleEntry& entry) {
+  // Resolves when the idle connection should leave the pool: the keep-alive timeout, or the
+  // origin closed it (seen once the connection was idle for CLOSE_WATCH_DELAY). The entry owns
+  // this promise (`watch`), so `this` and `entry` outlive it.
+  if (config.keepAliveTimeout <= CLOSE_WATCH_DELAY) return timer.afterDelay(config.keepAliveTimeout);
+  return timer.afterDelay(CLOSE_WATCH_DELAY).then([this, &entry]() {
+    auto closed = entry.conn->stream->tryRead(entry.probe, 1, 1).ignoreResult();
+    return timer.afterDelay(config.keepAliveTimeout - CLOSE_WATCH_DELAY)
+        .exclusiveJoin(kj::mv(closed));
+  });
 }
 
 OriginStats Origin::Impl::getStats() const {

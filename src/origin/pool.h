@@ -129,6 +129,12 @@ private:
     bool dead = false;
     kj::Promise<void> watch = nullptr;  // after `conn`: destroyed (cancelled) first
   };
+  static constexpr kj::Duration CLOSE_WATCH_DELAY = 1 * kj::MILLISECONDS;
+  // An idle connection's close-watch (a 1-byte read that resolves when the origin closes it)
+  // starts only after it was idle this long: serial requests reuse the connection within
+  // microseconds, and each would otherwise pay a read() returning EAGAIN and its promises
+  // (issue 15, serial latency). A close within that window is met by the reuse retry.
+  kj::Promise<void> watchIdle(IdleEntry& entry);
 
   kj::Maybe<kj::Own<kj::TlsContext>> tls;
   kj::Maybe<kj::Own<kj::HttpService>> helloService;

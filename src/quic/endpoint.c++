@@ -4,6 +4,8 @@
 
 #include "quic/internal.h"
 
+#include "loop/spinner.h"
+
 #include <ngtcp2/ngtcp2.h>
 #include <ngtcp2/ngtcp2_crypto.h>
 #include <gnutls/gnutls.h>
@@ -231,6 +233,7 @@ kj::Promise<void> EndpointImpl::receiveLoop() {
     if (n < 0) {
       return observer.whenBecomesReadable().then([this]() { return receiveLoop(); });
     }
+    loop::kick();   // a busy-polling loop (loop/spinner.h) polls for what follows
     receiveBatch(n);
     if (size_t(n) < RX_MSGS) {
       // Short batch: the queue was empty when recvmmsg returned, so any later datagram raises a
@@ -430,6 +433,7 @@ bool EndpointImpl::sendBatch() {
       n = sendmmsg(fd, msgs, nmsgs, 0);
       if (n < 0) error = errno;
     }
+    if (n > 0) loop::kick();   // an answer often follows (loop/spinner.h)
     if (n < 0) {
       if (error == EINTR) continue;
       if (error == EAGAIN || error == EWOULDBLOCK || error == ENOBUFS) {

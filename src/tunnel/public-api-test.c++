@@ -211,6 +211,13 @@ KJ_TEST("public C++ API: invalid options throw TunnelError") {
       KJ_FAIL_ASSERT(e.what());
     }
   });
+  o.threads = 0;
+  o.busyPoll = std::chrono::microseconds(10001);
+  KJ_EXPECT_THROW_MESSAGE("busyPoll must be between 0 (off) and 10 ms", {
+    try { cfqt::Tunnel::start(o); } catch (const cfqt::TunnelError& e) {
+      KJ_FAIL_ASSERT(e.what());
+    }
+  });
 }
 
 KJ_TEST("public C++ API: protocol http2 serves through cfqt-edge's HTTP/2 edge") {
@@ -225,6 +232,7 @@ KJ_TEST("public C++ API: protocol http2 serves through cfqt-edge's HTTP/2 edge")
   o.backoffBase = std::chrono::milliseconds(20);
   o.gracePeriod = std::chrono::milliseconds(2000);
   o.logLevel = "error";
+  o.busyPoll = std::chrono::microseconds(100);   // the API's loop thread polls after each frame
   auto t = cfqt::Tunnel::start(o);
   t->waitForUrl(std::chrono::seconds(20));
   KJ_ASSERT(t->waitUntilReady(std::chrono::seconds(20)));
@@ -286,6 +294,10 @@ KJ_TEST("C API: start, wait for URL, stop, free") {
   KJ_EXPECT(cfqt_tunnel_start(&timing, error, sizeof(error)) == nullptr);
   KJ_EXPECT(strstr(error, "threads must be 0 (auto) or 1") != nullptr, error);
   timing.threads = 0;
+  timing.busy_poll_us = -1;
+  KJ_EXPECT(cfqt_tunnel_start(&timing, error, sizeof(error)) == nullptr);
+  KJ_EXPECT(strstr(error, "busyPoll must be between 0 (off) and 10 ms") != nullptr, error);
+  timing.busy_poll_us = 0;
   timing.origin_ca_pool = "/nonexistent/origin-ca.pem";
   KJ_EXPECT(cfqt_tunnel_start(&timing, error, sizeof(error)) == nullptr);
   KJ_EXPECT(strstr(error, "originCaPool /nonexistent/origin-ca.pem") != nullptr, error);

@@ -8,6 +8,7 @@
 #include "tunnel/runner.h"
 
 #include "edge/discovery.h"
+#include "loop/spinner.h"
 #include "named/config.h"
 #include "named/credentials.h"
 #include "named/ingress.h"
@@ -487,6 +488,7 @@ private:
     observe::Logger logger(kj::mv(logConfig));
     observe::LogCallback logCallback(logger);
     auto io = kj::setupAsyncIo();
+    loop::Spinner spinner(options.busyPoll);   // TunnelOptions::busyPoll: this loop's driver
     tunnel::Runner runner(io, logger, kj::mv(options), *this);
     bool stopNow;
     {
@@ -511,7 +513,7 @@ private:
     });
     auto done = runner.run();
     if (stopNow) runner.shutdown();
-    return done.wait(io.waitScope);
+    return spinner.drive(kj::mv(done), io.waitScope);
   }
 };
 
@@ -612,6 +614,10 @@ std::unique_ptr<Tunnel> Tunnel::start(const TunnelOptions& o) {
   r.haConnections = o.haConnections;
   if (o.threads != 0 && o.threads != 1) throw TunnelError("cfqt: threads must be 0 (auto) or 1");
   if (o.threads == 1) r.threads = 1;
+  if (o.busyPoll.count() < 0 || o.busyPoll.count() > 10000) {
+    throw TunnelError("cfqt: busyPoll must be between 0 (off) and 10 ms");
+  }
+  r.busyPoll = o.busyPoll.count() * kj::MICROSECONDS;
   r.backoff = tunnel::BackoffConfig{toDuration(o.backoffBase),
                                     static_cast<kj::uint>(o.retries < 0 ? 0 : o.retries)};
   r.haStagger = kj::min(1 * kj::SECONDS, toDuration(o.backoffBase));
@@ -804,6 +810,7 @@ cfqt_tunnel* cfqt_tunnel_start(const cfqt_options* options, char* error, size_t 
       o.quicFailureWindow = std::chrono::milliseconds(options->quic_failure_window_ms);
     }
     o.threads = options->threads;
+    o.busyPoll = std::chrono::microseconds(options->busy_poll_us);
     if (options->token != nullptr) o.token = options->token;
     if (options->credentials_json != nullptr) o.credentialsJson = options->credentials_json;
     if (options->credentials_file != nullptr) o.credentialsFile = options->credentials_file;

@@ -561,6 +561,7 @@ kj::Promise<int> Runner::edgesDiscovered(edge::EdgeAddresses addresses) {
       if (!apiPending) gate.open();
       setup.identityGate = gate;
     }
+    setup.busyPoll = options.busyPoll;
     return WorkerPool::start(n, setup).then([this, n](kj::Own<WorkerPool> started) {
       auto& w = *started;
       workers = kj::mv(started);

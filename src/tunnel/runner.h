@@ -64,6 +64,10 @@ struct RunnerOptions {
   // --threads: 1 runs everything on the runner's loop; 0 (auto) gives each HA connection index
   // its own thread and event loop (worker.h) when there is more than one connection and this
   // process may run on more than one CPU (sched_getaffinity).
+  kj::Duration busyPoll = 0 * kj::NANOSECONDS;
+  // --busy-poll: each connection worker's loop polls this long after a packet from the edge
+  // instead of sleeping (loop/spinner.h); 0 = off. The loop that runs the Runner is driven by its
+  // owner (apps/cfqt, public-api.c++), which applies the same window.
   ReadyProbeConfig ready;                // how the URL's readiness is probed (issue 16)
   bool waitReady = false;
   // --wait-ready: the banner and tunnelCreated() (the URL line) come only once the URL serves;

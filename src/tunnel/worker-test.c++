@@ -106,7 +106,9 @@ KJ_TEST("workers: --threads auto runs each HA connection on its own thread") {
   callbacks.allRegistered = kj::mv(paf.fulfiller);
   uint during = 0;
   {
-    Runner runner(f.io, f.logger, f.options(0), callbacks);
+    auto options = f.options(0);
+    options.busyPoll = 200 * kj::MICROSECONDS;   // the workers' loops poll after edge traffic
+    Runner runner(f.io, f.logger, kj::mv(options), callbacks);
     auto done = runner.run().eagerlyEvaluate(nullptr);
     auto timeout = f.io.provider->getTimer().afterDelay(20 * kj::SECONDS).then([]() {
       KJ_FAIL_ASSERT("the two connections did not register within 20 s");

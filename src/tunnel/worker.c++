@@ -1,5 +1,6 @@
 #include "tunnel/worker.h"
 
+#include "loop/spinner.h"
 #include "named/ingress.h"
 
 #include <kj/debug.h>
@@ -315,7 +316,8 @@ void WorkerPool::Worker::threadMain(const kj::CrossThreadPromiseFulfiller<void>&
       exec = kj::getCurrentThreadExecutor().addRef();
     }
     started.fulfill();
-    paf.promise.wait(io.waitScope);
+    loop::Spinner spinner(pool.setup.busyPoll);
+    spinner.drive(kj::mv(paf.promise), io.waitScope);
     {
       std::lock_guard<std::mutex> lock(mutex);
       exec = nullptr;

@@ -88,6 +88,7 @@ struct WorkerSetup {
   DialerShared& dialerShared;             // thread-safe
   kj::Maybe<IngressSource&> named = nullptr;   // named tunnels: requests through ingress rules
   kj::Maybe<IdentityGate&> identityGate = nullptr;   // quick tunnels whose API request is out
+  kj::Duration busyPoll = 0 * kj::NANOSECONDS;   // each worker's loop::Spinner window (0: off)
 };
 
 class WorkerPool final: public SessionFactory {

@@ -536,6 +536,71 @@ def test_concurrent(env):
     check(all(results), "failed:", results.count(False))
 
 
+def process_cpu_s(pid):
+    # utime + stime of the whole process (every thread), from /proc/PID/stat.
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_busy_poll(env):
+    # --busy-poll (issue 15): the loops poll after each packet instead of sleeping. Requests,
+    # bodies, a WebSocket and concurrency work as without it, on connection workers and on one
+    # loop; once idle the process sleeps (CPU ~0), and SIGTERM still shuts down gracefully.
+    for args in [["--ha-connections", "2"], ["--ha-connections", "1", "--threads", "1"]]:
+        t = Cfqt(env.bindir, env.edge, ["--url", "http://127.0.0.1:%d" % env.origin.port,
+                                        "--busy-poll", "200us", "--grace-period", "5s"] + args)
+        try:
+            t.log.wait_for(r"Registered tunnel connection connIndex=0")
+            for method in ["GET", "POST"]:
+                body = b"x" * 10 if method == "POST" else None
+                status, _, data = front(env.edge, t.host, method, "/thing", body)
+                check(status == 200 and data == ("%s /thing %d" % (
+                    method, len(body or b""))).encode(), args, method, status, data)
+            up = blob(1 << 20)
+            status, _, data = front(env.edge, t.host, "POST", "/sha", up)
+            check(status == 200 and json.loads(data)["sha"] == hashlib.sha256(up).hexdigest(),
+                  args, status)
+            s = socket.create_connection(env.edge.public, timeout=DEADLINE_S)
+            key = base64.b64encode(os.urandom(16)).decode()
+            s.sendall(("GET /ws HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\n"
+                       "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
+                       "Sec-WebSocket-Version: 13\r\n\r\n" % (t.host, key)).encode())
+            f = s.makefile("rb")
+            check(b" 101 " in f.readline(), args, "no WebSocket upgrade")
+            while f.readline() not in (b"\r\n", b""):
+                pass
+            for i in range(100):
+                msg = ("message %d " % i).encode()
+                s.sendall(ws_frame(2, msg, True))
+                op, data = ws_read_frame(f.read)
+                check(data == msg, args, "echo mismatch at", i, op, data)
+            s.sendall(ws_frame(8, b"\x03\xe8", True))
+            op, _ = ws_read_frame(f.read)
+            check(op == 8, args, "no close frame", op)
+            s.close()
+
+            def one(i):
+                status, headers, data = front(env.edge, t.host, "GET", "/blob?n=%d" % (1000 + i),
+                                              timeout=DEADLINE_S * 3)
+                return status == 200 and hashlib.sha256(data).hexdigest() == headers["X-Sha256"]
+
+            with concurrent.futures.ThreadPoolExecutor(max_workers=50) as pool:
+                results = list(pool.map(one, range(50)))
+            check(all(results), args, "failed:", results.count(False))
+            # Idle (keep-alive PINGs every 200 ms kick 200 us of polling each): a loop that kept
+            # spinning would burn ~1 CPU second per second here.
+            before = process_cpu_s(t.proc.pid)
+            time.sleep(1.0)
+            burnt = process_cpu_s(t.proc.pid) - before
+            check(burnt < 0.15, args, "CPU while idle with --busy-poll", burnt)
+            t.proc.send_signal(signal.SIGTERM)
+            code = t.wait_exit()
+            check(code == 0, args, "exit code after graceful shutdown", code)
+        finally:
+            t.stop()
+
+
 def test_origin_down(env):
     t = Cfqt(env.bindir, env.edge, ["--url", "http://127.0.0.1:%d" % unused_port(),
                                     "--ha-connections", "1", "--proxy-connect-timeout", "2s"])
@@ -1290,6 +1355,7 @@ TESTS = [
     test_sse,
     test_websocket,
     test_concurrent,
+    test_busy_poll,
     test_origin_down,
     test_edge_closes_connection_0,
     test_edge_goes_silent,
