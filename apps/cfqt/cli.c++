@@ -69,6 +69,9 @@ const Flag FLAGS[] = {
     {"ha-connections", "", Kind::UINT, "Connections to the edge (1-4, default 2)."},
     {"threads", "", Kind::STRING, "auto (default: a thread and event loop per HA connection "
                                   "when more than one CPU is usable) or 1 (one event loop)."},
+    {"release-idle-code", "", Kind::BOOL, "Drop the page-table entries of code that start-up or "
+                                          "a load mapped once idle (default true; =false keeps "
+                                          "them)."},
     {"retries", "", Kind::UINT, "Caps the backoff exponent (default 5); retrying never stops."},
     {"grace-period", "", Kind::DURATION, "Shutdown grace period (default 30s)."},
     {"metrics", "", Kind::STRING, "Metrics/readiness address (default localhost:20241..5)."},
@@ -174,6 +177,7 @@ kj::Maybe<kj::String> apply(CliOptions& o, const Flag& flag, kj::StringPtr value
     else if (n == "no-tls-verify") o.noTlsVerify = b;
     else if (n == "local") o.local = b;
     else if (n == "no-autoupdate") o.noAutoupdate = b;
+    else if (n == "release-idle-code") o.releaseIdleCode = b;
     return nullptr;
   }
   if (flag.kind == Kind::UINT) {

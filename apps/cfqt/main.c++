@@ -188,6 +188,7 @@ kj::Maybe<kj::String> buildOptions(cli::CliOptions& o, tunnel::RunnerOptions& r)
   r.clientVersion = kj::str(o.clientVersion);
   r.haConnections = o.haConnections;
   r.threads = o.threads;
+  r.releaseIdleCode = o.releaseIdleCode;
   r.backoff = tunnel::BackoffConfig{o.backoffBase, o.retries};
   r.haStagger = o.haStagger;
   r.gracePeriod = o.gracePeriod;

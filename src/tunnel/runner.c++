@@ -1,6 +1,7 @@
 #include "tunnel/runner.h"
 
 #include "edge/address-pool.h"
+#include "tunnel/code-pages.h"
 
 #include <kj/debug.h>
 #include <kj/encoding.h>
@@ -601,6 +602,7 @@ kj::Promise<int> Runner::startSupervisor(SessionFactory& sessions, uint n) {
                                 config, jitter);
   s->onRegistered([this](uint connIndex) {
     trimPending = true;   // the dial's transient memory (trust roots, handshake) is free now
+    codeReleasePending = true;
     callbacks.connectionRegistered(connIndex);
   });
   auto promise = s->run();
@@ -620,6 +622,7 @@ kj::Promise<void> Runner::returnMemory(uint64_t servedBefore) {
   auto& timer = io.provider->getTimer();
   return timer.afterDelay(options.memoryReturnInterval).then([this, servedBefore]() {
     uint64_t served = tunnelStatus.totalRequests();
+    maybeReleaseCode(served);
     if ((served != servedBefore || trimPending) && tunnelStatus.concurrentRequests() == 0) {
       trimPending = false;
       malloc_trim(0);
@@ -627,6 +630,20 @@ kj::Promise<void> Runner::returnMemory(uint64_t servedBefore) {
     }
     return returnMemory(tunnelStatus.concurrentRequests() == 0 ? served : servedBefore);
   });
+}
+
+void Runner::maybeReleaseCode(uint64_t served) {
+  // Code that ran once (the dial, the handshake, registration) or during a load stays mapped
+  // around every page it touched; a quiet interval after either is when to let it go.
+  bool quiet = served == codeTickServed && tunnelStatus.concurrentRequests() == 0;
+  codeTickServed = served;
+  if (!options.releaseIdleCode || !quiet) return;
+  if (!codeReleasePending && served == codeReleasedServed) return;
+  codeReleasePending = false;
+  codeReleasedServed = served;
+  size_t bytes = releaseCodePages(CodeScope::ALL_OBJECTS);
+  logger.debug("Released the page-table entries of idle code",
+               observe::Fields().add("bytes", bytes).add("requests", served));
 }
 
 int Runner::supervisorDone() {
