@@ -78,6 +78,11 @@ struct TunnelOptions {
   int haConnections = 2;              // 1..4
   int threads = 0;                    // 0 = auto: a thread and event loop per HA connection when
                                       // more than one CPU is usable; 1 = one event loop
+  bool releaseIdleCode = false;       // true: when the tunnel idles (a second with no request
+                                      // after a registration or a load), drop this process's
+                                      // page-table entries of code and read-only data of every
+                                      // loaded object (cfqt's --release-idle-code; lowers RSS,
+                                      // the next request takes minor faults)
   std::chrono::milliseconds gracePeriod{30000};
   std::chrono::milliseconds backoffBase{1000};
   int retries = 5;

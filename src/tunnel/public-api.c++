@@ -608,6 +608,7 @@ std::unique_ptr<Tunnel> Tunnel::start(const TunnelOptions& o) {
   r.haConnections = o.haConnections;
   if (o.threads != 0 && o.threads != 1) throw TunnelError("cfqt: threads must be 0 (auto) or 1");
   if (o.threads == 1) r.threads = 1;
+  r.releaseIdleCode = o.releaseIdleCode;
   r.backoff = tunnel::BackoffConfig{toDuration(o.backoffBase),
                                     static_cast<kj::uint>(o.retries < 0 ? 0 : o.retries)};
   r.haStagger = kj::min(1 * kj::SECONDS, toDuration(o.backoffBase));
