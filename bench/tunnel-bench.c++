@@ -530,6 +530,7 @@ void runTunnelBench(Reporter& reporter) {
       });
     };
     double cpu0 = clientCpuSeconds(client.pid);
+    double faults0 = minorFaults(client.pid);
     double edge0 = edgeCpuSeconds();
     double start = nowSeconds();
     kj::Vector<kj::Promise<void>> workers;
@@ -542,6 +543,7 @@ void runTunnelBench(Reporter& reporter) {
     reporter.figure(kj::str(prefix, "cpu_s_per_10k"), cpu / total * 1e4, "s");
     reporter.figure(kj::str(prefix, "edge_cpu_s"), edge, "s");
     reporter.figure(kj::str(prefix, "c64_s"), wall, "s");
+    reporter.figure(kj::str(prefix, "c64_minflt"), minorFaults(client.pid) - faults0, "faults");
     reporter.figure(kj::str(prefix, "rss_loaded_MiB"), statusKiB(client.pid, "VmRSS") / 1024,
                     "MiB");
   }
