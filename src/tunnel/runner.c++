@@ -641,9 +641,12 @@ void Runner::maybeReleaseCode(uint64_t served) {
   if (!codeReleasePending && served == codeReleasedServed) return;
   codeReleasePending = false;
   codeReleasedServed = served;
+  auto start = kj::systemPreciseMonotonicClock().now();
   size_t bytes = releaseCodePages(CodeScope::ALL_OBJECTS);
+  auto took = (kj::systemPreciseMonotonicClock().now() - start) / kj::MICROSECONDS;
   logger.debug("Released the page-table entries of idle code",
-               observe::Fields().add("bytes", bytes).add("requests", served));
+               observe::Fields().add("bytes", bytes).add("requests", served)
+                   .add("microseconds", took));
 }
 
 int Runner::supervisorDone() {
