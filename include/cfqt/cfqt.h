@@ -98,6 +98,10 @@ typedef struct cfqt_options {
   int quic_failure_window_ms;        /* 0 = 60000 */
   int threads;                       /* 0 = auto (an event loop per HA connection when more than
                                         one CPU is usable), 1 = one event loop */
+  int release_idle_code;             /* 1 = as cfqt --release-idle-code: when the tunnel idles,
+                                        drop this process's page-table entries of code and
+                                        read-only data (lower RSS, minor faults on the next
+                                        request); 0 = off (the default) */
 } cfqt_options;
 
 #define CFQT_STAGE_TUNNEL 1     /* no quick tunnel / edge connections yet */

@@ -801,6 +801,7 @@ cfqt_tunnel* cfqt_tunnel_start(const cfqt_options* options, char* error, size_t 
       o.quicFailureWindow = std::chrono::milliseconds(options->quic_failure_window_ms);
     }
     o.threads = options->threads;
+    o.releaseIdleCode = options->release_idle_code != 0;
     if (options->token != nullptr) o.token = options->token;
     if (options->credentials_json != nullptr) o.credentialsJson = options->credentials_json;
     if (options->credentials_file != nullptr) o.credentialsFile = options->credentials_file;

@@ -66,6 +66,7 @@ class Options(ctypes.Structure):
         ("quic_failure_limit", ctypes.c_int),
         ("quic_failure_window_ms", ctypes.c_int),
         ("threads", ctypes.c_int),
+        ("release_idle_code", ctypes.c_int),
     ]
 
 
