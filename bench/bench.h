@@ -19,6 +19,8 @@ struct Options {
   bool spin = false;                       // tunnel: --spin (the serial phase's waits poll)
   bool startupOnly = false;                // tunnel: --startup-only (reg_ms and idle RSS only)
   unsigned launches = 5;                   // tunnel: --launches N (reg_ms is their median)
+  bool memoryOnly = false;                 // tunnel: --memory-only (idle RSS before/after load)
+  kj::Maybe<kj::String> idleHook;          // tunnel: --idle-hook CMD (run at each idle point)
 };
 
 class Reporter {

@@ -54,6 +54,13 @@ public:
                    "tunnel: only the start-up figures (reg_ms, idle RSS), no load phases.")
         .addOptionWithArg({"launches"}, KJ_BIND_METHOD(*this, setLaunches), "<n>",
                           "tunnel: client launches whose median is reg_ms (default 5).")
+        .addOption({"memory-only"}, [this]() { options.memoryOnly = true; return true; },
+                   "tunnel: the start-up figures, then idle RSS after one request and after "
+                   "--requests at concurrency 64 (no serial or bulk phase).")
+        .addOptionWithArg({"idle-hook"}, KJ_BIND_METHOD(*this, setIdleHook), "<command>",
+                          "tunnel: run this shell command at each idle point (environment: "
+                          "CFQT_CLIENT_PID, CFQT_IDLE_STAGE=startup|after1|afterload), e.g. "
+                          "bench/rss-map --snapshot.")
         .expectZeroOrMoreArgs("<suite>", KJ_BIND_METHOD(*this, addSuite))
         .callAfterParsing(KJ_BIND_METHOD(*this, run))
         .build();
@@ -104,6 +111,10 @@ private:
       }
     }
     return "--launches is 1 to 1000";
+  }
+  kj::MainBuilder::Validity setIdleHook(kj::StringPtr value) {
+    options.idleHook = kj::str(value);
+    return true;
   }
   kj::MainBuilder::Validity setCfqt(kj::StringPtr value) {
     options.cfqt = kj::str(value);

@@ -14,7 +14,13 @@
 // concurrency-64 phase; compare with tunnel.c64_s, its wall time). Session 7 (serial latency):
 // tunnel.serial_cpu_us (the client's CPU over the serial phase per tunnelled request; with
 // --busy-poll it includes the polling that follows each request), tunnel.idle_cpu_ms_per_s (the
-// client's CPU while idle, registered, per second of wall time).
+// client's CPU while idle, registered, per second of wall time). Memory over time:
+// tunnel.first_req_us and tunnel.second_req_us (the first two requests after the idle start;
+// *_minflt: the client's minor page faults during each), tunnel.rss_after1_MiB / pss_after1_MiB
+// (idle 3 s after them), tunnel.rss_loaded_MiB (at the end of the concurrency-64 phase),
+// tunnel.rss_afterload_MiB / pss_afterload_MiB (idle 3 s after it: the steady state) and
+// tunnel.first_req_afterload_us / _minflt. --memory-only skips the serial and bulk phases;
+// --idle-hook runs a command at each idle point (bench/rss-map).
 
 #include "bench.h"
 
@@ -157,6 +163,22 @@ double statusKiB(pid_t pid, kj::StringPtr field, kj::StringPtr file = "status") 
   const char* at = strstr(buffer, key.cStr());
   if (at == nullptr) return 0;
   return strtod(at + key.size(), nullptr);
+}
+
+double minorFaults(pid_t pid) {
+  // Field 10 of /proc/PID/stat (minflt), summed over the process's threads by the kernel.
+  auto path = kj::str("/proc/", pid, "/stat");
+  int fd = open(path.cStr(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return 0;
+  char buffer[1024];
+  ssize_t n = read(fd, buffer, sizeof(buffer) - 1);
+  close(fd);
+  if (n <= 0) return 0;
+  buffer[n] = 0;
+  const char* p = strrchr(buffer, ')');   // the command name may hold spaces
+  if (p == nullptr) return 0;
+  for (int field = 2; field < 10 && p != nullptr; field++) p = strchr(p + 1, ' ');
+  return p == nullptr ? 0 : strtod(p + 1, nullptr);
 }
 
 double edgeCpuSeconds() {
@@ -322,6 +344,16 @@ double percentile(kj::Vector<double>& values, double p) {
   return values[index];
 }
 
+void runIdleHook(const Options& options, pid_t pid, kj::StringPtr stage) {
+  KJ_IF_MAYBE(hook, options.idleHook) {
+    auto command = kj::str("export CFQT_CLIENT_PID=", pid, " CFQT_IDLE_STAGE=", stage, "; ",
+                           *hook);
+    if (system(command.cStr()) != 0) {
+      fprintf(stderr, "tunnel: --idle-hook failed at %s\n", stage.cStr());
+    }
+  }
+}
+
 kj::String selfDirectory() {
   char path[4096];
   ssize_t n = readlink("/proc/self/exe", path, sizeof(path) - 1);
@@ -435,11 +467,39 @@ void runTunnelBench(Reporter& reporter) {
                   "MiB");
   reporter.figure(kj::str(prefix, "pss_idle_MiB"),
                   statusKiB(client.pid, "Pss", "smaps_rollup") / 1024, "MiB");
+  runIdleHook(options, client.pid, "startup");
   if (options.startupOnly) return;
 
+  // The first request after idle (code the idle client does not run is faulted in again), the
+  // one after it, then idle again. The client's idle check runs every second; 3 s covers it.
+  double faults = 0;   // the client's minor page faults during the last timedFetch()
+  auto timedFetch = [&]() {
+    double faults0 = minorFaults(client.pid);
+    double start = nowSeconds();
+    KJ_ASSERT(harness.fetch("/small").wait(io.waitScope) == SMALL);
+    double us = (nowSeconds() - start) * 1e6;
+    faults = minorFaults(client.pid) - faults0;
+    return us;
+  };
+  reporter.figure(kj::str(prefix, "first_req_us"), timedFetch(), "us");
+  reporter.figure(kj::str(prefix, "first_req_minflt"), faults, "faults");
+  reporter.figure(kj::str(prefix, "second_req_us"), timedFetch(), "us");
+  reporter.figure(kj::str(prefix, "second_req_minflt"), faults, "faults");
+  auto idleFigures = [&](kj::StringPtr stage) {
+    timer.afterDelay(3 * kj::SECONDS).wait(io.waitScope);
+    reporter.figure(kj::str(prefix, "rss_", stage, "_MiB"),
+                    statusKiB(client.pid, "VmRSS") / 1024, "MiB");
+    reporter.figure(kj::str(prefix, "pss_", stage, "_MiB"),
+                    statusKiB(client.pid, "Pss", "smaps_rollup") / 1024, "MiB");
+    runIdleHook(options, client.pid, stage);
+  };
+  idleFigures("after1");
+
   // Warm-up, then serial requests, interleaved with the same requests straight to the origin.
-  for (unsigned i = 0; i < 200; i++) harness.fetch("/small").wait(io.waitScope);
-  {
+  if (!options.memoryOnly) for (unsigned i = 0; i < 200; i++) {
+    harness.fetch("/small").wait(io.waitScope);
+  }
+  if (!options.memoryOnly) {
     kj::HttpHeaderTable table;
     auto address = io.provider->getNetwork().parseAddress("127.0.0.1", originPort)
         .wait(io.waitScope);
@@ -491,6 +551,7 @@ void runTunnelBench(Reporter& reporter) {
       });
     };
     double cpu0 = clientCpuSeconds(client.pid);
+    double faults0 = minorFaults(client.pid);
     double edge0 = edgeCpuSeconds();
     double start = nowSeconds();
     kj::Vector<kj::Promise<void>> workers;
@@ -503,7 +564,16 @@ void runTunnelBench(Reporter& reporter) {
     reporter.figure(kj::str(prefix, "cpu_s_per_10k"), cpu / total * 1e4, "s");
     reporter.figure(kj::str(prefix, "edge_cpu_s"), edge, "s");
     reporter.figure(kj::str(prefix, "c64_s"), wall, "s");
+    reporter.figure(kj::str(prefix, "c64_minflt"), minorFaults(client.pid) - faults0, "faults");
+    reporter.figure(kj::str(prefix, "rss_loaded_MiB"), statusKiB(client.pid, "VmRSS") / 1024,
+                    "MiB");
   }
+
+  // Idle after the load (steady state), and the first request after that idle.
+  idleFigures("afterload");
+  reporter.figure(kj::str(prefix, "first_req_afterload_us"), timedFetch(), "us");
+  reporter.figure(kj::str(prefix, "first_req_afterload_minflt"), faults, "faults");
+  if (options.memoryOnly) return;
 
   // One 1 GiB response.
   {

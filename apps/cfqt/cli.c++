@@ -73,6 +73,9 @@ const Flag FLAGS[] = {
      "Keep polling the event loop this long after each packet to or from the edge instead of "
      "sleeping (e.g. 50us): lower latency on VMs, costs up to that much CPU per packet "
      "(default 0: off)."},
+    {"release-idle-code", "", Kind::BOOL, "Drop the page-table entries of code that start-up or "
+                                          "a load mapped once idle (default true; =false keeps "
+                                          "them)."},
     {"retries", "", Kind::UINT, "Caps the backoff exponent (default 5); retrying never stops."},
     {"grace-period", "", Kind::DURATION, "Shutdown grace period (default 30s)."},
     {"metrics", "", Kind::STRING, "Metrics/readiness address (default localhost:20241..5)."},
@@ -178,6 +181,7 @@ kj::Maybe<kj::String> apply(CliOptions& o, const Flag& flag, kj::StringPtr value
     else if (n == "no-tls-verify") o.noTlsVerify = b;
     else if (n == "local") o.local = b;
     else if (n == "no-autoupdate") o.noAutoupdate = b;
+    else if (n == "release-idle-code") o.releaseIdleCode = b;
     return nullptr;
   }
   if (flag.kind == Kind::UINT) {

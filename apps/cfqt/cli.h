@@ -45,6 +45,7 @@ struct CliOptions {
   kj::String clientVersion = kj::str("2026.8.2");
   bool local = false;
   bool noAutoupdate = false;
+  bool releaseIdleCode = true;           // --release-idle-code (tunnel/code-pages.h)
   kj::String protocol = kj::str("auto");  // --protocol quic|http2|auto
 
   // Timeouts and backoff (hidden flags; tests use milliseconds).

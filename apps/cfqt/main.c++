@@ -190,6 +190,7 @@ kj::Maybe<kj::String> buildOptions(cli::CliOptions& o, tunnel::RunnerOptions& r)
   r.haConnections = o.haConnections;
   r.threads = o.threads;
   r.busyPoll = o.busyPoll;
+  r.releaseIdleCode = o.releaseIdleCode;
   r.backoff = tunnel::BackoffConfig{o.backoffBase, o.retries};
   r.haStagger = o.haStagger;
   r.gracePeriod = o.gracePeriod;

@@ -101,6 +101,10 @@ typedef struct cfqt_options {
   int busy_poll_us;                  /* as --busy-poll: poll this long after each packet to or
                                         from the edge instead of sleeping (0 = off, at most
                                         10000) */
+  int release_idle_code;             /* 1 = as cfqt --release-idle-code: when the tunnel idles,
+                                        drop this process's page-table entries of code and
+                                        read-only data (lower RSS, minor faults on the next
+                                        request); 0 = off (the default) */
 } cfqt_options;
 
 #define CFQT_STAGE_TUNNEL 1     /* no quick tunnel / edge connections yet */

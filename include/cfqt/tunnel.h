@@ -82,6 +82,11 @@ struct TunnelOptions {
   // (as --busy-poll) after each packet to or from the edge, the tunnel's event loops keep
   // polling this long instead of sleeping: lower serial latency on VMs, where waking an idle CPU
   // is slow, for up to this much CPU each time a loop goes idle. 0 = off; at most 10 ms.
+  bool releaseIdleCode = false;       // true: when the tunnel idles (a second with no request
+                                      // after a registration or a load), drop this process's
+                                      // page-table entries of code and read-only data of every
+                                      // loaded object (cfqt's --release-idle-code; lowers RSS,
+                                      // the next request takes minor faults)
   std::chrono::milliseconds gracePeriod{30000};
   std::chrono::milliseconds backoffBase{1000};
   int retries = 5;

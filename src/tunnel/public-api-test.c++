@@ -483,6 +483,50 @@ void recordCLine(void* user, int level, const char* message, const cfqt_log_fiel
   out.changed.notify_all();
 }
 
+KJ_TEST("C API: release_idle_code reaches the runner") {
+  EdgeProcess edge;
+  auto api = "http://" + edge.field("api");
+  auto ca = edge.field("ca");
+  auto edges = edge.edges();
+  const char* edgeList[1] = {edges[0].c_str()};
+  CLines recorded;
+  cfqt_options o;
+  cfqt_options_init(&o);
+  KJ_EXPECT(o.release_idle_code == 0);   // off unless the host asks
+  o.hello_world = 1;
+  o.quick_service = api.c_str();
+  o.edges = edgeList;
+  o.edge_count = 1;
+  o.ha_connections = 1;
+  o.edge_ca_file = ca.c_str();
+  o.log_level = "debug";
+  o.log_callback = recordCLine;
+  o.log_user_data = &recorded;
+  o.release_idle_code = 1;
+  char error[256] = "";
+  cfqt_tunnel* t = cfqt_tunnel_start(&o, error, sizeof(error));
+  KJ_ASSERT(t != nullptr, error);
+  auto released = [&]() {
+    for (auto& line: recorded.lines) {
+      if (line.find("|Released the page-table entries of idle code|") != std::string::npos) {
+        return true;
+      }
+    }
+    return false;
+  };
+  {
+    // The runner's check runs every second; the first quiet one after the registration releases.
+    std::unique_lock<std::mutex> lock(recorded.mutex);
+    recorded.changed.wait_for(lock, std::chrono::seconds(20), released);
+    KJ_EXPECT(released(), recorded.lines.size());
+  }
+  char url[256];
+  KJ_ASSERT(cfqt_tunnel_wait_url(t, 20000, url, sizeof(url)) == 0);
+  KJ_EXPECT(httpStatus(edge.field("public"), url + 8, "/_health") == 200);
+  KJ_EXPECT(cfqt_tunnel_stop(t) == 0);
+  cfqt_tunnel_free(t);
+}
+
 KJ_TEST("C API: the log callback with user data") {
   // A quick-tunnel service that refuses connections: retries are warnings with fields.
   int fd = socket(AF_INET, SOCK_STREAM, 0);

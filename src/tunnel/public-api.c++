@@ -618,6 +618,7 @@ std::unique_ptr<Tunnel> Tunnel::start(const TunnelOptions& o) {
     throw TunnelError("cfqt: busyPoll must be between 0 (off) and 10 ms");
   }
   r.busyPoll = o.busyPoll.count() * kj::MICROSECONDS;
+  r.releaseIdleCode = o.releaseIdleCode;
   r.backoff = tunnel::BackoffConfig{toDuration(o.backoffBase),
                                     static_cast<kj::uint>(o.retries < 0 ? 0 : o.retries)};
   r.haStagger = kj::min(1 * kj::SECONDS, toDuration(o.backoffBase));
@@ -811,6 +812,7 @@ cfqt_tunnel* cfqt_tunnel_start(const cfqt_options* options, char* error, size_t 
     }
     o.threads = options->threads;
     o.busyPoll = std::chrono::microseconds(options->busy_poll_us);
+    o.releaseIdleCode = options->release_idle_code != 0;
     if (options->token != nullptr) o.token = options->token;
     if (options->credentials_json != nullptr) o.credentialsJson = options->credentials_json;
     if (options->credentials_file != nullptr) o.credentialsFile = options->credentials_file;

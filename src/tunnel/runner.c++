@@ -1,6 +1,7 @@
 #include "tunnel/runner.h"
 
 #include "edge/address-pool.h"
+#include "tunnel/code-pages.h"
 
 #include <kj/debug.h>
 #include <kj/encoding.h>
@@ -602,6 +603,7 @@ kj::Promise<int> Runner::startSupervisor(SessionFactory& sessions, uint n) {
                                 config, jitter);
   s->onRegistered([this](uint connIndex) {
     trimPending = true;   // the dial's transient memory (trust roots, handshake) is free now
+    codeReleasePending = true;
     callbacks.connectionRegistered(connIndex);
   });
   auto promise = s->run();
@@ -621,6 +623,7 @@ kj::Promise<void> Runner::returnMemory(uint64_t servedBefore) {
   auto& timer = io.provider->getTimer();
   return timer.afterDelay(options.memoryReturnInterval).then([this, servedBefore]() {
     uint64_t served = tunnelStatus.totalRequests();
+    maybeReleaseCode(served);
     if ((served != servedBefore || trimPending) && tunnelStatus.concurrentRequests() == 0) {
       trimPending = false;
       malloc_trim(0);
@@ -628,6 +631,23 @@ kj::Promise<void> Runner::returnMemory(uint64_t servedBefore) {
     }
     return returnMemory(tunnelStatus.concurrentRequests() == 0 ? served : servedBefore);
   });
+}
+
+void Runner::maybeReleaseCode(uint64_t served) {
+  // Code that ran once (the dial, the handshake, registration) or during a load stays mapped
+  // around every page it touched; a quiet interval after either is when to let it go.
+  bool quiet = served == codeTickServed && tunnelStatus.concurrentRequests() == 0;
+  codeTickServed = served;
+  if (!options.releaseIdleCode || !quiet) return;
+  if (!codeReleasePending && served == codeReleasedServed) return;
+  codeReleasePending = false;
+  codeReleasedServed = served;
+  auto start = kj::systemPreciseMonotonicClock().now();
+  size_t bytes = releaseCodePages(CodeScope::ALL_OBJECTS);
+  auto took = (kj::systemPreciseMonotonicClock().now() - start) / kj::MICROSECONDS;
+  logger.debug("Released the page-table entries of idle code",
+               observe::Fields().add("bytes", bytes).add("requests", served)
+                   .add("microseconds", took));
 }
 
 int Runner::supervisorDone() {

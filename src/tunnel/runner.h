@@ -52,6 +52,11 @@ struct RunnerOptions {
   // How often to check whether requests were served and none is in flight; then free heap
   // memory is returned to the system (malloc_trim), so RSS comes back down after a load.
   // 0 = never.
+  bool releaseIdleCode = false;
+  // Also on that check: once a whole interval passed with no request served or in flight, after
+  // a registration or after requests, drop the page-table entries of the code and read-only data
+  // that start-up or the load mapped (code-pages.h). The CLI's --release-idle-code; off in the
+  // library unless the host asks (TunnelOptions::releaseIdleCode).
   kj::Maybe<named::TunnelCredentials> namedTunnel;
   // A named tunnel (--token, --credentials-file/-contents): registered with these credentials,
   // no quick-tunnel request, no banner. Null: a quick tunnel from `api`.
@@ -173,6 +178,10 @@ private:
   kj::Maybe<kj::Promise<void>> shutdownTask;
   kj::Maybe<kj::Promise<void>> memoryTask;
   bool trimPending = false;   // a connection registered since the last malloc_trim()
+  bool codeReleasePending = false;   // a connection registered since the last code release
+  uint64_t codeTickServed = 0;       // requests served at the previous memory check
+  uint64_t codeReleasedServed = 0;   // requests served at the last code release
+  void maybeReleaseCode(uint64_t served);
 
   kj::Promise<int> start();
   kj::Promise<int> tunnelIssued(edge::QuickTunnel tunnel);

@@ -12,6 +12,7 @@
 #include <kj/debug.h>
 #include <kj/test.h>
 
+#include <atomic>
 #include <dirent.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -161,6 +162,62 @@ KJ_TEST("workers: --threads 1 keeps both connections on the runner's loop") {
   KJ_EXPECT(runner.status().totalRequests() == 4);
   runner.shutdown();
   KJ_EXPECT(kj::mv(done).wait(f.io.waitScope) == 0);
+}
+
+class ReleaseCounter final: public observe::LogSink {
+public:
+  explicit ReleaseCounter(std::atomic<uint>& count): count(count) {}
+  void write(observe::LogLevel level, kj::StringPtr message,
+             kj::ArrayPtr<const observe::LogField> fields) override {
+    if (message == "Released the page-table entries of idle code") count++;
+  }
+private:
+  std::atomic<uint>& count;
+};
+
+KJ_TEST("runner: releaseIdleCode drops idle code pages after registration and after requests") {
+  for (bool release: {true, false}) {
+    Fixture f;
+    std::atomic<uint> releases{0};
+    observe::LogConfig config{observe::LogLevel::DEBUG, nullptr, false};
+    config.rateInterval = 0 * kj::SECONDS;
+    config.sink = kj::heap<ReleaseCounter>(releases);
+    observe::Logger logger(kj::mv(config));
+    Callbacks callbacks;
+    auto paf = kj::newPromiseAndFulfiller<void>();
+    callbacks.allRegistered = kj::mv(paf.fulfiller);
+    auto options = f.options(1);
+    options.releaseIdleCode = release;
+    options.memoryReturnInterval = 10 * kj::MILLISECONDS;
+    Runner runner(f.io, logger, kj::mv(options), callbacks);
+    auto done = runner.run().eagerlyEvaluate(nullptr);
+    auto& timer = f.io.provider->getTimer();
+    timer.timeoutAfter(20 * kj::SECONDS, kj::mv(paf.promise)).wait(f.io.waitScope);
+    auto waitForRelease = [&](uint above) {
+      // Bounded: the runner checks every 10 ms (off: 10 checks pass with none).
+      for (int i = 0; i < (release ? 1000 : 20) && releases.load() <= above; i++) {
+        timer.afterDelay(5 * kj::MILLISECONDS).wait(f.io.waitScope);
+      }
+      return releases.load() > above;
+    };
+    // A quiet interval after the registrations, then after requests.
+    KJ_EXPECT(waitForRelease(0) == release, release);
+    kj::HttpHeaderTable table;
+    auto address = f.io.provider->getNetwork().parseAddress(f.ready.publicAddress)
+        .wait(f.io.waitScope);
+    auto client = kj::newHttpClient(timer, table, *address);
+    uint before = releases.load();
+    for (int i = 0; i < 3; i++) KJ_EXPECT(f.get(*client, callbacks.hostname, "/") == 200);
+    KJ_EXPECT(waitForRelease(before) == release, release);
+    // Nothing new happened: no more releases (10 checks).
+    uint after = releases.load();
+    timer.afterDelay(100 * kj::MILLISECONDS).wait(f.io.waitScope);
+    KJ_EXPECT(releases.load() == after, after, releases.load());
+    // The tunnel still serves once its code was dropped.
+    KJ_EXPECT(f.get(*client, callbacks.hostname, "/") == 200);
+    runner.shutdown();
+    KJ_EXPECT(kj::mv(done).wait(f.io.waitScope) == 0);
+  }
 }
 
 }  // namespace

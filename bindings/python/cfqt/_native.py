@@ -67,6 +67,7 @@ class Options(ctypes.Structure):
         ("quic_failure_window_ms", ctypes.c_int),
         ("threads", ctypes.c_int),
         ("busy_poll_us", ctypes.c_int),
+        ("release_idle_code", ctypes.c_int),
     ]
 
 
