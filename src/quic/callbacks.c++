@@ -73,8 +73,8 @@ int ConnectionImpl::cbHandshakeConfirmed(ngtcp2_conn*, void* ud) {
 
 int ConnectionImpl::cbRecvStreamData(ngtcp2_conn*, uint32_t flags, int64_t id, uint64_t offset,
                                      const uint8_t* data, size_t len, void* ud, void* sud) {
-  static_cast<ConnectionImpl*>(ud)->rxEliciting = true;
   auto& self = *static_cast<ConnectionImpl*>(ud);
+  self.rxEliciting = true;
   return self.guard([&]() {
     if (sud == nullptr) {
       // Unknown stream (should not happen): discard and give the credit back.
@@ -251,8 +251,8 @@ void ConnectionImpl::onStreamClose(StreamState& state, uint32_t flags, uint64_t 
 
 int ConnectionImpl::cbStreamReset(ngtcp2_conn*, int64_t id, uint64_t finalSize, uint64_t code,
                                   void* ud, void* sud) {
-  static_cast<ConnectionImpl*>(ud)->rxEliciting = true;
   auto& self = *static_cast<ConnectionImpl*>(ud);
+  self.rxEliciting = true;
   return self.guard([&]() {
     if (sud == nullptr) return;
     auto& state = *static_cast<StreamState*>(sud);
@@ -280,8 +280,8 @@ int ConnectionImpl::cbAcked(ngtcp2_conn*, int64_t id, uint64_t offset, uint64_t 
 }
 
 int ConnectionImpl::cbExtendMaxLocalStreamsBidi(ngtcp2_conn*, uint64_t, void* ud) {
-  static_cast<ConnectionImpl*>(ud)->rxEliciting = true;
   auto& self = *static_cast<ConnectionImpl*>(ud);
+  self.rxEliciting = true;
   return self.guard([&]() {
     if (self.openWaiters.empty() || self.openScheduled) return;
     self.openScheduled = true;
@@ -290,8 +290,8 @@ int ConnectionImpl::cbExtendMaxLocalStreamsBidi(ngtcp2_conn*, uint64_t, void* ud
 }
 
 int ConnectionImpl::cbExtendMaxStreamData(ngtcp2_conn*, int64_t, uint64_t, void* ud, void* sud) {
-  static_cast<ConnectionImpl*>(ud)->rxEliciting = true;
   auto& self = *static_cast<ConnectionImpl*>(ud);
+  self.rxEliciting = true;
   return self.guard([&]() {
     if (sud == nullptr) return;
     auto& state = *static_cast<StreamState*>(sud);
@@ -309,8 +309,9 @@ int ConnectionImpl::cbRecvStatelessReset(ngtcp2_conn*, const ngtcp2_pkt_stateles
 }
 
 int ConnectionImpl::cbRecvDatagram(ngtcp2_conn*, uint32_t, const uint8_t*, size_t, void* ud) {
-  static_cast<ConnectionImpl*>(ud)->rxEliciting = true;
-  ++static_cast<ConnectionImpl*>(ud)->datagramsDropped;
+  auto& self = *static_cast<ConnectionImpl*>(ud);
+  self.rxEliciting = true;
+  ++self.datagramsDropped;
   return 0;
 }
 
