@@ -6,6 +6,7 @@
 #include "cli.h"
 #include "named.h"
 
+#include "edge/edge-address.h"
 #include "edge/json.h"
 #include "loop/spinner.h"
 #include "observe/log.h"
@@ -347,17 +348,6 @@ kj::Maybe<kj::String> jsonText(const edge::JsonValue& v, kj::StringPtr key) {
   return nullptr;
 }
 
-kj::Maybe<uint16_t> parsePort(kj::StringPtr text) {
-  if (text.size() == 0 || text.size() > 5) return nullptr;
-  uint value = 0;
-  for (char c: text) {
-    if (c < '0' || c > '9') return nullptr;
-    value = value * 10 + (c - '0');
-  }
-  if (value > 65535) return nullptr;
-  return static_cast<uint16_t>(value);
-}
-
 int runLocalEmulator(kj::AsyncIoContext& io, const observe::Logger& logger,
                      cli::CliOptions& options, kj::Maybe<kj::Own<LocalEdgeProcess>>& holder,
                      tunnel::RunnerOptions& r) {
@@ -461,7 +451,9 @@ int runLocalEmulator(kj::AsyncIoContext& io, const observe::Logger& logger,
     bool portGiven = false;
     for (auto& flag: options.explicitlySet) if (flag == "ready-port") portGiven = true;
     if (!portGiven) {
-      KJ_IF_MAYBE(port, parsePort(portOf(KJ_ASSERT_NONNULL(publicTls)))) r.ready.port = *port;
+      KJ_IF_MAYBE(port, edge::parsePort(portOf(KJ_ASSERT_NONNULL(publicTls)))) {
+        r.ready.port = *port;
+      }
     }
   }
   auto port = portOf(publicAddress);

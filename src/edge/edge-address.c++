@@ -74,8 +74,6 @@ kj::Maybe<EdgeAddress> parseIp(kj::StringPtr text, uint16_t port) {
   return result;
 }
 
-namespace {
-
 kj::Maybe<uint16_t> parsePort(kj::StringPtr text) {
   if (text.size() == 0 || text.size() > 5) return nullptr;
   uint value = 0;
@@ -86,8 +84,6 @@ kj::Maybe<uint16_t> parsePort(kj::StringPtr text) {
   if (value == 0 || value > 65535) return nullptr;
   return static_cast<uint16_t>(value);
 }
-
-}  // namespace
 
 kj::Maybe<EdgeAddress> parseIpPort(kj::StringPtr text) {
   kj::String host;

@@ -37,6 +37,9 @@ kj::Maybe<EdgeAddress> parseIpPort(kj::StringPtr text);
 // "1.2.3.4:7844" or "[::1]:7844" (brackets required for v6). Null on anything else, including a
 // missing or zero port or a hostname.
 
+kj::Maybe<uint16_t> parsePort(kj::StringPtr text);
+// Decimal digits only, 1-65535.
+
 kj::Maybe<EdgeAddress> parseIp(kj::StringPtr text, uint16_t port);
 // A bare IPv4 or IPv6 literal (no brackets).
 
