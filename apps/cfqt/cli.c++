@@ -1,5 +1,7 @@
 #include "cli.h"
 
+#include "loop/spinner.h"
+
 #include <kj/debug.h>
 #include <kj/io.h>
 
@@ -214,7 +216,7 @@ kj::Maybe<kj::String> apply(CliOptions& o, const Flag& flag, kj::StringPtr value
         o.gracePeriod = *d;
       }
       else if (n == "busy-poll") {
-        if (*d > 10 * kj::MILLISECONDS) return kj::str("--busy-poll must be at most 10ms");
+        if (*d > loop::MAX_BUSY_POLL) return kj::str("--busy-poll must be at most 10ms");
         o.busyPoll = *d;
       }
       else if (n == "backoff-base") o.backoffBase = *d;

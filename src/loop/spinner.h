@@ -33,6 +33,9 @@ void kick();
 // in the QUIC endpoint and the HTTP/2 session, which should not need a reference plumbed through
 // every layer for a hint.
 
+constexpr kj::Duration MAX_BUSY_POLL = 10 * kj::MILLISECONDS;
+// The longest window the options accept (--busy-poll, TunnelOptions::busyPoll).
+
 class Spinner {
 public:
   explicit Spinner(kj::Duration window): window(window) {}

@@ -626,7 +626,8 @@ std::unique_ptr<Tunnel> Tunnel::start(const TunnelOptions& o) {
   r.haConnections = o.haConnections;
   if (o.threads != 0 && o.threads != 1) throw TunnelError("cfqt: threads must be 0 (auto) or 1");
   if (o.threads == 1) r.threads = 1;
-  if (o.busyPoll.count() < 0 || o.busyPoll.count() > 10000) {
+  if (o.busyPoll.count() < 0 ||
+      o.busyPoll.count() > loop::MAX_BUSY_POLL / kj::MICROSECONDS) {
     throw TunnelError("cfqt: busyPoll must be between 0 (off) and 10 ms");
   }
   r.busyPoll = o.busyPoll.count() * kj::MICROSECONDS;
