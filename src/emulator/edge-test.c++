@@ -12,6 +12,7 @@
 #include "wire/quic_metadata_protocol.capnp.h"
 #include "wire/test-vectors.h"
 #include "wire/tunnelrpc.capnp.h"
+#include "eventually.h"
 
 #include <gnutls/crypto.h>
 #include <gnutls/gnutls.h>
@@ -165,14 +166,9 @@ struct Setup {
   }
 
   void waitUntil(kj::Function<bool()> condition, kj::StringPtr what) {
-    // Checks `condition` every 5 ms for up to 10 s (for states that no event announces, such as
-    // flow-control windows filling up).
-    auto& timer = io.provider->getTimer();
-    auto deadline = timer.now() + 10 * kj::SECONDS;
-    while (!condition()) {
-      KJ_ASSERT(timer.now() < deadline, "timed out waiting", what);
-      timer.afterDelay(5 * kj::MILLISECONDS).wait(io.waitScope);
-    }
+    KJ_ASSERT(cfqt::testing::eventually(io.provider->getTimer(), io.waitScope, condition,
+                                  10 * kj::SECONDS),
+              "timed out waiting", what);
   }
 
   kj::AsyncIoContext io;

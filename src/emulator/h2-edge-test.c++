@@ -15,6 +15,7 @@
 
 #if CFQT_EMULATOR_QUIC
 #include "quic/endpoint.h"
+#include "eventually.h"
 #endif
 
 #include <gnutls/crypto.h>
@@ -127,12 +128,9 @@ struct Setup {
   }
 
   void waitUntil(kj::Function<bool()> condition, kj::StringPtr what) {
-    auto& timer = io.provider->getTimer();
-    auto deadline = timer.now() + 10 * kj::SECONDS;
-    while (!condition()) {
-      KJ_ASSERT(timer.now() < deadline, "timed out waiting", what);
-      timer.afterDelay(5 * kj::MILLISECONDS).wait(io.waitScope);
-    }
+    KJ_ASSERT(cfqt::testing::eventually(io.provider->getTimer(), io.waitScope, condition,
+                                  10 * kj::SECONDS),
+              "timed out waiting", what);
   }
 
   kj::AsyncIoContext io;

@@ -6,6 +6,7 @@
 
 #include "wire/data-stream.h"
 #include "wire/http-metadata.h"
+#include "eventually.h"
 
 #include <capnp/message.h>
 #include <kj/compat/http.h>
@@ -240,6 +241,11 @@ struct Env {
       KJ_FAIL_ASSERT("bad url", url, *error);
     }
     return origin(kj::mv(parsed.get<OriginConfig>()));
+  }
+
+  template <typename Func>
+  bool eventually(Func&& condition) {
+    return cfqt::testing::eventually(timer, io.waitScope, kj::fwd<Func>(condition));
   }
 };
 
@@ -1162,8 +1168,7 @@ KJ_TEST("keep-alive: connections reused (visible in the origin's count), idle ti
   }
 
   // Idle timeout: after 200 ms the pool is empty and the next request dials.
-  env.timer.afterDelay(300 * kj::MILLISECONDS).wait(ws);
-  KJ_EXPECT(origin->getStats().idleConnections == 0);
+  KJ_EXPECT(env.eventually([&]() { return origin->getStats().idleConnections == 0; }));
   auto opened = origin->getStats().connectionsOpened;
   Call call(*origin, "GET", "/headers", nullptr);
   KJ_EXPECT(call.reply(ws).status == 200);
@@ -1197,8 +1202,9 @@ KJ_TEST("keep-alive: an idle connection the origin closes leaves the pool (close
     call.done(ws);
   }
   KJ_EXPECT(origin->getStats().idleConnections == 1);
-  env.timer.afterDelay(300 * kj::MILLISECONDS).wait(ws);   // the origin closed it at 20 ms
-  KJ_EXPECT(origin->getStats().idleConnections == 0, "the close-watch missed the origin's close");
+  // The origin closes it 20 ms after the response.
+  KJ_EXPECT(env.eventually([&]() { return origin->getStats().idleConnections == 0; }),
+            "the close-watch missed the origin's close");
   Call call(*origin, "GET", "/headers", nullptr);
   KJ_EXPECT(call.reply(ws).status == 200);
   call.body(ws);
@@ -1633,8 +1639,8 @@ KJ_TEST("bodies that come with the head: written from the read-ahead, in order, 
         pipe.ends[1]->tryRead(first, 3, sizeof(first))).wait(ws);
     KJ_EXPECT(got == 3, got);
     KJ_EXPECT(kj::heapString(reinterpret_cast<char*>(first), got) == "ans");
-    env.timer.afterDelay(20 * kj::MILLISECONDS).wait(ws);
-    KJ_ASSERT(sink.waiter != nullptr, "the exchange does not wait for a blocked sink");
+    KJ_ASSERT(env.eventually([&]() { return sink.waiter != nullptr; }),
+              "the exchange does not wait for a blocked sink");
     KJ_EXPECT(origin->bufferedBytes() == 0, origin->bufferedBytes());
     sink.allowed = kj::maxValue;
     KJ_ASSERT_NONNULL(sink.waiter)->fulfill();

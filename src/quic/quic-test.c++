@@ -3,6 +3,7 @@
 
 #include "quic/endpoint.h"
 #include "quic/internal.h"   // ClientCredentials::systemStoreLoads()
+#include "eventually.h"
 
 #include <kj/async-io.h>
 #include <kj/debug.h>
@@ -1060,13 +1061,7 @@ KJ_TEST("sendDatagram to a peer that advertised max_datagram_frame_size 0: clear
 
 template <typename Func>
 bool eventually(Env& env, Func&& condition, kj::Duration limit = 3 * kj::SECONDS) {
-  // Polls `condition` every 5 ms until it holds or `limit` passed.
-  auto deadline = env.timer.now() + limit;
-  while (!condition()) {
-    if (env.timer.now() >= deadline) return false;
-    env.timer.afterDelay(5 * kj::MILLISECONDS).wait(env.io.waitScope);
-  }
-  return true;
+  return cfqt::testing::eventually(env.timer, env.io.waitScope, kj::fwd<Func>(condition), limit);
 }
 
 kj::Promise<kj::Own<Stream>> acceptId(Connection& conn, int64_t id,

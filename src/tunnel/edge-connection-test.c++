@@ -7,6 +7,7 @@
 #include "quic/endpoint.h"
 #include "wire/data-stream.h"
 #include "wire/http-metadata.h"
+#include "eventually.h"
 
 #include <capnp/message.h>
 #include <capnp/rpc-twoparty.h>
@@ -385,12 +386,7 @@ kj::Own<quic::Stream> sendRequest(Harness& h, quic::Connection& conn, kj::String
 
 template <typename Func>
 bool eventually(Harness& h, Func&& condition, kj::Duration limit = 3 * kj::SECONDS) {
-  auto deadline = h.timer.now() + limit;
-  while (!condition()) {
-    if (h.timer.now() >= deadline) return false;
-    h.timer.afterDelay(5 * kj::MILLISECONDS).wait(h.io.waitScope);
-  }
-  return true;
+  return cfqt::testing::eventually(h.timer, h.io.waitScope, kj::fwd<Func>(condition), limit);
 }
 
 KJ_TEST("EdgeConnection: the control stream ending tears the connection down") {

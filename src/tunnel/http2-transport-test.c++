@@ -10,6 +10,7 @@
 
 #include "http2/header.h"
 #include "wire/control.h"
+#include "eventually.h"
 
 #include <nghttp2/nghttp2.h>
 
@@ -457,13 +458,8 @@ struct Harness {
 
   template <typename Func>
   bool eventually(Func&& condition, kj::Duration limit = 3 * kj::SECONDS) {
-    // For conditions nothing notifies about (origin statistics): checked every few ms, bounded.
-    auto deadline = timer.now() + limit;
-    while (!condition()) {
-      if (timer.now() >= deadline) return false;
-      timer.afterDelay(5 * kj::MILLISECONDS).wait(io.waitScope);
-    }
-    return true;
+    // For conditions nothing notifies about (origin statistics).
+    return cfqt::testing::eventually(timer, io.waitScope, kj::fwd<Func>(condition), limit);
   }
 };
 
